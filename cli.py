@@ -1,0 +1,359 @@
+"""`cogedit` command line: parse, call `engine`, print. Nothing here computes anything.
+
+Errors the user can fix print as one line (exit 1); `--debug` or COGEDIT_DEBUG=1 shows the
+traceback instead.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import click
+
+DEBUG_ENV = "COGEDIT_DEBUG"
+
+
+def _console():
+    from rich.console import Console
+
+    # Bars and tables go to stderr so stdout carries only results (ids, JSON, paths).
+    return Console(stderr=True)
+
+
+class CogeditGroup(click.Group):
+    """Turns engine errors into one-line messages, in one place."""
+
+    def invoke(self, ctx: click.Context):
+        from engine.errors import USER_ERRORS
+
+        debug = ctx.params.get("debug") or os.environ.get(DEBUG_ENV) == "1"
+        try:
+            return super().invoke(ctx)
+        except USER_ERRORS as exc:
+            if debug:
+                raise
+            raise click.ClickException(str(exc)) from None
+        except KeyboardInterrupt:
+            if debug:
+                raise
+            click.echo("interrupted: finished steps are cached; run the same command again to resume", err=True)
+            sys.exit(130)
+
+
+@click.group(cls=CogeditGroup)
+@click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
+@click.version_option(package_name="cogedit")
+def cli(debug: bool) -> None:
+    """Edit existing videos with CogVideoX-5B: invert once, render many prompt edits from the cache.
+
+    \b
+    cogedit demo                                   # tiny random model, real clip, two edits
+    cogedit invert clip.mp4 --model THUDM/CogVideoX-5b
+    cogedit edit 3fa2 --prompt "a watercolor painting" --prompt "a charcoal sketch"
+    """
+    from rich.logging import RichHandler
+
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", handlers=[RichHandler(console=_console(), show_path=False)])
+
+
+# Shared options, as decorators (one definition each).
+def cache_option(f):
+    return click.option("--cache-dir", type=click.Path(file_okay=False), envvar="COGEDIT_CACHE", help="Cache folder (default: $COGEDIT_CACHE, else ~/.cache/cogedit).")(f)
+
+
+def runtime_options(f):
+    f = click.option("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available).")(f)
+    return f
+
+
+def json_option(f):
+    return click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")(f)
+
+
+def invert_options(f):
+    for opt in reversed(
+        [
+            click.option("--model", required=True, help="CogVideoX-5b folder or hub id (THUDM/CogVideoX-5b)."),
+            click.option("--steps", default=50, show_default=True, help="DDIM steps (inversion and edit use the same)."),
+            click.option("--frames", default=49, show_default=True, help="Most frames to use (kept to 4k+1)."),
+            click.option("--skip-start", default=0, show_default=True, help="Frames to drop at the start."),
+            click.option("--skip-end", default=0, show_default=True, help="Frames to drop at the end."),
+            click.option("--stride", default=None, type=int, help="Take every N-th frame (default: spread evenly)."),
+            click.option("--height", default=480, show_default=True),
+            click.option("--width", default=720, show_default=True),
+            click.option("--source-prompt", default="", help="Prompt describing the source (default: empty)."),
+            click.option("--invert-guidance", "invert_guidance", default=6.0, show_default=True, help="CFG scale of the inversion (no effect when source and negative prompts are equal)."),
+            click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default=None, help="Model precision (default: bf16 on GPU, fp32 on CPU)."),
+        ]
+    ):
+        f = opt(f)
+    return f
+
+
+def edit_options(f):
+    for opt in reversed(
+        [
+            click.option("--prompt", "prompts", multiple=True, required=True, help="Edit prompt; repeat for several edits."),
+            click.option("--negative-prompt", default="", help="Negative prompt for CFG."),
+            click.option("--guidance", default=6.0, show_default=True, help="CFG scale of the edit (1 = off)."),
+            click.option("--init", type=click.Choice(["inverted", "random"]), default="inverted", show_default=True, help="Start from the inverted noise or seeded noise (upstream)."),
+            click.option("--seed", default=0, show_default=True, help="Seed for --init random."),
+            click.option("--inject-steps", default="0:1", show_default=True, help="START:END fraction of steps that inject reference attention."),
+            click.option("--inject-layers", default="all", show_default=True, help="Blocks that inject: all, or a list like 0-20,30."),
+            click.option("--inject-strength", default=1.0, show_default=True, help="0 = no injection, 1 = upstream."),
+            click.option("--reference", type=click.Choice(["shared", "per-half"]), default="shared", show_default=True, help="One shared reference row, or one per CFG half (upstream)."),
+            click.option("--batch", default=4, show_default=True, help="Prompts rendered per transformer pass."),
+            click.option("--fps", default=None, type=float, help="Output frame rate (default: the source's, adjusted for frame selection)."),
+            click.option("--out", "out_dir", default=".", type=click.Path(file_okay=False), show_default=True, help="Folder for the mp4 files."),
+            click.option("--force", is_flag=True, help="Overwrite existing output files."),
+        ]
+    ):
+        f = opt(f)
+    return f
+
+
+def _invert_kwargs(p: dict) -> dict:
+    return dict(
+        steps=p["steps"], frames=p["frames"], skip_start=p["skip_start"], skip_end=p["skip_end"], stride=p["stride"],
+        height=p["height"], width=p["width"], source_prompt=p["source_prompt"], guidance=p["invert_guidance"],
+    )
+
+
+def _edit_kwargs(p: dict) -> dict:
+    return dict(
+        negative_prompt=p["negative_prompt"], guidance=p["guidance"], init=p["init"], seed=p["seed"],
+        inject_steps=p["inject_steps"], inject_layers=p["inject_layers"], inject_strength=p["inject_strength"],
+        reference=p["reference"], batch=p["batch"], fps=p["fps"], out_dir=p["out_dir"], force=p["force"],
+    )
+
+
+def _reporter(device: str | None):
+    from engine import Reporter, Runtime
+
+    return Reporter(_console(), Runtime.default(device).device)
+
+
+def _edit_json(result) -> dict:
+    return {
+        "id": result.inversion_id,
+        "edits": [{"prompt": p, "video": str(v), "side_by_side": str(s)} for p, v, s in zip(result.prompts, result.videos, result.side_by_side)],
+    }
+
+
+@cli.command(name="tiny-model")
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--seed", default=0, show_default=True)
+def tiny_model(directory: str, seed: int) -> None:
+    """Write a tiny random CogVideoX checkpoint in the CogVideoX-5b folder layout."""
+    from engine import build_tiny_model
+
+    click.echo(build_tiny_model(directory, seed=seed))
+
+
+@cli.command(name="invert")
+@click.argument("video", type=click.Path())
+@invert_options
+@cache_option
+@runtime_options
+@json_option
+def invert_cmd(video: str, cache_dir, device, as_json: bool, model: str, dtype, **params) -> None:
+    """Invert VIDEO into the cache and print its id (a cache hit loads no model).
+
+    \b
+    cogedit invert clip.mp4 --model THUDM/CogVideoX-5b --steps 50
+    """
+    import engine
+
+    reporter = _reporter(device)
+    inv = engine.invert(video, model, cache_dir=cache_dir, device=device, dtype=dtype, reporter=reporter, **_invert_kwargs(params))
+    _console().print(reporter.table("invert"))
+    click.echo(json.dumps({"id": inv.id, "dir": str(inv.paths.dir)}) if as_json else inv.id)
+
+
+@cli.command(name="edit")
+@click.argument("inversion_id")
+@edit_options
+@click.option("--model", default=None, help="Model folder, if it moved since the inversion.")
+@cache_option
+@runtime_options
+@json_option
+def edit_cmd(inversion_id: str, prompts, cache_dir, device, as_json: bool, model, **params) -> None:
+    """Render one mp4 per --prompt from a cached inversion (no video is read, nothing is inverted).
+
+    \b
+    cogedit edit 3fa2 --prompt "a watercolor painting" --prompt "a charcoal sketch" --inject-steps 0:0.6
+    """
+    import engine
+
+    reporter = _reporter(device)
+    result = engine.edit(inversion_id, list(prompts), model=model, cache_dir=cache_dir, device=device, reporter=reporter, **_edit_kwargs(params))
+    _print_edit(reporter, result, as_json)
+
+
+def _print_edit(reporter, result, as_json: bool) -> None:
+    _console().print(reporter.table("edit"))
+    if as_json:
+        click.echo(json.dumps(_edit_json(result)))
+    else:
+        for v, s in zip(result.videos, result.side_by_side):
+            click.echo(f"{v}\n{s}")
+
+
+@cli.command(name="run")
+@click.argument("video", type=click.Path())
+@invert_options
+@edit_options
+@cache_option
+@runtime_options
+@json_option
+def run_cmd(video: str, prompts, model, cache_dir, device, dtype, as_json: bool, **params) -> None:
+    """Invert VIDEO when needed, then edit it: the one-shot path.
+
+    \b
+    cogedit run clip.mp4 --model THUDM/CogVideoX-5b --prompt "a watercolor painting"
+    """
+    import engine
+
+    reporter = _reporter(device)
+    _, result = engine.run(
+        video, model, list(prompts), invert_options=_invert_kwargs(params), reporter=reporter,
+        cache_dir=cache_dir, device=device, dtype=dtype, **_edit_kwargs(params),
+    )
+    _print_edit(reporter, result, as_json)
+
+
+@cli.command(name="demo")
+@click.option("--out", "out_dir", default="cogedit-demo", type=click.Path(file_okay=False), show_default=True)
+@cache_option
+@click.option("--force", is_flag=True, help="Overwrite earlier demo outputs.")
+def demo_cmd(out_dir: str, cache_dir, force: bool) -> None:
+    """The whole job on a tiny random model and a real clip: invert once, two edits from the cache.
+
+    The tiny model has random weights, so the edited pixels are noise; `cogedit run --model
+    THUDM/CogVideoX-5b` is the same job with the real model.
+    """
+    import engine
+
+    reporter = _reporter("cpu")
+    result = engine.demo(out_dir, cache_dir=cache_dir, reporter=reporter, force=force)
+    _print_edit(reporter, result, False)
+
+
+@cli.group(name="cache")
+def cache_group() -> None:
+    """Inspect and clean the cache."""
+
+
+@cache_group.command(name="path")
+@cache_option
+def cache_path(cache_dir) -> None:
+    """Print the cache folder."""
+    from cache.layout import cache_root
+
+    click.echo(cache_root(cache_dir))
+
+
+@cache_group.command(name="ls")
+@cache_option
+@json_option
+def cache_ls(cache_dir, as_json: bool) -> None:
+    """List cached inversions."""
+    from rich.table import Table
+
+    from cache.layout import CacheLayout
+    from cache.sizes import format_size
+    from cache.store import list_entries
+
+    entries = list_entries(CacheLayout.from_dir(cache_dir))
+    if as_json:
+        click.echo(json.dumps([{"id": e.id, "complete": e.complete, "size": e.size_bytes, "summary": e.summary, "last_used": e.last_used} for e in entries]))
+        return
+    table = Table(title=f"{len(entries)} cached inversion(s)", title_justify="left")
+    for col in ("id", "state", "video", "model", "steps", "size", "last used"):
+        table.add_column(col)
+    for e in entries:
+        state = "complete" if e.complete else ("broken" if not e.manifest_ok else "partial")
+        s = e.summary or {}
+        table.add_row(e.id[:12], state, str(s.get("video", "")), str(s.get("model", "")), str(s.get("steps", "")), format_size(e.size_bytes), str(e.last_used or "")[:19])
+    from rich.console import Console
+
+    Console().print(table)
+
+
+@cache_group.command(name="show")
+@click.argument("entry_id")
+@cache_option
+def cache_show(entry_id: str, cache_dir) -> None:
+    """Show one entry's settings, files and stage status."""
+    from rich.console import Console
+    from rich.pretty import Pretty
+
+    from cache.layout import CacheLayout, resolve_entry_id
+    from cache.manifest import read_manifest
+
+    layout = CacheLayout.from_dir(cache_dir)
+    paths = layout.entry(resolve_entry_id(layout, entry_id))
+    Console().print(Pretty(read_manifest(paths.manifest) or {"id": paths.id, "manifest": "missing or unreadable"}))
+
+
+@cache_group.command(name="rm")
+@click.argument("entry_ids", nargs=-1, required=True)
+@cache_option
+def cache_rm(entry_ids, cache_dir) -> None:
+    """Remove entries (ids or unique prefixes)."""
+    from cache.layout import CacheLayout, resolve_entry_id
+    from cache.sizes import format_size
+    from cache.store import remove_entry
+
+    layout = CacheLayout.from_dir(cache_dir)
+    for prefix in entry_ids:
+        entry_id = resolve_entry_id(layout, prefix)
+        click.echo(f"removed {entry_id} ({format_size(remove_entry(layout, entry_id))})")
+
+
+@cache_group.command(name="gc")
+@click.option("--max-size", required=True, help="Shrink the cache to this size, least recently used first (e.g. 20GB).")
+@click.option("--dry-run", is_flag=True)
+@cache_option
+def cache_gc(max_size: str, dry_run: bool, cache_dir) -> None:
+    """Remove least-recently-used entries until the cache fits in --max-size."""
+    from cache.layout import CacheLayout
+    from cache.sizes import format_size, parse_size
+    from cache.store import gc
+
+    try:
+        limit = parse_size(max_size)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--max-size") from None
+    removed = gc(CacheLayout.from_dir(cache_dir), limit, dry_run=dry_run)
+    verb = "would remove" if dry_run else "removed"
+    for e in removed:
+        click.echo(f"{verb} {e.id} ({format_size(e.size_bytes)})")
+    click.echo(f"{verb} {len(removed)} entr{'y' if len(removed) == 1 else 'ies'}, {format_size(sum(e.size_bytes for e in removed))}")
+
+
+@cache_group.command(name="verify")
+@cache_option
+def cache_verify(cache_dir) -> None:
+    """Check every cached file against its checksum; exit 1 if any fails."""
+    from cache.layout import CacheLayout
+    from cache.store import verify
+
+    problems = verify(CacheLayout.from_dir(cache_dir))
+    for p in problems:
+        click.echo(f"{p.entry_id[:12]}  {p.file}: {p.reason}")
+    if problems:
+        raise click.ClickException(f"{len(problems)} problem(s) found; remove broken entries with `cogedit cache rm ID` and invert again")
+    click.echo("all cached files verified")
+
+
+def main() -> None:
+    cli(prog_name="cogedit")
+
+
+if __name__ == "__main__":
+    main()

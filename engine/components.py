@@ -1,0 +1,241 @@
+"""Finding, checking and loading the parts of a CogVideoX checkpoint, one at a time.
+
+Each stage loads only the component it needs through `loaded(...)`, which frees it on exit, so
+the peak memory of a run is that of its largest phase. `alive()` tells which components are
+still referenced, which is how the tests prove the staging.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import os
+import weakref
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cache.keys import stable_hash
+from engine.errors import ModelError
+
+def _quiet_libraries() -> None:
+    # Our own bars show each phase; the libraries' per-shard bars would interleave with them.
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+
+
+PARTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
+_CONFIG_FILES = {
+    "transformer": "config.json",
+    "vae": "config.json",
+    "text_encoder": "config.json",
+    "scheduler": "scheduler_config.json",
+}
+_HASH_WINDOW = 1 << 20  # bytes hashed from each end of a weight file for the model identity
+
+# Components currently loaded, by name; weak so that freeing a component removes it.
+_LIVE: "weakref.WeakValueDictionary[str, torch.nn.Module]" = weakref.WeakValueDictionary()
+# (component, everything alive right after it loaded): the staging record the tests read.
+LOAD_EVENTS: list[tuple[str, list[str]]] = []
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where and in which precision the models run."""
+
+    device: str
+    dtype: torch.dtype
+
+    @staticmethod
+    def default(device: str | None = None, dtype: str | torch.dtype | None = None) -> "Runtime":
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if isinstance(dtype, str):
+            names = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+            if dtype not in names:
+                raise ModelError(f"unknown --dtype {dtype!r}: use one of {', '.join(names)}")
+            dtype = names[dtype]
+        # bf16 is what the 5B model was trained in; CPUs run fp32 faster and more exactly.
+        dtype = dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+        return Runtime(device=device, dtype=dtype)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """A checked model folder and its identity (what goes into cache keys)."""
+
+    source: str  # what the user passed: a folder or a hub id
+    path: Path
+    key: str
+    transformer_config: dict[str, Any]
+    vae_config: dict[str, Any]
+    scheduler_config: dict[str, Any]
+
+    @property
+    def vae_scale_spatial(self) -> int:
+        return 2 ** (len(self.vae_config.get("block_out_channels", [0] * 4)) - 1)
+
+    @property
+    def vae_scale_temporal(self) -> int:
+        return int(self.vae_config.get("temporal_compression_ratio", 4))
+
+    @property
+    def text_length(self) -> int:
+        return int(self.transformer_config.get("max_text_seq_length", 226))
+
+
+def _resolve(model: str) -> Path:
+    path = Path(model).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ModelError(f"--model {model} is a file; pass the checkpoint folder (the one with model_index.json)")
+        return path
+    if model.count("/") != 1 or model.startswith((".", "/", "~")):
+        raise ModelError(f"model folder {model} does not exist: pass a CogVideoX-5b folder or a hub id like THUDM/CogVideoX-5b")
+    from huggingface_hub import snapshot_download
+
+    patterns = ["model_index.json", "*/*.json", "*/*.safetensors", "tokenizer/*"]
+    try:
+        # Only safetensors weights: pickled .bin files are never fetched or loaded.
+        return Path(snapshot_download(model, allow_patterns=patterns))
+    except Exception as exc:  # offline, unknown repo, gated, …: all end in the same advice
+        raise ModelError(
+            f"cannot get {model} from the hub ({type(exc).__name__}); with no network, download it first "
+            f"(`huggingface-cli download {model}`) or pass a local folder with --model"
+        ) from exc
+
+
+def _weights(part_dir: Path) -> list[Path]:
+    return sorted(part_dir.glob("*.safetensors"))
+
+
+def _weights_fingerprint(files: list[Path]) -> list[list[Any]]:
+    # Hashing whole 10 GB files on every run is too slow; size plus both ends tells checkpoints apart.
+    import hashlib
+
+    out = []
+    for f in files:
+        size = f.stat().st_size
+        h = hashlib.sha256()
+        with open(f, "rb") as fh:
+            h.update(fh.read(_HASH_WINDOW))
+            if size > _HASH_WINDOW:
+                fh.seek(max(size - _HASH_WINDOW, _HASH_WINDOW))
+                h.update(fh.read(_HASH_WINDOW))
+        out.append([f.name, size, h.hexdigest()])
+    return out
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{path} is unreadable ({exc}); re-download the model") from exc
+
+
+def inspect_model(model: str | os.PathLike) -> ModelInfo:
+    """Check a model folder (or hub id) without loading weights; refuse what the engine can't run."""
+    source = str(model)
+    path = _resolve(source)
+    missing = []
+    for part in PARTS:
+        d = path / part
+        if part == "tokenizer":
+            ok = d.is_dir() and any(d.glob("tokenizer*")) or (d / "spiece.model").exists()
+        else:
+            ok = (d / _CONFIG_FILES[part]).exists() and (part == "scheduler" or bool(_weights(d)))
+        if not ok:
+            missing.append(part)
+    if missing:
+        hint = "safetensors weights and config" if set(missing) - {"tokenizer", "scheduler"} else "files"
+        raise ModelError(
+            f"model folder {path} is missing {', '.join(missing)} ({hint}); "
+            "download the complete CogVideoX-5b repository (all five subfolders)"
+        )
+    tcfg = _read_json(path / "transformer" / "config.json")
+    if not tcfg.get("use_rotary_positional_embeddings", False):
+        raise ModelError(
+            f"{source} looks like CogVideoX-2B (no rotary position embeddings, "
+            f"{tcfg.get('num_layers')} layers); cogedit supports CogVideoX-5B: pass --model THUDM/CogVideoX-5b"
+        )
+    if tcfg.get("patch_size_t") or tcfg.get("ofs_embed_dim"):
+        raise ModelError(f"{source} is a CogVideoX 1.5 or image-to-video model; cogedit supports CogVideoX-5B text-to-video")
+    vcfg = _read_json(path / "vae" / "config.json")
+    scfg = _read_json(path / "scheduler" / "scheduler_config.json")
+    identity = {
+        part: {"config": _read_json(path / part / _CONFIG_FILES[part]), "weights": _weights_fingerprint(_weights(path / part))}
+        for part in ("transformer", "vae", "text_encoder", "scheduler")
+    }
+    identity["tokenizer"] = sorted(
+        [f.name, f.stat().st_size] for f in (path / "tokenizer").iterdir() if f.is_file()
+    )
+    return ModelInfo(
+        source=source,
+        path=path,
+        key=stable_hash(identity),
+        transformer_config=tcfg,
+        vae_config=vcfg,
+        scheduler_config=scfg,
+    )
+
+
+def alive() -> list[str]:
+    """Names of the components still in memory (after a garbage collection)."""
+    gc.collect()
+    return sorted(_LIVE.keys())
+
+
+def free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _load(name: str, info: ModelInfo, runtime: Runtime) -> Any:
+    _quiet_libraries()
+    common = dict(subfolder=name, torch_dtype=runtime.dtype, use_safetensors=True)
+    if name == "transformer":
+        from diffusers import CogVideoXTransformer3DModel
+
+        module = CogVideoXTransformer3DModel.from_pretrained(info.path, **common)
+    elif name == "vae":
+        from diffusers import AutoencoderKLCogVideoX
+
+        module = AutoencoderKLCogVideoX.from_pretrained(info.path, **common)
+        # Activations, not weights, make the VAE heavy: decode in tiles and one video at a time.
+        module.enable_slicing()
+        if runtime.device != "cpu":
+            module.enable_tiling()
+    elif name == "text_encoder":
+        from transformers import T5EncoderModel
+
+        module = T5EncoderModel.from_pretrained(info.path, subfolder=name, dtype=runtime.dtype, use_safetensors=True)
+    else:
+        raise ValueError(f"unknown component {name!r}")
+    module.requires_grad_(False).eval()
+    return module.to(runtime.device)
+
+
+@contextlib.contextmanager
+def loaded(name: str, info: ModelInfo, runtime: Runtime) -> Iterator[Any]:
+    """Load one component for the duration of a phase, then free it before the next loads."""
+    module = _load(name, info, runtime)
+    _LIVE[name] = module
+    LOAD_EVENTS.append((name, alive()))
+    try:
+        yield module
+    finally:
+        del module
+        free_memory()
+
+
+def load_tokenizer(info: ModelInfo) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(info.path, subfolder="tokenizer")

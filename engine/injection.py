@@ -1,0 +1,96 @@
+"""Reference K/V injection into CogVideoX self-attention, as an attention processor.
+
+In each chosen block, edit rows attend to their own keys/values concatenated with those of a
+reference row (the inversion trajectory at the same noise level), which carries the source's
+structure and motion into the edit. The batch is laid out [edit rows..., reference rows...];
+`InjectionState.ref_of[j]` says which reference row edit row j reads. A log-bias on the
+reference logits sets the strength (0 = no injection, 1 = plain concatenation as upstream).
+
+diffusers' CogVideoX processor computes q/k/v inside one call with no way to extend the key
+set, so the projection, q/k norms and RoPE are spelled out here once more.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class InjectionState:
+    """Per-step layout, set by the edit loop before each transformer call."""
+
+    active: bool = False
+    n_edit: int = 0
+    ref_of: list[int] = field(default_factory=list)
+    strength: float = 1.0
+
+
+def _project(attn, hidden: torch.Tensor, text_len: int, rotary) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v as [B, heads, tokens, head_dim], after the q/k norms and RoPE on image tokens."""
+    from diffusers.models.embeddings import apply_rotary_emb
+
+    b = hidden.shape[0]
+    q, k, v = (proj(hidden).view(b, -1, attn.heads, attn.to_q.out_features // attn.heads).transpose(1, 2) for proj in (attn.to_q, attn.to_k, attn.to_v))
+    if attn.norm_q is not None:
+        q = attn.norm_q(q)
+    if attn.norm_k is not None:
+        k = attn.norm_k(k)
+    if rotary is not None:
+        q = torch.cat([q[:, :, :text_len], apply_rotary_emb(q[:, :, text_len:], rotary)], dim=2)
+        k = torch.cat([k[:, :, :text_len], apply_rotary_emb(k[:, :, text_len:], rotary)], dim=2)
+    return q, k, v
+
+
+def _attend(attn, q, k, v, mask=None) -> torch.Tensor:
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0, is_causal=False)
+    return out.transpose(1, 2).flatten(2)
+
+
+class KVInjectionProcessor:
+    """Attention processor for `attn1` of a CogVideoX block that injects reference K/V."""
+
+    def __init__(self, state: InjectionState, fallback) -> None:
+        self.state = state
+        self.fallback = fallback  # the block's own processor, used outside the window
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states, attention_mask=None, image_rotary_emb=None):
+        st = self.state
+        if not st.active:
+            return self.fallback(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+        text_len = encoder_hidden_states.shape[1]
+        x = torch.cat([encoder_hidden_states, hidden_states], dim=1)
+        q, k, v = _project(attn, x, text_len, image_rotary_emb)
+        n = st.n_edit
+        index = torch.tensor(st.ref_of, device=k.device)
+        ref_k, ref_v = k[n:], v[n:]
+        keys = torch.cat([k[:n], ref_k[index]], dim=2)
+        values = torch.cat([v[:n], ref_v[index]], dim=2)
+        mask = None
+        if st.strength != 1.0:
+            own = k.shape[2]
+            mask = torch.zeros(1, 1, 1, 2 * own, dtype=q.dtype, device=q.device)
+            mask[..., own:] = math.log(st.strength)
+        out = torch.cat([_attend(attn, q[:n], keys, values, mask), _attend(attn, q[n:], ref_k, ref_v)])
+        out = attn.to_out[1](attn.to_out[0](out))
+        return out[:, text_len:], out[:, :text_len]
+
+
+@contextlib.contextmanager
+def kv_injection(transformer: torch.nn.Module, layers: tuple[int, ...] | None, state: InjectionState) -> Iterator[None]:
+    """Install the injection processor on the chosen blocks; restore the originals on exit."""
+    blocks = transformer.transformer_blocks
+    chosen = range(len(blocks)) if layers is None else layers
+    originals = {i: blocks[i].attn1.processor for i in chosen}
+    try:
+        for i, proc in originals.items():
+            blocks[i].attn1.set_processor(KVInjectionProcessor(state, proc))
+        yield
+    finally:
+        for i, proc in originals.items():
+            blocks[i].attn1.set_processor(proc)

@@ -1,0 +1,136 @@
+"""Progress bars per phase and the closing summary table (phase, time, peak memory, cache hit).
+
+The engine reports through a `Reporter`; the CLI gives it a rich console, the Python API a
+silent one. Peak memory is the GPU's allocator peak on CUDA and the process's peak RSS on CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import resource
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class PhaseRecord:
+    name: str
+    seconds: float = 0.0
+    peak_bytes: int = 0
+    cache_hit: bool | None = None  # None: the phase has nothing to cache
+    detail: str = ""
+
+
+def _reset_cpu_peak() -> None:
+    # Writing 5 to clear_refs resets the kernel's peak-RSS counter (Linux); elsewhere keep the max.
+    with contextlib.suppress(OSError):
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+
+
+def _cpu_peak() -> int:
+    with contextlib.suppress(OSError):
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class Phase:
+    """Handle given to the code inside a phase: advance its bar, mark a cache hit."""
+
+    def __init__(self, record: PhaseRecord, progress: "object | None", task: "int | None") -> None:
+        self.record = record
+        self._progress = progress
+        self._task = task
+
+    def total(self, n: int, done: int = 0) -> None:
+        if self._progress is not None:
+            self._progress.update(self._task, total=n, completed=done)
+
+    def advance(self, n: int = 1) -> None:
+        if self._progress is not None:
+            self._progress.advance(self._task, n)
+
+    def hit(self, value: bool = True, detail: str = "") -> None:
+        self.record.cache_hit = value
+        if detail:
+            self.record.detail = detail
+
+
+class Reporter:
+    """Collects phase records; shows bars when given a rich console."""
+
+    def __init__(self, console: "object | None" = None, device: str = "cpu") -> None:
+        self.console = console
+        self.device = device
+        self.records: list[PhaseRecord] = []
+
+    @property
+    def memory_label(self) -> str:
+        return "peak VRAM" if self.device.startswith("cuda") else "peak RSS"
+
+    @contextlib.contextmanager
+    def phase(self, name: str, total: int | None = None) -> Iterator[Phase]:
+        record = PhaseRecord(name)
+        self.records.append(record)
+        cuda = self.device.startswith("cuda") and torch.cuda.is_available()
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            _reset_cpu_peak()
+        progress = task = None
+        if self.console is not None:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+            progress = Progress(
+                SpinnerColumn(),
+                TextColumn("[bold]{task.description:<8}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
+                console=self.console,
+                transient=False,
+            )
+            progress.start()
+            task = progress.add_task(name, total=total)
+        start = time.perf_counter()
+        handle = Phase(record, progress, task)
+        try:
+            yield handle
+        finally:
+            if cuda:
+                torch.cuda.synchronize()
+                record.peak_bytes = torch.cuda.max_memory_allocated()
+            else:
+                record.peak_bytes = _cpu_peak()
+            record.seconds = time.perf_counter() - start
+            if progress is not None:
+                if progress.tasks[0].total is None:
+                    progress.update(task, total=1, completed=1)
+                progress.stop()
+
+    def table(self, title: str = "cogedit") -> "object":
+        from rich.table import Table
+
+        from cache.sizes import format_size
+
+        table = Table(title=title, title_justify="left")
+        table.add_column("phase")
+        table.add_column("time", justify="right")
+        table.add_column(self.memory_label, justify="right")
+        table.add_column("cache")
+        table.add_column("detail", overflow="fold")
+        for r in self.records:
+            cache = "" if r.cache_hit is None else ("hit" if r.cache_hit else "miss")
+            table.add_row(r.name, f"{r.seconds:.1f} s", format_size(r.peak_bytes), cache, r.detail)
+        total = sum(r.seconds for r in self.records)
+        peak = max((r.peak_bytes for r in self.records), default=0)
+        table.add_row("[bold]total", f"[bold]{total:.1f} s", f"[bold]{format_size(peak)}", "", "")
+        return table

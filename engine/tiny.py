@@ -1,0 +1,146 @@
+"""Tiny random CogVideoX checkpoints in the real `CogVideoX-5b` folder layout.
+
+Tests and the demo need a model without a hub: these are built on the spot and written with
+`save_pretrained`, so the same `from_pretrained(..., subfolder=...)` code that loads the real
+model loads them. The architecture keeps what matters to the engine (rotary embeddings, 8x
+spatial and 4x temporal VAE compression, a T5 encoder, the 5B scheduler config) at toy widths.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+# The 5B scheduler (DESIGN.md): the inversion and edit schedulers are both built from this.
+SCHEDULER_5B = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    clip_sample=False,
+    set_alpha_to_one=True,
+    steps_offset=0,
+    prediction_type="v_prediction",
+    rescale_betas_zero_snr=True,
+    timestep_spacing="trailing",
+    snr_shift_scale=1.0,
+)
+
+TINY_TEXT_LEN = 226  # same max length as the real model: the prompt path is the real one
+
+
+def _train_tokenizer(save_dir: Path) -> None:
+    """A T5-style tokenizer trained on a few sentences (the real one is sentencepiece, 32k words)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    corpus = [
+        "a watercolor painting of a city street at dusk",
+        "replace the car with a bicycle, cinematic lighting",
+        "change the background to a forest in autumn",
+        "a rabbit in a meadow, pixar style, sunny day",
+        "people riding bikes down a road, high quality video",
+        "make it a charcoal sketch, black and white, snow, night, neon",
+    ]
+    tok = Tokenizer(models.Unigram())
+    tok.normalizer = normalizers.NFKC()
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    trainer = trainers.UnigramTrainer(
+        vocab_size=200, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>"
+    )
+    tok.train_from_iterator(corpus, trainer=trainer)
+    # T5 appends </s> to every sequence.
+    from tokenizers.processors import TemplateProcessing
+
+    eos = tok.token_to_id("</s>")
+    tok.post_processor = TemplateProcessing(single="$A </s>", special_tokens=[("</s>", eos)])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        model_max_length=TINY_TEXT_LEN,
+    )
+    fast.save_pretrained(save_dir)
+
+
+def build_tiny_model(path: str | Path, seed: int = 0, rotary: bool = True) -> Path:
+    """Write a tiny random CogVideoX checkpoint to `path` and return it.
+
+    `rotary=False` writes a 2B-like model (learned-free sincos positions), which the engine refuses.
+    """
+    from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXTransformer3DModel
+    from transformers import T5Config, T5EncoderModel
+
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.disable_progress_bar()
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+
+    transformer = CogVideoXTransformer3DModel(
+        num_attention_heads=2,
+        attention_head_dim=16,
+        in_channels=16,
+        out_channels=16,
+        time_embed_dim=16,
+        text_embed_dim=32,
+        num_layers=2,
+        sample_width=20,
+        sample_height=12,
+        sample_frames=9,
+        patch_size=2,
+        max_text_seq_length=TINY_TEXT_LEN,
+        use_rotary_positional_embeddings=rotary,
+        spatial_interpolation_scale=1.875,
+        temporal_interpolation_scale=1.0,
+        attention_bias=True,
+        norm_eps=1e-5,
+    )
+    vae = AutoencoderKLCogVideoX(
+        block_out_channels=(8, 8, 16, 16),
+        latent_channels=16,
+        layers_per_block=1,
+        norm_num_groups=4,
+        temporal_compression_ratio=4,
+        sample_height=96,
+        sample_width=160,
+        scaling_factor=0.7,
+    )
+    text_encoder = T5EncoderModel(
+        T5Config(
+            vocab_size=200,
+            d_model=32,
+            d_ff=64,
+            d_kv=8,
+            num_heads=4,
+            num_layers=2,
+            feed_forward_proj="gated-gelu",
+            dropout_rate=0.0,
+            pad_token_id=0,
+            eos_token_id=1,
+        )
+    )
+    scheduler = CogVideoXDDIMScheduler(**SCHEDULER_5B)
+
+    transformer.save_pretrained(path / "transformer", safe_serialization=True)
+    vae.save_pretrained(path / "vae", safe_serialization=True)
+    text_encoder.save_pretrained(path / "text_encoder", safe_serialization=True)
+    scheduler.save_pretrained(path / "scheduler")
+    _train_tokenizer(path / "tokenizer")
+    # model_index.json as the hub repository has it, so a diffusers pipeline can load the folder too.
+    index = {
+        "_class_name": "CogVideoXPipeline",
+        "_diffusers_version": "0.30.0",
+        "scheduler": ["diffusers", "CogVideoXDDIMScheduler"],
+        "text_encoder": ["transformers", "T5EncoderModel"],
+        "tokenizer": ["transformers", "T5Tokenizer"],
+        "transformer": ["diffusers", "CogVideoXTransformer3DModel"],
+        "vae": ["diffusers", "AutoencoderKLCogVideoX"],
+    }
+    (path / "model_index.json").write_text(json.dumps(index, indent=2))
+    return path

@@ -1,0 +1,404 @@
+"""The staged workflow: invert a video once into the cache, then render edits from the cache.
+
+    video -> frames -> latents -> trajectory (cache) -> edited latents -> mp4
+
+Each phase loads only the component it needs and frees it before the next one loads:
+encode (VAE) -> embed (T5) -> invert (transformer) and embed (T5) -> edit (transformer) ->
+decode (VAE). A finished inversion is a cache hit that loads no model at all.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cache.atomic import FileRecord, load_tensors, save_tensors
+from cache.keys import stable_hash
+from cache.layout import CacheLayout, EntryPaths, cache_root, resolve_entry_id
+from cache.lock import entry_lock
+from cache.manifest import FORMAT_VERSION, new_manifest, read_manifest, record_file, touch, write_manifest
+from engine import components
+from engine.components import ModelInfo, Runtime, inspect_model, loaded
+from engine.decode import claim, decode_latents, safe_name, side_by_side, write_video
+from engine.edit import Reference, ddim_edit
+from engine.embed import embed_prompts
+from engine.encode import encode_frames
+from engine.errors import CogeditError, ModelError, SettingsError
+from engine.invert import ddim_invert
+from engine.report import Reporter
+from engine.settings import EditSettings, InjectSettings, InvertSettings, parse_layers, parse_window
+from engine.video import FrameSettings, VideoInfo, probe_video, read_frames, select_frame_indices, to_model_input
+
+Callback = Callable[[dict[str, Any]], None]
+_DTYPES = {"torch.bfloat16": torch.bfloat16, "torch.float16": torch.float16, "torch.float32": torch.float32}
+
+
+@dataclass(frozen=True)
+class Inversion:
+    """A finished inversion in the cache: the handle edits start from."""
+
+    id: str
+    layout: CacheLayout
+    manifest: dict[str, Any]
+
+    @property
+    def paths(self) -> EntryPaths:
+        return self.layout.entry(self.id)
+
+    @property
+    def steps(self) -> int:
+        return int(self.manifest["settings"]["invert"]["steps"])
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return _DTYPES[self.manifest["settings"]["dtype"]]
+
+    def _load(self, path: Path, name: str) -> torch.Tensor:
+        rel = path.relative_to(self.paths.dir).as_posix()
+        rec = self.manifest["files"].get(rel)
+        return load_tensors(path, FileRecord(**rec) if rec else None)[name]
+
+    def latents(self) -> torch.Tensor:
+        return self._load(self.paths.latents, "latents")
+
+    def frames(self) -> torch.Tensor:
+        return self._load(self.paths.frames, "frames")
+
+    def trajectory(self) -> list[torch.Tensor]:
+        """The latent after every inversion step; the last one is the inverted noise."""
+        return [self._load(self.paths.step_file(i), "latent") for i in range(self.steps)]
+
+
+@dataclass(frozen=True)
+class EditResult:
+    """What an edit wrote: one mp4 and one side-by-side per prompt, and the edited latents."""
+
+    inversion_id: str
+    prompts: tuple[str, ...]
+    videos: tuple[Path, ...]
+    side_by_side: tuple[Path, ...]
+    latents: torch.Tensor  # [K, F', C, h, w] on the CPU
+
+
+def _layout(cache_dir: str | Path | None) -> CacheLayout:
+    layout = CacheLayout(cache_root(cache_dir))
+    layout.ensure()
+    return layout
+
+
+def inversion_key(video_sha: str, frames: FrameSettings, model: ModelInfo, runtime: Runtime, settings: InvertSettings) -> str:
+    """Everything that changes the trajectory, and nothing else."""
+    return stable_hash(
+        {
+            "format": FORMAT_VERSION,
+            "video": video_sha,
+            "frames": dataclasses.asdict(frames),
+            "model": model.key,
+            "dtype": str(runtime.dtype),
+            "invert": settings.key_fields(),
+            "scheduler": model.scheduler_config,
+        }
+    )
+
+
+def _output_fps(video: VideoInfo, frames: FrameSettings) -> float:
+    """The frame rate that keeps the source's speed after frame selection."""
+    idx = select_frame_indices(video.num_frames, frames)
+    if len(idx) < 2 or not video.fps:
+        return video.fps or 8.0
+    return round(video.fps * (len(idx) - 1) / (idx[-1] - idx[0]), 3)
+
+
+def _save(paths: EntryPaths, manifest: dict, path: Path, tensors: dict[str, torch.Tensor], **meta: str) -> None:
+    record = save_tensors(path, tensors, {k: str(v) for k, v in meta.items()})
+    record_file(manifest, path.relative_to(paths.dir).as_posix(), record)
+
+
+def invert(
+    video: str | Path,
+    model: str | Path,
+    *,
+    steps: int = 50,
+    frames: int = 49,
+    skip_start: int = 0,
+    skip_end: int = 0,
+    stride: int | None = None,
+    height: int = 480,
+    width: int = 720,
+    source_prompt: str = "",
+    negative_prompt: str = "",
+    guidance: float = 6.0,
+    cache_dir: str | Path | None = None,
+    device: str | None = None,
+    dtype: str | torch.dtype | None = None,
+    reporter: Reporter | None = None,
+    callback: Callback | None = None,
+) -> Inversion:
+    """Invert `video` with `model` into the cache (or find it there) and return its handle.
+
+    An interrupted inversion resumes from its last finished step. `callback` gets
+    {"phase", "i", "t", "x"} after every inversion step.
+    """
+    frame_settings = FrameSettings(frames, skip_start, skip_end, stride, height, width)
+    settings = InvertSettings(steps, source_prompt, negative_prompt, guidance)
+    runtime = Runtime.default(device, dtype)
+    reporter = reporter or Reporter(device=runtime.device)
+    layout = _layout(cache_dir)
+
+    with reporter.phase("video") as ph:
+        info_video = probe_video(video)
+        fps = _output_fps(info_video, frame_settings)  # also fails early when too few frames remain
+        ph.record.detail = f"{Path(video).name}: {info_video.num_frames} frames {info_video.width}x{info_video.height}"
+    info = inspect_model(model)
+    entry_id = inversion_key(info_video.sha256, frame_settings, info, runtime, settings)
+    paths = layout.entry(entry_id)
+
+    manifest = read_manifest(paths.manifest)
+    if manifest and manifest.get("complete"):  # fast path: no lock, so read-only caches work
+        touch(paths.manifest)
+        with reporter.phase("invert") as ph:
+            ph.hit(True, f"{entry_id[:12]} cached")
+        return Inversion(entry_id, layout, manifest)
+
+    with entry_lock(paths):
+        manifest = read_manifest(paths.manifest)
+        if manifest and manifest.get("complete"):  # another process finished it while we waited
+            with reporter.phase("invert") as ph:
+                ph.hit(True, f"{entry_id[:12]} computed by another process")
+            return Inversion(entry_id, layout, manifest)
+        if manifest is None:
+            manifest = new_manifest(
+                entry_id,
+                "inversion",
+                settings={
+                    "video": dataclasses.asdict(info_video),
+                    "frames": dataclasses.asdict(frame_settings),
+                    "model": {"source": info.source, "key": info.key},
+                    "dtype": str(runtime.dtype),
+                    "invert": dataclasses.asdict(settings),
+                    "format": FORMAT_VERSION,
+                },
+                summary={"video": Path(video).name, "model": info.source, "steps": steps, "fps": fps},
+            )
+        paths.dir.mkdir(parents=True, exist_ok=True)
+        latents = _encode_stage(video, frame_settings, info, runtime, paths, manifest, reporter)
+        embeds = _embed_stage([source_prompt, negative_prompt] if settings.uses_cfg else [source_prompt], info, runtime, layout, reporter)
+        _invert_stage(latents, embeds, settings, info, runtime, paths, manifest, reporter, callback)
+        manifest["complete"] = True
+        write_manifest(paths.manifest, manifest)
+    return Inversion(entry_id, layout, manifest)
+
+
+def _encode_stage(video, frame_settings, info, runtime, paths, manifest, reporter) -> torch.Tensor:
+    with reporter.phase("encode") as ph:
+        if manifest["stages"].get("encode") == "done":
+            ph.hit(True, "latents cached")
+            return load_tensors(paths.latents, FileRecord(**manifest["files"]["latents.safetensors"]))["latents"]
+        ph.hit(False)
+        frames, _ = read_frames(video, frame_settings)
+        _save(paths, manifest, paths.frames, {"frames": frames})
+        with loaded("vae", info, runtime) as vae:
+            latents = encode_frames(vae, to_model_input(frames)).cpu()
+        _save(paths, manifest, paths.latents, {"latents": latents})
+        manifest["stages"]["encode"] = "done"
+        manifest["summary"]["frames"] = int(frames.shape[0])
+        manifest["summary"]["latent_shape"] = list(latents.shape)
+        write_manifest(paths.manifest, manifest)
+        ph.record.detail = f"{frames.shape[0]} frames -> latents {tuple(latents.shape[1:])}"
+        return latents
+
+
+def _embed_stage(prompts, info, runtime, layout, reporter) -> dict[str, torch.Tensor]:
+    with reporter.phase("embed", total=len(set(prompts))) as ph:
+        return embed_prompts(prompts, info, runtime, layout, ph)
+
+
+def _invert_stage(latents, embeds, settings, info, runtime, paths, manifest, reporter, callback) -> None:
+    progress = manifest["stages"].setdefault("invert", {"done": 0, "total": settings.steps})
+    start = int(progress["done"])
+    with reporter.phase("invert", total=settings.steps) as ph:
+        ph.total(settings.steps, start)
+        ph.hit(False, f"resumed at step {start}" if start else f"{2 if settings.uses_cfg else 1} row(s)")
+        if start:  # resume from the last finished step's latent
+            rec = FileRecord(**manifest["files"][paths.step_file(start - 1).relative_to(paths.dir).as_posix()])
+            x = load_tensors(paths.step_file(start - 1), rec)["latent"]
+        else:
+            x = latents
+
+        def on_step(state: dict[str, Any]) -> None:
+            i = state["i"]
+            _save(paths, manifest, paths.step_file(i), {"latent": state["x"]}, t=int(state["t"]))
+            progress["done"] = i + 1
+            write_manifest(paths.manifest, manifest)  # after the step file: a crash loses at most one step
+            ph.advance()
+            if callback is not None:
+                callback({"phase": "invert", **state})
+
+        cond = embeds[settings.source_prompt]
+        uncond = embeds[settings.negative_prompt] if settings.uses_cfg else None
+        with loaded("transformer", info, runtime) as transformer:
+            ddim_invert(
+                transformer,
+                x.to(runtime.device, runtime.dtype),
+                cond,
+                info.scheduler_config,
+                settings.steps,
+                vae_scale_spatial=info.vae_scale_spatial,
+                uncond=uncond,
+                guidance=settings.guidance,
+                start=start,
+                callback=on_step,
+            )
+
+
+def open_inversion(entry_id: str, cache_dir: str | Path | None = None) -> Inversion:
+    """The finished inversion `entry_id` (or a unique prefix of it) from the cache."""
+    layout = CacheLayout(cache_root(cache_dir))
+    entry_id = resolve_entry_id(layout, entry_id)
+    manifest = read_manifest(layout.entry(entry_id).manifest)
+    if manifest is None:
+        raise CogeditError(f"inversion {entry_id} has no readable manifest; remove it with `cogedit cache rm {entry_id}` and invert again")
+    if not manifest.get("complete"):
+        raise CogeditError(f"inversion {entry_id} is unfinished; run `cogedit invert` again with the same inputs to resume it")
+    touch(layout.entry(entry_id).manifest)
+    return Inversion(entry_id, layout, manifest)
+
+
+def edit(
+    inversion: Inversion | str,
+    prompts: list[str] | tuple[str, ...] | str,
+    *,
+    negative_prompt: str = "",
+    guidance: float = 6.0,
+    init: str = "inverted",
+    seed: int = 0,
+    inject_steps: str | tuple[float, float] = (0.0, 1.0),
+    inject_layers: str | tuple[int, ...] | None = None,
+    inject_strength: float = 1.0,
+    reference: str = "shared",
+    batch: int = 4,
+    fps: float | None = None,
+    out_dir: str | Path = ".",
+    force: bool = False,
+    model: str | Path | None = None,
+    cache_dir: str | Path | None = None,
+    device: str | None = None,
+    reporter: Reporter | None = None,
+    callback: Callback | None = None,
+    write: bool = True,
+) -> EditResult:
+    """Render one edit per prompt from a cached inversion: no video is read, no VAE encoder runs."""
+    if isinstance(inversion, str):
+        inversion = open_inversion(inversion, cache_dir)
+    prompts = (prompts,) if isinstance(prompts, str) else tuple(prompts)
+    runtime = Runtime.default(device, inversion.dtype)
+    reporter = reporter or Reporter(device=runtime.device)
+    info = inspect_model(model or inversion.manifest["settings"]["model"]["source"])
+    if info.key != inversion.manifest["settings"]["model"]["key"]:
+        raise ModelError(
+            f"inversion {inversion.id[:12]} was made with another model than {info.source}; "
+            "pass the same --model, or invert again with this one"
+        )
+    window = parse_window(inject_steps) if isinstance(inject_steps, str) else tuple(inject_steps)
+    layers = parse_layers(inject_layers, info.transformer_config["num_layers"]) if isinstance(inject_layers, str) else inject_layers
+    settings = EditSettings(
+        prompts, negative_prompt, guidance, init, seed,
+        InjectSettings(window, layers, inject_strength, reference), batch,
+    )
+    cfg = guidance > 1.0
+    inject = settings.inject
+    steps = inversion.steps
+    shared_ref = any(inject.is_active(i, steps) for i in range(steps)) and inject.reference == "shared"
+    source_prompt = inversion.manifest["settings"]["invert"]["source_prompt"]
+    wanted = list(prompts) + ([negative_prompt] if cfg else []) + ([source_prompt] if shared_ref else [])
+    embeds = _embed_stage(wanted, info, runtime, inversion.layout, reporter)
+    latents = _edit_stage(inversion, settings, embeds, source_prompt, info, runtime, reporter, callback)
+    if not write:
+        return EditResult(inversion.id, prompts, (), (), latents)
+    return _decode_stage(inversion, prompts, latents, fps, Path(out_dir), force, info, runtime, reporter)
+
+
+def _edit_stage(inversion, settings: EditSettings, embeds, source_prompt, info, runtime, reporter, callback) -> torch.Tensor:
+    steps = inversion.steps
+    trajectory = inversion.trajectory()
+    reference = Reference(
+        latent=lambda i: trajectory[steps - 1 - i].to(runtime.device),
+        source_embeds=embeds.get(source_prompt, next(iter(embeds.values()))),
+    )
+    cfg = settings.guidance > 1.0
+    chunks = [settings.prompts[i : i + settings.batch] for i in range(0, len(settings.prompts), settings.batch)]
+    out = []
+    with reporter.phase("edit", total=steps * len(chunks)) as ph:
+        ph.hit(True, f"{len(settings.prompts)} prompt(s) in {len(chunks)} pass(es), reference {settings.inject.reference}")
+
+        def on_step(state: dict[str, Any]) -> None:
+            ph.advance()
+            if callback is not None:
+                callback({"phase": "edit", **state})
+
+        with loaded("transformer", info, runtime) as transformer:
+            for chunk in chunks:
+                if settings.init == "inverted":
+                    noise = trajectory[-1]
+                else:  # the same seeded noise for every prompt, so edits compare like for like
+                    g = torch.Generator().manual_seed(settings.seed)
+                    noise = torch.randn(trajectory[-1].shape, generator=g, dtype=torch.float32).to(inversion.dtype)
+                init = noise.to(runtime.device, runtime.dtype).expand(len(chunk), -1, -1, -1, -1).contiguous()
+                x = ddim_edit(
+                    transformer,
+                    init,
+                    torch.cat([embeds[p] for p in chunk]),
+                    info.scheduler_config,
+                    steps,
+                    vae_scale_spatial=info.vae_scale_spatial,
+                    uncond=embeds[settings.negative_prompt] if cfg else None,
+                    guidance=settings.guidance,
+                    reference=reference,
+                    inject=settings.inject,
+                    callback=on_step,
+                )
+                out.append(x.cpu())
+    return torch.cat(out)
+
+
+def _decode_stage(inversion, prompts, latents, fps, out_dir, force, info, runtime, reporter) -> EditResult:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = inversion.id[:8]
+    names = [safe_name(p, i) for i, p in enumerate(prompts)]
+    videos = [claim(out_dir / f"{stem}-{n}.mp4", force) for n in names]
+    pairs = [claim(out_dir / f"{stem}-{n}-side-by-side.mp4", force) for n in names]
+    fps = fps or float(inversion.manifest["summary"].get("fps", 8.0))
+    source = inversion.frames().numpy()
+    with reporter.phase("decode", total=len(prompts)) as ph:
+        with loaded("vae", info, runtime) as vae:
+            for k in range(len(prompts)):
+                frames = decode_latents(vae, latents[k : k + 1])[0]
+                write_video(frames, videos[k], fps)
+                write_video(side_by_side(source, frames), pairs[k], fps)
+                ph.advance()
+        ph.record.detail = f"{len(prompts)} mp4 + {len(prompts)} side-by-side in {out_dir}"
+    return EditResult(inversion.id, prompts, tuple(videos), tuple(pairs), latents)
+
+
+def run(
+    video: str | Path,
+    model: str | Path,
+    prompts: list[str] | tuple[str, ...] | str,
+    *,
+    invert_options: dict[str, Any] | None = None,
+    reporter: Reporter | None = None,
+    cache_dir: str | Path | None = None,
+    device: str | None = None,
+    dtype: str | torch.dtype | None = None,
+    **edit_options: Any,
+) -> tuple[Inversion, EditResult]:
+    """Invert when needed, then edit: the one-shot path."""
+    runtime = Runtime.default(device, dtype)
+    reporter = reporter or Reporter(device=runtime.device)
+    inv = invert(video, model, cache_dir=cache_dir, device=device, dtype=dtype, reporter=reporter, **(invert_options or {}))
+    return inv, edit(inv, prompts, model=model, cache_dir=cache_dir, device=device, reporter=reporter, **edit_options)
