@@ -1,0 +1,729 @@
+"""The on-disk cache: layout, keys, atomic writes, manifests, locks, gc, verify (CPU, fast)."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import errno
+import hashlib
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import cache.atomic
+import cache.manifest
+from cache import (
+    FORMAT_VERSION,
+    CacheBusyError,
+    CacheCorruptError,
+    CacheFormatError,
+    CacheLayout,
+    DiskFullError,
+    FileRecord,
+    InvalidEntryIdError,
+    ReadOnlyCacheError,
+    cache_root,
+    ensure_free_space,
+    entry_info,
+    entry_lock,
+    file_record,
+    format_size,
+    gc,
+    list_entries,
+    load_tensors,
+    new_manifest,
+    parse_size,
+    read_manifest,
+    read_metadata,
+    record_file,
+    remove_entry,
+    resolve_entry_id,
+    save_tensors,
+    sha256_file,
+    stable_hash,
+    touch,
+    validate_entry_id,
+    verify,
+    write_bytes_atomic,
+    write_json_atomic,
+    write_manifest,
+)
+from cache.atomic import PAYLOAD_KEY
+
+REPO = Path(__file__).resolve().parents[1]
+ID_A = "a" * 32
+ID_B = "b" * 32
+
+
+@pytest.fixture
+def layout(tmp_path: Path) -> CacheLayout:
+    lay = CacheLayout(tmp_path / "c")
+    lay.ensure()
+    return lay
+
+
+def _files_in(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir())
+
+
+def _tensors() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return {
+        "latent": torch.randn(3, 4, 5, generator=g).to(torch.bfloat16),
+        "steps": torch.arange(6, dtype=torch.int64),
+        "mask": torch.tensor([True, False, True]),
+        "scalar": torch.tensor(2.5),
+        "empty": torch.zeros(0, 7, dtype=torch.float16),
+        "transposed": torch.randn(4, 3, generator=g).t(),  # not contiguous
+    }
+
+
+def _make_entry(
+    layout: CacheLayout,
+    entry_id: str,
+    *,
+    payload: int = 10_000,
+    last_used: str | None = "2024-01-01T00:00:00+00:00",
+    complete: bool = True,
+    manifest: bool = True,
+) -> None:
+    """An entry with one step file of about `payload` bytes and (optionally) a manifest."""
+    paths = layout.entry(entry_id)
+    rec = save_tensors(paths.step_file(0), {"latent": torch.zeros(payload // 4)})
+    if manifest:
+        m = new_manifest(entry_id, "inversion", {"steps": 1}, {"video": "v.mp4"})
+        record_file(m, "trajectory/step_0000.safetensors", rec)
+        m["complete"] = complete
+        if last_used is not None:
+            m["last_used"] = last_used
+        write_manifest(paths.manifest, m)
+
+
+# ---------------------------------------------------------------------------- layout
+
+
+def test_cache_root_prefers_argument_then_env_then_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("COGEDIT_CACHE", str(tmp_path / "env"))
+    assert cache_root(tmp_path / "arg") == tmp_path / "arg"
+    assert cache_root() == tmp_path / "env"
+    monkeypatch.delenv("COGEDIT_CACHE")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert cache_root() == tmp_path / "home" / ".cache" / "cogedit"
+    assert CacheLayout.from_dir(tmp_path / "x").root == tmp_path / "x"
+
+
+def test_entry_paths_and_lock_outside_entry(tmp_path):
+    lay = CacheLayout(tmp_path)
+    p = lay.entry(ID_A)
+    assert p.dir == tmp_path / "inversions" / ID_A
+    assert p.manifest == p.dir / "manifest.json"
+    assert p.latents == p.dir / "latents.safetensors"
+    assert p.frames == p.dir / "frames.safetensors"
+    assert p.step_file(7) == p.dir / "trajectory" / "step_0007.safetensors"
+    assert p.attention_dir == p.dir / "attention"
+    assert p.lock == tmp_path / "locks" / f"{ID_A}.lock"
+    assert p.dir not in p.lock.parents
+    assert lay.prompt_file(ID_A, ID_B) == tmp_path / "prompts" / ID_A / f"{ID_B}.safetensors"
+    with pytest.raises(ValueError):
+        p.step_file(-1)
+
+
+@pytest.mark.parametrize(
+    "bad", ["../x", "ABC", "", "abc", "a" * 15, "A" * 32, "g" * 32, "a" * 65, f"../{'a' * 30}", "a" * 31 + "/"]
+)
+def test_invalid_ids_are_rejected(bad, tmp_path):
+    with pytest.raises(InvalidEntryIdError, match="cogedit cache ls"):
+        validate_entry_id(bad)
+    with pytest.raises(InvalidEntryIdError):
+        CacheLayout(tmp_path).entry(bad)
+    with pytest.raises(InvalidEntryIdError):
+        CacheLayout(tmp_path).prompt_file(ID_A, bad)
+
+
+def test_valid_ids_pass():
+    assert validate_entry_id("0123456789abcdef") == "0123456789abcdef"
+    assert validate_entry_id("f" * 64) == "f" * 64
+
+
+def test_resolve_entry_id_by_prefix(layout):
+    ids = ["abcd0" + "0" * 27, "abcd1" + "1" * 27, "ffff" + "2" * 28]
+    for i in ids:
+        layout.entry(i).dir.mkdir(parents=True)
+    (layout.entries_dir / "not-an-id").mkdir()
+    assert resolve_entry_id(layout, "abcd0") == ids[0]
+    assert resolve_entry_id(layout, "ABCD1") == ids[1]  # typed prefixes are case-insensitive
+    assert resolve_entry_id(layout, "ffff") == ids[2]
+    assert resolve_entry_id(layout, ids[2]) == ids[2]
+    with pytest.raises(InvalidEntryIdError, match="matches 2 entries.*cogedit cache ls"):
+        resolve_entry_id(layout, "abcd")
+    with pytest.raises(InvalidEntryIdError, match="no cache entry.*cogedit cache ls"):
+        resolve_entry_id(layout, "1234")
+    for bad in ("abc", "../a", "zzzz", ""):
+        with pytest.raises(InvalidEntryIdError, match="at least 4"):
+            resolve_entry_id(layout, bad)
+
+
+def test_ensure_creates_tree(tmp_path):
+    lay = CacheLayout(tmp_path / "new" / "cache")
+    lay.ensure()
+    assert {"inversions", "prompts", "locks"} <= set(_files_in(lay.root))
+
+
+def test_read_only_cache_dir_chmod(tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        if os.access(ro, os.W_OK):
+            pytest.skip("running as root: chmod does not make folders read-only")
+        with pytest.raises(ReadOnlyCacheError, match="--cache-dir"):
+            CacheLayout(ro / "cache").ensure()
+        with pytest.raises(ReadOnlyCacheError, match="--cache-dir"):
+            CacheLayout(ro).ensure()
+    finally:
+        ro.chmod(0o755)
+
+
+def test_read_only_cache_dir_simulated(tmp_path, monkeypatch):
+    # Runs even as root: mkdir refused, then an existing folder that os.access calls read-only.
+    def refuse(self, *a, **k):
+        raise PermissionError(errno.EACCES, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "mkdir", refuse)
+    with pytest.raises(ReadOnlyCacheError, match="set COGEDIT_CACHE"):
+        CacheLayout(tmp_path / "c").ensure()
+    monkeypatch.undo()
+    CacheLayout(tmp_path / "c").ensure()
+    monkeypatch.setattr(os, "access", lambda *a, **k: False)
+    with pytest.raises(ReadOnlyCacheError, match="not writable"):
+        CacheLayout(tmp_path / "c").ensure()
+
+
+# ---------------------------------------------------------------------------- keys
+
+
+class Mode(enum.Enum):
+    FAST = "fast"
+    SLOW = "slow"
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    steps: int
+    dtype: torch.dtype
+    size: tuple[int, int]
+
+
+def _base() -> dict:
+    return {
+        "steps": 50,
+        "prompt": "",
+        "cfg": 6.0,
+        "video": Path("/v/a.mp4"),
+        "mode": Mode.FAST,
+        "invert": Settings(50, torch.bfloat16, (480, 720)),
+        "layers": [0, 1, 2],
+        "flag": True,
+    }
+
+
+def test_stable_hash_ignores_dict_order():
+    a = {"x": 1, "y": {"p": [1, 2], "q": "z"}}
+    b = {"y": {"q": "z", "p": [1, 2]}, "x": 1}
+    assert stable_hash(a) == stable_hash(b)
+    assert stable_hash(_base()) == stable_hash(dict(reversed(list(_base().items()))))
+
+
+def test_stable_hash_changes_with_every_value():
+    variants = []
+    for key, new in [
+        ("steps", 51),
+        ("prompt", " "),
+        ("cfg", 6.000001),
+        ("video", Path("/v/b.mp4")),
+        ("mode", Mode.SLOW),
+        ("invert", Settings(50, torch.float16, (480, 720))),
+        ("invert", Settings(50, torch.bfloat16, (720, 480))),
+        ("layers", [0, 2, 1]),
+        ("flag", False),
+        ("flag", 1),
+        ("steps", 50.0),
+    ]:
+        v = _base()
+        v[key] = new
+        variants.append(stable_hash(v))
+    extra = _base()
+    extra["new"] = None
+    variants.append(stable_hash(extra))
+    assert stable_hash(_base()) not in variants
+    assert len(set(variants)) == len(variants)
+
+
+def test_stable_hash_canonical_form():
+    assert stable_hash({}) == hashlib.sha256(b"{}").hexdigest()[:32]
+    expected = hashlib.sha256(b'{"a":[1,2],"b":"bfloat16"}').hexdigest()
+    assert stable_hash({"b": "bfloat16", "a": (1, 2)}, length=64) == expected
+    # Values hash like their JSON round-trip through a manifest.
+    assert stable_hash({"p": Path("x/y"), "t": (1, 2)}) == stable_hash({"p": "x/y", "t": [1, 2]})
+    assert stable_hash({"d": torch.bfloat16}) == stable_hash({"d": "torch.bfloat16"})
+    assert stable_hash({1, 2, 3}) == stable_hash({3, 2, 1})
+    assert len(stable_hash("x", length=16)) == 16
+    with pytest.raises(ValueError):
+        stable_hash("x", length=0)
+    with pytest.raises(TypeError, match="object"):
+        stable_hash({"x": object()})
+
+
+def test_sha256_file(tmp_path):
+    data = os.urandom(100_000)
+    (tmp_path / "f").write_bytes(data)
+    assert sha256_file(tmp_path / "f", chunk=4096) == hashlib.sha256(data).hexdigest()
+
+
+# ---------------------------------------------------------------------------- atomic writes
+
+
+def test_atomic_write_replaces_and_leaves_no_temp(tmp_path):
+    target = tmp_path / "d" / "f.bin"
+    write_bytes_atomic(target, b"old")
+    write_bytes_atomic(target, b"new contents")
+    assert target.read_bytes() == b"new contents"
+    write_json_atomic(tmp_path / "d" / "m.json", {"b": 1, "a": [1]})
+    assert json.loads((tmp_path / "d" / "m.json").read_text()) == {"a": [1], "b": 1}
+    assert _files_in(tmp_path / "d") == ["f.bin", "m.json"]
+
+
+@pytest.mark.parametrize("code", sorted({errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}))
+def test_disk_full_during_write(tmp_path, monkeypatch, code):
+    target = tmp_path / "f.bin"
+    write_bytes_atomic(target, b"previous")
+
+    def half_then_full(fd, data):
+        os.write(fd, bytes(memoryview(data)[: len(data) // 2]))
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(cache.atomic, "_write_fully", half_then_full)
+    with pytest.raises(DiskFullError, match="gc --max-size"):
+        write_bytes_atomic(target, b"x" * 1000)
+    with pytest.raises(DiskFullError):
+        save_tensors(tmp_path / "t.safetensors", {"a": torch.ones(100)})
+    assert target.read_bytes() == b"previous"  # the old file is untouched
+    assert _files_in(tmp_path) == ["f.bin"]  # no temp, no partial file
+
+
+def test_other_os_errors_pass_through_and_clean_up(tmp_path, monkeypatch):
+    def broken(fd, data):
+        raise OSError(errno.EIO, "I/O error")
+
+    monkeypatch.setattr(cache.atomic, "_write_fully", broken)
+    with pytest.raises(OSError) as info:
+        write_bytes_atomic(tmp_path / "f", b"x")
+    assert info.value.errno == errno.EIO
+    assert _files_in(tmp_path) == []
+
+
+def test_ensure_free_space_refuses(tmp_path, monkeypatch):
+    ensure_free_space(tmp_path, 1024)  # a tmp dir has 64 MiB + 1 KiB free
+    with pytest.raises(DiskFullError, match="need .* free .*gc --max-size.*--cache-dir"):
+        ensure_free_space(tmp_path, 10**18)
+    usage = type("U", (), {"total": 10**9, "used": 10**9 - 10**6, "free": 10**6})
+    monkeypatch.setattr(cache.atomic.shutil, "disk_usage", lambda p: usage)
+    with pytest.raises(DiskFullError, match="976.6 KiB free"):
+        ensure_free_space(tmp_path / "not" / "yet", 0)
+    with pytest.raises(DiskFullError):
+        save_tensors(tmp_path / "t.safetensors", {"a": torch.ones(4)})
+    assert _files_in(tmp_path) == []
+    ensure_free_space(tmp_path, 10, margin=0)  # fits without the margin
+
+
+# ---------------------------------------------------------------------------- safetensors
+
+
+def test_save_load_roundtrip(tmp_path):
+    tensors = _tensors()
+    path = tmp_path / "x.safetensors"
+    rec = save_tensors(path, tensors, {"t": "981"})
+    assert rec == FileRecord(sha256=sha256_file(path), bytes=path.stat().st_size)
+    loaded = load_tensors(path, rec)
+    assert set(loaded) == set(tensors)
+    for name, t in tensors.items():
+        assert loaded[name].dtype == t.dtype and torch.equal(loaded[name], t), name
+    meta = read_metadata(path)
+    assert meta["t"] == "981" and len(meta[PAYLOAD_KEY]) == 64
+    assert _files_in(tmp_path) == ["x.safetensors"]
+    with pytest.raises(ValueError, match="reserved"):
+        save_tensors(path, tensors, {PAYLOAD_KEY: "x"})
+
+
+def _data_offset(path: Path) -> int:
+    return 8 + int.from_bytes(path.read_bytes()[:8], "little")
+
+
+def test_flipped_bit_is_corrupt(layout):
+    paths = layout.entry(ID_A)
+    path = paths.step_file(7)
+    rec = save_tensors(path, {"latent": torch.randn(3, 4)})
+    data = bytearray(path.read_bytes())
+    data[_data_offset(path) + 5] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(CacheCorruptError, match="fails its checksum") as info:
+        load_tensors(path)  # embedded digest, no manifest needed
+    msg = str(info.value)
+    assert f"cache entry {ID_A} is corrupt: trajectory/step_0007.safetensors" in msg
+    assert f"cogedit cache rm {ID_A}" in msg
+    with pytest.raises(CacheCorruptError, match="fails its checksum"):
+        load_tensors(path, rec)
+
+
+def test_swapped_shape_in_header_is_corrupt(tmp_path):
+    path = tmp_path / "x.safetensors"
+    save_tensors(path, {"a": torch.randn(2, 3)})
+    data = path.read_bytes()
+    assert b"[2,3]" in data
+    path.write_bytes(data.replace(b"[2,3]", b"[3,2]"))  # still parses: only the digest can tell
+    with pytest.raises(CacheCorruptError, match="fails its checksum"):
+        load_tensors(path)
+
+
+@pytest.mark.parametrize("keep", [0, 4, 8, 20, -1])
+def test_truncated_file_is_corrupt(tmp_path, keep):
+    path = tmp_path / "x.safetensors"
+    rec = save_tensors(path, {"a": torch.randn(16)})
+    data = path.read_bytes()
+    path.write_bytes(data[:keep])
+    with pytest.raises(CacheCorruptError, match="x.safetensors"):
+        load_tensors(path)
+    with pytest.raises(CacheCorruptError, match=f"manifest records {rec.bytes}"):
+        load_tensors(path, rec)
+
+
+def test_missing_and_foreign_files(tmp_path):
+    with pytest.raises(CacheCorruptError, match="is missing"):
+        load_tensors(tmp_path / "nope.safetensors")
+    with pytest.raises(CacheCorruptError, match="is missing"):
+        read_metadata(tmp_path / "nope.safetensors")
+    import safetensors.torch
+
+    safetensors.torch.save_file({"a": torch.ones(2)}, str(tmp_path / "foreign.safetensors"))
+    with pytest.raises(CacheCorruptError, match=f"has no {PAYLOAD_KEY}"):
+        load_tensors(tmp_path / "foreign.safetensors")
+
+
+# ---------------------------------------------------------------------------- manifest
+
+
+def test_manifest_roundtrip_and_records(tmp_path):
+    m = new_manifest(ID_A, "inversion", {"steps": 50}, {"frames": 49})
+    assert set(m) == {
+        "format_version", "id", "kind", "created", "last_used", "settings", "summary", "files", "stages", "complete"
+    }
+    assert m["format_version"] == FORMAT_VERSION and m["complete"] is False and m["files"] == {}
+    assert m["created"].endswith("+00:00")
+    record_file(m, "trajectory/step_0000.safetensors", FileRecord("ab" * 32, 123))
+    assert m["files"]["trajectory/step_0000.safetensors"] == {"sha256": "ab" * 32, "bytes": 123}
+    assert file_record(m, "trajectory/step_0000.safetensors") == FileRecord("ab" * 32, 123)
+    assert file_record(m, "latents.safetensors") is None
+    for bad in ("../x", "/abs", "a/../b", "./a", ""):
+        with pytest.raises(ValueError):
+            record_file(m, bad, FileRecord("0", 1))
+    write_manifest(tmp_path / "manifest.json", m)
+    assert read_manifest(tmp_path / "manifest.json") == m
+    assert read_manifest(tmp_path / "missing.json") is None
+
+
+@pytest.mark.parametrize("text", ['{"format_version": 1, "id": ', "[1, 2]", '{"id": "x"}', "\udcff"])
+def test_corrupt_manifest_is_a_miss(tmp_path, caplog, text):
+    path = tmp_path / "manifest.json"
+    path.write_bytes(text.encode("utf-8", "surrogateescape"))
+    with caplog.at_level(logging.WARNING, logger="cogedit.cache"):
+        assert read_manifest(path) is None
+    assert any(str(path) in r.getMessage() for r in caplog.records)
+
+
+def test_newer_format_is_an_error(tmp_path):
+    path = tmp_path / "manifest.json"
+    m = new_manifest(ID_A, "inversion", {}, {})
+    m["format_version"] = FORMAT_VERSION + 1
+    write_manifest(path, m)
+    with pytest.raises(CacheFormatError, match=rf"newer cogedit \(format {FORMAT_VERSION + 1}.*upgrade cogedit"):
+        read_manifest(path)
+
+
+def test_touch_updates_complete_manifests_only(tmp_path, monkeypatch):
+    path = tmp_path / "manifest.json"
+    m = new_manifest(ID_A, "inversion", {}, {})
+    m["last_used"] = "2020-01-01T00:00:00+00:00"
+    write_manifest(path, m)
+    touch(path)
+    assert read_manifest(path)["last_used"] == "2020-01-01T00:00:00+00:00"  # incomplete: left alone
+    m["complete"] = True
+    write_manifest(path, m)
+    touch(path)
+    assert read_manifest(path)["last_used"] > "2024"
+
+    def read_only(*a, **k):
+        raise ReadOnlyCacheError("read-only")
+
+    m["last_used"] = "2020-01-01T00:00:00+00:00"
+    write_manifest(path, m)
+    monkeypatch.setattr(cache.manifest, "write_json_atomic", read_only)
+    touch(path)  # a read-only cache is still readable
+    touch(tmp_path / "missing.json")
+    assert read_manifest(path)["last_used"] == "2020-01-01T00:00:00+00:00"
+
+
+# ---------------------------------------------------------------------------- locks
+
+_HOLDER = r"""
+import sys, time
+from pathlib import Path
+from cache.layout import CacheLayout
+from cache.lock import entry_lock
+paths = CacheLayout(Path(sys.argv[1])).entry(sys.argv[2])
+with entry_lock(paths):
+    Path(sys.argv[3]).write_text("locked")
+    time.sleep(float(sys.argv[4]))
+"""
+
+
+def _hold_lock_in_child(layout: CacheLayout, entry_id: str, seconds: float, marker: Path) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    child = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER, str(layout.root), entry_id, str(marker), str(seconds)], env=env
+    )
+    deadline = time.monotonic() + 60
+    while not marker.exists():
+        assert child.poll() is None, "lock holder exited early"
+        assert time.monotonic() < deadline, "lock holder never took the lock"
+        time.sleep(0.02)
+    return child
+
+
+def test_two_processes_contend_for_one_entry_lock(layout, tmp_path):
+    paths = layout.entry(ID_A)
+    child = _hold_lock_in_child(layout, ID_A, 1.5, tmp_path / "marker")
+    try:
+        with pytest.raises(CacheBusyError, match=rf"{ID_A}.lock.*wait for it.*no cogedit process"):
+            with entry_lock(paths, timeout=0.2):
+                pass
+        waits: list[float] = []
+        start = time.monotonic()
+        with entry_lock(paths, timeout=30, poll_callback=waits.append):
+            waited = time.monotonic() - start
+        # The holder kept the lock ~1.3 s more: we waited, and said so through the callback.
+        assert waited > 0.8 and waits and waits[0] < 0.2
+    finally:
+        child.wait(timeout=30)
+    assert child.returncode == 0
+    with entry_lock(paths, timeout=0):  # free again, and the lock file survives
+        assert paths.lock.exists()
+
+
+def test_lock_in_read_only_cache(tmp_path, monkeypatch):
+    paths = CacheLayout(tmp_path / "c").entry(ID_A)
+
+    def refuse(self, *a, **k):
+        raise PermissionError(errno.EACCES, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "mkdir", refuse)
+    with pytest.raises(ReadOnlyCacheError, match="lock"):
+        with entry_lock(paths):
+            pass
+
+
+# ---------------------------------------------------------------------------- store
+
+
+def test_list_entries_shows_broken_ones(layout):
+    _make_entry(layout, ID_A, last_used="2024-05-01T00:00:00+00:00")
+    _make_entry(layout, ID_B, manifest=False)
+    infos = {e.id: e for e in list_entries(layout)}
+    assert set(infos) == {ID_A, ID_B}
+    a, b = infos[ID_A], infos[ID_B]
+    assert a.manifest_ok and a.complete and a.kind == "inversion" and a.summary == {"video": "v.mp4"}
+    assert a.size_bytes == sum(p.stat().st_size for p in a.dir.rglob("*") if p.is_file())
+    assert not b.manifest_ok and not b.complete and f"cogedit cache rm {ID_B}" in b.problem
+    assert entry_info(layout, ID_A) == a
+    with pytest.raises(InvalidEntryIdError, match="no cache entry"):
+        entry_info(layout, "c" * 32)
+
+
+def test_remove_entry(layout):
+    _make_entry(layout, ID_A)
+    size = entry_info(layout, ID_A).size_bytes
+    assert remove_entry(layout, ID_A) == size > 10_000
+    assert not layout.entry(ID_A).dir.exists()
+    assert list(layout.trash_dir.iterdir()) == []
+    with pytest.raises(InvalidEntryIdError, match="cogedit cache ls"):
+        remove_entry(layout, ID_A)
+
+
+def test_remove_locked_entry_is_busy(layout):
+    _make_entry(layout, ID_A)
+    with entry_lock(layout.entry(ID_A)):
+        with pytest.raises(CacheBusyError, match=ID_A):
+            remove_entry(layout, ID_A, timeout=0.1)
+    assert (layout.entry(ID_A).manifest).exists()
+    remove_entry(layout, ID_A)
+
+
+def _gc_fixture(layout: CacheLayout) -> dict[str, str]:
+    ids = {name: digit * 32 for name, digit in zip(("old", "mid", "new", "partial", "broken"), "12345")}
+    _make_entry(layout, ids["old"], last_used="2024-01-01T00:00:00+00:00")
+    _make_entry(layout, ids["mid"], last_used="2024-02-01T00:00:00+00:00")
+    _make_entry(layout, ids["new"], last_used="2024-03-01T00:00:00+00:00")
+    _make_entry(layout, ids["partial"], last_used="2024-06-01T00:00:00+00:00", complete=False)
+    _make_entry(layout, ids["broken"], manifest=False)  # folder mtime = now
+    return ids
+
+
+def test_gc_removes_incomplete_first_then_lru(layout):
+    ids = _gc_fixture(layout)
+    sizes = {e.id: e.size_bytes for e in list_entries(layout)}
+    total = sum(sizes.values())
+    limit = total - sizes[ids["partial"]] - sizes[ids["broken"]] - sizes[ids["old"]]
+    order = [ids["partial"], ids["broken"], ids["old"]]
+
+    planned = gc(layout, limit, dry_run=True)
+    assert [e.id for e in planned] == order
+    assert len(list_entries(layout)) == 5  # dry run removes nothing
+
+    removed = gc(layout, limit)
+    assert [e.id for e in removed] == order
+    left = list_entries(layout)
+    assert [e.id for e in left] == [ids["new"], ids["mid"]]  # most recently used first
+    assert sum(e.size_bytes for e in left) == limit
+    assert gc(layout, limit) == []  # already small enough
+    assert [e.id for e in gc(layout, 0)] == [ids["mid"], ids["new"]]
+    assert list_entries(layout) == []
+
+
+def test_gc_skips_locked_entries_and_removes_prompts_last(layout):
+    ids = _gc_fixture(layout)
+    prompts = []
+    for n, age in enumerate((100, 300, 200)):
+        path = layout.prompt_file(ID_A, str(n) * 16)
+        save_tensors(path, {"embeds": torch.zeros(1000)})
+        os.utime(path, (time.time() - age, time.time() - age))
+        prompts.append(path)
+    sizes = {e.id: e.size_bytes for e in list_entries(layout)}
+    # Fits "old" and two prompts: the oldest prompt has to go too, but "old" is locked.
+    limit = sizes[ids["old"]] + prompts[0].stat().st_size + prompts[2].stat().st_size
+    with entry_lock(layout.entry(ids["old"])):
+        removed = gc(layout, limit)
+    is_prompt = [e.kind == "prompt" for e in removed]
+    assert [e.id for e in removed[:4]] == [ids["partial"], ids["broken"], ids["mid"], ids["new"]]
+    assert is_prompt == [False] * 4 + [True]
+    assert removed[-1].id == "1" * 16 and removed[-1].summary == {"model_key": ID_A}  # oldest prompt
+    assert not prompts[1].exists() and prompts[0].exists() and prompts[2].exists()
+    assert [e.id for e in list_entries(layout)] == [ids["old"]]
+    with pytest.raises(ValueError):
+        gc(layout, -1)
+
+
+def _verified_entry(layout: CacheLayout) -> None:
+    paths = layout.entry(ID_A)
+    m = new_manifest(ID_A, "inversion", {}, {})
+    for path in (paths.latents, paths.step_file(0), paths.step_file(1)):
+        record_file(m, paths.relative(path), save_tensors(path, {"x": torch.randn(8, 8)}))
+    m["complete"] = True
+    write_manifest(paths.manifest, m)
+
+
+def test_verify_clean_cache(layout):
+    _verified_entry(layout)
+    save_tensors(layout.prompt_file(ID_B, ID_A), {"embeds": torch.ones(4)})
+    assert verify(layout) == []
+    assert verify(layout, [ID_A]) == []
+
+
+def test_verify_reports_damage(layout):
+    _verified_entry(layout)
+    paths = layout.entry(ID_A)
+    step = paths.step_file(1)
+    data = bytearray(step.read_bytes())
+    data[-1] ^= 0x80
+    step.write_bytes(bytes(data))
+    paths.step_file(0).write_bytes(paths.step_file(0).read_bytes()[:-3])
+    paths.latents.unlink()
+    (paths.trajectory_dir / ".step_0002.safetensors.tmp-1-abcd").write_bytes(b"partial")
+    unlisted = paths.step_file(3)
+    save_tensors(unlisted, {"x": torch.ones(3)})
+    unlisted.write_bytes(unlisted.read_bytes()[:-1])
+    prompt = layout.prompt_file(ID_B, ID_A)
+    save_tensors(prompt, {"embeds": torch.ones(4)})
+    prompt.write_bytes(prompt.read_bytes()[:-2] + b"\0\1")
+
+    found = {(p.entry_id, p.file): p.reason for p in verify(layout)}
+    assert set(found) == {
+        (ID_A, "latents.safetensors"),
+        (ID_A, "trajectory/step_0000.safetensors"),
+        (ID_A, "trajectory/step_0001.safetensors"),
+        (ID_A, "trajectory/.step_0002.safetensors.tmp-1-abcd"),
+        (ID_A, "trajectory/step_0003.safetensors"),
+        ("prompts", f"{ID_B}/{ID_A}.safetensors"),
+    }
+    assert "missing" in found[(ID_A, "latents.safetensors")]
+    assert "manifest records" in found[(ID_A, "trajectory/step_0000.safetensors")]
+    assert "fails its checksum" in found[(ID_A, "trajectory/step_0001.safetensors")]
+    assert "leftover temporary file" in found[(ID_A, "trajectory/.step_0002.safetensors.tmp-1-abcd")]
+    assert "fails its checksum" in found[("prompts", f"{ID_B}/{ID_A}.safetensors")]
+    assert all(p.entry_id == ID_A for p in verify(layout, [ID_A]))
+
+
+def test_verify_reports_bad_manifest_and_still_checks_files(layout):
+    _verified_entry(layout)
+    paths = layout.entry(ID_A)
+    paths.manifest.write_text("{not json")
+    data = bytearray(paths.latents.read_bytes())
+    data[-1] ^= 0x01
+    paths.latents.write_bytes(bytes(data))
+    found = {p.file: p.reason for p in verify(layout)}
+    assert set(found) == {"manifest.json", "latents.safetensors"}
+    assert "unreadable" in found["manifest.json"] and f"cogedit cache rm {ID_A}" in found["manifest.json"]
+    with pytest.raises(InvalidEntryIdError):
+        verify(layout, ["c" * 32])
+
+
+# ---------------------------------------------------------------------------- sizes
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("0", 0),
+        ("123", 123),
+        ("10GB", 10 * 10**9),
+        ("10gb", 10 * 10**9),
+        ("500MiB", 500 * 2**20),
+        ("1.5G", 3 * 2**29),
+        (" 2 TiB ", 2 * 2**40),
+        ("64k", 64 * 1024),
+        ("1.5kB", 1500),
+        ("7B", 7),
+    ],
+)
+def test_parse_size(text, expected):
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "GB", "-1GB", "10 XB", "1e9", "ten", "1,5G"])
+def test_parse_size_rejects(text):
+    with pytest.raises(ValueError, match="e.g. 0, 500MiB, 10GB"):
+        parse_size(text)
+
+
+def test_format_size():
+    assert format_size(0) == "0 B"
+    assert format_size(1023) == "1023 B"
+    assert format_size(1536) == "1.5 KiB"
+    assert format_size(2_300_000) == "2.2 MiB"
+    assert format_size(9_200_000_000) == "8.6 GiB"
+    assert format_size(-2048) == "-2.0 KiB"
