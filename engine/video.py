@@ -1,0 +1,508 @@
+"""Video input: probe a source file, pick the frames the model sees, decode them at model size.
+
+Frame selection follows upstream CogVideo's DDIM-inversion script (drop skipped frames, subsample,
+cap, keep the first 4k+1 because the VAE compresses time 4x). Every decord call runs in a child
+interpreter (one per probe or read): decord can segfault, abort or spin forever in native code
+(holding the GIL) on damaged files, and only a separate process can be killed and reported as a
+VideoError.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import inspect
+import json
+import math
+import os
+import queue
+import re
+import shlex
+import signal
+import stat
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from engine.errors import SettingsError, VideoError
+
+MIN_FRAMES = 5  # smallest 4k+1 count that still has motion (2 latent frames)
+
+DEMO_VIDEO: Path = Path(__file__).resolve().parent / "assets" / "demo.mp4"
+
+# Frames per get_batch call: bounds decord's intermediate buffers however many frames are asked for.
+DECODE_CHUNK = 16
+# Generous: opening a long file reads its whole packet index; a hang is the only thing these catch.
+PROBE_TIMEOUT_S = 120.0
+DECODE_TIMEOUT_S = 300.0
+DECODE_TIMEOUT_PER_FRAME_S = 10.0  # a far seek decodes up to one GOP, slow for 4K sources
+
+_HASH_BLOCK = 1 << 20
+
+
+@dataclass(frozen=True)
+class FrameSettings:
+    """Which frames of the source to use and the size they are decoded at (the model's)."""
+
+    max_frames: int = 49  # upstream's max_num_frames is 81; the CLI defaults to 49
+    skip_start: int = 0
+    skip_end: int = 0
+    stride: int | None = None  # None = spread evenly over the kept range
+    height: int = 480
+    width: int = 720
+
+    def __post_init__(self) -> None:
+        def is_int(value: object) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool)
+
+        if not is_int(self.max_frames) or self.max_frames < MIN_FRAMES:
+            raise SettingsError(
+                f"--frames {self.max_frames!r} is too small — use at least {MIN_FRAMES} "
+                f"(a 4k+1 count such as 49)"
+            )
+        for flag, value in (("--skip-start", self.skip_start), ("--skip-end", self.skip_end)):
+            if not is_int(value) or value < 0:
+                raise SettingsError(f"{flag} {value!r} is invalid — use a whole number >= 0")
+        if self.stride is not None and (not is_int(self.stride) or self.stride < 1):
+            raise SettingsError(
+                f"--stride {self.stride!r} is invalid — use a whole number >= 1, or leave it out "
+                f"to spread frames evenly"
+            )
+        for flag, value in (("--height", self.height), ("--width", self.width)):
+            if not is_int(value) or value <= 0 or value % 16:
+                raise SettingsError(
+                    f"{flag} {value!r} is invalid — use a positive multiple of 16 "
+                    f"(CogVideoX-5B: --height 480 --width 720)"
+                )
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    """Facts about the SOURCE file (not the selected frames)."""
+
+    path: str
+    sha256: str
+    num_frames: int
+    fps: float
+    width: int
+    height: int
+
+
+def _largest_4k1(count: int) -> int:
+    """Largest 4k+1 <= count (0 if count < 1)."""
+    return (count - 1) // 4 * 4 + 1 if count >= 1 else 0
+
+
+def select_frame_indices(num_frames: int, settings: FrameSettings) -> list[int]:
+    """Pure function: which source frames to use, in order."""
+    if num_frames < 1:
+        raise VideoError(
+            f"the video has {num_frames} frames — use a video with at least {MIN_FRAMES} frames"
+        )
+    start = min(settings.skip_start, num_frames)
+    end = max(start, num_frames - settings.skip_end)
+    kept = end - start
+    # Aim straight at a 4k+1 cap so an even spread still reaches the end of the kept range
+    # (spreading max_frames and then trimming to 4k+1 would cut off the tail instead).
+    cap = _largest_4k1(settings.max_frames)
+
+    if settings.stride is not None:
+        indices = list(range(start, end, settings.stride))[:cap]
+    elif kept > cap:
+        # round(linspace(start, end - 1, cap)) in exact integer arithmetic (round half up).
+        span, steps = kept - 1, cap - 1
+        indices = [start + (2 * i * span + steps) // (2 * steps) for i in range(cap)]
+    else:
+        indices = list(range(start, end))
+
+    usable = _largest_4k1(len(indices))
+    if usable < MIN_FRAMES:
+        stride = settings.stride if settings.stride != 1 else None  # stride 1 can't go lower
+        options = (("--skip-start", settings.skip_start), ("--skip-end", settings.skip_end),
+                   ("--stride", stride))
+        used = [(flag, value) for flag, value in options if value]
+        after = " after " + ", ".join(f"{flag} {value}" for flag, value in used) if used else ""
+        fix = ("lower " + "/".join(flag for flag, _ in used) + " or use a longer video"
+               if used else f"use a video with at least {MIN_FRAMES} frames")
+        raise VideoError(
+            f"only {len(indices)} of {num_frames} frames remain{after}; the model needs at least "
+            f"{MIN_FRAMES} (a 4k+1 count) — {fix}"
+        )
+    return indices[:usable]
+
+
+def _reencode_hint(path: str) -> str:
+    quoted = shlex.quote(path)
+    return f"re-encode it with ffmpeg -i {quoted} -c:v libx264 -pix_fmt yuv420p fixed.mp4"
+
+
+def _sha256_file(path: Path, shown: str) -> str:
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as handle:
+            while block := handle.read(_HASH_BLOCK):
+                digest.update(block)
+    except OSError as exc:
+        raise VideoError(
+            f"{shown} cannot be read ({exc.strerror or exc}) — check its permissions"
+        ) from exc
+    return digest.hexdigest()
+
+
+def _check_file(path: Path, shown: str) -> os.stat_result:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise VideoError(f"{shown} does not exist — check the path") from None
+    except OSError as exc:
+        reason = exc.strerror or exc
+        raise VideoError(f"{shown} cannot be accessed ({reason}) — check the path") from exc
+    if stat.S_ISDIR(st.st_mode):
+        raise VideoError(f"{shown} is a directory — pass the path of one video file")
+    if not stat.S_ISREG(st.st_mode):
+        raise VideoError(f"{shown} is not a regular file — pass the path of one video file")
+    if st.st_size == 0:
+        raise VideoError(f"{shown} is empty (0 bytes) — pass a complete video file")
+    return st
+
+
+def _decord_worker() -> None:
+    """Body of the child interpreter. Imports only json, sys, numpy and decord (torch is slow to
+    import). Answers JSON requests read line by line from stdin with one JSON line each."""
+    import json
+    import sys
+
+    def reply(**fields: object) -> None:
+        sys.stdout.write(json.dumps(fields) + "\n")
+        sys.stdout.flush()
+
+    def failed(stage: str, exc: BaseException, where: str = "") -> None:
+        reply(ok=False, stage=stage, error=str(exc).strip() or type(exc).__name__, where=where)
+
+    try:
+        import decord
+        import numpy as np
+    except Exception as exc:  # noqa: BLE001 - reported to the parent
+        failed("import", exc)
+        return
+
+    def probe(path: str) -> None:
+        try:
+            reader = decord.VideoReader(path)
+            num_frames = len(reader)
+        except Exception as exc:  # noqa: BLE001 - decord raises DECORDError, RuntimeError, ...
+            failed("open", exc)
+            return
+        if num_frames < 1:
+            reply(ok=True, num_frames=num_frames, fps=0.0, width=0, height=0)
+            return
+        try:
+            fps = float(reader.get_avg_fps())
+            # decord exposes the frame size only through a decoded frame (rotation applied).
+            first = reader[0].asnumpy()
+        except Exception as exc:  # noqa: BLE001
+            failed("decode", exc, where="frame 0")
+            return
+        reply(ok=True, num_frames=num_frames, fps=fps, height=int(first.shape[0]),
+              width=int(first.shape[1]))
+
+    def decode(path: str, indices: list, height: int, width: int, chunk: int, out: str) -> None:
+        try:
+            # decord scales each frame right after decoding: full-size frames never pile up.
+            reader = decord.VideoReader(path, width=width, height=height)
+            num_frames = len(reader)
+        except Exception as exc:  # noqa: BLE001
+            failed("open", exc)
+            return
+        if indices and max(indices) >= num_frames:
+            reply(ok=False, stage="decode", where="",
+                  error=f"the file has {num_frames} frames now, frame {max(indices)} was asked for")
+            return
+        frames = np.lib.format.open_memmap(out, mode="w+", dtype=np.uint8,
+                                           shape=(len(indices), height, width, 3))
+        for pos in range(0, len(indices), chunk):
+            part = indices[pos:pos + chunk]
+            where = f"frames {part[0]}-{part[-1]}"
+            try:
+                batch = reader.get_batch(part).asnumpy()
+            except Exception as exc:  # noqa: BLE001
+                failed("decode", exc, where=where)
+                return
+            if batch.shape != (len(part), height, width, 3) or batch.dtype != np.uint8:
+                reply(ok=False, stage="decode", where=where,
+                      error=f"decord returned {batch.dtype} {tuple(batch.shape)}")
+                return
+            frames[pos:pos + len(part)] = batch
+        frames.flush()
+        del frames
+        reply(ok=True)
+
+    for line in sys.stdin:
+        request = json.loads(line)
+        if request["op"] == "probe":
+            probe(request["path"])
+        else:
+            decode(request["path"], request["indices"], request["height"], request["width"],
+                   request["chunk"], request["out"])
+
+
+@functools.lru_cache(maxsize=1)
+def _worker_source() -> str:
+    return inspect.getsource(_decord_worker) + "\n_decord_worker()\n"
+
+
+# decord prefixes messages with "[12:00:00] /src/video_reader.cc:430: " and sometimes "[file]".
+_DECORD_PREFIX = re.compile(r"^(\[[\d:]+\]\s+\S+:\d+:\s*)?(\[[^\]]*\])?\s*")
+# ffmpeg's own log lines: "[mov,mp4,m4a,3gp,3g2,mj2 @ 0x55d0...] moov atom not found".
+_FFMPEG_LINE = re.compile(r"^\[[^\]@]+ @ 0x[0-9a-f]+\]\s*(.+)$", re.MULTILINE)
+# decord wordings that say only "ffmpeg failed"; ffmpeg's log line says why.
+_GENERIC = ("Error reading", "av_read_frame failed", "Error sending packet", "Check failed")
+
+
+def _one_line(text: str, limit: int = 160) -> str:
+    """First meaningful line of a message, without decord's location prefix, cut to limit."""
+    for line in text.splitlines():
+        line = _DECORD_PREFIX.sub("", line.strip(), count=1).rstrip(". ")
+        if line:
+            return line if len(line) <= limit else line[: limit - 1] + "…"
+    return ""
+
+
+def _detail(reply: dict) -> str:
+    """The most useful one-line reason from a failed worker reply: decord's, or ffmpeg's."""
+    detail = _one_line(reply.get("error", ""))
+    ffmpeg_lines = _FFMPEG_LINE.findall(reply.get("stderr", ""))
+    if ffmpeg_lines and (not detail or any(word in detail for word in _GENERIC)):
+        detail = _one_line(ffmpeg_lines[-1])
+    return detail or "no details"
+
+
+class _Worker:
+    """A child interpreter running _decord_worker, so that a crash or hang inside decord's native
+    code ends that child, never the caller. One child serves the probe and the decode of a file."""
+
+    def __init__(self, shown: str) -> None:
+        self.shown = shown
+        # A file, not a pipe: ffmpeg can log a lot on damaged input, and nobody drains a pipe.
+        self._stderr = tempfile.TemporaryFile(mode="w+", encoding="utf-8", errors="replace")
+        try:
+            self._proc = subprocess.Popen(
+                [sys.executable, "-c", _worker_source()],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=self._stderr,
+                encoding="utf-8",
+                errors="replace",
+            )
+        except OSError as exc:
+            self._stderr.close()
+            raise VideoError(
+                f"could not start a Python process to read {shown} ({exc}) — check that "
+                f"{sys.executable} runs"
+            ) from exc
+        # Replies are read on a thread so that waiting for one can time out.
+        self._lines: queue.Queue[str | None] = queue.Queue()
+        self._pump = threading.Thread(target=self._read_stdout, daemon=True)
+        self._pump.start()
+
+    def _read_stdout(self) -> None:
+        assert self._proc.stdout is not None
+        for line in self._proc.stdout:
+            self._lines.put(line)
+        self._lines.put(None)
+
+    def __enter__(self) -> _Worker:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        try:
+            assert self._proc.stdin is not None
+            self._proc.stdin.close()  # ends the child's request loop
+        except OSError:
+            pass
+        try:
+            self._proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait()
+        self._pump.join(timeout=5)
+        if self._proc.stdout is not None:
+            self._proc.stdout.close()
+        self._stderr.close()
+
+    def _stderr_text(self) -> str:
+        self._stderr.flush()
+        self._stderr.seek(0)
+        return self._stderr.read()
+
+    def ask(self, request: dict, timeout_s: float, doing: str) -> dict:
+        """Send one request and return its reply; every way the child can fail is a VideoError."""
+        shown = self.shown
+        try:
+            assert self._proc.stdin is not None
+            self._proc.stdin.write(json.dumps(request) + "\n")
+            self._proc.stdin.flush()
+        except OSError:
+            pass  # the child is gone; its exit status below says how
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                line = self._lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                self._proc.kill()  # our own child, by its handle
+                self._proc.wait()
+                raise VideoError(
+                    f"decord did not finish {doing} {shown} within {timeout_s:.0f} s (it can hang "
+                    f"on damaged files) — check the file plays, or {_reencode_hint(shown)}"
+                ) from None
+            if line is None:
+                break
+            try:
+                reply = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # stray output from a native library, not an answer
+            if isinstance(reply, dict) and "ok" in reply:
+                reply["stderr"] = "" if reply["ok"] else self._stderr_text()
+                if reply.get("stage") == "import":
+                    raise VideoError(
+                        f"decord is not usable ({_detail(reply)}) — reinstall it with "
+                        f"pip install decord"
+                    )
+                return reply
+
+        # The child closed its output without answering: it crashed or exited.
+        try:
+            code = self._proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            code = self._proc.wait()
+        if code < 0:
+            try:
+                name = signal.Signals(-code).name
+            except ValueError:
+                name = f"signal {-code}"
+            raise VideoError(
+                f"decord crashed ({name}) while {doing} {shown} — check the file plays, or "
+                f"{_reencode_hint(shown)}"
+            )
+        lines = [line for line in self._stderr_text().splitlines() if line.strip()]
+        detail = (_one_line(lines[-1]) if lines else "") or f"exit status {code}, no answer"
+        raise VideoError(
+            f"decord failed while {doing} {shown} ({detail}) — check the file plays, or "
+            f"{_reencode_hint(shown)}"
+        )
+
+
+def _open_failure(shown: str, reply: dict) -> VideoError:
+    if "cannot find video stream" in reply.get("error", ""):
+        return VideoError(
+            f"{shown} has no video stream (audio only?) — pass a file with a video track"
+        )
+    return VideoError(
+        f"{shown} is not a readable video (decord: {_detail(reply)}) — check the file plays, or "
+        f"{_reencode_hint(shown)}"
+    )
+
+
+def _probe(worker: _Worker, file: Path, shown: str) -> VideoInfo:
+    sha256 = _sha256_file(file, shown)
+    reply = worker.ask({"op": "probe", "path": str(file)}, PROBE_TIMEOUT_S, "probing")
+    if not reply["ok"]:
+        if reply["stage"] == "open":
+            raise _open_failure(shown, reply)
+        raise VideoError(
+            f"{shown} cannot be decoded (decord: {_detail(reply)}) — check the file plays, or "
+            f"{_reencode_hint(shown)}"
+        )
+    if reply["num_frames"] < 1:
+        raise VideoError(
+            f"{shown} has no decodable video frames — check the file plays, or "
+            f"{_reencode_hint(shown)}"
+        )
+    fps = float(reply["fps"])
+    if not (math.isfinite(fps) and fps > 0):
+        raise VideoError(
+            f"{shown} reports no usable frame rate ({fps}) — re-encode it with a fixed rate: "
+            f"ffmpeg -i {shlex.quote(shown)} -r 25 -c:v libx264 fixed.mp4"
+        )
+    return VideoInfo(
+        path=str(file.resolve()),
+        sha256=sha256,
+        num_frames=int(reply["num_frames"]),
+        fps=fps,
+        width=int(reply["width"]),
+        height=int(reply["height"]),
+    )
+
+
+def probe_video(path: str | os.PathLike) -> VideoInfo:
+    """Check that path is a decodable video and return its facts, including the sha256 of its
+    bytes (the cache key's video part)."""
+    shown = os.fspath(path)
+    file = Path(shown)
+    _check_file(file, shown)  # cheap checks first: no child for a missing path
+    with _Worker(shown) as worker:
+        return _probe(worker, file, shown)
+
+
+def read_frames(path: str | os.PathLike, settings: FrameSettings) -> tuple[torch.Tensor, VideoInfo]:
+    """Decode the selected frames, resized to settings' size: uint8 [F, H, W, 3] and the source's
+    facts. Only the selected frames are decoded, a chunk at a time, already scaled by decord."""
+    shown = os.fspath(path)
+    file = Path(shown)
+    _check_file(file, shown)
+    with _Worker(shown) as worker, tempfile.TemporaryDirectory(prefix="cogedit-frames-") as tmp:
+        info = _probe(worker, file, shown)
+        try:
+            indices = select_frame_indices(info.num_frames, settings)
+        except VideoError as exc:
+            raise VideoError(f"{shown}: {exc}") from None
+
+        out = os.path.join(tmp, "frames.npy")
+        request = {
+            "op": "decode",
+            "path": info.path,
+            "indices": indices,
+            "height": settings.height,
+            "width": settings.width,
+            "chunk": DECODE_CHUNK,
+            "out": out,
+        }
+        timeout = DECODE_TIMEOUT_S + DECODE_TIMEOUT_PER_FRAME_S * len(indices)
+        reply = worker.ask(request, timeout, "decoding")
+        if not reply["ok"]:
+            if reply["stage"] == "open":
+                raise _open_failure(shown, reply)
+            where = f" at {reply['where']}" if reply.get("where") else ""
+            raise VideoError(
+                f"{shown} could not be decoded{where} (decord: {_detail(reply)}; the file may be "
+                f"truncated or damaged) — {_reencode_hint(shown)}"
+            )
+        frames = np.load(out)  # reads into memory, so the temporary folder can go
+
+    expected = (len(indices), settings.height, settings.width, 3)
+    if frames.shape != expected or frames.dtype != np.uint8:
+        raise VideoError(
+            f"{shown} decoded to {frames.dtype} {frames.shape}, expected uint8 {expected} — "
+            f"{_reencode_hint(shown)}"
+        )
+    return torch.from_numpy(frames), info
+
+
+def to_model_input(frames: torch.Tensor) -> torch.Tensor:
+    """uint8 [F, H, W, 3] -> float32 [F, 3, H, W] in [-1, 1], the VAE's input convention."""
+    if not isinstance(frames, torch.Tensor) or frames.dtype != torch.uint8:
+        raise ValueError(f"expected a uint8 tensor, got {getattr(frames, 'dtype', type(frames))}")
+    if frames.ndim != 4 or frames.shape[-1] != 3:
+        raise ValueError(f"expected frames shaped [F, H, W, 3], got {list(frames.shape)}")
+    return (frames.permute(0, 3, 1, 2).to(torch.float32) / 127.5 - 1.0).contiguous()
