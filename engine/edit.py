@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from engine.denoiser import guided, predict, rotary_embeddings
 from engine.injection import InjectionState, kv_injection
 from engine.settings import InjectSettings
+
+if TYPE_CHECKING:
+    from engine.attention_store import StoredAttention
 
 
 def edit_scheduler(scheduler_config: dict[str, Any], steps: int):
@@ -23,15 +26,20 @@ def edit_scheduler(scheduler_config: dict[str, Any], steps: int):
 
 @dataclass(frozen=True)
 class Reference:
-    """The inversion trajectory as a source of reference rows.
+    """Where an edit's reference attention comes from.
 
-    `latent(i)` is the trajectory latent at edit step i's noise level: edit step i runs at the
-    i-th largest timestep, which the inversion reached after its step (steps - 1 - i).
-    `source_embeds` conditions the shared reference row.
+    Edit step i runs at the i-th largest timestep t, which inversion step j = steps - 1 - i ran
+    at too. `replayed(i)` is that inversion step's input latent, so the shared reference row
+    repeats the inversion's own forward pass at t (and stored attention can stand in for it
+    exactly); `reached(i)` is the latent inversion step j produced, at t's noise level, which is
+    what upstream's per-half rows are fed. `source_embeds` conditions the shared row;
+    `stored` replays captured K/V instead of computing a reference row.
     """
 
-    latent: Callable[[int], torch.Tensor]
+    replayed: Callable[[int], torch.Tensor]
+    reached: Callable[[int], torch.Tensor]
     source_embeds: torch.Tensor
+    stored: "StoredAttention | None" = None
 
 
 @torch.no_grad()
@@ -54,7 +62,8 @@ def ddim_edit(
     `init` and `cond` have K rows (one per prompt); `uncond` (one row) turns on CFG with rows
     laid out [uncond x K, cond x K]. Inside the injection window a reference row is appended:
     one shared row on `reference.source_embeds`, or with `inject.reference == "per-half"` one
-    per edit row on that row's own embedding, as upstream's script does.
+    per edit row on that row's own embedding, as upstream's script does; with
+    `inject.reference == "stored"` no row is added and captured K/V are replayed.
     """
     scheduler = edit_scheduler(scheduler_config, steps)
     k = init.shape[0]
@@ -63,23 +72,27 @@ def ddim_edit(
     n_edit = embeds.shape[0]
     rotary = rotary_embeddings(transformer, init.shape, vae_scale_spatial)
     state = InjectionState(n_edit=n_edit, strength=inject.strength)
-    per_half = inject.reference == "per-half"
+    active = [reference is not None and inject.is_active(i, steps) for i in range(steps)]
     x = init
     with kv_injection(transformer, inject.layers, state):
         for i, t in enumerate(scheduler.timesteps):
             rows = torch.cat([x, x]) if cfg else x
             row_embeds = embeds
-            state.active = reference is not None and inject.is_active(i, steps)
-            if state.active:
-                ref = reference.latent(i).to(x.dtype)
-                if per_half:
-                    rows = torch.cat([rows, ref.expand(n_edit, -1, -1, -1, -1)])
-                    row_embeds = torch.cat([embeds, embeds])
-                    state.ref_of = list(range(n_edit))
-                else:
-                    rows = torch.cat([rows, ref])
-                    row_embeds = torch.cat([embeds, reference.source_embeds.to(embeds.dtype)])
-                    state.ref_of = [0] * n_edit
+            state.active = active[i]
+            state.stored = None
+            if state.active and inject.reference == "stored":
+                state.stored = reference.stored.at(int(t))
+                if i + 1 < steps and active[i + 1]:  # read the next shard while this step computes
+                    reference.stored.prefetch(int(scheduler.timesteps[i + 1]))
+            elif state.active and inject.reference == "per-half":
+                ref = reference.reached(i).to(x.dtype)
+                rows = torch.cat([rows, ref.expand(n_edit, -1, -1, -1, -1)])
+                row_embeds = torch.cat([embeds, embeds])
+                state.ref_of = list(range(n_edit))
+            elif state.active:
+                rows = torch.cat([rows, reference.replayed(i).to(x.dtype)])
+                row_embeds = torch.cat([embeds, reference.source_embeds.to(embeds.dtype)])
+                state.ref_of = [0] * n_edit
             v = predict(transformer, rows, row_embeds, t, rotary)[:n_edit]
             x = scheduler.step(guided(v, guidance, cfg), t, x, return_dict=False)[0].to(init.dtype)
             if callback is not None:

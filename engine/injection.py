@@ -29,6 +29,8 @@ class InjectionState:
     n_edit: int = 0
     ref_of: list[int] = field(default_factory=list)
     strength: float = 1.0
+    # Replayed reference K/V by block (stored attention); None = reference rows are in the batch.
+    stored: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
 
 
 def _project(attn, hidden: torch.Tensor, text_len: int, rotary) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -55,9 +57,10 @@ def _attend(attn, q, k, v, mask=None) -> torch.Tensor:
 class KVInjectionProcessor:
     """Attention processor for `attn1` of a CogVideoX block that injects reference K/V."""
 
-    def __init__(self, state: InjectionState, fallback) -> None:
+    def __init__(self, state: InjectionState, fallback, layer: int) -> None:
         self.state = state
         self.fallback = fallback  # the block's own processor, used outside the window
+        self.layer = layer
 
     def __call__(self, attn, hidden_states, encoder_hidden_states, attention_mask=None, image_rotary_emb=None):
         st = self.state
@@ -67,8 +70,12 @@ class KVInjectionProcessor:
         x = torch.cat([encoder_hidden_states, hidden_states], dim=1)
         q, k, v = _project(attn, x, text_len, image_rotary_emb)
         n = st.n_edit
-        index = torch.tensor(st.ref_of, device=k.device)
-        ref_k, ref_v = k[n:], v[n:]
+        if st.stored is not None:
+            ref_k, ref_v = st.stored[self.layer]
+            index = torch.zeros(n, dtype=torch.long, device=k.device)
+        else:
+            ref_k, ref_v = k[n:], v[n:]
+            index = torch.tensor(st.ref_of, device=k.device)
         keys = torch.cat([k[:n], ref_k[index]], dim=2)
         values = torch.cat([v[:n], ref_v[index]], dim=2)
         mask = None
@@ -76,7 +83,9 @@ class KVInjectionProcessor:
             own = k.shape[2]
             mask = torch.zeros(1, 1, 1, 2 * own, dtype=q.dtype, device=q.device)
             mask[..., own:] = math.log(st.strength)
-        out = torch.cat([_attend(attn, q[:n], keys, values, mask), _attend(attn, q[n:], ref_k, ref_v)])
+        out = _attend(attn, q[:n], keys, values, mask)
+        if st.stored is None:  # the reference rows attend to themselves only
+            out = torch.cat([out, _attend(attn, q[n:], ref_k, ref_v)])
         out = attn.to_out[1](attn.to_out[0](out))
         return out[:, text_len:], out[:, :text_len]
 
@@ -89,7 +98,7 @@ def kv_injection(transformer: torch.nn.Module, layers: tuple[int, ...] | None, s
     originals = {i: blocks[i].attn1.processor for i in chosen}
     try:
         for i, proc in originals.items():
-            blocks[i].attn1.set_processor(KVInjectionProcessor(state, proc))
+            blocks[i].attn1.set_processor(KVInjectionProcessor(state, proc, i))
         yield
     finally:
         for i, proc in originals.items():

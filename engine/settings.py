@@ -71,13 +71,13 @@ class InjectSettings:
     window: tuple[float, float] = (0.0, 1.0)
     layers: tuple[int, ...] | None = None  # None = every block
     strength: float = 1.0  # log-bias on the reference logits: 0 = off, 1 = upstream
-    reference: str = "shared"  # shared | per-half
+    reference: str = "shared"  # shared | per-half | stored
 
     def __post_init__(self) -> None:
         if self.strength < 0:
             raise SettingsError(f"--inject-strength must be >= 0, got {self.strength}")
-        if self.reference not in ("shared", "per-half"):
-            raise SettingsError(f"--reference must be shared or per-half, got {self.reference!r}")
+        if self.reference not in ("shared", "per-half", "stored"):
+            raise SettingsError(f"--reference must be shared, per-half or stored, got {self.reference!r}")
 
     def active_steps(self, steps: int) -> range:
         start, end = self.window

@@ -9,6 +9,7 @@ decode (VAE). A finished inversion is a cache hit that loads no model at all.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,13 +24,15 @@ from cache.layout import CacheLayout, EntryPaths, cache_root, resolve_entry_id
 from cache.lock import entry_lock
 from cache.manifest import FORMAT_VERSION, new_manifest, read_manifest, record_file, touch, write_manifest
 from engine import components
+from engine.attention_store import MEMORY_STORES, ShardWriter, StoredAttention, StoreSettings, budget_refusal, default_budget, kv_capture, shard_path
 from engine.components import ModelInfo, Runtime, inspect_model, loaded
 from engine.decode import claim, decode_latents, safe_name, side_by_side, write_video
 from engine.edit import Reference, ddim_edit
 from engine.embed import embed_prompts
 from engine.encode import encode_frames
 from engine.errors import CogeditError, ModelError, SettingsError
-from engine.invert import ddim_invert
+from engine.denoiser import predict, rotary_embeddings
+from engine.invert import ddim_invert, inverse_scheduler
 from engine.report import Reporter
 from engine.settings import EditSettings, InjectSettings, InvertSettings, parse_layers, parse_window
 from engine.video import FrameSettings, VideoInfo, probe_video, read_frames, select_frame_indices, to_model_input
@@ -72,6 +75,18 @@ class Inversion:
     def trajectory(self) -> list[torch.Tensor]:
         """The latent after every inversion step; the last one is the inverted noise."""
         return [self._load(self.paths.step_file(i), "latent") for i in range(self.steps)]
+
+    def stores(self) -> dict[str, dict[str, Any]]:
+        """Stored attention of this entry, by store key: on disk (manifest) and in this process."""
+        found = dict(self.manifest.get("attention", {}))
+        for (entry, key), shards in MEMORY_STORES.items():
+            if entry == self.id and shards:
+                found[key] = {"where": "cpu", "timesteps": sorted(shards), "layers": _layers_in(next(iter(shards.values())))}
+        return found
+
+
+def _layers_in(shard: dict[str, torch.Tensor]) -> list[int]:
+    return sorted({int(name.split(".")[0]) for name in shard})
 
 
 @dataclass(frozen=True)
@@ -133,6 +148,11 @@ def invert(
     source_prompt: str = "",
     negative_prompt: str = "",
     guidance: float = 6.0,
+    attention_store: str = "none",
+    attention_steps: str | tuple[float, float] = (0.0, 1.0),
+    attention_layers: str | tuple[int, ...] | None = None,
+    attention_dtype: str = "model",
+    attention_budget: int | None = None,
     cache_dir: str | Path | None = None,
     device: str | None = None,
     dtype: str | torch.dtype | None = None,
@@ -142,7 +162,9 @@ def invert(
     """Invert `video` with `model` into the cache (or find it there) and return its handle.
 
     An interrupted inversion resumes from its last finished step. `callback` gets
-    {"phase", "i", "t", "x"} after every inversion step.
+    {"phase", "i", "t", "x"} after every inversion step. `attention_store` (cpu or disk)
+    also captures the reference K/V of a window of steps and blocks for `--reference stored`;
+    it is refused, before anything is written, when it would exceed `attention_budget` bytes.
     """
     frame_settings = FrameSettings(frames, skip_start, skip_end, stride, height, width)
     settings = InvertSettings(steps, source_prompt, negative_prompt, guidance)
@@ -155,21 +177,27 @@ def invert(
         fps = _output_fps(info_video, frame_settings)  # also fails early when too few frames remain
         ph.record.detail = f"{Path(video).name}: {info_video.num_frames} frames {info_video.width}x{info_video.height}"
     info = inspect_model(model)
+    store = _store_settings(attention_store, attention_steps, attention_layers, attention_dtype, info)
+    if store.where != "none":
+        _check_budget(store, steps, len(select_frame_indices(info_video.num_frames, frame_settings)), frame_settings, info, runtime, attention_budget, layout, reporter)
     entry_id = inversion_key(info_video.sha256, frame_settings, info, runtime, settings)
     paths = layout.entry(entry_id)
 
     manifest = read_manifest(paths.manifest)
-    if manifest and manifest.get("complete"):  # fast path: no lock, so read-only caches work
-        touch(paths.manifest)
+    if manifest and manifest.get("complete") and _has_store(Inversion(entry_id, layout, manifest), store, steps):
+        touch(paths.manifest)  # fast path: no lock, so read-only caches work
         with reporter.phase("invert") as ph:
             ph.hit(True, f"{entry_id[:12]} cached")
         return Inversion(entry_id, layout, manifest)
 
     with entry_lock(paths):
         manifest = read_manifest(paths.manifest)
-        if manifest and manifest.get("complete"):  # another process finished it while we waited
-            with reporter.phase("invert") as ph:
-                ph.hit(True, f"{entry_id[:12]} computed by another process")
+        if manifest and manifest.get("complete"):  # another process may have finished it meanwhile
+            if not _has_store(Inversion(entry_id, layout, manifest), store, steps):
+                _store_stage(Inversion(entry_id, layout, manifest), store, info, runtime, reporter)
+            else:
+                with reporter.phase("invert") as ph:
+                    ph.hit(True, f"{entry_id[:12]} computed by another process")
             return Inversion(entry_id, layout, manifest)
         if manifest is None:
             manifest = new_manifest(
@@ -188,10 +216,13 @@ def invert(
         paths.dir.mkdir(parents=True, exist_ok=True)
         latents = _encode_stage(video, frame_settings, info, runtime, paths, manifest, reporter)
         embeds = _embed_stage([source_prompt, negative_prompt] if settings.uses_cfg else [source_prompt], info, runtime, layout, reporter)
-        _invert_stage(latents, embeds, settings, info, runtime, paths, manifest, reporter, callback)
+        _invert_stage(latents, embeds, settings, info, runtime, paths, manifest, reporter, callback, store)
         manifest["complete"] = True
         write_manifest(paths.manifest, manifest)
-    return Inversion(entry_id, layout, manifest)
+        inv = Inversion(entry_id, layout, manifest)
+        if not _has_store(inv, store, steps):  # steps captured before an interruption are redone
+            _store_stage(inv, store, info, runtime, reporter)
+    return inv
 
 
 def _encode_stage(video, frame_settings, info, runtime, paths, manifest, reporter) -> torch.Tensor:
@@ -218,7 +249,7 @@ def _embed_stage(prompts, info, runtime, layout, reporter) -> dict[str, torch.Te
         return embed_prompts(prompts, info, runtime, layout, ph)
 
 
-def _invert_stage(latents, embeds, settings, info, runtime, paths, manifest, reporter, callback) -> None:
+def _invert_stage(latents, embeds, settings, info, runtime, paths, manifest, reporter, callback, store) -> None:
     progress = manifest["stages"].setdefault("invert", {"done": 0, "total": settings.steps})
     start = int(progress["done"])
     with reporter.phase("invert", total=settings.steps) as ph:
@@ -241,7 +272,7 @@ def _invert_stage(latents, embeds, settings, info, runtime, paths, manifest, rep
 
         cond = embeds[settings.source_prompt]
         uncond = embeds[settings.negative_prompt] if settings.uses_cfg else None
-        with loaded("transformer", info, runtime) as transformer:
+        with loaded("transformer", info, runtime) as transformer, _capturing(transformer, store, paths, manifest, settings.steps, info):
             ddim_invert(
                 transformer,
                 x.to(runtime.device, runtime.dtype),
@@ -254,6 +285,118 @@ def _invert_stage(latents, embeds, settings, info, runtime, paths, manifest, rep
                 start=start,
                 callback=on_step,
             )
+
+
+# ------------------------------------------------------------------------- stored attention
+
+
+def _store_settings(where, steps, layers, dtype, info: ModelInfo) -> StoreSettings:
+    window = parse_window(steps) if isinstance(steps, str) else tuple(steps)
+    if isinstance(layers, str):
+        layers = parse_layers(layers, info.transformer_config["num_layers"])
+    return StoreSettings(where, window, layers, dtype)
+
+
+def _store_timesteps(store: StoreSettings, info: ModelInfo, steps: int) -> set[int]:
+    """Timesteps of the edit steps in the store's window (the inversion ran at the same ones)."""
+    from engine.edit import edit_scheduler
+
+    timesteps = edit_scheduler(info.scheduler_config, steps).timesteps
+    return {int(timesteps[i]) for i in store.edit_steps(steps)}
+
+
+def _tokens(frames: int, frame_settings: FrameSettings, info: ModelInfo) -> int:
+    latent_frames = (frames - 1) // info.vae_scale_temporal + 1
+    p = info.transformer_config["patch_size"]
+    h, w = frame_settings.height // info.vae_scale_spatial // p, frame_settings.width // info.vae_scale_spatial // p
+    return info.text_length + latent_frames * h * w
+
+
+def _check_budget(store, steps, frames, frame_settings, info, runtime, budget, layout, reporter) -> None:
+    cfg = info.transformer_config
+    tokens = _tokens(frames, frame_settings, info)
+    width = cfg["num_attention_heads"] * cfg["attention_head_dim"]
+    model_bytes = torch.finfo(runtime.dtype).bits // 8
+    need = store.bytes_needed(steps, cfg["num_layers"], tokens, width, model_bytes)
+    budget = default_budget(store, layout.root) if budget is None else budget
+    with reporter.phase("plan") as ph:
+        ph.record.detail = (
+            f"stored attention ({store.where}, {store.dtype}): {len(store.edit_steps(steps))} steps x "
+            f"{len(store.block_ids(cfg['num_layers']))} blocks = {_fmt(need)} of {_fmt(budget)} budget"
+        )
+    refusal = budget_refusal(store, steps, cfg["num_layers"], tokens, width, budget) if need > budget else None
+    if refusal:
+        raise SettingsError(refusal)
+
+
+def _fmt(n: int) -> str:
+    from cache.sizes import format_size
+
+    return format_size(n)
+
+
+def _has_store(inv: Inversion, store: StoreSettings, steps: int) -> bool:
+    if store.where == "none":
+        return True
+    if store.where == "cpu":
+        return (inv.id, store.key) in MEMORY_STORES and len(MEMORY_STORES[(inv.id, store.key)]) == len(store.edit_steps(steps))
+    return inv.manifest.get("attention", {}).get(store.key, {}).get("complete", False)
+
+
+@contextlib.contextmanager
+def _capturing(transformer, store: StoreSettings, paths: EntryPaths, manifest: dict, steps: int, info: ModelInfo):
+    """Capture the store's K/V while the inversion runs, writing shards on a background thread."""
+    if store.where == "none":
+        yield
+        return
+    directory = paths.attention_dir / store.key
+    directory.mkdir(parents=True, exist_ok=True)
+    memory = MEMORY_STORES.setdefault((paths.id, store.key), {}) if store.where == "cpu" else None
+    writer = ShardWriter(store.where, directory, memory)
+    wanted = _store_timesteps(store, info, steps)
+    with kv_capture(transformer, store.block_ids(info.transformer_config["num_layers"]), wanted, writer, dtype=store.dtype):
+        try:
+            yield
+        finally:
+            records = writer.close()
+    _record_store(paths, manifest, store, directory, records, wanted)
+
+
+def _record_store(paths: EntryPaths, manifest: dict, store: StoreSettings, directory: Path, records: dict, wanted: set[int]) -> None:
+    if store.where != "disk":
+        return
+    for t, rec in records.items():
+        record_file(manifest, paths.relative(shard_path(directory, t)), rec)
+    done = sorted(t for t in wanted if paths.relative(shard_path(directory, t)) in manifest["files"])
+    manifest.setdefault("attention", {})[store.key] = {
+        "where": "disk",
+        "settings": dataclasses.asdict(store),
+        "timesteps": done,
+        "layers": list(store.layers) if store.layers is not None else None,
+        "complete": set(done) == wanted,
+        "bytes": sum(manifest["files"][paths.relative(shard_path(directory, t))]["bytes"] for t in done),
+    }
+    write_manifest(paths.manifest, manifest)
+
+
+def _store_stage(inv: Inversion, store: StoreSettings, info: ModelInfo, runtime: Runtime, reporter: Reporter) -> None:
+    """Capture the missing shards of a store from the cached trajectory: one forward per step."""
+    steps = inv.steps
+    paths, manifest = inv.paths, inv.manifest
+    have = set(inv.stores().get(store.key, {}).get("timesteps", []))
+    scheduler = inverse_scheduler(info.scheduler_config, steps)
+    todo = [(j, int(t)) for j, t in enumerate(scheduler.timesteps) if int(t) in _store_timesteps(store, info, steps) - have]
+    source_prompt = manifest["settings"]["invert"]["source_prompt"]
+    cond = _embed_stage([source_prompt], info, runtime, inv.layout, reporter)[source_prompt]
+    with reporter.phase("capture", total=len(todo)) as ph:
+        ph.hit(False, f"{len(todo)} step(s) of stored attention from the cached trajectory")
+        with loaded("transformer", info, runtime) as transformer, _capturing(transformer, store, paths, manifest, steps, info):
+            clean = inv.latents()
+            rotary = rotary_embeddings(transformer, clean.shape, info.vae_scale_spatial)
+            for j, t in todo:
+                x = clean if j == 0 else inv._load(paths.step_file(j - 1), "latent")
+                predict(transformer, x.to(runtime.device, runtime.dtype), cond, torch.tensor(t), rotary)
+                ph.advance()
 
 
 def open_inversion(entry_id: str, cache_dir: str | Path | None = None) -> Inversion:
@@ -317,19 +460,54 @@ def edit(
     source_prompt = inversion.manifest["settings"]["invert"]["source_prompt"]
     wanted = list(prompts) + ([negative_prompt] if cfg else []) + ([source_prompt] if shared_ref else [])
     embeds = _embed_stage(wanted, info, runtime, inversion.layout, reporter)
-    latents = _edit_stage(inversion, settings, embeds, source_prompt, info, runtime, reporter, callback)
+    store = _find_store(inversion, inject, info) if inject.reference == "stored" else None
+    latents = _edit_stage(inversion, settings, embeds, source_prompt, info, runtime, reporter, callback, store)
     if not write:
         return EditResult(inversion.id, prompts, (), (), latents)
     return _decode_stage(inversion, prompts, latents, fps, Path(out_dir), force, info, runtime, reporter)
 
 
-def _edit_stage(inversion, settings: EditSettings, embeds, source_prompt, info, runtime, reporter, callback) -> torch.Tensor:
+def _find_store(inv: Inversion, inject: InjectSettings, info: ModelInfo) -> tuple[str, dict[str, Any]]:
+    """A store holding every timestep and block the edit injects at."""
+    from engine.edit import edit_scheduler
+
+    steps = inv.steps
+    timesteps = edit_scheduler(info.scheduler_config, steps).timesteps
+    need_t = {int(timesteps[i]) for i in range(steps) if inject.is_active(i, steps)}
+    need_layers = set(range(info.transformer_config["num_layers"]) if inject.layers is None else inject.layers)
+    for key, store in sorted(inv.stores().items(), key=lambda kv: kv[1]["where"] != "cpu"):
+        layers = set(range(info.transformer_config["num_layers"]) if store.get("layers") is None else store["layers"])
+        if need_t <= set(store["timesteps"]) and need_layers <= layers:
+            return key, store
+    raise SettingsError(
+        f"inversion {inv.id[:12]} has no stored attention for these --inject-steps/--inject-layers; "
+        "invert with --attention-store disk (and the same --attention-steps/--attention-layers), or use --reference shared"
+    )
+
+
+def _stored_attention(inv: Inversion, found: tuple[str, dict[str, Any]], inject: InjectSettings, transformer, shape, info, runtime) -> StoredAttention:
+    key, store = found
+    if store["where"] == "cpu":
+        shards = MEMORY_STORES[(inv.id, key)]
+        load = shards.__getitem__
+    else:
+        directory = inv.paths.attention_dir / key
+
+        def load(t: int) -> dict[str, torch.Tensor]:
+            return load_tensors(shard_path(directory, t), FileRecord(**inv.manifest["files"][inv.paths.relative(shard_path(directory, t))]))
+
+    layers = tuple(range(info.transformer_config["num_layers"])) if inject.layers is None else inject.layers
+    rotary = rotary_embeddings(transformer, shape, info.vae_scale_spatial)
+    return StoredAttention(layers, load, runtime.device, runtime.dtype, rotary, info.text_length)
+
+
+def _edit_stage(inversion, settings: EditSettings, embeds, source_prompt, info, runtime, reporter, callback, store=None) -> torch.Tensor:
     steps = inversion.steps
     trajectory = inversion.trajectory()
-    reference = Reference(
-        latent=lambda i: trajectory[steps - 1 - i].to(runtime.device),
-        source_embeds=embeds.get(source_prompt, next(iter(embeds.values()))),
-    )
+    clean = inversion.latents()
+    # Edit step i pairs with inversion step steps-1-i (same timestep); see engine.edit.Reference.
+    replayed = lambda i: (trajectory[steps - 2 - i] if i < steps - 1 else clean).to(runtime.device)  # noqa: E731
+    reached = lambda i: trajectory[steps - 1 - i].to(runtime.device)  # noqa: E731
     cfg = settings.guidance > 1.0
     chunks = [settings.prompts[i : i + settings.batch] for i in range(0, len(settings.prompts), settings.batch)]
     out = []
@@ -342,6 +520,8 @@ def _edit_stage(inversion, settings: EditSettings, embeds, source_prompt, info, 
                 callback({"phase": "edit", **state})
 
         with loaded("transformer", info, runtime) as transformer:
+            stored = _stored_attention(inversion, store, settings.inject, transformer, clean.shape, info, runtime) if store else None
+            reference = Reference(replayed, reached, embeds.get(source_prompt, next(iter(embeds.values()))), stored)
             for chunk in chunks:
                 if settings.init == "inverted":
                     noise = trajectory[-1]
@@ -363,6 +543,8 @@ def _edit_stage(inversion, settings: EditSettings, embeds, source_prompt, info, 
                     callback=on_step,
                 )
                 out.append(x.cpu())
+            if stored is not None:
+                stored.close()
     return torch.cat(out)
 
 
