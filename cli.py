@@ -37,6 +37,13 @@ class CogeditGroup(click.Group):
             if debug:
                 raise
             raise click.ClickException(str(exc)) from None
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except Exception as exc:  # a bug or an unforeseen failure: still one line, and --debug shows where
+            if debug:
+                raise
+            detail = " ".join(str(exc).split())
+            raise click.ClickException(f"unexpected {type(exc).__name__}: {detail} — run again with --debug for the traceback, and report it") from None
         except KeyboardInterrupt:
             if debug:
                 raise
@@ -66,6 +73,8 @@ def cache_option(f):
 
 
 def runtime_options(f):
+    f = click.option("--vram", default=None, help="Pick the fastest memory plan predicted to fit this much GPU memory (e.g. 12GB).")(f)
+    f = click.option("--plan", default=None, help="Memory plan by name: staged, lean, int8, nf4, offload (see `cogedit plan`).")(f)
     f = click.option("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available).")(f)
     return f
 
@@ -88,6 +97,11 @@ def invert_options(f):
             click.option("--source-prompt", default="", help="Prompt describing the source (default: empty)."),
             click.option("--invert-guidance", "invert_guidance", default=6.0, show_default=True, help="CFG scale of the inversion (no effect when source and negative prompts are equal)."),
             click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default=None, help="Model precision (default: bf16 on GPU, fp32 on CPU)."),
+            click.option("--attention-store", type=click.Choice(["none", "cpu", "disk"]), default="none", show_default=True, help="Capture reference K/V while inverting, for --reference stored."),
+            click.option("--attention-steps", default="0:1", show_default=True, help="START:END fraction of edit steps to store (like --inject-steps)."),
+            click.option("--attention-layers", default="all", show_default=True, help="Blocks to store: all, or a list like 0-20,30."),
+            click.option("--attention-dtype", type=click.Choice(["model", "bf16", "fp8"]), default="model", show_default=True, help="Stored precision; fp8 halves the size."),
+            click.option("--attention-budget", default=None, help="Refuse a store larger than this (e.g. 50GB; default: 90% of free disk, or half of free RAM)."),
         ]
     ):
         f = opt(f)
@@ -105,7 +119,7 @@ def edit_options(f):
             click.option("--inject-steps", default="0:1", show_default=True, help="START:END fraction of steps that inject reference attention."),
             click.option("--inject-layers", default="all", show_default=True, help="Blocks that inject: all, or a list like 0-20,30."),
             click.option("--inject-strength", default=1.0, show_default=True, help="0 = no injection, 1 = upstream."),
-            click.option("--reference", type=click.Choice(["shared", "per-half"]), default="shared", show_default=True, help="One shared reference row, or one per CFG half (upstream)."),
+            click.option("--reference", type=click.Choice(["shared", "per-half", "stored"]), default="shared", show_default=True, help="One shared reference row, one per CFG half (upstream), or replayed stored attention."),
             click.option("--batch", default=4, show_default=True, help="Prompts rendered per transformer pass."),
             click.option("--fps", default=None, type=float, help="Output frame rate (default: the source's, adjusted for frame selection)."),
             click.option("--out", "out_dir", default=".", type=click.Path(file_okay=False), show_default=True, help="Folder for the mp4 files."),
@@ -117,9 +131,18 @@ def edit_options(f):
 
 
 def _invert_kwargs(p: dict) -> dict:
+    from cache.sizes import parse_size
+
+    budget = p["attention_budget"]
+    try:
+        budget = parse_size(budget) if budget is not None else None
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--attention-budget") from None
     return dict(
         steps=p["steps"], frames=p["frames"], skip_start=p["skip_start"], skip_end=p["skip_end"], stride=p["stride"],
         height=p["height"], width=p["width"], source_prompt=p["source_prompt"], guidance=p["invert_guidance"],
+        attention_store=p["attention_store"], attention_steps=p["attention_steps"], attention_layers=p["attention_layers"],
+        attention_dtype=p["attention_dtype"], attention_budget=budget,
     )
 
 
@@ -160,7 +183,7 @@ def tiny_model(directory: str, seed: int) -> None:
 @cache_option
 @runtime_options
 @json_option
-def invert_cmd(video: str, cache_dir, device, as_json: bool, model: str, dtype, **params) -> None:
+def invert_cmd(video: str, cache_dir, device, plan, vram, as_json: bool, model: str, dtype, **params) -> None:
     """Invert VIDEO into the cache and print its id (a cache hit loads no model).
 
     \b
@@ -169,9 +192,10 @@ def invert_cmd(video: str, cache_dir, device, as_json: bool, model: str, dtype, 
     import engine
 
     reporter = _reporter(device)
-    inv = engine.invert(video, model, cache_dir=cache_dir, device=device, dtype=dtype, reporter=reporter, **_invert_kwargs(params))
+    inv = engine.invert(video, model, cache_dir=cache_dir, device=device, dtype=dtype, plan=plan, vram=vram, reporter=reporter, **_invert_kwargs(params))
     _console().print(reporter.table("invert"))
-    click.echo(json.dumps({"id": inv.id, "dir": str(inv.paths.dir)}) if as_json else inv.id)
+    hit = next((r.cache_hit for r in reporter.records if r.name == "invert"), None)
+    click.echo(json.dumps({"id": inv.id, "dir": str(inv.paths.dir), "cached": hit}) if as_json else inv.id)
 
 
 @cli.command(name="edit")
@@ -181,7 +205,7 @@ def invert_cmd(video: str, cache_dir, device, as_json: bool, model: str, dtype, 
 @cache_option
 @runtime_options
 @json_option
-def edit_cmd(inversion_id: str, prompts, cache_dir, device, as_json: bool, model, **params) -> None:
+def edit_cmd(inversion_id: str, prompts, cache_dir, device, plan, vram, as_json: bool, model, **params) -> None:
     """Render one mp4 per --prompt from a cached inversion (no video is read, nothing is inverted).
 
     \b
@@ -190,7 +214,7 @@ def edit_cmd(inversion_id: str, prompts, cache_dir, device, as_json: bool, model
     import engine
 
     reporter = _reporter(device)
-    result = engine.edit(inversion_id, list(prompts), model=model, cache_dir=cache_dir, device=device, reporter=reporter, **_edit_kwargs(params))
+    result = engine.edit(inversion_id, list(prompts), model=model, cache_dir=cache_dir, device=device, plan=plan, vram=vram, reporter=reporter, **_edit_kwargs(params))
     _print_edit(reporter, result, as_json)
 
 
@@ -210,7 +234,7 @@ def _print_edit(reporter, result, as_json: bool) -> None:
 @cache_option
 @runtime_options
 @json_option
-def run_cmd(video: str, prompts, model, cache_dir, device, dtype, as_json: bool, **params) -> None:
+def run_cmd(video: str, prompts, model, cache_dir, device, plan, vram, dtype, as_json: bool, **params) -> None:
     """Invert VIDEO when needed, then edit it: the one-shot path.
 
     \b
@@ -221,7 +245,7 @@ def run_cmd(video: str, prompts, model, cache_dir, device, dtype, as_json: bool,
     reporter = _reporter(device)
     _, result = engine.run(
         video, model, list(prompts), invert_options=_invert_kwargs(params), reporter=reporter,
-        cache_dir=cache_dir, device=device, dtype=dtype, **_edit_kwargs(params),
+        cache_dir=cache_dir, device=device, dtype=dtype, plan=plan, vram=vram, **_edit_kwargs(params),
     )
     _print_edit(reporter, result, as_json)
 
@@ -241,6 +265,51 @@ def demo_cmd(out_dir: str, cache_dir, force: bool) -> None:
     reporter = _reporter("cpu")
     result = engine.demo(out_dir, cache_dir=cache_dir, reporter=reporter, force=force)
     _print_edit(reporter, result, False)
+
+
+@cli.command(name="plan")
+@click.option("--vram", default=None, help="GPU memory to fit (e.g. 12GB); marks the plan it picks.")
+@click.option("--model", default=None, help="Model folder or hub id (default: the built-in CogVideoX-5B shape, no download).")
+@click.option("--frames", default=49, show_default=True)
+@click.option("--height", default=480, show_default=True)
+@click.option("--width", default=720, show_default=True)
+@click.option("--prompts", default=1, show_default=True, help="Prompts rendered in one pass.")
+def plan_cmd(vram, model, frames, height, width, prompts) -> None:
+    """Print each memory plan's predicted peak per phase, without running anything.
+
+    \b
+    cogedit plan --vram 12GB
+    """
+    from rich.table import Table
+
+    from cache.sizes import format_size, parse_size
+    from engine.components import builtin_5b, inspect_model
+    from engine.plans import PLANS, Workload, choose_plan, predict_peaks
+
+    info = inspect_model(model) if model else builtin_5b()
+    workload = Workload(frames, height, width, prompts)
+    chosen = None
+    if vram:
+        try:
+            chosen = choose_plan(parse_size(vram), info, workload).name
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--vram") from None
+    phases = list(predict_peaks(PLANS["staged"], info, workload))
+    table = Table(title=f"predicted peak GPU memory, {info.source}, {frames} frames {height}x{width}", title_justify="left")
+    table.add_column("plan")
+    for phase in phases:
+        table.add_column(phase, justify="right")
+    table.add_column("peak", justify="right")
+    table.add_column("what it does")
+    for name, plan in PLANS.items():
+        peaks = predict_peaks(plan, info, workload)
+        mark = " <-" if name == chosen else ""
+        table.add_row(f"{name}{mark}", *(format_size(peaks[p]) for p in phases), format_size(max(peaks.values())), plan.summary)
+    from rich.console import Console
+
+    Console().print(table)
+    if chosen:
+        click.echo(chosen)
 
 
 @cli.group(name="cache")

@@ -20,7 +20,8 @@ from typing import Any
 import torch
 
 from cache.keys import stable_hash
-from engine.errors import ModelError
+from engine.errors import ModelError, SettingsError
+from engine.plans import PLANS, Plan, get_plan
 
 def _quiet_libraries() -> None:
     # Our own bars show each phase; the libraries' per-shard bars would interleave with them.
@@ -52,10 +53,19 @@ class Runtime:
 
     device: str
     dtype: torch.dtype
+    plan: Plan = PLANS["staged"]
 
     @staticmethod
-    def default(device: str | None = None, dtype: str | torch.dtype | None = None) -> "Runtime":
+    def default(device: str | None = None, dtype: str | torch.dtype | None = None, plan: str | Plan | None = None) -> "Runtime":
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        plan = get_plan(plan) if isinstance(plan, str) else (plan or PLANS["staged"])
+        if plan.needs_cuda and not device.startswith("cuda"):
+            raise SettingsError(f"--plan {plan.name} needs a CUDA GPU (it quantizes or offloads to one); on {device} use --plan staged")
+        if plan.needs_bitsandbytes:
+            try:
+                import bitsandbytes  # noqa: F401
+            except ImportError:
+                raise SettingsError(f'--plan {plan.name} needs bitsandbytes: pip install "cogedit[quant]"') from None
         if isinstance(dtype, str):
             names = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
             if dtype not in names:
@@ -63,7 +73,7 @@ class Runtime:
             dtype = names[dtype]
         # bf16 is what the 5B model was trained in; CPUs run fp32 faster and more exactly.
         dtype = dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
-        return Runtime(device=device, dtype=dtype)
+        return Runtime(device=device, dtype=dtype, plan=plan)
 
 
 @dataclass(frozen=True)
@@ -76,6 +86,7 @@ class ModelInfo:
     transformer_config: dict[str, Any]
     vae_config: dict[str, Any]
     scheduler_config: dict[str, Any]
+    text_encoder_config: dict[str, Any]
 
     @property
     def vae_scale_spatial(self) -> int:
@@ -182,7 +193,16 @@ def inspect_model(model: str | os.PathLike) -> ModelInfo:
         transformer_config=tcfg,
         vae_config=vcfg,
         scheduler_config=scfg,
+        text_encoder_config=identity["text_encoder"]["config"],
     )
+
+
+def builtin_5b() -> ModelInfo:
+    """The CogVideoX-5B shape with no files behind it: enough to plan memory without a download."""
+    from engine.configs import SCHEDULER, T5_XXL, TRANSFORMER_5B, VAE_5B
+
+    vae = {"block_out_channels": [128, 256, 256, 512], "temporal_compression_ratio": 4, **VAE_5B}
+    return ModelInfo("CogVideoX-5B (built-in shape)", Path("."), "0" * 32, TRANSFORMER_5B, vae, SCHEDULER, T5_XXL)
 
 
 def alive() -> list[str]:
@@ -197,13 +217,45 @@ def free_memory() -> None:
         torch.cuda.empty_cache()
 
 
+def _quantization(weights: str, library: str) -> Any:
+    """A BitsAndBytesConfig for 8-bit or nf4 weights, from diffusers or transformers."""
+    if weights == "bf16":
+        return None
+    if library == "diffusers":
+        from diffusers import BitsAndBytesConfig
+    else:
+        from transformers import BitsAndBytesConfig
+    if weights == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+
+
+def _place(module: torch.nn.Module, name: str, runtime: Runtime, quantized: bool) -> torch.nn.Module:
+    if runtime.plan.offload == "block" and name != "vae":
+        from diffusers.hooks import apply_group_offloading
+
+        # Weights stay in CPU memory; each block is copied in on a side stream just before use.
+        apply_group_offloading(
+            module, onload_device=torch.device(runtime.device), offload_type="block_level",
+            num_blocks_per_group=1, use_stream=True,
+        )
+        return module
+    return module if quantized else module.to(runtime.device)
+
+
 def _load(name: str, info: ModelInfo, runtime: Runtime) -> Any:
     _quiet_libraries()
     common = dict(subfolder=name, torch_dtype=runtime.dtype, use_safetensors=True)
+    plan = runtime.plan
+    quantized = False
     if name == "transformer":
         from diffusers import CogVideoXTransformer3DModel
 
-        module = CogVideoXTransformer3DModel.from_pretrained(info.path, **common)
+        quant = _quantization(plan.transformer_weights, "diffusers")
+        quantized = quant is not None
+        module = CogVideoXTransformer3DModel.from_pretrained(
+            info.path, quantization_config=quant, **({"device_map": runtime.device} if quantized else {}), **common
+        )
     elif name == "vae":
         from diffusers import AutoencoderKLCogVideoX
 
@@ -215,11 +267,16 @@ def _load(name: str, info: ModelInfo, runtime: Runtime) -> Any:
     elif name == "text_encoder":
         from transformers import T5EncoderModel
 
-        module = T5EncoderModel.from_pretrained(info.path, subfolder=name, dtype=runtime.dtype, use_safetensors=True)
+        quant = _quantization(plan.text_encoder_weights, "transformers")
+        quantized = quant is not None
+        module = T5EncoderModel.from_pretrained(
+            info.path, subfolder=name, dtype=runtime.dtype, use_safetensors=True, quantization_config=quant,
+            **({"device_map": runtime.device} if quantized else {}),
+        )
     else:
         raise ValueError(f"unknown component {name!r}")
     module.requires_grad_(False).eval()
-    return module.to(runtime.device)
+    return _place(module, name, runtime, quantized)
 
 
 @contextlib.contextmanager

@@ -6,7 +6,7 @@ import torch
 
 
 def rotary_embeddings(
-    transformer: torch.nn.Module, latent_shape: torch.Size, vae_scale_spatial: int
+    transformer: torch.nn.Module, latent_shape: torch.Size, vae_scale_spatial: int, device: torch.device | str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """3D RoPE tables for latents of shape [B, F, C, h, w], as the 5B pipeline builds them."""
     from diffusers.models.embeddings import get_3d_rotary_pos_embed
@@ -18,7 +18,7 @@ def rotary_embeddings(
     crops = get_resize_crop_region_for_grid(
         (grid_h, grid_w), cfg.sample_width // cfg.patch_size, cfg.sample_height // cfg.patch_size
     )
-    device = next(transformer.parameters()).device
+    # On the latents' device: with offloading the weights may sit on the CPU or the meta device.
     return get_3d_rotary_pos_embed(
         embed_dim=cfg.attention_head_dim,
         crops_coords=crops,

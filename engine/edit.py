@@ -55,6 +55,7 @@ def ddim_edit(
     guidance: float = 1.0,
     reference: Reference | None = None,
     inject: InjectSettings = InjectSettings(),
+    row_group: int = 0,
     callback: Callable[[dict[str, Any]], None] | None = None,
 ) -> torch.Tensor:
     """DDIM sampling (Song et al. 2021) of K rows at once, with reference attention injection.
@@ -63,14 +64,16 @@ def ddim_edit(
     laid out [uncond x K, cond x K]. Inside the injection window a reference row is appended:
     one shared row on `reference.source_embeds`, or with `inject.reference == "per-half"` one
     per edit row on that row's own embedding, as upstream's script does; with
-    `inject.reference == "stored"` no row is added and captured K/V are replayed.
+    `inject.reference == "stored"` no row is added and captured K/V are replayed. `row_group`
+    > 0 runs the edit rows that many at a time (less activation memory), which needs the
+    reference to be stored or off: a reference row must share its call with the edit rows.
     """
     scheduler = edit_scheduler(scheduler_config, steps)
     k = init.shape[0]
     cfg = uncond is not None
     embeds = torch.cat([uncond.expand(k, -1, -1), cond]) if cfg else cond
     n_edit = embeds.shape[0]
-    rotary = rotary_embeddings(transformer, init.shape, vae_scale_spatial)
+    rotary = rotary_embeddings(transformer, init.shape, vae_scale_spatial, init.device)
     state = InjectionState(n_edit=n_edit, strength=inject.strength)
     active = [reference is not None and inject.is_active(i, steps) for i in range(steps)]
     x = init
@@ -93,7 +96,10 @@ def ddim_edit(
                 rows = torch.cat([rows, reference.replayed(i).to(x.dtype)])
                 row_embeds = torch.cat([embeds, reference.source_embeds.to(embeds.dtype)])
                 state.ref_of = [0] * n_edit
-            v = predict(transformer, rows, row_embeds, t, rotary)[:n_edit]
+            if row_group and rows.shape[0] == n_edit:
+                v = torch.cat([predict(transformer, rows[g : g + row_group], row_embeds[g : g + row_group], t, rotary) for g in range(0, n_edit, row_group)])
+            else:
+                v = predict(transformer, rows, row_embeds, t, rotary)[:n_edit]
             x = scheduler.step(guided(v, guidance, cfg), t, x, return_dict=False)[0].to(init.dtype)
             if callback is not None:
                 callback({"i": i, "t": t, "x": x})

@@ -7,7 +7,7 @@ import logging
 import torch
 
 from cache.atomic import load_tensors, save_tensors
-from cache.errors import CacheCorruptError
+from cache.errors import CacheCorruptError, ReadOnlyCacheError
 from cache.keys import stable_hash
 from cache.layout import CacheLayout
 from engine.components import ModelInfo, Runtime, load_tokenizer, loaded
@@ -16,7 +16,10 @@ log = logging.getLogger("cogedit")
 
 
 def prompt_key(prompt: str, info: ModelInfo, runtime: Runtime) -> str:
-    return stable_hash({"prompt": prompt, "max_length": info.text_length, "dtype": str(runtime.dtype)})
+    fields = {"prompt": prompt, "max_length": info.text_length, "dtype": str(runtime.dtype)}
+    if runtime.plan.text_encoder_weights != "bf16":  # 8/4-bit T5 gives other embeddings
+        fields["weights"] = runtime.plan.text_encoder_weights
+    return stable_hash(fields)
 
 
 def _tokens(tokenizer, prompt: str, length: int) -> torch.Tensor:
@@ -53,7 +56,10 @@ def embed_prompts(
             for p in missing:
                 ids = _tokens(tokenizer, p, info.text_length).to(runtime.device)
                 emb = t5(ids)[0].to(runtime.dtype).cpu()
-                save_tensors(layout.prompt_file(info.key, prompt_key(p, info, runtime)), {"embeds": emb}, {"prompt": p})
+                try:
+                    save_tensors(layout.prompt_file(info.key, prompt_key(p, info, runtime)), {"embeds": emb}, {"prompt": p})
+                except ReadOnlyCacheError as exc:  # a read-only cache still serves edits
+                    log.warning("prompt embedding not cached: %s", exc)
                 out[p] = emb
                 if phase is not None:
                     phase.advance()

@@ -69,7 +69,8 @@ class KVInjectionProcessor:
         text_len = encoder_hidden_states.shape[1]
         x = torch.cat([encoder_hidden_states, hidden_states], dim=1)
         q, k, v = _project(attn, x, text_len, image_rotary_emb)
-        n = st.n_edit
+        # With stored K/V every row in the call is an edit row (rows may come in groups).
+        n = x.shape[0] if st.stored is not None else st.n_edit
         if st.stored is not None:
             ref_k, ref_v = st.stored[self.layer]
             index = torch.zeros(n, dtype=torch.long, device=k.device)

@@ -40,7 +40,7 @@ def ddim_invert(
     {"i", "t", "x"} after every step, x being the latent after step i.
     """
     scheduler = inverse_scheduler(scheduler_config, steps)
-    rotary = rotary_embeddings(transformer, latents.shape, vae_scale_spatial)
+    rotary = rotary_embeddings(transformer, latents.shape, vae_scale_spatial, latents.device)
     cfg = uncond is not None
     embeds = torch.cat([uncond, cond]) if cfg else cond
     x = latents

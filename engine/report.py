@@ -7,6 +7,7 @@ silent one. Peak memory is the GPU's allocator peak on CUDA and the process's pe
 from __future__ import annotations
 
 import contextlib
+import re
 import resource
 import time
 from collections.abc import Iterator
@@ -14,12 +15,15 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.errors import GPUOutOfMemoryError
+
 
 @dataclass
 class PhaseRecord:
     name: str
     seconds: float = 0.0
     peak_bytes: int = 0
+    peak_reserved: int = 0  # CUDA allocator's reserved peak (0 on CPU)
     cache_hit: bool | None = None  # None: the phase has nothing to cache
     detail: str = ""
 
@@ -38,6 +42,16 @@ def _cpu_peak() -> int:
                 if line.startswith("VmHWM:"):
                     return int(line.split()[1]) * 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _oom_message(phase: str, exc: BaseException) -> str:
+    # PyTorch's message reads "... Tried to allocate 2.00 GiB. GPU 0 has a total capacity of ..."
+    asked = re.search(r"Tried to allocate ([\d.]+ [KMGT]?i?B)", str(exc))
+    need = f" (it asked for {asked.group(1)} more)" if asked else ""
+    return (
+        f"the GPU ran out of memory in the {phase} phase{need}; finished work is cached "
+        "— run again with a smaller memory plan: --plan lean or --plan offload (or --vram with your card's size)"
+    )
 
 
 class Phase:
@@ -104,10 +118,13 @@ class Reporter:
         handle = Phase(record, progress, task)
         try:
             yield handle
+        except torch.cuda.OutOfMemoryError as exc:
+            raise GPUOutOfMemoryError(_oom_message(name, exc)) from exc
         finally:
             if cuda:
                 torch.cuda.synchronize()
                 record.peak_bytes = torch.cuda.max_memory_allocated()
+                record.peak_reserved = torch.cuda.max_memory_reserved()
             else:
                 record.peak_bytes = _cpu_peak()
             record.seconds = time.perf_counter() - start

@@ -20,8 +20,8 @@ def _store(where, **kw):
 @pytest.mark.parametrize("where", ["disk", "cpu"])
 def test_stored_replay_equals_recomputed_reference(tiny_model, bikes, where):
     inv = engine.invert(bikes, tiny_model, device="cpu", **SMALL, **_store(where))
-    recompute = engine.edit(inv, PROMPT, inject_steps="0:0.5", device="cpu", write=False)
-    stored = engine.edit(inv, PROMPT, inject_steps="0:0.5", reference="stored", device="cpu", write=False)
+    recompute = engine.edit(inv, PROMPT, inject_steps="0:0.5", device="cpu", output="latents")
+    stored = engine.edit(inv, PROMPT, inject_steps="0:0.5", reference="stored", device="cpu", output="latents")
     # Same forward pass at the same timestep; only the batch it ran in differs.
     torch.testing.assert_close(stored.latents, recompute.latents, rtol=0, atol=1e-5)
     MEMORY_STORES.clear()
@@ -60,8 +60,8 @@ def test_store_added_later_is_captured_from_the_cached_trajectory(tiny_model, bi
 @pytest.mark.parametrize(("dtype", "tol"), [("bf16", 1e-3), ("fp8", 1e-2)])
 def test_low_precision_stores_stay_close(tiny_model, bikes, dtype, tol):
     inv = engine.invert(bikes, tiny_model, device="cpu", **SMALL, **_store("disk", attention_dtype=dtype))
-    exact = engine.edit(inv, PROMPT, inject_steps="0:0.5", device="cpu", write=False).latents
-    lossy = engine.edit(inv, PROMPT, inject_steps="0:0.5", reference="stored", device="cpu", write=False).latents
+    exact = engine.edit(inv, PROMPT, inject_steps="0:0.5", device="cpu", output="latents").latents
+    lossy = engine.edit(inv, PROMPT, inject_steps="0:0.5", reference="stored", device="cpu", output="latents").latents
     rel = ((lossy - exact).norm() / exact.norm()).item()
     print(f"{dtype} store: relative latent error {rel:.2e}")
     assert rel < tol
@@ -78,4 +78,12 @@ def test_store_over_budget_is_refused_before_writing(tiny_model, bikes, _isolate
 def test_replay_outside_the_stored_window_is_refused(tiny_model, bikes):
     inv = engine.invert(bikes, tiny_model, device="cpu", **SMALL, **_store("disk"))
     with pytest.raises(SettingsError, match="no stored attention"):
-        engine.edit(inv, PROMPT, inject_steps="0:1", reference="stored", device="cpu", write=False)
+        engine.edit(inv, PROMPT, inject_steps="0:1", reference="stored", device="cpu", output="latents")
+
+
+def test_lean_plan_runs_rows_apart_against_the_store(tiny_model, bikes):
+    inv = engine.invert(bikes, tiny_model, device="cpu", **SMALL, **_store("disk"))
+    prompts = ["a watercolor painting", "a charcoal sketch"]
+    staged = engine.edit(inv, prompts, inject_steps="0:0.5", device="cpu", output="latents")
+    lean = engine.edit(inv, prompts, inject_steps="0:0.5", plan="lean", device="cpu", output="latents")
+    torch.testing.assert_close(lean.latents, staged.latents, rtol=0, atol=1e-5)

@@ -121,7 +121,7 @@ def _plain_ddim(model, init, cond, uncond, guidance, steps):
 def test_no_injection_equals_plain_ddim(tiny_model, inversion, tmp_path, knob):
     if knob.get("inject_layers") == "":
         knob = {"inject_layers": ()}
-    out = engine.edit(inversion, ["a watercolor painting"], device="cpu", write=False, **knob)
+    out = engine.edit(inversion, ["a watercolor painting"], device="cpu", output="latents", **knob)
     emb = _embed(tiny_model, ["a watercolor painting", ""], tmp_path)
     plain = _plain_ddim(tiny_model, inversion.trajectory()[-1], emb["a watercolor painting"], emb[""], 6.0, inversion.steps)
     torch.testing.assert_close(out.latents, plain, rtol=0, atol=1e-5)
@@ -159,7 +159,7 @@ def test_per_half_reference_equals_upstream_algorithm(tiny_model, inversion, tmp
     from diffusers.models.embeddings import get_3d_rotary_pos_embed
 
     prompt = "a watercolor painting"
-    ours = engine.edit(inversion, [prompt], reference="per-half", device="cpu", write=False)
+    ours = engine.edit(inversion, [prompt], reference="per-half", device="cpu", output="latents")
 
     transformer = _transformer(tiny_model)
     for block in transformer.transformer_blocks:
@@ -183,15 +183,15 @@ def test_per_half_reference_equals_upstream_algorithm(tiny_model, inversion, tmp
 
 def test_k_prompts_in_one_pass_equal_single_runs(inversion):
     prompts = ["a watercolor painting", "a charcoal sketch", "snow at night"]
-    together = engine.edit(inversion, prompts, batch=3, device="cpu", write=False, inject_steps="0:0.5")
-    singles = [engine.edit(inversion, [p], device="cpu", write=False, inject_steps="0:0.5").latents for p in prompts]
+    together = engine.edit(inversion, prompts, batch=3, device="cpu", output="latents", inject_steps="0:0.5")
+    singles = [engine.edit(inversion, [p], device="cpu", output="latents", inject_steps="0:0.5").latents for p in prompts]
     torch.testing.assert_close(together.latents, torch.cat(singles), rtol=0, atol=1e-5)
 
 
 def test_injection_changes_the_edit(inversion):
-    on = engine.edit(inversion, ["a charcoal sketch"], device="cpu", write=False)
-    off = engine.edit(inversion, ["a charcoal sketch"], device="cpu", write=False, inject_strength=0.0)
-    half = engine.edit(inversion, ["a charcoal sketch"], device="cpu", write=False, inject_strength=0.5)
+    on = engine.edit(inversion, ["a charcoal sketch"], device="cpu", output="latents")
+    off = engine.edit(inversion, ["a charcoal sketch"], device="cpu", output="latents", inject_strength=0.0)
+    half = engine.edit(inversion, ["a charcoal sketch"], device="cpu", output="latents", inject_strength=0.5)
     assert (on.latents - off.latents).abs().max() > 1e-3
     assert (half.latents - on.latents).abs().max() > 1e-4
 
@@ -202,7 +202,7 @@ def test_round_trip_reconstructs_the_encoded_latents(tiny_model, bikes):
     errors = {}
     for steps in (10, 50):
         inv = engine.invert(bikes, tiny_model, device="cpu", source_prompt=source_prompt, guidance=1.0, **{**SMALL, "steps": steps})
-        out = engine.edit(inv, [source_prompt], guidance=1.0, inject_strength=0.0, device="cpu", write=False)
+        out = engine.edit(inv, [source_prompt], guidance=1.0, inject_strength=0.0, device="cpu", output="latents")
         source = inv.latents()
         errors[steps] = ((out.latents - source).norm() / source.norm()).item()
     # Measured on this tiny random model (CPU, fp32): 0.69 at 10 steps, 0.19 at 50. DDIM

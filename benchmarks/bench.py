@@ -1,0 +1,206 @@
+"""GPU benchmark: the upstream method side by side with cogedit's memory plans.
+
+    python benchmarks/bench.py --out results.json                 # full-size 5B, random weights
+    python benchmarks/bench.py --out results.json --variants int8,nf4,staged
+    python benchmarks/bench.py --tiny --out /tmp/tiny.json         # the harness itself, on a CPU
+
+Builds a CogVideoX-5B-shaped checkpoint with random weights once (memory and time are the real
+model's; pixels are noise), then runs every variant on the same 49x480x720 clip with a few
+steps each: per phase, the time per step (median), the peak allocated and reserved memory, and
+for cogedit's plans the prediction of engine.plans. Each cogedit plan runs under the memory cap
+of the card it is meant for (torch.cuda.set_per_process_memory_fraction), so passing means it
+fits that card. Whole-workflow times at 50 steps are derived: fixed costs + 50 x step time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import engine  # noqa: E402
+from engine.components import Runtime, inspect_model  # noqa: E402
+from engine.plans import PLANS, Workload, predict_peaks  # noqa: E402
+from engine.video import FrameSettings, read_frames, to_model_input  # noqa: E402
+
+CLIP = Path(__file__).with_name("clip49.mp4")
+GB = 10**9
+# Which card each plan is meant for, emulated with a memory cap.
+CAPS = {"staged": 24, "staged-4prompts": 24, "lean": 12, "int8": 12, "nf4": 8, "offload": 8, "disk": 24}
+
+
+def matmul_peak_tflops() -> float:
+    """Measured bf16 matmul rate (8192^3), the denominator of 'fraction of peak'."""
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(10):
+        a @ b
+    torch.cuda.synchronize()
+    return 2 * 8192**3 * 10 / (time.perf_counter() - start) / 1e12
+
+
+def row_flops(tokens: int, params_linear: float, layers: int, width: int, key_factor: int = 1) -> float:
+    """FLOPs of one row through the transformer: linear layers + attention (QK^T and PV)."""
+    return 2 * params_linear * tokens + layers * 4 * tokens * tokens * key_factor * width
+
+
+def cap(gb: float | None) -> None:
+    if not torch.cuda.is_available():
+        return
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.set_per_process_memory_fraction(1.0 if gb is None else min(1.0, gb * GB / total))
+
+
+def _marks(sync: bool):
+    """A step callback and the times it records (one list per engine call)."""
+    marks: list[float] = []
+
+    def callback(state) -> None:
+        if sync:
+            torch.cuda.synchronize()
+        marks.append(time.perf_counter())
+
+    return marks, callback
+
+
+def run_plan(name: str, model: Path, clip: Path, args, cache_dir: Path) -> dict:
+    """One cogedit plan, whole workflow (invert, edit, the edit again from the cache) under its cap."""
+    cuda = torch.cuda.is_available()
+    plan = {"staged-4prompts": "staged", "disk": "staged"}.get(name, name)
+    reporter = engine.Reporter(device="cuda" if cuda else "cpu")
+    inv_kw = dict(steps=args.steps, frames=args.frames, height=args.height, width=args.width)
+    edit_kw: dict = dict(inject_steps="0:1")
+    if name == "lean":
+        inv_kw.update(attention_store="cpu")
+    if name == "disk":
+        # Store and replay edit step 1 only: its time against the other (reference-free) steps.
+        window = f"{1 / args.steps:.4f}:{2 / args.steps:.4f}"
+        inv_kw.update(attention_store="disk", attention_steps=window, attention_dtype="fp8")
+        edit_kw.update(reference="stored", inject_steps=window)
+    prompts = ["a watercolor painting"] * (4 if name == "staged-4prompts" else 1)
+    calls = []
+    start = time.perf_counter()
+    marks, cb = _marks(cuda)
+    inv = engine.invert(clip, model, plan=plan, reporter=reporter, callback=cb, cache_dir=cache_dir, **inv_kw)
+    calls.append(("invert", marks))
+    for label, output in (("edit", "frames"), ("edit-again", "latents")):
+        marks, cb = _marks(cuda)
+        engine.edit(inv, prompts, plan=plan, reporter=reporter, callback=cb, cache_dir=cache_dir, batch=4, output=output, **edit_kw)
+        calls.append((label, marks))
+    total = time.perf_counter() - start
+    phases = {}
+    for r in reporter.records:
+        key = r.name
+        while key in phases:
+            key += "+"
+        phases[key] = {"seconds": r.seconds, "peak_alloc": r.peak_bytes, "peak_reserved": r.peak_reserved, "cache_hit": r.cache_hit}
+    for label, ts in calls:
+        phase = "invert" if label == "invert" else ("edit" if label == "edit" else "edit+")
+        if phase in phases:
+            phases[phase]["step_times"] = [b - a for a, b in zip(ts, ts[1:])]
+    info = inspect_model(model)
+    workload = Workload(args.frames, args.height, args.width, len(prompts), True, reference="stored" if name in ("lean", "disk") else "shared")
+    return {"seconds": total, "phases": phases, "predicted": predict_peaks(PLANS[plan], info, workload), "prompts": len(prompts)}
+
+
+def build_model(args) -> Path:
+    root = Path(args.workdir)
+    if args.tiny:
+        return engine.build_tiny_model(root / "tiny")
+    from engine.configs import write_random_5b
+
+    path = root / "cogvideox-5b-random"
+    if not (path / "model_index.json").exists():
+        write_random_5b(path)
+    return path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--variants", default="upstream,model_offload,staged,staged-4prompts,lean,offload,sequential,disk")
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--tiny", action="store_true", help="tiny model on the CPU: checks the harness only")
+    ap.add_argument("--workdir", default=tempfile.gettempdir())
+    args = ap.parse_args()
+    if args.tiny:
+        args.frames, args.height, args.width = 9, 96, 160
+    else:
+        args.frames, args.height, args.width = 49, 480, 720
+    cuda = torch.cuda.is_available()
+    results: dict = {
+        "device": torch.cuda.get_device_name(0) if cuda else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "command": " ".join(sys.argv),
+        "steps_timed": args.steps,
+        "workload": {"frames": args.frames, "height": args.height, "width": args.width},
+        "variants": {},
+    }
+    t0 = time.perf_counter()
+    model = build_model(args)
+    results["build_seconds"] = time.perf_counter() - t0
+    info = inspect_model(model)
+    cfg = info.transformer_config
+    width = cfg["num_attention_heads"] * cfg["attention_head_dim"]
+    tokens = info.text_length + ((args.frames - 1) // 4 + 1) * (args.height // 16) * (args.width // 16)
+    from engine.plans import param_counts
+
+    results["flops"] = {
+        "tokens": tokens,
+        "row": row_flops(tokens, param_counts(info)["transformer"], cfg["num_layers"], width),
+        "edit_row_doubled_keys": row_flops(tokens, param_counts(info)["transformer"], cfg["num_layers"], width, 2),
+    }
+    if cuda:
+        results["peak_tflops_bf16"] = matmul_peak_tflops()
+    frames, _ = read_frames(CLIP if not args.tiny else engine.video.DEMO_VIDEO, FrameSettings(args.frames, height=args.height, width=args.width))
+    frames = to_model_input(frames)
+    runtime = Runtime.default()
+    for name in [v for v in args.variants.split(",") if v]:
+        print(f"== {name}", flush=True)
+        cache_dir = Path(args.workdir) / f"cache-{name}"
+        try:
+            if name in ("upstream", "model_offload", "sequential"):
+                cap(None)
+                from benchmarks.upstream import run_upstream
+
+                mode = {"upstream": "resident"}.get(name, name)
+                row = {"phases": run_upstream(info, runtime, frames, args.steps, mode)}
+            else:
+                cap(None if args.tiny else CAPS.get(name))
+                row = run_plan(name, model, CLIP if not args.tiny else engine.video.DEMO_VIDEO, args, cache_dir)
+                row["cap_gb"] = CAPS.get(name)
+            row["ok"] = True
+        except Exception as exc:  # a variant that fails (OOM under its cap) is a result too
+            row = {"ok": False, "error": f"{type(exc).__name__}: {str(exc)[:300]}", "trace": traceback.format_exc()[-2000:]}
+        finally:
+            cap(None)
+            import shutil
+
+            shutil.rmtree(cache_dir, ignore_errors=True)
+            engine.components.free_memory()
+        for ph in row.get("phases", {}).values():
+            if ph.get("step_times"):
+                ph["median_step"] = statistics.median(ph["step_times"])
+        results["variants"][name] = row
+        print(json.dumps({k: v for k, v in row.items() if k != "trace"}, default=str)[:1500], flush=True)
+        Path(args.out).write_text(json.dumps(results, indent=1, default=str))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,89 @@
+"""The full-size CogVideoX-5B configuration (DESIGN.md), for planning and benchmarks without a download."""
+
+from __future__ import annotations
+
+from engine.tiny import SCHEDULER_5B
+
+TRANSFORMER_5B = dict(
+    num_attention_heads=48,
+    attention_head_dim=64,
+    in_channels=16,
+    out_channels=16,
+    time_embed_dim=512,
+    text_embed_dim=4096,
+    num_layers=42,
+    sample_width=90,
+    sample_height=60,
+    sample_frames=49,
+    patch_size=2,
+    max_text_seq_length=226,
+    use_rotary_positional_embeddings=True,
+    spatial_interpolation_scale=1.875,
+    temporal_interpolation_scale=1.0,
+    attention_bias=True,
+    norm_eps=1e-5,
+)
+
+T5_XXL = dict(
+    vocab_size=32128,
+    d_model=4096,
+    d_ff=10240,
+    d_kv=64,
+    num_heads=64,
+    num_layers=24,
+    feed_forward_proj="gated-gelu",
+    dropout_rate=0.0,
+    is_encoder_decoder=False,
+)
+
+VAE_5B = dict(scaling_factor=0.7)  # diffusers' AutoencoderKLCogVideoX defaults otherwise
+
+SCHEDULER = SCHEDULER_5B
+
+
+def write_random_5b(path, device: str = "cuda", dtype=None, seed: int = 0):
+    """Write a CogVideoX-5B-shaped checkpoint with random weights (benchmarks: real sizes, noise pixels).
+
+    Weights are drawn on `device` (fast) and saved with `save_pretrained` in the hub layout, so
+    the engine loads them through the same code as the real model.
+    """
+    import json
+    from pathlib import Path
+
+    import torch
+    from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXTransformer3DModel
+    from transformers import T5Config, T5EncoderModel
+
+    from engine.tiny import _train_tokenizer
+
+    dtype = dtype or torch.bfloat16
+    path = Path(path)
+    torch.manual_seed(seed)
+
+    def small_init(module: torch.nn.Module) -> torch.nn.Module:
+        # Default inits make 42 random blocks overflow in bf16; small weights keep values finite.
+        with torch.no_grad():
+            for name, p in module.named_parameters():
+                if p.dim() > 1:
+                    p.normal_(0.0, 0.02)
+        return module
+
+    with torch.device(device):
+        transformer = small_init(CogVideoXTransformer3DModel(**TRANSFORMER_5B).to(dtype))
+    transformer.save_pretrained(path / "transformer", safe_serialization=True, max_shard_size="5GB")
+    del transformer
+    with torch.device(device):
+        t5 = small_init(T5EncoderModel(T5Config(**T5_XXL)).to(dtype))
+    t5.save_pretrained(path / "text_encoder", safe_serialization=True, max_shard_size="5GB")
+    del t5
+    with torch.device(device):
+        vae = AutoencoderKLCogVideoX(**VAE_5B).to(dtype)
+    vae.save_pretrained(path / "vae", safe_serialization=True)
+    del vae
+    CogVideoXDDIMScheduler(**SCHEDULER).save_pretrained(path / "scheduler")
+    # A toy vocabulary is enough: token ids stay below the model's 32128.
+    _train_tokenizer(path / "tokenizer")
+    (path / "model_index.json").write_text(json.dumps({"_class_name": "CogVideoXPipeline"}))
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return path

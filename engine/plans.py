@@ -1,0 +1,160 @@
+"""Memory plans: how each phase fits a GPU of a given size, and what it is predicted to peak at.
+
+A plan only chooses among what the ecosystem already has: staged loading (one component at a
+time), bitsandbytes 8/4-bit weights (`BitsAndBytesConfig`), diffusers group offloading with
+CUDA streams, VAE tiling/slicing, and, ours, running edit rows in smaller groups against
+replayed stored attention. Predictions are weights (counted exactly on the meta device) plus
+activations per row (a per-token constant measured by the benchmarks, in benchmarks/results/).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+
+from typing import TYPE_CHECKING
+
+from engine.errors import SettingsError
+
+if TYPE_CHECKING:
+    from engine.components import ModelInfo
+
+GiB = 1 << 30
+
+
+@dataclass(frozen=True)
+class Plan:
+    name: str
+    summary: str
+    transformer_weights: str = "bf16"  # bf16 | int8 | nf4
+    text_encoder_weights: str = "bf16"  # bf16 | int8 | nf4
+    offload: str = "none"  # none | block (diffusers group offloading, one block per group, streams)
+    row_group: int = 0  # edit rows per transformer call; 0 = all at once (needs no stored attention)
+
+    @property
+    def needs_cuda(self) -> bool:
+        return self.transformer_weights != "bf16" or self.text_encoder_weights != "bf16" or self.offload != "none"
+
+    @property
+    def needs_bitsandbytes(self) -> bool:
+        return self.transformer_weights != "bf16" or self.text_encoder_weights != "bf16"
+
+
+PLANS: dict[str, Plan] = {
+    p.name: p
+    for p in (
+        Plan("staged", "every phase resident in bf16, one component at a time (24 GB cards)"),
+        Plan("lean", "staged, edit rows one at a time against stored attention (12-16 GB)", row_group=1),
+        Plan("int8", "8-bit transformer and T5 (bitsandbytes), all rows at once (10-12 GB)", "int8", "int8"),
+        Plan("nf4", "4-bit transformer and T5 (bitsandbytes nf4) (8 GB)", "nf4", "nf4"),
+        Plan("offload", "bf16 weights streamed block by block from CPU memory (6-8 GB)", offload="block"),
+    )
+}
+
+_BYTES_PER_PARAM = {"bf16": 2.0, "int8": 1.02, "nf4": 0.56}
+# Activation bytes per token of one row in a transformer call, and per-token bytes of an edit
+# row's doubled keys; measured on an H100 at 49x480x720 (benchmarks/results/plans.json).
+ACT_BYTES_PER_ROW_TOKEN = 12 * 3072
+EXTRA_BYTES_PER_EDIT_ROW_TOKEN = 4 * 3072
+VAE_DECODE_TILED = 3.0 * GiB  # decoder with tiling + slicing, one video at a time
+CUDA_CONTEXT = 0.5 * GiB
+
+
+def get_plan(name: str) -> Plan:
+    if name not in PLANS:
+        raise SettingsError(f"unknown --plan {name!r}: choose one of {', '.join(PLANS)} (`cogedit plan --vram SIZE` picks one)")
+    return PLANS[name]
+
+
+@functools.lru_cache(maxsize=8)
+def _param_count(part: str, config_items: tuple) -> int:
+    config = dict(config_items)
+    with torch.device("meta"):
+        if part == "transformer":
+            from diffusers import CogVideoXTransformer3DModel
+
+            model = CogVideoXTransformer3DModel.from_config(config)
+        elif part == "text_encoder":
+            from transformers import T5Config, T5EncoderModel
+
+            model = T5EncoderModel(T5Config(**config))
+        else:
+            from diffusers import AutoencoderKLCogVideoX
+
+            model = AutoencoderKLCogVideoX.from_config(config)
+    return sum(p.numel() for p in model.parameters())
+
+
+def _hashable(config: dict) -> tuple:
+    # Config files carry bookkeeping keys (_class_name, architectures, ...) the classes don't take.
+    return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in config.items() if not isinstance(v, dict) and not k.startswith("_") and k not in ("architectures", "transformers_version", "dtype", "torch_dtype")))
+
+
+def param_counts(info: "ModelInfo") -> dict[str, int]:
+    return {
+        "transformer": _param_count("transformer", _hashable(info.transformer_config)),
+        "text_encoder": _param_count("text_encoder", _hashable(info.text_encoder_config)),
+        "vae": _param_count("vae", _hashable(info.vae_config)),
+    }
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What a run processes: sizes that drive activation memory."""
+
+    frames: int = 49
+    height: int = 480
+    width: int = 720
+    prompts: int = 1
+    cfg: bool = True  # edit guidance > 1
+    invert_rows: int = 1  # 2 when the inversion's source and negative prompts differ (CFG)
+    reference: str = "shared"  # shared | per-half | stored
+
+
+def _tokens(info: "ModelInfo", w: Workload) -> int:
+    p = info.transformer_config["patch_size"]
+    latent_frames = (w.frames - 1) // info.vae_scale_temporal + 1
+    return info.text_length + latent_frames * (w.height // info.vae_scale_spatial // p) * (w.width // info.vae_scale_spatial // p)
+
+
+def predict_peaks(plan: Plan, info: "ModelInfo", w: Workload = Workload()) -> dict[str, int]:
+    """Predicted peak GPU bytes per phase for `plan` on workload `w`."""
+    counts = param_counts(info)
+    tokens = _tokens(info, w)
+    cfg = info.transformer_config
+    block_params = counts["transformer"] / cfg["num_layers"]
+
+    def weights(part: str, quant: str) -> float:
+        return counts[part] * _BYTES_PER_PARAM[quant]
+
+    def transformer(rows: int, edit_rows: int) -> float:
+        resident = 3 * block_params * 2 if plan.offload == "block" else weights("transformer", plan.transformer_weights)
+        return resident + tokens * (rows * ACT_BYTES_PER_ROW_TOKEN + edit_rows * EXTRA_BYTES_PER_EDIT_ROW_TOKEN)
+
+    edit_rows = w.prompts * (2 if w.cfg else 1)
+    ref_rows = {"shared": 1, "per-half": edit_rows, "stored": 0}[w.reference]
+    if plan.row_group:
+        edit_rows, ref_rows = min(edit_rows, plan.row_group), 0
+    t5 = 3 * weights("text_encoder", "bf16") / 24 if plan.offload == "block" else weights("text_encoder", plan.text_encoder_weights)
+    vae_w = weights("vae", "bf16")
+    return {
+        "encode": int(CUDA_CONTEXT + vae_w + VAE_DECODE_TILED),
+        "embed": int(CUDA_CONTEXT + t5 + 0.2 * GiB),
+        "invert": int(CUDA_CONTEXT + transformer(w.invert_rows, 0)),
+        "edit": int(CUDA_CONTEXT + transformer(edit_rows + ref_rows, edit_rows)),
+        "decode": int(CUDA_CONTEXT + vae_w + VAE_DECODE_TILED),
+    }
+
+
+def choose_plan(vram_bytes: int, info: "ModelInfo", w: Workload = Workload(), margin: float = 0.92) -> Plan:
+    """The first plan, fastest first, whose predicted peak fits `margin` of the card."""
+    for name in ("staged", "lean", "int8", "offload", "nf4"):
+        plan = PLANS[name]
+        if max(predict_peaks(plan, info, w).values()) <= margin * vram_bytes:
+            return plan
+    raise SettingsError(
+        f"no plan fits {vram_bytes / GiB:.1f} GiB for {w.frames} frames at {w.height}x{w.width}; "
+        "use fewer --frames or a smaller --height/--width"
+    )

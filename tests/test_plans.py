@@ -1,0 +1,43 @@
+"""Memory plans: predictions, choice by VRAM, and refusals that say what to do."""
+
+from __future__ import annotations
+
+import pytest
+from click.testing import CliRunner
+
+import engine
+from cli import cli
+from engine.components import builtin_5b
+from engine.errors import SettingsError
+from engine.plans import GiB, PLANS, choose_plan, param_counts, predict_peaks
+
+
+def test_parameter_counts_are_the_5b_model():
+    counts = param_counts(builtin_5b())
+    assert round(counts["transformer"] / 1e9, 2) == 5.57
+    assert round(counts["text_encoder"] / 1e9, 2) == 4.76
+
+
+def test_smaller_cards_get_leaner_plans():
+    info = builtin_5b()
+    peaks = {name: max(predict_peaks(p, info).values()) for name, p in PLANS.items()}
+    assert peaks["offload"] < peaks["nf4"] < peaks["int8"] < peaks["lean"] < peaks["staged"] < 16 * GiB
+    assert choose_plan(24 * 10**9, info).name == "staged"
+    assert choose_plan(8 * 10**9, info).name in ("offload", "nf4")
+    with pytest.raises(SettingsError, match="no plan fits"):
+        choose_plan(1 * 10**9, info)
+
+
+def test_plan_command_prints_every_plan_and_the_choice():
+    result = CliRunner().invoke(cli, ["plan", "--vram", "24GB"])
+    assert result.exit_code == 0, result.output
+    for name in PLANS:
+        assert name in result.output
+    assert result.output.strip().splitlines()[-1] == "staged"
+
+
+def test_gpu_plans_are_refused_on_cpu_with_the_fix(tiny_model, bikes):
+    with pytest.raises(SettingsError, match="needs a CUDA GPU"):
+        engine.invert(bikes, tiny_model, device="cpu", plan="offload", frames=9, height=96, width=160, steps=2)
+    with pytest.raises(SettingsError, match="unknown --plan"):
+        engine.invert(bikes, tiny_model, device="cpu", plan="huge", frames=9, height=96, width=160, steps=2)
