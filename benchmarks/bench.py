@@ -99,7 +99,7 @@ def run_plan(name: str, model: Path, clip: Path, args, cache_dir: Path) -> dict:
     calls.append(("invert", marks))
     for label, output in (("edit", "frames"), ("edit-again", "latents")):
         marks, cb = _marks(cuda)
-        engine.edit(inv, prompts, plan=plan, reporter=reporter, callback=cb, cache_dir=cache_dir, batch=4, output=output, **edit_kw)
+        engine.edit(inv, prompts, plan=plan, reporter=reporter, callback=cb, cache_dir=cache_dir, batch=args.batch, output=output, **edit_kw)
         calls.append((label, marks))
     total = time.perf_counter() - start
     phases = {}
@@ -113,8 +113,8 @@ def run_plan(name: str, model: Path, clip: Path, args, cache_dir: Path) -> dict:
         if phase in phases:
             phases[phase]["step_times"] = [b - a for a, b in zip(ts, ts[1:])]
     info = inspect_model(model)
-    workload = Workload(args.frames, args.height, args.width, len(prompts), True, reference="stored" if name in ("lean", "disk") else "shared")
-    return {"seconds": total, "phases": phases, "predicted": predict_peaks(PLANS[plan], info, workload), "prompts": len(prompts)}
+    workload = Workload(args.frames, args.height, args.width, min(len(prompts), args.batch), True, reference="stored" if name in ("lean", "disk") else "shared")
+    return {"seconds": total, "phases": phases, "predicted": predict_peaks(PLANS[plan], info, workload), "prompts": len(prompts), "batch": args.batch}
 
 
 def build_model(args) -> Path:
@@ -134,6 +134,7 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--variants", default="upstream,model_offload,staged,staged-4prompts,lean,offload,sequential,disk")
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=4, help="prompts per transformer pass in staged-4prompts")
     ap.add_argument("--tiny", action="store_true", help="tiny model on the CPU: checks the harness only")
     ap.add_argument("--workdir", default=tempfile.gettempdir())
     args = ap.parse_args()

@@ -231,6 +231,10 @@ def _quantization(weights: str, library: str) -> Any:
 
 
 def _place(module: torch.nn.Module, name: str, runtime: Runtime, quantized: bool) -> torch.nn.Module:
+    if name == "transformer" and runtime.plan.ff_chunk:
+        from engine.ff_chunking import apply_ff_chunking
+
+        apply_ff_chunking(module, runtime.plan.ff_chunk)
     if runtime.plan.offload == "block" and name != "vae":
         from diffusers.hooks import apply_group_offloading
 

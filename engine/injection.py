@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -30,7 +30,7 @@ class InjectionState:
     ref_of: list[int] = field(default_factory=list)
     strength: float = 1.0
     # Replayed reference K/V by block (stored attention); None = reference rows are in the batch.
-    stored: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
+    stored: Mapping[int, tuple[torch.Tensor, torch.Tensor]] | None = None
 
 
 def _project(attn, hidden: torch.Tensor, text_len: int, rotary) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -41,3 +41,20 @@ def test_gpu_plans_are_refused_on_cpu_with_the_fix(tiny_model, bikes):
         engine.invert(bikes, tiny_model, device="cpu", plan="offload", frames=9, height=96, width=160, steps=2)
     with pytest.raises(SettingsError, match="unknown --plan"):
         engine.invert(bikes, tiny_model, device="cpu", plan="huge", frames=9, height=96, width=160, steps=2)
+
+
+def test_ff_chunking_leaves_the_output_unchanged(tiny_model):
+    import torch
+    from diffusers import CogVideoXTransformer3DModel
+
+    from engine.ff_chunking import apply_ff_chunking
+
+    model = CogVideoXTransformer3DModel.from_pretrained(tiny_model, subfolder="transformer").eval()
+    x = torch.randn(2, 3, 16, 12, 20)
+    text = torch.randn(2, 226, 32)
+    t = torch.tensor([500, 500])
+    with torch.no_grad():
+        plain = model(x, text, t, return_dict=False)[0]
+        apply_ff_chunking(model, 100)
+        chunked = model(x, text, t, return_dict=False)[0]
+    torch.testing.assert_close(chunked, plain, rtol=1e-5, atol=1e-5)
