@@ -24,6 +24,7 @@ import safetensors.torch
 import torch
 
 from cache.errors import CacheCorruptError, CacheError, DiskFullError, ReadOnlyCacheError
+from cache.faults import maybe_die
 from cache.sizes import format_size
 
 PAYLOAD_KEY = "cogedit.payload_sha256"
@@ -98,6 +99,11 @@ def _translate_os_error(exc: OSError, path: Path) -> Exception:
             f"disk full while writing {path} "
             "— free some space, run `cogedit cache gc --max-size SIZE`, or pass --cache-dir on a bigger disk"
         )
+    if exc.errno == errno.EFBIG:
+        return DiskFullError(
+            f"{path} is larger than this filesystem or the process's file-size limit (ulimit -f) allows "
+            "— raise the limit, or pass --cache-dir on another filesystem"
+        )
     if exc.errno in _READ_ONLY_ERRNOS:
         return ReadOnlyCacheError(
             f"cannot write {path}: {exc.strerror or exc} "
@@ -118,7 +124,10 @@ def write_bytes_atomic(path: Path, data: bytes | memoryview) -> None:
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
         try:
-            _write_fully(fd, data)
+            half = len(memoryview(data)) // 2
+            _write_fully(fd, memoryview(data)[:half])
+            maybe_die(f"write:{path.name}")  # crash tests: die with half a file written
+            _write_fully(fd, memoryview(data)[half:])
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -137,6 +146,18 @@ def write_bytes_atomic(path: Path, data: bytes | memoryview) -> None:
         except OSError:
             pass  # `cogedit cache verify` reports leftover .tmp- files
     _fsync_dir(path.parent)
+
+
+def remove_temp_files(directory: Path) -> None:
+    """Delete the temporary files of writes that crashed, anywhere under `directory`.
+
+    Only for the holder of the entry's lock: nobody else writes there meanwhile.
+    """
+    for leftover in Path(directory).rglob(f".*{TMP_MARK}*"):
+        try:
+            leftover.unlink()
+        except OSError:
+            pass  # `cogedit cache verify` still reports it
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
@@ -194,7 +215,7 @@ def corrupt_error(path: Path, problem: str) -> CacheCorruptError:
             rel = path.relative_to(parent).as_posix()
             return CacheCorruptError(
                 f"cache entry {entry_id} is corrupt: {rel} {problem} "
-                f"— run `cogedit cache rm {entry_id}` or re-run the inversion to recompute it"
+                f"— run `cogedit cache rm {entry_id}`, then invert again to recompute it"
             )
     if path.parent.parent.name == "prompts":
         return CacheCorruptError(
@@ -250,6 +271,8 @@ def check_tensor_bytes(
         tensors = safetensors.torch.load(data)
     except Exception as exc:  # safetensors raises its own error types for every kind of damage
         raise corrupt_error(path, f"cannot be parsed ({exc})") from None
+    if expected is not None:
+        return tensors  # the whole-file checksum above already covers every payload byte
     recorded = meta.get(PAYLOAD_KEY)
     if recorded is None:
         raise corrupt_error(path, f"has no {PAYLOAD_KEY} (not written by cogedit, or its header is damaged)")

@@ -327,7 +327,7 @@ def _verify_entry(paths: EntryPaths) -> list[Problem]:
         if record is None:
             report(rel, f"its manifest record is damaged — {rm}")
         elif not path.is_file():
-            report(rel, f"is listed in the manifest but missing — {rm} or re-run the inversion")
+            report(rel, f"is listed in the manifest but missing — {rm}, then invert again")
         elif (reason := _check_file(path, record, rel.endswith(".safetensors"))) is not None:
             report(rel, reason)
 

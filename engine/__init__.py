@@ -5,6 +5,12 @@
     out = engine.edit(inv, ["a watercolor painting", "a charcoal sketch"])
 """
 
+import os
+
+# Phases load and free multi-GB components in turn; expandable segments stop the freed blocks
+# from fragmenting the next phase's memory (about 1 GiB measured). Only read before CUDA starts.
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+
 from engine.components import Runtime, alive, inspect_model
 from engine.demo import demo
 from engine.errors import CogeditError, ModelError, PromptError, SettingsError, VideoError

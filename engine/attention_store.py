@@ -105,7 +105,7 @@ def default_budget(settings: StoreSettings, cache_dir: Path) -> int:
 
 def _quantize(x: torch.Tensor, dtype: str) -> dict[str, torch.Tensor]:
     if dtype == "model":
-        return {"": x.clone()}
+        return {"": x}  # copied to the host by the caller; no second copy on the GPU
     if dtype == "bf16":
         return {"": x.to(torch.bfloat16)}
     scale = x.abs().amax().float().clamp(min=1e-12) / FP8_MAX
@@ -158,7 +158,7 @@ def _make_hooks(gate: _TimestepGate):
                 if x.dim() == 2:  # V comes out of to_v as [tokens, heads * head_dim]
                     x = x.view(x.shape[0], self.heads, -1).transpose(0, 1)
                 for suffix, t in _quantize(x, gate.dtype).items():
-                    gate.buffer[self.name + suffix] = t.to("cpu", non_blocking=False)
+                    gate.buffer[self.name + suffix] = t.to("cpu", copy=True)  # a copy: the processor ropes K in place next
             return output
 
     return GateHook, CaptureHook

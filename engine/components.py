@@ -163,6 +163,12 @@ def inspect_model(model: str | os.PathLike) -> ModelInfo:
             ok = (d / _CONFIG_FILES[part]).exists() and (part == "scheduler" or bool(_weights(d)))
         if not ok:
             missing.append(part)
+    pickled = [part for part in missing if any((path / part).glob("*.bin"))]
+    if pickled:
+        raise ModelError(
+            f"model folder {path} has only pickled .bin weights for {', '.join(pickled)}, and cogedit loads "
+            "safetensors only (loading a pickle can run code); download the .safetensors files of the repository"
+        )
     if missing:
         hint = "safetensors weights and config" if set(missing) - {"tokenizer", "scheduler"} else "files"
         raise ModelError(
@@ -239,10 +245,10 @@ def _place(module: torch.nn.Module, name: str, runtime: Runtime, quantized: bool
         from diffusers.hooks import apply_group_offloading
 
         # Weights stay in CPU memory; each block is copied in on a side stream just before use.
-        apply_group_offloading(
-            module, onload_device=torch.device(runtime.device), offload_type="block_level",
-            num_blocks_per_group=1, use_stream=True,
-        )
+        # T5's blocks sit one level down (encoder.block), where block-level grouping can't see
+        # them, so it is offloaded leaf by leaf; it runs once per prompt.
+        level = {"offload_type": "block_level", "num_blocks_per_group": 1} if name == "transformer" else {"offload_type": "leaf_level"}
+        apply_group_offloading(module, onload_device=torch.device(runtime.device), use_stream=True, **level)
         return module
     return module if quantized else module.to(runtime.device)
 
@@ -286,6 +292,8 @@ def _load(name: str, info: ModelInfo, runtime: Runtime) -> Any:
 @contextlib.contextmanager
 def loaded(name: str, info: ModelInfo, runtime: Runtime) -> Iterator[Any]:
     """Load one component for the duration of a phase, then free it before the next loads."""
+    # Hooks leave reference cycles; collect the last phase's component before loading this one.
+    free_memory()
     module = _load(name, info, runtime)
     _LIVE[name] = module
     LOAD_EVENTS.append((name, alive()))

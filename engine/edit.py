@@ -83,10 +83,13 @@ def ddim_edit(
             row_embeds = embeds
             state.active = active[i]
             state.stored = None
+            if inject.reference == "stored" and reference is not None:
+                # Read the next injected step's shard while this step computes.
+                upcoming = [j for j in range(i + 1 if state.active else i, steps) if active[j]]
+                if upcoming:
+                    reference.stored.prefetch(int(scheduler.timesteps[upcoming[0]]))
             if state.active and inject.reference == "stored":
                 state.stored = reference.stored.at(int(t))
-                if i + 1 < steps and active[i + 1]:  # read the next shard while this step computes
-                    reference.stored.prefetch(int(scheduler.timesteps[i + 1]))
             elif state.active and inject.reference == "per-half":
                 ref = reference.reached(i).to(x.dtype)
                 rows = torch.cat([rows, ref.expand(n_edit, -1, -1, -1, -1)])

@@ -116,8 +116,10 @@ class Reporter:
             task = progress.add_task(name, total=total)
         start = time.perf_counter()
         handle = Phase(record, progress, task)
+        failed = True
         try:
             yield handle
+            failed = False
         except torch.cuda.OutOfMemoryError as exc:
             raise GPUOutOfMemoryError(_oom_message(name, exc)) from exc
         finally:
@@ -129,7 +131,9 @@ class Reporter:
                 record.peak_bytes = _cpu_peak()
             record.seconds = time.perf_counter() - start
             if progress is not None:
-                if progress.tasks[0].total is None:
+                if failed:  # the error's one line says what happened; a stopped bar would only add noise
+                    progress.live.transient = True
+                elif progress.tasks[0].total is None:
                     progress.update(task, total=1, completed=1)
                 progress.stop()
 

@@ -16,9 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from cache.atomic import FileRecord, load_tensors, save_tensors
+from cache.atomic import FileRecord, load_tensors, remove_temp_files, save_tensors
+from cache.errors import ReadOnlyCacheError
+from cache.faults import maybe_die
 from cache.keys import stable_hash
 from cache.layout import CacheLayout, EntryPaths, cache_root, resolve_entry_id
 from cache.lock import entry_lock
@@ -33,6 +36,7 @@ from engine.encode import encode_frames
 from engine.errors import CogeditError, ModelError, SettingsError
 from engine.denoiser import predict, rotary_embeddings
 from engine.invert import ddim_invert, inverse_scheduler
+from engine.plans import Workload, choose_plan, predict_peaks
 from engine.report import Reporter
 from engine.settings import EditSettings, InjectSettings, InvertSettings, parse_layers, parse_window
 from engine.video import FrameSettings, VideoInfo, probe_video, read_frames, select_frame_indices, to_model_input
@@ -98,27 +102,53 @@ class EditResult:
     videos: tuple[Path, ...]
     side_by_side: tuple[Path, ...]
     latents: torch.Tensor  # [K, F', C, h, w] on the CPU
+    frames: Any = None  # uint8 [K, F, H, W, 3] with output="frames"
 
 
 def _layout(cache_dir: str | Path | None) -> CacheLayout:
     layout = CacheLayout(cache_root(cache_dir))
-    layout.ensure()
+    try:
+        layout.ensure()
+    except ReadOnlyCacheError:
+        if not layout.entries_dir.is_dir():
+            raise
+        # A read-only cache still serves its finished entries; writing to it fails with the same error.
     return layout
 
 
 def inversion_key(video_sha: str, frames: FrameSettings, model: ModelInfo, runtime: Runtime, settings: InvertSettings) -> str:
-    """Everything that changes the trajectory, and nothing else."""
-    return stable_hash(
-        {
-            "format": FORMAT_VERSION,
-            "video": video_sha,
-            "frames": dataclasses.asdict(frames),
-            "model": model.key,
-            "dtype": str(runtime.dtype),
-            "invert": settings.key_fields(),
-            "scheduler": model.scheduler_config,
-        }
-    )
+    """Everything that changes the trajectory, and nothing else (offloading does not; 8/4-bit weights do)."""
+    fields = {
+        "format": FORMAT_VERSION,
+        "video": video_sha,
+        "frames": dataclasses.asdict(frames),
+        "model": model.key,
+        "dtype": str(runtime.dtype),
+        "invert": settings.key_fields(),
+        "scheduler": model.scheduler_config,
+    }
+    if runtime.plan.transformer_weights != "bf16":
+        fields["weights"] = runtime.plan.transformer_weights
+    return stable_hash(fields)
+
+
+def _with_plan(runtime: Runtime, plan: str | None, vram: str | int | None, info: ModelInfo, workload: Workload, reporter: Reporter) -> Runtime:
+    """The runtime with the named plan, or the fastest plan predicted to fit `vram`."""
+    if plan and vram:
+        raise SettingsError("give --plan or --vram, not both (--vram picks a plan)")
+    if vram is not None:
+        from cache.sizes import parse_size
+
+        try:
+            budget = parse_size(vram) if isinstance(vram, str) else int(vram)
+        except ValueError as exc:
+            raise SettingsError(f"--vram: {exc}") from None
+        chosen = choose_plan(budget, info, workload)
+        with reporter.phase("plan") as ph:
+            peak = max(predict_peaks(chosen, info, workload).values())
+            ph.record.detail = f"--vram {_fmt(budget)}: plan {chosen.name}, predicted peak {_fmt(peak)}"
+        plan = chosen.name
+    return Runtime.default(runtime.device, runtime.dtype, plan) if plan else runtime
 
 
 def _output_fps(video: VideoInfo, frames: FrameSettings) -> float:
@@ -153,6 +183,8 @@ def invert(
     attention_layers: str | tuple[int, ...] | None = None,
     attention_dtype: str = "model",
     attention_budget: int | None = None,
+    plan: str | None = None,
+    vram: str | int | None = None,
     cache_dir: str | Path | None = None,
     device: str | None = None,
     dtype: str | torch.dtype | None = None,
@@ -177,6 +209,8 @@ def invert(
         fps = _output_fps(info_video, frame_settings)  # also fails early when too few frames remain
         ph.record.detail = f"{Path(video).name}: {info_video.num_frames} frames {info_video.width}x{info_video.height}"
     info = inspect_model(model)
+    workload = Workload(len(select_frame_indices(info_video.num_frames, frame_settings)), height, width, invert_rows=2 if settings.uses_cfg else 1)
+    runtime = _with_plan(runtime, plan, vram, info, workload, reporter)
     store = _store_settings(attention_store, attention_steps, attention_layers, attention_dtype, info)
     if store.where != "none":
         _check_budget(store, steps, len(select_frame_indices(info_video.num_frames, frame_settings)), frame_settings, info, runtime, attention_budget, layout, reporter)
@@ -191,6 +225,7 @@ def invert(
         return Inversion(entry_id, layout, manifest)
 
     with entry_lock(paths):
+        remove_temp_files(paths.dir)  # left by a process killed mid-write
         manifest = read_manifest(paths.manifest)
         if manifest and manifest.get("complete"):  # another process may have finished it meanwhile
             if not _has_store(Inversion(entry_id, layout, manifest), store, steps):
@@ -214,6 +249,7 @@ def invert(
                 summary={"video": Path(video).name, "model": info.source, "steps": steps, "fps": fps},
             )
         paths.dir.mkdir(parents=True, exist_ok=True)
+        write_manifest(paths.manifest, manifest)  # first: an interrupted entry reads as partial, never as broken
         latents = _encode_stage(video, frame_settings, info, runtime, paths, manifest, reporter)
         embeds = _embed_stage([source_prompt, negative_prompt] if settings.uses_cfg else [source_prompt], info, runtime, layout, reporter)
         _invert_stage(latents, embeds, settings, info, runtime, paths, manifest, reporter, callback, store)
@@ -235,6 +271,7 @@ def _encode_stage(video, frame_settings, info, runtime, paths, manifest, reporte
         _save(paths, manifest, paths.frames, {"frames": frames})
         with loaded("vae", info, runtime) as vae:
             latents = encode_frames(vae, to_model_input(frames)).cpu()
+        maybe_die("encode")
         _save(paths, manifest, paths.latents, {"latents": latents})
         manifest["stages"]["encode"] = "done"
         manifest["summary"]["frames"] = int(frames.shape[0])
@@ -266,6 +303,7 @@ def _invert_stage(latents, embeds, settings, info, runtime, paths, manifest, rep
             _save(paths, manifest, paths.step_file(i), {"latent": state["x"]}, t=int(state["t"]))
             progress["done"] = i + 1
             write_manifest(paths.manifest, manifest)  # after the step file: a crash loses at most one step
+            maybe_die("step")
             ph.advance()
             if callback is not None:
                 callback({"phase": "invert", **state})
@@ -392,7 +430,7 @@ def _store_stage(inv: Inversion, store: StoreSettings, info: ModelInfo, runtime:
         ph.hit(False, f"{len(todo)} step(s) of stored attention from the cached trajectory")
         with loaded("transformer", info, runtime) as transformer, _capturing(transformer, store, paths, manifest, steps, info):
             clean = inv.latents()
-            rotary = rotary_embeddings(transformer, clean.shape, info.vae_scale_spatial)
+            rotary = rotary_embeddings(transformer, clean.shape, info.vae_scale_spatial, runtime.device)
             for j, t in todo:
                 x = clean if j == 0 else inv._load(paths.step_file(j - 1), "latent")
                 predict(transformer, x.to(runtime.device, runtime.dtype), cond, torch.tensor(t), rotary)
@@ -431,11 +469,19 @@ def edit(
     model: str | Path | None = None,
     cache_dir: str | Path | None = None,
     device: str | None = None,
+    plan: str | None = None,
+    vram: str | int | None = None,
     reporter: Reporter | None = None,
     callback: Callback | None = None,
-    write: bool = True,
+    output: str = "mp4",
 ) -> EditResult:
-    """Render one edit per prompt from a cached inversion: no video is read, no VAE encoder runs."""
+    """Render one edit per prompt from a cached inversion: no video is read, no VAE encoder runs.
+
+    `output`: "mp4" writes an mp4 and a side-by-side per prompt into `out_dir`; "frames" decodes
+    and returns the frames without writing; "latents" skips the decoder.
+    """
+    if output not in ("mp4", "frames", "latents"):
+        raise SettingsError(f"output must be mp4, frames or latents, got {output!r}")
     if isinstance(inversion, str):
         inversion = open_inversion(inversion, cache_dir)
     prompts = (prompts,) if isinstance(prompts, str) else tuple(prompts)
@@ -449,22 +495,30 @@ def edit(
         )
     window = parse_window(inject_steps) if isinstance(inject_steps, str) else tuple(inject_steps)
     layers = parse_layers(inject_layers, info.transformer_config["num_layers"]) if isinstance(inject_layers, str) else inject_layers
-    settings = EditSettings(
-        prompts, negative_prompt, guidance, init, seed,
-        InjectSettings(window, layers, inject_strength, reference), batch,
-    )
-    cfg = guidance > 1.0
-    inject = settings.inject
+    frames = inversion.manifest["summary"].get("frames", 49)
+    fs = inversion.manifest["settings"]["frames"]
+    workload = Workload(frames, fs["height"], fs["width"], min(batch, len(prompts)), guidance > 1.0, reference=reference)
+    runtime = _with_plan(runtime, plan, vram, info, workload, reporter)
     steps = inversion.steps
+    inject = InjectSettings(window, layers, inject_strength, reference)
+    if runtime.plan.row_group and inject.reference != "stored" and any(inject.is_active(i, steps) for i in range(steps)):
+        if inject.reference == "per-half":
+            raise SettingsError(f"--plan {runtime.plan.name} runs rows apart, which per-half references cannot; use --reference stored or another --plan")
+        # A stored replay is the same computation as the shared reference row, so switch to it.
+        inject = dataclasses.replace(inject, reference="stored")
+    settings = EditSettings(prompts, negative_prompt, guidance, init, seed, inject, batch)
+    cfg = guidance > 1.0
     shared_ref = any(inject.is_active(i, steps) for i in range(steps)) and inject.reference == "shared"
     source_prompt = inversion.manifest["settings"]["invert"]["source_prompt"]
     wanted = list(prompts) + ([negative_prompt] if cfg else []) + ([source_prompt] if shared_ref else [])
+    if output == "mp4":
+        _outputs(inversion.id, prompts, Path(out_dir), force)  # refuse before the edit runs, not after
     embeds = _embed_stage(wanted, info, runtime, inversion.layout, reporter)
     store = _find_store(inversion, inject, info) if inject.reference == "stored" else None
     latents = _edit_stage(inversion, settings, embeds, source_prompt, info, runtime, reporter, callback, store)
-    if not write:
+    if output == "latents":
         return EditResult(inversion.id, prompts, (), (), latents)
-    return _decode_stage(inversion, prompts, latents, fps, Path(out_dir), force, info, runtime, reporter)
+    return _decode_stage(inversion, prompts, latents, fps, Path(out_dir), force, info, runtime, reporter, output == "mp4")
 
 
 def _find_store(inv: Inversion, inject: InjectSettings, info: ModelInfo) -> tuple[str, dict[str, Any]]:
@@ -497,7 +551,7 @@ def _stored_attention(inv: Inversion, found: tuple[str, dict[str, Any]], inject:
             return load_tensors(shard_path(directory, t), FileRecord(**inv.manifest["files"][inv.paths.relative(shard_path(directory, t))]))
 
     layers = tuple(range(info.transformer_config["num_layers"])) if inject.layers is None else inject.layers
-    rotary = rotary_embeddings(transformer, shape, info.vae_scale_spatial)
+    rotary = rotary_embeddings(transformer, shape, info.vae_scale_spatial, runtime.device)
     return StoredAttention(layers, load, runtime.device, runtime.dtype, rotary, info.text_length)
 
 
@@ -540,6 +594,7 @@ def _edit_stage(inversion, settings: EditSettings, embeds, source_prompt, info, 
                     guidance=settings.guidance,
                     reference=reference,
                     inject=settings.inject,
+                    row_group=runtime.plan.row_group,
                     callback=on_step,
                 )
                 out.append(x.cpu())
@@ -548,23 +603,36 @@ def _edit_stage(inversion, settings: EditSettings, embeds, source_prompt, info, 
     return torch.cat(out)
 
 
-def _decode_stage(inversion, prompts, latents, fps, out_dir, force, info, runtime, reporter) -> EditResult:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stem = inversion.id[:8]
+def _outputs(inversion_id: str, prompts, out_dir: Path, force: bool) -> tuple[list[Path], list[Path]]:
+    """The mp4 paths of an edit; refuses existing files (unless `force`) and unusable folders."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SettingsError(f"cannot create --out folder {out_dir}: {exc.strerror or exc} — pass --out to a writable folder") from None
+    stem = inversion_id[:8]
     names = [safe_name(p, i) for i, p in enumerate(prompts)]
     videos = [claim(out_dir / f"{stem}-{n}.mp4", force) for n in names]
     pairs = [claim(out_dir / f"{stem}-{n}-side-by-side.mp4", force) for n in names]
+    return videos, pairs
+
+
+def _decode_stage(inversion, prompts, latents, fps, out_dir, force, info, runtime, reporter, write: bool) -> EditResult:
+    videos, pairs = _outputs(inversion.id, prompts, out_dir, force) if write else ([], [])
     fps = fps or float(inversion.manifest["summary"].get("fps", 8.0))
-    source = inversion.frames().numpy()
+    source = inversion.frames().numpy() if write else None
+    decoded = []
     with reporter.phase("decode", total=len(prompts)) as ph:
         with loaded("vae", info, runtime) as vae:
             for k in range(len(prompts)):
                 frames = decode_latents(vae, latents[k : k + 1])[0]
-                write_video(frames, videos[k], fps)
-                write_video(side_by_side(source, frames), pairs[k], fps)
+                if write:
+                    write_video(frames, videos[k], fps)
+                    write_video(side_by_side(source, frames), pairs[k], fps)
+                else:
+                    decoded.append(frames)
                 ph.advance()
-        ph.record.detail = f"{len(prompts)} mp4 + {len(prompts)} side-by-side in {out_dir}"
-    return EditResult(inversion.id, prompts, tuple(videos), tuple(pairs), latents)
+        ph.record.detail = f"{len(prompts)} mp4 + {len(prompts)} side-by-side in {out_dir}" if write else f"{len(prompts)} video(s) decoded"
+    return EditResult(inversion.id, prompts, tuple(videos), tuple(pairs), latents, np.stack(decoded) if decoded else None)
 
 
 def run(
@@ -582,5 +650,6 @@ def run(
     """Invert when needed, then edit: the one-shot path."""
     runtime = Runtime.default(device, dtype)
     reporter = reporter or Reporter(device=runtime.device)
-    inv = invert(video, model, cache_dir=cache_dir, device=device, dtype=dtype, reporter=reporter, **(invert_options or {}))
+    plan = {k: edit_options[k] for k in ("plan", "vram") if edit_options.get(k) is not None}
+    inv = invert(video, model, cache_dir=cache_dir, device=device, dtype=dtype, reporter=reporter, **plan, **(invert_options or {}))
     return inv, edit(inv, prompts, model=model, cache_dir=cache_dir, device=device, reporter=reporter, **edit_options)

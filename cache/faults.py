@@ -1,0 +1,32 @@
+"""Fault injection for the crash tests: a process can be made to die at one named point.
+
+`COGEDIT_TEST_KILL_AT=<point>:<n>` sends this process `COGEDIT_TEST_KILL_SIGNAL` (a signal name,
+default SIGKILL) the n-th time `maybe_die(point)` runs. The points:
+
+    write:<file name>   half of the file's bytes are in its temporary file (cache/atomic.py)
+    encode              the VAE has encoded, the latents are not saved yet (engine/workflow.py)
+    step                an inversion step's file and manifest are written (engine/workflow.py)
+
+Unset, as everywhere but in tests, it costs one environment lookup per call.
+"""
+
+import os
+import signal
+
+KILL_AT_ENV = "COGEDIT_TEST_KILL_AT"
+KILL_SIGNAL_ENV = "COGEDIT_TEST_KILL_SIGNAL"
+
+_calls: dict[str, int] = {}
+
+
+def maybe_die(point: str) -> None:
+    """Signal this process if the environment names `point` and this is the n-th call for it."""
+    target = os.environ.get(KILL_AT_ENV)
+    if not target:
+        return
+    name, _, n = target.rpartition(":")
+    if name != point:
+        return
+    _calls[point] = _calls.get(point, 0) + 1
+    if _calls[point] == int(n):
+        os.kill(os.getpid(), getattr(signal, os.environ.get(KILL_SIGNAL_ENV, "SIGKILL")))
