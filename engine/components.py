@@ -237,6 +237,10 @@ def _quantization(weights: str, library: str) -> Any:
 
 
 def _place(module: torch.nn.Module, name: str, runtime: Runtime, quantized: bool) -> torch.nn.Module:
+    if name == "transformer":
+        from engine.injection import CogVideoXAttnProcessor
+
+        module.set_attn_processor(CogVideoXAttnProcessor())
     if name == "transformer" and runtime.plan.ff_chunk:
         from engine.ff_chunking import apply_ff_chunking
 

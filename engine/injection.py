@@ -33,10 +33,20 @@ class InjectionState:
     stored: Mapping[int, tuple[torch.Tensor, torch.Tensor]] | None = None
 
 
-def _project(attn, hidden: torch.Tensor, text_len: int, rotary) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """q, k, v as [B, heads, tokens, head_dim], after the q/k norms and RoPE on image tokens."""
+ROPE_HEADS = 8  # heads per RoPE slice: RoPE computes in float32, so slicing bounds that copy
+
+
+def _rope_(x: torch.Tensor, text_len: int, rotary) -> None:
+    """RoPE on the image tokens of x [B, heads, tokens, dim], in place, a few heads at a time."""
     from diffusers.models.embeddings import apply_rotary_emb
 
+    for h in range(0, x.shape[1], ROPE_HEADS):
+        part = x[:, h : h + ROPE_HEADS, text_len:]
+        part.copy_(apply_rotary_emb(part, rotary))
+
+
+def _project(attn, hidden: torch.Tensor, text_len: int, rotary) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v as [B, heads, tokens, head_dim], after the q/k norms and RoPE on image tokens."""
     b = hidden.shape[0]
     q, k, v = (proj(hidden).view(b, -1, attn.heads, attn.to_q.out_features // attn.heads).transpose(1, 2) for proj in (attn.to_q, attn.to_k, attn.to_v))
     if attn.norm_q is not None:
@@ -44,14 +54,29 @@ def _project(attn, hidden: torch.Tensor, text_len: int, rotary) -> tuple[torch.T
     if attn.norm_k is not None:
         k = attn.norm_k(k)
     if rotary is not None:
-        q = torch.cat([q[:, :, :text_len], apply_rotary_emb(q[:, :, text_len:], rotary)], dim=2)
-        k = torch.cat([k[:, :, :text_len], apply_rotary_emb(k[:, :, text_len:], rotary)], dim=2)
+        _rope_(q, text_len, rotary)
+        _rope_(k, text_len, rotary)
     return q, k, v
 
 
 def _attend(attn, q, k, v, mask=None) -> torch.Tensor:
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0, is_causal=False)
     return out.transpose(1, 2).flatten(2)
+
+
+class CogVideoXAttnProcessor:
+    """CogVideoX self-attention, the same arithmetic as diffusers' processor with a lower peak.
+
+    diffusers applies RoPE to all 48 heads at once in float32, a transient about as large as
+    a block's MLP activations at 17,776 tokens; here it runs in place, a few heads at a time.
+    """
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states, attention_mask=None, image_rotary_emb=None):
+        text_len = encoder_hidden_states.shape[1]
+        x = torch.cat([encoder_hidden_states, hidden_states], dim=1)
+        out = _attend(attn, *_project(attn, x, text_len, image_rotary_emb))
+        out = attn.to_out[1](attn.to_out[0](out))
+        return out[:, text_len:], out[:, :text_len]
 
 
 class KVInjectionProcessor:

@@ -48,8 +48,8 @@ PLANS: dict[str, Plan] = {
     for p in (
         Plan("staged", "every phase resident in bf16, one component at a time (24 GB cards)"),
         Plan("lean", "staged, edit rows one at a time against stored attention, sliced MLPs (12-16 GB)", row_group=1, ff_chunk=4096),
-        Plan("int8", "8-bit transformer and T5 (bitsandbytes), all rows at once (10-12 GB)", "int8", "int8"),
-        Plan("nf4", "4-bit transformer and T5 (bitsandbytes nf4) (8 GB)", "nf4", "nf4"),
+        Plan("int8", "8-bit transformer and T5 (bitsandbytes), sliced MLPs (10-12 GB)", "int8", "int8", ff_chunk=4096),
+        Plan("nf4", "4-bit transformer and T5 (bitsandbytes nf4), sliced MLPs (8 GB)", "nf4", "nf4", ff_chunk=4096),
         Plan("offload", "bf16 weights streamed block by block from CPU memory (6-8 GB)", offload="block", ff_chunk=4096),
     )
 }
