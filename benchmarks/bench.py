@@ -192,16 +192,17 @@ def main() -> None:
             row["ok"] = True
         except Exception as exc:  # a variant that fails (OOM under its cap) is a result too
             row = {"ok": False, "error": f"{type(exc).__name__}: {str(exc)[:300]}", "trace": traceback.format_exc()[-2000:]}
-            if cuda and "out of memory" in str(exc) and name in CAPS:
-                # Measure what it does need, with no cap.
-                cap(None)
-                shutil.rmtree(cache_dir, ignore_errors=True)
-                try:
-                    row["uncapped"] = run_plan(name, model, CLIP, args, cache_dir)
-                except Exception as exc2:
-                    row["uncapped"] = {"ok": False, "error": f"{type(exc2).__name__}: {str(exc2)[:300]}"}
         finally:
             cap(None)
+            shutil.rmtree(cache_dir, ignore_errors=True)
+            engine.components.free_memory()
+        if not row["ok"] and cuda and "out of memory" in row["error"] and name in CAPS:
+            # Measure what it does need, with no cap (after the failed run's frames are gone).
+            engine.components.free_memory()
+            try:
+                row["uncapped"] = run_plan(name, model, CLIP, args, cache_dir)
+            except Exception as exc:
+                row["uncapped"] = {"ok": False, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
             shutil.rmtree(cache_dir, ignore_errors=True)
             engine.components.free_memory()
         for ph in row.get("phases", {}).values():

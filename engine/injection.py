@@ -34,6 +34,7 @@ class InjectionState:
 
 
 ROPE_HEADS = 8  # heads per RoPE slice: RoPE computes in float32, so slicing bounds that copy
+INJECT_HEADS = 16  # heads per injected attention call (48 in CogVideoX-5B)
 
 
 def _rope_(x: torch.Tensor, text_len: int, rotary) -> None:
@@ -102,14 +103,21 @@ class KVInjectionProcessor:
         else:
             ref_k, ref_v = k[n:], v[n:]
             index = torch.tensor(st.ref_of, device=k.device)
-        keys = torch.cat([k[:n], ref_k[index]], dim=2)
-        values = torch.cat([v[:n], ref_v[index]], dim=2)
         mask = None
         if st.strength != 1.0:
             own = k.shape[2]
             mask = torch.zeros(1, 1, 1, 2 * own, dtype=q.dtype, device=q.device)
             mask[..., own:] = math.log(st.strength)
-        out = _attend(attn, q[:n], keys, values, mask)
+        # Own and reference keys side by side, a third of the heads at a time: the joined
+        # keys and values are the largest tensors of an injected block.
+        parts = []
+        for h in range(0, q.shape[1], INJECT_HEADS):
+            heads = slice(h, h + INJECT_HEADS)
+            keys = torch.cat([k[:n, heads], ref_k[index, heads]], dim=2)
+            values = torch.cat([v[:n, heads], ref_v[index, heads]], dim=2)
+            parts.append(F.scaled_dot_product_attention(q[:n, heads], keys, values, attn_mask=mask))
+            del keys, values
+        out = torch.cat(parts, dim=1).transpose(1, 2).flatten(2)
         if st.stored is None:  # the reference rows attend to themselves only
             out = torch.cat([out, _attend(attn, q[n:], ref_k, ref_v)])
         out = attn.to_out[1](attn.to_out[0](out))
