@@ -83,7 +83,16 @@ def json_option(f):
     return click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")(f)
 
 
-def invert_options(f):
+def invert_options(guidance_flag: str):
+    """Inversion options; `run` names the inversion's CFG --invert-guidance, beside the edit's --guidance."""
+
+    def decorate(f):
+        return _invert_options(f, guidance_flag)
+
+    return decorate
+
+
+def _invert_options(f, guidance_flag: str):
     for opt in reversed(
         [
             click.option("--model", required=True, help="CogVideoX-5b folder or hub id (THUDM/CogVideoX-5b)."),
@@ -95,7 +104,7 @@ def invert_options(f):
             click.option("--height", default=480, show_default=True),
             click.option("--width", default=720, show_default=True),
             click.option("--source-prompt", default="", help="Prompt describing the source (default: empty)."),
-            click.option("--invert-guidance", "invert_guidance", default=6.0, show_default=True, help="CFG scale of the inversion (no effect when source and negative prompts are equal)."),
+            click.option(guidance_flag, "invert_guidance", default=6.0, show_default=True, help="CFG scale of the inversion (no effect when source and negative prompts are equal)."),
             click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default=None, help="Model precision (default: bf16 on GPU, fp32 on CPU)."),
             click.option("--attention-store", type=click.Choice(["none", "cpu", "disk"]), default="none", show_default=True, help="Capture reference K/V while inverting, for --reference stored."),
             click.option("--attention-steps", default="0:1", show_default=True, help="START:END fraction of edit steps to store (like --inject-steps)."),
@@ -179,7 +188,7 @@ def tiny_model(directory: str, seed: int) -> None:
 
 @cli.command(name="invert")
 @click.argument("video", type=click.Path())
-@invert_options
+@invert_options("--guidance")
 @cache_option
 @runtime_options
 @json_option
@@ -229,7 +238,7 @@ def _print_edit(reporter, result, as_json: bool) -> None:
 
 @cli.command(name="run")
 @click.argument("video", type=click.Path())
-@invert_options
+@invert_options("--invert-guidance")
 @edit_options
 @cache_option
 @runtime_options

@@ -205,10 +205,10 @@ def inspect_model(model: str | os.PathLike) -> ModelInfo:
 
 def builtin_5b() -> ModelInfo:
     """The CogVideoX-5B shape with no files behind it: enough to plan memory without a download."""
-    from engine.configs import SCHEDULER, T5_XXL, TRANSFORMER_5B, VAE_5B
+    from engine.configs import SCHEDULER_5B, T5_XXL, TRANSFORMER_5B, VAE_5B
 
     vae = {"block_out_channels": [128, 256, 256, 512], "temporal_compression_ratio": 4, **VAE_5B}
-    return ModelInfo("CogVideoX-5B (built-in shape)", Path("."), "0" * 32, TRANSFORMER_5B, vae, SCHEDULER, T5_XXL)
+    return ModelInfo("CogVideoX-5B (built-in shape)", Path("."), "0" * 32, TRANSFORMER_5B, vae, SCHEDULER_5B, T5_XXL)
 
 
 def alive() -> list[str]:

@@ -2,7 +2,20 @@
 
 from __future__ import annotations
 
-from engine.tiny import SCHEDULER_5B
+# The inversion and edit schedulers are both built from this.
+SCHEDULER_5B = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    clip_sample=False,
+    set_alpha_to_one=True,
+    steps_offset=0,
+    prediction_type="v_prediction",
+    rescale_betas_zero_snr=True,
+    timestep_spacing="trailing",
+    snr_shift_scale=1.0,
+)
 
 TRANSFORMER_5B = dict(
     num_attention_heads=48,
@@ -38,7 +51,6 @@ T5_XXL = dict(
 
 VAE_5B = dict(scaling_factor=0.7)  # diffusers' AutoencoderKLCogVideoX defaults otherwise
 
-SCHEDULER = SCHEDULER_5B
 
 
 def write_random_5b(path, device: str = "cuda", dtype=None, seed: int = 0):
@@ -80,7 +92,7 @@ def write_random_5b(path, device: str = "cuda", dtype=None, seed: int = 0):
         vae = AutoencoderKLCogVideoX(**VAE_5B).to(dtype)
     vae.save_pretrained(path / "vae", safe_serialization=True)
     del vae
-    CogVideoXDDIMScheduler(**SCHEDULER).save_pretrained(path / "scheduler")
+    CogVideoXDDIMScheduler(**SCHEDULER_5B).save_pretrained(path / "scheduler")
     # A toy vocabulary is enough: token ids stay below the model's 32128.
     _train_tokenizer(path / "tokenizer")
     (path / "model_index.json").write_text(json.dumps({"_class_name": "CogVideoXPipeline"}))

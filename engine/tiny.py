@@ -13,20 +13,7 @@ from pathlib import Path
 
 import torch
 
-# The 5B scheduler (DESIGN.md): the inversion and edit schedulers are both built from this.
-SCHEDULER_5B = dict(
-    num_train_timesteps=1000,
-    beta_start=0.00085,
-    beta_end=0.012,
-    beta_schedule="scaled_linear",
-    clip_sample=False,
-    set_alpha_to_one=True,
-    steps_offset=0,
-    prediction_type="v_prediction",
-    rescale_betas_zero_snr=True,
-    timestep_spacing="trailing",
-    snr_shift_scale=1.0,
-)
+from engine.configs import SCHEDULER_5B, T5_XXL, TRANSFORMER_5B
 
 TINY_TEXT_LEN = 226  # same max length as the real model: the prompt path is the real one
 
@@ -82,24 +69,21 @@ def build_tiny_model(path: str | Path, seed: int = 0, rotary: bool = True) -> Pa
     path.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
 
+    # The 5B configuration at toy widths: rotary embeddings, patching and interpolation as in 5B.
     transformer = CogVideoXTransformer3DModel(
-        num_attention_heads=2,
-        attention_head_dim=16,
-        in_channels=16,
-        out_channels=16,
-        time_embed_dim=16,
-        text_embed_dim=32,
-        num_layers=2,
-        sample_width=20,
-        sample_height=12,
-        sample_frames=9,
-        patch_size=2,
-        max_text_seq_length=TINY_TEXT_LEN,
-        use_rotary_positional_embeddings=rotary,
-        spatial_interpolation_scale=1.875,
-        temporal_interpolation_scale=1.0,
-        attention_bias=True,
-        norm_eps=1e-5,
+        **{
+            **TRANSFORMER_5B,
+            "num_attention_heads": 2,
+            "attention_head_dim": 16,
+            "time_embed_dim": 16,
+            "text_embed_dim": 32,
+            "num_layers": 2,
+            "sample_width": 20,
+            "sample_height": 12,
+            "sample_frames": 9,
+            "max_text_seq_length": TINY_TEXT_LEN,
+            "use_rotary_positional_embeddings": rotary,
+        }
     )
     vae = AutoencoderKLCogVideoX(
         block_out_channels=(8, 8, 16, 16),
@@ -112,18 +96,7 @@ def build_tiny_model(path: str | Path, seed: int = 0, rotary: bool = True) -> Pa
         scaling_factor=0.7,
     )
     text_encoder = T5EncoderModel(
-        T5Config(
-            vocab_size=200,
-            d_model=32,
-            d_ff=64,
-            d_kv=8,
-            num_heads=4,
-            num_layers=2,
-            feed_forward_proj="gated-gelu",
-            dropout_rate=0.0,
-            pad_token_id=0,
-            eos_token_id=1,
-        )
+        T5Config(**{**T5_XXL, "vocab_size": 200, "d_model": 32, "d_ff": 64, "d_kv": 8, "num_heads": 4, "num_layers": 2, "pad_token_id": 0, "eos_token_id": 1})
     )
     scheduler = CogVideoXDDIMScheduler(**SCHEDULER_5B)
 

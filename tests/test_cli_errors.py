@@ -119,7 +119,7 @@ def test_bad_video(clips, tiny_model, name, expected):
         (["--height", "100"], "--height"),
         (["--skip-start", "300"], "only 0 of 250 frames remain after --skip-start 300"),
         (["--skip-start", "120", "--skip-end", "120", "--stride", "4"], "only 3 of 250 frames remain"),
-        (["--invert-guidance", "0.5"], "--guidance must be >= 1"),
+        (["--guidance", "0.5"], "--guidance must be >= 1"),
     ],
 )
 def test_bad_frame_and_step_settings(tiny_model, bikes, args, expected):

@@ -1,0 +1,79 @@
+"""The main job through the command line, on a real clip: invert once, edit from the cache."""
+
+from __future__ import annotations
+
+import json
+
+import decord
+import pytest
+from click.testing import CliRunner
+
+from cli import cli
+from engine import components
+
+SMALL_ARGS = ["--frames", "9", "--height", "96", "--width", "160", "--steps", "4"]
+
+
+def invoke(*args: str):
+    result = CliRunner().invoke(cli, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def _frames(path) -> tuple[int, tuple[int, ...]]:
+    reader = decord.VideoReader(str(path))
+    return len(reader), reader[0].shape
+
+
+def test_invert_then_edit_from_the_cache(tiny_model, bikes, tmp_path):
+    first = invoke("invert", bikes, "--model", tiny_model, *SMALL_ARGS)
+    inversion_id = first.stdout.strip().splitlines()[-1]
+    assert len(inversion_id) == 32 and "invert" in first.stderr  # the summary table
+
+    components.LOAD_EVENTS.clear()
+    again = json.loads(invoke("invert", bikes, "--model", tiny_model, *SMALL_ARGS, "--json").stdout)
+    assert again["id"] == inversion_id
+    assert components.LOAD_EVENTS == []  # a cache hit loads no model
+
+    components.LOAD_EVENTS.clear()
+    out = tmp_path / "edits"
+    result = invoke(
+        "edit", inversion_id[:8], "--prompt", "a watercolor painting", "--prompt", "a charcoal sketch",
+        "--inject-steps", "0:0.5", "--out", out, "--json",
+    )
+    assert [name for name, _ in components.LOAD_EVENTS] == ["text_encoder", "transformer", "vae"]
+    edits = json.loads(result.stdout)["edits"]
+    assert [e["prompt"] for e in edits] == ["a watercolor painting", "a charcoal sketch"]
+    for e in edits:
+        assert _frames(e["video"]) == (9, (96, 160, 3))
+        assert _frames(e["side_by_side"]) == (9, (96, 320, 3))  # source | edit
+
+    listing = invoke("cache", "ls", "--json").stdout
+    assert json.loads(listing)[0]["id"] == inversion_id and json.loads(listing)[0]["complete"]
+    assert "all cached files verified" in invoke("cache", "verify").stdout
+    assert inversion_id in invoke("cache", "show", inversion_id[:6]).stdout
+    dry = invoke("cache", "gc", "--max-size", "0", "--dry-run").stdout
+    assert f"would remove {inversion_id}" in dry  # and the prompt embeddings; nothing is removed
+
+    assert "removed" in invoke("cache", "rm", inversion_id[:6]).stdout
+    assert json.loads(invoke("cache", "ls", "--json").stdout) == []
+
+
+def test_run_is_invert_plus_edit(tiny_model, bikes, tmp_path):
+    result = invoke("run", bikes, "--model", tiny_model, *SMALL_ARGS, "--prompt", "snow at night", "--out", tmp_path, "--json")
+    (edit,) = json.loads(result.stdout)["edits"]
+    assert _frames(edit["video"]) == (9, (96, 160, 3))
+
+
+@pytest.mark.parametrize("command", ["invert", "edit", "run", "cache", "plan", "demo", "tiny-model"])
+def test_help_shows_examples(command):
+    assert "Usage:" in invoke(command, "--help").stdout
+
+
+def test_demo_writes_two_edits_and_side_by_sides(tmp_path):
+    result = invoke("demo", "--out", tmp_path / "demo")
+    videos = sorted((tmp_path / "demo").glob("*.mp4"))
+    assert len(videos) == 4 and sum("side-by-side" in v.name for v in videos) == 2
+    assert "decode" in result.stderr and "total" in result.stderr
+    for v in videos:
+        assert _frames(v)[0] == 17
