@@ -156,6 +156,23 @@ def main(paths: list[str]) -> None:
                 f"Upstream inversion step (2 rows): {2 * flops['row'] / upw['invert_step'] / 1e12 / peak_tf:.0%}; "
                 f"upstream edit step (2 edit rows + 2 reference rows): {(2 * flops['edit_row_doubled_keys'] + 2 * flops['row']) / upw['edit_step'] / 1e12 / peak_tf:.0%}."
             )
+    speed = out / "speed.json"
+    if speed.exists():
+        sp = json.loads(speed.read_text())
+        lines += [
+            "",
+            "## Transformer step speed by attention backend and compilation (`benchmarks/speed.py`)",
+            "",
+            f"{sp['device']}, {sp['date']}, measured bf16 peak {sp['peak_tflops_bf16']:.0f} TFLOP/s; one forward, median of 5.",
+            "",
+            "| variant | inversion forward (1 row) | edit forward (2 edit rows + shared reference) |",
+            "|---|---|---|",
+        ]
+        for name, row in sp["variants"].items():
+            cells = [f"{row[p]['median_s']:.3f} s, {row[p]['fraction_of_peak']:.0%} of peak" if "median_s" in row.get(p, {}) else row.get(p, {}).get("error", "-") for p in ("invert", "edit")]
+            lines.append(f"| {name} | {cells[0]} | {cells[1]} |")
+        if "compile_and_first_calls_s" in sp["variants"].get("compiled_blocks", {}):
+            lines.append(f"\nRegional compilation (each block `compile()`d) took {sp['variants']['compiled_blocks']['compile_and_first_calls_s']:.0f} s once per process; the default SDPA choice runs as fast as forcing cuDNN attention.")
     lines += [
         "",
         "## Notes",

@@ -10,7 +10,7 @@ from engine.tiny import build_tiny_model
 from engine.video import DEMO_VIDEO
 from engine.workflow import EditResult, edit, invert
 
-DEMO_PROMPTS = ("a watercolor painting of people riding bikes", "a charcoal sketch of a snowy road at night")
+DEMO_PROMPTS = ("a watercolor painting of cars passing a fence", "a charcoal sketch of the same street at night")
 # Small enough for a 2-core CPU; the tiny transformer was built for 96x160 (12x20 latents).
 DEMO_SETTINGS = dict(steps=10, frames=17, height=96, width=160)
 

@@ -1,0 +1,117 @@
+"""Transformer step speed on the GPU: which SDPA backend, and regional torch.compile.
+
+    python benchmarks/speed.py --out speed.json
+
+Builds the CogVideoX-5B transformer with random weights on the GPU (no disk) and times one
+inversion forward (1 row) and one edit forward (2 edit rows + 1 shared reference row, injected
+in every block) under each variant; median of repeats, as a fraction of the measured bf16
+matmul peak. Informs issue 4; the engine's defaults change only on such evidence.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.bench import matmul_peak_tflops, row_flops  # noqa: E402
+from engine.configs import TRANSFORMER_5B  # noqa: E402
+from engine.denoiser import predict, rotary_embeddings  # noqa: E402
+from engine.injection import CogVideoXAttnProcessor, InjectionState, kv_injection  # noqa: E402
+
+
+def timed(fn, reps: int) -> list[float]:
+    fn()
+    torch.cuda.synchronize()
+    out = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        out.append(time.perf_counter() - start)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--reps", type=int, default=5)
+    args = ap.parse_args()
+    from diffusers import CogVideoXTransformer3DModel
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = CogVideoXTransformer3DModel(**TRANSFORMER_5B).to(torch.bfloat16).eval().requires_grad_(False)
+    for p in model.parameters():
+        if p.dim() > 1:
+            p.data.normal_(0, 0.02)
+    model.set_attn_processor(CogVideoXAttnProcessor())
+    latents = torch.randn(1, 13, 16, 60, 90, device="cuda", dtype=torch.bfloat16)
+    text = torch.randn(1, 226, 4096, device="cuda", dtype=torch.bfloat16)
+    t = torch.tensor(500, device="cuda")
+    rotary = rotary_embeddings(model, latents.shape, 8, "cuda")
+    state = InjectionState(active=True, n_edit=2, ref_of=[0, 0])
+
+    def invert_step():
+        with torch.no_grad():
+            predict(model, latents, text, t, rotary)
+
+    def edit_step():
+        with torch.no_grad(), kv_injection(model, None, state):
+            predict(model, latents.expand(3, -1, -1, -1, -1), text.expand(3, -1, -1), t, rotary)
+
+    peak = matmul_peak_tflops()
+    tokens = 226 + 13 * 30 * 45
+    params = sum(p.numel() for p in model.parameters())
+    flops = {"invert": row_flops(tokens, params, 42, 3072), "edit": 2 * row_flops(tokens, params, 42, 3072, 2) + row_flops(tokens, params, 42, 3072)}
+    results = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "peak_tflops_bf16": peak, "flops": flops, "variants": {}}
+    variants = {
+        "default": None,
+        "cudnn": [SDPBackend.CUDNN_ATTENTION],
+        "flash": [SDPBackend.FLASH_ATTENTION],
+        "efficient": [SDPBackend.EFFICIENT_ATTENTION],
+    }
+    for name, backends in variants.items():
+        row = {}
+        for phase, fn in (("invert", invert_step), ("edit", edit_step)):
+            try:
+                if backends is None:
+                    times = timed(fn, args.reps)
+                else:
+                    with sdpa_kernel(backends):
+                        times = timed(fn, args.reps)
+                med = statistics.median(times)
+                row[phase] = {"median_s": med, "times": times, "fraction_of_peak": flops[phase] / med / 1e12 / peak}
+            except Exception as exc:
+                row[phase] = {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
+        results["variants"][name] = row
+        print(name, json.dumps(row)[:400], flush=True)
+        Path(args.out).write_text(json.dumps(results, indent=1))
+    # Regional compile: each block compiled once (same shapes every step), default backend.
+    start = time.perf_counter()
+    for block in model.transformer_blocks:
+        block.compile()
+    row = {}
+    for phase, fn in (("invert", invert_step), ("edit", edit_step)):
+        try:
+            times = timed(fn, args.reps)
+            med = statistics.median(times)
+            row[phase] = {"median_s": med, "times": times, "fraction_of_peak": flops[phase] / med / 1e12 / peak}
+        except Exception as exc:
+            row[phase] = {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
+    row["compile_and_first_calls_s"] = time.perf_counter() - start
+    results["variants"]["compiled_blocks"] = row
+    print("compiled_blocks", json.dumps(row)[:400], flush=True)
+    Path(args.out).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
