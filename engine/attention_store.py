@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from cache.atomic import FileRecord, load_tensors, save_tensors
+from cache.atomic import FileRecord, save_tensors
 from cache.keys import stable_hash
 from cache.sizes import format_size
 from engine.errors import SettingsError

@@ -26,7 +26,6 @@ from cache.keys import stable_hash
 from cache.layout import CacheLayout, EntryPaths, cache_root, resolve_entry_id
 from cache.lock import entry_lock
 from cache.manifest import FORMAT_VERSION, new_manifest, read_manifest, record_file, touch, write_manifest
-from engine import components
 from engine.attention_store import MEMORY_STORES, ShardWriter, StoredAttention, StoreSettings, budget_refusal, default_budget, kv_capture, shard_path
 from engine.components import ModelInfo, Runtime, inspect_model, loaded
 from engine.decode import claim, decode_latents, safe_name, side_by_side, write_video
