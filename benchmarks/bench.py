@@ -38,7 +38,7 @@ CLIP = Path(__file__).with_name("clip49.mp4")
 GiB = 1 << 30
 # Which card each plan is meant for (cards are sold in GiB: a "12 GB" card has 12 GiB),
 # emulated with an allocator cap 0.5 GiB below it, the room a CUDA context takes.
-CAPS = {"staged": 24, "staged-4prompts": 24, "lean": 12, "int8": 12, "nf4": 8, "offload": 8, "disk": 24}
+CAPS = {"staged": 24, "staged-compiled": 24, "staged-4prompts": 24, "lean": 12, "int8": 12, "nf4": 8, "offload": 8, "disk": 24}
 CONTEXT_GIB = 0.5
 
 
@@ -84,7 +84,8 @@ def _marks(sync: bool):
 def run_plan(name: str, model: Path, clip: Path, args, cache_dir: Path) -> dict:
     """One cogedit plan, whole workflow (invert, edit, the edit again from the cache) under its cap."""
     cuda = torch.cuda.is_available()
-    plan = {"staged-4prompts": "staged", "disk": "staged"}.get(name, name)
+    plan = {"staged-4prompts": "staged", "disk": "staged", "staged-compiled": "staged"}.get(name, name)
+    compiled = name.endswith("-compiled")
     reporter = engine.Reporter(device="cuda" if cuda else "cpu")
     inv_kw = dict(steps=args.steps, frames=args.frames, height=args.height, width=args.width)
     edit_kw: dict = dict(inject_steps="0:1")
@@ -99,11 +100,11 @@ def run_plan(name: str, model: Path, clip: Path, args, cache_dir: Path) -> dict:
     calls = []
     start = time.perf_counter()
     marks, cb = _marks(cuda)
-    inv = engine.invert(clip, model, plan=plan, reporter=reporter, callback=cb, cache_dir=cache_dir, **inv_kw)
+    inv = engine.invert(clip, model, plan=plan, compile=compiled, reporter=reporter, callback=cb, cache_dir=cache_dir, **inv_kw)
     calls.append(("invert", marks))
     for label, output in (("edit", "frames"), ("edit-again", "latents")):
         marks, cb = _marks(cuda)
-        engine.edit(inv, prompts, plan=plan, reporter=reporter, callback=cb, cache_dir=cache_dir, batch=args.batch, output=output, **edit_kw)
+        engine.edit(inv, prompts, plan=plan, compile=compiled, reporter=reporter, callback=cb, cache_dir=cache_dir, batch=args.batch, output=output, **edit_kw)
         calls.append((label, marks))
     total = time.perf_counter() - start
     phases = {}
@@ -118,7 +119,7 @@ def run_plan(name: str, model: Path, clip: Path, args, cache_dir: Path) -> dict:
             phases[phase]["step_times"] = [b - a for a, b in zip(ts, ts[1:])]
     info = inspect_model(model)
     workload = Workload(args.frames, args.height, args.width, min(len(prompts), args.batch), True, reference="stored" if name in ("lean", "disk") else "shared")
-    return {"seconds": total, "phases": phases, "predicted": predict_peaks(PLANS[plan], info, workload), "prompts": len(prompts), "batch": args.batch}
+    return {"seconds": total, "phases": phases, "predicted": predict_peaks(PLANS[plan], info, workload), "prompts": len(prompts), "batch": args.batch, "compiled": compiled}
 
 
 def build_model(args) -> Path:

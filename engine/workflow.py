@@ -128,6 +128,8 @@ def inversion_key(video_sha: str, frames: FrameSettings, model: ModelInfo, runti
     }
     if runtime.plan.transformer_weights != "bf16":
         fields["weights"] = runtime.plan.transformer_weights
+    if runtime.compile:  # fused kernels round differently
+        fields["compiled"] = True
     return stable_hash(fields)
 
 
@@ -147,7 +149,7 @@ def _with_plan(runtime: Runtime, plan: str | None, vram: str | int | None, info:
             peak = max(predict_peaks(chosen, info, workload).values())
             ph.record.detail = f"--vram {_fmt(budget)}: plan {chosen.name}, predicted peak {_fmt(peak)}"
         plan = chosen.name
-    return Runtime.default(runtime.device, runtime.dtype, plan) if plan else runtime
+    return Runtime.default(runtime.device, runtime.dtype, plan, runtime.compile) if plan else runtime
 
 
 def _output_fps(video: VideoInfo, frames: FrameSettings) -> float:
@@ -184,6 +186,7 @@ def invert(
     attention_budget: int | None = None,
     plan: str | None = None,
     vram: str | int | None = None,
+    compile: bool = False,
     cache_dir: str | Path | None = None,
     device: str | None = None,
     dtype: str | torch.dtype | None = None,
@@ -199,7 +202,7 @@ def invert(
     """
     frame_settings = FrameSettings(frames, skip_start, skip_end, stride, height, width)
     settings = InvertSettings(steps, source_prompt, negative_prompt, guidance)
-    runtime = Runtime.default(device, dtype)
+    runtime = Runtime.default(device, dtype, compile=compile)
     reporter = reporter or Reporter(device=runtime.device)
     layout = _layout(cache_dir)
 
@@ -470,6 +473,7 @@ def edit(
     device: str | None = None,
     plan: str | None = None,
     vram: str | int | None = None,
+    compile: bool = False,
     reporter: Reporter | None = None,
     callback: Callback | None = None,
     output: str = "mp4",
@@ -484,7 +488,7 @@ def edit(
     if isinstance(inversion, str):
         inversion = open_inversion(inversion, cache_dir)
     prompts = (prompts,) if isinstance(prompts, str) else tuple(prompts)
-    runtime = Runtime.default(device, inversion.dtype)
+    runtime = Runtime.default(device, inversion.dtype, compile=compile)
     reporter = reporter or Reporter(device=runtime.device)
     info = inspect_model(model or inversion.manifest["settings"]["model"]["source"])
     if info.key != inversion.manifest["settings"]["model"]["key"]:
@@ -649,6 +653,6 @@ def run(
     """Invert when needed, then edit: the one-shot path."""
     runtime = Runtime.default(device, dtype)
     reporter = reporter or Reporter(device=runtime.device)
-    plan = {k: edit_options[k] for k in ("plan", "vram") if edit_options.get(k) is not None}
+    plan = {k: edit_options[k] for k in ("plan", "vram", "compile") if edit_options.get(k) is not None}
     inv = invert(video, model, cache_dir=cache_dir, device=device, dtype=dtype, reporter=reporter, **plan, **(invert_options or {}))
     return inv, edit(inv, prompts, model=model, cache_dir=cache_dir, device=device, reporter=reporter, **edit_options)
