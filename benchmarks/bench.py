@@ -163,8 +163,9 @@ def main() -> None:
     info = inspect_model(model)
     cfg = info.transformer_config
     width = cfg["num_attention_heads"] * cfg["attention_head_dim"]
-    tokens = info.text_length + ((args.frames - 1) // 4 + 1) * (args.height // 16) * (args.width // 16)
-    from engine.plans import param_counts
+    from engine.plans import param_counts, sequence_tokens
+
+    tokens = sequence_tokens(info, args.frames, args.height, args.width)
 
     results["flops"] = {
         "tokens": tokens,

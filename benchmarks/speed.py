@@ -69,7 +69,10 @@ def main() -> None:
             predict(model, latents.expand(3, -1, -1, -1, -1), text.expand(3, -1, -1), t, rotary)
 
     peak = matmul_peak_tflops()
-    tokens = 226 + 13 * 30 * 45
+    from engine.components import builtin_5b
+    from engine.plans import sequence_tokens
+
+    tokens = sequence_tokens(builtin_5b(), 49, 480, 720)
     params = sum(p.numel() for p in model.parameters())
     flops = {"invert": row_flops(tokens, params, 42, 3072), "edit": 2 * row_flops(tokens, params, 42, 3072, 2) + row_flops(tokens, params, 42, 3072)}
     results = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "peak_tflops_bf16": peak, "flops": flops, "variants": {}}

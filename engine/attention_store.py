@@ -69,9 +69,9 @@ class StoreSettings:
         return len(self.edit_steps(steps)) * len(self.block_ids(num_layers)) * 2 * per_tensor
 
 
-def budget_refusal(settings: StoreSettings, steps: int, num_layers: int, tokens: int, width: int, budget: int) -> str | None:
+def budget_refusal(settings: StoreSettings, steps: int, num_layers: int, tokens: int, width: int, budget: int, model_bytes: int = 2) -> str | None:
     """None when the store fits `budget`; else a one-line refusal that names a window that fits."""
-    need = settings.bytes_needed(steps, num_layers, tokens, width)
+    need = settings.bytes_needed(steps, num_layers, tokens, width, model_bytes)
     if need <= budget:
         return None
     n_steps, n_layers = len(settings.edit_steps(steps)), len(settings.block_ids(num_layers))

@@ -116,16 +116,17 @@ class Workload:
     reference: str = "shared"  # shared | per-half | stored
 
 
-def _tokens(info: "ModelInfo", w: Workload) -> int:
+def sequence_tokens(info: "ModelInfo", frames: int, height: int, width: int) -> int:
+    """Text + image tokens the transformer sees for `frames` frames at height x width."""
     p = info.transformer_config["patch_size"]
-    latent_frames = (w.frames - 1) // info.vae_scale_temporal + 1
-    return info.text_length + latent_frames * (w.height // info.vae_scale_spatial // p) * (w.width // info.vae_scale_spatial // p)
+    latent_frames = (frames - 1) // info.vae_scale_temporal + 1
+    return info.text_length + latent_frames * (height // info.vae_scale_spatial // p) * (width // info.vae_scale_spatial // p)
 
 
 def predict_peaks(plan: Plan, info: "ModelInfo", w: Workload = Workload()) -> dict[str, int]:
     """Predicted peak GPU bytes per phase for `plan` on workload `w`."""
     counts = param_counts(info)
-    tokens = _tokens(info, w)
+    tokens = sequence_tokens(info, w.frames, w.height, w.width)
     cfg = info.transformer_config
     block_params = counts["transformer"] / cfg["num_layers"]
 

@@ -23,6 +23,7 @@ from cache.atomic import FileRecord, load_tensors, remove_temp_files, save_tenso
 from cache.errors import ReadOnlyCacheError
 from cache.faults import maybe_die
 from cache.keys import stable_hash
+from cache.sizes import format_size
 from cache.layout import CacheLayout, EntryPaths, cache_root, resolve_entry_id
 from cache.lock import entry_lock
 from cache.manifest import FORMAT_VERSION, new_manifest, read_manifest, record_file, touch, write_manifest
@@ -35,7 +36,7 @@ from engine.encode import encode_frames
 from engine.errors import CogeditError, ModelError, SettingsError
 from engine.denoiser import predict, rotary_embeddings
 from engine.invert import ddim_invert, inverse_scheduler
-from engine.plans import Workload, choose_plan, predict_peaks
+from engine.plans import Workload, choose_plan, predict_peaks, sequence_tokens
 from engine.report import Reporter
 from engine.settings import EditSettings, InjectSettings, InvertSettings, parse_layers, parse_window
 from engine.video import FrameSettings, VideoInfo, probe_video, read_frames, select_frame_indices, to_model_input
@@ -147,14 +148,13 @@ def _with_plan(runtime: Runtime, plan: str | None, vram: str | int | None, info:
         chosen = choose_plan(budget, info, workload)
         with reporter.phase("plan") as ph:
             peak = max(predict_peaks(chosen, info, workload).values())
-            ph.record.detail = f"--vram {_fmt(budget)}: plan {chosen.name}, predicted peak {_fmt(peak)}"
+            ph.record.detail = f"--vram {format_size(budget)}: plan {chosen.name}, predicted peak {format_size(peak)}"
         plan = chosen.name
     return Runtime.default(runtime.device, runtime.dtype, plan, runtime.compile) if plan else runtime
 
 
-def _output_fps(video: VideoInfo, frames: FrameSettings) -> float:
+def _output_fps(video: VideoInfo, idx: list[int]) -> float:
     """The frame rate that keeps the source's speed after frame selection."""
-    idx = select_frame_indices(video.num_frames, frames)
     if len(idx) < 2 or not video.fps:
         return video.fps or 8.0
     return round(video.fps * (len(idx) - 1) / (idx[-1] - idx[0]), 3)
@@ -208,14 +208,15 @@ def invert(
 
     with reporter.phase("video") as ph:
         info_video = probe_video(video)
-        fps = _output_fps(info_video, frame_settings)  # also fails early when too few frames remain
+        selected = select_frame_indices(info_video.num_frames, frame_settings)  # fails early on too few frames
+        fps = _output_fps(info_video, selected)
         ph.record.detail = f"{Path(video).name}: {info_video.num_frames} frames {info_video.width}x{info_video.height}"
     info = inspect_model(model)
-    workload = Workload(len(select_frame_indices(info_video.num_frames, frame_settings)), height, width, invert_rows=2 if settings.uses_cfg else 1)
+    workload = Workload(len(selected), height, width, invert_rows=2 if settings.uses_cfg else 1)
     runtime = _with_plan(runtime, plan, vram, info, workload, reporter)
     store = _store_settings(attention_store, attention_steps, attention_layers, attention_dtype, info)
     if store.where != "none":
-        _check_budget(store, steps, len(select_frame_indices(info_video.num_frames, frame_settings)), frame_settings, info, runtime, attention_budget, layout, reporter)
+        _check_budget(store, steps, workload, info, runtime, attention_budget, layout, reporter)
     entry_id = inversion_key(info_video.sha256, frame_settings, info, runtime, settings)
     paths = layout.entry(entry_id)
 
@@ -345,16 +346,9 @@ def _store_timesteps(store: StoreSettings, info: ModelInfo, steps: int) -> set[i
     return {int(timesteps[i]) for i in store.edit_steps(steps)}
 
 
-def _tokens(frames: int, frame_settings: FrameSettings, info: ModelInfo) -> int:
-    latent_frames = (frames - 1) // info.vae_scale_temporal + 1
-    p = info.transformer_config["patch_size"]
-    h, w = frame_settings.height // info.vae_scale_spatial // p, frame_settings.width // info.vae_scale_spatial // p
-    return info.text_length + latent_frames * h * w
-
-
-def _check_budget(store, steps, frames, frame_settings, info, runtime, budget, layout, reporter) -> None:
+def _check_budget(store, steps, workload: Workload, info, runtime, budget, layout, reporter) -> None:
     cfg = info.transformer_config
-    tokens = _tokens(frames, frame_settings, info)
+    tokens = sequence_tokens(info, workload.frames, workload.height, workload.width)
     width = cfg["num_attention_heads"] * cfg["attention_head_dim"]
     model_bytes = torch.finfo(runtime.dtype).bits // 8
     need = store.bytes_needed(steps, cfg["num_layers"], tokens, width, model_bytes)
@@ -362,17 +356,11 @@ def _check_budget(store, steps, frames, frame_settings, info, runtime, budget, l
     with reporter.phase("plan") as ph:
         ph.record.detail = (
             f"stored attention ({store.where}, {store.dtype}): {len(store.edit_steps(steps))} steps x "
-            f"{len(store.block_ids(cfg['num_layers']))} blocks = {_fmt(need)} of {_fmt(budget)} budget"
+            f"{len(store.block_ids(cfg['num_layers']))} blocks = {format_size(need)} of {format_size(budget)} budget"
         )
-    refusal = budget_refusal(store, steps, cfg["num_layers"], tokens, width, budget) if need > budget else None
+    refusal = budget_refusal(store, steps, cfg["num_layers"], tokens, width, budget, model_bytes)
     if refusal:
         raise SettingsError(refusal)
-
-
-def _fmt(n: int) -> str:
-    from cache.sizes import format_size
-
-    return format_size(n)
 
 
 def _has_store(inv: Inversion, store: StoreSettings, steps: int) -> bool:

@@ -69,8 +69,8 @@ def test_low_precision_stores_stay_close(tiny_model, bikes, dtype, tol):
 
 def test_store_over_budget_is_refused_before_writing(tiny_model, bikes, _isolated_cache):
     with pytest.raises(SettingsError, match="budget") as info:
-        # One block-step is 50.8 KiB here: 120 kB holds two, i.e. one step of both blocks.
-        engine.invert(bikes, tiny_model, device="cpu", attention_budget=120_000, **SMALL, **_store("disk"))
+        # One block-step is 101.5 KiB here (fp32 on the CPU): 240 kB holds two, one step of both blocks.
+        engine.invert(bikes, tiny_model, device="cpu", attention_budget=240_000, **SMALL, **_store("disk"))
     assert "try --attention-steps 0:0.25" in str(info.value)
     assert not list((_isolated_cache / "inversions").glob("*")), "nothing was written"
 
