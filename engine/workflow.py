@@ -413,7 +413,8 @@ def _store_stage(inv: Inversion, store: StoreSettings, info: ModelInfo, runtime:
     paths, manifest = inv.paths, inv.manifest
     have = set(inv.stores().get(store.key, {}).get("timesteps", []))
     scheduler = inverse_scheduler(info.scheduler_config, steps)
-    todo = [(j, int(t)) for j, t in enumerate(scheduler.timesteps) if int(t) in _store_timesteps(store, info, steps) - have]
+    missing = _store_timesteps(store, info, steps) - have
+    todo = [(j, int(t)) for j, t in enumerate(scheduler.timesteps) if int(t) in missing]
     source_prompt = manifest["settings"]["invert"]["source_prompt"]
     cond = _embed_stage([source_prompt], info, runtime, inv.layout, reporter)[source_prompt]
     with reporter.phase("capture", total=len(todo)) as ph:
