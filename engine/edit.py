@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -10,6 +11,7 @@ import torch
 
 from engine.denoiser import guided, predict, rotary_embeddings
 from engine.injection import InjectionState, kv_injection
+from engine.row_groups import rows_apart
 from engine.settings import InjectSettings
 
 if TYPE_CHECKING:
@@ -65,8 +67,7 @@ def ddim_edit(
     one shared row on `reference.source_embeds`, or with `inject.reference == "per-half"` one
     per edit row on that row's own embedding, as upstream's script does; with
     `inject.reference == "stored"` no row is added and captured K/V are replayed. `row_group`
-    > 0 runs the edit rows that many at a time (less activation memory), which needs the
-    reference to be stored or off: a reference row must share its call with the edit rows.
+    > 0 runs every block over that many rows at a time (less activation memory, same result).
     """
     scheduler = edit_scheduler(scheduler_config, steps)
     k = init.shape[0]
@@ -77,7 +78,8 @@ def ddim_edit(
     state = InjectionState(n_edit=n_edit, strength=inject.strength)
     active = [reference is not None and inject.is_active(i, steps) for i in range(steps)]
     x = init
-    with kv_injection(transformer, inject.layers, state):
+    grouped = rows_apart(transformer, row_group, state) if row_group else contextlib.nullcontext()
+    with kv_injection(transformer, inject.layers, state), grouped:
         for i, t in enumerate(scheduler.timesteps):
             rows = torch.cat([x, x]) if cfg else x
             row_embeds = embeds
@@ -99,10 +101,7 @@ def ddim_edit(
                 rows = torch.cat([rows, reference.replayed(i).to(x.dtype)])
                 row_embeds = torch.cat([embeds, reference.source_embeds.to(embeds.dtype)])
                 state.ref_of = [0] * n_edit
-            if row_group and rows.shape[0] == n_edit:
-                v = torch.cat([predict(transformer, rows[g : g + row_group], row_embeds[g : g + row_group], t, rotary) for g in range(0, n_edit, row_group)])
-            else:
-                v = predict(transformer, rows, row_embeds, t, rotary)[:n_edit]
+            v = predict(transformer, rows, row_embeds, t, rotary)[:n_edit]
             x = scheduler.step(guided(v, guidance, cfg), t, x, return_dict=False)[0].to(init.dtype)
             if callback is not None:
                 callback({"i": i, "t": t, "x": x})

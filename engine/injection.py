@@ -31,6 +31,10 @@ class InjectionState:
     strength: float = 1.0
     # Replayed reference K/V by block (stored attention); None = reference rows are in the batch.
     stored: Mapping[int, tuple[torch.Tensor, torch.Tensor]] | None = None
+    # Row groups (engine.row_groups): the batch rows this call carries (None = all), and the
+    # reference K/V the reference group left for the edit groups of the same block.
+    rows: range | None = None
+    held: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
 
 ROPE_HEADS = 8  # heads per RoPE slice: RoPE computes in float32, so slicing bounds that copy
@@ -95,14 +99,19 @@ class KVInjectionProcessor:
         text_len = encoder_hidden_states.shape[1]
         x = torch.cat([encoder_hidden_states, hidden_states], dim=1)
         q, k, v = _project(attn, x, text_len, image_rotary_emb)
-        # With stored K/V every row in the call is an edit row (rows may come in groups).
-        n = x.shape[0] if st.stored is not None else st.n_edit
-        if st.stored is not None:
-            ref_k, ref_v = st.stored[self.layer]
+        if st.stored is not None:  # replayed K/V: every row in the call is an edit row
+            n, (ref_k, ref_v) = x.shape[0], st.stored[self.layer]
             index = torch.zeros(n, dtype=torch.long, device=k.device)
-        else:
-            ref_k, ref_v = k[n:], v[n:]
+        elif st.rows is None:  # the batch is [edit rows..., reference rows...]
+            n, ref_k, ref_v = st.n_edit, k[st.n_edit :], v[st.n_edit :]
             index = torch.tensor(st.ref_of, device=k.device)
+        elif st.rows.start >= st.n_edit:  # the reference group: attends to itself, keeps its K/V
+            st.held[self.layer] = (k, v)
+            out = attn.to_out[1](attn.to_out[0](_attend(attn, q, k, v)))
+            return out[:, text_len:], out[:, :text_len]
+        else:  # an edit group, after this block's reference group
+            n, (ref_k, ref_v) = x.shape[0], st.held[self.layer]
+            index = torch.tensor([st.ref_of[j] for j in st.rows], device=k.device)
         mask = None
         if st.strength != 1.0:
             own = k.shape[2]
@@ -118,7 +127,7 @@ class KVInjectionProcessor:
             parts.append(F.scaled_dot_product_attention(q[:n, heads], keys, values, attn_mask=mask))
             del keys, values
         out = torch.cat(parts, dim=1).transpose(1, 2).flatten(2)
-        if st.stored is None:  # the reference rows attend to themselves only
+        if n < x.shape[0]:  # the reference rows in the batch attend to themselves only
             out = torch.cat([out, _attend(attn, q[n:], ref_k, ref_v)])
         out = attn.to_out[1](attn.to_out[0](out))
         return out[:, text_len:], out[:, :text_len]

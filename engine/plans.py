@@ -2,8 +2,8 @@
 
 A plan only chooses among what the ecosystem already has: staged loading (one component at a
 time), bitsandbytes 8/4-bit weights (`BitsAndBytesConfig`), diffusers group offloading with
-CUDA streams, VAE tiling/slicing, and, ours, running edit rows in smaller groups against
-replayed stored attention. Predictions are weights (counted exactly on the meta device) plus
+CUDA streams, VAE tiling/slicing, and, ours, running each block over a few rows at a time
+(engine.row_groups). Predictions are weights (counted exactly on the meta device) plus
 activations per row (a per-token constant measured by the benchmarks, in benchmarks/results/).
 """
 
@@ -31,7 +31,7 @@ class Plan:
     transformer_weights: str = "bf16"  # bf16 | int8 | nf4
     text_encoder_weights: str = "bf16"  # bf16 | int8 | nf4
     offload: str = "none"  # none | block (diffusers group offloading, one block per group, streams)
-    row_group: int = 0  # edit rows per transformer call; 0 = all at once (needs no stored attention)
+    row_group: int = 0  # rows per block call (engine.row_groups); 0 = the whole batch at once
     ff_chunk: int = 0  # tokens per feed-forward slice; 0 = unsliced (see engine.ff_chunking)
 
     @property
@@ -47,7 +47,7 @@ PLANS: dict[str, Plan] = {
     p.name: p
     for p in (
         Plan("staged", "every phase resident in bf16, one component at a time (24 GB cards)"),
-        Plan("lean", "staged, edit rows one at a time against stored attention, sliced MLPs (12-16 GB)", row_group=1, ff_chunk=4096),
+        Plan("lean", "staged, each block run one row at a time, sliced MLPs (12-16 GB)", row_group=1, ff_chunk=2048),
         Plan("int8", "8-bit transformer and T5 (bitsandbytes), sliced MLPs (10-12 GB)", "int8", "int8", ff_chunk=4096),
         Plan("nf4", "4-bit transformer and T5 (bitsandbytes nf4), sliced MLPs (8 GB)", "nf4", "nf4", ff_chunk=4096),
         Plan("offload", "bf16 weights streamed block by block from CPU memory (6-8 GB)", offload="block", ff_chunk=4096),
@@ -133,21 +133,25 @@ def predict_peaks(plan: Plan, info: "ModelInfo", w: Workload = Workload()) -> di
     def weights(part: str, quant: str) -> float:
         return counts[part] * _BYTES_PER_PARAM[quant]
 
-    def transformer(rows: int) -> float:
+    def transformer(rows: int, ref_rows: int = 0) -> float:
         resident = 3 * block_params * 2 if plan.offload == "block" else weights("transformer", plan.transformer_weights)
         mlp_tokens = min(tokens, plan.ff_chunk) if plan.ff_chunk else tokens
-        return resident + rows * (tokens * (ACT_BYTES_PER_ROW_TOKEN - MLP_BYTES_PER_TOKEN) + mlp_tokens * MLP_BYTES_PER_TOKEN)
+        per_row = tokens * (ACT_BYTES_PER_ROW_TOKEN - MLP_BYTES_PER_TOKEN) + mlp_tokens * MLP_BYTES_PER_TOKEN
+        if not plan.row_group:
+            return resident + rows * per_row
+        # Row groups: one group's activations, the whole batch's hidden states (in and out of
+        # the final norm), and the reference group's K/V held for the block's edit groups.
+        hidden = tokens * cfg["num_attention_heads"] * cfg["attention_head_dim"] * 2
+        return resident + min(rows, max(plan.row_group, ref_rows)) * per_row + 2 * rows * hidden + 2 * ref_rows * hidden
 
     edit_rows = w.prompts * (2 if w.cfg else 1)
     ref_rows = {"shared": 1, "per-half": edit_rows, "stored": 0}[w.reference]
-    if plan.row_group:
-        edit_rows, ref_rows = min(edit_rows, plan.row_group), 0
     t5 = 3 * weights("text_encoder", "bf16") / 24 if plan.offload == "block" else weights("text_encoder", plan.text_encoder_weights)
     return {
         "encode": int(VAE_ENCODE_TILED),
         "embed": int(t5 + 0.1 * GiB),
         "invert": int(transformer(w.invert_rows)),
-        "edit": int(transformer(edit_rows + ref_rows)),
+        "edit": int(transformer(edit_rows + ref_rows, ref_rows)),
         "decode": int(VAE_DECODE_TILED),
     }
 

@@ -493,11 +493,6 @@ def edit(
     runtime = _with_plan(runtime, plan, vram, info, workload, reporter)
     steps = inversion.steps
     inject = InjectSettings(window, layers, inject_strength, reference)
-    if runtime.plan.row_group and inject.reference != "stored" and any(inject.is_active(i, steps) for i in range(steps)):
-        if inject.reference == "per-half":
-            raise SettingsError(f"--plan {runtime.plan.name} runs rows apart, which per-half references cannot; use --reference stored or another --plan")
-        # A stored replay is the same computation as the shared reference row, so switch to it.
-        inject = dataclasses.replace(inject, reference="stored")
     settings = EditSettings(prompts, negative_prompt, guidance, init, seed, inject, batch)
     cfg = guidance > 1.0
     shared_ref = any(inject.is_active(i, steps) for i in range(steps)) and inject.reference == "shared"
