@@ -15,7 +15,9 @@ fits that card. Whole-workflow times at 50 steps are derived: fixed costs + 50 x
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import platform
 import shutil
 import statistics
@@ -32,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import engine  # noqa: E402
 from engine.components import Runtime, inspect_model  # noqa: E402
 from engine.plans import PLANS, Workload, predict_peaks  # noqa: E402
+from engine.settings import InjectSettings, parse_window  # noqa: E402
 from engine.video import FrameSettings, read_frames, to_model_input  # noqa: E402
 
 CLIP = Path(__file__).with_name("clip49.mp4")
@@ -70,15 +73,53 @@ def cap(gb: float | None) -> None:
 
 
 def _marks(sync: bool):
-    """A step callback and the times it records (one list per engine call)."""
-    marks: list[float] = []
+    """A step callback and what it records: (step index, time at its end), one list per engine call."""
+    marks: list[tuple[int, float]] = []
 
     def callback(state) -> None:
         if sync:
             torch.cuda.synchronize()
-        marks.append(time.perf_counter())
+        marks.append((state["i"], time.perf_counter()))
 
     return marks, callback
+
+
+def evict(files: list[Path]) -> None:
+    """Drop files from the page cache, so the next read comes from the disk (clean pages only: fsync first)."""
+    for f in files:
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def disk_read_rate(files: list[Path]) -> float:
+    """Bytes per second of a plain sequential read of `files` from the disk (evicted before and after)."""
+    evict(files)
+    start, total = time.perf_counter(), 0
+    for f in files:
+        with open(f, "rb", buffering=0) as fh:
+            while chunk := fh.read(16 << 20):
+                total += len(chunk)
+    rate = total / (time.perf_counter() - start)
+    evict(files)
+    return rate
+
+
+def live_cuda_tensors(limit: int = 8) -> dict:
+    """What GPU memory is still allocated after a variant, and the largest tensors Python can see."""
+    import gc
+
+    gc.collect()
+    found = {}
+    for obj in gc.get_objects():
+        with contextlib.suppress(Exception):
+            if torch.is_tensor(obj) and obj.is_cuda:
+                found[obj.untyped_storage().data_ptr()] = (obj.untyped_storage().nbytes(), f"{tuple(obj.shape)} {obj.dtype}")
+    largest = sorted(found.values(), reverse=True)[:limit]
+    return {"allocated": torch.cuda.memory_allocated(), "seen_bytes": sum(b for b, _ in found.values()), "largest": [f"{b / GiB:.2f} GiB {d}" for b, d in largest]}
 
 
 def run_plan(name: str, model: Path, clip: Path, args, cache_dir: Path) -> dict:
@@ -89,11 +130,10 @@ def run_plan(name: str, model: Path, clip: Path, args, cache_dir: Path) -> dict:
     reporter = engine.Reporter(device="cuda" if cuda else "cpu")
     inv_kw = dict(steps=args.steps, frames=args.frames, height=args.height, width=args.width)
     edit_kw: dict = dict(inject_steps="0:1")
-    if name == "lean":
-        inv_kw.update(attention_store="cpu")
     if name == "disk":
-        # Store and replay edit step 1 only: its time against the other (reference-free) steps.
-        window = f"{1 / args.steps:.4f}:{2 / args.steps:.4f}"
+        # Store every block of the middle steps (all but the first and last) and replay them: two
+        # replayed steps in a row show whether reading keeps up; the last step has no injection.
+        window = f"{1 / args.steps:.4f}:{(args.steps - 1) / args.steps:.4f}"
         inv_kw.update(attention_store="disk", attention_steps=window, attention_dtype="fp8")
         edit_kw.update(reference="stored", inject_steps=window)
     prompts = ["a watercolor painting"] * (4 if name == "staged-4prompts" else 1)
@@ -102,10 +142,18 @@ def run_plan(name: str, model: Path, clip: Path, args, cache_dir: Path) -> dict:
     marks, cb = _marks(cuda)
     inv = engine.invert(clip, model, plan=plan, compile=compiled, reporter=reporter, callback=cb, cache_dir=cache_dir, **inv_kw)
     calls.append(("invert", marks))
+    extra: dict = {}
+    if name == "disk" and cuda:
+        shards = sorted(inv.paths.attention_dir.rglob("*.safetensors"))
+        extra["store_bytes"] = sum(f.stat().st_size for f in shards)
+        extra["disk_read_bytes_per_s"] = disk_read_rate(shards)  # leaves them evicted: the edit reads from the disk
     for label, output in (("edit", "frames"), ("edit-again", "latents")):
         marks, cb = _marks(cuda)
-        engine.edit(inv, prompts, plan=plan, compile=compiled, reporter=reporter, callback=cb, cache_dir=cache_dir, batch=args.batch, output=output, **edit_kw)
+        result = engine.edit(inv, prompts, plan=plan, compile=compiled, reporter=reporter, callback=cb, cache_dir=cache_dir, batch=args.batch, output=output, **edit_kw)
         calls.append((label, marks))
+    LATENTS[name] = {"noise": inv.trajectory()[-1].float()}
+    if edit_kw["inject_steps"] == "0:1":  # edits comparable with the staged plan's
+        LATENTS[name]["edit"] = result.latents.float()
     total = time.perf_counter() - start
     phases = {}
     for r in reporter.records:
@@ -113,13 +161,36 @@ def run_plan(name: str, model: Path, clip: Path, args, cache_dir: Path) -> dict:
         while key in phases:
             key += "+"
         phases[key] = {"seconds": r.seconds, "peak_alloc": r.peak_bytes, "peak_reserved": r.peak_reserved, "cache_hit": r.cache_hit}
+    window = edit_kw["inject_steps"]
+    injected = InjectSettings(window=parse_window(window)).active_steps(args.steps)
     for label, ts in calls:
         phase = "invert" if label == "invert" else ("edit" if label == "edit" else "edit+")
         if phase in phases:
-            phases[phase]["step_times"] = [b - a for a, b in zip(ts, ts[1:])]
+            # The time of step i runs from the end of step i-1 to the end of step i.
+            phases[phase]["step_times"] = [b - a for (_, a), (_, b) in zip(ts, ts[1:])]
+            if phase != "invert":
+                phases[phase]["step_injected"] = [i in injected for i, _ in ts[1:]]
     info = inspect_model(model)
-    workload = Workload(args.frames, args.height, args.width, min(len(prompts), args.batch), True, reference="stored" if name in ("lean", "disk") else "shared")
-    return {"seconds": total, "phases": phases, "predicted": predict_peaks(PLANS[plan], info, workload), "prompts": len(prompts), "batch": args.batch, "compiled": compiled}
+    workload = Workload(args.frames, args.height, args.width, min(len(prompts), args.batch), True, reference="stored" if name == "disk" else "shared")
+    return {"seconds": total, "phases": phases, "predicted": predict_peaks(PLANS[plan], info, workload), "prompts": len(prompts), "batch": args.batch, "compiled": compiled, **extra}
+
+
+# Final inverted noise and edited latents of each variant, to compare numerics with the staged plan.
+LATENTS: dict[str, dict[str, torch.Tensor]] = {}
+
+
+def latent_differences(baseline: str = "staged") -> dict:
+    """Relative L2 and max abs difference of each variant's latents from the baseline's (same inputs)."""
+    out = {}
+    for name, lat in LATENTS.items():
+        if name == baseline or baseline not in LATENTS:
+            continue
+        out[name] = {}
+        for key, x in lat.items():
+            ref = LATENTS[baseline][key]
+            if x.shape == ref.shape:
+                out[name][key] = {"rel_l2": ((x - ref).norm() / ref.norm()).item(), "max_abs": (x - ref).abs().max().item()}
+    return out
 
 
 def build_model(args) -> Path:
@@ -210,7 +281,14 @@ def main() -> None:
         for ph in row.get("phases", {}).values():
             if ph.get("step_times"):
                 ph["median_step"] = statistics.median(ph["step_times"])
+        if cuda:
+            row["left_allocated"] = live_cuda_tensors()
+            if name.endswith("-compiled"):  # does dynamo's cache of compiled blocks hold it?
+                torch._dynamo.reset()
+                engine.components.free_memory()
+                row["left_after_dynamo_reset"] = torch.cuda.memory_allocated()
         results["variants"][name] = row
+        results["latent_differences"] = latent_differences()
         print(json.dumps({k: v for k, v in row.items() if k != "trace"}, default=str)[:1500], flush=True)
         Path(args.out).write_text(json.dumps(results, indent=1, default=str))
     print(f"wrote {args.out}")

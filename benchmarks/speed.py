@@ -11,6 +11,7 @@ matmul peak. Informs issue 4; the engine's defaults change only on such evidence
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -43,7 +44,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--variants", default="default,cudnn,flash,efficient,compiled_blocks")
     args = ap.parse_args()
+    wanted = args.variants.split(",")
     from diffusers import CogVideoXTransformer3DModel
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -76,45 +79,39 @@ def main() -> None:
     params = sum(p.numel() for p in model.parameters())
     flops = {"invert": row_flops(tokens, params, 42, 3072), "edit": 2 * row_flops(tokens, params, 42, 3072, 2) + row_flops(tokens, params, 42, 3072)}
     results = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "peak_tflops_bf16": peak, "flops": flops, "variants": {}}
-    variants = {
-        "default": None,
-        "cudnn": [SDPBackend.CUDNN_ATTENTION],
-        "flash": [SDPBackend.FLASH_ATTENTION],
-        "efficient": [SDPBackend.EFFICIENT_ATTENTION],
-    }
-    for name, backends in variants.items():
+    backends = {"default": None, "cudnn": [SDPBackend.CUDNN_ATTENTION], "flash": [SDPBackend.FLASH_ATTENTION], "efficient": [SDPBackend.EFFICIENT_ATTENTION]}
+
+    def measure(name: str, backend=None) -> None:
         row = {}
+        start = time.perf_counter()
         for phase, fn in (("invert", invert_step), ("edit", edit_step)):
             try:
-                if backends is None:
+                with sdpa_kernel(backend) if backend else contextlib.nullcontext():
                     times = timed(fn, args.reps)
-                else:
-                    with sdpa_kernel(backends):
-                        times = timed(fn, args.reps)
                 med = statistics.median(times)
                 row[phase] = {"median_s": med, "times": times, "fraction_of_peak": flops[phase] / med / 1e12 / peak}
             except Exception as exc:
                 row[phase] = {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
+        row["first_calls_and_timing_s"] = time.perf_counter() - start
         results["variants"][name] = row
         print(name, json.dumps(row)[:400], flush=True)
         Path(args.out).write_text(json.dumps(results, indent=1))
-    # Regional compile: each block compiled once (same shapes every step), default backend.
-    start = time.perf_counter()
-    for block in model.transformer_blocks:
-        block.compile()
-    row = {}
-    for phase, fn in (("invert", invert_step), ("edit", edit_step)):
-        try:
-            times = timed(fn, args.reps)
-            med = statistics.median(times)
-            row[phase] = {"median_s": med, "times": times, "fraction_of_peak": flops[phase] / med / 1e12 / peak}
-        except Exception as exc:
-            row[phase] = {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
-    row["compile_and_first_calls_s"] = time.perf_counter() - start
-    results["variants"]["compiled_blocks"] = row
-    print("compiled_blocks", json.dumps(row)[:400], flush=True)
-    Path(args.out).write_text(json.dumps(results, indent=1))
 
+    for name in [n for n in wanted if n in backends]:
+        measure(name, backends[name])
+    # Fused QKV (diffusers' Attention.fuse_projections): one projection matmul instead of three.
+    if "fused_qkv" in wanted:
+        for block in model.transformer_blocks:
+            block.attn1.fuse_projections()
+        measure("fused_qkv")
+    # Regional compile: each block compiled once (same shapes every step); the compile time is
+    # inside first_calls_and_timing_s. Variants run in the order given, each on top of the last.
+    modes = {"compiled_blocks": None, "compiled_autotune": "max-autotune-no-cudagraphs"}
+    for name in [n for n in wanted if n in modes]:
+        torch._dynamo.reset()
+        for block in model.transformer_blocks:
+            block.compile(mode=modes[name])
+        measure(name)
 
 if __name__ == "__main__":
     main()
