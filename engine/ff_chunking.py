@@ -23,7 +23,13 @@ def apply_ff_chunking(transformer: torch.nn.Module, chunk_tokens: int) -> None:
             forward = self.fn_ref.original_forward
             if hidden_states.shape[1] <= chunk_tokens:
                 return forward(hidden_states, *args, **kwargs)
-            return torch.cat([forward(part, *args, **kwargs) for part in hidden_states.split(chunk_tokens, dim=1)], dim=1)
+            out = None  # filled slice by slice: a list of slices to join would double the output
+            for start in range(0, hidden_states.shape[1], chunk_tokens):
+                part = forward(hidden_states[:, start : start + chunk_tokens], *args, **kwargs)
+                if out is None:
+                    out = part.new_empty(*hidden_states.shape[:2], part.shape[-1])
+                out[:, start : start + chunk_tokens] = part
+            return out
 
     for block in transformer.transformer_blocks:
         HookRegistry.check_if_exists_or_initialize(block.ff).register_hook(ChunkedFeedForward(), HOOK_NAME)

@@ -38,7 +38,7 @@ class InjectionState:
 
 
 ROPE_HEADS = 8  # heads per RoPE slice: RoPE computes in float32, so slicing bounds that copy
-INJECT_HEADS = 16  # heads per injected attention call (48 in CogVideoX-5B)
+INJECT_HEADS = 8  # heads per injected attention call (48 in CogVideoX-5B)
 
 
 def _rope_(x: torch.Tensor, text_len: int, rotary) -> None:
@@ -67,9 +67,12 @@ def _project(attn, hidden: torch.Tensor, text_len: int, rotary) -> tuple[torch.T
     return q, k, v
 
 
-def _attend(attn, q, k, v, mask=None) -> torch.Tensor:
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0, is_causal=False)
-    return out.transpose(1, 2).flatten(2)
+def _attend(attn, qkv: list[torch.Tensor]) -> torch.Tensor:
+    """Self-attention and the output projection. Empties `qkv`, so that q, k and v are freed
+    before the heads are copied back together."""
+    out = F.scaled_dot_product_attention(*qkv)
+    qkv.clear()
+    return attn.to_out[1](attn.to_out[0](out.transpose(1, 2).flatten(2)))
 
 
 class CogVideoXAttnProcessor:
@@ -81,9 +84,8 @@ class CogVideoXAttnProcessor:
 
     def __call__(self, attn, hidden_states, encoder_hidden_states, attention_mask=None, image_rotary_emb=None):
         text_len = encoder_hidden_states.shape[1]
-        x = torch.cat([encoder_hidden_states, hidden_states], dim=1)
-        out = _attend(attn, *_project(attn, x, text_len, image_rotary_emb))
-        out = attn.to_out[1](attn.to_out[0](out))
+        # No name for the joined input or for q/k/v: each is freed as soon as it is used.
+        out = _attend(attn, list(_project(attn, torch.cat([encoder_hidden_states, hidden_states], dim=1), text_len, image_rotary_emb)))
         return out[:, text_len:], out[:, :text_len]
 
 
@@ -100,39 +102,41 @@ class KVInjectionProcessor:
         if not st.active:
             return self.fallback(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
         text_len = encoder_hidden_states.shape[1]
-        x = torch.cat([encoder_hidden_states, hidden_states], dim=1)
-        q, k, v = _project(attn, x, text_len, image_rotary_emb)
+        q, k, v = _project(attn, torch.cat([encoder_hidden_states, hidden_states], dim=1), text_len, image_rotary_emb)
+        rows = q.shape[0]
         if st.stored is not None:  # replayed K/V: every row in the call is an edit row
-            n, (ref_k, ref_v) = x.shape[0], st.stored[self.layer]
+            n, (ref_k, ref_v) = rows, st.stored[self.layer]
             index = torch.zeros(n, dtype=torch.long, device=k.device)
         elif st.rows is None:  # the batch is [edit rows..., reference rows...]
             n, ref_k, ref_v = st.n_edit, k[st.n_edit :], v[st.n_edit :]
             index = torch.tensor(st.ref_of, device=k.device)
         elif st.rows.start >= st.n_edit:  # the reference group: attends to itself, keeps its K/V
             st.held[self.layer] = (k, v)
-            out = attn.to_out[1](attn.to_out[0](_attend(attn, q, k, v)))
+            out = _attend(attn, [q, k, v])
             return out[:, text_len:], out[:, :text_len]
         else:  # an edit group, after this block's reference group
-            n, (ref_k, ref_v) = x.shape[0], st.held[self.layer]
+            n, (ref_k, ref_v) = rows, st.held[self.layer]
             index = torch.tensor([st.ref_of[j] for j in st.rows], device=k.device)
         mask = None
         if st.strength != 1.0:
             own = k.shape[2]
             mask = torch.zeros(1, 1, 1, 2 * own, dtype=q.dtype, device=q.device)
             mask[..., own:] = math.log(st.strength)
-        # Own and reference keys side by side, a third of the heads at a time: the joined
-        # keys and values are the largest tensors of an injected block.
-        parts = []
-        for h in range(0, q.shape[1], INJECT_HEADS):
+        # Own and reference keys side by side, a few heads at a time: the joined keys and values
+        # are the largest tensors of an injected block. Each slice's output goes straight to its
+        # place in `out`, with no list of parts to join.
+        heads_total, head_dim = q.shape[1], q.shape[3]
+        out = q.new_empty(rows, q.shape[2], heads_total, head_dim)
+        for h in range(0, heads_total, INJECT_HEADS):
             heads = slice(h, h + INJECT_HEADS)
             keys = torch.cat([k[:n, heads], ref_k[index, heads]], dim=2)
             values = torch.cat([v[:n, heads], ref_v[index, heads]], dim=2)
-            parts.append(F.scaled_dot_product_attention(q[:n, heads], keys, values, attn_mask=mask))
+            out[:n, :, heads] = F.scaled_dot_product_attention(q[:n, heads], keys, values, attn_mask=mask).transpose(1, 2)
             del keys, values
-        out = torch.cat(parts, dim=1).transpose(1, 2).flatten(2)
-        if n < x.shape[0]:  # the reference rows in the batch attend to themselves only
-            out = torch.cat([out, _attend(attn, q[n:], ref_k, ref_v)])
-        out = attn.to_out[1](attn.to_out[0](out))
+        if n < rows:  # the reference rows in the batch attend to themselves only
+            out[n:] = F.scaled_dot_product_attention(q[n:], ref_k, ref_v).transpose(1, 2)
+        del q, k, v, ref_k, ref_v
+        out = attn.to_out[1](attn.to_out[0](out.flatten(2)))
         return out[:, text_len:], out[:, :text_len]
 
 

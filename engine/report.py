@@ -7,6 +7,7 @@ silent one. Peak memory is the GPU's allocator peak on CUDA and the process's pe
 from __future__ import annotations
 
 import contextlib
+import gc
 import re
 import resource
 import time
@@ -94,6 +95,9 @@ class Reporter:
         self.records.append(record)
         cuda = self.device.startswith("cuda") and torch.cuda.is_available()
         if cuda:
+            # The last phase's component can linger in a reference cycle (diffusers' hooks make
+            # them) until a collection; collect now so this phase's peak is its own.
+            gc.collect()
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         else:
