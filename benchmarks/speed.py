@@ -99,11 +99,6 @@ def main() -> None:
 
     for name in [n for n in wanted if n in backends]:
         measure(name, backends[name])
-    # Fused QKV (diffusers' Attention.fuse_projections): one projection matmul instead of three.
-    if "fused_qkv" in wanted:
-        for block in model.transformer_blocks:
-            block.attn1.fuse_projections()
-        measure("fused_qkv")
     # Regional compile: each block compiled once (same shapes every step); the compile time is
     # inside first_calls_and_timing_s. Variants run in the order given, each on top of the last.
     modes = {"compiled_blocks": None, "compiled_autotune": "max-autotune-no-cudagraphs"}

@@ -53,10 +53,7 @@ def _rope_(x: torch.Tensor, text_len: int, rotary) -> None:
 def _project(attn, hidden: torch.Tensor, text_len: int, rotary) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q, k, v as [B, heads, tokens, head_dim], after the q/k norms and RoPE on image tokens."""
     b = hidden.shape[0]
-    if getattr(attn, "fused_projections", False):  # diffusers' Attention.fuse_projections(): one matmul
-        q, k, v = (x.view(b, -1, attn.heads, x.shape[-1] // attn.heads).transpose(1, 2) for x in attn.to_qkv(hidden).chunk(3, dim=-1))
-    else:
-        q, k, v = (proj(hidden).view(b, -1, attn.heads, attn.to_q.out_features // attn.heads).transpose(1, 2) for proj in (attn.to_q, attn.to_k, attn.to_v))
+    q, k, v = (proj(hidden).view(b, -1, attn.heads, attn.to_q.out_features // attn.heads).transpose(1, 2) for proj in (attn.to_q, attn.to_k, attn.to_v))
     if attn.norm_q is not None:
         q = attn.norm_q(q)
     if attn.norm_k is not None:
