@@ -23,7 +23,7 @@ LABEL = {
     "staged": "cogedit staged (default)",
     "staged-compiled": "cogedit staged --compile (regional torch.compile)",
     "staged-4prompts": "cogedit staged, 4 prompts in one pass",
-    "lean": "cogedit lean (rows apart, stored attention)",
+    "lean": "cogedit lean (each block a row at a time)",
     "int8": "cogedit int8",
     "nf4": "cogedit nf4",
     "offload": "cogedit offload (group offload, streams)",
@@ -81,6 +81,87 @@ def peak(row: dict) -> tuple[float, float]:
     return max((p["peak_alloc"] for p in ph.values()), default=0) / GiB, max((p["peak_reserved"] for p in ph.values()), default=0) / GiB
 
 
+def split_steps(ph: dict) -> tuple[list[float], list[float]]:
+    """A phase's step times, split into injected and reference-free steps."""
+    times, kinds = ph.get("step_times", []), ph.get("step_injected") or [True] * len(ph.get("step_times", []))
+    return [t for t, k in zip(times, kinds) if k], [t for t, k in zip(times, kinds) if not k]
+
+
+def disk_section(run_id: str, row: dict) -> list[str]:
+    ph = phases_of(row)
+    cold, cold_plain = split_steps(ph.get("edit", {}))
+    hot, _ = split_steps(ph.get("edit+", {}))
+    if not cold or "disk_read_bytes_per_s" not in row:
+        return []
+    rate = row["disk_read_bytes_per_s"] / 1e9
+    per_step = row["store_bytes"] / max(len(cold), 1) / 1e9
+    cap = ph["invert"]["step_times"]
+    return [
+        "",
+        "## Disk-tier stored attention",
+        "",
+        f"{run_id}: every block of {len(cold)} consecutive edit steps stored in fp8 ({per_step:.2f} GB per step, one file per block),",
+        "evicted from the page cache before the first edit (posix_fadvise), so it read from the disk; a plain sequential read",
+        f"of the same files ran at {rate:.2f} GB/s. Replayed steps from the disk: {', '.join(f'{t:.2f}' for t in cold)} s;",
+        f"the same steps in the second edit (files in the page cache): {', '.join(f'{t:.2f}' for t in hot)} s",
+        f"({median({'step_times': cold}) / median({'step_times': hot}):.2f}x); a step with no injection: {', '.join(f'{t:.2f}' for t in cold_plain) or '-'} s.",
+        f"Inversion steps while capturing: {', '.join(f'{t:.2f}' for t in cap)} s.",
+    ]
+
+
+def window_section(summary: dict, chosen: dict, runs: dict) -> list[str]:
+    """Per-edit time at 50 steps by injection window, from measured injected and 1-row steps."""
+    up = summary.get("upstream", {}).get("further")
+    lines = []
+    for name, rows, prompts in (("staged", 2, 1), ("staged-compiled", 2, 1), ("staged-4prompts", 8, 4)):
+        s = summary.get(name)
+        if not s or "further" not in s:
+            continue
+        # A reference-free step runs `rows` rows like the inversion's one: rows x the 1-row step.
+        inj, plain = s["edit_step"], rows * s["invert_step"]
+        fixed = s["further"] - STEPS * inj
+        cells = []
+        for end in (1.0, 0.8, 0.6, 0.5, 0.4, 0.3):
+            per_edit = (fixed + STEPS * (end * inj + (1 - end) * plain)) / prompts
+            cells.append(f"{per_edit:.0f} s" + (f" ({per_edit / up:.2f}x)" if up else ""))
+        lines.append(f"| {LABEL[name]} | {inj:.2f} | {plain:.2f} | " + " | ".join(cells) + " |")
+    if not lines:
+        return []
+    return [
+        "",
+        "## Further edits by injection window (derived)",
+        "",
+        "Each further edit at 50 steps when only the first part of the steps injects (`--inject-steps 0:END`):",
+        "injected steps at the measured edit step, the others at rows x the measured 1-row inversion step",
+        "(the same forward per row). Per edit, and against the upstream method's full-window edit.",
+        "",
+        "| variant | injected step s | plain step s | 0:1 | 0:0.8 | 0:0.6 | 0:0.5 | 0:0.4 | 0:0.3 |",
+        "|---|---|---|---|---|---|---|---|---|",
+        *lines,
+    ]
+
+
+def numerics_section(runs: dict) -> list[str]:
+    lines = []
+    for run_id, run in runs.items():
+        for name, diff in run.get("latent_differences", {}).items():
+            cells = [f"{k}: rel. L2 {v['rel_l2']:.2e}, max abs {v['max_abs']:.2e}" for k, v in diff.items()]
+            lines.append(f"| {LABEL.get(name, name)} | {run_id} | {'; '.join(cells)} |")
+    if not lines:
+        return []
+    return [
+        "",
+        "## Numerics against the staged plan on the full-size model",
+        "",
+        "Same clip, same random weights, same settings: the inverted noise and the edited latents of each variant",
+        "against the staged plan's in the same run (bf16 on the GPU).",
+        "",
+        "| variant | run | difference from staged |",
+        "|---|---|---|",
+        *lines,
+    ]
+
+
 def main(paths: list[str]) -> None:
     runs, chosen = load(paths)
     out = Path(__file__).with_name("results")
@@ -111,7 +192,7 @@ def main(paths: list[str]) -> None:
         pred = max(row.get("predicted", row.get("uncapped", {}).get("predicted", {0: 0})).values()) / GiB
         ok = "yes" if row.get("ok") else ("no (needs %.1f GiB)" % a if "uncapped" in row else "no")
         card = f"{row.get('cap_gb')} GB" if row.get("cap_gb") else "-"
-        rows = {"upstream": "2+2 ref", "model_offload": "2+2 ref", "sequential": "2+2 ref", "staged-4prompts": "8+1 ref", "lean": "2 (1 per call)", "disk": "2"}.get(name, "2+1 ref")
+        rows = {"upstream": "2+2 ref", "model_offload": "2+2 ref", "sequential": "2+2 ref", "staged-4prompts": "8+1 ref", "lean": "2+1 ref, 1 per block call", "disk": "2"}.get(name, "2+1 ref")
         vs = ""
         if ref and wf and name != "staged":
             vs = f"invert {wf['invert_step'] / ref['invert_step']:.2f}x, edit {wf['edit_step'] / ref['edit_step']:.2f}x"
@@ -128,19 +209,9 @@ def main(paths: list[str]) -> None:
         ratio = (f"first {s['first'] / up['first']:.2f}x, " if first else "") + f"further {per_edit / up['further']:.2f}x" if up else ""
         lines.append(f"| {LABEL[name]} | {first and f'{first:.0f}' or '-'} | {s['further']:.0f}{' for 4 prompts' if name == 'staged-4prompts' else ''} | {ratio} |")
     if "disk" in chosen:
-        ph = phases_of(chosen["disk"][1])
-        t = ph.get("edit", {}).get("step_times", [])
-        if len(t) > 1:
-            lines += [
-                "",
-                "## Disk-tier stored attention",
-                "",
-                f"One step of all 42 blocks stored in fp8 ({chosen['disk'][0]}): the replayed edit step took {t[0]:.2f} s, "
-                f"the reference-free steps {median(ph['edit']):.2f} s. Reading and verifying the 4.6 GB shard (whole-file sha256, "
-                "then pinning) is the bottleneck, not the disk: the shard is read one step ahead, which hides it only when the "
-                "injected steps are spread out or few blocks are stored. The capture step took "
-                f"{max(ph['invert']['step_times']):.2f} s against {median(ph['invert']):.2f} s.",
-            ]
+        lines += disk_section(*chosen["disk"])
+    lines += window_section(summary, chosen, runs)
+    lines += numerics_section(runs)
     peak_tf = any_run.get("peak_tflops_bf16")
     if peak_tf and "staged" in summary:
         s = summary["staged"]
@@ -159,23 +230,21 @@ def main(paths: list[str]) -> None:
                 f"Upstream inversion step (2 rows): {2 * flops['row'] / upw['invert_step'] / 1e12 / peak_tf:.0%}; "
                 f"upstream edit step (2 edit rows + 2 reference rows): {(2 * flops['edit_row_doubled_keys'] + 2 * flops['row']) / upw['edit_step'] / 1e12 / peak_tf:.0%}."
             )
-    speed = out / "speed.json"
-    if speed.exists():
+    for speed in sorted(out.glob("speed*.json")):
         sp = json.loads(speed.read_text())
         lines += [
             "",
-            "## Transformer step speed by attention backend and compilation (`benchmarks/speed.py`)",
+            f"## Transformer step speed (`benchmarks/speed.py`, {speed.name})",
             "",
             f"{sp['device']}, {sp['date']}, measured bf16 peak {sp['peak_tflops_bf16']:.0f} TFLOP/s; one forward, median of 5.",
             "",
-            "| variant | inversion forward (1 row) | edit forward (2 edit rows + shared reference) |",
-            "|---|---|---|",
+            "| variant | inversion forward (1 row) | edit forward (2 edit rows + shared reference) | first calls + timing |",
+            "|---|---|---|---|",
         ]
         for name, row in sp["variants"].items():
             cells = [f"{row[p]['median_s']:.3f} s, {row[p]['fraction_of_peak']:.0%} of peak" if "median_s" in row.get(p, {}) else row.get(p, {}).get("error", "-") for p in ("invert", "edit")]
-            lines.append(f"| {name} | {cells[0]} | {cells[1]} |")
-        if "compile_and_first_calls_s" in sp["variants"].get("compiled_blocks", {}):
-            lines.append(f"\nRegional compilation (each block `compile()`d) took {sp['variants']['compiled_blocks']['compile_and_first_calls_s']:.0f} s once per process; the default SDPA choice runs as fast as forcing cuDNN attention.")
+            first = row.get("first_calls_and_timing_s", row.get("compile_and_first_calls_s"))
+            lines.append(f"| {name} | {cells[0]} | {cells[1]} | {f'{first:.0f} s' if first else '-'} |")
     lines += [
         "",
         "## Notes",
