@@ -41,7 +41,7 @@ CLIP = Path(__file__).with_name("clip49.mp4")
 GiB = 1 << 30
 # Which card each plan is meant for (cards are sold in GiB: a "12 GB" card has 12 GiB),
 # emulated with an allocator cap 0.5 GiB below it, the room a CUDA context takes.
-CAPS = {"staged": 24, "staged-compiled": 24, "staged-4prompts": 24, "lean": 12, "int8": 12, "nf4": 8, "offload": 8, "disk": 24}
+CAPS = {"staged": 16, "staged-compiled": 16, "staged-4prompts": 24, "staged-4prompts-compiled": 24, "lean": 12, "int8": 12, "nf4": 8, "offload": 8, "disk": 24}
 CONTEXT_GIB = 0.5
 
 
@@ -125,7 +125,7 @@ def live_cuda_tensors(limit: int = 8) -> dict:
 def run_plan(name: str, model: Path, clip: Path, args, cache_dir: Path) -> dict:
     """One cogedit plan, whole workflow (invert, edit, the edit again from the cache) under its cap."""
     cuda = torch.cuda.is_available()
-    plan = {"staged-4prompts": "staged", "disk": "staged", "staged-compiled": "staged"}.get(name, name)
+    plan = "staged" if name.startswith("staged") or name == "disk" else name
     compiled = name.endswith("-compiled")
     reporter = engine.Reporter(device="cuda" if cuda else "cpu")
     inv_kw = dict(steps=args.steps, frames=args.frames, height=args.height, width=args.width)
@@ -136,7 +136,7 @@ def run_plan(name: str, model: Path, clip: Path, args, cache_dir: Path) -> dict:
         window = f"{1 / args.steps:.4f}:{(args.steps - 1) / args.steps:.4f}"
         inv_kw.update(attention_store="disk", attention_steps=window, attention_dtype="fp8")
         edit_kw.update(reference="stored", inject_steps=window)
-    prompts = ["a watercolor painting"] * (4 if name == "staged-4prompts" else 1)
+    prompts = ["a watercolor painting"] * (4 if "4prompts" in name else 1)
     calls = []
     start = time.perf_counter()
     marks, cb = _marks(cuda)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 GiB = 1 << 30
 STEPS = 50
-ORDER = ["upstream", "model_offload", "sequential", "staged", "staged-compiled", "staged-4prompts", "lean", "int8", "nf4", "offload", "disk"]
+ORDER = ["upstream", "model_offload", "sequential", "staged", "staged-compiled", "staged-4prompts", "staged-4prompts-compiled", "lean", "int8", "nf4", "offload", "disk"]
 LABEL = {
     "upstream": "upstream, as published (all resident)",
     "model_offload": "upstream + model offload + VAE tiling",
@@ -23,6 +23,7 @@ LABEL = {
     "staged": "cogedit staged (default)",
     "staged-compiled": "cogedit staged --compile (regional torch.compile)",
     "staged-4prompts": "cogedit staged, 4 prompts in one pass",
+    "staged-4prompts-compiled": "cogedit staged --compile, 4 prompts in one pass",
     "lean": "cogedit lean (each block a row at a time)",
     "int8": "cogedit int8",
     "nf4": "cogedit nf4",
@@ -113,7 +114,7 @@ def window_section(summary: dict, chosen: dict, runs: dict) -> list[str]:
     """Per-edit time at 50 steps by injection window, from measured injected and 1-row steps."""
     up = summary.get("upstream", {}).get("further")
     lines = []
-    for name, rows, prompts in (("staged", 2, 1), ("staged-compiled", 2, 1), ("staged-4prompts", 8, 4)):
+    for name, rows, prompts in (("staged", 2, 1), ("staged-compiled", 2, 1), ("staged-4prompts", 8, 4), ("staged-4prompts-compiled", 8, 4)):
         s = summary.get(name)
         if not s or "further" not in s:
             continue
@@ -192,7 +193,7 @@ def main(paths: list[str]) -> None:
         pred = max(row.get("predicted", row.get("uncapped", {}).get("predicted", {0: 0})).values()) / GiB
         ok = "yes" if row.get("ok") else ("no (needs %.1f GiB)" % a if "uncapped" in row else "no")
         card = f"{row.get('cap_gb')} GB" if row.get("cap_gb") else "-"
-        rows = {"upstream": "2+2 ref", "model_offload": "2+2 ref", "sequential": "2+2 ref", "staged-4prompts": "8+1 ref", "lean": "2+1 ref, 1 per block call", "disk": "2"}.get(name, "2+1 ref")
+        rows = {"upstream": "2+2 ref", "model_offload": "2+2 ref", "sequential": "2+2 ref", "staged-4prompts": "8+1 ref", "staged-4prompts-compiled": "8+1 ref", "lean": "2+1 ref, 1 per block call", "disk": "2"}.get(name, "2+1 ref")
         vs = ""
         if ref and wf and name != "staged":
             vs = f"invert {wf['invert_step'] / ref['invert_step']:.2f}x, edit {wf['edit_step'] / ref['edit_step']:.2f}x"
@@ -204,10 +205,11 @@ def main(paths: list[str]) -> None:
     for name, s in summary.items():
         if "first" not in s or name == "disk":  # disk injects at one step only: see below
             continue
-        per_edit = s["further"] / (4 if name == "staged-4prompts" else 1)
-        first = s["first"] if name != "staged-4prompts" else None
+        four = "4prompts" in name
+        per_edit = s["further"] / (4 if four else 1)
+        first = s["first"] if not four else None
         ratio = (f"first {s['first'] / up['first']:.2f}x, " if first else "") + f"further {per_edit / up['further']:.2f}x" if up else ""
-        lines.append(f"| {LABEL[name]} | {first and f'{first:.0f}' or '-'} | {s['further']:.0f}{' for 4 prompts' if name == 'staged-4prompts' else ''} | {ratio} |")
+        lines.append(f"| {LABEL[name]} | {first and f'{first:.0f}' or '-'} | {s['further']:.0f}{' for 4 prompts' if four else ''} | {ratio} |")
     if "disk" in chosen:
         lines += disk_section(*chosen["disk"])
     lines += window_section(summary, chosen, runs)
