@@ -301,3 +301,60 @@ def load_tensors(
     if torch.device(device).type != "cpu":
         tensors = {name: t.to(device) for name, t in tensors.items()}
     return tensors
+
+
+# safetensors dtype names (the header's "dtype") for load_tensors_pinned.
+_ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}
+
+
+def _read_into(path: Path, expected: FileRecord, pin: bool) -> torch.Tensor:
+    try:
+        with open(path, "rb", buffering=0) as f:
+            size = os.fstat(f.fileno()).st_size
+            if size != expected.bytes:
+                raise corrupt_error(path, f"is {size} bytes but the manifest records {expected.bytes}")
+            buf = torch.empty(size, dtype=torch.uint8, pin_memory=pin)
+            view, got = memoryview(buf.numpy()), 0
+            while got < size and (n := f.readinto(view[got:])):  # one read() returns at most ~2 GiB
+                got += n
+    except FileNotFoundError:
+        raise corrupt_error(path, "is missing") from None
+    except OSError as exc:
+        raise CacheError(f"cannot read cache file {path}: {exc.strerror or exc} — check its permissions") from exc
+    if got != size:
+        raise corrupt_error(path, "was truncated while being read")
+    return buf
+
+
+def load_tensors_pinned(path: Path, expected: FileRecord | None, pin: bool = True) -> dict[str, torch.Tensor]:
+    """load_tensors for big files, with one copy: the file is read into one buffer (pinned when
+    `pin`, so host-to-device copies from it are asynchronous) and the tensors are views of it.
+
+    Written by hand because safetensors only loads into memory it allocates itself, and pinning
+    after that is a second pass over every byte. Needs the manifest's record: its whole-file
+    checksum is the check, and it covers the header parsed here as well as the payload.
+    """
+    path = Path(path)
+    if expected is None:
+        raise corrupt_error(path, "is not recorded in the manifest")
+    buf = _read_into(path, expected, pin)
+    raw = buf.numpy()
+    if hashlib.sha256(raw).hexdigest() != expected.sha256:  # hashlib releases the GIL: readers run in parallel
+        raise corrupt_error(path, "fails its checksum")
+    n = int.from_bytes(raw[:8].tobytes(), "little")
+    _header_metadata(raw[: 8 + min(n, _MAX_HEADER + 1)].tobytes(), path, len(raw))
+    try:
+        header = json.loads(raw[8 : 8 + n].tobytes())
+        header.pop("__metadata__", None)
+        # safetensors pads the header to 8 bytes and orders tensors by alignment, so the views are aligned.
+        return {
+            name: buf[8 + n + a : 8 + n + b].view(_ST_DTYPES[info["dtype"]]).view(info["shape"])
+            for name, info in header.items()
+            for a, b in [info["data_offsets"]]
+        }
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise corrupt_error(path, f"cannot be parsed ({exc})") from None

@@ -12,11 +12,13 @@ Unset, as everywhere but in tests, it costs one environment lookup per call.
 
 import os
 import signal
+import threading
 
 KILL_AT_ENV = "COGEDIT_TEST_KILL_AT"
 KILL_SIGNAL_ENV = "COGEDIT_TEST_KILL_SIGNAL"
 
 _calls: dict[str, int] = {}
+_lock = threading.Lock()  # files are written on several threads: no call may go uncounted
 
 
 def maybe_die(point: str) -> None:
@@ -27,6 +29,7 @@ def maybe_die(point: str) -> None:
     name, _, n = target.rpartition(":")
     if name != point:
         return
-    _calls[point] = _calls.get(point, 0) + 1
-    if _calls[point] == int(n):
+    with _lock:
+        _calls[point] = count = _calls.get(point, 0) + 1
+    if count == int(n):
         os.kill(os.getpid(), getattr(signal, os.environ.get(KILL_SIGNAL_ENV, "SIGKILL")))

@@ -404,6 +404,32 @@ def test_truncated_file_is_corrupt(tmp_path, keep):
         load_tensors(path, rec)
 
 
+def test_pinned_load_gives_views_of_one_buffer_and_checks_the_record(tmp_path):
+    from cache.atomic import load_tensors_pinned
+
+    tensors = {**_tensors(), "fp8": torch.randn(5, 3).to(torch.float8_e4m3fn), "scale": torch.ones(1)}
+    path = tmp_path / "x.safetensors"
+    rec = save_tensors(path, tensors)
+    loaded = load_tensors_pinned(path, rec, pin=False)  # no CUDA here: the same code, unpinned
+    assert set(loaded) == set(tensors)
+    for name, t in tensors.items():
+        assert loaded[name].dtype == t.dtype and torch.equal(loaded[name].float(), t.float()), name
+    assert len({t.untyped_storage().data_ptr() for t in loaded.values()}) == 1, "one read, one buffer"
+    with pytest.raises(CacheCorruptError, match="not recorded in the manifest"):
+        load_tensors_pinned(path, None, pin=False)
+    data = bytearray(path.read_bytes())
+    data[_data_offset(path) + 5] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(CacheCorruptError, match="fails its checksum"):
+        load_tensors_pinned(path, rec, pin=False)
+    path.write_bytes(bytes(data[:-3]))
+    with pytest.raises(CacheCorruptError, match=f"manifest records {rec.bytes}"):
+        load_tensors_pinned(path, rec, pin=False)
+    path.unlink()
+    with pytest.raises(CacheCorruptError, match="is missing"):
+        load_tensors_pinned(path, rec, pin=False)
+
+
 def test_missing_and_foreign_files(tmp_path):
     with pytest.raises(CacheCorruptError, match="is missing"):
         load_tensors(tmp_path / "nope.safetensors")
