@@ -11,7 +11,8 @@
     │       ├── trajectory/
     │       │   ├── step_0000.safetensors   latent after each inversion step (resume point)
     │       │   └── ...
-    │       └── attention/                  stored reference keys/values (a window of steps x layers)
+    │       └── attention/                  stored reference keys/values (a window of steps x layers):
+    │           └── <store key>/t_0999/b_07.safetensors   one file per timestep and block
     ├── prompts/
     │   └── <model_key>/
     │       └── <prompt_key>.safetensors    T5 prompt embeddings, shared by every entry of one model

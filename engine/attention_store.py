@@ -11,18 +11,20 @@ head_dim] for text and image tokens; RoPE is re-applied on replay (elementwise a
 the same function on the same bits). `bf16` keeps the model dtype; `fp8` is e4m3 with one
 scale per tensor, half the bytes.
 
-On disk (`--attention-store disk`) a store is one safetensors shard per timestep under
-`attention/<store key>/t_0999.safetensors`; in memory (`cpu`) it lives in pinned host memory
-for the life of the process. Shards are written by a background thread, so the inversion does
-not wait for the disk, and read one timestep ahead while the current step computes.
+On disk (`--attention-store disk`) a store is one safetensors file per timestep and block,
+`attention/<store key>/t_0999/b_07.safetensors`; in memory (`cpu`) it lives in pinned host
+memory for the life of the process, per block. Captured blocks go to the host on a side stream
+and are written by a few threads, so the inversion does not wait for copies or the disk (only,
+when the disk is slower, for a bounded queue). Replay reads the blocks of the current and the
+next timestep on several threads, and each block goes to the GPU while the one before computes.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import queue
 import threading
+from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -121,14 +123,58 @@ def _dequantize(tensors: dict[str, torch.Tensor], name: str, dtype: torch.dtype)
 
 # ------------------------------------------------------------------------------------ capture
 
+Sink = Callable[[int, int, dict[str, torch.Tensor], "torch.cuda.Event | None"], None]
+
+
+class _HostCopies:
+    """Copies captured tensors to host memory without holding up the compute stream.
+
+    On CUDA the tensor is snapshotted on the compute stream (the processor ropes K in place
+    right after the hook), then copied into pinned memory on a side stream; `ready()` is an
+    event after the copies so far. Elsewhere the copy is synchronous.
+    """
+
+    def __init__(self) -> None:
+        self.stream: torch.cuda.Stream | None = None
+
+    def copy(self, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        """`x`, computed from the module's `output`, in host memory."""
+        if x.device.type != "cuda":
+            return x.to("cpu", copy=True)
+        if self.stream is None:
+            self.stream = torch.cuda.Stream(x.device)
+        shared = x.untyped_storage().data_ptr() == output.untyped_storage().data_ptr()
+        snap = x.clone(memory_format=torch.contiguous_format) if shared else x.contiguous()
+        self.stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.stream):
+            host = torch.empty(snap.shape, dtype=snap.dtype, pin_memory=True)
+            host.copy_(snap, non_blocking=True)
+        snap.record_stream(self.stream)  # its memory is not reused before the copy has run
+        return host
+
+    def ready(self) -> "torch.cuda.Event | None":
+        if self.stream is None:
+            return None
+        event = torch.cuda.Event(blocking=True)  # the writer threads sleep on it rather than spin
+        event.record(self.stream)
+        return event
+
 
 class _TimestepGate:
-    """Transformer-level hook: opens the capture for the timesteps that are stored."""
+    """Open for the stored timesteps; gathers each block's K and V and hands the block on."""
 
-    def __init__(self, timesteps: set[int], row: int, sink: Callable[[int, dict[str, torch.Tensor]], None], dtype: str) -> None:
+    def __init__(self, timesteps: set[int], row: int, sink: Sink, dtype: str) -> None:
         self.timesteps, self.row, self.sink, self.dtype = timesteps, row, sink, dtype
         self.t: int | None = None
-        self.buffer: dict[str, torch.Tensor] = {}
+        self.host = _HostCopies()
+        self.blocks: dict[int, dict[str, torch.Tensor]] = {}
+
+    def add(self, block: int, kind: str, x: torch.Tensor, output: torch.Tensor) -> None:
+        tensors = self.blocks.setdefault(block, {})
+        for suffix, q in _quantize(x, self.dtype).items():
+            tensors[f"{block:02d}.{kind}{suffix}"] = self.host.copy(q, output)
+        if {f"{block:02d}.k", f"{block:02d}.v"} <= tensors.keys():
+            self.sink(self.t, block, self.blocks.pop(block), self.host.ready())
 
 
 def _make_hooks(gate: _TimestepGate):
@@ -142,23 +188,20 @@ def _make_hooks(gate: _TimestepGate):
             return args, kwargs
 
         def post_forward(self, module, output):
-            if gate.t is not None:
-                gate.sink(gate.t, gate.buffer)
-            gate.t, gate.buffer = None, {}
+            gate.t, gate.blocks = None, {}
             return output
 
     class CaptureHook(ModelHook):
-        def __init__(self, name: str, heads: int) -> None:
+        def __init__(self, block: int, kind: str, heads: int) -> None:
             super().__init__()
-            self.name, self.heads = name, heads
+            self.block, self.kind, self.heads = block, kind, heads
 
         def post_forward(self, module, output):
             if gate.t is not None:
                 x = output[gate.row]
                 if x.dim() == 2:  # V comes out of to_v as [tokens, heads * head_dim]
                     x = x.view(x.shape[0], self.heads, -1).transpose(0, 1)
-                for suffix, t in _quantize(x, gate.dtype).items():
-                    gate.buffer[self.name + suffix] = t.to("cpu", copy=True)  # a copy: the processor ropes K in place next
+                gate.add(self.block, self.kind, x, output)
             return output
 
     return GateHook, CaptureHook
@@ -169,12 +212,13 @@ def kv_capture(
     transformer: torch.nn.Module,
     layers: tuple[int, ...],
     timesteps: set[int],
-    sink: Callable[[int, dict[str, torch.Tensor]], None],
+    sink: Sink,
     *,
     row: int = -1,
     dtype: str = "model",
 ) -> Iterator[None]:
-    """Record K (post-norm) and V of `row` in `layers` at `timesteps`; `sink(t, tensors)` per call."""
+    """Record K (post-norm) and V of `row` in `layers` at `timesteps`: `sink(t, block, tensors, ready)`
+    per block, with host tensors that may be read once `ready` (an event, or None) has passed."""
     from diffusers.hooks import HookRegistry
 
     gate = _TimestepGate(timesteps, row, sink, dtype)
@@ -184,7 +228,7 @@ def kv_capture(
     for i in layers:
         attn = transformer.transformer_blocks[i].attn1
         for module, kind in ((attn.norm_k, "k"), (attn.to_v, "v")):
-            HookRegistry.check_if_exists_or_initialize(module).register_hook(CaptureHook(f"{i:02d}.{kind}", attn.heads), "cogedit_kv_capture")
+            HookRegistry.check_if_exists_or_initialize(module).register_hook(CaptureHook(i, kind, attn.heads), "cogedit_kv_capture")
             registered.append((module, "cogedit_kv_capture"))
     try:
         yield
@@ -193,77 +237,176 @@ def kv_capture(
             HookRegistry.check_if_exists_or_initialize(module).remove_hook(name, recurse=False)
 
 
-class ShardWriter:
-    """Writes captured shards on a background thread (disk) or keeps them in memory (cpu)."""
+class StoreWriter:
+    """Takes captured blocks: writes them on a few threads (disk) or keeps them (cpu).
 
-    def __init__(self, where: str, directory: Path | None, memory: dict[int, dict[str, torch.Tensor]] | None) -> None:
-        self.where, self.directory, self.memory = where, directory, memory
-        self.records: dict[int, FileRecord] = {}
+    At most `depth` blocks wait or are being written at once, so the capture waits for the
+    disk rather than hoarding host memory.
+    """
+
+    def __init__(self, where: str, directory: Path | None, memory: dict[int, dict[int, dict[str, torch.Tensor]]] | None, workers: int = 4, depth: int = 8) -> None:
+        self.directory, self.memory = directory, memory
+        self.records: dict[tuple[int, int], FileRecord] = {}
         self.error: BaseException | None = None
-        self._queue: queue.Queue = queue.Queue(maxsize=2)  # bounded: capture waits rather than hoard memory
-        self._thread = threading.Thread(target=self._run, name="cogedit-attention-writer", daemon=True)
-        if where == "disk":
-            self._thread.start()
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="cogedit-attention-writer") if where == "disk" else None
+        self._slots = threading.Semaphore(depth)
+        self._ready: torch.cuda.Event | None = None  # cpu: the latest block's copies (one stream: it covers all)
 
-    def _run(self) -> None:
-        while (item := self._queue.get()) is not None:
-            t, tensors = item
-            try:
-                self.records[t] = save_tensors(shard_path(self.directory, t), tensors, {"timestep": str(t)})
-            except BaseException as exc:  # reported to the caller by close()
-                self.error = exc
+    def __call__(self, t: int, block: int, tensors: dict[str, torch.Tensor], ready: "torch.cuda.Event | None") -> None:
+        if self._pool is None:
+            self.memory.setdefault(t, {})[block] = tensors
+            if ready is not None:
+                self._ready = ready
+            return
+        if self.error is not None:
+            raise self.error
+        self._slots.acquire()
+        self._pool.submit(self._write, t, block, tensors, ready)
 
-    def __call__(self, t: int, tensors: dict[str, torch.Tensor]) -> None:
-        if self.where == "cpu":
-            self.memory[t] = {k: v.pin_memory() if torch.cuda.is_available() else v for k, v in tensors.items()}
-        else:
-            if self.error is not None:
-                raise self.error
-            self._queue.put((t, dict(tensors)))
+    def _write(self, t: int, block: int, tensors: dict[str, torch.Tensor], ready: "torch.cuda.Event | None") -> None:
+        try:
+            if ready is not None:
+                ready.synchronize()
+            self.records[(t, block)] = save_tensors(block_path(self.directory, t, block), tensors, {"timestep": str(t), "block": str(block)})
+        except BaseException as exc:  # reported to the capture by the next block, or by close()
+            self.error = self.error or exc
+        finally:
+            self._slots.release()
 
-    def close(self) -> dict[int, FileRecord]:
-        if self.where == "disk":
-            self._queue.put(None)
-            self._thread.join()
-            if self.error is not None:
-                raise self.error
+    def close(self) -> dict[tuple[int, int], FileRecord]:
+        """Wait for every block; the written files' records by (timestep, block)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+        elif self._ready is not None:
+            self._ready.synchronize()
+        if self.error is not None:
+            raise self.error
         return self.records
 
 
-def shard_path(directory: Path, t: int) -> Path:
-    return directory / f"t_{t:04d}.safetensors"
+# The manifest marks per-block stores; a store without the mark (one file per timestep, from an
+# older cogedit) reads as absent and is captured again.
+STORE_LAYOUT = "per-block"
+
+
+def block_path(directory: Path, t: int, block: int) -> Path:
+    """One file per timestep and block: <store dir>/t_0999/b_07.safetensors."""
+    return directory / f"t_{t:04d}" / f"b_{block:02d}.safetensors"
 
 
 # ------------------------------------------------------------------------------------- replay
 
-# In-memory stores of this process, by (inversion id, store key).
-MEMORY_STORES: dict[tuple[str, str], dict[int, dict[str, torch.Tensor]]] = {}
+# In-memory stores of this process, by (inversion id, store key): timestep -> block -> tensors.
+MEMORY_STORES: dict[tuple[str, str], dict[int, dict[int, dict[str, torch.Tensor]]]] = {}
+
+READ_AHEAD = 1  # timesteps read beyond the one being replayed
+
+
+class _Reader:
+    """Reads blocks on a few threads, the timestep being replayed first.
+
+    Not a ThreadPoolExecutor, which runs jobs in submission order: on its first step the edit
+    loop asks for step t+1's read-ahead before step t itself, which would then wait behind it.
+    """
+
+    def __init__(self, load: Callable[[int, int], dict[str, torch.Tensor]], workers: int) -> None:
+        self._load = load
+        self._jobs: dict[int, deque[tuple[int, Future]]] = {}  # by timestep, oldest first
+        self._first: int | None = None
+        self._closed = False
+        self._cv = threading.Condition()
+        self._threads = [threading.Thread(target=self._work, name=f"cogedit-attention-reader-{n}", daemon=True) for n in range(workers)]
+        for thread in self._threads:
+            thread.start()
+
+    def submit(self, t: int, blocks: tuple[int, ...]) -> dict[int, Future]:
+        futures = {i: Future() for i in blocks}
+        with self._cv:
+            self._jobs.setdefault(t, deque()).extend(futures.items())
+            self._cv.notify_all()
+        return futures
+
+    def hurry(self, t: int) -> None:
+        with self._cv:
+            self._first = t
+
+    def _take(self) -> tuple[int, int, Future] | None:
+        with self._cv:
+            while not self._jobs and not self._closed:
+                self._cv.wait()
+            if self._closed:
+                return None
+            t = self._first if self._first in self._jobs else next(iter(self._jobs))
+            i, future = self._jobs[t].popleft()
+            if not self._jobs[t]:
+                del self._jobs[t]
+            return t, i, future
+
+    def _work(self) -> None:
+        while (job := self._take()) is not None:
+            t, i, future = job
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(self._load(t, i))
+                except BaseException as exc:  # raised where the block is waited for
+                    future.set_exception(exc)
+
+    def close(self) -> None:
+        with self._cv:
+            self._closed = True
+            for jobs in self._jobs.values():
+                for _, future in jobs:
+                    future.cancel()
+            self._jobs.clear()
+            self._cv.notify_all()
+        for thread in self._threads:
+            thread.join()
 
 
 class StepKV:
-    """One timestep's stored K/V, copied to the GPU one block ahead of use.
+    """One timestep's stored K/V on the GPU, one block at a time.
 
     Holding all blocks of a step on the GPU would cost 9 GB at 49x480x720, so each block's K/V
-    moves in on a side stream while the block before it computes, and is freed after use.
+    moves in on a side stream while the block before it computes, as soon as its file is read,
+    and its host copy is let go. A block asked for several times in a row (row groups) is kept
+    until the next one is asked for; `close` frees the last. A second pass over the blocks reads
+    them again.
     """
 
-    def __init__(self, raw: dict[str, torch.Tensor], layers: tuple[int, ...], device: str, dtype: torch.dtype, rotary, text_len: int) -> None:
-        self.raw, self.layers, self.device, self.dtype = raw, layers, device, dtype
-        self.rotary, self.text_len = rotary, text_len
-        self.cuda = torch.device(device).type == "cuda"
-        self.stream = torch.cuda.Stream(device) if self.cuda else None
+    def __init__(
+        self,
+        blocks: dict[int, Future],
+        reread: Callable[[int], Future],
+        layers: tuple[int, ...],
+        device: str,
+        dtype: torch.dtype,
+        rotary,
+        text_len: int,
+        stream: "torch.cuda.Stream | None",
+    ) -> None:
+        self.layers, self.device, self.dtype = layers, device, dtype
+        self.rotary, self.text_len, self.stream = rotary, text_len, stream
+        self._blocks, self._reread = blocks, reread
         self._inflight: dict[int, tuple[dict[str, torch.Tensor], object]] = {}
-        self._issue(layers[0])
+        self._current: tuple[int, torch.Tensor, torch.Tensor] | None = None
+        self._issue(layers[0], wait=False)
 
-    def _issue(self, i: int) -> None:
+    def _issue(self, i: int, wait: bool) -> None:
+        """Start block i's copy to the GPU; unless `wait`, only if its file is read already."""
         if i in self._inflight:
             return
-        names = [n for n in self.raw if n.startswith(f"{i:02d}.")]
-        if not self.cuda:
-            self._inflight[i] = ({n: self.raw[n] for n in names}, None)
+        if i not in self._blocks:
+            self._blocks[i] = self._reread(i)
+        if not (wait or self._blocks[i].done()):
+            return
+        # The host copy is let go once the copy is issued: the pinned-memory cache does not reuse
+        # it before the copy has run (it records an event for every block, sliced or not).
+        raw = self._blocks.pop(i).result()
+        if self.stream is None:
+            self._inflight[i] = (raw, None)
             return
         with torch.cuda.stream(self.stream):
-            moved = {n: self.raw[n].to(self.device, non_blocking=True) for n in names}
+            moved = {n: x.to(self.device, non_blocking=True) for n, x in raw.items()}
             event = torch.cuda.Event()
             event.record(self.stream)
         self._inflight[i] = (moved, event)
@@ -271,52 +414,72 @@ class StepKV:
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         from diffusers.models.embeddings import apply_rotary_emb
 
-        self._issue(i)
+        if self._current is not None and self._current[0] == i:
+            return self._current[1:]
+        self._current = None
+        self._issue(i, wait=True)
         moved, event = self._inflight.pop(i)
         if event is not None:
             torch.cuda.current_stream().wait_event(event)
             for t in moved.values():  # allocated on the side stream, used on this one
                 t.record_stream(torch.cuda.current_stream())
-        # The next block (wrapping round for the next group of rows) starts copying now.
-        self._issue(self.layers[(self.layers.index(i) + 1) % len(self.layers)])
+        if (n := self.layers.index(i) + 1) < len(self.layers):
+            self._issue(self.layers[n], wait=False)
         k = _dequantize(moved, f"{i:02d}.k", self.dtype).unsqueeze(0)
         v = _dequantize(moved, f"{i:02d}.v", self.dtype).unsqueeze(0)
         if self.rotary is not None:
             k = torch.cat([k[:, :, : self.text_len], apply_rotary_emb(k[:, :, self.text_len :], self.rotary)], dim=2)
+        self._current = (i, k, v)
         return k, v
+
+    def close(self) -> None:
+        """Free what is still held on the GPU and cancel reads not yet started."""
+        self._current = None
+        self._inflight.clear()
+        for future in self._blocks.values():
+            future.cancel()
+        self._blocks.clear()
 
 
 class StoredAttention:
-    """Replays a store: `at(t)` gives a `StepKV` for timestep t; `prefetch` reads ahead."""
+    """Replays a store: `at(t)` gives a `StepKV` for timestep t; `prefetch(t)` reads ahead.
+
+    `load(t, block)` gives one block's tensors (pinned, to be copied to a GPU asynchronously);
+    it runs on `workers` threads, so reading, checking and pinning stay off the GPU's path.
+    """
 
     def __init__(
         self,
         layers: tuple[int, ...],
-        load: Callable[[int], dict[str, torch.Tensor]],
+        load: Callable[[int, int], dict[str, torch.Tensor]],
         device: str,
         dtype: torch.dtype,
         rotary: tuple[torch.Tensor, torch.Tensor] | None,
         text_len: int,
+        workers: int | None = None,
     ) -> None:
-        self.layers, self._load, self.device, self.dtype = layers, load, device, dtype
+        self.layers, self.device, self.dtype = layers, device, dtype
         self.rotary, self.text_len = rotary, text_len
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cogedit-attention-reader")
-        self._pending: dict[int, Future] = {}
-
-    def _read(self, t: int) -> dict[str, torch.Tensor]:
-        raw = self._load(t)
-        if torch.cuda.is_available() and torch.device(self.device).type == "cuda":
-            # Pinned pages make the per-block copies asynchronous; done here, off the GPU's path.
-            raw = {k: v if v.is_pinned() else v.pin_memory() for k, v in raw.items()}
-        return raw
+        self._stream = torch.cuda.Stream(device) if torch.device(device).type == "cuda" else None
+        self._reader = _Reader(load, workers or min(8, os.cpu_count() or 1))
+        self._pending: dict[int, dict[int, Future]] = {}
+        self._step: StepKV | None = None
 
     def prefetch(self, t: int) -> None:
-        if t not in self._pending:
-            self._pending[t] = self._pool.submit(self._read, t)
+        """Start reading timestep t's blocks, unless READ_AHEAD timesteps are read ahead already."""
+        if t not in self._pending and len(self._pending) <= READ_AHEAD:
+            self._pending[t] = self._reader.submit(t, self.layers)
 
     def at(self, t: int) -> StepKV:
-        self.prefetch(t)
-        return StepKV(self._pending.pop(t).result(), self.layers, self.device, self.dtype, self.rotary, self.text_len)
+        """Timestep t's K/V; the blocks are waited for one by one, as the model reaches them."""
+        if self._step is not None:
+            self._step.close()
+        self._reader.hurry(t)
+        blocks = self._pending.pop(t, None) or self._reader.submit(t, self.layers)
+        self._step = StepKV(blocks, lambda i: self._reader.submit(t, (i,))[i], self.layers, self.device, self.dtype, self.rotary, self.text_len, self._stream)
+        return self._step
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        if self._step is not None:
+            self._step.close()
+        self._reader.close()

@@ -19,15 +19,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from cache.atomic import FileRecord, load_tensors, remove_temp_files, save_tensors
+from cache.atomic import FileRecord, load_tensors, load_tensors_pinned, remove_temp_files, save_tensors
 from cache.errors import ReadOnlyCacheError
 from cache.faults import maybe_die
 from cache.keys import stable_hash
 from cache.sizes import format_size
 from cache.layout import CacheLayout, EntryPaths, cache_root, resolve_entry_id
 from cache.lock import entry_lock
-from cache.manifest import FORMAT_VERSION, new_manifest, read_manifest, record_file, touch, write_manifest
-from engine.attention_store import MEMORY_STORES, ShardWriter, StoredAttention, StoreSettings, budget_refusal, default_budget, kv_capture, shard_path
+from cache.manifest import FORMAT_VERSION, file_record, new_manifest, read_manifest, record_file, touch, write_manifest
+from engine.attention_store import MEMORY_STORES, STORE_LAYOUT, StoredAttention, StoreSettings, StoreWriter, block_path, budget_refusal, default_budget, kv_capture
 from engine.components import ModelInfo, Runtime, inspect_model, loaded
 from engine.decode import claim, decode_latents, safe_name, side_by_side, write_video
 from engine.edit import Reference, ddim_edit
@@ -82,15 +82,22 @@ class Inversion:
 
     def stores(self) -> dict[str, dict[str, Any]]:
         """Stored attention of this entry, by store key: on disk (manifest) and in this process."""
-        found = dict(self.manifest.get("attention", {}))
-        for (entry, key), shards in MEMORY_STORES.items():
-            if entry == self.id and shards:
-                found[key] = {"where": "cpu", "timesteps": sorted(shards), "layers": _layers_in(next(iter(shards.values())))}
+        found = {key: s for key, s in self.manifest.get("attention", {}).items() if s.get("layout") == STORE_LAYOUT}
+        for (entry, key), steps in MEMORY_STORES.items():
+            if entry == self.id and (whole := _whole_steps(steps)):
+                found[key] = {"where": "cpu", "timesteps": whole, "layers": sorted(set().union(*steps.values()))}
         return found
 
+    def store_files(self, key: str) -> list[Path]:
+        """The files of disk store `key`, as the manifest records them (all its blocks of all its steps)."""
+        prefix = self.paths.relative(self.paths.attention_dir / key) + "/"
+        return [self.paths.dir / rel for rel in sorted(self.manifest.get("files", {})) if rel.startswith(prefix)]
 
-def _layers_in(shard: dict[str, torch.Tensor]) -> list[int]:
-    return sorted({int(name.split(".")[0]) for name in shard})
+
+def _whole_steps(steps: dict[int, dict[int, dict[str, torch.Tensor]]]) -> list[int]:
+    """Timesteps of an in-memory store that hold every block (a capture may stop mid-step)."""
+    blocks = set().union(*steps.values())
+    return sorted(t for t, held in steps.items() if held.keys() == blocks)
 
 
 @dataclass(frozen=True)
@@ -363,55 +370,68 @@ def _check_budget(store, steps, workload: Workload, info, runtime, budget, layou
         raise SettingsError(refusal)
 
 
-def _has_store(inv: Inversion, store: StoreSettings, steps: int) -> bool:
-    if store.where == "none":
-        return True
+def _present(inv: Inversion, store: StoreSettings) -> list[int]:
+    """Timesteps the store's own tier holds whole (on disk: every block file recorded)."""
     if store.where == "cpu":
-        return (inv.id, store.key) in MEMORY_STORES and len(MEMORY_STORES[(inv.id, store.key)]) == len(store.edit_steps(steps))
-    return inv.manifest.get("attention", {}).get(store.key, {}).get("complete", False)
+        return _whole_steps(MEMORY_STORES.get((inv.id, store.key), {}))
+    found = inv.manifest.get("attention", {}).get(store.key, {})
+    return found.get("timesteps", []) if found.get("layout") == STORE_LAYOUT else []
+
+
+def _has_store(inv: Inversion, store: StoreSettings, steps: int) -> bool:
+    return store.where == "none" or len(_present(inv, store)) == len(store.edit_steps(steps))
 
 
 @contextlib.contextmanager
 def _capturing(transformer, store: StoreSettings, paths: EntryPaths, manifest: dict, steps: int, info: ModelInfo):
-    """Capture the store's K/V while the inversion runs, writing shards on a background thread."""
+    """Capture the store's K/V while the inversion runs, writing block files on background threads."""
     if store.where == "none":
         yield
         return
     directory = paths.attention_dir / store.key
-    directory.mkdir(parents=True, exist_ok=True)
     memory = MEMORY_STORES.setdefault((paths.id, store.key), {}) if store.where == "cpu" else None
-    writer = ShardWriter(store.where, directory, memory)
+    writer = StoreWriter(store.where, directory, memory)
     wanted = _store_timesteps(store, info, steps)
-    with kv_capture(transformer, store.block_ids(info.transformer_config["num_layers"]), wanted, writer, dtype=store.dtype):
+    blocks = store.block_ids(info.transformer_config["num_layers"])
+    with kv_capture(transformer, blocks, wanted, writer, dtype=store.dtype):
         try:
             yield
         finally:
             records = writer.close()
-    _record_store(paths, manifest, store, directory, records, wanted)
+    _record_store(paths, manifest, store, directory, records, wanted, blocks)
 
 
-def _record_store(paths: EntryPaths, manifest: dict, store: StoreSettings, directory: Path, records: dict, wanted: set[int]) -> None:
+def _record_store(paths: EntryPaths, manifest: dict, store: StoreSettings, directory: Path, records: dict, wanted: set[int], blocks: tuple[int, ...]) -> None:
     if store.where != "disk":
         return
-    for t, rec in records.items():
-        record_file(manifest, paths.relative(shard_path(directory, t)), rec)
-    done = sorted(t for t in wanted if paths.relative(shard_path(directory, t)) in manifest["files"])
+    for (t, block), rec in records.items():
+        record_file(manifest, paths.relative(block_path(directory, t, block)), rec)
+    prefix = paths.relative(directory) + "/"
+    # One file per timestep, right in the store's folder: an older cogedit's layout, superseded now.
+    old = [rel for rel in manifest["files"] if rel.startswith(prefix) and "/" not in rel[len(prefix) :]]
+    for rel in old:
+        del manifest["files"][rel]
+    files = {t: [paths.relative(block_path(directory, t, b)) for b in blocks] for t in wanted}
+    done = sorted(t for t, rels in files.items() if all(rel in manifest["files"] for rel in rels))
     manifest.setdefault("attention", {})[store.key] = {
         "where": "disk",
+        "layout": STORE_LAYOUT,
         "settings": dataclasses.asdict(store),
         "timesteps": done,
         "layers": list(store.layers) if store.layers is not None else None,
         "complete": set(done) == wanted,
-        "bytes": sum(manifest["files"][paths.relative(shard_path(directory, t))]["bytes"] for t in done),
+        "bytes": sum(manifest["files"][rel]["bytes"] for t in done for rel in files[t]),
     }
     write_manifest(paths.manifest, manifest)
+    for rel in old:  # after the manifest stops listing them
+        (paths.dir / rel).unlink(missing_ok=True)
 
 
 def _store_stage(inv: Inversion, store: StoreSettings, info: ModelInfo, runtime: Runtime, reporter: Reporter) -> None:
-    """Capture the missing shards of a store from the cached trajectory: one forward per step."""
+    """Capture the missing steps of a store from the cached trajectory: one forward per step."""
     steps = inv.steps
     paths, manifest = inv.paths, inv.manifest
-    have = set(inv.stores().get(store.key, {}).get("timesteps", []))
+    have = set(_present(inv, store))
     scheduler = inverse_scheduler(info.scheduler_config, steps)
     missing = _store_timesteps(store, info, steps) - have
     todo = [(j, int(t)) for j, t in enumerate(scheduler.timesteps) if int(t) in missing]
@@ -529,13 +549,17 @@ def _find_store(inv: Inversion, inject: InjectSettings, info: ModelInfo) -> tupl
 def _stored_attention(inv: Inversion, found: tuple[str, dict[str, Any]], inject: InjectSettings, transformer, shape, info, runtime) -> StoredAttention:
     key, store = found
     if store["where"] == "cpu":
-        shards = MEMORY_STORES[(inv.id, key)]
-        load = shards.__getitem__
+        steps = MEMORY_STORES[(inv.id, key)]
+
+        def load(t: int, block: int) -> dict[str, torch.Tensor]:
+            return steps[t][block]
     else:
         directory = inv.paths.attention_dir / key
+        pin = torch.device(runtime.device).type == "cuda"  # pinned: asynchronous copies to the GPU
 
-        def load(t: int) -> dict[str, torch.Tensor]:
-            return load_tensors(shard_path(directory, t), FileRecord(**inv.manifest["files"][inv.paths.relative(shard_path(directory, t))]))
+        def load(t: int, block: int) -> dict[str, torch.Tensor]:
+            path = block_path(directory, t, block)
+            return load_tensors_pinned(path, file_record(inv.manifest, inv.paths.relative(path)), pin)
 
     layers = tuple(range(info.transformer_config["num_layers"])) if inject.layers is None else inject.layers
     rotary = rotary_embeddings(transformer, shape, info.vae_scale_spatial, runtime.device)

@@ -38,7 +38,8 @@ def test_capture_does_not_change_the_trajectory(tiny_model, bikes, tmp_path):
 def _shards(inv):
     from cache.atomic import load_tensors
 
-    return {p.name: load_tensors(p) for p in sorted(inv.paths.attention_dir.rglob("*.safetensors"))}
+    root = inv.paths.attention_dir
+    return {p.relative_to(root).as_posix().split("/", 1)[1]: load_tensors(p) for p in sorted(root.rglob("*.safetensors"))}
 
 
 def test_store_added_later_is_captured_from_the_cached_trajectory(tiny_model, bikes, tmp_path):
@@ -50,7 +51,7 @@ def test_store_added_later_is_captured_from_the_cached_trajectory(tiny_model, bi
     assert "invert" not in [r.name for r in reporter.records], "the trajectory is not recomputed"
     during = engine.invert(bikes, tiny_model, device="cpu", cache_dir=tmp_path / "b", **SMALL, **_store("disk"))
     a, b = _shards(later), _shards(during)
-    assert list(a) == list(b) == ["t_0749.safetensors", "t_0999.safetensors"]
+    assert list(a) == list(b) == [f"t_{t:04d}/b_{i:02d}.safetensors" for t in (749, 999) for i in (0, 1)]
     for name in a:
         for key in a[name]:
             torch.testing.assert_close(a[name][key], b[name][key], rtol=0, atol=1e-6)
@@ -87,3 +88,128 @@ def test_lean_plan_runs_rows_apart_against_the_store(tiny_model, bikes):
     staged = engine.edit(inv, prompts, inject_steps="0:0.5", device="cpu", output="latents")
     lean = engine.edit(inv, prompts, inject_steps="0:0.5", plan="lean", device="cpu", output="latents")
     torch.testing.assert_close(lean.latents, staged.latents, rtol=0, atol=1e-5)
+
+
+# ------------------------------------------------------------------------- disk tier, per block
+
+
+def _block(i: int) -> dict[str, torch.Tensor]:
+    return {f"{i:02d}.k": torch.full((2, 3, 4), float(i)), f"{i:02d}.v": torch.full((2, 3, 4), -float(i))}
+
+
+def test_blocks_are_read_in_parallel_and_each_waited_for_alone():
+    import threading
+
+    from engine.attention_store import StoredAttention
+
+    together = threading.Barrier(4, timeout=10)  # breaks (and fails the reads) unless 4 run at once
+    last_may_finish = threading.Event()
+    threads = set()
+
+    def load(t, i):
+        threads.add(threading.current_thread().name)
+        if i < 4:
+            together.wait()
+        if i == 7:
+            assert last_may_finish.wait(10)
+        return _block(i)
+
+    stored = StoredAttention(tuple(range(8)), load, "cpu", torch.float32, None, 0, workers=4)
+    try:
+        step = stored.at(999)
+        for i in range(7):  # block 7 is still being read: the others do not wait for it
+            k, v = step[i]
+            assert k.shape == (1, 2, 3, 4) and torch.equal(k, torch.full_like(k, i)) and torch.equal(v, -k)
+        last_may_finish.set()
+        assert torch.equal(step[7][0], torch.full((1, 2, 3, 4), 7.0))
+        assert step[7][0] is step[7][0], "a block asked for again (row groups) is not copied again"
+    finally:
+        stored.close()
+    assert len(threads) == 4
+
+
+def test_the_step_being_replayed_is_read_before_the_read_ahead():
+    import threading
+
+    from engine.attention_store import StoredAttention
+
+    order, go = [], threading.Event()
+
+    def load(t, i):
+        assert go.wait(10)
+        order.append((t, i))
+        return _block(i)
+
+    stored = StoredAttention((0, 1, 2), load, "cpu", torch.float32, None, 0, workers=1)
+    try:
+        stored.prefetch(749)  # the edit loop's first step asks for the next step first
+        step = stored.at(999)
+        go.set()
+        [step[i] for i in (0, 1, 2)]
+        first = order.index((999, 0))
+        assert first <= 1 and order[first : first + 3] == [(999, 0), (999, 1), (999, 2)], order
+        stored.prefetch(499)  # the next step's read-ahead, before its own step (749) is taken
+        stored.prefetch(249)  # two steps beyond 749: refused
+        [stored.at(749)[i] for i in (0, 1, 2)]
+    finally:
+        stored.close()
+    assert not any(t == 249 for t, _ in order)
+
+
+def test_edit_prefetches_the_next_step_before_replaying_this_one(tiny_model, bikes, monkeypatch):
+    from engine.attention_store import StepKV, StoredAttention
+
+    inv = engine.invert(bikes, tiny_model, device="cpu", **SMALL, **_store("disk"))
+    events = []
+    for cls, name in ((StoredAttention, "prefetch"), (StoredAttention, "at"), (StepKV, "__getitem__")):
+        def logged(self, x, original=getattr(cls, name), name=name):
+            events.append((name, x))
+            return original(self, x)
+
+        monkeypatch.setattr(cls, name, logged)
+    engine.edit(inv, PROMPT, inject_steps="0:0.5", reference="stored", device="cpu", output="latents")
+    steps = [e for e in events if e[0] != "__getitem__"]
+    assert steps == [("prefetch", 749), ("at", 999), ("at", 749)], steps
+    first_use = events.index(("__getitem__", 0))
+    assert events.index(("prefetch", 749)) < events.index(("at", 999)) < first_use
+
+
+def test_a_missing_or_damaged_block_file_is_refused_and_reported(tiny_model, bikes):
+    from cache.errors import CacheCorruptError
+    from cache.store import verify
+
+    inv = engine.invert(bikes, tiny_model, device="cpu", **SMALL, **_store("disk"))
+    missing, damaged = inv.store_files(next(iter(inv.stores())))[1:3]
+    assert len(inv.store_files(next(iter(inv.stores())))) == 4  # 2 steps x 2 blocks
+    missing.unlink()
+    data = bytearray(damaged.read_bytes())
+    data[-1] ^= 0x01
+    damaged.write_bytes(bytes(data))
+    problems = {p.file: p.reason for p in verify(inv.layout, [inv.id])}
+    assert set(problems) == {inv.paths.relative(missing), inv.paths.relative(damaged)}
+    assert "missing" in problems[inv.paths.relative(missing)] and "checksum" in problems[inv.paths.relative(damaged)]
+    with pytest.raises(CacheCorruptError, match="is missing|fails its checksum"):
+        engine.edit(inv, PROMPT, inject_steps="0:0.5", reference="stored", device="cpu", output="latents")
+
+
+def test_a_store_of_one_file_per_timestep_reads_as_absent_and_is_replaced(tiny_model, bikes):
+    from cache.atomic import save_tensors
+    from cache.manifest import record_file, write_manifest
+    from cache.store import verify
+
+    inv = engine.invert(bikes, tiny_model, device="cpu", **SMALL, **_store("disk"))
+    key = next(iter(inv.stores()))
+    manifest = inv.manifest
+    del manifest["attention"][key]["layout"]  # as an older cogedit recorded it, with its file
+    old = inv.paths.attention_dir / key / "t_0999.safetensors"
+    record_file(manifest, inv.paths.relative(old), save_tensors(old, {"00.k": torch.ones(1)}))
+    write_manifest(inv.paths.manifest, manifest)
+    older = engine.open_inversion(inv.id)
+    assert older.stores() == {}
+    with pytest.raises(SettingsError, match="no stored attention"):
+        engine.edit(older, PROMPT, inject_steps="0:0.5", reference="stored", device="cpu", output="latents")
+    reporter = engine.Reporter()
+    again = engine.invert(bikes, tiny_model, device="cpu", reporter=reporter, **SMALL, **_store("disk"))
+    assert "capture" in [r.name for r in reporter.records]
+    assert key in again.stores() and not old.exists() and inv.paths.relative(old) not in again.manifest["files"]
+    assert verify(again.layout, [again.id]) == []

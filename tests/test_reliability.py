@@ -53,7 +53,8 @@ def _same_as_golden(inv: engine.Inversion, golden: engine.Inversion) -> None:
 
 
 def _shards(inv: engine.Inversion) -> dict[str, dict[str, torch.Tensor]]:
-    return {p.name: safetensors.torch.load_file(p) for p in sorted(inv.paths.attention_dir.rglob("*.safetensors"))}
+    root = inv.paths.attention_dir
+    return {p.relative_to(root).as_posix(): safetensors.torch.load_file(p) for p in sorted(root.rglob("*.safetensors"))}
 
 
 # Point -> (extra invert flags, steps finished on disk when it dies: the manifest's "done").
@@ -63,7 +64,7 @@ KILL_POINTS = {
     "between steps": ("step:2", [], 2),
     "mid-write of a step's manifest": ("write:manifest.json:4", [], 1),  # 1 new, 2 encode, 3-6 steps, 7 complete
     "mid-write of the final manifest": ("write:manifest.json:7", [], 4),
-    "mid-write of an attention shard": ("write:t_0499.safetensors:1", ["--attention-store", "disk"], "any"),
+    "mid-write of an attention block file": ("write:b_01.safetensors:3", ["--attention-store", "disk"], "any"),  # 3rd step's block 1
 }
 
 
