@@ -587,30 +587,32 @@ def _edit_stage(inversion, settings: EditSettings, embeds, source_prompt, info, 
         with loaded("transformer", info, runtime) as transformer:
             stored = _stored_attention(inversion, store, settings.inject, transformer, clean.shape, info, runtime) if store else None
             reference = Reference(replayed, reached, embeds.get(source_prompt, next(iter(embeds.values()))), stored)
-            for chunk in chunks:
-                if settings.init == "inverted":
-                    noise = trajectory[-1]
-                else:  # the same seeded noise for every prompt, so edits compare like for like
-                    g = torch.Generator().manual_seed(settings.seed)
-                    noise = torch.randn(trajectory[-1].shape, generator=g, dtype=torch.float32).to(inversion.dtype)
-                init = noise.to(runtime.device, runtime.dtype).expand(len(chunk), -1, -1, -1, -1).contiguous()
-                x = ddim_edit(
-                    transformer,
-                    init,
-                    torch.cat([embeds[p] for p in chunk]),
-                    info.scheduler_config,
-                    steps,
-                    vae_scale_spatial=info.vae_scale_spatial,
-                    uncond=embeds[settings.negative_prompt] if cfg else None,
-                    guidance=settings.guidance,
-                    reference=reference,
-                    inject=settings.inject,
-                    row_group=runtime.plan.row_group,
-                    callback=on_step,
-                )
-                out.append(x.cpu())
-            if stored is not None:
-                stored.close()
+            try:
+                for chunk in chunks:
+                    if settings.init == "inverted":
+                        noise = trajectory[-1]
+                    else:  # the same seeded noise for every prompt, so edits compare like for like
+                        g = torch.Generator().manual_seed(settings.seed)
+                        noise = torch.randn(trajectory[-1].shape, generator=g, dtype=torch.float32).to(inversion.dtype)
+                    init = noise.to(runtime.device, runtime.dtype).expand(len(chunk), -1, -1, -1, -1).contiguous()
+                    x = ddim_edit(
+                        transformer,
+                        init,
+                        torch.cat([embeds[p] for p in chunk]),
+                        info.scheduler_config,
+                        steps,
+                        vae_scale_spatial=info.vae_scale_spatial,
+                        uncond=embeds[settings.negative_prompt] if cfg else None,
+                        guidance=settings.guidance,
+                        reference=reference,
+                        inject=settings.inject,
+                        row_group=runtime.plan.row_group,
+                        callback=on_step,
+                    )
+                    out.append(x.cpu())
+            finally:  # reader threads and pinned buffers go with a failed edit too
+                if stored is not None:
+                    stored.close()
     return torch.cat(out)
 
 
