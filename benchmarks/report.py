@@ -15,13 +15,14 @@ from pathlib import Path
 
 GiB = 1 << 30
 STEPS = 50
-ORDER = ["upstream", "model_offload", "sequential", "staged", "staged-compiled", "staged-4prompts", "staged-4prompts-compiled", "lean", "int8", "nf4", "offload", "disk"]
+ORDER = ["upstream", "model_offload", "sequential", "staged", "staged-flash", "staged-compiled", "staged-4prompts", "staged-4prompts-compiled", "lean", "int8", "nf4", "offload", "disk"]
 LABEL = {
     "upstream": "upstream, as published (all resident)",
     "model_offload": "upstream + model offload + VAE tiling",
     "sequential": "upstream + sequential offload",
     "staged": "cogedit staged (default)",
     "staged-compiled": "cogedit staged --compile (regional torch.compile)",
+    "staged-flash": "cogedit staged, flash attention (rounding yardstick)",
     "staged-4prompts": "cogedit staged, 4 prompts in one pass",
     "staged-4prompts-compiled": "cogedit staged --compile, 4 prompts in one pass",
     "lean": "cogedit lean (each block a row at a time)",

@@ -50,10 +50,18 @@ def _rope_(x: torch.Tensor, text_len: int, rotary) -> None:
         part.copy_(apply_rotary_emb(part, rotary))
 
 
-def _project(attn, hidden: torch.Tensor, text_len: int, rotary) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """q, k, v as [B, heads, tokens, head_dim], after the q/k norms and RoPE on image tokens."""
-    b = hidden.shape[0]
-    q, k, v = (proj(hidden).view(b, -1, attn.heads, attn.to_q.out_features // attn.heads).transpose(1, 2) for proj in (attn.to_q, attn.to_k, attn.to_v))
+def _project(attn, hidden: torch.Tensor, text_len: int, rotary, heads: slice | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v as [B, heads, tokens, head_dim], after the q/k norms and RoPE on image tokens.
+
+    With `heads`, only those heads: the rows of each projection's weight that make them.
+    """
+    b, head_dim = hidden.shape[0], attn.to_q.out_features // attn.heads
+    if heads is None:
+        projected = (proj(hidden) for proj in (attn.to_q, attn.to_k, attn.to_v))
+    else:
+        rows = slice(heads.start * head_dim, heads.stop * head_dim)
+        projected = (F.linear(hidden, p.weight[rows], None if p.bias is None else p.bias[rows]) for p in (attn.to_q, attn.to_k, attn.to_v))
+    q, k, v = (x.view(b, -1, x.shape[-1] // head_dim, head_dim).transpose(1, 2) for x in projected)
     if attn.norm_q is not None:
         q = attn.norm_q(q)
     if attn.norm_k is not None:
@@ -98,6 +106,8 @@ class KVInjectionProcessor:
         st = self.state
         if not st.active:
             return self.fallback(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+        if st.rows is not None and st.stored is None and st.rows.start < st.n_edit:
+            return self._edit_group(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
         text_len = encoder_hidden_states.shape[1]
         q, k, v = _project(attn, torch.cat([encoder_hidden_states, hidden_states], dim=1), text_len, image_rotary_emb)
         rows = q.shape[0]
@@ -107,18 +117,11 @@ class KVInjectionProcessor:
         elif st.rows is None:  # the batch is [edit rows..., reference rows...]
             n, ref_k, ref_v = st.n_edit, k[st.n_edit :], v[st.n_edit :]
             index = torch.tensor(st.ref_of, device=k.device)
-        elif st.rows.start >= st.n_edit:  # the reference group: attends to itself, keeps its K/V
+        else:  # a row group's reference rows: they attend to themselves and keep their K/V
             st.held[self.layer] = (k, v)
             out = _attend(attn, [q, k, v])
             return out[:, text_len:], out[:, :text_len]
-        else:  # an edit group, after this block's reference group
-            n, (ref_k, ref_v) = rows, st.held[self.layer]
-            index = torch.tensor([st.ref_of[j] for j in st.rows], device=k.device)
-        mask = None
-        if st.strength != 1.0:
-            own = k.shape[2]
-            mask = torch.zeros(1, 1, 1, 2 * own, dtype=q.dtype, device=q.device)
-            mask[..., own:] = math.log(st.strength)
+        mask = _strength_mask(st.strength, k.shape[2], q.dtype, q.device)
         # Own and reference keys side by side, a few heads at a time: the joined keys and values
         # are the largest tensors of an injected block. Each slice's output goes straight to its
         # place in `out`, with no list of parts to join.
@@ -135,6 +138,37 @@ class KVInjectionProcessor:
         del q, k, v, ref_k, ref_v
         out = attn.to_out[1](attn.to_out[0](out.flatten(2)))
         return out[:, text_len:], out[:, :text_len]
+
+
+    def _edit_group(self, attn, hidden_states, encoder_hidden_states, image_rotary_emb):
+        """Edit rows of a row group against the held reference K/V, projecting a few heads at a
+        time: rows run apart to save memory, and their full q/k/v would be the peak."""
+        st = self.state
+        text_len = encoder_hidden_states.shape[1]
+        x = torch.cat([encoder_hidden_states, hidden_states], dim=1)
+        ref_k, ref_v = st.held[self.layer]
+        index = torch.tensor([st.ref_of[j] for j in st.rows], device=x.device)
+        mask = _strength_mask(st.strength, x.shape[1], x.dtype, x.device)
+        out = x.new_empty(x.shape[0], x.shape[1], attn.heads, attn.to_q.out_features // attn.heads)
+        for h in range(0, attn.heads, INJECT_HEADS):
+            heads = slice(h, min(h + INJECT_HEADS, attn.heads))
+            q, k, v = _project(attn, x, text_len, image_rotary_emb, heads)
+            keys = torch.cat([k, ref_k[index, heads]], dim=2)
+            values = torch.cat([v, ref_v[index, heads]], dim=2)
+            out[:, :, heads] = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask).transpose(1, 2)
+            del q, k, v, keys, values
+        del x
+        out = attn.to_out[1](attn.to_out[0](out.flatten(2)))
+        return out[:, text_len:], out[:, :text_len]
+
+
+def _strength_mask(strength: float, own: int, dtype: torch.dtype, device) -> torch.Tensor | None:
+    """A log-bias on the reference half of the joined keys; None at strength 1 (plain concatenation)."""
+    if strength == 1.0:
+        return None
+    mask = torch.zeros(1, 1, 1, 2 * own, dtype=dtype, device=device)
+    mask[..., own:] = math.log(strength)
+    return mask
 
 
 @contextlib.contextmanager
