@@ -68,9 +68,9 @@ def main() -> None:
     text = torch.randn(args.rows, 226, 4096, device="cuda", dtype=torch.bfloat16)
     rotary = rotary_embeddings(model, latents.shape, 8, "cuda")
     state = InjectionState(active=True, n_edit=args.rows - 1, ref_of=[0] * (args.rows - 1))
-    grouped = rows_apart(model, args.row_group, state) if args.row_group else contextlib.nullcontext()
 
     def forward() -> None:
+        grouped = rows_apart(model, args.row_group, state) if args.row_group else contextlib.nullcontext()
         with torch.no_grad(), kv_injection(model, None, state), grouped:
             predict(model, latents, text, torch.tensor(500), rotary)
 
