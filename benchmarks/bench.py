@@ -41,7 +41,7 @@ CLIP = Path(__file__).with_name("clip49.mp4")
 GiB = 1 << 30
 # Which card each plan is meant for (cards are sold in GiB: a "12 GB" card has 12 GiB),
 # emulated with an allocator cap 0.5 GiB below it, the room a CUDA context takes.
-CAPS = {"staged": 16, "staged-flash": 16, "staged-compiled": 16, "staged-4prompts": 24, "staged-4prompts-compiled": 24, "lean": 12, "int8": 12, "nf4": 8, "offload": 8, "disk": 24}
+CAPS = {"staged": 16, "staged-compiled": 16, "staged-4prompts": 24, "staged-4prompts-compiled": 24, "lean": 12, "int8": 12, "nf4": 8, "offload": 8, "disk": 24}
 CONTEXT_GIB = 0.5
 
 
@@ -124,17 +124,6 @@ def live_cuda_tensors(limit: int = 8) -> dict:
 
 def run_plan(name: str, model: Path, clip: Path, args, cache_dir: Path) -> dict:
     """One cogedit plan, whole workflow (invert, edit, the edit again from the cache) under its cap."""
-    if name == "staged-flash":
-        # The staged plan with flash attention instead of the default (cuDNN) kernel: a change of
-        # rounding only, the yardstick for the latent differences of the other variants.
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
-            return _run_plan(name, model, clip, args, cache_dir)
-    return _run_plan(name, model, clip, args, cache_dir)
-
-
-def _run_plan(name: str, model: Path, clip: Path, args, cache_dir: Path) -> dict:
     cuda = torch.cuda.is_available()
     plan = "staged" if name.startswith("staged") or name == "disk" else name
     compiled = name.endswith("-compiled")
