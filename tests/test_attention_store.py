@@ -82,11 +82,12 @@ def test_replay_outside_the_stored_window_is_refused(tiny_model, bikes):
         engine.edit(inv, PROMPT, inject_steps="0:1", reference="stored", device="cpu", output="latents")
 
 
-def test_lean_plan_runs_rows_apart_against_the_store(tiny_model, bikes):
+def test_lean_plan_replays_the_store_row_by_row(tiny_model, bikes):
+    """Row groups over replayed K/V: each block's stored K/V serve every row group of that block."""
     inv = engine.invert(bikes, tiny_model, device="cpu", **SMALL, **_store("disk"))
     prompts = ["a watercolor painting", "a charcoal sketch"]
-    staged = engine.edit(inv, prompts, inject_steps="0:0.5", device="cpu", output="latents")
-    lean = engine.edit(inv, prompts, inject_steps="0:0.5", plan="lean", device="cpu", output="latents")
+    staged = engine.edit(inv, prompts, inject_steps="0:0.5", reference="stored", device="cpu", output="latents")
+    lean = engine.edit(inv, prompts, inject_steps="0:0.5", reference="stored", plan="lean", device="cpu", output="latents")
     torch.testing.assert_close(lean.latents, staged.latents, rtol=0, atol=1e-5)
 
 
