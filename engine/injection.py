@@ -72,12 +72,27 @@ def _project(attn, hidden: torch.Tensor, text_len: int, rotary, heads: slice | N
     return q, k, v
 
 
-def _attend(attn, qkv: list[torch.Tensor]) -> torch.Tensor:
-    """Self-attention and the output projection. Empties `qkv`, so that q, k and v are freed
-    before the heads are copied back together."""
+def _attend(qkv: list[torch.Tensor]) -> torch.Tensor:
+    """Self-attention as [B, tokens, heads, head_dim]. Empties `qkv`, so that q, k and v are
+    freed before the heads are copied back together."""
     out = F.scaled_dot_product_attention(*qkv)
     qkv.clear()
-    return attn.to_out[1](attn.to_out[0](out.transpose(1, 2).flatten(2)))
+    return out.transpose(1, 2)
+
+
+def _inject(out: torch.Tensor, heads: slice, q, k, v, ref_k, ref_v, index: torch.Tensor, mask) -> None:
+    """Attention of q over its own keys joined with its reference's, for `heads`, written into
+    `out` [B, tokens, heads, head_dim]. The joined keys and values are the largest tensors of an
+    injected block, hence a few heads at a time."""
+    keys = torch.cat([k, ref_k[index, heads]], dim=2)
+    values = torch.cat([v, ref_v[index, heads]], dim=2)
+    out[:, :, heads] = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask).transpose(1, 2)
+
+
+def _output(attn, out: torch.Tensor, text_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The output projection of [B, tokens, heads, head_dim], split into image and text tokens."""
+    out = attn.to_out[1](attn.to_out[0](out.flatten(2)))
+    return out[:, text_len:], out[:, :text_len]
 
 
 class CogVideoXAttnProcessor:
@@ -90,8 +105,7 @@ class CogVideoXAttnProcessor:
     def __call__(self, attn, hidden_states, encoder_hidden_states, attention_mask=None, image_rotary_emb=None):
         text_len = encoder_hidden_states.shape[1]
         # No name for the joined input or for q/k/v: each is freed as soon as it is used.
-        out = _attend(attn, list(_project(attn, torch.cat([encoder_hidden_states, hidden_states], dim=1), text_len, image_rotary_emb)))
-        return out[:, text_len:], out[:, :text_len]
+        return _output(attn, _attend(list(_project(attn, torch.cat([encoder_hidden_states, hidden_states], dim=1), text_len, image_rotary_emb))), text_len)
 
 
 class KVInjectionProcessor:
@@ -119,26 +133,19 @@ class KVInjectionProcessor:
             index = torch.tensor(st.ref_of, device=k.device)
         else:  # a row group's reference rows: they attend to themselves and keep their K/V
             st.held[self.layer] = (k, v)
-            out = _attend(attn, [q, k, v])
-            return out[:, text_len:], out[:, :text_len]
+            qkv = [q, k, v]
+            del q  # so that _attend frees it before the output copy
+            return _output(attn, _attend(qkv), text_len)
         mask = _strength_mask(st.strength, k.shape[2], q.dtype, q.device)
-        # Own and reference keys side by side, a few heads at a time: the joined keys and values
-        # are the largest tensors of an injected block. Each slice's output goes straight to its
-        # place in `out`, with no list of parts to join.
-        heads_total, head_dim = q.shape[1], q.shape[3]
-        out = q.new_empty(rows, q.shape[2], heads_total, head_dim)
-        for h in range(0, heads_total, INJECT_HEADS):
+        # Each slice's output goes straight to its place in `out`, with no list of parts to join.
+        out = q.new_empty(rows, q.shape[2], q.shape[1], q.shape[3])
+        for h in range(0, q.shape[1], INJECT_HEADS):
             heads = slice(h, h + INJECT_HEADS)
-            keys = torch.cat([k[:n, heads], ref_k[index, heads]], dim=2)
-            values = torch.cat([v[:n, heads], ref_v[index, heads]], dim=2)
-            out[:n, :, heads] = F.scaled_dot_product_attention(q[:n, heads], keys, values, attn_mask=mask).transpose(1, 2)
-            del keys, values
+            _inject(out[:n], heads, q[:n, heads], k[:n, heads], v[:n, heads], ref_k, ref_v, index, mask)
         if n < rows:  # the reference rows in the batch attend to themselves only
             out[n:] = F.scaled_dot_product_attention(q[n:], ref_k, ref_v).transpose(1, 2)
         del q, k, v, ref_k, ref_v
-        out = attn.to_out[1](attn.to_out[0](out.flatten(2)))
-        return out[:, text_len:], out[:, :text_len]
-
+        return _output(attn, out, text_len)
 
     def _edit_group(self, attn, hidden_states, encoder_hidden_states, image_rotary_emb):
         """Edit rows of a row group against the held reference K/V, projecting a few heads at a
@@ -151,15 +158,10 @@ class KVInjectionProcessor:
         mask = _strength_mask(st.strength, x.shape[1], x.dtype, x.device)
         out = x.new_empty(x.shape[0], x.shape[1], attn.heads, attn.to_q.out_features // attn.heads)
         for h in range(0, attn.heads, INJECT_HEADS):
-            heads = slice(h, min(h + INJECT_HEADS, attn.heads))
-            q, k, v = _project(attn, x, text_len, image_rotary_emb, heads)
-            keys = torch.cat([k, ref_k[index, heads]], dim=2)
-            values = torch.cat([v, ref_v[index, heads]], dim=2)
-            out[:, :, heads] = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask).transpose(1, 2)
-            del q, k, v, keys, values
+            heads = slice(h, h + INJECT_HEADS)
+            _inject(out, heads, *_project(attn, x, text_len, image_rotary_emb, heads), ref_k, ref_v, index, mask)
         del x
-        out = attn.to_out[1](attn.to_out[0](out.flatten(2)))
-        return out[:, text_len:], out[:, :text_len]
+        return _output(attn, out, text_len)
 
 
 def _strength_mask(strength: float, own: int, dtype: torch.dtype, device) -> torch.Tensor | None:
