@@ -144,14 +144,14 @@ def run_plan(name: str, model: Path, clip: Path, args, cache_dir: Path) -> dict:
     calls.append(("invert", marks))
     extra: dict = {}
     if name == "disk" and cuda:
-        shards = sorted(inv.paths.attention_dir.rglob("*.safetensors"))
+        shards = [f for key in inv.stores() for f in inv.store_files(key)]
         extra["store_bytes"] = sum(f.stat().st_size for f in shards)
         extra["disk_read_bytes_per_s"] = disk_read_rate(shards)  # leaves them evicted: the edit reads from the disk
     for label, output in (("edit", "frames"), ("edit-again", "latents")):
         marks, cb = _marks(cuda)
         result = engine.edit(inv, prompts, plan=plan, compile=compiled, reporter=reporter, callback=cb, cache_dir=cache_dir, batch=args.batch, output=output, **edit_kw)
         calls.append((label, marks))
-    LATENTS[name] = {"noise": inv.trajectory()[-1].float()}
+    LATENTS[name] = {"noise": inv.noise().float()}
     if edit_kw["inject_steps"] == "0:1":  # edits comparable with the staged plan's
         LATENTS[name]["edit"] = result.latents.float()
     total = time.perf_counter() - start
@@ -283,10 +283,6 @@ def main() -> None:
                 ph["median_step"] = statistics.median(ph["step_times"])
         if cuda:
             row["left_allocated"] = live_cuda_tensors()
-            if name.endswith("-compiled"):  # does dynamo's cache of compiled blocks hold it?
-                torch._dynamo.reset()
-                engine.components.free_memory()
-                row["left_after_dynamo_reset"] = torch.cuda.memory_allocated()
         results["variants"][name] = row
         results["latent_differences"] = latent_differences()
         print(json.dumps({k: v for k, v in row.items() if k != "trace"}, default=str)[:1500], flush=True)

@@ -80,6 +80,10 @@ class Inversion:
         """The latent after every inversion step; the last one is the inverted noise."""
         return [self._load(self.paths.step_file(i), "latent") for i in range(self.steps)]
 
+    def noise(self) -> torch.Tensor:
+        """The inverted noise alone (the last step's latent), without reading the other steps."""
+        return self._load(self.paths.step_file(self.steps - 1), "latent")
+
     def stores(self) -> dict[str, dict[str, Any]]:
         """Stored attention of this entry, by store key: on disk (manifest) and in this process."""
         found = {key: s for key, s in self.manifest.get("attention", {}).items() if s.get("layout") == STORE_LAYOUT}
