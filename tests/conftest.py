@@ -10,6 +10,21 @@ SHARED_VIDEOS = Path(__file__).resolve().parents[2] / "shared" / "videos"
 # Small but real: the tiny transformer was built for 96x160 frames (12x20 latents).
 SMALL = dict(frames=9, height=96, width=160, steps=4)
 
+# What the one-line error says for each broken or odd clip the tests make (test_video.py's
+# `clips`, and the fewer that test_cli_errors.py runs through the CLI).
+VIDEO_ERRORS = {
+    "missing": "does not exist",
+    "folder": "is a directory",
+    "empty": "is empty",
+    "text": "is not a readable video",
+    "half": "is not a readable video",
+    "front_half": "is not a readable video",
+    "audio": "has no video stream",
+    "zero": "has no video stream",
+    "one": "only 1 of 1 frames remain",
+    "four": "only 4 of 4 frames remain",
+}
+
 
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:

@@ -29,7 +29,7 @@ from cache.manifest import read_manifest
 from cache.store import verify
 from cli import cli
 from engine import components
-from tests.conftest import SMALL
+from tests.conftest import SMALL, VIDEO_ERRORS
 from tests.test_video import _ffmpeg, _testsrc
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,17 +89,7 @@ def entry(golden, _isolated_cache) -> engine.Inversion:
 
 @pytest.mark.parametrize(
     ("name", "expected"),
-    [
-        ("missing", "does not exist"),
-        ("folder", "is a directory"),
-        ("empty", "is empty"),
-        ("text", "is not a readable video"),
-        ("half", "is not a readable video"),
-        ("audio", "has no video stream"),
-        ("zero", "has no video stream"),
-        ("one", "only 1 of 1 frames remain"),
-        ("four", "only 4 of 4 frames remain"),
-    ],
+    [(name, VIDEO_ERRORS[name]) for name in ("missing", "folder", "empty", "text", "half", "audio", "zero", "one", "four")],
 )
 def test_bad_video(clips, tiny_model, name, expected):
     error = fails("invert", clips[name], "--model", tiny_model, *SMALL_ARGS)

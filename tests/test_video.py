@@ -23,6 +23,7 @@ from engine.video import (
     select_frame_indices,
     to_model_input,
 )
+from tests.conftest import VIDEO_ERRORS
 
 VIDEOS = Path(__file__).resolve().parents[2] / "shared" / "videos"
 FFMPEG = imageio_ffmpeg.get_ffmpeg_exe()
@@ -247,15 +248,7 @@ def test_probe_odd_rate_and_size(clips: dict[str, Path]) -> None:
 
 @pytest.mark.parametrize(
     ("name", "expected"),
-    [
-        ("missing", "does not exist"),
-        ("folder", "is a directory"),
-        ("empty", "is empty"),
-        ("text", "is not a readable video"),
-        ("half", "is not a readable video"),
-        ("front_half", "is not a readable video"),
-        ("audio", "has no video stream"),
-    ],
+    [(name, VIDEO_ERRORS[name]) for name in ("missing", "folder", "empty", "text", "half", "front_half", "audio")],
 )
 def test_probe_rejects(clips: dict[str, Path], name: str, expected: str) -> None:
     with pytest.raises(VideoError) as err:
