@@ -50,26 +50,33 @@ def _rope_(x: torch.Tensor, text_len: int, rotary) -> None:
         part.copy_(apply_rotary_emb(part, rotary))
 
 
-def _project(attn, hidden: torch.Tensor, text_len: int, rotary, heads: slice | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """q, k, v as [B, heads, tokens, head_dim], after the q/k norms and RoPE on image tokens.
+def _projected(attn, x: torch.Tensor, which: str, text_len: int, rotary, heads: slice | None = None) -> torch.Tensor:
+    """q, k or v (`which`) as [B, heads, tokens, head_dim], after its norm and RoPE (q and k).
 
-    With `heads`, only those heads: the rows of each projection's weight that make them.
+    With `heads`, only those heads: the rows of the projection's weight that make them.
     """
-    b, head_dim = hidden.shape[0], attn.to_q.out_features // attn.heads
+    proj = getattr(attn, f"to_{which}")
+    head_dim = proj.out_features // attn.heads
     if heads is None:
-        projected = (proj(hidden) for proj in (attn.to_q, attn.to_k, attn.to_v))
+        y = proj(x)
     else:
         rows = slice(heads.start * head_dim, heads.stop * head_dim)
-        projected = (F.linear(hidden, p.weight[rows], None if p.bias is None else p.bias[rows]) for p in (attn.to_q, attn.to_k, attn.to_v))
-    q, k, v = (x.view(b, -1, x.shape[-1] // head_dim, head_dim).transpose(1, 2) for x in projected)
-    if attn.norm_q is not None:
-        q = attn.norm_q(q)
-    if attn.norm_k is not None:
-        k = attn.norm_k(k)
-    if rotary is not None:
-        _rope_(q, text_len, rotary)
-        _rope_(k, text_len, rotary)
-    return q, k, v
+        y = F.linear(x, proj.weight[rows], None if proj.bias is None else proj.bias[rows])
+    y = y.view(x.shape[0], -1, y.shape[-1] // head_dim, head_dim).transpose(1, 2)
+    norm = getattr(attn, f"norm_{which}", None)  # diffusers' Attention has norm_q and norm_k only
+    if norm is not None:
+        y = norm(y)
+    if rotary is not None and which != "v":
+        _rope_(y, text_len, rotary)
+    return y
+
+
+def _project(attn, x: torch.Tensor, text_len: int, rotary, heads: slice | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return tuple(_projected(attn, x, which, text_len, rotary, heads) for which in "qkv")
+
+
+def _head_slices(attn) -> list[slice]:
+    return [slice(h, min(h + INJECT_HEADS, attn.heads)) for h in range(0, attn.heads, INJECT_HEADS)]
 
 
 def _attend(qkv: list[torch.Tensor]) -> torch.Tensor:
@@ -89,10 +96,15 @@ def _inject(out: torch.Tensor, heads: slice, q, k, v, ref_k, ref_v, index: torch
     out[:, :, heads] = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask).transpose(1, 2)
 
 
-def _output(attn, out: torch.Tensor, text_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The output projection of [B, tokens, heads, head_dim], split into image and text tokens."""
-    out = attn.to_out[1](attn.to_out[0](out.flatten(2)))
-    return out[:, text_len:], out[:, :text_len]
+def _output(attn, out: torch.Tensor) -> torch.Tensor:
+    """The output projection of [B, tokens, heads, head_dim], as [B, tokens, width]."""
+    return attn.to_out[1](attn.to_out[0](out.flatten(2)))
+
+
+def _heads_buffer(attn, x: torch.Tensor) -> torch.Tensor:
+    """An empty [B, tokens, heads, head_dim] that head slices are written into: flattening it
+    for the output projection is then a view, not a copy."""
+    return x.new_empty(x.shape[0], x.shape[1], attn.heads, attn.to_q.out_features // attn.heads)
 
 
 class CogVideoXAttnProcessor:
@@ -104,8 +116,13 @@ class CogVideoXAttnProcessor:
 
     def __call__(self, attn, hidden_states, encoder_hidden_states, attention_mask=None, image_rotary_emb=None):
         text_len = encoder_hidden_states.shape[1]
-        # No name for the joined input or for q/k/v: each is freed as soon as it is used.
-        return _output(attn, _attend(list(_project(attn, torch.cat([encoder_hidden_states, hidden_states], dim=1), text_len, image_rotary_emb))), text_len)
+        out = self.joined(attn, [torch.cat([encoder_hidden_states, hidden_states], dim=1)], text_len, image_rotary_emb)
+        return out[:, text_len:], out[:, :text_len]
+
+    def joined(self, attn, x: list[torch.Tensor], text_len: int, rotary) -> torch.Tensor:
+        """Attention over text and image tokens already joined, `x` = [input]; emptied, so that
+        the input is freed once projected. The result is [B, tokens, width], text first."""
+        return _output(attn, _attend(list(_project(attn, x.pop(), text_len, rotary))))
 
 
 class KVInjectionProcessor:
@@ -117,51 +134,65 @@ class KVInjectionProcessor:
         self.layer = layer
 
     def __call__(self, attn, hidden_states, encoder_hidden_states, attention_mask=None, image_rotary_emb=None):
+        if not self.state.active:
+            return self.fallback(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+        text_len = encoder_hidden_states.shape[1]
+        out = self.joined(attn, [torch.cat([encoder_hidden_states, hidden_states], dim=1)], text_len, image_rotary_emb)
+        return out[:, text_len:], out[:, :text_len]
+
+    def joined(self, attn, x: list[torch.Tensor], text_len: int, rotary) -> torch.Tensor:
+        """As `CogVideoXAttnProcessor.joined`, with the reference K/V injected."""
         st = self.state
         if not st.active:
-            return self.fallback(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
-        if st.rows is not None and st.stored is None and st.rows.start < st.n_edit:
-            return self._edit_group(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
-        text_len = encoder_hidden_states.shape[1]
-        q, k, v = _project(attn, torch.cat([encoder_hidden_states, hidden_states], dim=1), text_len, image_rotary_emb)
+            return self.fallback.joined(attn, x, text_len, rotary)
+        if st.rows is not None and st.stored is None:
+            group = self._edit_group if st.rows.start < st.n_edit else self._reference_group
+            return group(attn, x, text_len, rotary)
+        q, k, v = _project(attn, x.pop(), text_len, rotary)
         rows = q.shape[0]
         if st.stored is not None:  # replayed K/V: every row in the call is an edit row
             n, (ref_k, ref_v) = rows, st.stored[self.layer]
             index = torch.zeros(n, dtype=torch.long, device=k.device)
-        elif st.rows is None:  # the batch is [edit rows..., reference rows...]
+        else:  # the batch is [edit rows..., reference rows...]
             n, ref_k, ref_v = st.n_edit, k[st.n_edit :], v[st.n_edit :]
             index = torch.tensor(st.ref_of, device=k.device)
-        else:  # a row group's reference rows: they attend to themselves and keep their K/V
-            st.held[self.layer] = (k, v)
-            qkv = [q, k, v]
-            del q  # so that _attend frees it before the output copy
-            return _output(attn, _attend(qkv), text_len)
         mask = _strength_mask(st.strength, k.shape[2], q.dtype, q.device)
         # Each slice's output goes straight to its place in `out`, with no list of parts to join.
         out = q.new_empty(rows, q.shape[2], q.shape[1], q.shape[3])
-        for h in range(0, q.shape[1], INJECT_HEADS):
-            heads = slice(h, h + INJECT_HEADS)
+        for heads in _head_slices(attn):
             _inject(out[:n], heads, q[:n, heads], k[:n, heads], v[:n, heads], ref_k, ref_v, index, mask)
         if n < rows:  # the reference rows in the batch attend to themselves only
             out[n:] = F.scaled_dot_product_attention(q[n:], ref_k, ref_v).transpose(1, 2)
         del q, k, v, ref_k, ref_v
-        return _output(attn, out, text_len)
+        return _output(attn, out)
 
-    def _edit_group(self, attn, hidden_states, encoder_hidden_states, image_rotary_emb):
+    def _reference_group(self, attn, x: list[torch.Tensor], text_len: int, rotary) -> torch.Tensor:
+        """A row group's reference rows: they keep their whole K/V for the block's edit groups
+        and attend to themselves, their queries a few heads at a time (the full q would add
+        one more row-sized tensor to the lean plan's peak)."""
+        st, x = self.state, x.pop()
+        k = _projected(attn, x, "k", text_len, rotary)
+        v = _projected(attn, x, "v", text_len, rotary)
+        st.held[self.layer] = (k, v)
+        out = _heads_buffer(attn, x)
+        for heads in _head_slices(attn):
+            q = _projected(attn, x, "q", text_len, rotary, heads)
+            out[:, :, heads] = F.scaled_dot_product_attention(q, k[:, heads], v[:, heads]).transpose(1, 2)
+        del x, q
+        return _output(attn, out)
+
+    def _edit_group(self, attn, x: list[torch.Tensor], text_len: int, rotary) -> torch.Tensor:
         """Edit rows of a row group against the held reference K/V, projecting a few heads at a
         time: rows run apart to save memory, and their full q/k/v would be the peak."""
-        st = self.state
-        text_len = encoder_hidden_states.shape[1]
-        x = torch.cat([encoder_hidden_states, hidden_states], dim=1)
+        st, x = self.state, x.pop()
         ref_k, ref_v = st.held[self.layer]
         index = torch.tensor([st.ref_of[j] for j in st.rows], device=x.device)
         mask = _strength_mask(st.strength, x.shape[1], x.dtype, x.device)
-        out = x.new_empty(x.shape[0], x.shape[1], attn.heads, attn.to_q.out_features // attn.heads)
-        for h in range(0, attn.heads, INJECT_HEADS):
-            heads = slice(h, h + INJECT_HEADS)
-            _inject(out, heads, *_project(attn, x, text_len, image_rotary_emb, heads), ref_k, ref_v, index, mask)
+        out = _heads_buffer(attn, x)
+        for heads in _head_slices(attn):
+            _inject(out, heads, *_project(attn, x, text_len, rotary, heads), ref_k, ref_v, index, mask)
         del x
-        return _output(attn, out, text_len)
+        return _output(attn, out)
 
 
 def _strength_mask(strength: float, own: int, dtype: torch.dtype, device) -> torch.Tensor | None:

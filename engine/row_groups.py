@@ -7,6 +7,10 @@ shared reference row live: in every block the reference group runs first and lea
 (one block's worth, ~0.2 GB at 49x480x720) for the edit groups that follow, so no stored
 attention is needed. diffusers has no row-wise execution for a block, so this is a hook in
 diffusers' hook registry.
+
+Each group's block adds its residuals into its own input rows (`_block_in_place`): diffusers'
+block returns new tensors for every residual sum, and with its other temporaries those were the
+lean plan's peak on the H100 (benchmarks/results/peak_lean.json).
 """
 
 from __future__ import annotations
@@ -29,6 +33,39 @@ def row_groups(n: int, size: int, state: InjectionState | None) -> list[range]:
     return [range(edit, n), *groups] if has_reference else groups
 
 
+def _modulated(norm_zero, hidden: torch.Tensor, encoder: torch.Tensor, temb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """diffusers' CogVideoXLayerNormZero over text and image tokens joined (text first), the
+    modulation applied in place: (joined input, image gate, text gate)."""
+    shift, scale, gate, text_shift, text_scale, text_gate = norm_zero.linear(norm_zero.silu(temb)).chunk(6, dim=1)
+    text_len = encoder.shape[1]
+    x = norm_zero.norm(torch.cat([encoder, hidden], dim=1))
+    x[:, :text_len].mul_((1 + text_scale)[:, None]).add_(text_shift[:, None])
+    x[:, text_len:].mul_((1 + scale)[:, None]).add_(shift[:, None])
+    return x, gate[:, None], text_gate[:, None]
+
+
+def _add_gated(hidden: torch.Tensor, encoder: torch.Tensor, out: torch.Tensor, gate: torch.Tensor, text_gate: torch.Tensor) -> None:
+    """hidden += gate * image part of `out`, encoder += text_gate * text part, scaling `out` in
+    place: the same two bf16 roundings as diffusers' `hidden + gate * out`, with no new tensor."""
+    text_len = encoder.shape[1]
+    hidden.add_(out[:, text_len:].mul_(gate))
+    encoder.add_(out[:, :text_len].mul_(text_gate))
+
+
+def _block_in_place(block: torch.nn.Module, hidden: torch.Tensor, encoder: torch.Tensor, temb: torch.Tensor, rotary) -> None:
+    """diffusers' CogVideoXBlock.forward over one group's rows, written into `hidden` and `encoder`.
+
+    Each input is handed on in a one-item list that the callee empties, so that it is freed as
+    soon as it has been used rather than when this frame returns.
+    """
+    x, gate, text_gate = _modulated(block.norm1, hidden, encoder, temb)
+    held = [x]
+    del x
+    _add_gated(hidden, encoder, block.attn1.processor.joined(block.attn1, held, encoder.shape[1], rotary), gate, text_gate)
+    x, gate, text_gate = _modulated(block.norm2, hidden, encoder, temb)
+    _add_gated(hidden, encoder, block.ff(x), gate, text_gate)
+
+
 @contextlib.contextmanager
 def rows_apart(transformer: torch.nn.Module, size: int, state: InjectionState | None = None) -> Iterator[None]:
     """Within the context, every block runs at most `size` rows per call (`state.rows` says which)."""
@@ -36,21 +73,17 @@ def rows_apart(transformer: torch.nn.Module, size: int, state: InjectionState | 
 
     class RowGroups(ModelHook):
         def new_forward(self, module, hidden_states, encoder_hidden_states, temb, image_rotary_emb=None, attention_kwargs=None):
-            forward = self.fn_ref.original_forward
             groups = row_groups(hidden_states.shape[0], size, state)
-            if len(groups) == 1:
-                return forward(hidden_states, encoder_hidden_states, temb, image_rotary_emb, attention_kwargs)
+            if attention_kwargs or not hasattr(module.attn1.processor, "joined"):  # not one of ours
+                return self.fn_ref.original_forward(hidden_states, encoder_hidden_states, temb, image_rotary_emb, attention_kwargs)
             try:
                 for rows in groups:
                     if state is not None:
                         state.rows = rows
-                    sl = slice(rows.start, rows.stop)
-                    h, e = forward(hidden_states[sl], encoder_hidden_states[sl], temb[sl], image_rotary_emb, attention_kwargs)
                     # Written over the block's input rows: each group reads only its own rows, and
                     # a separate output would hold a second batch-sized tensor.
-                    hidden_states[sl] = h
-                    encoder_hidden_states[sl] = e
-                    del h, e
+                    sl = slice(rows.start, rows.stop)
+                    _block_in_place(module, hidden_states[sl], encoder_hidden_states[sl], temb[sl], image_rotary_emb)
             finally:
                 if state is not None:
                     state.rows = None

@@ -49,3 +49,19 @@ def test_lean_changes_nothing_but_the_grouping(tiny_model, bikes):
     staged = engine.invert(bikes, tiny_model, device="cpu", **SMALL)
     lean = engine.invert(bikes, tiny_model, device="cpu", plan="lean", **SMALL)
     assert lean.id == staged.id and "attention" not in lean.manifest
+
+
+def test_block_in_place_is_diffusers_block_bit_for_bit():
+    """The lean plan's own block forward adds residuals in place; in bf16 it rounds as diffusers does."""
+    from diffusers.models.transformers.cogvideox_transformer_3d import CogVideoXBlock
+
+    from engine.injection import CogVideoXAttnProcessor
+
+    torch.manual_seed(0)
+    block = CogVideoXBlock(dim=64, num_attention_heads=4, attention_head_dim=16, time_embed_dim=32).to(torch.bfloat16).eval()
+    block.attn1.set_processor(CogVideoXAttnProcessor())
+    hidden, text, temb = (torch.randn(*shape, dtype=torch.bfloat16) for shape in ((2, 40, 64), (2, 7, 64), (2, 32)))
+    with torch.no_grad():
+        want_hidden, want_text = block(hidden, text, temb)
+        row_groups_module._block_in_place(block, hidden, text, temb, None)
+    assert torch.equal(hidden, want_hidden) and torch.equal(text, want_text)
