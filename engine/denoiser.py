@@ -2,25 +2,29 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 
 
 def rotary_embeddings(
-    transformer: torch.nn.Module, latent_shape: torch.Size, vae_scale_spatial: int, device: torch.device | str
+    transformer: torch.nn.Module | Mapping[str, Any], latent_shape: torch.Size, vae_scale_spatial: int, device: torch.device | str
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """3D RoPE tables for latents of shape [B, F, C, h, w], as the 5B pipeline builds them."""
+    """3D RoPE tables for latents of shape [B, F, C, h, w], as the 5B pipeline builds them.
+
+    `transformer` is the model or its config: the tables depend on the config alone."""
     from diffusers.models.embeddings import get_3d_rotary_pos_embed
     from diffusers.pipelines.cogvideo.pipeline_cogvideox import get_resize_crop_region_for_grid
 
-    cfg = transformer.config
+    cfg = transformer.config if isinstance(transformer, torch.nn.Module) else transformer
     _, frames, _, h, w = latent_shape
-    grid_h, grid_w = h // cfg.patch_size, w // cfg.patch_size
-    crops = get_resize_crop_region_for_grid(
-        (grid_h, grid_w), cfg.sample_width // cfg.patch_size, cfg.sample_height // cfg.patch_size
-    )
+    patch = cfg["patch_size"]
+    grid_h, grid_w = h // patch, w // patch
+    crops = get_resize_crop_region_for_grid((grid_h, grid_w), cfg["sample_width"] // patch, cfg["sample_height"] // patch)
     # On the latents' device: with offloading the weights may sit on the CPU or the meta device.
     return get_3d_rotary_pos_embed(
-        embed_dim=cfg.attention_head_dim,
+        embed_dim=cfg["attention_head_dim"],
         crops_coords=crops,
         grid_size=(grid_h, grid_w),
         temporal_size=frames,

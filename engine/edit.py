@@ -86,7 +86,7 @@ def ddim_edit(
             state.active = active[i]
             state.stored = None
             if inject.reference == "stored" and reference is not None:
-                # Read the next injected step's shard while this step computes.
+                # Read the next injected step's files while this step computes.
                 upcoming = [j for j in range(i + 1 if state.active else i, steps) if active[j]]
                 if upcoming:
                     reference.stored.prefetch(int(scheduler.timesteps[upcoming[0]]))
@@ -106,3 +106,9 @@ def ddim_edit(
             if callback is not None:
                 callback({"i": i, "t": t, "x": x})
     return x
+
+
+def first_injected(scheduler_config: dict[str, Any], steps: int, inject: InjectSettings) -> int | None:
+    """The timestep of the first edit step inside the injection window, if any."""
+    timesteps = edit_scheduler(scheduler_config, steps).timesteps
+    return next((int(t) for i, t in enumerate(timesteps) if inject.is_active(i, steps)), None)

@@ -30,7 +30,7 @@ from cache.manifest import FORMAT_VERSION, file_record, new_manifest, read_manif
 from engine.attention_store import MEMORY_STORES, STORE_LAYOUT, StoredAttention, StoreSettings, StoreWriter, block_path, budget_refusal, default_budget, kv_capture
 from engine.components import ModelInfo, Runtime, inspect_model, loaded
 from engine.decode import claim, decode_latents, safe_name, side_by_side, write_video
-from engine.edit import Reference, ddim_edit
+from engine.edit import Reference, ddim_edit, first_injected
 from engine.embed import embed_prompts
 from engine.encode import encode_frames
 from engine.errors import CogeditError, ModelError, SettingsError
@@ -142,6 +142,8 @@ def inversion_key(video_sha: str, frames: FrameSettings, model: ModelInfo, runti
         fields["weights"] = runtime.plan.transformer_weights
     if runtime.compile:  # fused kernels round differently
         fields["compiled"] = True
+    if runtime.fp8:
+        fields["fp8"] = True
     return stable_hash(fields)
 
 
@@ -161,7 +163,7 @@ def _with_plan(runtime: Runtime, plan: str | None, vram: str | int | None, info:
             peak = max(predict_peaks(chosen, info, workload).values())
             ph.record.detail = f"--vram {format_size(budget)}: plan {chosen.name}, predicted peak {format_size(peak)}"
         plan = chosen.name
-    return Runtime.default(runtime.device, runtime.dtype, plan, runtime.compile) if plan else runtime
+    return Runtime.default(runtime.device, runtime.dtype, plan, runtime.compile, runtime.fp8) if plan else runtime
 
 
 def _output_fps(video: VideoInfo, idx: list[int]) -> float:
@@ -198,6 +200,7 @@ def invert(
     plan: str | None = None,
     vram: str | int | None = None,
     compile: bool = False,
+    fp8: bool = False,
     cache_dir: str | Path | None = None,
     device: str | None = None,
     dtype: str | torch.dtype | None = None,
@@ -213,7 +216,7 @@ def invert(
     """
     frame_settings = FrameSettings(frames, skip_start, skip_end, stride, height, width)
     settings = InvertSettings(steps, source_prompt, negative_prompt, guidance)
-    runtime = Runtime.default(device, dtype, compile=compile)
+    runtime = Runtime.default(device, dtype, compile=compile, fp8=fp8)
     reporter = reporter or Reporter(device=runtime.device)
     layout = _layout(cache_dir)
 
@@ -487,6 +490,7 @@ def edit(
     plan: str | None = None,
     vram: str | int | None = None,
     compile: bool = False,
+    fp8: bool = False,
     reporter: Reporter | None = None,
     callback: Callback | None = None,
     output: str = "mp4",
@@ -501,7 +505,7 @@ def edit(
     if isinstance(inversion, str):
         inversion = open_inversion(inversion, cache_dir)
     prompts = (prompts,) if isinstance(prompts, str) else tuple(prompts)
-    runtime = Runtime.default(device, inversion.dtype, compile=compile)
+    runtime = Runtime.default(device, inversion.dtype, compile=compile, fp8=fp8)
     reporter = reporter or Reporter(device=runtime.device)
     info = inspect_model(model or inversion.manifest["settings"]["model"]["source"])
     if info.key != inversion.manifest["settings"]["model"]["key"]:
@@ -550,7 +554,7 @@ def _find_store(inv: Inversion, inject: InjectSettings, info: ModelInfo) -> tupl
     )
 
 
-def _stored_attention(inv: Inversion, found: tuple[str, dict[str, Any]], inject: InjectSettings, transformer, shape, info, runtime) -> StoredAttention:
+def _stored_attention(inv: Inversion, found: tuple[str, dict[str, Any]], inject: InjectSettings, shape, info, runtime) -> StoredAttention:
     key, store = found
     if store["where"] == "cpu":
         steps = MEMORY_STORES[(inv.id, key)]
@@ -566,7 +570,7 @@ def _stored_attention(inv: Inversion, found: tuple[str, dict[str, Any]], inject:
             return load_tensors_pinned(path, file_record(inv.manifest, inv.paths.relative(path)), pin)
 
     layers = tuple(range(info.transformer_config["num_layers"])) if inject.layers is None else inject.layers
-    rotary = rotary_embeddings(transformer, shape, info.vae_scale_spatial, runtime.device)
+    rotary = rotary_embeddings(info.transformer_config, shape, info.vae_scale_spatial, runtime.device)
     return StoredAttention(layers, load, runtime.device, runtime.dtype, rotary, info.text_length)
 
 
@@ -588,10 +592,14 @@ def _edit_stage(inversion, settings: EditSettings, embeds, source_prompt, info, 
             if callback is not None:
                 callback({"phase": "edit", **state})
 
-        with loaded("transformer", info, runtime) as transformer:
-            stored = _stored_attention(inversion, store, settings.inject, transformer, clean.shape, info, runtime) if store else None
-            reference = Reference(replayed, reached, embeds.get(source_prompt, next(iter(embeds.values()))), stored)
-            try:
+        stored = _stored_attention(inversion, store, settings.inject, clean.shape, info, runtime) if store else None
+        try:
+            if stored is not None and (first := first_injected(info.scheduler_config, steps, settings.inject)) is not None:
+                # Read the first replayed step while the transformer loads (seconds), so that the
+                # step does not start by waiting for its files.
+                stored.prefetch(first)
+            with loaded("transformer", info, runtime) as transformer:
+                reference = Reference(replayed, reached, embeds.get(source_prompt, next(iter(embeds.values()))), stored)
                 for chunk in chunks:
                     if settings.init == "inverted":
                         noise = trajectory[-1]
@@ -614,9 +622,9 @@ def _edit_stage(inversion, settings: EditSettings, embeds, source_prompt, info, 
                         callback=on_step,
                     )
                     out.append(x.cpu())
-            finally:  # reader threads and pinned buffers go with a failed edit too
-                if stored is not None:
-                    stored.close()
+        finally:  # reader threads and pinned buffers go with a failed edit too
+            if stored is not None:
+                stored.close()
     return torch.cat(out)
 
 
@@ -667,6 +675,6 @@ def run(
     """Invert when needed, then edit: the one-shot path."""
     runtime = Runtime.default(device, dtype)
     reporter = reporter or Reporter(device=runtime.device)
-    plan = {k: edit_options[k] for k in ("plan", "vram", "compile") if edit_options.get(k) is not None}
+    plan = {k: edit_options[k] for k in ("plan", "vram", "compile", "fp8") if edit_options.get(k) is not None}
     inv = invert(video, model, cache_dir=cache_dir, device=device, dtype=dtype, reporter=reporter, **plan, **(invert_options or {}))
     return inv, edit(inv, prompts, model=model, cache_dir=cache_dir, device=device, reporter=reporter, **edit_options)

@@ -157,7 +157,8 @@ def test_the_step_being_replayed_is_read_before_the_read_ahead():
     assert not any(t == 249 for t, _ in order)
 
 
-def test_edit_prefetches_the_next_step_before_replaying_this_one(tiny_model, bikes, monkeypatch):
+def test_edit_reads_ahead_while_loading_and_while_each_step_computes(tiny_model, bikes, monkeypatch):
+    import engine.workflow as workflow
     from engine.attention_store import StepKV, StoredAttention
 
     inv = engine.invert(bikes, tiny_model, device="cpu", **SMALL, **_store("disk"))
@@ -168,11 +169,13 @@ def test_edit_prefetches_the_next_step_before_replaying_this_one(tiny_model, bik
             return original(self, x)
 
         monkeypatch.setattr(cls, name, logged)
+    loaded = workflow.loaded
+    monkeypatch.setattr(workflow, "loaded", lambda name, *a: events.append(("load", name)) or loaded(name, *a))
     engine.edit(inv, PROMPT, inject_steps="0:0.5", reference="stored", device="cpu", output="latents")
-    steps = [e for e in events if e[0] != "__getitem__"]
-    assert steps == [("prefetch", 749), ("at", 999), ("at", 749)], steps
-    first_use = events.index(("__getitem__", 0))
-    assert events.index(("prefetch", 749)) < events.index(("at", 999)) < first_use
+    steps = [e for e in events if e[0] in ("prefetch", "at", "load") and e[1] != "text_encoder"]
+    # The first step is read while the transformer loads; each step asks for the next one first.
+    assert steps == [("prefetch", 999), ("load", "transformer"), ("prefetch", 749), ("at", 999), ("at", 749)], steps
+    assert events.index(("prefetch", 749)) < events.index(("at", 999)) < events.index(("__getitem__", 0))
 
 
 def test_a_missing_or_damaged_block_file_is_refused_and_reported(tiny_model, bikes):
