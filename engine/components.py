@@ -55,10 +55,15 @@ class Runtime:
     dtype: torch.dtype
     plan: Plan = PLANS["staged"]
     compile: bool = False  # torch.compile each transformer block (regional compilation)
+    fp8: bool = False  # FP8 matmuls in the transformer blocks (torchao), an accuracy cost for speed
 
     @staticmethod
     def default(
-        device: str | None = None, dtype: str | torch.dtype | None = None, plan: str | Plan | None = None, compile: bool = False
+        device: str | None = None,
+        dtype: str | torch.dtype | None = None,
+        plan: str | Plan | None = None,
+        compile: bool = False,
+        fp8: bool = False,
     ) -> "Runtime":
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         plan = get_plan(plan) if isinstance(plan, str) else (plan or PLANS["staged"])
@@ -69,6 +74,8 @@ class Runtime:
                 import bitsandbytes  # noqa: F401
             except ImportError:
                 raise SettingsError(f'--plan {plan.name} needs bitsandbytes: pip install "cogedit[quant]"') from None
+        if fp8:
+            _check_float8(device, plan)
         if isinstance(dtype, str):
             names = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
             if dtype not in names:
@@ -76,7 +83,9 @@ class Runtime:
             dtype = names[dtype]
         # bf16 is what the 5B model was trained in; CPUs run fp32 faster and more exactly.
         dtype = dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
-        return Runtime(device=device, dtype=dtype, plan=plan, compile=compile)
+        if fp8 and dtype != torch.bfloat16:
+            raise SettingsError("--fp8 scales bf16 weights: use it with --dtype bf16 (the default on a GPU)")
+        return Runtime(device=device, dtype=dtype, plan=plan, compile=compile, fp8=fp8)
 
 
 @dataclass(frozen=True)
@@ -239,11 +248,42 @@ def _quantization(weights: str, library: str) -> Any:
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
 
 
+def float8_supported(device: str) -> bool:
+    """Whether `device` has FP8 matmuls that torchao's dynamic float8 quantization runs on."""
+    return device.startswith("cuda") and torch.cuda.is_available() and torch.cuda.get_device_capability(torch.device(device)) >= (8, 9)
+
+
+def _check_float8(device: str, plan: Plan) -> None:
+    if plan.needs_bitsandbytes or plan.offload != "none":
+        raise SettingsError(f"--fp8 quantizes the transformer itself and can't be combined with --plan {plan.name}: use --plan staged or lean")
+    try:
+        import torchao  # noqa: F401
+    except ImportError:
+        raise SettingsError('--fp8 needs torchao: pip install "cogedit[fp8]"') from None
+    if not float8_supported(device):
+        raise SettingsError(f"--fp8 needs an NVIDIA GPU with FP8 matmuls (compute capability 8.9+: RTX 40xx, L4, H100); {device} has none: drop --fp8")
+
+
+def _float8(transformer: torch.nn.Module) -> None:
+    """FP8 (e4m3) weights with a scale per output row and activations scaled per token at run
+    time, through torchao, for the linear layers of attention and MLP in every block. The
+    modulation linears (a few rows of timestep embedding) and everything outside the blocks stay
+    in bf16: they are a sliver of the FLOPs."""
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+
+    config = Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
+    for block in transformer.transformer_blocks:
+        quantize_(block, config, filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear) and fqn.startswith(("attn1.", "ff.")))
+
+
 def _place(module: torch.nn.Module, name: str, runtime: Runtime, quantized: bool) -> torch.nn.Module:
     if name == "transformer":
         from engine.injection import CogVideoXAttnProcessor
 
         module.set_attn_processor(CogVideoXAttnProcessor())
+    if name == "transformer" and runtime.fp8:
+        module = module.to(runtime.device)  # quantized where it will run
+        _float8(module)
     if name == "transformer" and runtime.compile:
         # Regional compilation: the 42 blocks share one shape, so one compiled graph serves all
         # (benchmarks/results/speed.json: 1.2x per step on an H100 after a one-off compile).
