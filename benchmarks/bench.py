@@ -41,7 +41,7 @@ CLIP = Path(__file__).with_name("clip49.mp4")
 GiB = 1 << 30
 # Which card each plan is meant for (cards are sold in GiB: a "12 GB" card has 12 GiB),
 # emulated with an allocator cap 0.5 GiB below it, the room a CUDA context takes.
-CAPS = {"staged": 16, "staged-compiled": 16, "staged-4prompts": 24, "staged-4prompts-compiled": 24, "lean": 12, "int8": 12, "nf4": 8, "offload": 8, "disk": 24}
+CAPS = {"staged": 16, "staged-compiled": 16, "staged-fp8-compiled": 16, "staged-4prompts": 24, "staged-4prompts-compiled": 24, "staged-4prompts-fp8-compiled": 24, "lean": 12, "int8": 12, "nf4": 8, "offload": 8, "disk": 24}
 CONTEXT_GIB = 0.5
 
 
@@ -127,6 +127,7 @@ def run_plan(name: str, model: Path, clip: Path, args, cache_dir: Path) -> dict:
     cuda = torch.cuda.is_available()
     plan = "staged" if name.startswith("staged") or name == "disk" else name
     compiled = name.endswith("-compiled")
+    fp8 = "-fp8" in name
     reporter = engine.Reporter(device="cuda" if cuda else "cpu")
     inv_kw = dict(steps=args.steps, frames=args.frames, height=args.height, width=args.width)
     edit_kw: dict = dict(inject_steps="0:1")
@@ -140,7 +141,7 @@ def run_plan(name: str, model: Path, clip: Path, args, cache_dir: Path) -> dict:
     calls = []
     start = time.perf_counter()
     marks, cb = _marks(cuda)
-    inv = engine.invert(clip, model, plan=plan, compile=compiled, reporter=reporter, callback=cb, cache_dir=cache_dir, **inv_kw)
+    inv = engine.invert(clip, model, plan=plan, compile=compiled, fp8=fp8, reporter=reporter, callback=cb, cache_dir=cache_dir, **inv_kw)
     calls.append(("invert", marks))
     extra: dict = {}
     if name == "disk" and cuda:
@@ -149,7 +150,7 @@ def run_plan(name: str, model: Path, clip: Path, args, cache_dir: Path) -> dict:
         extra["disk_read_bytes_per_s"] = disk_read_rate(shards)  # leaves them evicted: the edit reads from the disk
     for label, output in (("edit", "frames"), ("edit-again", "latents")):
         marks, cb = _marks(cuda)
-        result = engine.edit(inv, prompts, plan=plan, compile=compiled, reporter=reporter, callback=cb, cache_dir=cache_dir, batch=args.batch, output=output, **edit_kw)
+        result = engine.edit(inv, prompts, plan=plan, compile=compiled, fp8=fp8, reporter=reporter, callback=cb, cache_dir=cache_dir, batch=args.batch, output=output, **edit_kw)
         calls.append((label, marks))
     LATENTS[name] = {"noise": inv.noise().float()}
     if edit_kw["inject_steps"] == "0:1":  # edits comparable with the staged plan's
@@ -172,7 +173,7 @@ def run_plan(name: str, model: Path, clip: Path, args, cache_dir: Path) -> dict:
                 phases[phase]["step_injected"] = [i in injected for i, _ in ts[1:]]
     info = inspect_model(model)
     workload = Workload(args.frames, args.height, args.width, min(len(prompts), args.batch), True, reference="stored" if name == "disk" else "shared")
-    return {"seconds": total, "phases": phases, "predicted": predict_peaks(PLANS[plan], info, workload), "prompts": len(prompts), "batch": args.batch, "compiled": compiled, **extra}
+    return {"seconds": total, "phases": phases, "predicted": predict_peaks(PLANS[plan], info, workload), "prompts": len(prompts), "batch": args.batch, "compiled": compiled, "fp8": fp8, **extra}
 
 
 # Final inverted noise and edited latents of each variant, to compare numerics with the staged plan.

@@ -15,7 +15,7 @@ from pathlib import Path
 
 GiB = 1 << 30
 STEPS = 50
-ORDER = ["upstream", "model_offload", "sequential", "staged", "staged-compiled", "staged-4prompts", "staged-4prompts-compiled", "lean", "int8", "nf4", "offload", "disk"]
+ORDER = ["upstream", "model_offload", "sequential", "staged", "staged-compiled", "staged-fp8-compiled", "staged-4prompts", "staged-4prompts-compiled", "staged-4prompts-fp8-compiled", "lean", "int8", "nf4", "offload", "disk"]
 LABEL = {
     "upstream": "upstream, as published (all resident)",
     "model_offload": "upstream + model offload + VAE tiling",
@@ -24,6 +24,8 @@ LABEL = {
     "staged-compiled": "cogedit staged --compile (regional torch.compile)",
     "staged-4prompts": "cogedit staged, 4 prompts in one pass",
     "staged-4prompts-compiled": "cogedit staged --compile, 4 prompts in one pass",
+    "staged-fp8-compiled": "cogedit staged --compile --fp8",
+    "staged-4prompts-fp8-compiled": "cogedit staged --compile --fp8, 4 prompts in one pass",
     "lean": "cogedit lean (each block a row at a time)",
     "int8": "cogedit int8",
     "nf4": "cogedit nf4",
@@ -126,7 +128,8 @@ def window_section(summary: dict, chosen: dict, runs: dict) -> list[str]:
     up = summary.get("upstream", {}).get("further")
     up_run = summary.get("upstream", {}).get("run")
     lines = []
-    for name, rows, prompts in (("staged", 2, 1), ("staged-compiled", 2, 1), ("staged-4prompts", 8, 4), ("staged-4prompts-compiled", 8, 4)):
+    for name in [n for n in ORDER if n.startswith("staged")]:
+        rows, prompts = (8, 4) if "4prompts" in name else (2, 1)
         s = summary.get(name)
         if not s or "further" not in s:
             continue
@@ -206,7 +209,7 @@ def main(paths: list[str]) -> None:
         pred = max(row.get("predicted", row.get("uncapped", {}).get("predicted", {0: 0})).values()) / GiB
         ok = "yes" if row.get("ok") else ("no (needs %.1f GiB)" % a if "uncapped" in row else "no")
         card = f"{row.get('cap_gb')} GB" if row.get("cap_gb") else "-"
-        rows = {"upstream": "2+2 ref", "model_offload": "2+2 ref", "sequential": "2+2 ref", "staged-4prompts": "8+1 ref", "staged-4prompts-compiled": "8+1 ref", "lean": "2+1 ref, 1 per block call", "disk": "2"}.get(name, "2+1 ref")
+        rows = {"upstream": "2+2 ref", "model_offload": "2+2 ref", "sequential": "2+2 ref", "lean": "2+1 ref, 1 per block call", "disk": "2"}.get(name, "8+1 ref" if "4prompts" in name else "2+1 ref")
         vs = ""
         if ref and wf and name != "staged":
             vs = f"invert {wf['invert_step'] / ref['invert_step']:.2f}x, edit {wf['edit_step'] / ref['edit_step']:.2f}x"
@@ -242,12 +245,13 @@ def main(paths: list[str]) -> None:
             f"One row through the transformer is {flops['row']:.3g} FLOP; an edit row attending to doubled keys {flops['edit_row_doubled_keys']:.3g}.",
             f"Staged inversion step: {inv_frac:.0%} of peak; staged edit step (2 edit rows + 1 reference row): {edit_frac:.0%}.",
         ]
-        c = summary.get("staged-compiled")
-        if c:
-            lines.append(
-                f"Staged --compile ({c['run']}): inversion step {flops['row'] / c['invert_step'] / 1e12 / peak_tf:.0%}, "
-                f"edit step {(2 * flops['edit_row_doubled_keys'] + flops['row']) / c['edit_step'] / 1e12 / peak_tf:.0%} (a slower lease: see the notes)."
-            )
+        for name in ("staged-compiled", "staged-fp8-compiled"):
+            if c := summary.get(name):
+                lines.append(
+                    f"{LABEL[name].removeprefix('cogedit ').capitalize()} ({c['run']}): inversion step {flops['row'] / c['invert_step'] / 1e12 / peak_tf:.0%}, "
+                    f"edit step {(2 * flops['edit_row_doubled_keys'] + flops['row']) / c['edit_step'] / 1e12 / peak_tf:.0%}"
+                    + (" (bf16 FLOPs over time: fp8 matmuls count as if they were bf16)." if "fp8" in name else ".")
+                )
         if upw:
             lines.append(
                 f"Upstream inversion step (2 rows): {2 * flops['row'] / upw['invert_step'] / 1e12 / peak_tf:.0%}; "
@@ -261,13 +265,14 @@ def main(paths: list[str]) -> None:
             "",
             f"{sp['device']}, {sp['date']}, measured bf16 peak {sp['peak_tflops_bf16']:.0f} TFLOP/s; one forward, median of 5.",
             "",
-            "| variant | inversion forward (1 row) | edit forward (2 edit rows + shared reference) | first calls + timing |",
-            "|---|---|---|---|",
+            "| variant | inversion forward (1 row) | edit forward (2 edit rows + shared reference) | first calls + timing | output vs eager bf16 (rel. L2) |",
+            "|---|---|---|---|---|",
         ]
         for name, row in sp["variants"].items():
             cells = [f"{row[p]['median_s']:.3f} s, {row[p]['fraction_of_peak']:.0%} of peak" if "median_s" in row.get(p, {}) else row.get(p, {}).get("error", "-") for p in ("invert", "edit")]
             first = row.get("first_calls_and_timing_s", row.get("compile_and_first_calls_s"))
-            lines.append(f"| {name} | {cells[0]} | {cells[1]} | {f'{first:.0f} s' if first else '-'} |")
+            moved = row.get("invert_output_rel_l2")
+            lines.append(f"| {name} | {cells[0]} | {cells[1]} | {f'{first:.0f} s' if first else '-'} | {f'{moved:.1e}' if moved is not None else '-'} |")
     lines += [
         "",
         "## Notes",

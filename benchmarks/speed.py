@@ -1,11 +1,13 @@
-"""Transformer step speed on the GPU: which SDPA backend, and regional torch.compile.
+"""Transformer step speed on the GPU: which SDPA backend, regional torch.compile, CUDA graphs, FP8.
 
-    python benchmarks/speed.py --out speed.json
+    python benchmarks/speed.py --out speed.json --variants default,compiled_blocks,compiled_cudagraphs,fp8,compiled_fp8
 
 Builds the CogVideoX-5B transformer with random weights on the GPU (no disk) and times one
 inversion forward (1 row) and one edit forward (2 edit rows + 1 shared reference row, injected
 in every block) under each variant; median of repeats, as a fraction of the measured bf16
-matmul peak. Informs issue 4; the engine's defaults change only on such evidence.
+matmul peak. Informs issue 4; the engine's defaults change only on such evidence. The fp8
+variants run last, on the model quantized as `--fp8` does. Each variant reports how far one
+inversion forward's output moves from the eager bf16 model's.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench import matmul_peak_tflops, row_flops  # noqa: E402
+from engine.components import _float8  # noqa: E402
 from engine.configs import TRANSFORMER_5B  # noqa: E402
 from engine.denoiser import predict, rotary_embeddings  # noqa: E402
 from engine.injection import CogVideoXAttnProcessor, InjectionState, kv_injection  # noqa: E402
@@ -65,7 +68,7 @@ def main() -> None:
 
     def invert_step():
         with torch.no_grad():
-            predict(model, latents, text, t, rotary)
+            return predict(model, latents, text, t, rotary)
 
     def edit_step():
         with torch.no_grad(), kv_injection(model, None, state):
@@ -81,6 +84,8 @@ def main() -> None:
     results = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "peak_tflops_bf16": peak, "flops": flops, "variants": {}}
     backends = {"default": None, "cudnn": [SDPBackend.CUDNN_ATTENTION], "flash": [SDPBackend.FLASH_ATTENTION], "efficient": [SDPBackend.EFFICIENT_ATTENTION]}
 
+    reference_output = invert_step().float()
+
     def measure(name: str, backend=None) -> None:
         row = {}
         start = time.perf_counter()
@@ -93,6 +98,9 @@ def main() -> None:
             except Exception as exc:
                 row[phase] = {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
         row["first_calls_and_timing_s"] = time.perf_counter() - start
+        # How far this variant moves one inversion forward's output from the eager bf16 model's.
+        out = invert_step().float()
+        row["invert_output_rel_l2"] = ((out - reference_output).norm() / reference_output.norm()).item()
         results["variants"][name] = row
         print(name, json.dumps(row)[:400], flush=True)
         Path(args.out).write_text(json.dumps(results, indent=1))
@@ -101,12 +109,25 @@ def main() -> None:
         measure(name, backends[name])
     # Regional compile: each block compiled once (same shapes every step); the compile time is
     # inside first_calls_and_timing_s. Variants run in the order given, each on top of the last.
-    modes = {"compiled_blocks": None, "compiled_autotune": "max-autotune-no-cudagraphs"}
+    # CUDA graphs (reduce-overhead) replay each block's kernels without launching them from Python.
+    modes = {"compiled_blocks": None, "compiled_autotune": "max-autotune-no-cudagraphs", "compiled_cudagraphs": "reduce-overhead"}
     for name in [n for n in wanted if n in modes]:
         torch._dynamo.reset()
         for block in model.transformer_blocks:
             block.compile(mode=modes[name])
         measure(name)
+    if any("fp8" in n for n in wanted):
+        # The same weights, uncompiled, quantized as --fp8 does (engine.components).
+        torch._dynamo.reset()
+        for block in model.transformer_blocks:
+            block._compiled_call_impl = None
+        _float8(model)
+        if "fp8" in wanted:
+            measure("fp8")
+        if "compiled_fp8" in wanted:
+            for block in model.transformer_blocks:
+                block.compile()
+            measure("compiled_fp8")
 
 if __name__ == "__main__":
     main()
