@@ -271,7 +271,10 @@ def _float8(transformer: torch.nn.Module) -> None:
     in bf16: they are a sliver of the FLOPs."""
     from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
 
-    config = Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
+    # set_inductor_config=False: torchao would otherwise switch on inductor's coordinate-descent
+    # autotuning (compiling the blocks then took over 5 minutes on an H100) and lower float32
+    # matmul precision for the whole process.
+    config = Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), set_inductor_config=False)
     for block in transformer.transformer_blocks:
         quantize_(block, config, filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear) and fqn.startswith(("attn1.", "ff.")))
 
