@@ -183,13 +183,14 @@ def main(paths: list[str]) -> None:
     runs, chosen = load(paths)
     out = Path(__file__).with_name("results")
     any_run = next(iter(runs.values()))
+    peaks = [r["peak_tflops_bf16"] for r in runs.values() if r.get("peak_tflops_bf16")]
     lines = [
         "# Benchmark results",
         "",
         f"Device: {any_run['device']}; torch {any_run['torch']}; measured {min(r['date'] for r in runs.values())} to {max(r['date'] for r in runs.values())}.",
         "CogVideoX-5B architecture with random weights (memory and time are the real model's), 49 frames at 480x720",
         f"({any_run['flops']['tokens']} tokens), {any_run['steps_timed']} steps timed per phase, median step reported.",
-        f"Measured bf16 matmul peak: {any_run.get('peak_tflops_bf16', 0):.0f} TFLOP/s. Commands: `{'`, `'.join(sorted({r['command'] for r in runs.values()}))}`",
+        f"Measured bf16 matmul peak: {min(peaks):.0f} to {max(peaks):.0f} TFLOP/s across runs. Commands: `{'`, `'.join(sorted({r['command'] for r in runs.values()}))}`",
         "(each in `python3 benchmarks/bench.py ...` on the device; the runs are the JSON files beside this one).",
         "Each cogedit plan ran under an allocator cap 0.5 GiB below its card (torch.cuda.set_per_process_memory_fraction).",
         "",
@@ -232,31 +233,28 @@ def main(paths: list[str]) -> None:
         lines += disk_section(*chosen["disk"])
     lines += window_section(summary, chosen, runs)
     lines += numerics_section(runs)
-    peak_tf = any_run.get("peak_tflops_bf16")
-    if peak_tf and "staged" in summary:
-        s = summary["staged"]
-        inv_frac = flops["row"] / s["invert_step"] / 1e12 / peak_tf
-        edit_frac = (2 * flops["edit_row_doubled_keys"] + flops["row"]) / s["edit_step"] / 1e12 / peak_tf
-        upw = summary.get("upstream", {})
+    if "staged" in summary:
+        # Each run measured its own matmul peak; a step's fraction uses its own run's.
+        peak_of = lambda name: runs[summary[name]["run"]].get("peak_tflops_bf16") or 0  # noqa: E731
+        edit_flops = {"upstream": 2 * flops["edit_row_doubled_keys"] + 2 * flops["row"]}
+        invert_rows = {"upstream": 2}
         lines += [
             "",
-            "## Fraction of the measured bf16 peak (staged plan)",
+            "## Fraction of the measured bf16 peak",
             "",
             f"One row through the transformer is {flops['row']:.3g} FLOP; an edit row attending to doubled keys {flops['edit_row_doubled_keys']:.3g}.",
-            f"Staged inversion step: {inv_frac:.0%} of peak; staged edit step (2 edit rows + 1 reference row): {edit_frac:.0%}.",
+            "Edit steps: 2 edit rows + 1 reference row (upstream: 2 edit rows + 2 reference rows). Each against its run's measured peak.",
+            "",
+            "| variant | run | peak TFLOP/s | inversion step | edit step |",
+            "|---|---|---|---|---|",
         ]
-        for name in ("staged-compiled", "staged-fp8-compiled"):
-            if c := summary.get(name):
-                lines.append(
-                    f"{LABEL[name].removeprefix('cogedit ').capitalize()} ({c['run']}): inversion step {flops['row'] / c['invert_step'] / 1e12 / peak_tf:.0%}, "
-                    f"edit step {(2 * flops['edit_row_doubled_keys'] + flops['row']) / c['edit_step'] / 1e12 / peak_tf:.0%}"
-                    + (" (bf16 FLOPs over time: fp8 matmuls count as if they were bf16)." if "fp8" in name else ".")
-                )
-        if upw:
-            lines.append(
-                f"Upstream inversion step (2 rows): {2 * flops['row'] / upw['invert_step'] / 1e12 / peak_tf:.0%}; "
-                f"upstream edit step (2 edit rows + 2 reference rows): {(2 * flops['edit_row_doubled_keys'] + 2 * flops['row']) / upw['edit_step'] / 1e12 / peak_tf:.0%}."
-            )
+        for name in ("upstream", "staged", "staged-compiled", "staged-fp8-compiled"):
+            if (c := summary.get(name)) and (pk := peak_of(name)):
+                inv = invert_rows.get(name, 1) * flops["row"] / c["invert_step"] / 1e12 / pk
+                edit = edit_flops.get(name, 2 * flops["edit_row_doubled_keys"] + flops["row"]) / c["edit_step"] / 1e12 / pk
+                lines.append(f"| {LABEL[name]} | {c['run']} | {pk:.0f} | {inv:.0%} | {edit:.0%} |")
+        if "staged-fp8-compiled" in summary:
+            lines.append("\n--fp8 counts its FLOPs as bf16 ones: the fraction is what the same work would need at the bf16 peak.")
     for speed in sorted(out.glob("speed*.json")):
         sp = json.loads(speed.read_text())
         lines += [
@@ -277,29 +275,46 @@ def main(paths: list[str]) -> None:
         "",
         "## Notes",
         "",
+        "- Other commands: `benchmarks/speed.py --out speed3.json --variants default,compiled_blocks,fp8,compiled_fp8`",
+        "  (its compiled_fp8 was still compiling, under torchao's autotuning settings, when the command's time ran",
+        "  out), `benchmarks/speed.py --out speed4.json --variants default,compiled_fp8` (after turning them off),",
+        "  `benchmarks/peak.py --out peak_lean_inplace.json` (defaults: 3 rows, groups of 1, MLP slices of 2048).",
         "- Phase peaks from run_h on: each phase collects garbage first. Before, a transformer left in a",
         "  reference cycle by diffusers' hooks counted in the next phase's peak (the '1.4 GiB left after lean",
         "  and --compile' of earlier runs, and decode peaks of 10.4 GiB): it was not a leak, the next load",
         "  collected it. The peak reserved column still shows it, since the allocator keeps the freed pages.",
-        "- lean (run_j): 11.57 GiB allocated, 11.81 GiB reserved: within 12 GiB, but not within the 11.5 GiB",
-        "  a 12 GB card leaves after a 0.5 GiB CUDA context, so the capped run failed 48 MiB short and it",
-        "  is reported uncapped. `benchmarks/peak.py` (peak_lean.json) shows what is alive at the peak: the",
-        "  batch's patch embedding (312 MiB, all rows) and one row's block temporaries (~100 MiB each).",
-        "  Earlier lean runs (run_b..run_e) replayed stored attention and captured every block at inversion.",
+        "- lean (run_k): 11.32 GiB allocated, 11.40 GiB reserved: it passes the 11.5 GiB cap of a 12 GB card",
+        "  less its CUDA context. In run_j (11.57 / 11.81) it failed that cap by 48 MiB; since then each row",
+        "  group's block adds its residuals into its input in place and the reference row's queries run a few",
+        "  heads at a time (`benchmarks/peak.py`: 11.29 GiB at one forward's peak, peak_lean_inplace.json,",
+        "  against 11.55 in peak_lean.json). Earlier lean runs (run_b..run_e) replayed stored attention.",
+        "- Disk tier (run_k): the first replayed step's files are now read while the transformer loads. The",
+        "  first replayed step still took 6.72 s (6.99 s in run_h): this disk reads 1.20 GB/s and two replayed",
+        "  steps need 9.2 GB, so the reads, not the scheduling, set the pace. From the page cache the same steps",
+        "  take 2.81 s, so replay costs nothing over memory once the disk keeps up (>= 1.7 GB/s at this step time).",
+        "- --fp8 (torchao float8, e4m3 weights with per-row scales, per-token activation scales): with",
+        "  --compile, 0.64 s / 2.72 s per invert / edit step against 0.89 / 3.58 staged and 0.71 / 2.94",
+        "  --compile alone (run_m). Without --compile it is slower than bf16 (speed3.json: 1.065 s against",
+        "  0.897 s per inversion forward): the activation scaling runs as separate kernels. Accuracy: one",
+        "  inversion forward's output moves 8.3e-2 (rel. L2) from eager bf16, against 1.9e-2 for --compile",
+        "  alone; the 4-step noise 8.9e-2 against 1.8e-2. torchao's recommended inductor settings",
+        "  (coordinate-descent autotuning) made the first compile take over 5 minutes; cogedit turns them off.",
         "- Numerics: on this random-weight model with guidance 6, a rounding-level change is amplified over",
         "  the 4 steps to about 25% of the edited latent (lean in run_j differs from staged only in how the",
         "  final norms' small linear runs, one row vs three, and shows 0.25; --compile shows 0.26). The",
         "  full-size difference therefore cannot separate an option from bf16 rounding; the CPU tests",
-        "  (tiny model, float32) bound each option's arithmetic instead. run_i's staged-flash yardstick",
+        "  (tiny model; fp8 against bf16's own error) bound each option's arithmetic instead. run_i's staged-flash yardstick",
         "  failed: flash attention has no kernel for the VAE's 512-wide attention head.",
-        "- int8's prediction misses bitsandbytes' int8 activation buffers (measured 9.6 GiB, predicted 7.5).",
+        "- int8's prediction now adds bitsandbytes' int8 activation buffers, 2.1 GiB as measured in run_d",
+        "  (9.6 GiB against 7.5 predicted before); this table's int8 row predates that.",
         "- sequential offload was timed over one step of each kind.",
-        "- --compile: the first invert and edit phases include about 24 s and 22 s of compilation, counted",
+        "- --compile: the first invert and edit phases include about 21 s and 16 s of compilation (run_m), counted",
         "  in the derived first-edit time. The further edit is the benchmark's second edit, in the same",
         "  process, which compiles nothing; a further edit in a new process compiles again (from inductor's",
         "  on-disk cache, not measured here).",
-        "- The lease machines differ by up to 15% between runs (staged edit step 3.62 s in run_j, 4.16 s",
-        "  in run_h); ratios are taken within a run.",
+        "- The lease machines differ by up to 15% between runs (staged edit step 3.58 s in run_m, 4.16 s",
+        "  in run_h); ratios are taken within a run. The upstream method was measured again in run_m, beside",
+        "  staged, --compile and --compile --fp8, so their ratios need no chaining.",
     ]
     lines += ["", "Plots: `peaks.png` (peak memory per plan against its card), `steps.png` (time per step), `phases.png` (peak memory phase by phase).", ""]
     (out / "RESULTS.md").write_text("\n".join(lines))
