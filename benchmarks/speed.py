@@ -96,11 +96,17 @@ def main() -> None:
                 med = statistics.median(times)
                 row[phase] = {"median_s": med, "times": times, "fraction_of_peak": flops[phase] / med / 1e12 / peak}
             except Exception as exc:
-                row[phase] = {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
+                import traceback
+
+                where = traceback.extract_tb(exc.__traceback__)[-1]
+                row[phase] = {"error": f"{type(exc).__name__}: {str(exc)[:200]} (at {Path(where.filename).name}:{where.lineno})"}
         row["first_calls_and_timing_s"] = time.perf_counter() - start
         # How far this variant moves one inversion forward's output from the eager bf16 model's.
-        out = invert_step().float()
-        row["invert_output_rel_l2"] = ((out - reference_output).norm() / reference_output.norm()).item()
+        try:
+            out = invert_step().float()
+            row["invert_output_rel_l2"] = ((out - reference_output).norm() / reference_output.norm()).item()
+        except Exception as exc:
+            row["invert_output_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
         results["variants"][name] = row
         print(name, json.dumps(row)[:400], flush=True)
         Path(args.out).write_text(json.dumps(results, indent=1))
