@@ -18,6 +18,7 @@ import json
 import statistics
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -29,6 +30,12 @@ from engine.components import _float8  # noqa: E402
 from engine.configs import TRANSFORMER_5B  # noqa: E402
 from engine.denoiser import predict, rotary_embeddings  # noqa: E402
 from engine.injection import CogVideoXAttnProcessor, InjectionState, kv_injection  # noqa: E402
+
+
+def error(exc: BaseException) -> str:
+    """One line for a variant that failed, with where it failed."""
+    where = traceback.extract_tb(exc.__traceback__)[-1]
+    return f"{type(exc).__name__}: {str(exc)[:200]} (at {Path(where.filename).name}:{where.lineno})"
 
 
 def timed(fn, reps: int) -> list[float]:
@@ -96,17 +103,14 @@ def main() -> None:
                 med = statistics.median(times)
                 row[phase] = {"median_s": med, "times": times, "fraction_of_peak": flops[phase] / med / 1e12 / peak}
             except Exception as exc:
-                import traceback
-
-                where = traceback.extract_tb(exc.__traceback__)[-1]
-                row[phase] = {"error": f"{type(exc).__name__}: {str(exc)[:200]} (at {Path(where.filename).name}:{where.lineno})"}
+                row[phase] = {"error": error(exc)}
         row["first_calls_and_timing_s"] = time.perf_counter() - start
         # How far this variant moves one inversion forward's output from the eager bf16 model's.
         try:
             out = invert_step().float()
             row["invert_output_rel_l2"] = ((out - reference_output).norm() / reference_output.norm()).item()
         except Exception as exc:
-            row["invert_output_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+            row["invert_output_error"] = error(exc)
         results["variants"][name] = row
         print(name, json.dumps(row)[:400], flush=True)
         Path(args.out).write_text(json.dumps(results, indent=1))

@@ -125,7 +125,7 @@ class CogVideoXAttnProcessor:
         return _output(attn, _attend(list(_project(attn, x.pop(), text_len, rotary))))
 
 
-class KVInjectionProcessor:
+class KVInjectionProcessor(CogVideoXAttnProcessor):
     """Attention processor for `attn1` of a CogVideoX block that injects reference K/V."""
 
     def __init__(self, state: InjectionState, fallback, layer: int) -> None:
@@ -136,9 +136,7 @@ class KVInjectionProcessor:
     def __call__(self, attn, hidden_states, encoder_hidden_states, attention_mask=None, image_rotary_emb=None):
         if not self.state.active:
             return self.fallback(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
-        text_len = encoder_hidden_states.shape[1]
-        out = self.joined(attn, [torch.cat([encoder_hidden_states, hidden_states], dim=1)], text_len, image_rotary_emb)
-        return out[:, text_len:], out[:, :text_len]
+        return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
 
     def joined(self, attn, x: list[torch.Tensor], text_len: int, rotary) -> torch.Tensor:
         """As `CogVideoXAttnProcessor.joined`, with the reference K/V injected."""

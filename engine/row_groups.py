@@ -68,16 +68,16 @@ def _block_in_place(block: torch.nn.Module, hidden: torch.Tensor, encoder: torch
 
 @contextlib.contextmanager
 def rows_apart(transformer: torch.nn.Module, size: int, state: InjectionState | None = None) -> Iterator[None]:
-    """Within the context, every block runs at most `size` rows per call (`state.rows` says which)."""
+    """Within the context, every block runs at most `size` rows per call (`state.rows` says which).
+
+    The blocks' attention processors must be cogedit's (engine.injection), as the engine sets them:
+    the in-place block hands them its joined input."""
     from diffusers.hooks import HookRegistry, ModelHook
 
     class RowGroups(ModelHook):
         def new_forward(self, module, hidden_states, encoder_hidden_states, temb, image_rotary_emb=None, attention_kwargs=None):
-            groups = row_groups(hidden_states.shape[0], size, state)
-            if attention_kwargs or not hasattr(module.attn1.processor, "joined"):  # not one of ours
-                return self.fn_ref.original_forward(hidden_states, encoder_hidden_states, temb, image_rotary_emb, attention_kwargs)
             try:
-                for rows in groups:
+                for rows in row_groups(hidden_states.shape[0], size, state):
                     if state is not None:
                         state.rows = rows
                     # Written over the block's input rows: each group reads only its own rows, and
