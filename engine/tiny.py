@@ -9,18 +9,28 @@ spatial and 4x temporal VAE compression, a T5 encoder, the 5B scheduler config) 
 from __future__ import annotations
 
 import json
+import math
+import string
+from collections import Counter
 from pathlib import Path
 
 import torch
 
 from engine.configs import SCHEDULER_5B, T5_XXL, TRANSFORMER_5B
+from engine.proxy import CLIPS
 
 TINY_TEXT_LEN = 226  # same max length as the real model: the prompt path is the real one
 
 
 def _train_tokenizer(save_dir: Path) -> None:
-    """A T5-style tokenizer trained on a few sentences (the real one is sentencepiece, 32k words)."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    """A T5-style tokenizer over a few sentences (the real one is sentencepiece, 32k words).
+
+    A unigram model whose pieces are the corpus's whole words, scored by frequency, plus single
+    characters as a fallback, so the proxy's captions read as words and any prompt still
+    tokenizes. Under 200 pieces: the random tiny model's T5 has 200 rows.
+    (A trained unigram model prunes a corpus this small down to letters.)"""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from tokenizers.processors import TemplateProcessing
     from transformers import PreTrainedTokenizerFast
 
     corpus = [
@@ -30,18 +40,19 @@ def _train_tokenizer(save_dir: Path) -> None:
         "a rabbit in a meadow, pixar style, sunny day",
         "people riding bikes down a road, high quality video",
         "make it a charcoal sketch, black and white, snow, night, neon",
+        *(caption for clip in CLIPS for caption in clip.captions),
     ]
-    tok = Tokenizer(models.Unigram())
-    tok.normalizer = normalizers.NFKC()
+    words = Counter(word.strip(",") for line in corpus for word in line.split())
+    total = sum(words.values())
+    chars = sorted(set("".join(corpus)) - {" "} | set(string.ascii_lowercase + string.digits + ".,;:!?'-"))
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    pieces += [(f"\u2581{word}", math.log(count / total)) for word, count in words.most_common()]
+    pieces += [("\u2581", -20.0)] + [(c, -30.0) for c in chars]
+    tok = Tokenizer(models.Unigram(pieces, unk_id=2))
+    tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
     tok.decoder = decoders.Metaspace()
-    trainer = trainers.UnigramTrainer(
-        vocab_size=200, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>"
-    )
-    tok.train_from_iterator(corpus, trainer=trainer)
     # T5 appends </s> to every sequence.
-    from tokenizers.processors import TemplateProcessing
-
     eos = tok.token_to_id("</s>")
     tok.post_processor = TemplateProcessing(single="$A </s>", special_tokens=[("</s>", eos)])
     fast = PreTrainedTokenizerFast(
@@ -105,7 +116,12 @@ def build_tiny_model(path: str | Path, seed: int = 0, rotary: bool = True) -> Pa
     text_encoder.save_pretrained(path / "text_encoder", safe_serialization=True)
     scheduler.save_pretrained(path / "scheduler")
     _train_tokenizer(path / "tokenizer")
-    # model_index.json as the hub repository has it, so a diffusers pipeline can load the folder too.
+    write_model_index(path)
+    return path
+
+
+def write_model_index(path: Path) -> None:
+    """model_index.json as the hub repository has it, so a diffusers pipeline can load the folder too."""
     index = {
         "_class_name": "CogVideoXPipeline",
         "_diffusers_version": "0.30.0",
@@ -116,4 +132,3 @@ def build_tiny_model(path: str | Path, seed: int = 0, rotary: bool = True) -> Pa
         "vae": ["diffusers", "AutoencoderKLCogVideoX"],
     }
     (path / "model_index.json").write_text(json.dumps(index, indent=2))
-    return path

@@ -1,0 +1,330 @@
+"""Train the proxy: a small CogVideoX that has learned Big Buck Bunny footage (engine/proxy.py).
+
+    python benchmarks/train_proxy.py clips                       # cut engine/assets/clips (once)
+    python benchmarks/train_proxy.py data --out data.safetensors  # decode them at 96x144 (needs decord)
+    python benchmarks/train_proxy.py train --data data.safetensors --out engine/assets/proxy --minutes 7
+    python benchmarks/train_proxy.py train --data data.safetensors --out /tmp/p --device cpu --minutes 0.2
+
+`train` runs on a machine without decord: the frames come from `data`. It trains the VAE on
+reconstruction, measures its latents' scale, then trains the transformer on those latents with
+the v-prediction loss at uniform timesteps (captions through a frozen random T5, 10% dropped to
+"" for CFG), and writes the CogVideoX-5b folder layout in fp16 with TRAINING.json beside it, a
+PNG of samples drawn from noise, and the held-out loss against the random tiny model's. Seeded:
+the same --vae-steps/--steps (TRAINING.json records them) give the same weights on one device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from engine.configs import SCHEDULER_5B, T5_XXL, TRANSFORMER_5B  # noqa: E402
+from engine.proxy import CLIPS, HELD_OUT, PROXY_FRAMES, PROXY_HEIGHT, PROXY_WIDTH, heldout_loss, v_prediction_loss  # noqa: E402
+from engine.tiny import TINY_TEXT_LEN, _train_tokenizer, build_tiny_model, write_model_index  # noqa: E402
+
+SOURCE = Path(__file__).resolve().parents[2] / "shared" / "videos" / "bigbuckbunny.mp4"
+CLIP_SIZE = (192, 108)  # the source's 16:9 at a size the engine resizes from
+VAE_FRAMES = 9  # 4k+1 frames per VAE training window
+CAPTION_DROPOUT = 0.1
+
+VAE_CONFIG = dict(
+    block_out_channels=(32, 32, 64, 64),  # 4 levels: 8x spatial compression, as 5B
+    latent_channels=16,
+    layers_per_block=1,
+    norm_num_groups=8,
+    temporal_compression_ratio=4,
+    sample_height=PROXY_HEIGHT,
+    sample_width=PROXY_WIDTH,
+)
+TRANSFORMER_CONFIG = {
+    **TRANSFORMER_5B,
+    "num_attention_heads": 6,
+    "attention_head_dim": 32,
+    "time_embed_dim": 128,
+    "text_embed_dim": 128,
+    "num_layers": 5,
+    "sample_height": PROXY_HEIGHT // 8,
+    "sample_width": PROXY_WIDTH // 8,
+    "sample_frames": PROXY_FRAMES,
+    "max_text_seq_length": TINY_TEXT_LEN,
+}
+T5_CONFIG = {**T5_XXL, "vocab_size": 200, "d_model": 128, "d_ff": 256, "d_kv": 32, "num_heads": 4, "num_layers": 2, "pad_token_id": 0, "eos_token_id": 1}
+
+
+def cut_clips() -> None:
+    """Cut each clip's frame range from the source into a small h264 mp4 (no audio)."""
+    import imageio_ffmpeg
+
+    for clip in CLIPS:
+        clip.path.parent.mkdir(parents=True, exist_ok=True)
+        end = clip.start + clip.frames - 1
+        subprocess.run(
+            [imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-y", "-i", str(SOURCE),
+             "-vf", f"select='between(n,{clip.start},{end})',setpts=N/25/TB,scale={CLIP_SIZE[0]}:{CLIP_SIZE[1]}:flags=area",
+             "-an", "-c:v", "libx264", "-crf", "16", "-preset", "veryslow", "-pix_fmt", "yuv420p", "-r", "25",
+             "-frames:v", str(clip.frames), "-map_metadata", "-1", "-fflags", "+bitexact", str(clip.path)],
+            check=True,
+        )
+        print(clip.path, clip.path.stat().st_size)
+
+
+def decode_clips(out: Path) -> None:
+    """Every clip's frames at the proxy's size, as the engine decodes them, in one safetensors file."""
+    from safetensors.torch import save_file
+
+    from engine.video import FrameSettings, read_frames
+
+    tensors = {}
+    for clip in CLIPS:
+        frames, _ = read_frames(clip.path, FrameSettings(max_frames=clip.frames + 3, height=PROXY_HEIGHT, width=PROXY_WIDTH))
+        tensors[clip.name] = frames.contiguous()
+        print(clip.name, tuple(frames.shape))
+    save_file(tensors, str(out))
+
+
+def windows(frames: dict[str, torch.Tensor], length: int) -> torch.Tensor:
+    """Every run of `length` consecutive training frames, and its mirror image: [N, length, 3, H, W] in [-1, 1]."""
+    from engine.video import to_model_input
+
+    out = []
+    for clip in CLIPS:
+        if clip.held_out:
+            continue
+        x = to_model_input(frames[clip.name])
+        out += [x[i : i + length] for i in range(len(x) - length + 1)]
+    x = torch.stack(out)
+    return torch.cat([x, x.flip(-1)])
+
+
+def train_vae(data: torch.Tensor, device: str, seconds: float, max_steps: int | None, log: dict):
+    """Reconstruction (L1 + MSE) with a small KL term, on random 9-frame windows."""
+    from diffusers import AutoencoderKLCogVideoX
+
+    vae = AutoencoderKLCogVideoX(**VAE_CONFIG, scaling_factor=1.0).to(device).train()
+    opt = torch.optim.AdamW(vae.parameters(), lr=5e-4, weight_decay=0.0)
+    losses, step, start = [], 0, time.monotonic()
+    while (max_steps is None and time.monotonic() - start < seconds) or (max_steps is not None and step < max_steps):
+        progress = step / max_steps if max_steps else (time.monotonic() - start) / seconds
+        set_lr(opt, 5e-4, step, progress)
+        idx = torch.randint(0, len(data), (8,))
+        offset = random.randrange(data.shape[1] - VAE_FRAMES + 1)
+        x = data[idx, offset : offset + VAE_FRAMES].to(device).permute(0, 2, 1, 3, 4)
+        with torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=device != "cpu"):
+            posterior = vae.encode(x).latent_dist
+            recon = vae.decode(posterior.sample()).sample
+        recon = recon.float()
+        loss = (recon - x).abs().mean() + ((recon - x) ** 2).mean() + 1e-6 * posterior.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        losses.append(loss.item())
+        step += 1
+        if step % 200 == 0 or step == 1:
+            print(f"vae step {step} loss {np.mean(losses[-200:]):.4f} {time.monotonic() - start:.0f}s", flush=True)
+    log["vae"] = {"steps": step, "seconds": round(time.monotonic() - start, 1), "loss_first": losses[0], "loss_last_100": float(np.mean(losses[-100:]))}
+    return vae.eval().requires_grad_(False)
+
+
+def set_lr(opt: torch.optim.Optimizer, peak: float, step: int, progress: float) -> None:
+    """Linear warm-up over 100 steps, then cosine down to a tenth by the end of the budget."""
+    lr = peak * min(1.0, (step + 1) / 100) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+    for group in opt.param_groups:
+        group["lr"] = lr
+
+
+@torch.no_grad()
+def encode(vae, x: torch.Tensor, device: str) -> torch.Tensor:
+    """[N, F, 3, H, W] -> latent modes [N, F', C, h, w] (unscaled), a few windows at a time."""
+    from engine.encode import encode_frames
+
+    return torch.cat([encode_frames(vae, clip.to(device)).cpu() for clip in x])
+
+
+def embed_captions(model_dir: Path, captions: list[str], device: str) -> dict[str, torch.Tensor]:
+    from transformers import AutoTokenizer, T5EncoderModel
+
+    from engine.embed import _tokens
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir / "tokenizer")
+    t5 = T5EncoderModel.from_pretrained(model_dir / "text_encoder", dtype=torch.float32).to(device).eval()
+    with torch.no_grad():
+        return {c: t5(_tokens(tokenizer, c, TINY_TEXT_LEN).to(device))[0][0] for c in captions}
+
+
+def train_transformer(latents: torch.Tensor, captions: list[tuple[str, ...]], embeds: dict[str, torch.Tensor], device: str, seconds: float, max_steps: int | None, log: dict):
+    """v-prediction at uniform timesteps on the 5B scheduler's zero-terminal-SNR schedule."""
+    from diffusers import CogVideoXDDIMScheduler, CogVideoXTransformer3DModel
+
+    transformer = CogVideoXTransformer3DModel(**TRANSFORMER_CONFIG).to(device).train()
+    alphas = CogVideoXDDIMScheduler(**SCHEDULER_5B).alphas_cumprod.to(device)
+    opt = torch.optim.AdamW(transformer.parameters(), lr=4e-4, weight_decay=0.01)
+    latents = latents.to(device)
+    losses, step, start = [], 0, time.monotonic()
+    while (max_steps is None and time.monotonic() - start < seconds) or (max_steps is not None and step < max_steps):
+        progress = step / max_steps if max_steps else (time.monotonic() - start) / seconds
+        set_lr(opt, 4e-4, step, progress)
+        idx = torch.randint(0, len(latents), (32,))
+        text = [random.choice(captions[i]) if random.random() > CAPTION_DROPOUT else "" for i in idx.tolist()]
+        t = torch.randint(0, len(alphas), (len(idx),), device=device)
+        noise = torch.randn_like(latents[idx])
+        with torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=device != "cpu"):
+            loss = v_prediction_loss(transformer, alphas, latents[idx], torch.stack([embeds[c] for c in text]), t, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
+        opt.step()
+        losses.append(loss.item())
+        step += 1
+        if step % 500 == 0 or step == 1:
+            print(f"transformer step {step} loss {np.mean(losses[-500:]):.4f} {time.monotonic() - start:.0f}s", flush=True)
+    log["transformer"] = {"steps": step, "seconds": round(time.monotonic() - start, 1), "loss_first": losses[0], "loss_last_500": float(np.mean(losses[-500:]))}
+    return transformer.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def sample(model_dir: Path, caption: str, count: int, steps: int, device: str, seed: int = 0) -> np.ndarray:
+    """Plain DDIM from noise with CFG 6 against "": uint8 frames [count, F, H, W, 3]."""
+    from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXTransformer3DModel
+
+    from engine.decode import decode_latents
+    from engine.denoiser import guided, predict, rotary_embeddings
+
+    transformer = CogVideoXTransformer3DModel.from_pretrained(model_dir / "transformer", torch_dtype=torch.float32).to(device)
+    scheduler = CogVideoXDDIMScheduler.from_pretrained(model_dir / "scheduler")
+    scheduler.set_timesteps(steps)
+    embeds = embed_captions(model_dir, ["", caption], device)
+    cond = torch.stack([embeds[""]] * count + [embeds[caption]] * count)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn((count, (PROXY_FRAMES - 1) // 4 + 1, 16, PROXY_HEIGHT // 8, PROXY_WIDTH // 8), generator=g).to(device)
+    rotary = rotary_embeddings(transformer, x.shape, 8, device)
+    for t in scheduler.timesteps:
+        v = guided(predict(transformer, torch.cat([x, x]), cond, t, rotary), 6.0, True)
+        x = scheduler.step(v, t, x).prev_sample
+    vae = AutoencoderKLCogVideoX.from_pretrained(model_dir / "vae", torch_dtype=torch.float32).to(device)
+    return decode_latents(vae, x)
+
+
+def save_grid(rows: list[np.ndarray], path: Path) -> None:
+    """Rows of frames [F, H, W, 3] -> one PNG, every fourth frame of each row."""
+    from PIL import Image
+
+    grid = np.concatenate([np.concatenate(list(r[::4]), axis=1) for r in rows], axis=0)
+    Image.fromarray(grid).save(path)
+
+
+def train(args: argparse.Namespace) -> None:
+    from safetensors.torch import load_file
+
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    began, log = time.monotonic(), {}
+    frames = load_file(str(args.data))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    budget = args.minutes * 60
+
+    vae = train_vae(windows(frames, PROXY_FRAMES), args.device, budget * args.vae_share, args.vae_steps, log)
+    clips17 = windows(frames, PROXY_FRAMES)
+    modes = encode(vae, clips17, args.device)
+    scaling = round(float(1.0 / modes.std()), 4)  # latents of unit variance, as 5B's 0.7 gives its VAE
+    vae.register_to_config(scaling_factor=scaling)
+    latents = modes * scaling
+
+    # The frozen random T5 and the tokenizer first: the captions' embeddings feed the training.
+    from diffusers import CogVideoXDDIMScheduler
+    from transformers import T5Config, T5EncoderModel
+
+    T5EncoderModel(T5Config(**T5_CONFIG)).half().save_pretrained(out / "text_encoder", safe_serialization=True)
+    _train_tokenizer(out / "tokenizer")
+    per_window = [c.captions for c in CLIPS if not c.held_out for _ in range(c.frames - PROXY_FRAMES + 1)] * 2
+    embeds = embed_captions(out, sorted({c for caps in per_window for c in caps} | {""}), args.device)
+    transformer = train_transformer(latents, per_window, embeds, args.device, budget - (time.monotonic() - began), args.steps, log)
+
+    transformer.half().save_pretrained(out / "transformer", safe_serialization=True)
+    vae.half().save_pretrained(out / "vae", safe_serialization=True)
+    CogVideoXDDIMScheduler(**SCHEDULER_5B).save_pretrained(out / "scheduler")
+    write_model_index(out)
+    minutes = (time.monotonic() - began) / 60
+
+    # What it learned: held-out v-loss against the random tiny model's, and samples from noise.
+    from engine.video import to_model_input
+
+    held = to_model_input(frames[HELD_OUT.name][:PROXY_FRAMES])
+    caption = HELD_OUT.captions[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        random_loss = heldout_loss(build_tiny_model(Path(tmp) / "tiny"), held, caption, device=args.device)
+    proxy_loss = heldout_loss(out, held, caption, device=args.device)
+    train_caption = CLIPS[0].captions[0]
+    samples = sample(out, train_caption, 2, 50, args.device)
+    reference = ((clips17[0].permute(0, 2, 3, 1) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
+    save_grid([reference, *samples], Path(args.samples))
+
+    params = {
+        part: sum(p.numel() for p in m.parameters())
+        for part, m in (("transformer", transformer), ("vae", vae), ("text_encoder", T5EncoderModel.from_pretrained(out / "text_encoder")))
+    }
+    facts = {
+        "what": "cogedit's proxy: a small CogVideoX trained on Big Buck Bunny (CC-BY 3.0 (c) Blender Foundation); its numbers are not CogVideoX-5B's",
+        "trained_on": [f"{c.name}: source frames {c.start}-{c.start + c.frames - 1}" for c in CLIPS if not c.held_out],
+        "held_out": f"{HELD_OUT.name}: source frames {HELD_OUT.start}-{HELD_OUT.start + HELD_OUT.frames - 1}",
+        "size": [PROXY_FRAMES, PROXY_HEIGHT, PROXY_WIDTH],
+        "params": params,
+        "params_total": sum(params.values()),
+        "weights_dtype": "float16",
+        "vae_scaling_factor": scaling,
+        "training_minutes": round(minutes, 2),
+        **log,
+        "heldout_v_loss": {"proxy": proxy_loss, "random_tiny": random_loss, "ratio": proxy_loss / random_loss, "caption": caption},
+        "samples": {"caption": train_caption, "steps": 50, "guidance": 6.0, "png": Path(args.samples).name},
+        "seed": args.seed,
+        "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
+        "command": " ".join(sys.argv),
+    }
+    (out / "TRAINING.json").write_text(json.dumps(facts, indent=2))
+    print(json.dumps(facts, indent=2))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True)
+    sub.add_parser("clips", help="cut the clips from shared/videos/bigbuckbunny.mp4")
+    data = sub.add_parser("data", help="decode the clips at the proxy's size")
+    data.add_argument("--out", type=Path, required=True)
+    tr = sub.add_parser("train", help="train and write the checkpoint")
+    tr.add_argument("--data", type=Path, required=True)
+    tr.add_argument("--out", type=Path, required=True)
+    tr.add_argument("--samples", type=Path, default=Path("proxy_samples.png"))
+    tr.add_argument("--device", default="cuda")
+    tr.add_argument("--minutes", type=float, default=7.0, help="wall-clock budget of the training")
+    tr.add_argument("--vae-share", type=float, default=0.35, help="fraction of the budget for the VAE")
+    tr.add_argument("--vae-steps", type=int, default=None, help="fixed VAE steps instead of the time budget")
+    tr.add_argument("--steps", type=int, default=None, help="fixed transformer steps instead of the time budget")
+    tr.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    if args.command == "clips":
+        cut_clips()
+    elif args.command == "data":
+        decode_clips(args.out)
+    else:
+        train(args)
+
+
+if __name__ == "__main__":
+    main()
