@@ -57,7 +57,7 @@ def cli(debug: bool) -> None:
     """Edit existing videos with CogVideoX-5B: invert once, render many prompt edits from the cache.
 
     \b
-    cogedit demo                                   # tiny random model, real clip, two edits
+    cogedit demo                                   # trained proxy, real clip, two edits
     cogedit invert clip.mp4 --model THUDM/CogVideoX-5b
     cogedit edit 3fa2 --prompt "a watercolor painting" --prompt "a charcoal sketch"
     """
@@ -179,12 +179,21 @@ def _edit_json(result) -> dict:
 
 @cli.command(name="tiny-model")
 @click.argument("directory", type=click.Path(file_okay=False))
-@click.option("--seed", default=0, show_default=True)
-def tiny_model(directory: str, seed: int) -> None:
-    """Write a tiny random CogVideoX checkpoint in the CogVideoX-5b folder layout."""
-    from engine import build_tiny_model
+@click.option("--random", "random_weights", is_flag=True, help="Write a tiny model with random weights instead of the trained proxy.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the --random weights.")
+def tiny_model_write(directory: str, random_weights: bool, seed: int) -> None:
+    """Write a small CogVideoX checkpoint in the CogVideoX-5b folder layout.
 
-    click.echo(build_tiny_model(directory, seed=seed))
+    By default the trained proxy (7M parameters, 14 MB, trained on Big Buck Bunny at
+    17x96x144); --random writes the tiny random-weight model the tests use.
+
+    \b
+    cogedit tiny-model proxy/ && cogedit run clip.mp4 --model proxy/ --frames 17 --height 96 --width 144 --prompt "..."
+    cogedit tiny-model tiny/ --random --seed 1
+    """
+    from engine import build_tiny_model, write_proxy_model
+
+    click.echo(build_tiny_model(directory, seed=seed) if random_weights else write_proxy_model(directory))
 
 
 @cli.command(name="invert")
@@ -265,10 +274,11 @@ def run_cmd(video: str, prompts, model, cache_dir, device, plan, vram, compile_b
 @cache_option
 @click.option("--force", is_flag=True, help="Overwrite earlier demo outputs.")
 def demo_cmd(out_dir: str, cache_dir, force: bool) -> None:
-    """The whole job on a tiny random model and a real clip: invert once, two edits from the cache.
+    """The whole job on the trained proxy and a Big Buck Bunny clip it never saw: invert once,
+    then a reconstruction and an edit from the cache.
 
-    The tiny model has random weights, so the edited pixels are noise; `cogedit run --model
-    THUDM/CogVideoX-5b` is the same job with the real model.
+    The proxy is a 7M-parameter CogVideoX that knows one shot of Big Buck Bunny, not CogVideoX-5B;
+    `cogedit run --model THUDM/CogVideoX-5b` is the same job with the real model.
     """
     import engine
 

@@ -15,6 +15,7 @@ from engine.components import Runtime, alive, inspect_model
 from engine.demo import demo
 from engine.errors import CogeditError, ModelError, PromptError, SettingsError, VideoError
 from engine.report import Reporter
+from engine.proxy import write_proxy_model
 from engine.tiny import build_tiny_model
 from engine.workflow import EditResult, Inversion, edit, invert, open_inversion, run
 
@@ -36,4 +37,5 @@ __all__ = [
     "invert",
     "open_inversion",
     "run",
+    "write_proxy_model",
 ]

@@ -1,4 +1,4 @@
-"""`cogedit demo`: the whole job on a tiny random model and a real clip, in about a minute on a CPU."""
+"""`cogedit demo`: the whole job on the trained proxy and a Big Buck Bunny clip it never saw, on a CPU."""
 
 from __future__ import annotations
 
@@ -6,25 +6,27 @@ from pathlib import Path
 
 from cache.layout import cache_root
 from engine.report import Reporter
-from engine.tiny import build_tiny_model
+from engine.proxy import CLIPS, HELD_OUT, PROXY_FRAMES, PROXY_HEIGHT, PROXY_WIDTH, write_proxy_model
 from engine.video import DEMO_VIDEO
 from engine.workflow import EditResult, edit, invert
 
-DEMO_PROMPTS = ("a watercolor painting of cars passing a fence", "a charcoal sketch of the same street at night")
-# Small enough for a 2-core CPU; the tiny transformer was built for 96x160 (12x20 latents).
-DEMO_SETTINGS = dict(steps=10, frames=17, height=96, width=160)
+# The proxy knows only its captions' words: the first prompt reconstructs the clip (it is the
+# inversion's source prompt), the second edits it towards another of its training captions.
+DEMO_PROMPTS = (HELD_OUT.captions[0], CLIPS[0].captions[1])
+# The proxy's training size; small enough for a 2-core CPU.
+DEMO_SETTINGS = dict(steps=10, frames=PROXY_FRAMES, height=PROXY_HEIGHT, width=PROXY_WIDTH, source_prompt=HELD_OUT.captions[0])
 
 
 def demo_model(cache_dir: str | Path | None = None) -> Path:
-    """The tiny checkpoint the demo uses, built once under the cache folder."""
+    """The proxy checkpoint the demo uses, copied once under the cache folder."""
     path = cache_root(cache_dir) / "demo-model"
-    if not (path / "model_index.json").exists():
-        build_tiny_model(path)
+    if not (path / "TRAINING.json").exists():
+        write_proxy_model(path)
     return path
 
 
 def demo(out_dir: str | Path = "cogedit-demo", *, cache_dir: str | Path | None = None, reporter: Reporter | None = None, force: bool = False) -> EditResult:
-    """Invert the bundled clip with the tiny model, then render two edits from the cache."""
+    """Invert the held-out clip with the proxy, then render a reconstruction and an edit from the cache."""
     reporter = reporter or Reporter(device="cpu")
     model = demo_model(cache_dir)
     inv = invert(DEMO_VIDEO, model, cache_dir=cache_dir, device="cpu", reporter=reporter, **DEMO_SETTINGS)

@@ -32,10 +32,11 @@ import numpy as np
 import torch
 
 from engine.errors import SettingsError, VideoError
+from engine.proxy import HELD_OUT
 
 MIN_FRAMES = 5  # smallest 4k+1 count that still has motion (2 latent frames)
 
-DEMO_VIDEO: Path = Path(__file__).resolve().parent / "assets" / "demo.mp4"
+DEMO_VIDEO: Path = HELD_OUT.path  # Big Buck Bunny, never shown to the proxy while training
 
 # Frames per get_batch call: bounds decord's intermediate buffers however many frames are asked for.
 DECODE_CHUNK = 16

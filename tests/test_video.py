@@ -428,11 +428,11 @@ def test_to_model_input_rejects(bad: torch.Tensor) -> None:
 
 
 def test_demo_video_asset() -> None:
-    assert DEMO_VIDEO.is_file() and DEMO_VIDEO.parent.name == "assets"
+    assert DEMO_VIDEO.is_file() and DEMO_VIDEO.parent.name == "clips"
     assert DEMO_VIDEO.stat().st_size < 300_000
     info = probe_video(DEMO_VIDEO)
-    assert (info.num_frames, info.fps, info.width, info.height) == (41, 25.0, 640, 272)
+    assert (info.num_frames, info.fps, info.width, info.height) == (33, 25.0, 192, 108)
     streams = subprocess.run([FFMPEG, "-hide_banner", "-i", str(DEMO_VIDEO)], capture_output=True, text=True).stderr
     assert "Video: h264" in streams and "Audio" not in streams
     frames, _ = read_frames(DEMO_VIDEO, FrameSettings())
-    assert tuple(frames.shape) == (41, 480, 720, 3)  # 41 = 4*10+1: every frame is used
+    assert tuple(frames.shape) == (33, 480, 720, 3)  # 33 = 4*8+1: every frame is used
