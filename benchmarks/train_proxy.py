@@ -110,34 +110,42 @@ def windows(frames: dict[str, torch.Tensor], length: int) -> torch.Tensor:
     return torch.cat([x, x.flip(-1)])
 
 
+def fit(name: str, module: torch.nn.Module, batch_loss, peak_lr: float, weight_decay: float, seconds: float, max_steps: int | None, log: dict) -> torch.nn.Module:
+    """AdamW on `batch_loss()` until the time budget (or `max_steps`) is spent; the log gets the losses."""
+    opt = torch.optim.AdamW(module.parameters(), lr=peak_lr, weight_decay=weight_decay)
+    losses, step, start = [], 0, time.monotonic()
+    while (max_steps is None and time.monotonic() - start < seconds) or (max_steps is not None and step < max_steps):
+        progress = step / max_steps if max_steps else (time.monotonic() - start) / seconds
+        set_lr(opt, peak_lr, step, progress)
+        loss = batch_loss()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
+        opt.step()
+        losses.append(loss.item())
+        step += 1
+        if step % 500 == 0 or step == 1:
+            print(f"{name} step {step} loss {np.mean(losses[-500:]):.4f} {time.monotonic() - start:.0f}s", flush=True)
+    log[name] = {"steps": step, "seconds": round(time.monotonic() - start, 1), "loss_first": losses[0], "loss_last_100": float(np.mean(losses[-100:]))}
+    return module.eval().requires_grad_(False)
+
+
 def train_vae(data: torch.Tensor, device: str, seconds: float, max_steps: int | None, log: dict):
     """Reconstruction (L1 + MSE) with a small KL term, on random 9-frame windows."""
     from diffusers import AutoencoderKLCogVideoX
 
     vae = AutoencoderKLCogVideoX(**VAE_CONFIG, scaling_factor=1.0).to(device).train()
-    opt = torch.optim.AdamW(vae.parameters(), lr=5e-4, weight_decay=0.0)
-    losses, step, start = [], 0, time.monotonic()
-    while (max_steps is None and time.monotonic() - start < seconds) or (max_steps is not None and step < max_steps):
-        progress = step / max_steps if max_steps else (time.monotonic() - start) / seconds
-        set_lr(opt, 5e-4, step, progress)
+
+    def batch_loss() -> torch.Tensor:
         idx = torch.randint(0, len(data), (8,))
         offset = random.randrange(data.shape[1] - VAE_FRAMES + 1)
         x = data[idx, offset : offset + VAE_FRAMES].to(device).permute(0, 2, 1, 3, 4)
         with torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=device != "cpu"):
             posterior = vae.encode(x).latent_dist
-            recon = vae.decode(posterior.sample()).sample
-        recon = recon.float()
-        loss = (recon - x).abs().mean() + ((recon - x) ** 2).mean() + 1e-6 * posterior.kl().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
-        losses.append(loss.item())
-        step += 1
-        if step % 200 == 0 or step == 1:
-            print(f"vae step {step} loss {np.mean(losses[-200:]):.4f} {time.monotonic() - start:.0f}s", flush=True)
-    log["vae"] = {"steps": step, "seconds": round(time.monotonic() - start, 1), "loss_first": losses[0], "loss_last_100": float(np.mean(losses[-100:]))}
-    return vae.eval().requires_grad_(False)
+            recon = vae.decode(posterior.sample()).sample.float()
+        return (recon - x).abs().mean() + ((recon - x) ** 2).mean() + 1e-6 * posterior.kl().mean()
+
+    return fit("vae", vae, batch_loss, 5e-4, 0.0, seconds, max_steps, log)
 
 
 def set_lr(opt: torch.optim.Optimizer, peak: float, step: int, progress: float) -> None:
@@ -172,28 +180,17 @@ def train_transformer(latents: torch.Tensor, captions: list[tuple[str, ...]], em
 
     transformer = CogVideoXTransformer3DModel(**TRANSFORMER_CONFIG).to(device).train()
     alphas = CogVideoXDDIMScheduler(**SCHEDULER_5B).alphas_cumprod.to(device)
-    opt = torch.optim.AdamW(transformer.parameters(), lr=4e-4, weight_decay=0.01)
     latents = latents.to(device)
-    losses, step, start = [], 0, time.monotonic()
-    while (max_steps is None and time.monotonic() - start < seconds) or (max_steps is not None and step < max_steps):
-        progress = step / max_steps if max_steps else (time.monotonic() - start) / seconds
-        set_lr(opt, 4e-4, step, progress)
+
+    def batch_loss() -> torch.Tensor:
         idx = torch.randint(0, len(latents), (32,))
         text = [random.choice(captions[i]) if random.random() > CAPTION_DROPOUT else "" for i in idx.tolist()]
         t = torch.randint(0, len(alphas), (len(idx),), device=device)
         noise = torch.randn_like(latents[idx])
         with torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=device != "cpu"):
-            loss = v_prediction_loss(transformer, alphas, latents[idx], torch.stack([embeds[c] for c in text]), t, noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
-        opt.step()
-        losses.append(loss.item())
-        step += 1
-        if step % 500 == 0 or step == 1:
-            print(f"transformer step {step} loss {np.mean(losses[-500:]):.4f} {time.monotonic() - start:.0f}s", flush=True)
-    log["transformer"] = {"steps": step, "seconds": round(time.monotonic() - start, 1), "loss_first": losses[0], "loss_last_500": float(np.mean(losses[-500:]))}
-    return transformer.eval().requires_grad_(False)
+            return v_prediction_loss(transformer, alphas, latents[idx], torch.stack([embeds[c] for c in text]), t, noise)
+
+    return fit("transformer", transformer, batch_loss, 4e-4, 0.01, seconds, max_steps, log)
 
 
 @torch.no_grad()

@@ -74,8 +74,10 @@ def build_tiny_model(path: str | Path, seed: int = 0, rotary: bool = True) -> Pa
     from transformers import T5Config, T5EncoderModel
 
     from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
 
     diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()  # its shard-writing bar would mix into the CLI's output
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)

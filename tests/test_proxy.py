@@ -33,7 +33,7 @@ def test_proxy_is_small_and_says_how_it_was_trained():
 def test_tiny_model_writes_a_loadable_folder(tmp_path, flags):
     out = tmp_path / "model"
     result = CliRunner().invoke(cli, ["tiny-model", str(out), *flags], catch_exceptions=False)
-    assert result.exit_code == 0 and result.output.strip() == str(out)
+    assert result.exit_code == 0 and result.stdout.strip() == str(out)
     info = inspect_model(out)
     assert (out / "TRAINING.json").exists() != bool(flags)
     assert info.transformer_config["use_rotary_positional_embeddings"]
