@@ -75,7 +75,7 @@ def write_random_5b(path, device: str = "cuda", dtype=None, seed: int = 0):
     def small_init(module: torch.nn.Module) -> torch.nn.Module:
         # Default inits make 42 random blocks overflow in bf16; small weights keep values finite.
         with torch.no_grad():
-            for name, p in module.named_parameters():
+            for p in module.parameters():
                 if p.dim() > 1:
                     p.normal_(0.0, 0.02)
         return module

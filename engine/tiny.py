@@ -60,9 +60,8 @@ def build_tiny_model(path: str | Path, seed: int = 0, rotary: bool = True) -> Pa
     `rotary=False` writes a 2B-like model (learned-free sincos positions), which the engine refuses.
     """
     from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXTransformer3DModel
-    from transformers import T5Config, T5EncoderModel
-
     from diffusers.utils import logging as diffusers_logging
+    from transformers import T5Config, T5EncoderModel
 
     diffusers_logging.disable_progress_bar()
     path = Path(path)
