@@ -6,14 +6,19 @@ import pytest
 import torch
 
 from engine.configs import SCHEDULER_5B
-from engine.edit import edit_scheduler
 from engine.fixed_point import refine, step_coefficients
-from engine.invert import inverse_scheduler
 
 
 def _schedulers(steps: int):
-    """The edit and inversion schedulers as the engine builds them."""
-    return edit_scheduler(SCHEDULER_5B, steps), inverse_scheduler(SCHEDULER_5B, steps)
+    """The edit and inversion schedulers as the engine builds them (both from the 5B config)."""
+    from diffusers import CogVideoXDDIMScheduler, DDIMInverseScheduler
+    from diffusers.utils import logging
+
+    logging.set_verbosity_error()  # the inverse scheduler has no use for `snr_shift_scale` (1.0)
+    edit, inverse = CogVideoXDDIMScheduler.from_config(SCHEDULER_5B), DDIMInverseScheduler.from_config(SCHEDULER_5B)
+    edit.set_timesteps(steps)
+    inverse.set_timesteps(steps)
+    return edit, inverse
 
 
 @pytest.mark.parametrize("steps", [1, 4, 10, 50])
