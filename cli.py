@@ -107,6 +107,12 @@ def _invert_options(f, guidance_flag: str):
             click.option("--source-prompt", default="", help="Prompt describing the source (default: empty)."),
             click.option(guidance_flag, "invert_guidance", default=6.0, show_default=True, help="CFG scale of the inversion (no effect when source and negative prompts are equal)."),
             click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default=None, help="Model precision (default: bf16 on GPU, fp32 on CPU)."),
+            click.option(
+                "--inversion", type=click.Choice(["ddim", "fixed-point"]), default="ddim", show_default=True,
+                help="Plain DDIM inversion, or each step refined towards the exact inverse (sharper reconstructions, more forwards).",
+            ),
+            click.option("--inversion-iters", default=None, type=int, help="Fixed-point refinements per step (default 1: 3 transformer forwards per step)."),
+            click.option("--verify", is_flag=True, help="Denoise the inverted noise back and report the round trip's latent error and PSNR."),
             click.option("--attention-store", type=click.Choice(["none", "cpu", "disk"]), default="none", show_default=True, help="Capture reference K/V while inverting, for --reference stored."),
             click.option("--attention-steps", default="0:1", show_default=True, help="START:END fraction of edit steps to store (like --inject-steps)."),
             click.option("--attention-layers", default="all", show_default=True, help="Blocks to store: all, or a list like 0-20,30."),
@@ -129,7 +135,10 @@ def edit_options(f):
             click.option("--inject-steps", default="0:1", show_default=True, help="START:END fraction of steps that inject reference attention."),
             click.option("--inject-layers", default="all", show_default=True, help="Blocks that inject: all, or a list like 0-20,30."),
             click.option("--inject-strength", default=1.0, show_default=True, help="0 = no injection, 1 = upstream."),
-            click.option("--reference", type=click.Choice(["shared", "per-half", "stored"]), default="shared", show_default=True, help="One shared reference row, one per CFG half (upstream), or replayed stored attention."),
+            click.option(
+                "--reference", type=click.Choice(["shared", "per-half", "stored"]), default="shared", show_default=True,
+                help="One shared reference row, one per CFG half (upstream), or replayed stored attention.",
+            ),
             click.option("--batch", default=4, show_default=True, help="Prompts rendered per transformer pass."),
             click.option("--fps", default=None, type=float, help="Output frame rate (default: the source's, adjusted for frame selection)."),
             click.option("--out", "out_dir", default=".", type=click.Path(file_okay=False), show_default=True, help="Folder for the mp4 files."),
@@ -140,7 +149,8 @@ def edit_options(f):
     return f
 
 
-def _invert_kwargs(p: dict) -> dict:
+def _invert_kwargs(p: dict, guidance: str = "guidance") -> dict:
+    """The inversion's keywords; `run` names its CFG scale `invert_guidance`, beside the edit's."""
     from cache.sizes import parse_size
 
     budget = p["attention_budget"]
@@ -150,9 +160,10 @@ def _invert_kwargs(p: dict) -> dict:
         raise click.BadParameter(str(exc), param_hint="--attention-budget") from None
     return dict(
         steps=p["steps"], frames=p["frames"], skip_start=p["skip_start"], skip_end=p["skip_end"], stride=p["stride"],
-        height=p["height"], width=p["width"], source_prompt=p["source_prompt"], guidance=p["invert_guidance"],
+        height=p["height"], width=p["width"], source_prompt=p["source_prompt"], **{guidance: p["invert_guidance"]},
         attention_store=p["attention_store"], attention_steps=p["attention_steps"], attention_layers=p["attention_layers"],
         attention_dtype=p["attention_dtype"], attention_budget=budget,
+        inversion=p["inversion"], inversion_iters=p["inversion_iters"], verify=p["verify"],
     )
 
 
@@ -214,7 +225,7 @@ def invert_cmd(video: str, cache_dir, device, plan, vram, compile_blocks: bool, 
     inv = engine.invert(video, model, cache_dir=cache_dir, device=device, dtype=dtype, plan=plan, vram=vram, compile=compile_blocks, fp8=fp8, reporter=reporter, **_invert_kwargs(params))
     _console().print(reporter.table("invert"))
     hit = next((r.cache_hit for r in reporter.records if r.name == "invert"), None)
-    click.echo(json.dumps({"id": inv.id, "dir": str(inv.paths.dir), "cached": hit}) if as_json else inv.id)
+    click.echo(json.dumps({"id": inv.id, "verify": inv.verify, "dir": str(inv.paths.dir), "cached": hit}) if as_json else inv.id)
 
 
 @cli.command(name="edit")
@@ -263,7 +274,7 @@ def run_cmd(video: str, prompts, model, cache_dir, device, plan, vram, compile_b
 
     reporter = _reporter(device)
     _, result = engine.run(
-        video, model, list(prompts), invert_options=_invert_kwargs(params), reporter=reporter,
+        video, model, list(prompts), **_invert_kwargs(params, "invert_guidance"), reporter=reporter,
         cache_dir=cache_dir, device=device, dtype=dtype, plan=plan, vram=vram, compile=compile_blocks, fp8=fp8, **_edit_kwargs(params),
     )
     _print_edit(reporter, result, as_json)

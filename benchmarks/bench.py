@@ -41,7 +41,11 @@ CLIP = Path(__file__).with_name("clip49.mp4")
 GiB = 1 << 30
 # Which card each plan is meant for (cards are sold in GiB: a "12 GB" card has 12 GiB),
 # emulated with an allocator cap 0.5 GiB below it, the room a CUDA context takes.
-CAPS = {"staged": 16, "staged-compiled": 16, "staged-fp8-compiled": 16, "staged-4prompts": 24, "staged-4prompts-compiled": 24, "staged-4prompts-fp8-compiled": 24, "lean": 12, "int8": 12, "nf4": 8, "offload": 8, "disk": 24}
+CAPS = {
+    "staged": 16, "staged-compiled": 16, "staged-fp8-compiled": 16,
+    "staged-4prompts": 24, "staged-4prompts-compiled": 24, "staged-4prompts-fp8-compiled": 24,
+    "lean": 12, "int8": 12, "nf4": 8, "offload": 8, "disk": 24,
+}
 CONTEXT_GIB = 0.5
 
 
@@ -198,7 +202,7 @@ def build_model(args) -> Path:
     root = Path(args.workdir)
     if args.tiny:
         return engine.build_tiny_model(root / "tiny")
-    from engine.configs import write_random_5b
+    from engine.tiny import write_random_5b
 
     path = root / "cogvideox-5b-random"
     if not (path / "model_index.json").exists():

@@ -20,11 +20,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from engine import hooks  # noqa: E402
 from engine.configs import TRANSFORMER_5B  # noqa: E402
 from engine.denoiser import predict, rotary_embeddings  # noqa: E402
-from engine.ff_chunking import apply_ff_chunking  # noqa: E402
-from engine.injection import CogVideoXAttnProcessor, InjectionState, kv_injection  # noqa: E402
-from engine.row_groups import rows_apart  # noqa: E402
+from engine.ff_chunking import FFChunkingConfig, apply_ff_chunking  # noqa: E402
+from engine.injection import CogVideoXAttnProcessor, InjectionState, KVInjectionConfig, apply_kv_injection, remove_kv_injection  # noqa: E402
+from engine.row_groups import RowGroupConfig, apply_row_groups, remove_row_groups  # noqa: E402
 
 GiB = 1 << 30
 
@@ -63,15 +64,16 @@ def main() -> None:
         model = CogVideoXTransformer3DModel(**TRANSFORMER_5B).to(torch.bfloat16).eval().requires_grad_(False)
     model.set_attn_processor(CogVideoXAttnProcessor())
     if args.ff_chunk:
-        apply_ff_chunking(model, args.ff_chunk)
+        apply_ff_chunking(model, FFChunkingConfig(args.ff_chunk))
     latents = torch.randn(args.rows, 13, 16, 60, 90, device="cuda", dtype=torch.bfloat16)
     text = torch.randn(args.rows, 226, 4096, device="cuda", dtype=torch.bfloat16)
     rotary = rotary_embeddings(model, latents.shape, 8, "cuda")
     state = InjectionState(active=True, n_edit=args.rows - 1, ref_of=[0] * (args.rows - 1))
 
     def forward() -> None:
-        grouped = rows_apart(model, args.row_group, state) if args.row_group else contextlib.nullcontext()
-        with torch.no_grad(), kv_injection(model, None, state), grouped:
+        injected = hooks.applied(model, apply_kv_injection, KVInjectionConfig(None, state), remove_kv_injection)
+        grouped = hooks.applied(model, apply_row_groups, RowGroupConfig(args.row_group, state), remove_row_groups) if args.row_group else contextlib.nullcontext()
+        with torch.no_grad(), injected, grouped:
             predict(model, latents, text, torch.tensor(500), rotary)
 
     forward()  # warm-up: kernels, workspaces

@@ -15,7 +15,10 @@ from pathlib import Path
 
 GiB = 1 << 30
 STEPS = 50
-ORDER = ["upstream", "model_offload", "sequential", "staged", "staged-compiled", "staged-fp8-compiled", "staged-4prompts", "staged-4prompts-compiled", "staged-4prompts-fp8-compiled", "lean", "int8", "nf4", "offload", "disk"]
+ORDER = [
+    "upstream", "model_offload", "sequential", "staged", "staged-compiled", "staged-fp8-compiled",
+    "staged-4prompts", "staged-4prompts-compiled", "staged-4prompts-fp8-compiled", "lean", "int8", "nf4", "offload", "disk",
+]
 LABEL = {
     "upstream": "upstream, as published (all resident)",
     "model_offload": "upstream + model offload + VAE tiling",
@@ -208,7 +211,7 @@ def main(paths: list[str]) -> None:
         ref = workflow("staged", staged, runs[run_id]["steps_timed"]) if staged.get("ok") else {}
         a, r = peak(row)
         pred = max(row.get("predicted", row.get("uncapped", {}).get("predicted", {0: 0})).values()) / GiB
-        ok = "yes" if row.get("ok") else ("no (needs %.1f GiB)" % a if "uncapped" in row else "no")
+        ok = "yes" if row.get("ok") else (f"no (needs {a:.1f} GiB)" if "uncapped" in row else "no")
         card = f"{row.get('cap_gb')} GB" if row.get("cap_gb") else "-"
         rows = {"upstream": "2+2 ref", "model_offload": "2+2 ref", "sequential": "2+2 ref", "lean": "2+1 ref, 1 per block call", "disk": "2"}.get(name, "8+1 ref" if "4prompts" in name else "2+1 ref")
         vs = ""
@@ -338,7 +341,8 @@ def plot(summary: dict, chosen: dict, out: Path) -> None:
 
     names = [n for n in ORDER if n in summary]
     fig, ax = plt.subplots(figsize=(10, 4.5))
-    ax.bar(range(len(names)), [summary[n]["peak_alloc_gib"] for n in names], color=["#b55" if n in ("upstream", "model_offload", "sequential") else "#4a7" for n in names], label="measured peak (allocated)")
+    colors = ["#b55" if n in ("upstream", "model_offload", "sequential") else "#4a7" for n in names]
+    ax.bar(range(len(names)), [summary[n]["peak_alloc_gib"] for n in names], color=colors, label="measured peak (allocated)")
     ax.scatter(range(len(names)), [summary[n]["predicted_gib"] or float("nan") for n in names], color="k", marker="_", s=400, label="predicted (engine.plans)", zorder=3)
     for gb in (24, 16, 12, 8):
         ax.axhline(gb, color="#999", lw=0.8, ls="--")

@@ -26,10 +26,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench import matmul_peak_tflops, row_flops  # noqa: E402
-from engine.components import _float8  # noqa: E402
+from engine import hooks  # noqa: E402
+from engine.components import quantize_float8  # noqa: E402
 from engine.configs import TRANSFORMER_5B  # noqa: E402
 from engine.denoiser import predict, rotary_embeddings  # noqa: E402
-from engine.injection import CogVideoXAttnProcessor, InjectionState, kv_injection  # noqa: E402
+from engine.injection import CogVideoXAttnProcessor, InjectionState, KVInjectionConfig, apply_kv_injection, remove_kv_injection  # noqa: E402
 
 
 def error(exc: BaseException) -> str:
@@ -78,7 +79,7 @@ def main() -> None:
             return predict(model, latents, text, t, rotary)
 
     def edit_step():
-        with torch.no_grad(), kv_injection(model, None, state):
+        with torch.no_grad(), hooks.applied(model, apply_kv_injection, KVInjectionConfig(None, state), remove_kv_injection):
             predict(model, latents.expand(3, -1, -1, -1, -1), text.expand(3, -1, -1), t, rotary)
 
     peak = matmul_peak_tflops()
@@ -88,7 +89,8 @@ def main() -> None:
     tokens = sequence_tokens(builtin_5b(), 49, 480, 720)
     params = sum(p.numel() for p in model.parameters())
     flops = {"invert": row_flops(tokens, params, 42, 3072), "edit": 2 * row_flops(tokens, params, 42, 3072, 2) + row_flops(tokens, params, 42, 3072)}
-    results = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "peak_tflops_bf16": peak, "flops": flops, "variants": {}}
+    date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    results = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "date": date, "peak_tflops_bf16": peak, "flops": flops, "variants": {}}
     backends = {"default": None, "cudnn": [SDPBackend.CUDNN_ATTENTION], "flash": [SDPBackend.FLASH_ATTENTION], "efficient": [SDPBackend.EFFICIENT_ATTENTION]}
 
     reference_output = invert_step().float()
@@ -131,7 +133,7 @@ def main() -> None:
         torch._dynamo.reset()
         for block in model.transformer_blocks:
             block._compiled_call_impl = None
-        _float8(model)
+        quantize_float8(model)
         if "fp8" in wanted:
             measure("fp8")
         if "compiled_fp8" in wanted:

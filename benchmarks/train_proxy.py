@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine.configs import SCHEDULER_5B, T5_XXL, TRANSFORMER_5B  # noqa: E402
 from engine.proxy import CLIPS, HELD_OUT, PROXY_FRAMES, PROXY_HEIGHT, PROXY_WIDTH, heldout_loss, v_prediction_loss  # noqa: E402
-from engine.tiny import TINY_TEXT_LEN, _train_tokenizer, build_tiny_model, write_model_index  # noqa: E402
+from engine.tiny import TINY_TEXT_LEN, build_tiny_model, train_tokenizer, write_model_index  # noqa: E402
 
 SOURCE = Path(__file__).resolve().parents[2] / "shared" / "videos" / "bigbuckbunny.mp4"
 CLIP_SIZE = (192, 108)  # the source's 16:9 at a size the engine resizes from
@@ -247,7 +247,7 @@ def train(args: argparse.Namespace) -> None:
     from transformers import T5Config, T5EncoderModel
 
     T5EncoderModel(T5Config(**T5_CONFIG)).half().save_pretrained(out / "text_encoder", safe_serialization=True)
-    _train_tokenizer(out / "tokenizer")
+    train_tokenizer(out / "tokenizer")
     per_window = [c.captions for c in CLIPS if not c.held_out for _ in range(c.frames - PROXY_FRAMES + 1)] * 2
     embeds = embed_captions(out, sorted({c for caps in per_window for c in caps} | {""}), args.device)
     transformer = train_transformer(latents, per_window, embeds, args.device, budget - (time.monotonic() - began), args.steps, log)

@@ -17,11 +17,11 @@ import time
 
 import torch
 
-from engine.components import Runtime, _load, free_memory
-from engine.edit import Reference, ddim_edit
-from engine.embed import _tokens
+from engine.components import Runtime, free_memory, load_component
+from engine.editing import Reference, ddim_edit
+from engine.embed import tokenize
 from engine.encode import encode_frames
-from engine.invert import ddim_invert
+from engine.inversion import ddim_invert
 from engine.settings import InjectSettings
 
 
@@ -65,7 +65,7 @@ def run_upstream(info, runtime: Runtime, frames: torch.Tensor, steps: int, mode:
     parts = {}
     if resident:
         for name in ("vae", "text_encoder", "transformer"):
-            parts[name] = _load(name, info, runtime)
+            parts[name] = load_component(name, info, runtime)
         parts["vae"].disable_tiling()
         parts["vae"].disable_slicing()
     out["load"] = {"seconds": time.perf_counter() - t0, **_peak(cuda)}
@@ -76,10 +76,10 @@ def run_upstream(info, runtime: Runtime, frames: torch.Tensor, steps: int, mode:
         if name == "transformer" and mode == "sequential":
             from accelerate import cpu_offload
 
-            module = _load(name, info, Runtime("cpu", runtime.dtype))
+            module = load_component(name, info, Runtime("cpu", runtime.dtype))
             cpu_offload(module, execution_device=torch.device(runtime.device))
             return module
-        module = _load(name, info, runtime)
+        module = load_component(name, info, runtime)
         if name == "vae" and mode == "resident":
             module.disable_tiling()
         return module
@@ -100,9 +100,9 @@ def run_upstream(info, runtime: Runtime, frames: torch.Tensor, steps: int, mode:
     t5 = part("text_encoder")
     tokenizer = AutoTokenizer.from_pretrained(info.path, subfolder="tokenizer")
     with torch.no_grad():
-        ids = _tokens(tokenizer, "", info.text_length).to(runtime.device)
+        ids = tokenize(tokenizer, "", info.text_length).to(runtime.device)
         empty = t5(ids)[0].to(runtime.dtype)
-        edit_ids = _tokens(tokenizer, "a watercolor painting", info.text_length).to(runtime.device)
+        edit_ids = tokenize(tokenizer, "a watercolor painting", info.text_length).to(runtime.device)
         prompt = t5(edit_ids)[0].to(runtime.dtype)
     if not resident:
         del t5

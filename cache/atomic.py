@@ -179,7 +179,7 @@ def payload_digest(tensors: Mapping[str, torch.Tensor]) -> str:
     for name in sorted(tensors):
         t = tensors[name].detach().to("cpu").contiguous()
         shape = ",".join(str(s) for s in t.shape)
-        digest.update(f"{name}\0{t.dtype}\0{shape}\0".encode("utf-8"))
+        digest.update(f"{name}\0{t.dtype}\0{shape}\0".encode())
         # A uint8 view gives the raw bytes of any dtype (numpy has no bfloat16/float8).
         digest.update(t.reshape(-1).view(torch.uint8).numpy().data)
     return digest.hexdigest()

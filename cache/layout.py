@@ -4,7 +4,8 @@
     ├── inversions/
     │   └── <id>/                           one inversion; <id> = stable_hash of everything that
     │       │                               changes its result (16-64 lowercase hex characters)
-    │       ├── manifest.json               settings, summary, per-file sha256 + size, stage status;
+    │       ├── manifest.json               settings (with `identity`: all the id hashes), summary,
+    │       │                               per-file sha256 + size, stage status, round-trip check;
     │       │                               written last, so a crash never leaves an entry that looks whole
     │       ├── frames.safetensors          the selected source frames
     │       ├── latents.safetensors         VAE latents of those frames
@@ -34,7 +35,7 @@ ENV_VAR = "COGEDIT_CACHE"
 MIN_PREFIX = 4
 
 _ID_RE = re.compile(r"[0-9a-f]{16,64}")
-_PREFIX_RE = re.compile(r"[0-9a-f]{%d,64}" % MIN_PREFIX)
+_PREFIX_RE = re.compile(rf"[0-9a-f]{{{MIN_PREFIX},64}}")
 
 
 def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
@@ -87,6 +88,14 @@ class EntryPaths:
         if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i <= 9999:
             raise ValueError(f"step index must be an int in 0..9999, got {i!r}")
         return self.trajectory_dir / f"step_{i:04d}.safetensors"
+
+    def attention_store(self, key: str) -> Path:
+        """Folder of one stored-attention store: attention/<store key>/."""
+        return self.attention_dir / key
+
+    def attention_block(self, key: str, t: int, block: int) -> Path:
+        """One timestep and block of a store: attention/<key>/t_0999/b_07.safetensors."""
+        return self.attention_store(key) / f"t_{t:04d}" / f"b_{block:02d}.safetensors"
 
     def relative(self, path: Path) -> str:
         """`path` relative to the entry dir, as the posix name the manifest uses."""

@@ -23,6 +23,7 @@ from cache.keys import stable_hash
 from engine.errors import ModelError, SettingsError
 from engine.plans import PLANS, Plan, get_plan
 
+
 def _quiet_libraries() -> None:
     # Our own bars show each phase; the libraries' per-shard bars would interleave with them.
     from diffusers.utils import logging as diffusers_logging
@@ -42,7 +43,7 @@ _CONFIG_FILES = {
 _HASH_WINDOW = 1 << 20  # bytes hashed from each end of a weight file for the model identity
 
 # Components currently loaded, by name; weak so that freeing a component removes it.
-_LIVE: "weakref.WeakValueDictionary[str, torch.nn.Module]" = weakref.WeakValueDictionary()
+_LIVE: weakref.WeakValueDictionary[str, torch.nn.Module] = weakref.WeakValueDictionary()
 # (component, everything alive right after it loaded): the staging record the tests read.
 LOAD_EVENTS: list[tuple[str, list[str]]] = []
 
@@ -64,7 +65,7 @@ class Runtime:
         plan: str | Plan | None = None,
         compile: bool = False,
         fp8: bool = False,
-    ) -> "Runtime":
+    ) -> Runtime:
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         plan = get_plan(plan) if isinstance(plan, str) else (plan or PLANS["staged"])
         if plan.needs_cuda and not device.startswith("cuda"):
@@ -264,7 +265,7 @@ def _check_float8(device: str, plan: Plan) -> None:
         raise SettingsError(f"--fp8 needs an NVIDIA GPU with FP8 matmuls (compute capability 8.9+: RTX 40xx, L4, H100); {device} has none: drop --fp8")
 
 
-def _float8(transformer: torch.nn.Module) -> None:
+def quantize_float8(transformer: torch.nn.Module) -> None:
     """FP8 (e4m3) weights with a scale per output row and activations scaled per token at run
     time, through torchao, for the linear layers of attention and MLP in every block. The
     modulation linears (a few rows of timestep embedding) and everything outside the blocks stay
@@ -286,16 +287,16 @@ def _place(module: torch.nn.Module, name: str, runtime: Runtime, quantized: bool
         module.set_attn_processor(CogVideoXAttnProcessor())
     if name == "transformer" and runtime.fp8:
         module = module.to(runtime.device)  # quantized where it will run
-        _float8(module)
+        quantize_float8(module)
     if name == "transformer" and runtime.compile:
         # Regional compilation: the 42 blocks share one shape, so one compiled graph serves all
         # (benchmarks/results/speed.json: 1.2x per step on an H100 after a one-off compile).
         for block in module.transformer_blocks:
             block.compile()
     if name == "transformer" and runtime.plan.ff_chunk:
-        from engine.ff_chunking import apply_ff_chunking
+        from engine.ff_chunking import FFChunkingConfig, apply_ff_chunking
 
-        apply_ff_chunking(module, runtime.plan.ff_chunk)
+        apply_ff_chunking(module, FFChunkingConfig(runtime.plan.ff_chunk))
     if runtime.plan.offload == "block" and name != "vae":
         from diffusers.hooks import apply_group_offloading
 
@@ -308,7 +309,7 @@ def _place(module: torch.nn.Module, name: str, runtime: Runtime, quantized: bool
     return module if quantized else module.to(runtime.device)
 
 
-def _load(name: str, info: ModelInfo, runtime: Runtime) -> Any:
+def load_component(name: str, info: ModelInfo, runtime: Runtime) -> Any:
     _quiet_libraries()
     common = dict(subfolder=name, torch_dtype=runtime.dtype, use_safetensors=True)
     plan = runtime.plan
@@ -349,7 +350,7 @@ def loaded(name: str, info: ModelInfo, runtime: Runtime) -> Iterator[Any]:
     """Load one component for the duration of a phase, then free it before the next loads."""
     # Hooks leave reference cycles; collect the last phase's component before loading this one.
     free_memory()
-    module = _load(name, info, runtime)
+    module = load_component(name, info, runtime)
     _LIVE[name] = module
     LOAD_EVENTS.append((name, alive()))
     try:

@@ -9,7 +9,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine.errors import OutputExistsError
+from engine.components import loaded
+from engine.errors import OutputExistsError, SettingsError
+from engine.stage import StageContext
 
 _MAX_NAME = 60
 
@@ -56,3 +58,36 @@ def side_by_side(source: np.ndarray, edited: np.ndarray) -> np.ndarray:
         src = torch.nn.functional.interpolate(src, size=edited.shape[1:3], mode="bilinear", antialias=True)
     src = src.round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
     return np.concatenate([src, edited[:n]], axis=2)
+
+
+def output_paths(inversion_id: str, prompts: tuple[str, ...], out_dir: Path, force: bool) -> tuple[list[Path], list[Path]]:
+    """The mp4 paths of an edit; refuses existing files (unless `force`) and unusable folders."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SettingsError(f"cannot create --out folder {out_dir}: {exc.strerror or exc} — pass --out to a writable folder") from None
+    stem = inversion_id[:8]
+    names = [safe_name(p, i) for i, p in enumerate(prompts)]
+    videos = [claim(out_dir / f"{stem}-{n}.mp4", force) for n in names]
+    pairs = [claim(out_dir / f"{stem}-{n}-side-by-side.mp4", force) for n in names]
+    return videos, pairs
+
+
+def decode_stage(ctx: StageContext, latents: torch.Tensor, outputs: tuple[list[Path], list[Path]] | None, fps: float) -> np.ndarray | None:
+    """Decode each edit; with `outputs` (videos, side-by-sides) write them as mp4 and return
+    None, else return the uint8 frames [K, F, H, W, 3]."""
+    source = ctx.entry.load(ctx.entry.paths.frames, "frames").numpy() if outputs else None
+    decoded = []
+    with ctx.reporter.phase("decode", total=latents.shape[0]) as ph:
+        with loaded("vae", ctx.info, ctx.runtime) as vae:
+            for k in range(latents.shape[0]):
+                frames = decode_latents(vae, latents[k : k + 1])[0]
+                if outputs:
+                    write_video(frames, outputs[0][k], fps)
+                    write_video(side_by_side(source, frames), outputs[1][k], fps)
+                else:
+                    decoded.append(frames)
+                ph.advance()
+        n = latents.shape[0]
+        ph.record.detail = f"{n} mp4 + {n} side-by-side in {outputs[0][0].parent}" if outputs else f"{n} video(s) decoded"
+    return None if outputs else np.stack(decoded)

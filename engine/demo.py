@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from cache.layout import cache_root
-from engine.report import Reporter
 from engine.proxy import CLIPS, HELD_OUT, PROXY_FRAMES, PROXY_HEIGHT, PROXY_WIDTH, write_proxy_model
+from engine.report import Reporter
 from engine.video import DEMO_VIDEO
 from engine.workflow import EditResult, edit, invert
 

@@ -11,6 +11,7 @@ from cache.errors import CacheCorruptError, ReadOnlyCacheError
 from cache.keys import stable_hash
 from cache.layout import CacheLayout
 from engine.components import ModelInfo, Runtime, load_tokenizer, loaded
+from engine.stage import StageContext
 
 log = logging.getLogger("cogedit")
 
@@ -22,7 +23,7 @@ def prompt_key(prompt: str, info: ModelInfo, runtime: Runtime) -> str:
     return stable_hash(fields)
 
 
-def _tokens(tokenizer, prompt: str, length: int) -> torch.Tensor:
+def tokenize(tokenizer, prompt: str, length: int) -> torch.Tensor:
     ids = tokenizer(prompt, padding="max_length", max_length=length, truncation=True, add_special_tokens=True, return_tensors="pt").input_ids
     full = tokenizer(prompt, add_special_tokens=True).input_ids
     if len(full) > length:
@@ -54,7 +55,7 @@ def embed_prompts(
         tokenizer = load_tokenizer(info)
         with loaded("text_encoder", info, runtime) as t5:
             for p in missing:
-                ids = _tokens(tokenizer, p, info.text_length).to(runtime.device)
+                ids = tokenize(tokenizer, p, info.text_length).to(runtime.device)
                 emb = t5(ids)[0].to(runtime.dtype).cpu()
                 try:
                     save_tensors(layout.prompt_file(info.key, prompt_key(p, info, runtime)), {"embeds": emb}, {"prompt": p})
@@ -64,3 +65,9 @@ def embed_prompts(
                 if phase is not None:
                     phase.advance()
     return {p: out[p].to(runtime.device) for p in prompts}
+
+
+def embed_stage(ctx: StageContext, prompts: list[str]) -> dict[str, torch.Tensor]:
+    """The embedding of each prompt, on the run's device; T5 loads only for prompts not cached."""
+    with ctx.reporter.phase("embed", total=len(set(prompts))) as ph:
+        return embed_prompts(prompts, ctx.info, ctx.runtime, ctx.layout, ph)

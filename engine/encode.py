@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
+
+from cache.faults import maybe_die
+from engine.components import loaded
+from engine.stage import StageContext
+from engine.video import FrameSettings, read_frames, to_model_input
 
 
 @torch.no_grad()
@@ -14,3 +21,22 @@ def encode_frames(vae: torch.nn.Module, frames: torch.Tensor) -> torch.Tensor:
     x = frames.to(device=vae.device, dtype=vae.dtype).unsqueeze(0).permute(0, 2, 1, 3, 4)
     latents = vae.encode(x).latent_dist.mode()
     return (latents * vae.config.scaling_factor).permute(0, 2, 1, 3, 4).contiguous()
+
+
+def encode_stage(ctx: StageContext, frames: FrameSettings, video: str | os.PathLike) -> torch.Tensor:
+    """The selected frames' latents, cached in `ctx.entry` with the frames themselves."""
+    entry = ctx.entry
+    with ctx.reporter.phase("encode") as ph:
+        if entry.encoded:
+            ph.hit(True, "latents cached")
+            return entry.load(entry.paths.latents, "latents")
+        ph.hit(False)
+        pixels, _ = read_frames(video, frames)
+        entry.save(entry.paths.frames, {"frames": pixels})
+        with loaded("vae", ctx.info, ctx.runtime) as vae:
+            latents = encode_frames(vae, to_model_input(pixels)).cpu()
+        maybe_die("encode")
+        entry.save(entry.paths.latents, {"latents": latents})
+        entry.mark_encoded(int(pixels.shape[0]), list(latents.shape))
+        ph.record.detail = f"{pixels.shape[0]} frames -> latents {tuple(latents.shape[1:])}"
+        return latents

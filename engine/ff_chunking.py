@@ -9,27 +9,48 @@ not, so this is a small hook in diffusers' hook registry.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+from diffusers.hooks import ModelHook
 
-HOOK_NAME = "cogedit_ff_chunking"
+from engine import hooks
+
+FF_CHUNKING = "cogedit_ff_chunking"
 
 
-def apply_ff_chunking(transformer: torch.nn.Module, chunk_tokens: int) -> None:
-    """Make every block's `ff` process at most `chunk_tokens` tokens at a time."""
-    from diffusers.hooks import HookRegistry, ModelHook
+@dataclass(frozen=True)
+class FFChunkingConfig:
+    """Tokens per MLP call."""
 
-    class ChunkedFeedForward(ModelHook):
-        def new_forward(self, module: torch.nn.Module, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-            forward = self.fn_ref.original_forward
-            if hidden_states.shape[1] <= chunk_tokens:
-                return forward(hidden_states, *args, **kwargs)
-            out = None  # filled slice by slice: a list of slices to join would double the output
-            for start in range(0, hidden_states.shape[1], chunk_tokens):
-                part = forward(hidden_states[:, start : start + chunk_tokens], *args, **kwargs)
-                if out is None:
-                    out = part.new_empty(*hidden_states.shape[:2], part.shape[-1])
-                out[:, start : start + chunk_tokens] = part
-            return out
+    chunk_tokens: int
 
+
+class ChunkedFeedForwardHook(ModelHook):
+    """On a block's `ff`: the MLP over at most `chunk_tokens` tokens at a time."""
+
+    def __init__(self, config: FFChunkingConfig) -> None:
+        super().__init__()
+        self.chunk = config.chunk_tokens
+
+    def new_forward(self, module: torch.nn.Module, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        forward = self.fn_ref.original_forward
+        if hidden_states.shape[1] <= self.chunk:
+            return forward(hidden_states, *args, **kwargs)
+        out = None  # filled slice by slice: a list of slices to join would double the output
+        for start in range(0, hidden_states.shape[1], self.chunk):
+            part = forward(hidden_states[:, start : start + self.chunk], *args, **kwargs)
+            if out is None:
+                out = part.new_empty(*hidden_states.shape[:2], part.shape[-1])
+            out[:, start : start + self.chunk] = part
+        return out
+
+
+def apply_ff_chunking(transformer: torch.nn.Module, config: FFChunkingConfig) -> None:
+    """Make every block's `ff` process at most `config.chunk_tokens` tokens at a time."""
     for block in transformer.transformer_blocks:
-        HookRegistry.check_if_exists_or_initialize(block.ff).register_hook(ChunkedFeedForward(), HOOK_NAME)
+        hooks.register(block.ff, ChunkedFeedForwardHook(config), FF_CHUNKING)
+
+
+def remove_ff_chunking(transformer: torch.nn.Module) -> None:
+    hooks.remove(transformer, FF_CHUNKING)

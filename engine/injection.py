@@ -12,27 +12,35 @@ set, so the projection, q/k norms and RoPE are spelled out here once more.
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from diffusers.hooks import ModelHook
+
+from engine import hooks
 
 
 @dataclass
 class InjectionState:
-    """Per-step layout, set by the edit loop before each transformer call."""
+    """The one object the edit's model features share, documented field by field.
 
-    active: bool = False
-    n_edit: int = 0
-    ref_of: list[int] = field(default_factory=list)
+    Written by the edit loop (`engine.editing.ddim_edit`) before each transformer call: `active`,
+    `n_edit`, `ref_of`, `strength`, `stored`. Written by the row-group hook
+    (`engine.row_groups`) around each group of a block: `rows`, and by the injection hook of a
+    reference group: `held`. Read by the injection hook (`KVInjectionHook`).
+    """
+
+    active: bool = False  # inject at this step
+    n_edit: int = 0  # the batch is [edit rows (n_edit)..., reference rows...]
+    ref_of: list[int] = field(default_factory=list)  # edit row j reads reference row ref_of[j]
     strength: float = 1.0
     # Replayed reference K/V by block (stored attention); None = reference rows are in the batch.
     stored: Mapping[int, tuple[torch.Tensor, torch.Tensor]] | None = None
-    # Row groups (engine.row_groups): the batch rows this call carries (None = all), and the
-    # reference K/V the reference group left for the edit groups of the same block.
+    # Row groups: the batch rows this call carries (None = all), and the reference K/V the
+    # reference group left for the edit groups of the same block.
     rows: range | None = None
     held: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
@@ -125,24 +133,45 @@ class CogVideoXAttnProcessor:
         return _output(attn, _attend(list(_project(attn, x.pop(), text_len, rotary))))
 
 
-class KVInjectionProcessor(CogVideoXAttnProcessor):
-    """Attention processor for `attn1` of a CogVideoX block that injects reference K/V."""
+KV_INJECTION = "cogedit_kv_injection"
 
-    def __init__(self, state: InjectionState, fallback, layer: int) -> None:
+
+@dataclass(frozen=True)
+class KVInjectionConfig:
+    """Which blocks inject (None = all) and the state the edit loop steers them with."""
+
+    layers: tuple[int, ...] | None
+    state: InjectionState
+
+
+def joined_attention(attn, x: list[torch.Tensor], text_len: int, rotary) -> torch.Tensor:
+    """Attention over joined text and image tokens (`x` = [input], emptied), through the block's
+    injection hook when it is injecting, else its plain processor: what row groups call."""
+    hook = hooks.find(attn, KV_INJECTION)
+    if hook is not None and hook.state.active:
+        return hook.joined(attn, x, text_len, rotary)
+    return attn.processor.joined(attn, x, text_len, rotary)
+
+
+class KVInjectionHook(ModelHook):
+    """On `attn1` of a CogVideoX block: inside the window, edit rows attend to their own K/V
+    joined with their reference's; outside it, the block's own processor runs untouched."""
+
+    def __init__(self, state: InjectionState, layer: int) -> None:
+        super().__init__()
         self.state = state
-        self.fallback = fallback  # the block's own processor, used outside the window
         self.layer = layer
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states, attention_mask=None, image_rotary_emb=None):
+    def new_forward(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None, **kwargs):
         if not self.state.active:
-            return self.fallback(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
-        return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+            return self.fn_ref.original_forward(hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb=image_rotary_emb, **kwargs)
+        text_len = encoder_hidden_states.shape[1]
+        out = self.joined(attn, [torch.cat([encoder_hidden_states, hidden_states], dim=1)], text_len, image_rotary_emb)
+        return out[:, text_len:], out[:, :text_len]
 
     def joined(self, attn, x: list[torch.Tensor], text_len: int, rotary) -> torch.Tensor:
         """As `CogVideoXAttnProcessor.joined`, with the reference K/V injected."""
         st = self.state
-        if not st.active:
-            return self.fallback.joined(attn, x, text_len, rotary)
         if st.rows is not None and st.stored is None:
             group = self._edit_group if st.rows.start < st.n_edit else self._reference_group
             return group(attn, x, text_len, rotary)
@@ -202,16 +231,12 @@ def _strength_mask(strength: float, own: int, dtype: torch.dtype, device) -> tor
     return mask
 
 
-@contextlib.contextmanager
-def kv_injection(transformer: torch.nn.Module, layers: tuple[int, ...] | None, state: InjectionState) -> Iterator[None]:
-    """Install the injection processor on the chosen blocks; restore the originals on exit."""
+def apply_kv_injection(transformer: torch.nn.Module, config: KVInjectionConfig) -> None:
+    """Register the injection hook on `attn1` of the chosen blocks; `remove_kv_injection` undoes it."""
     blocks = transformer.transformer_blocks
-    chosen = range(len(blocks)) if layers is None else layers
-    originals = {i: blocks[i].attn1.processor for i in chosen}
-    try:
-        for i, proc in originals.items():
-            blocks[i].attn1.set_processor(KVInjectionProcessor(state, proc, i))
-        yield
-    finally:
-        for i, proc in originals.items():
-            blocks[i].attn1.set_processor(proc)
+    for i in range(len(blocks)) if config.layers is None else config.layers:
+        hooks.register(blocks[i].attn1, KVInjectionHook(config.state, i), KV_INJECTION)
+
+
+def remove_kv_injection(transformer: torch.nn.Module) -> None:
+    hooks.remove(transformer, KV_INJECTION)

@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
-
-from typing import TYPE_CHECKING
 
 from engine.errors import SettingsError
 
@@ -96,10 +95,12 @@ def _param_count(part: str, config_items: tuple) -> int:
 
 def _hashable(config: dict) -> tuple:
     # Config files carry bookkeeping keys (_class_name, architectures, ...) the classes don't take.
-    return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in config.items() if not isinstance(v, dict) and not k.startswith("_") and k not in ("architectures", "transformers_version", "dtype", "torch_dtype")))
+    skip = ("architectures", "transformers_version", "dtype", "torch_dtype")
+    kept = {k: v for k, v in config.items() if not isinstance(v, dict) and not k.startswith("_") and k not in skip}
+    return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in kept.items()))
 
 
-def param_counts(info: "ModelInfo") -> dict[str, int]:
+def param_counts(info: ModelInfo) -> dict[str, int]:
     return {
         "transformer": _param_count("transformer", _hashable(info.transformer_config)),
         "text_encoder": _param_count("text_encoder", _hashable(info.text_encoder_config)),
@@ -120,14 +121,14 @@ class Workload:
     reference: str = "shared"  # shared | per-half | stored
 
 
-def sequence_tokens(info: "ModelInfo", frames: int, height: int, width: int) -> int:
+def sequence_tokens(info: ModelInfo, frames: int, height: int, width: int) -> int:
     """Text + image tokens the transformer sees for `frames` frames at height x width."""
     p = info.transformer_config["patch_size"]
     latent_frames = (frames - 1) // info.vae_scale_temporal + 1
     return info.text_length + latent_frames * (height // info.vae_scale_spatial // p) * (width // info.vae_scale_spatial // p)
 
 
-def predict_peaks(plan: Plan, info: "ModelInfo", w: Workload = Workload()) -> dict[str, int]:
+def predict_peaks(plan: Plan, info: ModelInfo, w: Workload = Workload()) -> dict[str, int]:
     """Predicted peak GPU bytes per phase for `plan` on workload `w`."""
     counts = param_counts(info)
     tokens = sequence_tokens(info, w.frames, w.height, w.width)
@@ -162,7 +163,7 @@ def predict_peaks(plan: Plan, info: "ModelInfo", w: Workload = Workload()) -> di
     }
 
 
-def choose_plan(vram_bytes: int, info: "ModelInfo", w: Workload = Workload()) -> Plan:
+def choose_plan(vram_bytes: int, info: ModelInfo, w: Workload = Workload()) -> Plan:
     """The first plan, fastest first, whose predicted peak fits a card of `vram_bytes` less the
     CUDA context, which the allocator does not see."""
     for name in ("staged", "lean", "int8", "offload", "nf4"):

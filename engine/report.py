@@ -58,7 +58,7 @@ def _oom_message(phase: str, exc: BaseException) -> str:
 class Phase:
     """Handle given to the code inside a phase: advance its bar, mark a cache hit."""
 
-    def __init__(self, record: PhaseRecord, progress: "object | None", task: "int | None") -> None:
+    def __init__(self, record: PhaseRecord, progress: object | None, task: int | None) -> None:
         self.record = record
         self._progress = progress
         self._task = task
@@ -80,7 +80,7 @@ class Phase:
 class Reporter:
     """Collects phase records; shows bars when given a rich console."""
 
-    def __init__(self, console: "object | None" = None, device: str = "cpu") -> None:
+    def __init__(self, console: object | None = None, device: str = "cpu") -> None:
         self.console = console
         self.device = device
         self.records: list[PhaseRecord] = []
@@ -141,7 +141,7 @@ class Reporter:
                     progress.update(task, total=1, completed=1)
                 progress.stop()
 
-    def table(self, title: str = "cogedit") -> "object":
+    def table(self, title: str = "cogedit") -> object:
         from rich.table import Table
 
         from cache.sizes import format_size

@@ -15,14 +15,13 @@ lean plan's peak on the H100 (benchmarks/results/peak_lean.json).
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
+from diffusers.hooks import ModelHook
 
-from engine.injection import InjectionState
-
-HOOK_NAME = "cogedit_row_groups"
+from engine import hooks
+from engine.injection import InjectionState, joined_attention
 
 
 def row_groups(n: int, size: int, state: InjectionState | None) -> list[range]:
@@ -61,54 +60,73 @@ def _block_in_place(block: torch.nn.Module, hidden: torch.Tensor, encoder: torch
     x, gate, text_gate = _modulated(block.norm1, hidden, encoder, temb)
     held = [x]
     del x
-    _add_gated(hidden, encoder, block.attn1.processor.joined(block.attn1, held, encoder.shape[1], rotary), gate, text_gate)
+    _add_gated(hidden, encoder, joined_attention(block.attn1, held, encoder.shape[1], rotary), gate, text_gate)
     x, gate, text_gate = _modulated(block.norm2, hidden, encoder, temb)
     _add_gated(hidden, encoder, block.ff(x), gate, text_gate)
 
 
-@contextlib.contextmanager
-def rows_apart(transformer: torch.nn.Module, size: int, state: InjectionState | None = None) -> Iterator[None]:
-    """Within the context, every block runs at most `size` rows per call (`state.rows` says which).
+ROW_GROUPS = "cogedit_row_groups"
 
-    The blocks' attention processors must be cogedit's (engine.injection), as the engine sets them:
-    the in-place block hands them its joined input."""
-    from diffusers.hooks import HookRegistry, ModelHook
 
-    class RowGroups(ModelHook):
-        def new_forward(self, module, hidden_states, encoder_hidden_states, temb, image_rotary_emb=None, attention_kwargs=None):
-            try:
-                for rows in row_groups(hidden_states.shape[0], size, state):
-                    if state is not None:
-                        state.rows = rows
-                    # Written over the block's input rows: each group reads only its own rows, and
-                    # a separate output would hold a second batch-sized tensor.
-                    sl = slice(rows.start, rows.stop)
-                    _block_in_place(module, hidden_states[sl], encoder_hidden_states[sl], temb[sl], image_rotary_emb)
-            finally:
+@dataclass(frozen=True)
+class RowGroupConfig:
+    """Rows per block call, and the edit's injection state (None outside an edit)."""
+
+    size: int
+    state: InjectionState | None = None
+
+
+class RowGroupsHook(ModelHook):
+    """On a CogVideoX block: run it over `config.size` rows at a time, in place (`state.rows`
+    says which). The blocks' attention must be cogedit's (engine.injection), as the engine sets
+    it: the in-place block hands it the joined input."""
+
+    def __init__(self, config: RowGroupConfig) -> None:
+        super().__init__()
+        self.config = config
+
+    def new_forward(self, module, hidden_states, encoder_hidden_states, temb, image_rotary_emb=None, attention_kwargs=None):
+        state = self.config.state
+        try:
+            for rows in row_groups(hidden_states.shape[0], self.config.size, state):
                 if state is not None:
-                    state.rows = None
-                    state.held.clear()
-            return hidden_states, encoder_hidden_states
+                    state.rows = rows
+                # Written over the block's input rows: each group reads only its own rows, and
+                # a separate output would hold a second batch-sized tensor.
+                sl = slice(rows.start, rows.stop)
+                _block_in_place(module, hidden_states[sl], encoder_hidden_states[sl], temb[sl], image_rotary_emb)
+        finally:
+            if state is not None:
+                state.rows = None
+                state.held.clear()
+        return hidden_states, encoder_hidden_states
 
-    class RowsInPlace(ModelHook):
-        """The final norms, a group of rows at a time over their own input: measured on the H100,
-        their three batch-sized outputs were the lean plan's peak, above any block's."""
 
-        def new_forward(self, module, hidden_states, *args, **kwargs):
-            forward = self.fn_ref.original_forward
-            n = hidden_states.shape[0]
-            rows = lambda a, sl: a[sl] if torch.is_tensor(a) and a.shape[:1] == (n,) else a  # noqa: E731
-            for g in range(0, n, size):
-                sl = slice(g, g + size)
-                hidden_states[sl] = forward(hidden_states[sl], *(rows(a, sl) for a in args), **{k: rows(a, sl) for k, a in kwargs.items()})
-            return hidden_states
+class RowsInPlaceHook(ModelHook):
+    """On the final norms: a group of rows at a time over their own input. Measured on the H100,
+    their three batch-sized outputs were the lean plan's peak, above any block's."""
 
-    hooked = [(block, RowGroups) for block in transformer.transformer_blocks]
-    hooked += [(module, RowsInPlace) for module in (transformer.norm_final, transformer.norm_out)]
-    for module, hook in hooked:
-        HookRegistry.check_if_exists_or_initialize(module).register_hook(hook(), HOOK_NAME)
-    try:
-        yield
-    finally:
-        for module, _ in hooked:
-            HookRegistry.check_if_exists_or_initialize(module).remove_hook(HOOK_NAME, recurse=False)
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.size = size
+
+    def new_forward(self, module, hidden_states, *args, **kwargs):
+        forward = self.fn_ref.original_forward
+        n = hidden_states.shape[0]
+        rows = lambda a, sl: a[sl] if torch.is_tensor(a) and a.shape[:1] == (n,) else a  # noqa: E731
+        for g in range(0, n, self.size):
+            sl = slice(g, g + self.size)
+            hidden_states[sl] = forward(hidden_states[sl], *(rows(a, sl) for a in args), **{k: rows(a, sl) for k, a in kwargs.items()})
+        return hidden_states
+
+
+def apply_row_groups(transformer: torch.nn.Module, config: RowGroupConfig) -> None:
+    """Every block (and the final norms) runs at most `config.size` rows per call; same result."""
+    for block in transformer.transformer_blocks:
+        hooks.register(block, RowGroupsHook(config), ROW_GROUPS)
+    for norm in (transformer.norm_final, transformer.norm_out):
+        hooks.register(norm, RowsInPlaceHook(config.size), ROW_GROUPS)
+
+
+def remove_row_groups(transformer: torch.nn.Module) -> None:
+    hooks.remove(transformer, ROW_GROUPS)

@@ -1,10 +1,60 @@
-"""Frozen settings for each stage. Everything here that changes a result goes into a cache key."""
+"""Frozen settings of each stage. Everything here that changes a result goes into a cache key.
+
+Frame selection (`engine.video.FrameSettings`) lives with the code that selects frames; the
+runtime (device, dtype, memory plan) is `engine.components.Runtime`.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
-from engine.errors import SettingsError
+from engine.errors import PromptError, SettingsError
+
+INVERSIONS = ("ddim", "fixed-point")
+
+
+def window_steps(window: tuple[float, float], steps: int) -> range:
+    """The edit steps a START:END fraction covers, counted from the noisy end."""
+    start, end = window
+    return range(round(start * steps), round(end * steps))
+
+
+def parse_window(text: str, flag: str = "--inject-steps") -> tuple[float, float]:
+    """'0:0.6' -> (0.0, 0.6): the fraction of edit steps covered, from the noisy end."""
+    try:
+        start, end = (float(x) for x in text.split(":"))
+    except ValueError:
+        raise SettingsError(f"{flag} takes START:END fractions like 0:0.6, got {text!r}") from None
+    if not 0.0 <= start <= end <= 1.0:
+        raise SettingsError(f"{flag} needs 0 <= START <= END <= 1, got {text!r}")
+    return start, end
+
+
+def parse_layers(text: str, num_layers: int | None = None, flag: str = "--inject-layers") -> tuple[int, ...] | None:
+    """'all' -> None; '0-9,20' -> (0..9, 20)."""
+    if text.strip().lower() == "all":
+        return None
+    layers: set[int] = set()
+    try:
+        for part in text.split(","):
+            lo, _, hi = part.strip().partition("-")
+            layers.update(range(int(lo), int(hi or lo) + 1))
+    except ValueError:
+        raise SettingsError(f"{flag} takes 'all' or a list like 0-9,20, got {text!r}") from None
+    if num_layers is not None and any(not 0 <= i < num_layers for i in layers):
+        raise SettingsError(f"{flag} {text!r} names a layer outside 0-{num_layers - 1}")
+    return tuple(sorted(layers))
+
+
+def window_of(value: str | tuple[float, float], flag: str) -> tuple[float, float]:
+    """A window given as text (CLI) or as a pair (Python)."""
+    return parse_window(value, flag) if isinstance(value, str) else tuple(value)
+
+
+def layers_of(value: str | tuple[int, ...] | None, num_layers: int, flag: str) -> tuple[int, ...] | None:
+    """Layers given as text (CLI), as a tuple or None (Python)."""
+    return parse_layers(value, num_layers, flag) if isinstance(value, str) else value
 
 
 @dataclass(frozen=True)
@@ -15,12 +65,20 @@ class InvertSettings:
     source_prompt: str = ""
     negative_prompt: str = ""
     guidance: float = 6.0
+    method: str = "ddim"  # ddim | fixed-point (engine.fixed_point)
+    iters: int = 0  # fixed-point refinements per step
 
     def __post_init__(self) -> None:
         if not 1 <= self.steps <= 1000:
             raise SettingsError(f"--steps must be between 1 and 1000, got {self.steps}")
         if self.guidance < 1.0:
             raise SettingsError(f"--guidance must be >= 1 (1 turns guidance off), got {self.guidance}")
+        if self.method not in INVERSIONS:
+            raise SettingsError(f"--inversion must be {' or '.join(INVERSIONS)}, got {self.method!r}")
+        if self.method == "ddim" and self.iters:
+            raise SettingsError("--inversion-iters refines fixed-point inversion: add --inversion fixed-point, or drop it")
+        if self.method == "fixed-point" and not 1 <= self.iters <= 10:
+            raise SettingsError(f"--inversion-iters must be between 1 and 10 with --inversion fixed-point, got {self.iters}")
 
     @property
     def uses_cfg(self) -> bool:
@@ -29,39 +87,15 @@ class InvertSettings:
 
     def key_fields(self) -> dict:
         """What changes the trajectory; guidance only counts when it is in effect."""
-        return {
+        fields = {
             "steps": self.steps,
             "source_prompt": self.source_prompt,
             "negative_prompt": self.negative_prompt if self.uses_cfg else self.source_prompt,
             "guidance": self.guidance if self.uses_cfg else 1.0,
         }
-
-
-def parse_window(text: str) -> tuple[float, float]:
-    """'0:0.6' -> (0.0, 0.6): the fraction of edit steps that inject, from the noisy end."""
-    try:
-        start, end = (float(x) for x in text.split(":"))
-    except ValueError:
-        raise SettingsError(f"--inject-steps takes START:END fractions like 0:0.6, got {text!r}") from None
-    if not 0.0 <= start <= end <= 1.0:
-        raise SettingsError(f"--inject-steps needs 0 <= START <= END <= 1, got {text!r}")
-    return start, end
-
-
-def parse_layers(text: str, num_layers: int | None = None) -> tuple[int, ...] | None:
-    """'all' -> None; '0-9,20' -> (0..9, 20)."""
-    if text.strip().lower() == "all":
-        return None
-    layers: set[int] = set()
-    try:
-        for part in text.split(","):
-            lo, _, hi = part.strip().partition("-")
-            layers.update(range(int(lo), int(hi or lo) + 1))
-    except ValueError:
-        raise SettingsError(f"--inject-layers takes 'all' or a list like 0-9,20, got {text!r}") from None
-    if num_layers is not None and any(not 0 <= i < num_layers for i in layers):
-        raise SettingsError(f"--inject-layers {text!r} names a layer outside 0-{num_layers - 1}")
-    return tuple(sorted(layers))
+        if self.method != "ddim":  # plain DDIM keeps the ids it always had
+            fields.update(method=self.method, iters=self.iters)
+        return fields
 
 
 @dataclass(frozen=True)
@@ -80,8 +114,7 @@ class InjectSettings:
             raise SettingsError(f"--reference must be shared, per-half or stored, got {self.reference!r}")
 
     def active_steps(self, steps: int) -> range:
-        start, end = self.window
-        return range(round(start * steps), round(end * steps))
+        return window_steps(self.window, steps)
 
     def is_active(self, step: int, steps: int) -> bool:
         return self.strength > 0 and self.layers != () and step in self.active_steps(steps)
@@ -100,8 +133,6 @@ class EditSettings:
     batch: int = 4  # prompts per transformer pass
 
     def __post_init__(self) -> None:
-        from engine.errors import PromptError
-
         if not self.prompts:
             raise PromptError("no prompt given: pass --prompt TEXT (repeat it for several edits)")
         if any(not p.strip() for p in self.prompts):
@@ -112,3 +143,49 @@ class EditSettings:
             raise SettingsError(f"--guidance must be >= 1 (1 turns guidance off), got {self.guidance}")
         if self.batch < 1:
             raise SettingsError(f"--batch must be >= 1, got {self.batch}")
+
+    @property
+    def uses_cfg(self) -> bool:
+        return self.guidance > 1.0
+
+    def chunks(self) -> list[tuple[str, ...]]:
+        """The prompts of each transformer pass."""
+        return [self.prompts[i : i + self.batch] for i in range(0, len(self.prompts), self.batch)]
+
+    def key_fields(self) -> dict:
+        """Everything that changes the edited pixels except the prompts (they name the files)."""
+        fields = dataclasses.asdict(self)
+        del fields["prompts"], fields["batch"]  # batching does not change a row's result
+        return fields
+
+
+@dataclass(frozen=True)
+class StoreSettings:
+    """Which timesteps and blocks of stored attention to capture, where, and in what precision."""
+
+    where: str = "none"  # none | cpu | disk
+    window: tuple[float, float] = (0.0, 1.0)  # in edit-step fractions, like --inject-steps
+    layers: tuple[int, ...] | None = None
+    dtype: str = "model"  # model (bf16 on GPU: exact replay) | bf16 | fp8
+
+    def __post_init__(self) -> None:
+        if self.where not in ("none", "cpu", "disk"):
+            raise SettingsError(f"--attention-store must be none, cpu or disk, got {self.where!r}")
+        if self.dtype not in ("model", "bf16", "fp8"):
+            raise SettingsError(f"--attention-dtype must be model, bf16 or fp8, got {self.dtype!r}")
+
+    @property
+    def key(self) -> str:
+        from cache.keys import stable_hash
+
+        return stable_hash({"window": self.window, "layers": self.layers, "dtype": self.dtype}, length=16)
+
+    def edit_steps(self, steps: int) -> range:
+        return window_steps(self.window, steps)
+
+    def block_ids(self, num_layers: int) -> tuple[int, ...]:
+        return tuple(range(num_layers)) if self.layers is None else self.layers
+
+    def bytes_needed(self, steps: int, num_layers: int, tokens: int, width: int, model_bytes: int = 2) -> int:
+        per_tensor = tokens * width * {"fp8": 1, "bf16": 2}.get(self.dtype, model_bytes)
+        return len(self.edit_steps(steps)) * len(self.block_ids(num_layers)) * 2 * per_tensor

@@ -16,13 +16,13 @@ from pathlib import Path
 
 import torch
 
-from engine.configs import SCHEDULER_5B, T5_XXL, TRANSFORMER_5B
+from engine.configs import SCHEDULER_5B, T5_XXL, TRANSFORMER_5B, VAE_5B
 from engine.proxy import CLIPS
 
 TINY_TEXT_LEN = 226  # same max length as the real model: the prompt path is the real one
 
 
-def _train_tokenizer(save_dir: Path) -> None:
+def train_tokenizer(save_dir: Path) -> None:
     """A T5-style tokenizer over a few sentences (the real one is sentencepiece, 32k words).
 
     A unigram model whose pieces are the corpus's whole words, scored by frequency, plus single
@@ -71,9 +71,8 @@ def build_tiny_model(path: str | Path, seed: int = 0, rotary: bool = True) -> Pa
     `rotary=False` writes a 2B-like model (learned-free sincos positions), which the engine refuses.
     """
     from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXTransformer3DModel
-    from transformers import T5Config, T5EncoderModel
-
     from diffusers.utils import logging as diffusers_logging
+    from transformers import T5Config, T5EncoderModel
     from transformers.utils import logging as transformers_logging
 
     diffusers_logging.disable_progress_bar()
@@ -117,7 +116,7 @@ def build_tiny_model(path: str | Path, seed: int = 0, rotary: bool = True) -> Pa
     vae.save_pretrained(path / "vae", safe_serialization=True)
     text_encoder.save_pretrained(path / "text_encoder", safe_serialization=True)
     scheduler.save_pretrained(path / "scheduler")
-    _train_tokenizer(path / "tokenizer")
+    train_tokenizer(path / "tokenizer")
     write_model_index(path)
     return path
 
@@ -134,3 +133,45 @@ def write_model_index(path: Path) -> None:
         "vae": ["diffusers", "AutoencoderKLCogVideoX"],
     }
     (path / "model_index.json").write_text(json.dumps(index, indent=2))
+
+
+def write_random_5b(path, device: str = "cuda", dtype=None, seed: int = 0):
+    """Write a CogVideoX-5B-shaped checkpoint with random weights (benchmarks: real sizes, noise pixels).
+
+    Weights are drawn on `device` (fast) and saved with `save_pretrained` in the hub layout, so
+    the engine loads them through the same code as the real model.
+    """
+    from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXTransformer3DModel
+    from transformers import T5Config, T5EncoderModel
+
+    dtype = dtype or torch.bfloat16
+    path = Path(path)
+    torch.manual_seed(seed)
+
+    def small_init(module: torch.nn.Module) -> torch.nn.Module:
+        # Default inits make 42 random blocks overflow in bf16; small weights keep values finite.
+        with torch.no_grad():
+            for p in module.parameters():
+                if p.dim() > 1:
+                    p.normal_(0.0, 0.02)
+        return module
+
+    with torch.device(device):
+        transformer = small_init(CogVideoXTransformer3DModel(**TRANSFORMER_5B).to(dtype))
+    transformer.save_pretrained(path / "transformer", safe_serialization=True, max_shard_size="5GB")
+    del transformer
+    with torch.device(device):
+        t5 = small_init(T5EncoderModel(T5Config(**T5_XXL)).to(dtype))
+    t5.save_pretrained(path / "text_encoder", safe_serialization=True, max_shard_size="5GB")
+    del t5
+    with torch.device(device):
+        vae = AutoencoderKLCogVideoX(**VAE_5B).to(dtype)
+    vae.save_pretrained(path / "vae", safe_serialization=True)
+    del vae
+    CogVideoXDDIMScheduler(**SCHEDULER_5B).save_pretrained(path / "scheduler")
+    # A toy vocabulary is enough: token ids stay below the model's 32128.
+    train_tokenizer(path / "tokenizer")
+    write_model_index(path)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return path

@@ -156,7 +156,9 @@ def _serve() -> None:
 
     # Everything a cogedit run imports, so that children start warm.
     import diffusers  # noqa: F401
-    import rich.logging, rich.progress, rich.table  # noqa: E401, F401
+    import rich.logging  # noqa: F401
+    import rich.progress  # noqa: F401
+    import rich.table  # noqa: F401
     import transformers  # noqa: F401
     from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXTransformer3DModel, DDIMInverseScheduler  # noqa: F401
     from diffusers.utils import export_to_video  # noqa: F401

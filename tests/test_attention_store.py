@@ -6,7 +6,6 @@ import pytest
 import torch
 
 import engine
-from engine.attention_store import MEMORY_STORES
 from engine.errors import SettingsError
 from tests.conftest import SMALL
 
@@ -24,7 +23,7 @@ def test_stored_replay_equals_recomputed_reference(tiny_model, bikes, where):
     stored = engine.edit(inv, PROMPT, inject_steps="0:0.5", reference="stored", device="cpu", output="latents")
     # Same forward pass at the same timestep; only the batch it ran in differs.
     torch.testing.assert_close(stored.latents, recompute.latents, rtol=0, atol=1e-5)
-    MEMORY_STORES.clear()
+    inv.release()
 
 
 def test_capture_does_not_change_the_trajectory(tiny_model, bikes, tmp_path):
@@ -101,7 +100,7 @@ def _block(i: int) -> dict[str, torch.Tensor]:
 def test_blocks_are_read_in_parallel_and_each_waited_for_alone():
     import threading
 
-    from engine.attention_store import StoredAttention
+    from engine.kv_replay import StoredAttention
 
     together = threading.Barrier(4, timeout=10)  # breaks (and fails the reads) unless 4 run at once
     last_may_finish = threading.Event()
@@ -132,7 +131,7 @@ def test_blocks_are_read_in_parallel_and_each_waited_for_alone():
 def test_the_step_being_replayed_is_read_before_the_read_ahead():
     import threading
 
-    from engine.attention_store import StoredAttention
+    from engine.kv_replay import StoredAttention
 
     order, go = [], threading.Event()
 
@@ -158,8 +157,8 @@ def test_the_step_being_replayed_is_read_before_the_read_ahead():
 
 
 def test_edit_reads_ahead_while_loading_and_while_each_step_computes(tiny_model, bikes, monkeypatch):
-    import engine.workflow as workflow
-    from engine.attention_store import StepKV, StoredAttention
+    import engine.editing as editing
+    from engine.kv_replay import StepKV, StoredAttention
 
     inv = engine.invert(bikes, tiny_model, device="cpu", **SMALL, **_store("disk"))
     events = []
@@ -169,8 +168,8 @@ def test_edit_reads_ahead_while_loading_and_while_each_step_computes(tiny_model,
             return original(self, x)
 
         monkeypatch.setattr(cls, name, logged)
-    loaded = workflow.loaded
-    monkeypatch.setattr(workflow, "loaded", lambda name, *a: events.append(("load", name)) or loaded(name, *a))
+    loaded = editing.loaded
+    monkeypatch.setattr(editing, "loaded", lambda name, *a: events.append(("load", name)) or loaded(name, *a))
     engine.edit(inv, PROMPT, inject_steps="0:0.5", reference="stored", device="cpu", output="latents")
     steps = [e for e in events if e[0] in ("prefetch", "at", "load") and e[1] != "text_encoder"]
     # The first step is read while the transformer loads; each step asks for the next one first.

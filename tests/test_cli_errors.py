@@ -312,7 +312,11 @@ def _gpu_oom_at_call(monkeypatch, n: int) -> None:
     [
         ("disk full at step 2", "disk full while writing"),
         ("file too large at frames", "is larger than this filesystem or the process's file-size limit (ulimit -f)"),
-        ("GPU out of memory at step 2", "the GPU ran out of memory in the invert phase (it asked for 20.00 GiB more); finished work is cached — run again with a smaller memory plan: --plan lean or --plan offload"),
+        (
+            "GPU out of memory at step 2",
+            "the GPU ran out of memory in the invert phase (it asked for 20.00 GiB more); finished work is cached"
+            " — run again with a smaller memory plan: --plan lean or --plan offload",
+        ),
     ],
 )
 def test_failure_mid_inversion_leaves_it_resumable(golden, tiny_model, bikes, monkeypatch, failure, expected):

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 import engine
 from engine import components
-from engine.invert import ddim_invert
+from engine.inversion import ddim_invert
 from tests.conftest import SMALL
 
 
@@ -38,7 +37,7 @@ def inversion(tiny_model, bikes):
 
 def test_stages_load_one_component_at_a_time(tiny_model, bikes, tmp_path):
     components.LOAD_EVENTS.clear()
-    engine.run(bikes, tiny_model, ["a watercolor painting"], invert_options=SMALL, device="cpu", out_dir=tmp_path)
+    engine.run(bikes, tiny_model, ["a watercolor painting"], **SMALL, device="cpu", out_dir=tmp_path)
     assert components.LOAD_EVENTS == [
         ("vae", ["vae"]),  # encode
         ("text_encoder", ["text_encoder"]),  # source prompt; the VAE is gone
@@ -62,7 +61,7 @@ def test_second_inversion_is_a_cache_hit_that_loads_nothing(tiny_model, bikes):
 
 def test_edit_from_cache_equals_one_shot_run_bit_for_bit(tiny_model, bikes, tmp_path):
     prompts = ["a watercolor painting", "a charcoal sketch"]
-    inv, one_shot = engine.run(bikes, tiny_model, prompts, invert_options=SMALL, device="cpu", out_dir=tmp_path / "a", inject_steps="0:0.5")
+    inv, one_shot = engine.run(bikes, tiny_model, prompts, **SMALL, device="cpu", out_dir=tmp_path / "a", inject_steps="0:0.5")
     components.LOAD_EVENTS.clear()
     again = engine.edit(inv.id, prompts, device="cpu", out_dir=tmp_path / "b", inject_steps="0:0.5")
     assert torch.equal(one_shot.latents, again.latents)

@@ -9,7 +9,7 @@ import engine
 from cli import cli
 from engine.components import builtin_5b
 from engine.errors import SettingsError
-from engine.plans import GiB, PLANS, choose_plan, param_counts, predict_peaks
+from engine.plans import PLANS, GiB, choose_plan, param_counts, predict_peaks
 
 
 def test_parameter_counts_are_the_5b_model():
@@ -47,7 +47,7 @@ def test_ff_chunking_leaves_the_output_unchanged(tiny_model):
     import torch
     from diffusers import CogVideoXTransformer3DModel
 
-    from engine.ff_chunking import apply_ff_chunking
+    from engine.ff_chunking import FFChunkingConfig, apply_ff_chunking
 
     model = CogVideoXTransformer3DModel.from_pretrained(tiny_model, subfolder="transformer").eval()
     x = torch.randn(2, 3, 16, 12, 20)
@@ -55,6 +55,6 @@ def test_ff_chunking_leaves_the_output_unchanged(tiny_model):
     t = torch.tensor([500, 500])
     with torch.no_grad():
         plain = model(x, text, t, return_dict=False)[0]
-        apply_ff_chunking(model, 100)
+        apply_ff_chunking(model, FFChunkingConfig(100))
         chunked = model(x, text, t, return_dict=False)[0]
     torch.testing.assert_close(chunked, plain, rtol=1e-5, atol=1e-5)

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import engine
-from engine.injection import InjectionState
 import engine.row_groups as row_groups_module
+from engine.injection import InjectionState
 from engine.row_groups import row_groups
 from tests.conftest import SMALL
 

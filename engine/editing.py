@@ -1,0 +1,179 @@
+"""DDIM sampling under new prompts from the inverted noise, with reference K/V injection (the
+`ddim_edit` kernel, and `edit_stage`, which feeds it from a cached inversion)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from engine import hooks
+from engine.attention_store import MemoryStores, open_stored
+from engine.components import loaded
+from engine.denoiser import guided, predict, rotary_embeddings
+from engine.injection import InjectionState, KVInjectionConfig, apply_kv_injection, remove_kv_injection
+from engine.kv_replay import StoredAttention
+from engine.row_groups import RowGroupConfig, apply_row_groups, remove_row_groups
+from engine.schedulers import edit_scheduler
+from engine.settings import EditSettings, InjectSettings
+from engine.stage import StageContext
+
+
+@dataclass(frozen=True)
+class Reference:
+    """Where an edit's reference attention comes from.
+
+    Edit step i runs at the i-th largest timestep t, which inversion step j = steps - 1 - i ran
+    at too. `replayed(i)` is that inversion step's input latent, so the shared reference row
+    repeats the inversion's own forward pass at t (and stored attention can stand in for it
+    exactly); `reached(i)` is the latent inversion step j produced, at t's noise level, which is
+    what upstream's per-half rows are fed. `source_embeds` conditions the shared row;
+    `stored` replays captured K/V instead of computing a reference row.
+    """
+
+    replayed: Callable[[int], torch.Tensor]
+    reached: Callable[[int], torch.Tensor]
+    source_embeds: torch.Tensor
+    stored: StoredAttention | None = None
+
+
+@torch.no_grad()
+def ddim_edit(
+    transformer: torch.nn.Module,
+    init: torch.Tensor,
+    cond: torch.Tensor,
+    scheduler_config: dict[str, Any],
+    steps: int,
+    *,
+    vae_scale_spatial: int,
+    uncond: torch.Tensor | None = None,
+    guidance: float = 1.0,
+    reference: Reference | None = None,
+    inject: InjectSettings = InjectSettings(),
+    row_group: int = 0,
+    callback: Callable[[dict[str, Any]], None] | None = None,
+) -> torch.Tensor:
+    """DDIM sampling (Song et al. 2021) of K rows at once, with reference attention injection.
+
+    `init` and `cond` have K rows (one per prompt); `uncond` (one row) turns on CFG with rows
+    laid out [uncond x K, cond x K]. Inside the injection window a reference row is appended:
+    one shared row on `reference.source_embeds`, or with `inject.reference == "per-half"` one
+    per edit row on that row's own embedding, as upstream's script does; with
+    `inject.reference == "stored"` no row is added and captured K/V are replayed. `row_group`
+    > 0 runs every block over that many rows at a time (less activation memory, same result).
+    """
+    scheduler = edit_scheduler(scheduler_config, steps)
+    k = init.shape[0]
+    cfg = uncond is not None
+    embeds = torch.cat([uncond.expand(k, -1, -1), cond]) if cfg else cond
+    n_edit = embeds.shape[0]
+    rotary = rotary_embeddings(transformer, init.shape, vae_scale_spatial, init.device)
+    state = InjectionState(n_edit=n_edit, strength=inject.strength)
+    active = [reference is not None and inject.is_active(i, steps) for i in range(steps)]
+    x = init
+    injected = hooks.applied(transformer, apply_kv_injection, KVInjectionConfig(inject.layers, state), remove_kv_injection)
+    grouped = hooks.applied(transformer, apply_row_groups, RowGroupConfig(row_group, state), remove_row_groups) if row_group else contextlib.nullcontext()
+    with injected, grouped:
+        for i, t in enumerate(scheduler.timesteps):
+            rows = torch.cat([x, x]) if cfg else x
+            state.active, state.stored = active[i], None
+            if inject.reference == "stored" and reference is not None:
+                # Read the next injected step's files while this step computes.
+                upcoming = [j for j in range(i + 1 if state.active else i, steps) if active[j]]
+                if upcoming:
+                    reference.stored.prefetch(int(scheduler.timesteps[upcoming[0]]))
+            rows, row_embeds = _with_reference(rows, embeds, i, int(t), state, reference, inject.reference) if state.active else (rows, embeds)
+            v = predict(transformer, rows, row_embeds, t, rotary)[:n_edit]
+            x = scheduler.step(guided(v, guidance, cfg), t, x, return_dict=False)[0].to(init.dtype)
+            if callback is not None:
+                callback({"i": i, "t": t, "x": x})
+    return x
+
+
+def _with_reference(rows: torch.Tensor, embeds: torch.Tensor, i: int, t: int, state: InjectionState, reference: Reference, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch of an injected step and the state that describes it: replayed K/V (stored),
+    one reference row per edit row (per-half), or one shared reference row."""
+    n_edit = state.n_edit
+    if kind == "stored":
+        state.stored = reference.stored.at(t)
+        return rows, embeds
+    if kind == "per-half":
+        state.ref_of = list(range(n_edit))
+        ref = reference.reached(i).to(rows.dtype)
+        return torch.cat([rows, ref.expand(n_edit, -1, -1, -1, -1)]), torch.cat([embeds, embeds])
+    state.ref_of = [0] * n_edit
+    return torch.cat([rows, reference.replayed(i).to(rows.dtype)]), torch.cat([embeds, reference.source_embeds.to(embeds.dtype)])
+
+
+def first_injected(scheduler_config: dict[str, Any], steps: int, inject: InjectSettings) -> int | None:
+    """The timestep of the first edit step inside the injection window, if any."""
+    timesteps = edit_scheduler(scheduler_config, steps).timesteps
+    return next((int(t) for i, t in enumerate(timesteps) if inject.is_active(i, steps)), None)
+
+
+def edit_stage(ctx: StageContext, settings: EditSettings, embeds: dict[str, torch.Tensor], memory: MemoryStores, store: str | None) -> torch.Tensor:
+    """Edited latents [K, F', C, h, w] (CPU) from the cached inversion `ctx.entry`; `store` is the
+    key of the stored attention to replay (`--reference stored`), else None."""
+    entry, runtime = ctx.entry, ctx.runtime
+    steps = entry.steps
+    trajectory = [entry.load(entry.paths.step_file(i), "latent") for i in range(steps)]
+    clean = entry.load(entry.paths.latents, "latents")
+    chunks = settings.chunks()
+    out = []
+    with ctx.reporter.phase("edit", total=steps * len(chunks)) as ph:
+        ph.hit(True, f"{len(settings.prompts)} prompt(s) in {len(chunks)} pass(es), reference {settings.inject.reference}")
+
+        def on_step(state: dict[str, Any]) -> None:
+            ph.advance()
+            ctx.notify("edit", state)
+
+        stored = open_stored(ctx, memory, store, settings.inject, clean.shape) if store else None
+        try:
+            if stored is not None and (first := first_injected(ctx.info.scheduler_config, steps, settings.inject)) is not None:
+                # Read the first replayed step while the transformer loads (seconds), so that the
+                # step does not start by waiting for its files.
+                stored.prefetch(first)
+            reference = _reference(trajectory, clean, embeds.get(entry.source_prompt, next(iter(embeds.values()))), stored, runtime.device)
+            with loaded("transformer", ctx.info, runtime) as transformer:
+                for chunk in chunks:
+                    x = ddim_edit(
+                        transformer,
+                        _init_noise(settings, trajectory[-1], len(chunk), runtime),
+                        torch.cat([embeds[p] for p in chunk]),
+                        ctx.info.scheduler_config,
+                        steps,
+                        vae_scale_spatial=ctx.info.vae_scale_spatial,
+                        uncond=embeds[settings.negative_prompt] if settings.uses_cfg else None,
+                        guidance=settings.guidance,
+                        reference=reference,
+                        inject=settings.inject,
+                        row_group=runtime.plan.row_group,
+                        callback=on_step,
+                    )
+                    out.append(x.cpu())
+        finally:  # reader threads and pinned buffers go with a failed edit too
+            if stored is not None:
+                stored.close()
+    return torch.cat(out)
+
+
+def _reference(trajectory: list[torch.Tensor], clean: torch.Tensor, source_embeds: torch.Tensor, stored, device) -> Reference:
+    """Edit step i pairs with inversion step steps-1-i (same timestep); see `Reference`."""
+    steps = len(trajectory)
+    replayed = lambda i: (trajectory[steps - 2 - i] if i < steps - 1 else clean).to(device)  # noqa: E731
+    reached = lambda i: trajectory[steps - 1 - i].to(device)  # noqa: E731
+    return Reference(replayed, reached, source_embeds, stored)
+
+
+def _init_noise(settings: EditSettings, inverted: torch.Tensor, rows: int, runtime) -> torch.Tensor:
+    """The start of every row of a pass: the inverted noise, or one seeded noise for all prompts
+    (so edits compare like for like)."""
+    if settings.init == "inverted":
+        noise = inverted
+    else:
+        g = torch.Generator().manual_seed(settings.seed)
+        noise = torch.randn(inverted.shape, generator=g, dtype=torch.float32).to(inverted.dtype)
+    return noise.to(runtime.device, runtime.dtype).expand(rows, -1, -1, -1, -1).contiguous()

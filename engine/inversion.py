@@ -1,0 +1,104 @@
+"""DDIM inversion: clean video latents -> noise, keeping the latent after every step (the
+`ddim_invert` kernel, and `invert_stage`, which caches every step so a run resumes)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from cache.faults import maybe_die
+from engine.attention_store import MemoryStores, capturing
+from engine.components import loaded
+from engine.denoiser import guided, predict, rotary_embeddings
+from engine.fixed_point import refine, step_coefficients
+from engine.schedulers import edit_scheduler, inverse_scheduler
+from engine.settings import InvertSettings, StoreSettings
+from engine.stage import StageContext
+
+
+@torch.no_grad()
+def ddim_invert(
+    transformer: torch.nn.Module,
+    latents: torch.Tensor,
+    cond: torch.Tensor,
+    scheduler_config: dict[str, Any],
+    steps: int,
+    *,
+    vae_scale_spatial: int,
+    uncond: torch.Tensor | None = None,
+    guidance: float = 1.0,
+    start: int = 0,
+    refine_iters: int = 0,
+    callback: Callable[[dict[str, Any]], None] | None = None,
+) -> torch.Tensor:
+    """DDIM inversion (Song et al. 2021, eq. 12 run from t=0 up). Returns the final noise.
+
+    `latents` is the clean latent, or with `start=k` the latent after step k-1 (resume).
+    `uncond` set means classifier-free guidance with rows [uncond, cond]. `refine_iters` > 0
+    refines each step towards the exact inverse of the edit step (`engine.fixed_point`). The
+    callback gets {"i", "t", "x", "forwards"} after every step, x being the latent after step i.
+    """
+    scheduler = inverse_scheduler(scheduler_config, steps)
+    edit = edit_scheduler(scheduler_config, steps) if refine_iters else None
+    rotary = rotary_embeddings(transformer, latents.shape, vae_scale_spatial, latents.device)
+    cfg = uncond is not None
+    embeds = torch.cat([uncond, cond]) if cfg else cond
+    x = latents
+    for i, t in enumerate(scheduler.timesteps):
+        if i < start:
+            continue
+
+        def v_at(y: torch.Tensor, t: torch.Tensor = t) -> torch.Tensor:
+            y = y.to(latents.dtype)
+            return guided(predict(transformer, torch.cat([y, y]) if cfg else y, embeds, t, rotary), guidance, cfg)
+
+        plain = scheduler.step(v_at(x), t, x, return_dict=False)[0]
+        forwards = 1
+        if edit is not None:
+            plain, extra, _ = refine(v_at, x, plain, *step_coefficients(edit, t), refine_iters)
+            forwards += extra
+        # The model's dtype between steps, as upstream: what is cached is exactly what resumes.
+        x = plain.to(latents.dtype)
+        if callback is not None:
+            callback({"i": i, "t": t, "x": x, "forwards": forwards})
+    return x
+
+
+def invert_stage(ctx: StageContext, settings: InvertSettings, latents: torch.Tensor, embeds: dict[str, torch.Tensor], store: StoreSettings, memory: MemoryStores) -> None:
+    """Invert into `ctx.entry`, from its last finished step; each step's latent is cached as it lands."""
+    entry, runtime = ctx.entry, ctx.runtime
+    start = entry.steps_done
+    with ctx.reporter.phase("invert", total=settings.steps) as ph:
+        ph.total(settings.steps, start)
+        ph.hit(False, f"resumed at step {start}" if start else f"{2 if settings.uses_cfg else 1} row(s)")
+        x = entry.load(entry.paths.step_file(start - 1), "latent") if start else latents
+
+        forwards: list[int] = []
+
+        def on_step(state: dict[str, Any]) -> None:
+            forwards.append(state["forwards"])
+            entry.save(entry.paths.step_file(state["i"]), {"latent": state["x"]}, t=int(state["t"]))
+            entry.mark_step(state["i"])  # after the step file: a crash loses at most one step
+            maybe_die("step")
+            ph.advance()
+            ctx.notify("invert", state)
+
+        uncond = embeds[settings.negative_prompt] if settings.uses_cfg else None
+        with loaded("transformer", ctx.info, runtime) as transformer, capturing(ctx, transformer, store, memory):
+            ddim_invert(
+                transformer,
+                x.to(runtime.device, runtime.dtype),
+                embeds[settings.source_prompt],
+                ctx.info.scheduler_config,
+                settings.steps,
+                vae_scale_spatial=ctx.info.vae_scale_spatial,
+                uncond=uncond,
+                guidance=settings.guidance,
+                start=start,
+                refine_iters=settings.iters,
+                callback=on_step,
+            )
+        if settings.method != "ddim" and forwards:
+            ph.record.detail += f", {settings.method}: {sum(forwards) / len(forwards):.2f} forwards/step"

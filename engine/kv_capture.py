@@ -1,0 +1,203 @@
+"""Capturing reference K/V while the transformer runs, as diffusers hooks, and writing them out.
+
+What is captured per block: K after the key norm and before RoPE, and V, both [heads, tokens,
+head_dim] for text and image tokens of one batch row; RoPE is re-applied on replay
+(`engine.kv_replay`). `bf16` keeps the model dtype; `fp8` is e4m3 with one scale per tensor,
+half the bytes. Captured blocks go to the host on a side stream and are written by a few
+threads, so the inversion does not wait for copies or the disk (only, when the disk is slower,
+for a bounded queue).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers.hooks import ModelHook
+
+from cache.atomic import FileRecord, save_tensors
+from engine import hooks
+
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+
+
+def _quantize(x: torch.Tensor, dtype: str) -> dict[str, torch.Tensor]:
+    if dtype == "model":
+        return {"": x}  # copied to the host by the caller; no second copy on the GPU
+    if dtype == "bf16":
+        return {"": x.to(torch.bfloat16)}
+    scale = x.abs().amax().float().clamp(min=1e-12) / FP8_MAX
+    return {"": (x.float() / scale).to(torch.float8_e4m3fn), ".scale": scale.reshape(1)}
+
+
+Sink = Callable[[int, int, dict[str, torch.Tensor], "torch.cuda.Event | None"], None]
+
+
+class _HostCopies:
+    """Copies captured tensors to host memory without holding up the compute stream.
+
+    On CUDA the tensor is snapshotted on the compute stream (the processor ropes K in place
+    right after the hook), then copied into pinned memory on a side stream; `ready()` is an
+    event after the copies so far. Elsewhere the copy is synchronous.
+    """
+
+    def __init__(self) -> None:
+        self.stream: torch.cuda.Stream | None = None
+
+    def copy(self, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        """`x`, computed from the module's `output`, in host memory."""
+        if x.device.type != "cuda":
+            return x.to("cpu", copy=True)
+        if self.stream is None:
+            self.stream = torch.cuda.Stream(x.device)
+        shared = x.untyped_storage().data_ptr() == output.untyped_storage().data_ptr()
+        snap = x.clone(memory_format=torch.contiguous_format) if shared else x.contiguous()
+        self.stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.stream):
+            host = torch.empty(snap.shape, dtype=snap.dtype, pin_memory=True)
+            host.copy_(snap, non_blocking=True)
+        snap.record_stream(self.stream)  # its memory is not reused before the copy has run
+        return host
+
+    def ready(self) -> torch.cuda.Event | None:
+        if self.stream is None:
+            return None
+        event = torch.cuda.Event(blocking=True)  # the writer threads sleep on it rather than spin
+        event.record(self.stream)
+        return event
+
+
+class _TimestepGate:
+    """Open for the stored timesteps; gathers each block's K and V and hands the block on."""
+
+    def __init__(self, timesteps: set[int], row: int, sink: Sink, dtype: str) -> None:
+        self.timesteps, self.row, self.sink, self.dtype = timesteps, row, sink, dtype
+        self.t: int | None = None
+        self.seen: set[int] = set()
+        self.host = _HostCopies()
+        self.blocks: dict[int, dict[str, torch.Tensor]] = {}
+
+    def add(self, block: int, kind: str, x: torch.Tensor, output: torch.Tensor) -> None:
+        tensors = self.blocks.setdefault(block, {})
+        for suffix, q in _quantize(x, self.dtype).items():
+            tensors[f"{block:02d}.{kind}{suffix}"] = self.host.copy(q, output)
+        if {f"{block:02d}.k", f"{block:02d}.v"} <= tensors.keys():
+            self.sink(self.t, block, self.blocks.pop(block), self.host.ready())
+
+
+KV_CAPTURE = "cogedit_kv_capture"
+
+
+class CaptureGateHook(ModelHook):
+    """On the transformer: opens the gate for the forward passes at a stored timestep."""
+
+    def __init__(self, gate: _TimestepGate) -> None:
+        super().__init__()
+        self.gate = gate
+
+    def pre_forward(self, module, *args, **kwargs):
+        t = kwargs.get("timestep")
+        t = int(t.flatten()[0]) if torch.is_tensor(t) else t
+        # Only the first forward at t: it is the one a shared reference row repeats (the
+        # fixed-point refinements of the same step run at t again, on other latents).
+        self.gate.t = t if t in self.gate.timesteps and t not in self.gate.seen else None
+        return args, kwargs
+
+    def post_forward(self, module, output):
+        if self.gate.t is not None:
+            self.gate.seen.add(self.gate.t)
+        self.gate.t, self.gate.blocks = None, {}
+        return output
+
+
+class KVCaptureHook(ModelHook):
+    """On `attn1.norm_k` (K) or `attn1.to_v` (V) of a block: hands the gate that row's output."""
+
+    def __init__(self, gate: _TimestepGate, block: int, kind: str, heads: int) -> None:
+        super().__init__()
+        self.gate, self.block, self.kind, self.heads = gate, block, kind, heads
+
+    def post_forward(self, module, output):
+        if self.gate.t is not None:
+            x = output[self.gate.row]
+            if x.dim() == 2:  # V comes out of to_v as [tokens, heads * head_dim]
+                x = x.view(x.shape[0], self.heads, -1).transpose(0, 1)
+            self.gate.add(self.block, self.kind, x, output)
+        return output
+
+
+@dataclass(frozen=True)
+class KVCaptureConfig:
+    """Record K and V of batch row `row` in blocks `layers` at `timesteps`:
+    `sink(t, block, tensors, ready)` per block, with host tensors that may be read once `ready`
+    (an event, or None) has passed."""
+
+    layers: tuple[int, ...]
+    timesteps: frozenset[int]
+    sink: Sink
+    row: int = -1
+    dtype: str = "model"
+
+
+def apply_kv_capture(transformer: torch.nn.Module, config: KVCaptureConfig) -> None:
+    gate = _TimestepGate(set(config.timesteps), config.row, config.sink, config.dtype)
+    hooks.register(transformer, CaptureGateHook(gate), KV_CAPTURE)
+    for i in config.layers:
+        attn = transformer.transformer_blocks[i].attn1
+        for module, kind in ((attn.norm_k, "k"), (attn.to_v, "v")):
+            hooks.register(module, KVCaptureHook(gate, i, kind, attn.heads), KV_CAPTURE)
+
+
+def remove_kv_capture(transformer: torch.nn.Module) -> None:
+    hooks.remove(transformer, KV_CAPTURE)
+
+
+class StoreWriter:
+    """Takes captured blocks: writes them on a few threads (disk) or keeps them (cpu).
+
+    At most `depth` blocks wait or are being written at once, so the capture waits for the
+    disk rather than hoarding host memory.
+    """
+
+    def __init__(self, where: str, path_of: Callable[[int, int], Path] | None, memory: dict[int, dict[int, dict[str, torch.Tensor]]] | None, workers: int = 4, depth: int = 8) -> None:
+        self.path_of, self.memory = path_of, memory
+        self.records: dict[tuple[int, int], FileRecord] = {}
+        self.error: BaseException | None = None
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="cogedit-attention-writer") if where == "disk" else None
+        self._slots = threading.Semaphore(depth)
+        self._ready: torch.cuda.Event | None = None  # cpu: the latest block's copies (one stream: it covers all)
+
+    def __call__(self, t: int, block: int, tensors: dict[str, torch.Tensor], ready: torch.cuda.Event | None) -> None:
+        if self._pool is None:
+            self.memory.setdefault(t, {})[block] = tensors
+            if ready is not None:
+                self._ready = ready
+            return
+        if self.error is not None:
+            raise self.error
+        self._slots.acquire()
+        self._pool.submit(self._write, t, block, tensors, ready)
+
+    def _write(self, t: int, block: int, tensors: dict[str, torch.Tensor], ready: torch.cuda.Event | None) -> None:
+        try:
+            if ready is not None:
+                ready.synchronize()
+            self.records[(t, block)] = save_tensors(self.path_of(t, block), tensors, {"timestep": str(t), "block": str(block)})
+        except BaseException as exc:  # reported to the capture by the next block, or by close()
+            self.error = self.error or exc
+        finally:
+            self._slots.release()
+
+    def close(self) -> dict[tuple[int, int], FileRecord]:
+        """Wait for every block; the written files' records by (timestep, block)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+        elif self._ready is not None:
+            self._ready.synchronize()
+        if self.error is not None:
+            raise self.error
+        return self.records

@@ -1,0 +1,100 @@
+"""The keyword options of `engine.invert`, `engine.edit` and `engine.run`, checked in one place.
+
+The public functions take `**options` so that `run` can hand each one its own; an unknown or
+misspelt keyword is refused before any work, with the known names in the message.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from engine.errors import SettingsError
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    """Where and how the models run; shared by invert and edit."""
+
+    plan: str | None = None  # staged | lean | int8 | nf4 | offload
+    vram: str | int | None = None  # pick the fastest plan predicted to fit (e.g. "12GB")
+    compile: bool = False
+    fp8: bool = False
+    device: str | None = None
+    dtype: str | torch.dtype | None = None
+
+
+@dataclass(frozen=True)
+class InvertOptions(RuntimeOptions):
+    """`engine.invert`'s options (the CLI flags of the same names)."""
+
+    steps: int = 50
+    frames: int = 49
+    skip_start: int = 0
+    skip_end: int = 0
+    stride: int | None = None
+    height: int = 480
+    width: int = 720
+    source_prompt: str = ""
+    negative_prompt: str = ""
+    guidance: float = 6.0
+    inversion: str = "ddim"  # ddim | fixed-point
+    inversion_iters: int | None = None  # fixed-point refinements per step (default 1)
+    verify: bool = False  # round-trip the inverted noise and record the error
+    attention_store: str = "none"  # none | cpu | disk
+    attention_steps: str | tuple[float, float] = (0.0, 1.0)
+    attention_layers: str | tuple[int, ...] | None = None
+    attention_dtype: str = "model"
+    attention_budget: int | None = None
+
+
+@dataclass(frozen=True)
+class EditOptions(RuntimeOptions):
+    """`engine.edit`'s options (the CLI flags of the same names)."""
+
+    negative_prompt: str = ""
+    guidance: float = 6.0
+    init: str = "inverted"  # inverted | random
+    seed: int = 0
+    inject_steps: str | tuple[float, float] = (0.0, 1.0)
+    inject_layers: str | tuple[int, ...] | None = None
+    inject_strength: float = 1.0
+    reference: str = "shared"  # shared | per-half | stored
+    batch: int = 4
+    fps: float | None = None
+    out_dir: str = "."
+    force: bool = False
+    model: str | None = None  # the model folder, if it moved since the inversion
+    output: str = "mp4"  # mp4 | frames | latents
+
+
+def names(cls: type) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
+
+
+def parse(cls: type, options: dict[str, Any], call: str) -> Any:
+    """`cls(**options)`, refusing unknown keywords with one line that lists the known ones."""
+    unknown = sorted(set(options) - names(cls))
+    if unknown:
+        raise SettingsError(f"{call}() got unknown option(s) {', '.join(unknown)}; it takes {', '.join(sorted(names(cls)))}")
+    return cls(**options)
+
+
+def split_run_options(options: dict[str, Any]) -> tuple[InvertOptions, EditOptions]:
+    """`engine.run`'s keywords, split between its invert and its edit: the runtime options go to
+    both; `invert_guidance`/`invert_negative_prompt` name the inversion's own CFG settings (the
+    plain names belong to the edit, as on the `cogedit run` command line)."""
+    renamed = {"invert_guidance": "guidance", "invert_negative_prompt": "negative_prompt"}
+    shared = names(RuntimeOptions)
+    edit_names = names(EditOptions)
+    invert_only = (names(InvertOptions) - edit_names) | set(renamed)
+    unknown = sorted(set(options) - edit_names - invert_only)
+    if unknown:
+        known = sorted(edit_names | invert_only)
+        raise SettingsError(f"run() got unknown option(s) {', '.join(unknown)}; it takes {', '.join(known)}")
+    inv = {renamed.get(k, k): v for k, v in options.items() if k in invert_only or k in shared}
+    edit = {k: v for k, v in options.items() if k in edit_names}
+    return InvertOptions(**inv), EditOptions(**edit)

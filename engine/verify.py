@@ -1,0 +1,55 @@
+"""The round-trip check of an inversion: denoise its noise back under the source prompt (no CFG,
+no injection) and compare with what was inverted, in latents and in pixels."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from engine.components import loaded
+from engine.decode import decode_latents
+from engine.editing import ddim_edit
+from engine.embed import embed_stage
+from engine.stage import StageContext
+
+
+def psnr_db(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Peak signal-to-noise ratio of two uint8 videos, in dB."""
+    mse = (a.float() - b.float()).pow(2).mean().item()
+    return math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
+
+
+def verify_stage(ctx: StageContext) -> dict[str, Any]:
+    """Round-trip `ctx.entry`; the result is stored with the entry (a rerun reads it back)."""
+    entry = ctx.entry
+    if entry.verify is not None:
+        with ctx.reporter.phase("verify") as ph:
+            ph.hit(True, _detail(entry.verify))
+        return entry.verify
+    cond = embed_stage(ctx, [entry.source_prompt])[entry.source_prompt]
+    noise = entry.load(entry.paths.step_file(entry.steps - 1), "latent")
+    with ctx.reporter.phase("verify", total=entry.steps) as ph:
+        ph.hit(False)
+        with loaded("transformer", ctx.info, ctx.runtime) as transformer:
+            back = ddim_edit(
+                transformer, noise.to(ctx.runtime.device, ctx.runtime.dtype), cond, ctx.info.scheduler_config, entry.steps,
+                vae_scale_spatial=ctx.info.vae_scale_spatial, callback=lambda state: ph.advance(),
+            ).cpu()
+        clean = entry.load(entry.paths.latents, "latents")
+        with loaded("vae", ctx.info, ctx.runtime) as vae:
+            pixels = torch.from_numpy(decode_latents(vae, back)[0])
+        source = entry.load(entry.paths.frames, "frames")
+        n = min(len(source), len(pixels))
+        result = {
+            "latent_rel_error": ((back.float() - clean.float()).norm() / clean.float().norm()).item(),
+            "psnr_db": psnr_db(pixels[:n], source[:n]),
+        }
+        ph.record.detail = _detail(result)
+    entry.set_verify(result)
+    return result
+
+
+def _detail(result: dict[str, Any]) -> str:
+    return f"round trip: latent error {result['latent_rel_error']:.3g}, PSNR {result['psnr_db']:.1f} dB"
