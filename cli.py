@@ -225,7 +225,8 @@ def invert_cmd(video: str, cache_dir, device, plan, vram, compile_blocks: bool, 
     inv = engine.invert(video, model, cache_dir=cache_dir, device=device, dtype=dtype, plan=plan, vram=vram, compile=compile_blocks, fp8=fp8, reporter=reporter, **_invert_kwargs(params))
     _console().print(reporter.table("invert"))
     hit = next((r.cache_hit for r in reporter.records if r.name == "invert"), None)
-    click.echo(json.dumps({"id": inv.id, "verify": inv.verify, "dir": str(inv.paths.dir), "cached": hit}) if as_json else inv.id)
+    checked = {"verify": inv.verify} if inv.verify is not None else {}  # the round trip, when one ran
+    click.echo(json.dumps({"id": inv.id, **checked, "dir": str(inv.paths.dir), "cached": hit}) if as_json else inv.id)
 
 
 @cli.command(name="edit")

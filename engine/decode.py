@@ -60,13 +60,14 @@ def side_by_side(source: np.ndarray, edited: np.ndarray) -> np.ndarray:
     return np.concatenate([src, edited[:n]], axis=2)
 
 
-def output_paths(inversion_id: str, prompts: tuple[str, ...], out_dir: Path, force: bool) -> tuple[list[Path], list[Path]]:
-    """The mp4 paths of an edit; refuses existing files (unless `force`) and unusable folders."""
+def output_paths(stem: str, prompts: tuple[str, ...], out_dir: Path, force: bool) -> tuple[list[Path], list[Path]]:
+    """The mp4 paths of an edit, `<stem>-NN-<prompt>.mp4` (the stem names the inversion and the
+    edit's settings, so edits with other settings never collide); refuses existing files (unless
+    `force`) and unusable folders."""
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise SettingsError(f"cannot create --out folder {out_dir}: {exc.strerror or exc} — pass --out to a writable folder") from None
-    stem = inversion_id[:8]
     names = [safe_name(p, i) for i, p in enumerate(prompts)]
     videos = [claim(out_dir / f"{stem}-{n}.mp4", force) for n in names]
     pairs = [claim(out_dir / f"{stem}-{n}-side-by-side.mp4", force) for n in names]

@@ -124,7 +124,7 @@ def edit_stage(ctx: StageContext, settings: EditSettings, embeds: dict[str, torc
     chunks = settings.chunks()
     out = []
     with ctx.reporter.phase("edit", total=steps * len(chunks)) as ph:
-        ph.hit(True, f"{len(settings.prompts)} prompt(s) in {len(chunks)} pass(es), reference {settings.inject.reference}")
+        ph.record.detail = f"from inversion {entry.id[:12]}: {len(settings.prompts)} prompt(s) in {len(chunks)} pass(es), reference {settings.inject.reference}"
 
         def on_step(state: dict[str, Any]) -> None:
             ph.advance()

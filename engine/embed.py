@@ -25,7 +25,8 @@ def prompt_key(prompt: str, info: ModelInfo, runtime: Runtime) -> str:
 
 def tokenize(tokenizer, prompt: str, length: int) -> torch.Tensor:
     ids = tokenizer(prompt, padding="max_length", max_length=length, truncation=True, add_special_tokens=True, return_tensors="pt").input_ids
-    full = tokenizer(prompt, add_special_tokens=True).input_ids
+    # verbose=False: transformers' own overflow warning would follow ours and blame indexing.
+    full = tokenizer(prompt, add_special_tokens=True, verbose=False).input_ids
     if len(full) > length:
         log.warning(
             "prompt is %d tokens; the model reads %d, so the last %d are dropped: %r…",

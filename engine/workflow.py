@@ -13,13 +13,14 @@ turns options into settings, finds or makes the cache entry, and calls them in o
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from cache.atomic import remove_temp_files
 from cache.entry import InversionEntry
-from cache.errors import ReadOnlyCacheError
+from cache.errors import CacheCorruptError, ReadOnlyCacheError
 from cache.keys import stable_hash
 from cache.layout import CacheLayout, EntryPaths, cache_root
 from cache.lock import entry_lock
@@ -45,6 +46,8 @@ from engine.video import FrameSettings, VideoInfo, probe_video, select_frame_ind
 # Default refinements per step: with its check, 1 iteration is 3 transformer forwards per inversion
 # step (benchmarks/results/inversion_cost.md), the issue's cap.
 FIXED_POINT_ITERS = 1
+
+log = logging.getLogger("cogedit")
 
 
 @dataclass(frozen=True)
@@ -75,13 +78,19 @@ def _layout(cache_dir: str | Path | None) -> CacheLayout:
     return layout
 
 
-def inversion_identity(video_sha: str, frames: FrameSettings, model: ModelInfo, runtime: Runtime, settings: InvertSettings) -> dict[str, Any]:
+# Frame settings that only ask for a selection: the key holds the selected indices instead, so
+# two requests that pick the same frames share one entry.
+_SELECTION_REQUEST = ("max_frames", "skip_start", "skip_end", "stride")
+
+
+def inversion_identity(video_sha: str, frames: FrameSettings, selected: list[int], model: ModelInfo, runtime: Runtime, settings: InvertSettings) -> dict[str, Any]:
     """Everything that changes the trajectory, and nothing else (offloading does not; 8/4-bit
     weights do). Its hash is the inversion's id; the manifest keeps it whole."""
+    picked = {k: v for k, v in dataclasses.asdict(frames).items() if k not in _SELECTION_REQUEST}
     fields = {
         "format": FORMAT_VERSION,
         "video": video_sha,
-        "frames": dataclasses.asdict(frames),
+        "frames": {**picked, "indices": list(selected)},
         "model": model.key,
         "dtype": str(runtime.dtype),
         "invert": settings.key_fields(),
@@ -118,7 +127,26 @@ def _probe(video: str | Path, frames: FrameSettings, reporter: Reporter) -> Sour
         info = probe_video(video)
         selected = select_frame_indices(info.num_frames, frames)  # fails early on too few frames
         ph.record.detail = f"{Path(video).name}: {info.num_frames} frames {info.width}x{info.height}"
+    asked = (frames.max_frames - 1) // 4 * 4 + 1
+    if len(selected) < asked:
+        skips = " after --skip-start/--skip-end" if frames.skip_start or frames.skip_end else ""
+        stride = f", every {frames.stride}th" if frames.stride else ""
+        log.warning(
+            "%s: using %d frames, not the %d asked for: %d frames in the clip%s%s, and the model takes 4k+1",
+            Path(video).name, len(selected), asked, info.num_frames, skips, stride,
+        )
     return Source(video, info, selected)
+
+
+def _check_sizes(entry: InversionEntry) -> None:
+    """A cache hit still checks that every recorded file is there at its size (cheap; the full
+    checksums are read when a file is used)."""
+    bad = entry.missing_files()
+    if bad:
+        raise CacheCorruptError(
+            f"inversion {entry.id[:12]} is damaged ({bad[0]} is missing or has the wrong size"
+            f"{f', and {len(bad) - 1} more' if len(bad) > 1 else ''}) — run `cogedit cache rm {entry.id[:12]}`, then invert again"
+        )
 
 
 def _invert_settings(opts: InvertOptions) -> tuple[FrameSettings, InvertSettings]:
@@ -147,11 +175,12 @@ def invert(video: str | Path, model: str | Path, *, cache_dir: str | Path | None
     store = store_settings(opts.attention_store, opts.attention_steps, opts.attention_layers, opts.attention_dtype, info.transformer_config["num_layers"])
     if store.where != "none":
         check_budget(ctx, store, settings.steps, workload, opts.attention_budget)
-    identity = inversion_identity(source.info.sha256, frames, info, ctx.runtime, settings)
+    identity = inversion_identity(source.info.sha256, frames, source.selected, info, ctx.runtime, settings)
     paths = layout.entry(stable_hash(identity))
     memory = MemoryStores()
     entry = InversionEntry.read(paths)
     if entry is not None and entry.complete and has_store(entry, memory, store):
+        _check_sizes(entry)
         entry.touch()  # fast path: no lock, so read-only caches work
         with reporter.phase("invert") as ph:
             ph.hit(True, f"{paths.id[:12]} cached")
@@ -207,6 +236,13 @@ def _edit_settings(opts: EditOptions, prompts: tuple[str, ...], info: ModelInfo)
     return EditSettings(prompts, opts.negative_prompt, opts.guidance, opts.init, opts.seed, inject, opts.batch)
 
 
+def edit_stem(inversion_id: str, settings: EditSettings, runtime: Runtime) -> str:
+    """The start of an edit's file names: the inversion and a short hash of every setting that
+    changes the pixels, so edits with other settings never overwrite each other."""
+    tag = stable_hash({**settings.key_fields(), "compiled": runtime.compile, "fp8": runtime.fp8}, length=6)
+    return f"{inversion_id[:8]}-{tag}"
+
+
 def _edit_model(inv: Inversion, model: str | Path | None) -> ModelInfo:
     info = inspect_model(model or inv.entry.model_source)
     if info.key != inv.entry.model_key:
@@ -245,10 +281,12 @@ def edit(inversion: Inversion | str, prompts: Prompts, *, cache_dir: str | Path 
     reporter = reporter or Reporter(device=runtime.device)
     info = _edit_model(inv, opts.model)
     settings = _edit_settings(opts, prompts, info)
+    if opts.seed and settings.init == "inverted":
+        log.warning("--seed %d has no effect: edits start from the inverted noise; add --init random to start from seeded noise", opts.seed)
     fs = inv.entry.frame_settings
     workload = Workload(inv.entry.frames, fs["height"], fs["width"], min(settings.batch, len(prompts)), settings.uses_cfg, reference=settings.inject.reference)
     ctx = StageContext(info, _with_plan(runtime, opts.plan, opts.vram, info, workload, reporter), inv.layout, reporter, inv.entry, callback)
-    outputs = output_paths(inv.id, prompts, Path(opts.out_dir), opts.force) if opts.output == "mp4" else None  # refuse before the edit runs
+    outputs = output_paths(edit_stem(inv.id, settings, ctx.runtime), prompts, Path(opts.out_dir), opts.force) if opts.output == "mp4" else None  # refuse first
     embeds = embed_stage(ctx, _edit_prompts(settings, inv.entry.source_prompt, inv.steps))
     store = find_store(inv.entry, inv.memory, settings.inject, info) if settings.inject.reference == "stored" else None
     latents = edit_stage(ctx, settings, embeds, inv.memory, store)

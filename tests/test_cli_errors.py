@@ -29,6 +29,9 @@ from cache.manifest import read_manifest
 from cache.store import verify
 from cli import cli
 from engine import components
+from engine.components import Runtime
+from engine.settings import EditSettings
+from engine.workflow import edit_stem
 from tests.conftest import SMALL, VIDEO_ERRORS
 from tests.test_video import _ffmpeg, _testsrc
 
@@ -364,7 +367,8 @@ def test_unicode_paths_sanitized_names_and_no_overwrite(tiny_model, bikes, tmp_p
 
     prompts = ["../../etc/passwd", "ünïcödé " * 60]
     args = ["edit", inv_id[:8], *[a for p in prompts for a in ("--prompt", p)], "--cache-dir", cache_dir, "--out", out, "--device", "cpu", "--guidance", "1"]
-    mine = out / f"{inv_id[:8]}-00-etc-passwd.mp4"  # where the first edit goes: not /etc/passwd
+    stem = edit_stem(inv_id, EditSettings(tuple(prompts), guidance=1.0), Runtime.default("cpu"))
+    mine = out / f"{stem}-00-etc-passwd.mp4"  # where the first edit goes: not /etc/passwd
     out.mkdir()
     mine.write_bytes(b"the user's own file")
     components.LOAD_EVENTS.clear()

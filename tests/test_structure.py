@@ -14,7 +14,7 @@ from cache.keys import stable_hash
 from engine.components import Runtime, inspect_model
 from engine.errors import SettingsError
 from engine.settings import InvertSettings
-from engine.video import FrameSettings
+from engine.video import FrameSettings, select_frame_indices
 from engine.workflow import inversion_identity
 from tests.conftest import SMALL
 
@@ -24,7 +24,8 @@ _BASE_INVERT = InvertSettings(steps=4)
 
 def _key(tiny_model, frames=_BASE_FRAMES, settings=_BASE_INVERT, runtime=None, video="a" * 64) -> str:
     info = inspect_model(tiny_model)
-    return stable_hash(inversion_identity(video, frames, info, runtime or Runtime.default("cpu"), settings))
+    selected = select_frame_indices(250, frames)  # a long clip: every frame setting picks other frames
+    return stable_hash(inversion_identity(video, frames, selected, info, runtime or Runtime.default("cpu"), settings))
 
 
 @pytest.mark.parametrize(
@@ -64,7 +65,7 @@ def test_the_manifest_holds_everything_the_key_hashes(tiny_model, bikes):
     inv = engine.invert(bikes, tiny_model, device="cpu", **SMALL)
     identity = inv.manifest["settings"]["identity"]
     assert stable_hash(identity) == inv.id
-    assert identity["invert"]["source_prompt"] == "" and identity["frames"]["max_frames"] == SMALL["frames"]
+    assert identity["invert"]["source_prompt"] == "" and len(identity["frames"]["indices"]) == SMALL["frames"]
 
 
 def _independent_inverse_ddim(model, latents, cond, steps):
@@ -177,3 +178,36 @@ def test_cpu_stores_belong_to_their_handle(tiny_model, bikes):
     assert inv.stores() == {}
     with pytest.raises(SettingsError, match="no stored attention"):
         engine.edit(inv, ["x"], inject_steps="0:0.5", reference="stored", device="cpu", output="latents")
+
+
+# ------------------------------------------------------------------ issue 12: what a new user hits
+
+
+def test_requests_that_select_the_same_frames_share_an_entry_and_say_so(tiny_model, bikes, caplog):
+    """bikes.mp4 has 250 frames; skipping 241 leaves 9, all used whether 9 or 17 are asked for."""
+    small = {k: v for k, v in SMALL.items() if k != "frames"}
+    asked_17 = engine.invert(bikes, tiny_model, device="cpu", frames=17, skip_start=241, **small)
+    assert "using 9 frames, not the 17 asked for: 250 frames in the clip after --skip-start/--skip-end" in caplog.text
+    asked_9 = engine.invert(bikes, tiny_model, device="cpu", frames=9, skip_start=241, **small)
+    assert asked_9.id == asked_17.id
+
+
+def test_edits_with_other_settings_never_collide(tiny_model, bikes, tmp_path, caplog):
+    inv = engine.invert(bikes, tiny_model, device="cpu", **SMALL)
+    reporter = engine.Reporter()
+    a = engine.edit(inv, ["a watercolor painting"], device="cpu", out_dir=tmp_path, inject_steps="0:0.5", reporter=reporter)
+    edit_phase = next(r for r in reporter.records if r.name == "edit")
+    assert edit_phase.cache_hit is None and edit_phase.detail.startswith(f"from inversion {inv.id[:12]}")  # reused, not a hit
+    b = engine.edit(inv, ["a watercolor painting"], device="cpu", out_dir=tmp_path, inject_steps="0:1", seed=3)
+    assert a.videos[0] != b.videos[0] and a.videos[0].exists() and b.videos[0].exists()
+    assert "--seed 3 has no effect" in caplog.text
+
+
+def test_a_damaged_file_is_caught_on_a_cache_hit(tiny_model, bikes):
+    from cache.errors import CacheCorruptError
+
+    inv = engine.invert(bikes, tiny_model, device="cpu", **SMALL)
+    step = inv.paths.step_file(1)
+    step.write_bytes(step.read_bytes()[:-10])
+    with pytest.raises(CacheCorruptError, match=r"trajectory/step_0001.safetensors is missing or has the wrong size.*cogedit cache rm"):
+        engine.invert(bikes, tiny_model, device="cpu", **SMALL)
