@@ -17,6 +17,8 @@
     ├── prompts/
     │   └── <model_key>/
     │       └── <prompt_key>.safetensors    T5 prompt embeddings, shared by every entry of one model
+    ├── compile/
+    │   └── <key>.bin                       --compile's kernels (torch cache artifacts) per torch, GPU, settings
     ├── locks/
     │   └── <id>.lock                       outside the entry, so removing an entry never deletes a held lock
     └── trash/                              entries being removed: renamed here first, then deleted
@@ -120,6 +122,10 @@ class CacheLayout:
     @property
     def prompts_dir(self) -> Path:
         return self.root / "prompts"
+
+    @property
+    def compile_dir(self) -> Path:
+        return self.root / "compile"
 
     @property
     def locks_dir(self) -> Path:

@@ -118,7 +118,7 @@ def check_budget(ctx: StageContext, store: StoreSettings, steps: int, workload: 
     width = cfg["num_attention_heads"] * cfg["attention_head_dim"]
     model_bytes = torch.finfo(ctx.runtime.dtype).bits // 8
     need = store.bytes_needed(steps, cfg["num_layers"], tokens, width, model_bytes)
-    budget = default_budget(store, ctx.layout.root) if budget is None else budget
+    budget = default_budget(store, ctx.layout.compile_dir) if budget is None else budget
     with ctx.reporter.phase("plan") as ph:
         ph.record.detail = (
             f"stored attention ({store.where}, {store.dtype}): {len(store.edit_steps(steps))} steps x "
@@ -198,7 +198,7 @@ def capture_stage(ctx: StageContext, memory: MemoryStores, store: StoreSettings)
     cond = embed_stage(ctx, [entry.source_prompt])[entry.source_prompt]
     with ctx.reporter.phase("capture", total=len(todo)) as ph:
         ph.hit(False, f"{len(todo)} step(s) of stored attention from the cached trajectory")
-        with loaded("transformer", ctx.info, ctx.runtime) as transformer, capturing(ctx, transformer, store, memory):
+        with loaded("transformer", ctx.info, ctx.runtime, ctx.layout.compile_dir) as transformer, capturing(ctx, transformer, store, memory):
             clean = entry.load(entry.paths.latents, "latents")
             rotary = rotary_embeddings(transformer, clean.shape, ctx.info.vae_scale_spatial, ctx.runtime.device)
             for j, t in todo:

@@ -280,7 +280,9 @@ def quantize_float8(transformer: torch.nn.Module) -> None:
         quantize_(block, config, filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear) and fqn.startswith(("attn1.", "ff.")))
 
 
-def _place(module: torch.nn.Module, name: str, runtime: Runtime, quantized: bool) -> torch.nn.Module:
+def place_component(module: torch.nn.Module, name: str, runtime: Runtime, quantized: bool = False) -> torch.nn.Module:
+    """Make a loaded component ready to run under `runtime`: cogedit's attention processor,
+    FP8, regional compilation, FF chunking, offloading, and the device."""
     if name == "transformer":
         from engine.injection import CogVideoXAttnProcessor
 
@@ -342,19 +344,27 @@ def load_component(name: str, info: ModelInfo, runtime: Runtime) -> Any:
     else:
         raise ValueError(f"unknown component {name!r}")
     module.requires_grad_(False).eval()
-    return _place(module, name, runtime, quantized)
+    return place_component(module, name, runtime, quantized)
 
 
 @contextlib.contextmanager
-def loaded(name: str, info: ModelInfo, runtime: Runtime) -> Iterator[Any]:
-    """Load one component for the duration of a phase, then free it before the next loads."""
+def loaded(name: str, info: ModelInfo, runtime: Runtime, compile_dir: Path | None = None) -> Iterator[Any]:
+    """Load one component for the duration of a phase, then free it before the next loads.
+
+    With `--compile`, a transformer's compiled kernels are read from and saved to `compile_dir`."""
     # Hooks leave reference cycles; collect the last phase's component before loading this one.
     free_memory()
     module = load_component(name, info, runtime)
     _LIVE[name] = module
     LOAD_EVENTS.append((name, alive()))
+    kept = contextlib.nullcontext()
+    if name == "transformer" and runtime.compile and compile_dir is not None:
+        from engine.compile_cache import artifacts_path, compile_artifacts
+
+        kept = compile_artifacts(artifacts_path(compile_dir, runtime, info.transformer_config))
     try:
-        yield module
+        with kept:
+            yield module
     finally:
         del module
         free_memory()

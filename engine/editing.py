@@ -137,7 +137,7 @@ def edit_stage(ctx: StageContext, settings: EditSettings, embeds: dict[str, torc
                 # step does not start by waiting for its files.
                 stored.prefetch(first)
             reference = _reference(trajectory, clean, embeds.get(entry.source_prompt, next(iter(embeds.values()))), stored, runtime.device)
-            with loaded("transformer", ctx.info, runtime) as transformer:
+            with loaded("transformer", ctx.info, runtime, ctx.layout.compile_dir) as transformer:
                 for chunk in chunks:
                     x = ddim_edit(
                         transformer,

@@ -86,7 +86,7 @@ def invert_stage(ctx: StageContext, settings: InvertSettings, latents: torch.Ten
             ctx.notify("invert", state)
 
         uncond = embeds[settings.negative_prompt] if settings.uses_cfg else None
-        with loaded("transformer", ctx.info, runtime) as transformer, capturing(ctx, transformer, store, memory):
+        with loaded("transformer", ctx.info, runtime, ctx.layout.compile_dir) as transformer, capturing(ctx, transformer, store, memory):
             ddim_invert(
                 transformer,
                 x.to(runtime.device, runtime.dtype),

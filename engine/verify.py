@@ -32,7 +32,7 @@ def verify_stage(ctx: StageContext) -> dict[str, Any]:
     noise = entry.load(entry.paths.step_file(entry.steps - 1), "latent")
     with ctx.reporter.phase("verify", total=entry.steps) as ph:
         ph.hit(False)
-        with loaded("transformer", ctx.info, ctx.runtime) as transformer:
+        with loaded("transformer", ctx.info, ctx.runtime, ctx.layout.compile_dir) as transformer:
             back = ddim_edit(
                 transformer, noise.to(ctx.runtime.device, ctx.runtime.dtype), cond, ctx.info.scheduler_config, entry.steps,
                 vae_scale_spatial=ctx.info.vae_scale_spatial, callback=lambda state: ph.advance(),

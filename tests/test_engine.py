@@ -214,6 +214,7 @@ def test_compiled_blocks_stay_within_tolerance(tiny_model, bikes, tmp_path):
     plain = engine.invert(bikes, tiny_model, device="cpu", cache_dir=tmp_path / "a", **SMALL)
     compiled = engine.invert(bikes, tiny_model, device="cpu", cache_dir=tmp_path / "b", compile=True, **SMALL)
     assert compiled.id != plain.id  # compiled kernels round differently: their own cache entry
+    assert list((tmp_path / "b" / "compile").glob("*.bin")), "the compiled kernels are kept in the cache"
     for a, b in zip(plain.trajectory(), compiled.trajectory(), strict=True):
         torch.testing.assert_close(b, a, rtol=0, atol=1e-4)
     edit_plain = engine.edit(plain, ["a watercolor painting"], device="cpu", output="latents", inject_steps="0:0.5")
