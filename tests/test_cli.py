@@ -25,13 +25,13 @@ def _frames(path) -> tuple[int, tuple[int, ...]]:
     return len(reader), reader[0].shape
 
 
-def test_invert_then_edit_from_the_cache(tiny_model, bikes, tmp_path):
-    first = invoke("invert", bikes, "--model", tiny_model, *SMALL_ARGS)
+def test_invert_then_edit_from_the_cache(tiny_model, wide_clip, tmp_path):
+    first = invoke("invert", wide_clip, "--model", tiny_model, *SMALL_ARGS)
     inversion_id = first.stdout.strip().splitlines()[-1]
     assert len(inversion_id) == 32 and "invert" in first.stderr  # the summary table
 
     components.LOAD_EVENTS.clear()
-    again = json.loads(invoke("invert", bikes, "--model", tiny_model, *SMALL_ARGS, "--json").stdout)
+    again = json.loads(invoke("invert", wide_clip, "--model", tiny_model, *SMALL_ARGS, "--json").stdout)
     assert again["id"] == inversion_id
     assert components.LOAD_EVENTS == []  # a cache hit loads no model
 
@@ -59,8 +59,8 @@ def test_invert_then_edit_from_the_cache(tiny_model, bikes, tmp_path):
     assert json.loads(invoke("cache", "ls", "--json").stdout) == []
 
 
-def test_run_is_invert_plus_edit(tiny_model, bikes, tmp_path):
-    result = invoke("run", bikes, "--model", tiny_model, *SMALL_ARGS, "--prompt", "snow at night", "--out", tmp_path, "--json")
+def test_run_is_invert_plus_edit(tiny_model, wide_clip, tmp_path):
+    result = invoke("run", wide_clip, "--model", tiny_model, *SMALL_ARGS, "--prompt", "snow at night", "--out", tmp_path, "--json")
     (edit,) = json.loads(result.stdout)["edits"]
     assert _frames(edit["video"]) == (9, (96, 160, 3))
 

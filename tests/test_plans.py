@@ -36,11 +36,11 @@ def test_plan_command_prints_every_plan_and_the_choice():
     assert result.output.strip().splitlines()[-1] == "staged"
 
 
-def test_gpu_plans_are_refused_on_cpu_with_the_fix(tiny_model, bikes):
+def test_gpu_plans_are_refused_on_cpu_with_the_fix(tiny_model, wide_clip):
     with pytest.raises(SettingsError, match="needs a CUDA GPU"):
-        engine.invert(bikes, tiny_model, device="cpu", plan="offload", frames=9, height=96, width=160, steps=2)
+        engine.invert(wide_clip, tiny_model, device="cpu", plan="offload", frames=9, height=96, width=160, steps=2)
     with pytest.raises(SettingsError, match="unknown --plan"):
-        engine.invert(bikes, tiny_model, device="cpu", plan="huge", frames=9, height=96, width=160, steps=2)
+        engine.invert(wide_clip, tiny_model, device="cpu", plan="huge", frames=9, height=96, width=160, steps=2)
 
 
 def test_ff_chunking_leaves_the_output_unchanged(tiny_model):

@@ -25,26 +25,8 @@ from engine.video import (
 )
 from tests.conftest import VIDEO_ERRORS
 
-VIDEOS = Path(__file__).resolve().parents[2] / "shared" / "videos"
 FFMPEG = imageio_ffmpeg.get_ffmpeg_exe()
 SMALL = dict(height=64, width=96)  # keeps decoding cheap where the size is not the point
-
-
-def _shared(name: str) -> Path:
-    path = VIDEOS / name
-    if not path.exists():
-        pytest.skip(f"sample clip {path} is not present (it ships in shared/videos beside the repo)")
-    return path
-
-
-@pytest.fixture(scope="module")
-def bikes_clip() -> Path:
-    return _shared("bikes.mp4")
-
-
-@pytest.fixture(scope="module")
-def bunny_clip() -> Path:
-    return _shared("bigbuckbunny.mp4")
 
 
 def _ffmpeg(*args: str) -> None:
@@ -218,14 +200,14 @@ def test_select_no_frames() -> None:
 # probe_video
 
 
-def test_probe_real_clips(bikes_clip: Path, bunny_clip: Path) -> None:
-    info = probe_video(bikes_clip)
+def test_probe_real_clips(wide_clip: Path, small_clip: Path) -> None:
+    info = probe_video(wide_clip)
     assert isinstance(info, VideoInfo)
-    assert (info.num_frames, info.fps, info.width, info.height) == (250, 25.0, 640, 272)
-    assert info.sha256 == hashlib.sha256(bikes_clip.read_bytes()).hexdigest()
-    assert info.path == str(bikes_clip.resolve())
-    info = probe_video(str(bunny_clip))
-    assert (info.num_frames, info.fps, info.width, info.height) == (132, 25.0, 1280, 720)
+    assert (info.num_frames, info.fps, info.width, info.height) == (131, 25.0, 636, 270)
+    assert info.sha256 == hashlib.sha256(wide_clip.read_bytes()).hexdigest()
+    assert info.path == str(wide_clip.resolve())
+    info = probe_video(str(small_clip))
+    assert (info.num_frames, info.fps, info.width, info.height) == (47, 25.0, 430, 242)
 
 
 def test_probe_sha256_streamed_and_stable(clips: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
@@ -289,21 +271,21 @@ def test_probe_survives_worker_hang_and_crash(
 # read_frames
 
 
-def test_read_frames_real_clip_at_model_size(bikes_clip: Path) -> None:
-    frames, info = read_frames(bikes_clip, FrameSettings())
+def test_read_frames_real_clip_at_model_size(wide_clip: Path) -> None:
+    frames, info = read_frames(wide_clip, FrameSettings())
     assert frames.dtype == torch.uint8 and tuple(frames.shape) == (49, 480, 720, 3)
-    assert info.num_frames == 250
+    assert info.num_frames == 131
     assert frames.float().std() > 20  # real picture content, not a blank buffer
 
 
-def test_read_frames_matches_ffmpeg(bunny_clip: Path) -> None:
+def test_read_frames_matches_ffmpeg(small_clip: Path) -> None:
     # Cross-check frame 0 against ffmpeg's own decode+scale: right frame, RGB order, same size.
-    frames, info = read_frames(bunny_clip, FrameSettings(max_frames=5, height=240, width=368))
+    frames, info = read_frames(small_clip, FrameSettings(max_frames=5, height=240, width=368))
     assert tuple(frames.shape) == (5, 240, 368, 3)
-    assert select_frame_indices(info.num_frames, FrameSettings(max_frames=5)) == [0, 33, 66, 98, 131]
-    reader = imageio_ffmpeg.read_frames(str(bunny_clip), output_params=["-vf", "scale=368:240"])
+    assert select_frame_indices(info.num_frames, FrameSettings(max_frames=5)) == [0, 12, 23, 35, 46]
+    reader = imageio_ffmpeg.read_frames(str(small_clip), output_params=["-vf", "scale=368:240"])
     meta = next(reader)
-    assert meta["source_size"] == (1280, 720) and meta["size"] == (368, 240)
+    assert meta["source_size"] == (430, 242) and meta["size"] == (368, 240)
     reference = np.frombuffer(next(reader), dtype=np.uint8).reshape(240, 368, 3)
     reader.close()
     diff = np.abs(frames[0].numpy().astype(np.int16) - reference.astype(np.int16))
