@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from cache.keys import stable_hash
-from engine.errors import ModelError, SettingsError
+from engine.errors import DeviceError, ModelError, SettingsError
 from engine.plans import PLANS, Plan, get_plan
 
 def _quiet_libraries() -> None:
@@ -65,7 +65,7 @@ class Runtime:
         compile: bool = False,
         fp8: bool = False,
     ) -> "Runtime":
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        device = check_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         plan = get_plan(plan) if isinstance(plan, str) else (plan or PLANS["staged"])
         if plan.needs_cuda and not device.startswith("cuda"):
             raise SettingsError(f"--plan {plan.name} needs a CUDA GPU (it quantizes or offloads to one); on {device} use --plan staged")
@@ -86,6 +86,29 @@ class Runtime:
         if fp8 and dtype != torch.bfloat16:
             raise SettingsError("--fp8 scales bf16 weights: use it with --dtype bf16 (the default on a GPU)")
         return Runtime(device=device, dtype=dtype, plan=plan, compile=compile, fp8=fp8)
+
+
+def check_device(device: str) -> str:
+    """`device` if this torch can run on it, else DeviceError with the fix: checked before
+    anything is read or written, not discovered seconds into a phase."""
+    try:
+        kind = torch.device(device)
+    except (RuntimeError, ValueError):  # torch's own message lists a dozen device types
+        raise DeviceError(f"--device {device} is not a device torch knows: pass --device cuda (cuda:N for another GPU) or --device cpu") from None
+    if kind.type == "cpu":
+        return device
+    if kind.type != "cuda":
+        raise DeviceError(f"--device {device}: cogedit runs on CUDA GPUs or the CPU; pass --device cuda or --device cpu")
+    if torch.version.cuda is None and torch.version.hip is None:
+        raise DeviceError(
+            f"--device {device}: this torch has no CUDA (CPU build {torch.__version__}); "
+            "install a CUDA build of torch (pytorch.org) or pass --device cpu"
+        )
+    if not torch.cuda.is_available():
+        raise DeviceError(f"--device {device}: torch sees no GPU; check the driver (nvidia-smi) and CUDA_VISIBLE_DEVICES, or pass --device cpu")
+    if kind.index is not None and kind.index >= torch.cuda.device_count():
+        raise DeviceError(f"--device {device}: only {torch.cuda.device_count()} GPU(s) visible; pass --device cuda:0")
+    return device
 
 
 @dataclass(frozen=True)

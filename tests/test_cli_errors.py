@@ -180,6 +180,30 @@ def test_entry_of_another_model_has_another_key(entry, tiny_model, wide_clip, tm
     assert "was made with another model" in fails("edit", entry.id[:8], "--model", other, "--prompt", "a cat", "--device", "cpu")
 
 
+# ----------------------------------------------------------------------------------------- device
+
+
+@pytest.mark.parametrize(
+    ("device", "expected"),
+    [
+        ("cuda", "--device cuda: this torch has no CUDA (CPU build"),
+        ("tpu", "--device tpu is not a device torch knows"),
+        ("mps", "--device mps: cogedit runs on CUDA GPUs or the CPU"),
+    ],
+)
+@pytest.mark.parametrize("command", ["invert", "run"])
+def test_unusable_device_is_refused_before_anything_is_written(tiny_model, wide_clip, _isolated_cache, monkeypatch, command, device, expected):
+    monkeypatch.setattr(torch.version, "cuda", None)  # a CPU build of torch, wherever the test runs
+    monkeypatch.setattr(torch.version, "hip", None)
+    components.LOAD_EVENTS.clear()
+    prompt = ["--prompt", "a cat"] if command == "run" else []
+    error = fails(command, wide_clip, "--model", tiny_model, *SMALL_ARGS, "--device", device, *prompt)
+    assert expected in error and "--device cpu" in error
+    assert not _isolated_cache.exists() and components.LOAD_EVENTS == []
+    with pytest.raises(engine.SettingsError, match="no CUDA"):
+        engine.invert(wide_clip, tiny_model, device="cuda", **SMALL)
+
+
 # ---------------------------------------------------------------------------------------- prompts
 
 
