@@ -66,6 +66,18 @@ def cli(debug: bool) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(message)s", handlers=[RichHandler(console=_console(), show_path=False)])
 
 
+VRAM_HELP = "Your GPU's memory as sold (12GB, or just 12: a 12 GB card has 12 GiB); picks the fastest memory plan predicted to fit."
+
+
+def _vram_bytes(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
+    from engine.plans import parse_vram
+
+    try:
+        return parse_vram(value) if value is not None else None
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
 # Shared options, as decorators (one definition each).
 def cache_option(f):
     return click.option("--cache-dir", type=click.Path(file_okay=False), envvar="COGEDIT_CACHE", help="Cache folder (default: $COGEDIT_CACHE, else ~/.cache/cogedit).")(f)
@@ -74,7 +86,7 @@ def cache_option(f):
 def runtime_options(f):
     f = click.option("--fp8", is_flag=True, help='FP8 matmuls in the transformer blocks (torchao; RTX 40xx/L4/H100): faster, a small accuracy cost. pip install "cogedit[fp8]".')(f)
     f = click.option("--compile", "compile_blocks", is_flag=True, help="torch.compile each transformer block: ~1.2x faster steps on a GPU after a one-off compile.")(f)
-    f = click.option("--vram", default=None, help="Pick the fastest memory plan predicted to fit this much GPU memory (e.g. 12GB).")(f)
+    f = click.option("--vram", default=None, callback=_vram_bytes, help=VRAM_HELP)(f)
     f = click.option("--plan", default=None, help="Memory plan by name: staged, lean, int8, nf4, offload (see `cogedit plan`).")(f)
     f = click.option("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available).")(f)
     return f
@@ -278,7 +290,7 @@ def demo_cmd(out_dir: str, cache_dir, force: bool) -> None:
 
 
 @cli.command(name="plan")
-@click.option("--vram", default=None, help="GPU memory to fit (e.g. 12GB); marks the plan it picks.")
+@click.option("--vram", default=None, callback=_vram_bytes, help=VRAM_HELP)
 @click.option("--model", default=None, help="Model folder or hub id (default: the built-in CogVideoX-5B shape, no download).")
 @click.option("--frames", default=49, show_default=True)
 @click.option("--height", default=480, show_default=True)
@@ -290,34 +302,31 @@ def plan_cmd(vram, model, frames, height, width, prompts) -> None:
     \b
     cogedit plan --vram 12GB
     """
+    from rich.console import Console, Group
     from rich.table import Table
 
-    from cache.sizes import format_size, parse_size
     from engine.components import builtin_5b, inspect_model
-    from engine.plans import PLANS, Workload, choose_plan, predict_peaks
+    from engine.plans import CUDA_CONTEXT, GiB, PLANS, Workload, choose_plan, predict_peaks
 
     info = inspect_model(model) if model else builtin_5b()
     workload = Workload(frames, height, width, prompts)
-    chosen = None
-    if vram:
-        try:
-            chosen = choose_plan(parse_size(vram), info, workload).name
-        except ValueError as exc:
-            raise click.BadParameter(str(exc), param_hint="--vram") from None
+    chosen = choose_plan(vram, info, workload).name if vram is not None else None
     phases = list(predict_peaks(PLANS["staged"], info, workload))
-    table = Table(title=f"predicted peak GPU memory, {info.source}, {frames} frames {height}x{width}", title_justify="left")
-    table.add_column("plan")
-    for phase in phases:
-        table.add_column(phase, justify="right")
-    table.add_column("peak", justify="right")
-    table.add_column("what it does")
+    # Numbers only (the unit is in the title) and the descriptions in a table of their own: both
+    # stay readable at 80 columns.
+    peaks = Table(title=f"predicted peak GPU memory in GiB: {info.source}, {frames} frames {height}x{width}", title_justify="left")
+    summaries = Table(caption=f"A card sold as 12 GB has 12 GiB; --vram leaves {CUDA_CONTEXT / GiB:.1f} GiB of it to the CUDA context.", caption_justify="left")
+    summaries.add_column("plan", no_wrap=True)
+    summaries.add_column("what it does")
+    peaks.add_column("plan", no_wrap=True)
+    for phase in (*phases, "peak"):
+        peaks.add_column(phase, justify="right")
     for name, plan in PLANS.items():
-        peaks = predict_peaks(plan, info, workload)
-        mark = " <-" if name == chosen else ""
-        table.add_row(f"{name}{mark}", *(format_size(peaks[p]) for p in phases), format_size(max(peaks.values())), plan.summary)
-    from rich.console import Console
-
-    Console().print(table)
+        predicted = predict_peaks(plan, info, workload)
+        label = f"{name} <-" if name == chosen else name
+        peaks.add_row(label, *(f"{predicted[p] / GiB:.1f}" for p in phases), f"{max(predicted.values()) / GiB:.1f}")
+        summaries.add_row(label, plan.summary)
+    Console().print(Group(peaks, summaries))
     if chosen:
         click.echo(chosen)
 

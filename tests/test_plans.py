@@ -9,7 +9,7 @@ import engine
 from cli import cli
 from engine.components import builtin_5b
 from engine.errors import SettingsError
-from engine.plans import GiB, PLANS, choose_plan, param_counts, predict_peaks
+from engine.plans import GiB, PLANS, choose_plan, param_counts, parse_vram, predict_peaks
 
 
 def test_parameter_counts_are_the_5b_model():
@@ -34,6 +34,30 @@ def test_plan_command_prints_every_plan_and_the_choice():
     for name in PLANS:
         assert name in result.output
     assert result.output.strip().splitlines()[-1] == "staged"
+
+
+@pytest.mark.parametrize(("text", "gib"), [("12GB", 12), ("12", 12), ("12GiB", 12), ("12G", 12), ("16 gb", 16), ("1.5GB", 1.5), ("24000MB", 24000 / 1024)])
+def test_vram_is_read_as_cards_are_sold(text, gib):
+    assert parse_vram(text) == int(gib * GiB)  # a card sold as 12 GB has 12 GiB
+    with pytest.raises(ValueError, match="GB on a card means GiB"):
+        parse_vram("twelve")
+
+
+@pytest.mark.parametrize(("vram", "plan"), [("12GB", "lean"), ("12", "lean"), ("12GiB", "lean"), ("16GB", "staged"), ("24GB", "staged"), ("11GB", "int8"), ("8GB", "offload")])
+def test_vram_picks_the_plan_the_readme_promises_for_that_card(vram, plan):
+    result = CliRunner().invoke(cli, ["plan", "--vram", vram])
+    assert result.exit_code == 0, result.output
+    assert result.output.strip().splitlines()[-1] == plan
+
+
+def test_plan_table_is_readable_at_80_columns():
+    result = CliRunner(env={"COLUMNS": "80"}).invoke(cli, ["plan", "--vram", "12GB"])
+    assert result.exit_code == 0, result.output
+    assert max(len(line) for line in result.output.splitlines()) <= 80 and "…" not in result.output
+    for plan in PLANS.values():
+        for word in plan.summary.split():
+            assert word in result.output  # wrapped between words, never through one
+    assert "lean <-" in result.output
 
 
 def test_gpu_plans_are_refused_on_cpu_with_the_fix(tiny_model, wide_clip):
