@@ -21,16 +21,8 @@ import torch
 
 from cache.keys import stable_hash
 from engine.errors import DeviceError, ModelError, SettingsError
+from engine.libraries import import_model_libraries, import_torchao
 from engine.plans import PLANS, Plan, get_plan
-
-def _quiet_libraries() -> None:
-    # Our own bars show each phase; the libraries' per-shard bars would interleave with them.
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    diffusers_logging.disable_progress_bar()
-    transformers_logging.disable_progress_bar()
-
 
 PARTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
 _CONFIG_FILES = {
@@ -122,6 +114,7 @@ class ModelInfo:
     vae_config: dict[str, Any]
     scheduler_config: dict[str, Any]
     text_encoder_config: dict[str, Any]
+    known_params: dict[str, int] | None = None  # parameter counts, when known without building the models
 
     @property
     def vae_scale_spatial(self) -> int:
@@ -240,10 +233,10 @@ def inspect_model(model: str | os.PathLike) -> ModelInfo:
 
 def builtin_5b() -> ModelInfo:
     """The CogVideoX-5B shape with no files behind it: enough to plan memory without a download."""
-    from engine.configs import SCHEDULER_5B, T5_XXL, TRANSFORMER_5B, VAE_5B
+    from engine.configs import PARAMS_5B, SCHEDULER_5B, T5_XXL, TRANSFORMER_5B, VAE_5B
 
     vae = {"block_out_channels": [128, 256, 256, 512], "temporal_compression_ratio": 4, **VAE_5B}
-    return ModelInfo("CogVideoX-5B (built-in shape)", Path("."), "0" * 32, TRANSFORMER_5B, vae, SCHEDULER_5B, T5_XXL)
+    return ModelInfo("CogVideoX-5B (built-in shape)", Path("."), "0" * 32, TRANSFORMER_5B, vae, SCHEDULER_5B, T5_XXL, PARAMS_5B)
 
 
 def alive() -> list[str]:
@@ -280,7 +273,7 @@ def _check_float8(device: str, plan: Plan) -> None:
     if plan.needs_bitsandbytes or plan.offload != "none":
         raise SettingsError(f"--fp8 quantizes the transformer itself and can't be combined with --plan {plan.name}: use --plan staged or lean")
     try:
-        import torchao  # noqa: F401
+        import_torchao()
     except ImportError:
         raise SettingsError('--fp8 needs torchao: pip install "cogedit[fp8]"') from None
     if not float8_supported(device):
@@ -332,7 +325,7 @@ def _place(module: torch.nn.Module, name: str, runtime: Runtime, quantized: bool
 
 
 def _load(name: str, info: ModelInfo, runtime: Runtime) -> Any:
-    _quiet_libraries()
+    import_model_libraries()
     common = dict(subfolder=name, torch_dtype=runtime.dtype, use_safetensors=True)
     plan = runtime.plan
     quantized = False

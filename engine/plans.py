@@ -79,6 +79,9 @@ def get_plan(name: str) -> Plan:
 
 @functools.lru_cache(maxsize=8)
 def _param_count(part: str, config_items: tuple) -> int:
+    from engine.libraries import import_model_libraries
+
+    import_model_libraries()
     config = dict(config_items)
     with torch.device("meta"):
         if part == "transformer":
@@ -102,6 +105,8 @@ def _hashable(config: dict) -> tuple:
 
 
 def param_counts(info: "ModelInfo") -> dict[str, int]:
+    if info.known_params is not None:
+        return dict(info.known_params)
     return {
         "transformer": _param_count("transformer", _hashable(info.transformer_config)),
         "text_encoder": _param_count("text_encoder", _hashable(info.text_encoder_config)),

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import decord
 import pytest
@@ -11,6 +15,7 @@ from click.testing import CliRunner
 from cli import cli
 from engine import components
 
+ROOT = Path(__file__).resolve().parents[1]
 SMALL_ARGS = ["--frames", "9", "--height", "96", "--width", "160", "--steps", "4"]
 
 
@@ -77,3 +82,26 @@ def test_demo_writes_two_edits_and_side_by_sides(tmp_path):
     assert "decode" in result.stderr and "total" in result.stderr
     for v in videos:
         assert _frames(v)[0] == 17
+
+
+def _process(*args: object) -> subprocess.CompletedProcess:
+    """`cogedit ARGS` in a fresh interpreter: what a user's terminal shows and, as the last line
+    of stdout, the top-level packages it imported."""
+    code = "import json, sys; from cli import cli; cli(sys.argv[1:], standalone_mode=False); print(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200"}
+    result = subprocess.run([sys.executable, "-c", code, *map(str, args)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    return result
+
+
+def test_plan_imports_no_model_library():
+    packages = json.loads(_process("plan", "--vram", "12GB").stdout.splitlines()[-1])
+    assert not set(packages) & {"diffusers", "transformers", "torchao", "bitsandbytes"}
+
+
+def test_model_commands_print_no_third_party_warnings(tiny_model, wide_clip, tmp_path):
+    result = _process("invert", wide_clip, "--model", tiny_model, *SMALL_ARGS[:-1], "1", "--cache-dir", tmp_path)
+    # Only our own progress bars and summary table: no torchao, triton or torch deprecation lines.
+    ours = [line for line in result.stderr.splitlines() if not line.strip() or "━" in line or line[:1] in "┏┃┡│└" or line.strip() == "invert"]
+    assert ours == result.stderr.splitlines(), result.stderr
+    assert "torchao" not in json.loads(result.stdout.splitlines()[-1])  # not even imported without --fp8
