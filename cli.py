@@ -116,6 +116,7 @@ def _invert_options(f, guidance_flag: str):
             click.option("--stride", default=None, type=int, help="Take every N-th frame (default: spread evenly)."),
             click.option("--height", default=480, show_default=True),
             click.option("--width", default=720, show_default=True),
+            click.option("--fit", type=click.Choice(["stretch", "crop", "pad"]), default="stretch", show_default=True, help="A source of another shape: stretch it (upstream), crop it to fill the frame, or pad it with black bars."),
             click.option("--source-prompt", default="", help="Prompt describing the source (default: empty)."),
             click.option(guidance_flag, "invert_guidance", default=6.0, show_default=True, help="CFG scale of the inversion (no effect when source and negative prompts are equal)."),
             click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default=None, help="Model precision (default: bf16 on GPU, fp32 on CPU)."),
@@ -162,7 +163,7 @@ def _invert_kwargs(p: dict) -> dict:
         raise click.BadParameter(str(exc), param_hint="--attention-budget") from None
     return dict(
         steps=p["steps"], frames=p["frames"], skip_start=p["skip_start"], skip_end=p["skip_end"], stride=p["stride"],
-        height=p["height"], width=p["width"], source_prompt=p["source_prompt"], guidance=p["invert_guidance"],
+        height=p["height"], width=p["width"], fit=p["fit"], source_prompt=p["source_prompt"], guidance=p["invert_guidance"],
         attention_store=p["attention_store"], attention_steps=p["attention_steps"], attention_layers=p["attention_layers"],
         attention_dtype=p["attention_dtype"], attention_budget=budget,
     )

@@ -189,6 +189,7 @@ def invert(
     stride: int | None = None,
     height: int = 480,
     width: int = 720,
+    fit: str = "stretch",
     source_prompt: str = "",
     negative_prompt: str = "",
     guidance: float = 6.0,
@@ -214,7 +215,7 @@ def invert(
     also captures the reference K/V of a window of steps and blocks for `--reference stored`;
     it is refused, before anything is written, when it would exceed `attention_budget` bytes.
     """
-    frame_settings = FrameSettings(frames, skip_start, skip_end, stride, height, width)
+    frame_settings = FrameSettings(frames, skip_start, skip_end, stride, height, width, fit)
     settings = InvertSettings(steps, source_prompt, negative_prompt, guidance)
     runtime = Runtime.default(device, dtype, compile=compile, fp8=fp8)
     reporter = reporter or Reporter(device=runtime.device)

@@ -117,11 +117,15 @@ def test_bad_frame_and_step_settings(tiny_model, wide_clip, args, expected):
 
 
 def test_odd_size_and_rate_invert(clips, tiny_model):
-    """176x144 at 29.97 fps, end to end (4K sources: test_video.py checks their bounded decode)."""
-    result = cogedit("invert", clips["ntsc"], "--model", tiny_model, *SMALL_ARGS, "--json")
+    """176x144 at 29.97 fps, end to end, padded to keep its shape (4K sources: test_video.py
+    checks their bounded decode; crop and stretch, their placement)."""
+    result = cogedit("invert", clips["ntsc"], "--model", tiny_model, *SMALL_ARGS, "--fit", "pad", "--json")
     assert result.exit_code == 0, result.output
     inv = engine.open_inversion(json.loads(result.stdout)["id"])
-    assert inv.frames().shape[1:] == (96, 160, 3)
+    frames = inv.frames()
+    assert frames.shape[1:] == (96, 160, 3)
+    assert frames[:, :, :21].max() == 0 and frames[:, :, 21:139].float().mean() > 20  # 117 wide between bars
+    assert inv.manifest["settings"]["frames"]["fit"] == "pad"  # in the key: a stretched inversion is another entry
     video = inv.manifest["settings"]["video"]
     assert (video["width"], video["height"], round(video["fps"], 2)) == (176, 144, 29.97)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import subprocess
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from engine.video import (
     MIN_FRAMES,
     FrameSettings,
     VideoInfo,
+    decode_size,
     probe_video,
     read_frames,
     select_frame_indices,
@@ -325,6 +327,56 @@ def test_read_frames_odd_rate_upscaled(clips: dict[str, Path]) -> None:
     frames, info = read_frames(str(clips["ntsc"]), FrameSettings())
     assert tuple(frames.shape) == (13, 480, 720, 3)
     assert info.fps == pytest.approx(29.97, abs=1e-2)
+
+
+# ---------------------------------------------------------------------------------------------
+# --fit: a source of another aspect ratio
+
+
+@pytest.fixture(scope="module")
+def vertical(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """144x176 (portrait), bands top to bottom: red 44 rows, green 88, blue 44."""
+    out = tmp_path_factory.mktemp("vertical") / "vertical.mp4"
+    bands = "drawbox=x=0:y=0:w=144:h=44:color=0xFF0000:t=fill,drawbox=x=0:y=132:w=144:h=44:color=0x0000FF:t=fill"
+    _ffmpeg("-f", "lavfi", "-i", "color=c=0x00FF00:s=144x176:r=25", "-vf", bands, "-frames:v", "5",
+            "-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p", str(out))
+    return out
+
+
+def _band(pixel: torch.Tensor) -> str:
+    return "rgb"[int(pixel.float().argmax())] if pixel.max() > 150 else "black"
+
+
+def test_fit_decode_sizes() -> None:
+    assert decode_size(144, 176, FrameSettings(fit="crop", **SMALL)) == (117, 96)  # covers 64x96
+    assert decode_size(144, 176, FrameSettings(fit="pad", **SMALL)) == (64, 52)  # fits inside it
+    assert decode_size(144, 176, FrameSettings(**SMALL)) == (64, 96)
+    with pytest.raises(SettingsError, match="--fit 'squash' is invalid — use stretch, crop, pad"):
+        FrameSettings(fit="squash")
+
+
+def test_fit_crop_pad_and_stretch_place_the_picture(vertical: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="cogedit"):
+        stretched = read_frames(vertical, FrameSettings(**SMALL))[0][0]
+        cropped = read_frames(vertical, FrameSettings(fit="crop", **SMALL))[0][0]
+        padded = read_frames(vertical, FrameSettings(fit="pad", **SMALL))[0][0]
+    assert stretched.shape == cropped.shape == padded.shape == (64, 96, 3)
+    # Stretched, the red band is the top quarter; cropped, the centre is cut out: mostly green.
+    assert [_band(stretched[row, 48]) for row in (4, 32, 60)] == ["r", "g", "b"]
+    assert [_band(cropped[row, 48]) for row in (8, 32, 56)] == ["g", "g", "g"]
+    assert _band(cropped[32, 0]) == _band(cropped[32, 95]) == "g"  # no bars: the width is filled
+    # Padded, the whole picture (52 wide) sits centred between black bars of 22 columns.
+    assert padded[:, :22].max() == 0 and padded[:, 74:].max() == 0
+    assert [_band(padded[row, 48]) for row in (2, 32, 61)] == ["r", "g", "b"]
+    assert _band(padded[32, 23]) == _band(padded[32, 72]) == "g"
+    squashed = [r.getMessage() for r in caplog.records if "--fit crop or --fit pad" in r.getMessage()]
+    assert len(squashed) == 1 and "144x176 and is stretched to 96x64" in squashed[0]  # only stretch warns
+
+
+def test_stretch_to_the_same_shape_does_not_warn(vertical: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="cogedit"):
+        frames, _ = read_frames(vertical, FrameSettings(max_frames=5, height=176, width=144))
+    assert frames.shape[1:] == (176, 144, 3) and not caplog.records
 
 
 @pytest.mark.parametrize(("name", "remain"), [("four", "only 4 of 4"), ("one", "only 1 of 1")])
