@@ -307,7 +307,14 @@ def plan_cmd(vram, model, frames, height, width, prompts) -> None:
     from rich.table import Table
 
     from engine.components import builtin_5b, inspect_model
-    from engine.plans import CUDA_CONTEXT, GiB, PLANS, Workload, choose_plan, predict_peaks
+    from engine.plans import (
+        CUDA_CONTEXT,
+        PLANS,
+        GiB,
+        Workload,
+        choose_plan,
+        predict_peaks,
+    )
 
     info = inspect_model(model) if model else builtin_5b()
     workload = Workload(frames, height, width, prompts)
@@ -351,6 +358,7 @@ def cache_path(cache_dir) -> None:
 @json_option
 def cache_ls(cache_dir, as_json: bool) -> None:
     """List cached inversions."""
+    from rich.console import Console
     from rich.table import Table
 
     from cache.layout import CacheLayout
@@ -361,32 +369,89 @@ def cache_ls(cache_dir, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps([{"id": e.id, "complete": e.complete, "size": e.size_bytes, "summary": e.summary, "last_used": e.last_used} for e in entries]))
         return
-    table = Table(title=f"{len(entries)} cached inversion(s)", title_justify="left")
-    for col in ("id", "state", "video", "model", "steps", "size", "last used"):
-        table.add_column(col)
+    # The whole id, whatever the width (users copy it); the video and model under it, folded.
+    table = Table(title=f"{len(entries)} cached inversion(s)", title_justify="left", box=None, pad_edge=False)
+    table.add_column("id / video, model", min_width=max((len(e.id) for e in entries), default=0), overflow="fold")
+    for col in ("state", "steps", "size", "last used"):
+        table.add_column(col, justify="right" if col in ("steps", "size") else "left")
     for e in entries:
-        state = "complete" if e.complete else ("broken" if not e.manifest_ok else "partial")
-        s = e.summary or {}
-        table.add_row(e.id[:12], state, str(s.get("video", "")), str(s.get("model", "")), str(s.get("steps", "")), format_size(e.size_bytes), str(e.last_used or "")[:19])
-    from rich.console import Console
-
+        s = e.summary
+        source = ", ".join(str(s[k]) for k in ("video", "model") if s.get(k))
+        table.add_row(f"{e.id}\n[dim]{source}", e.state, str(s.get("steps", "")), format_size(e.size_bytes), _when(e.last_used))
     Console().print(table)
+
+
+def _when(timestamp: str | None) -> str:
+    return (timestamp or "")[:16].replace("T", " ")
 
 
 @cache_group.command(name="show")
 @click.argument("entry_id")
 @cache_option
-def cache_show(entry_id: str, cache_dir) -> None:
-    """Show one entry's settings, files and stage status."""
+@json_option
+def cache_show(entry_id: str, cache_dir, as_json: bool) -> None:
+    """Show one entry: settings, stage status, files (sizes, checksums) and stored attention."""
     from rich.console import Console
-    from rich.pretty import Pretty
 
     from cache.layout import CacheLayout, resolve_entry_id
-    from cache.manifest import read_manifest
+    from cache.store import entry_details
 
     layout = CacheLayout.from_dir(cache_dir)
-    paths = layout.entry(resolve_entry_id(layout, entry_id))
-    Console().print(Pretty(read_manifest(paths.manifest) or {"id": paths.id, "manifest": "missing or unreadable"}))
+    details = entry_details(layout, resolve_entry_id(layout, entry_id))
+    if as_json:
+        click.echo(json.dumps(details))
+        return
+    Console().print(_details_tree(details))
+
+
+def _details_tree(d: dict):
+    from rich.table import Table
+    from rich.tree import Tree
+
+    from cache.sizes import format_size
+
+    tree = Tree(f"[bold]{d['id']}[/]  {d['state']}, {format_size(d['size'])}, last used {_when(d['last_used'])}")
+    if d["problem"]:
+        tree.add(f"[red]{d['problem']}")
+    for section in ("summary", "settings", "stages", "attention"):
+        node = tree.add(f"[bold]{'stored attention' if section == 'attention' else section}")
+        if d[section]:
+            _branch(node, d[section])
+        else:
+            node.add("none")
+    files = Table(box=None, pad_edge=False)
+    files.add_column("file", overflow="fold")
+    files.add_column("size", justify="right")
+    files.add_column("sha256")
+    stores: dict[str, list[dict]] = {}
+    for f in d["files"]:
+        if f["file"].startswith("attention/"):  # one file per timestep and block: a count per store
+            stores.setdefault(f["file"].split("/")[1], []).append(f)
+        else:
+            files.add_row(f["file"], format_size(f["bytes"]), f["sha256"][:12])
+    for key, group in stores.items():
+        files.add_row(f"attention/{key}/ ({len(group)} files)", format_size(sum(f["bytes"] for f in group)), "")
+    tree.add(f"[bold]files[/] ({len(d['files'])}, {format_size(sum(f['bytes'] for f in d['files']))})").add(files)
+    return tree
+
+
+def _branch(node, values: dict) -> None:
+    from cache.sizes import format_size
+
+    for key, value in values.items():
+        if isinstance(value, dict) and value:
+            _branch(node.add(str(key)), value)
+        else:
+            node.add(f"{key}: {format_size(value) if key == 'bytes' else _short(value)}")
+
+
+def _short(value) -> str:
+    """A leaf of the manifest on one line: checksums cut to 12 characters, long lists elided."""
+    if isinstance(value, str) and len(value) >= 32 and all(c in "0123456789abcdef" for c in value):
+        return value[:12]
+    if isinstance(value, list) and len(value) > 8:
+        return f"{', '.join(map(str, value[:3]))} … {value[-1]} ({len(value)})"
+    return repr(value) if isinstance(value, str) else str(value)
 
 
 @cache_group.command(name="rm")

@@ -89,7 +89,7 @@ def _process(*args: object) -> subprocess.CompletedProcess:
     of stdout, the top-level packages it imported."""
     code = "import json, sys; from cli import cli; cli(sys.argv[1:], standalone_mode=False); print(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200"}
-    result = subprocess.run([sys.executable, "-c", code, *map(str, args)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run([sys.executable, "-c", code, *map(str, args)], check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     return result
 

@@ -258,6 +258,22 @@ def test_manifest_from_a_newer_cogedit(entry, tiny_model, wide_clip):
         assert "written by a newer cogedit (format 99" in error and "upgrade cogedit or use another --cache-dir" in error
 
 
+def test_cache_show_and_ls_read_well_at_80_columns(entry):
+    runner = CliRunner(env={"COLUMNS": "80"})
+    shown = runner.invoke(cli, ["cache", "show", entry.id[:8]]).stdout
+    latents = entry.manifest["files"]["latents.safetensors"]["sha256"]
+    store = next(iter(entry.manifest["attention"]))
+    assert entry.id in shown and "complete" in shown and "stored attention" in shown and f"attention/{store}/ (" in shown
+    assert latents[:12] in shown and latents not in shown  # short checksums, on one line each
+    assert max(map(len, shown.splitlines())) <= 80
+    details = json.loads(runner.invoke(cli, ["cache", "show", entry.id[:8], "--json"]).stdout)
+    files = entry.manifest["files"]
+    assert details["files"] == [{"file": rel, "bytes": files[rel]["bytes"], "sha256": files[rel]["sha256"]} for rel in sorted(files)]
+    assert details["attention"] == entry.manifest["attention"] and details["state"] == "complete"
+    listing = runner.invoke(cli, ["cache", "ls"]).stdout
+    assert entry.id in listing and "…" not in listing and max(map(len, listing.splitlines())) <= 80
+
+
 def test_verify_finds_every_injected_corruption(entry):
     d = entry.paths.dir
     layout = entry.layout
