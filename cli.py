@@ -66,6 +66,18 @@ def cli(debug: bool) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(message)s", handlers=[RichHandler(console=_console(), show_path=False)])
 
 
+VRAM_HELP = "Your GPU's memory as sold (12GB, or just 12: a 12 GB card has 12 GiB); picks the fastest memory plan predicted to fit."
+
+
+def _vram_bytes(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
+    from engine.plans import parse_vram
+
+    try:
+        return parse_vram(value) if value is not None else None
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
 # Shared options, as decorators (one definition each).
 def cache_option(f):
     return click.option("--cache-dir", type=click.Path(file_okay=False), envvar="COGEDIT_CACHE", help="Cache folder (default: $COGEDIT_CACHE, else ~/.cache/cogedit).")(f)
@@ -74,7 +86,7 @@ def cache_option(f):
 def runtime_options(f):
     f = click.option("--fp8", is_flag=True, help='FP8 matmuls in the transformer blocks (torchao; RTX 40xx/L4/H100): faster, a small accuracy cost. pip install "cogedit[fp8]".')(f)
     f = click.option("--compile", "compile_blocks", is_flag=True, help="torch.compile each transformer block: ~1.2x faster steps on a GPU after a one-off compile.")(f)
-    f = click.option("--vram", default=None, help="Pick the fastest memory plan predicted to fit this much GPU memory (e.g. 12GB).")(f)
+    f = click.option("--vram", default=None, callback=_vram_bytes, help=VRAM_HELP)(f)
     f = click.option("--plan", default=None, help="Memory plan by name: staged, lean, int8, nf4, offload (see `cogedit plan`).")(f)
     f = click.option("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available).")(f)
     return f
@@ -104,6 +116,10 @@ def _invert_options(f, guidance_flag: str):
             click.option("--stride", default=None, type=int, help="Take every N-th frame (default: spread evenly)."),
             click.option("--height", default=480, show_default=True),
             click.option("--width", default=720, show_default=True),
+            click.option(
+                "--fit", type=click.Choice(["stretch", "crop", "pad"]), default="stretch", show_default=True,
+                help="A source of another shape: stretch it (upstream), crop it to fill the frame, or pad it with black bars.",
+            ),
             click.option("--source-prompt", default="", help="Prompt describing the source (default: empty)."),
             click.option(guidance_flag, "invert_guidance", default=6.0, show_default=True, help="CFG scale of the inversion (no effect when source and negative prompts are equal)."),
             click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default=None, help="Model precision (default: bf16 on GPU, fp32 on CPU)."),
@@ -160,7 +176,7 @@ def _invert_kwargs(p: dict, guidance: str = "guidance") -> dict:
         raise click.BadParameter(str(exc), param_hint="--attention-budget") from None
     return dict(
         steps=p["steps"], frames=p["frames"], skip_start=p["skip_start"], skip_end=p["skip_end"], stride=p["stride"],
-        height=p["height"], width=p["width"], source_prompt=p["source_prompt"], **{guidance: p["invert_guidance"]},
+        height=p["height"], width=p["width"], fit=p["fit"], source_prompt=p["source_prompt"], **{guidance: p["invert_guidance"]},
         attention_store=p["attention_store"], attention_steps=p["attention_steps"], attention_layers=p["attention_layers"],
         attention_dtype=p["attention_dtype"], attention_budget=budget,
         inversion=p["inversion"], inversion_iters=p["inversion_iters"], verify=p["verify"],
@@ -300,7 +316,7 @@ def demo_cmd(out_dir: str, cache_dir, force: bool) -> None:
 
 
 @cli.command(name="plan")
-@click.option("--vram", default=None, help="GPU memory to fit (e.g. 12GB); marks the plan it picks.")
+@click.option("--vram", default=None, callback=_vram_bytes, help=VRAM_HELP)
 @click.option("--model", default=None, help="Model folder or hub id (default: the built-in CogVideoX-5B shape, no download).")
 @click.option("--frames", default=49, show_default=True)
 @click.option("--height", default=480, show_default=True)
@@ -312,34 +328,38 @@ def plan_cmd(vram, model, frames, height, width, prompts) -> None:
     \b
     cogedit plan --vram 12GB
     """
+    from rich.console import Console, Group
     from rich.table import Table
 
-    from cache.sizes import format_size, parse_size
     from engine.components import builtin_5b, inspect_model
-    from engine.plans import PLANS, Workload, choose_plan, predict_peaks
+    from engine.plans import (
+        CUDA_CONTEXT,
+        PLANS,
+        GiB,
+        Workload,
+        choose_plan,
+        predict_peaks,
+    )
 
     info = inspect_model(model) if model else builtin_5b()
     workload = Workload(frames, height, width, prompts)
-    chosen = None
-    if vram:
-        try:
-            chosen = choose_plan(parse_size(vram), info, workload).name
-        except ValueError as exc:
-            raise click.BadParameter(str(exc), param_hint="--vram") from None
+    chosen = choose_plan(vram, info, workload).name if vram is not None else None
     phases = list(predict_peaks(PLANS["staged"], info, workload))
-    table = Table(title=f"predicted peak GPU memory, {info.source}, {frames} frames {height}x{width}", title_justify="left")
-    table.add_column("plan")
-    for phase in phases:
-        table.add_column(phase, justify="right")
-    table.add_column("peak", justify="right")
-    table.add_column("what it does")
+    # Numbers only (the unit is in the title) and the descriptions in a table of their own: both
+    # stay readable at 80 columns.
+    peaks = Table(title=f"predicted peak GPU memory in GiB: {info.source}, {frames} frames {height}x{width}", title_justify="left")
+    summaries = Table(caption=f"A card sold as 12 GB has 12 GiB; --vram leaves {CUDA_CONTEXT / GiB:.1f} GiB of it to the CUDA context.", caption_justify="left")
+    summaries.add_column("plan", no_wrap=True)
+    summaries.add_column("what it does")
+    peaks.add_column("plan", no_wrap=True)
+    for phase in (*phases, "peak"):
+        peaks.add_column(phase, justify="right")
     for name, plan in PLANS.items():
-        peaks = predict_peaks(plan, info, workload)
-        mark = " <-" if name == chosen else ""
-        table.add_row(f"{name}{mark}", *(format_size(peaks[p]) for p in phases), format_size(max(peaks.values())), plan.summary)
-    from rich.console import Console
-
-    Console().print(table)
+        predicted = predict_peaks(plan, info, workload)
+        label = f"{name} <-" if name == chosen else name
+        peaks.add_row(label, *(f"{predicted[p] / GiB:.1f}" for p in phases), f"{max(predicted.values()) / GiB:.1f}")
+        summaries.add_row(label, plan.summary)
+    Console().print(Group(peaks, summaries))
     if chosen:
         click.echo(chosen)
 
@@ -363,6 +383,7 @@ def cache_path(cache_dir) -> None:
 @json_option
 def cache_ls(cache_dir, as_json: bool) -> None:
     """List cached inversions."""
+    from rich.console import Console
     from rich.table import Table
 
     from cache.layout import CacheLayout
@@ -373,32 +394,89 @@ def cache_ls(cache_dir, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps([{"id": e.id, "complete": e.complete, "size": e.size_bytes, "summary": e.summary, "last_used": e.last_used} for e in entries]))
         return
-    table = Table(title=f"{len(entries)} cached inversion(s)", title_justify="left")
-    for col in ("id", "state", "video", "model", "steps", "size", "last used"):
-        table.add_column(col)
+    # The whole id, whatever the width (users copy it); the video and model under it, folded.
+    table = Table(title=f"{len(entries)} cached inversion(s)", title_justify="left", box=None, pad_edge=False)
+    table.add_column("id / video, model", min_width=max((len(e.id) for e in entries), default=0), overflow="fold")
+    for col in ("state", "steps", "size", "last used"):
+        table.add_column(col, justify="right" if col in ("steps", "size") else "left")
     for e in entries:
-        state = "complete" if e.complete else ("broken" if not e.manifest_ok else "partial")
-        s = e.summary or {}
-        table.add_row(e.id[:12], state, str(s.get("video", "")), str(s.get("model", "")), str(s.get("steps", "")), format_size(e.size_bytes), str(e.last_used or "")[:19])
-    from rich.console import Console
-
+        s = e.summary
+        source = ", ".join(str(s[k]) for k in ("video", "model") if s.get(k))
+        table.add_row(f"{e.id}\n[dim]{source}", e.state, str(s.get("steps", "")), format_size(e.size_bytes), _when(e.last_used))
     Console().print(table)
+
+
+def _when(timestamp: str | None) -> str:
+    return (timestamp or "")[:16].replace("T", " ")
 
 
 @cache_group.command(name="show")
 @click.argument("entry_id")
 @cache_option
-def cache_show(entry_id: str, cache_dir) -> None:
-    """Show one entry's settings, files and stage status."""
+@json_option
+def cache_show(entry_id: str, cache_dir, as_json: bool) -> None:
+    """Show one entry: settings, stage status, files (sizes, checksums) and stored attention."""
     from rich.console import Console
-    from rich.pretty import Pretty
 
     from cache.layout import CacheLayout, resolve_entry_id
-    from cache.manifest import read_manifest
+    from cache.store import entry_details
 
     layout = CacheLayout.from_dir(cache_dir)
-    paths = layout.entry(resolve_entry_id(layout, entry_id))
-    Console().print(Pretty(read_manifest(paths.manifest) or {"id": paths.id, "manifest": "missing or unreadable"}))
+    details = entry_details(layout, resolve_entry_id(layout, entry_id))
+    if as_json:
+        click.echo(json.dumps(details))
+        return
+    Console().print(_details_tree(details))
+
+
+def _details_tree(d: dict):
+    from rich.table import Table
+    from rich.tree import Tree
+
+    from cache.sizes import format_size
+
+    tree = Tree(f"[bold]{d['id']}[/]  {d['state']}, {format_size(d['size'])}, last used {_when(d['last_used'])}")
+    if d["problem"]:
+        tree.add(f"[red]{d['problem']}")
+    for section in ("summary", "settings", "stages", "attention"):
+        node = tree.add(f"[bold]{'stored attention' if section == 'attention' else section}")
+        if d[section]:
+            _branch(node, d[section])
+        else:
+            node.add("none")
+    files = Table(box=None, pad_edge=False)
+    files.add_column("file", overflow="fold")
+    files.add_column("size", justify="right")
+    files.add_column("sha256")
+    stores: dict[str, list[dict]] = {}
+    for f in d["files"]:
+        if f["file"].startswith("attention/"):  # one file per timestep and block: a count per store
+            stores.setdefault(f["file"].split("/")[1], []).append(f)
+        else:
+            files.add_row(f["file"], format_size(f["bytes"]), f["sha256"][:12])
+    for key, group in stores.items():
+        files.add_row(f"attention/{key}/ ({len(group)} files)", format_size(sum(f["bytes"] for f in group)), "")
+    tree.add(f"[bold]files[/] ({len(d['files'])}, {format_size(sum(f['bytes'] for f in d['files']))})").add(files)
+    return tree
+
+
+def _branch(node, values: dict) -> None:
+    from cache.sizes import format_size
+
+    for key, value in values.items():
+        if isinstance(value, dict) and value:
+            _branch(node.add(str(key)), value)
+        else:
+            node.add(f"{key}: {format_size(value) if key == 'bytes' else _short(value)}")
+
+
+def _short(value) -> str:
+    """A leaf of the manifest on one line: checksums cut to 12 characters, long lists elided."""
+    if isinstance(value, str) and len(value) >= 32 and all(c in "0123456789abcdef" for c in value):
+        return value[:12]
+    if isinstance(value, list) and len(value) > 8:
+        return f"{', '.join(map(str, value[:3]))} … {value[-1]} ({len(value)})"
+    return repr(value) if isinstance(value, str) else str(value)
 
 
 @cache_group.command(name="rm")

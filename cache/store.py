@@ -26,6 +26,7 @@ from cache.sizes import format_size, parse_size
 __all__ = [
     "EntryInfo",
     "Problem",
+    "entry_details",
     "entry_info",
     "format_size",
     "gc",
@@ -56,6 +57,11 @@ class EntryInfo:
     manifest_ok: bool
     dir: Path
     problem: str | None = None  # why manifest_ok is False, with the fix
+
+    @property
+    def state(self) -> str:
+        """complete, partial (an inversion still running or interrupted: it resumes) or broken."""
+        return "complete" if self.complete else ("partial" if self.manifest_ok else "broken")
 
 
 @dataclass(frozen=True)
@@ -145,6 +151,33 @@ def entry_info(layout: CacheLayout, entry_id: str) -> EntryInfo:
     if not paths.dir.is_dir():
         raise _no_entry(layout, paths.id)
     return _info(paths)
+
+
+def entry_details(layout: CacheLayout, entry_id: str) -> dict:
+    """What `cache show` prints about one entry, as JSON-ready data: state, size and times, the
+    manifest's summary, settings and stages, each file with its size and sha256, and the stored
+    attention. Sections a broken manifest lacks are empty."""
+    info = entry_info(layout, entry_id)
+    try:
+        manifest = read_manifest(layout.entry(info.id).manifest) or {}
+    except CacheFormatError:
+        manifest = {}  # a newer cogedit's: info.problem says so
+    files = manifest.get("files")
+    records = [(rel, file_record(manifest, rel)) for rel in sorted(files)] if isinstance(files, dict) else []
+    return {
+        "id": info.id,
+        "state": info.state,
+        "problem": info.problem,
+        "dir": str(info.dir),
+        "size": info.size_bytes,
+        "created": info.created,
+        "last_used": info.last_used,
+        "summary": info.summary,
+        "settings": manifest.get("settings", {}),
+        "stages": manifest.get("stages", {}),
+        "files": [{"file": rel, "bytes": r.bytes, "sha256": r.sha256} for rel, r in records if r is not None],
+        "attention": manifest.get("attention", {}),
+    }
 
 
 # ---------------------------------------------------------------------------- removal

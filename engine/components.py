@@ -20,18 +20,9 @@ from typing import Any
 import torch
 
 from cache.keys import stable_hash
-from engine.errors import ModelError, SettingsError
+from engine.errors import DeviceError, ModelError, SettingsError
+from engine.libraries import import_model_libraries, import_torchao
 from engine.plans import PLANS, Plan, get_plan
-
-
-def _quiet_libraries() -> None:
-    # Our own bars show each phase; the libraries' per-shard bars would interleave with them.
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    diffusers_logging.disable_progress_bar()
-    transformers_logging.disable_progress_bar()
-
 
 PARTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
 _CONFIG_FILES = {
@@ -66,7 +57,7 @@ class Runtime:
         compile: bool = False,
         fp8: bool = False,
     ) -> Runtime:
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        device = check_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         plan = get_plan(plan) if isinstance(plan, str) else (plan or PLANS["staged"])
         if plan.needs_cuda and not device.startswith("cuda"):
             raise SettingsError(f"--plan {plan.name} needs a CUDA GPU (it quantizes or offloads to one); on {device} use --plan staged")
@@ -89,6 +80,29 @@ class Runtime:
         return Runtime(device=device, dtype=dtype, plan=plan, compile=compile, fp8=fp8)
 
 
+def check_device(device: str) -> str:
+    """`device` if this torch can run on it, else DeviceError with the fix: checked before
+    anything is read or written, not discovered seconds into a phase."""
+    try:
+        kind = torch.device(device)
+    except (RuntimeError, ValueError):  # torch's own message lists a dozen device types
+        raise DeviceError(f"--device {device} is not a device torch knows: pass --device cuda (cuda:N for another GPU) or --device cpu") from None
+    if kind.type == "cpu":
+        return device
+    if kind.type != "cuda":
+        raise DeviceError(f"--device {device}: cogedit runs on CUDA GPUs or the CPU; pass --device cuda or --device cpu")
+    if torch.version.cuda is None and torch.version.hip is None:
+        raise DeviceError(
+            f"--device {device}: this torch has no CUDA (CPU build {torch.__version__}); "
+            "install a CUDA build of torch (pytorch.org) or pass --device cpu"
+        )
+    if not torch.cuda.is_available():
+        raise DeviceError(f"--device {device}: torch sees no GPU; check the driver (nvidia-smi) and CUDA_VISIBLE_DEVICES, or pass --device cpu")
+    if kind.index is not None and kind.index >= torch.cuda.device_count():
+        raise DeviceError(f"--device {device}: only {torch.cuda.device_count()} GPU(s) visible; pass --device cuda:0")
+    return device
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     """A checked model folder and its identity (what goes into cache keys)."""
@@ -100,6 +114,7 @@ class ModelInfo:
     vae_config: dict[str, Any]
     scheduler_config: dict[str, Any]
     text_encoder_config: dict[str, Any]
+    known_params: dict[str, int] | None = None  # parameter counts, when known without building the models
 
     @property
     def vae_scale_spatial(self) -> int:
@@ -218,10 +233,10 @@ def inspect_model(model: str | os.PathLike) -> ModelInfo:
 
 def builtin_5b() -> ModelInfo:
     """The CogVideoX-5B shape with no files behind it: enough to plan memory without a download."""
-    from engine.configs import SCHEDULER_5B, T5_XXL, TRANSFORMER_5B, VAE_5B
+    from engine.configs import PARAMS_5B, SCHEDULER_5B, T5_XXL, TRANSFORMER_5B, VAE_5B
 
     vae = {"block_out_channels": [128, 256, 256, 512], "temporal_compression_ratio": 4, **VAE_5B}
-    return ModelInfo("CogVideoX-5B (built-in shape)", Path("."), "0" * 32, TRANSFORMER_5B, vae, SCHEDULER_5B, T5_XXL)
+    return ModelInfo("CogVideoX-5B (built-in shape)", Path("."), "0" * 32, TRANSFORMER_5B, vae, SCHEDULER_5B, T5_XXL, PARAMS_5B)
 
 
 def alive() -> list[str]:
@@ -258,7 +273,7 @@ def _check_float8(device: str, plan: Plan) -> None:
     if plan.needs_bitsandbytes or plan.offload != "none":
         raise SettingsError(f"--fp8 quantizes the transformer itself and can't be combined with --plan {plan.name}: use --plan staged or lean")
     try:
-        import torchao  # noqa: F401
+        import_torchao()
     except ImportError:
         raise SettingsError('--fp8 needs torchao: pip install "cogedit[fp8]"') from None
     if not float8_supported(device):
@@ -312,7 +327,7 @@ def place_component(module: torch.nn.Module, name: str, runtime: Runtime, quanti
 
 
 def load_component(name: str, info: ModelInfo, runtime: Runtime) -> Any:
-    _quiet_libraries()
+    import_model_libraries()
     common = dict(subfolder=name, torch_dtype=runtime.dtype, use_safetensors=True)
     plan = runtime.plan
     quantized = False

@@ -50,3 +50,7 @@ T5_XXL = dict(
 )
 
 VAE_5B = dict(scaling_factor=0.7)  # diffusers' AutoencoderKLCogVideoX defaults otherwise
+
+# Parameters of the configs above, as counted on the meta device (tests/test_plans.py recounts
+# them): `cogedit plan` needs them, and building the models to count them takes diffusers' import.
+PARAMS_5B = dict(transformer=5_570_283_072, text_encoder=4_762_310_656, vae=215_583_907)

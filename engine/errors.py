@@ -23,6 +23,10 @@ class SettingsError(CogeditError):
     """Two settings conflict or a value is out of range."""
 
 
+class DeviceError(SettingsError):
+    """--device names a device this torch cannot run on."""
+
+
 class OutputExistsError(CogeditError):
     """An output file exists and --force was not given."""
 

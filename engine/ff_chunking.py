@@ -12,9 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from diffusers.hooks import ModelHook
 
 from engine import hooks
+from engine.hooks import ModelHook
 
 FF_CHUNKING = "cogedit_ff_chunking"
 

@@ -13,17 +13,21 @@ from typing import Any
 
 import torch
 
+from engine.libraries import import_model_libraries
+
+import_model_libraries()  # before diffusers.hooks: diffusers must see torchao hidden (engine.libraries)
+
+from diffusers.hooks import HookRegistry, ModelHook  # noqa: E402
+
+__all__ = ["ModelHook", "applied", "find", "register", "remove"]
+
 
 def register(module: torch.nn.Module, hook: Any, name: str) -> None:
-    from diffusers.hooks import HookRegistry
-
     HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, name)
 
 
 def remove(module: torch.nn.Module, name: str) -> None:
     """Remove hook `name` from `module` and every module below it."""
-    from diffusers.hooks import HookRegistry
-
     HookRegistry.check_if_exists_or_initialize(module).remove_hook(name, recurse=True)
 
 

@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from diffusers.hooks import ModelHook
 
 from engine import hooks
+from engine.hooks import ModelHook
 
 
 @dataclass

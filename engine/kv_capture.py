@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers.hooks import ModelHook
 
 from cache.atomic import FileRecord, save_tensors
 from engine import hooks
+from engine.hooks import ModelHook
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 

@@ -38,6 +38,7 @@ class InvertOptions(RuntimeOptions):
     stride: int | None = None
     height: int = 480
     width: int = 720
+    fit: str = "stretch"  # stretch | crop | pad, when the source's shape is not the model's
     source_prompt: str = ""
     negative_prompt: str = ""
     guidance: float = 6.0

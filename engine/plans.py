@@ -10,11 +10,13 @@ activations per row (a per-token constant measured by the benchmarks, in benchma
 from __future__ import annotations
 
 import functools
+import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 
+from cache.sizes import parse_size
 from engine.errors import SettingsError
 
 if TYPE_CHECKING:
@@ -45,11 +47,11 @@ class Plan:
 PLANS: dict[str, Plan] = {
     p.name: p
     for p in (
-        Plan("staged", "every phase resident in bf16, one component at a time (24 GB cards)"),
-        Plan("lean", "staged, each block run one row at a time, sliced MLPs (12-16 GB)", row_group=1, ff_chunk=2048),
-        Plan("int8", "8-bit transformer and T5 (bitsandbytes), sliced MLPs (10-12 GB)", "int8", "int8", ff_chunk=4096),
-        Plan("nf4", "4-bit transformer and T5 (bitsandbytes nf4), sliced MLPs (8 GB)", "nf4", "nf4", ff_chunk=4096),
-        Plan("offload", "bf16 weights streamed block by block from CPU memory (6-8 GB)", offload="block", ff_chunk=4096),
+        Plan("staged", "every phase resident in bf16, one component at a time (16-24 GB cards)"),
+        Plan("lean", "staged, each block run one row at a time, sliced MLPs (12 GB cards)", row_group=1, ff_chunk=2048),
+        Plan("int8", "8-bit transformer and T5 (bitsandbytes), sliced MLPs (11 GB cards)", "int8", "int8", ff_chunk=4096),
+        Plan("nf4", "4-bit transformer and T5 (bitsandbytes nf4), sliced MLPs (8 GB cards; by name only: offload fits them too, faster)", "nf4", "nf4", ff_chunk=4096),
+        Plan("offload", "bf16 weights streamed block by block from CPU memory (6-10 GB cards)", offload="block", ff_chunk=4096),
     )
 }
 
@@ -76,6 +78,9 @@ def get_plan(name: str) -> Plan:
 
 @functools.lru_cache(maxsize=8)
 def _param_count(part: str, config_items: tuple) -> int:
+    from engine.libraries import import_model_libraries
+
+    import_model_libraries()
     config = dict(config_items)
     with torch.device("meta"):
         if part == "transformer":
@@ -101,6 +106,8 @@ def _hashable(config: dict) -> tuple:
 
 
 def param_counts(info: ModelInfo) -> dict[str, int]:
+    if info.known_params is not None:
+        return dict(info.known_params)
     return {
         "transformer": _param_count("transformer", _hashable(info.transformer_config)),
         "text_encoder": _param_count("text_encoder", _hashable(info.text_encoder_config)),
@@ -163,9 +170,25 @@ def predict_peaks(plan: Plan, info: ModelInfo, w: Workload = Workload()) -> dict
     }
 
 
+_VRAM_RE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([kmgt]?)(i?b)?\s*", re.IGNORECASE)
+
+
+def parse_vram(text: str) -> int:
+    """A GPU's memory as written on the card, in bytes. Cards are sold in binary units under
+    decimal names (a "12 GB" card has 12 GiB), so GB means GiB here, unlike --max-size; a bare
+    number is GB: "12GB", "12GiB", "12G" and "12" are all 12 * 2**30."""
+    match = _VRAM_RE.fullmatch(text) if isinstance(text, str) else None
+    prefix, suffix = (match.group(2), (match.group(3) or "").lower()) if match else ("", "")
+    if match is None or (suffix == "ib" and not prefix):
+        raise ValueError(f"cannot read --vram {text!r}: write the card's memory, e.g. 12GB, 12 or 16GiB (GB on a card means GiB)")
+    if not prefix and not suffix:
+        prefix = "g"  # a bare number is GB
+    return parse_size(match.group(1) + prefix)  # a bare letter is binary in parse_size; "B" alone is bytes
+
+
 def choose_plan(vram_bytes: int, info: ModelInfo, w: Workload = Workload()) -> Plan:
-    """The first plan, fastest first, whose predicted peak fits a card of `vram_bytes` less the
-    CUDA context, which the allocator does not see."""
+    """The first plan, fastest first, whose predicted peak fits a card of `vram_bytes` (see
+    parse_vram) less the CUDA context, which the allocator does not see."""
     for name in ("staged", "lean", "int8", "offload", "nf4"):
         plan = PLANS[name]
         if max(predict_peaks(plan, info, w).values()) <= vram_bytes - CUDA_CONTEXT:

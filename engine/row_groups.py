@@ -18,9 +18,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from diffusers.hooks import ModelHook
 
 from engine import hooks
+from engine.hooks import ModelHook
 from engine.injection import InjectionState, joined_attention
 
 

@@ -13,6 +13,7 @@ import functools
 import hashlib
 import inspect
 import json
+import logging
 import math
 import os
 import queue
@@ -35,6 +36,11 @@ from engine.errors import SettingsError, VideoError
 from engine.proxy import HELD_OUT
 
 MIN_FRAMES = 5  # smallest 4k+1 count that still has motion (2 latent frames)
+FITS = ("stretch", "crop", "pad")
+# Under --fit stretch, an aspect ratio changed by more than this is worth a warning.
+ASPECT_TOLERANCE = 0.10
+
+log = logging.getLogger("cogedit")
 
 DEMO_VIDEO: Path = HELD_OUT.path  # Big Buck Bunny, never shown to the proxy while training
 
@@ -58,6 +64,9 @@ class FrameSettings:
     stride: int | None = None  # None = spread evenly over the kept range
     height: int = 480
     width: int = 720
+    # How a source of another aspect ratio meets height x width: stretch it (upstream's way),
+    # crop it to fill the frame, or pad it with black bars.
+    fit: str = "stretch"
 
     def __post_init__(self) -> None:
         def is_int(value: object) -> bool:
@@ -82,6 +91,8 @@ class FrameSettings:
                     f"{flag} {value!r} is invalid — use a positive multiple of 16 "
                     f"(CogVideoX-5B: --height 480 --width 720)"
                 )
+        if self.fit not in FITS:
+            raise SettingsError(f"--fit {self.fit!r} is invalid — use {', '.join(FITS)}")
 
 
 @dataclass(frozen=True)
@@ -456,9 +467,48 @@ def probe_video(path: str | os.PathLike) -> VideoInfo:
         return _probe(worker, file, shown)
 
 
+def decode_size(width: int, height: int, settings: FrameSettings) -> tuple[int, int]:
+    """(height, width) to decode a width x height source at: settings' size when stretching;
+    for crop the smallest size that covers it, for pad the largest that fits in it, either with
+    the source's aspect ratio."""
+    if settings.fit == "stretch":
+        return settings.height, settings.width
+    pick = max if settings.fit == "crop" else min
+    scale = pick(settings.height / height, settings.width / width)
+    h, w = max(1, round(height * scale)), max(1, round(width * scale))
+    if settings.fit == "crop":  # rounding must not leave the frame a pixel short
+        return max(h, settings.height), max(w, settings.width)
+    return min(h, settings.height), min(w, settings.width)
+
+
+def fit_frames(frames: np.ndarray, settings: FrameSettings) -> np.ndarray:
+    """uint8 [F, h, w, 3] at decode_size -> [F, height, width, 3]: the centre cut out (crop) or
+    placed on black (pad); stretched frames are already the right size."""
+    _, h, w, _ = frames.shape
+    top, left = abs(h - settings.height) // 2, abs(w - settings.width) // 2
+    if settings.fit == "crop":
+        return np.ascontiguousarray(frames[:, top : top + settings.height, left : left + settings.width])
+    if settings.fit == "pad":
+        out = np.zeros((frames.shape[0], settings.height, settings.width, 3), dtype=frames.dtype)
+        out[:, top : top + h, left : left + w] = frames
+        return out
+    return frames
+
+
+def _warn_if_squashed(shown: str, info: VideoInfo, settings: FrameSettings) -> None:
+    source, target = info.width / info.height, settings.width / settings.height
+    if settings.fit == "stretch" and max(source / target, target / source) > 1 + ASPECT_TOLERANCE:
+        log.warning(
+            "%s is %dx%d and is stretched to %dx%d, changing its aspect ratio from %.2f to %.2f; "
+            "pass --fit crop or --fit pad to keep its shape",
+            shown, info.width, info.height, settings.width, settings.height, source, target,
+        )
+
+
 def read_frames(path: str | os.PathLike, settings: FrameSettings) -> tuple[torch.Tensor, VideoInfo]:
-    """Decode the selected frames, resized to settings' size: uint8 [F, H, W, 3] and the source's
-    facts. Only the selected frames are decoded, a chunk at a time, already scaled by decord."""
+    """Decode the selected frames at settings' size, fitted as settings.fit says: uint8
+    [F, H, W, 3] and the source's facts. Only the selected frames are decoded, a chunk at a time,
+    already scaled by decord."""
     shown = os.fspath(path)
     file = Path(shown)
     _check_file(file, shown)
@@ -469,13 +519,15 @@ def read_frames(path: str | os.PathLike, settings: FrameSettings) -> tuple[torch
         except VideoError as exc:
             raise VideoError(f"{shown}: {exc}") from None
 
+        _warn_if_squashed(shown, info, settings)
+        height, width = decode_size(info.width, info.height, settings)
         out = os.path.join(tmp, "frames.npy")
         request = {
             "op": "decode",
             "path": info.path,
             "indices": indices,
-            "height": settings.height,
-            "width": settings.width,
+            "height": height,
+            "width": width,
             "chunk": DECODE_CHUNK,
             "out": out,
         }
@@ -491,13 +543,13 @@ def read_frames(path: str | os.PathLike, settings: FrameSettings) -> tuple[torch
             )
         frames = np.load(out)  # reads into memory, so the temporary folder can go
 
-    expected = (len(indices), settings.height, settings.width, 3)
+    expected = (len(indices), height, width, 3)
     if frames.shape != expected or frames.dtype != np.uint8:
         raise VideoError(
             f"{shown} decoded to {frames.dtype} {frames.shape}, expected uint8 {expected} — "
             f"{_reencode_hint(shown)}"
         )
-    return torch.from_numpy(frames), info
+    return torch.from_numpy(fit_frames(frames, settings)), info
 
 
 def to_model_input(frames: torch.Tensor) -> torch.Tensor:

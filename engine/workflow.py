@@ -25,7 +25,7 @@ from cache.keys import stable_hash
 from cache.layout import CacheLayout, EntryPaths, cache_root
 from cache.lock import entry_lock
 from cache.manifest import FORMAT_VERSION
-from cache.sizes import format_size, parse_size
+from cache.sizes import format_size
 from engine.attention_store import MemoryStores, capture_stage, check_budget, find_store, has_store, store_settings
 from engine.components import ModelInfo, Runtime, inspect_model
 from engine.decode import decode_stage, output_paths
@@ -35,7 +35,7 @@ from engine.encode import encode_stage
 from engine.errors import ModelError, SettingsError
 from engine.inversion import invert_stage
 from engine.options import EditOptions, InvertOptions, parse, split_run_options
-from engine.plans import Workload, choose_plan, predict_peaks
+from engine.plans import Workload, choose_plan, parse_vram, predict_peaks
 from engine.report import Reporter
 from engine.results import EditResult, Inversion, open_inversion
 from engine.settings import EditSettings, InjectSettings, InvertSettings, StoreSettings, layers_of, window_of
@@ -111,7 +111,7 @@ def _with_plan(runtime: Runtime, plan: str | None, vram: str | int | None, info:
         raise SettingsError("give --plan or --vram, not both (--vram picks a plan)")
     if vram is not None:
         try:
-            budget = parse_size(vram) if isinstance(vram, str) else int(vram)
+            budget = parse_vram(vram) if isinstance(vram, str) else int(vram)
         except ValueError as exc:
             raise SettingsError(f"--vram: {exc}") from None
         chosen = choose_plan(budget, info, workload)
@@ -151,7 +151,7 @@ def _check_sizes(entry: InversionEntry) -> None:
 
 def _invert_settings(opts: InvertOptions) -> tuple[FrameSettings, InvertSettings]:
     iters = opts.inversion_iters if opts.inversion_iters is not None else (FIXED_POINT_ITERS if opts.inversion == "fixed-point" else 0)
-    frames = FrameSettings(opts.frames, opts.skip_start, opts.skip_end, opts.stride, opts.height, opts.width)
+    frames = FrameSettings(opts.frames, opts.skip_start, opts.skip_end, opts.stride, opts.height, opts.width, opts.fit)
     return frames, InvertSettings(opts.steps, opts.source_prompt, opts.negative_prompt, opts.guidance, opts.inversion, iters)
 
 

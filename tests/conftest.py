@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-SHARED_VIDEOS = Path(__file__).resolve().parents[2] / "shared" / "videos"
+# Real footage that ships with the tests (tests/clips/CREDITS.md): odd sizes and lengths on purpose.
+CLIPS = Path(__file__).resolve().parent / "clips"
 # Small but real: the tiny transformer was built for 96x160 frames (12x20 latents).
 SMALL = dict(frames=9, height=96, width=160, steps=4)
 
@@ -42,16 +43,12 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def bikes() -> Path:
-    path = SHARED_VIDEOS / "bikes.mp4"
-    if not path.exists():
-        pytest.skip(f"sample clip {path} is not present (it ships in shared/videos beside the repo)")
-    return path
+def wide_clip() -> Path:
+    """131 frames, 636x270 at 25 fps: no side a multiple of 8, a length that is not 4k+1."""
+    return CLIPS / "bunny_wide.mp4"
 
 
 @pytest.fixture(scope="session")
-def bunny() -> Path:
-    path = SHARED_VIDEOS / "bigbuckbunny.mp4"
-    if not path.exists():
-        pytest.skip(f"sample clip {path} is not present (it ships in shared/videos beside the repo)")
-    return path
+def small_clip() -> Path:
+    """47 frames, 430x242 at 25 fps."""
+    return CLIPS / "bunny_small.mp4"

@@ -17,8 +17,8 @@ def _store(where, **kw):
 
 
 @pytest.mark.parametrize("where", ["disk", "cpu"])
-def test_stored_replay_equals_recomputed_reference(tiny_model, bikes, where):
-    inv = engine.invert(bikes, tiny_model, device="cpu", **SMALL, **_store(where))
+def test_stored_replay_equals_recomputed_reference(tiny_model, wide_clip, where):
+    inv = engine.invert(wide_clip, tiny_model, device="cpu", **SMALL, **_store(where))
     recompute = engine.edit(inv, PROMPT, inject_steps="0:0.5", device="cpu", output="latents")
     stored = engine.edit(inv, PROMPT, inject_steps="0:0.5", reference="stored", device="cpu", output="latents")
     # Same forward pass at the same timestep; only the batch it ran in differs.
@@ -26,9 +26,9 @@ def test_stored_replay_equals_recomputed_reference(tiny_model, bikes, where):
     inv.release()
 
 
-def test_capture_does_not_change_the_trajectory(tiny_model, bikes, tmp_path):
-    plain = engine.invert(bikes, tiny_model, device="cpu", cache_dir=tmp_path / "a", **SMALL)
-    captured = engine.invert(bikes, tiny_model, device="cpu", cache_dir=tmp_path / "b", **SMALL, **_store("disk"))
+def test_capture_does_not_change_the_trajectory(tiny_model, wide_clip, tmp_path):
+    plain = engine.invert(wide_clip, tiny_model, device="cpu", cache_dir=tmp_path / "a", **SMALL)
+    captured = engine.invert(wide_clip, tiny_model, device="cpu", cache_dir=tmp_path / "b", **SMALL, **_store("disk"))
     for a, b in zip(plain.trajectory(), captured.trajectory(), strict=True):
         assert torch.equal(a, b)
     assert captured.manifest["attention"], "the store is recorded in the manifest"
@@ -41,14 +41,14 @@ def _shards(inv):
     return {p.relative_to(root).as_posix().split("/", 1)[1]: load_tensors(p) for p in sorted(root.rglob("*.safetensors"))}
 
 
-def test_store_added_later_is_captured_from_the_cached_trajectory(tiny_model, bikes, tmp_path):
-    first = engine.invert(bikes, tiny_model, device="cpu", **SMALL)
+def test_store_added_later_is_captured_from_the_cached_trajectory(tiny_model, wide_clip, tmp_path):
+    first = engine.invert(wide_clip, tiny_model, device="cpu", **SMALL)
     reporter = engine.Reporter()
-    later = engine.invert(bikes, tiny_model, device="cpu", reporter=reporter, **SMALL, **_store("disk"))
+    later = engine.invert(wide_clip, tiny_model, device="cpu", reporter=reporter, **SMALL, **_store("disk"))
     assert later.id == first.id
     assert [r.name for r in reporter.records].count("capture") == 1
     assert "invert" not in [r.name for r in reporter.records], "the trajectory is not recomputed"
-    during = engine.invert(bikes, tiny_model, device="cpu", cache_dir=tmp_path / "b", **SMALL, **_store("disk"))
+    during = engine.invert(wide_clip, tiny_model, device="cpu", cache_dir=tmp_path / "b", **SMALL, **_store("disk"))
     a, b = _shards(later), _shards(during)
     assert list(a) == list(b) == [f"t_{t:04d}/b_{i:02d}.safetensors" for t in (749, 999) for i in (0, 1)]
     for name in a:
@@ -58,8 +58,8 @@ def test_store_added_later_is_captured_from_the_cached_trajectory(tiny_model, bi
 
 # Measured on the tiny model: bf16 5e-5, fp8 1.9e-3 relative error of the edited latents.
 @pytest.mark.parametrize(("dtype", "tol"), [("bf16", 1e-3), ("fp8", 1e-2)])
-def test_low_precision_stores_stay_close(tiny_model, bikes, dtype, tol):
-    inv = engine.invert(bikes, tiny_model, device="cpu", **SMALL, **_store("disk", attention_dtype=dtype))
+def test_low_precision_stores_stay_close(tiny_model, wide_clip, dtype, tol):
+    inv = engine.invert(wide_clip, tiny_model, device="cpu", **SMALL, **_store("disk", attention_dtype=dtype))
     exact = engine.edit(inv, PROMPT, inject_steps="0:0.5", device="cpu", output="latents").latents
     lossy = engine.edit(inv, PROMPT, inject_steps="0:0.5", reference="stored", device="cpu", output="latents").latents
     rel = ((lossy - exact).norm() / exact.norm()).item()
@@ -67,23 +67,23 @@ def test_low_precision_stores_stay_close(tiny_model, bikes, dtype, tol):
     assert rel < tol
 
 
-def test_store_over_budget_is_refused_before_writing(tiny_model, bikes, _isolated_cache):
+def test_store_over_budget_is_refused_before_writing(tiny_model, wide_clip, _isolated_cache):
     with pytest.raises(SettingsError, match="budget") as info:
         # One block-step is 101.5 KiB here (fp32 on the CPU): 240 kB holds two, one step of both blocks.
-        engine.invert(bikes, tiny_model, device="cpu", attention_budget=240_000, **SMALL, **_store("disk"))
+        engine.invert(wide_clip, tiny_model, device="cpu", attention_budget=240_000, **SMALL, **_store("disk"))
     assert "try --attention-steps 0:0.25" in str(info.value)
     assert not list((_isolated_cache / "inversions").glob("*")), "nothing was written"
 
 
-def test_replay_outside_the_stored_window_is_refused(tiny_model, bikes):
-    inv = engine.invert(bikes, tiny_model, device="cpu", **SMALL, **_store("disk"))
+def test_replay_outside_the_stored_window_is_refused(tiny_model, wide_clip):
+    inv = engine.invert(wide_clip, tiny_model, device="cpu", **SMALL, **_store("disk"))
     with pytest.raises(SettingsError, match="no stored attention"):
         engine.edit(inv, PROMPT, inject_steps="0:1", reference="stored", device="cpu", output="latents")
 
 
-def test_lean_plan_replays_the_store_row_by_row(tiny_model, bikes):
+def test_lean_plan_replays_the_store_row_by_row(tiny_model, wide_clip):
     """Row groups over replayed K/V: each block's stored K/V serve every row group of that block."""
-    inv = engine.invert(bikes, tiny_model, device="cpu", **SMALL, **_store("disk"))
+    inv = engine.invert(wide_clip, tiny_model, device="cpu", **SMALL, **_store("disk"))
     prompts = ["a watercolor painting", "a charcoal sketch"]
     staged = engine.edit(inv, prompts, inject_steps="0:0.5", reference="stored", device="cpu", output="latents")
     lean = engine.edit(inv, prompts, inject_steps="0:0.5", reference="stored", plan="lean", device="cpu", output="latents")
@@ -156,11 +156,11 @@ def test_the_step_being_replayed_is_read_before_the_read_ahead():
     assert not any(t == 249 for t, _ in order)
 
 
-def test_edit_reads_ahead_while_loading_and_while_each_step_computes(tiny_model, bikes, monkeypatch):
+def test_edit_reads_ahead_while_loading_and_while_each_step_computes(tiny_model, wide_clip, monkeypatch):
     import engine.editing as editing
     from engine.kv_replay import StepKV, StoredAttention
 
-    inv = engine.invert(bikes, tiny_model, device="cpu", **SMALL, **_store("disk"))
+    inv = engine.invert(wide_clip, tiny_model, device="cpu", **SMALL, **_store("disk"))
     events = []
     for cls, name in ((StoredAttention, "prefetch"), (StoredAttention, "at"), (StepKV, "__getitem__")):
         def logged(self, x, original=getattr(cls, name), name=name):
@@ -177,11 +177,11 @@ def test_edit_reads_ahead_while_loading_and_while_each_step_computes(tiny_model,
     assert events.index(("prefetch", 749)) < events.index(("at", 999)) < events.index(("__getitem__", 0))
 
 
-def test_a_missing_or_damaged_block_file_is_refused_and_reported(tiny_model, bikes):
+def test_a_missing_or_damaged_block_file_is_refused_and_reported(tiny_model, wide_clip):
     from cache.errors import CacheCorruptError
     from cache.store import verify
 
-    inv = engine.invert(bikes, tiny_model, device="cpu", **SMALL, **_store("disk"))
+    inv = engine.invert(wide_clip, tiny_model, device="cpu", **SMALL, **_store("disk"))
     missing, damaged = inv.store_files(next(iter(inv.stores())))[1:3]
     assert len(inv.store_files(next(iter(inv.stores())))) == 4  # 2 steps x 2 blocks
     missing.unlink()
@@ -195,12 +195,12 @@ def test_a_missing_or_damaged_block_file_is_refused_and_reported(tiny_model, bik
         engine.edit(inv, PROMPT, inject_steps="0:0.5", reference="stored", device="cpu", output="latents")
 
 
-def test_a_store_of_one_file_per_timestep_reads_as_absent_and_is_replaced(tiny_model, bikes):
+def test_a_store_of_one_file_per_timestep_reads_as_absent_and_is_replaced(tiny_model, wide_clip):
     from cache.atomic import save_tensors
     from cache.manifest import record_file, write_manifest
     from cache.store import verify
 
-    inv = engine.invert(bikes, tiny_model, device="cpu", **SMALL, **_store("disk"))
+    inv = engine.invert(wide_clip, tiny_model, device="cpu", **SMALL, **_store("disk"))
     key = next(iter(inv.stores()))
     manifest = inv.manifest
     del manifest["attention"][key]["layout"]  # as an older cogedit recorded it, with its file
@@ -212,7 +212,7 @@ def test_a_store_of_one_file_per_timestep_reads_as_absent_and_is_replaced(tiny_m
     with pytest.raises(SettingsError, match="no stored attention"):
         engine.edit(older, PROMPT, inject_steps="0:0.5", reference="stored", device="cpu", output="latents")
     reporter = engine.Reporter()
-    again = engine.invert(bikes, tiny_model, device="cpu", reporter=reporter, **SMALL, **_store("disk"))
+    again = engine.invert(wide_clip, tiny_model, device="cpu", reporter=reporter, **SMALL, **_store("disk"))
     assert "capture" in [r.name for r in reporter.records]
     assert key in again.stores() and not old.exists() and inv.paths.relative(old) not in again.manifest["files"]
     assert verify(again.layout, [again.id]) == []

@@ -55,10 +55,10 @@ def fails(*args: object, code: int = 1) -> str:
 
 
 @pytest.fixture(scope="module")
-def golden(tiny_model, bikes, tmp_path_factory) -> engine.Inversion:
+def golden(tiny_model, wide_clip, tmp_path_factory) -> engine.Inversion:
     """A finished inversion with stored attention and cached prompts, to copy into a test's cache."""
     root = tmp_path_factory.mktemp("golden")
-    inv = engine.invert(bikes, tiny_model, device="cpu", cache_dir=root, attention_store="disk", **SMALL)
+    inv = engine.invert(wide_clip, tiny_model, device="cpu", cache_dir=root, attention_store="disk", **SMALL)
     engine.edit(inv, ["a watercolor painting"], device="cpu", guidance=1.0, cache_dir=root, output="latents")
     return inv
 
@@ -110,21 +110,25 @@ def test_bad_video(clips, tiny_model, name, expected):
         (["--steps", "0"], "--steps must be between 1 and 1000"),
         (["--steps", "-3"], "--steps must be between 1 and 1000"),
         (["--height", "100"], "--height"),
-        (["--skip-start", "300"], "only 0 of 250 frames remain after --skip-start 300"),
-        (["--skip-start", "120", "--skip-end", "120", "--stride", "4"], "only 3 of 250 frames remain"),
+        (["--skip-start", "300"], "only 0 of 131 frames remain after --skip-start 300"),
+        (["--skip-start", "60", "--skip-end", "60", "--stride", "4"], "only 3 of 131 frames remain"),
         (["--guidance", "0.5"], "--guidance must be >= 1"),
     ],
 )
-def test_bad_frame_and_step_settings(tiny_model, bikes, args, expected):
-    assert expected in fails("invert", bikes, "--model", tiny_model, *SMALL_ARGS, *args)
+def test_bad_frame_and_step_settings(tiny_model, wide_clip, args, expected):
+    assert expected in fails("invert", wide_clip, "--model", tiny_model, *SMALL_ARGS, *args)
 
 
 def test_odd_size_and_rate_invert(clips, tiny_model):
-    """176x144 at 29.97 fps, end to end (4K sources: test_video.py checks their bounded decode)."""
-    result = cogedit("invert", clips["ntsc"], "--model", tiny_model, *SMALL_ARGS, "--json")
+    """176x144 at 29.97 fps, end to end, padded to keep its shape (4K sources: test_video.py
+    checks their bounded decode; crop and stretch, their placement)."""
+    result = cogedit("invert", clips["ntsc"], "--model", tiny_model, *SMALL_ARGS, "--fit", "pad", "--json")
     assert result.exit_code == 0, result.output
     inv = engine.open_inversion(json.loads(result.stdout)["id"])
-    assert inv.frames().shape[1:] == (96, 160, 3)
+    frames = inv.frames()
+    assert frames.shape[1:] == (96, 160, 3)
+    assert frames[:, :, :21].max() == 0 and frames[:, :, 21:139].float().mean() > 20  # 117 wide between bars
+    assert inv.manifest["settings"]["frames"]["fit"] == "pad"  # in the key: a stretched inversion is another entry
     video = inv.manifest["settings"]["video"]
     assert (video["width"], video["height"], round(video["fps"], 2)) == (176, 144, 29.97)
 
@@ -165,22 +169,46 @@ def _variant(tiny_model: Path, tmp_path: Path, kind: str) -> str:
         ("pickle", "has only pickled .bin weights for transformer, and cogedit loads safetensors only"),
     ],
 )
-def test_bad_model(tiny_model, bikes, tmp_path, monkeypatch, kind, expected):
+def test_bad_model(tiny_model, wide_clip, tmp_path, monkeypatch, kind, expected):
     import huggingface_hub.constants
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read at import; no test may reach the hub
     model = _variant(tiny_model, tmp_path, kind)
     components.LOAD_EVENTS.clear()
-    assert expected in fails("invert", bikes, "--model", model, *SMALL_ARGS)
+    assert expected in fails("invert", wide_clip, "--model", model, *SMALL_ARGS)
     assert components.LOAD_EVENTS == []  # refused before any weights were read
 
 
-def test_entry_of_another_model_has_another_key(entry, tiny_model, bikes, tmp_path):
+def test_entry_of_another_model_has_another_key(entry, tiny_model, wide_clip, tmp_path):
     from engine.tiny import build_tiny_model
 
     other = build_tiny_model(tmp_path / "other", seed=1)
-    assert engine.invert(bikes, other, device="cpu", **SMALL).id != entry.id
+    assert engine.invert(wide_clip, other, device="cpu", **SMALL).id != entry.id
     assert "was made with another model" in fails("edit", entry.id[:8], "--model", other, "--prompt", "a cat", "--device", "cpu")
+
+
+# ----------------------------------------------------------------------------------------- device
+
+
+@pytest.mark.parametrize(
+    ("device", "expected"),
+    [
+        ("cuda", "--device cuda: this torch has no CUDA (CPU build"),
+        ("tpu", "--device tpu is not a device torch knows"),
+        ("mps", "--device mps: cogedit runs on CUDA GPUs or the CPU"),
+    ],
+)
+@pytest.mark.parametrize("command", ["invert", "run"])
+def test_unusable_device_is_refused_before_anything_is_written(tiny_model, wide_clip, _isolated_cache, monkeypatch, command, device, expected):
+    monkeypatch.setattr(torch.version, "cuda", None)  # a CPU build of torch, wherever the test runs
+    monkeypatch.setattr(torch.version, "hip", None)
+    components.LOAD_EVENTS.clear()
+    prompt = ["--prompt", "a cat"] if command == "run" else []
+    error = fails(command, wide_clip, "--model", tiny_model, *SMALL_ARGS, "--device", device, *prompt)
+    assert expected in error and "--device cpu" in error
+    assert not _isolated_cache.exists() and components.LOAD_EVENTS == []
+    with pytest.raises(engine.SettingsError, match="no CUDA"):
+        engine.invert(wide_clip, tiny_model, device="cuda", **SMALL)
 
 
 # ---------------------------------------------------------------------------------------- prompts
@@ -225,12 +253,28 @@ def test_corrupt_entry_is_refused_not_used(entry, tmp_path, file, damage, expect
     assert not list(tmp_path.glob("*.mp4"))
 
 
-def test_manifest_from_a_newer_cogedit(entry, tiny_model, bikes):
+def test_manifest_from_a_newer_cogedit(entry, tiny_model, wide_clip):
     manifest = json.loads(entry.paths.manifest.read_text())
     entry.paths.manifest.write_text(json.dumps({**manifest, "format_version": 99}))
-    for args in (["edit", entry.id[:8], "--prompt", "a cat"], ["invert", bikes, "--model", tiny_model, *SMALL_ARGS]):
+    for args in (["edit", entry.id[:8], "--prompt", "a cat"], ["invert", wide_clip, "--model", tiny_model, *SMALL_ARGS]):
         error = fails(*args)
         assert "written by a newer cogedit (format 99" in error and "upgrade cogedit or use another --cache-dir" in error
+
+
+def test_cache_show_and_ls_read_well_at_80_columns(entry):
+    runner = CliRunner(env={"COLUMNS": "80"})
+    shown = runner.invoke(cli, ["cache", "show", entry.id[:8]]).stdout
+    latents = entry.manifest["files"]["latents.safetensors"]["sha256"]
+    store = next(iter(entry.manifest["attention"]))
+    assert entry.id in shown and "complete" in shown and "stored attention" in shown and f"attention/{store}/ (" in shown
+    assert latents[:12] in shown and latents not in shown  # short checksums, on one line each
+    assert max(map(len, shown.splitlines())) <= 80
+    details = json.loads(runner.invoke(cli, ["cache", "show", entry.id[:8], "--json"]).stdout)
+    files = entry.manifest["files"]
+    assert details["files"] == [{"file": rel, "bytes": files[rel]["bytes"], "sha256": files[rel]["sha256"]} for rel in sorted(files)]
+    assert details["attention"] == entry.manifest["attention"] and details["state"] == "complete"
+    listing = runner.invoke(cli, ["cache", "ls"]).stdout
+    assert entry.id in listing and "…" not in listing and max(map(len, listing.splitlines())) <= 80
 
 
 def test_verify_finds_every_injected_corruption(entry):
@@ -322,7 +366,7 @@ def _gpu_oom_at_call(monkeypatch, n: int) -> None:
         ),
     ],
 )
-def test_failure_mid_inversion_leaves_it_resumable(golden, tiny_model, bikes, monkeypatch, failure, expected):
+def test_failure_mid_inversion_leaves_it_resumable(golden, tiny_model, wide_clip, monkeypatch, failure, expected):
     with monkeypatch.context() as patch:
         if failure.startswith("disk full"):
             _fail_writes(patch, "step_0002", errno.ENOSPC)
@@ -330,7 +374,7 @@ def test_failure_mid_inversion_leaves_it_resumable(golden, tiny_model, bikes, mo
             _fail_writes(patch, "frames", errno.EFBIG)
         else:
             _gpu_oom_at_call(patch, 3)
-        assert expected in fails("invert", bikes, "--model", tiny_model, *SMALL_ARGS)
+        assert expected in fails("invert", wide_clip, "--model", tiny_model, *SMALL_ARGS)
     layout = CacheLayout.from_dir()
     paths = layout.entry(golden.id)
     assert read_manifest(paths.manifest)["complete"] is False
@@ -338,7 +382,7 @@ def test_failure_mid_inversion_leaves_it_resumable(golden, tiny_model, bikes, mo
     kept = {p: p.stat().st_mtime_ns for p in paths.trajectory_dir.glob("*.safetensors")}
     assert len(kept) == (2 if "step 2" in failure else 0)
 
-    result = cogedit("invert", bikes, "--model", tiny_model, *SMALL_ARGS, "--json")
+    result = cogedit("invert", wide_clip, "--model", tiny_model, *SMALL_ARGS, "--json")
     assert result.exit_code == 0 and json.loads(result.stdout)["cached"] is False
     assert all(p.stat().st_mtime_ns == t for p, t in kept.items())  # resumed: finished steps kept
     resumed = engine.open_inversion(golden.id)
@@ -356,10 +400,10 @@ def test_gpu_out_of_memory_in_an_edit(entry, monkeypatch, tmp_path):
 # ---------------------------------------------------------------- paths, outputs, ids, the rest
 
 
-def test_unicode_paths_sanitized_names_and_no_overwrite(tiny_model, bikes, tmp_path):
+def test_unicode_paths_sanitized_names_and_no_overwrite(tiny_model, wide_clip, tmp_path):
     video = tmp_path / "my clips" / "vidéo été 🎬.mp4"
     video.parent.mkdir()
-    shutil.copy(bikes, video)
+    shutil.copy(wide_clip, video)
     cache_dir, out = tmp_path / "cache dir ü", tmp_path / "out dir ü"
     result = cogedit("invert", video, "--model", tiny_model, *SMALL_ARGS, "--cache-dir", cache_dir, "--json")
     assert result.exit_code == 0, result.output
@@ -401,14 +445,14 @@ def test_ids_are_validated_before_they_touch_a_path(args):
     assert "is not an id prefix" in fails(*args)
 
 
-def test_unexpected_errors_are_one_line_and_debug_shows_them(monkeypatch, bikes):
+def test_unexpected_errors_are_one_line_and_debug_shows_them(monkeypatch, wide_clip):
     def boom(*args, **kwargs):
         raise RuntimeError("boom\nsecond line")
 
     monkeypatch.setattr(engine, "invert", boom)
-    error = fails("invert", bikes, "--model", "m")
+    error = fails("invert", wide_clip, "--model", "m")
     assert error == "Error: unexpected RuntimeError: boom second line — run again with --debug for the traceback, and report it"
-    assert isinstance(cogedit("--debug", "invert", bikes, "--model", "m").exception, RuntimeError)
+    assert isinstance(cogedit("--debug", "invert", wide_clip, "--model", "m").exception, RuntimeError)
 
 
 def test_real_process_prints_one_line_and_debug_the_traceback(tmp_path):

@@ -31,13 +31,13 @@ def _embed(model, prompts, tmp_path):
 
 
 @pytest.fixture
-def inversion(tiny_model, bikes):
-    return engine.invert(bikes, tiny_model, device="cpu", **SMALL)
+def inversion(tiny_model, wide_clip):
+    return engine.invert(wide_clip, tiny_model, device="cpu", **SMALL)
 
 
-def test_stages_load_one_component_at_a_time(tiny_model, bikes, tmp_path):
+def test_stages_load_one_component_at_a_time(tiny_model, wide_clip, tmp_path):
     components.LOAD_EVENTS.clear()
-    engine.run(bikes, tiny_model, ["a watercolor painting"], **SMALL, device="cpu", out_dir=tmp_path)
+    engine.run(wide_clip, tiny_model, ["a watercolor painting"], **SMALL, device="cpu", out_dir=tmp_path)
     assert components.LOAD_EVENTS == [
         ("vae", ["vae"]),  # encode
         ("text_encoder", ["text_encoder"]),  # source prompt; the VAE is gone
@@ -49,26 +49,26 @@ def test_stages_load_one_component_at_a_time(tiny_model, bikes, tmp_path):
     assert components.alive() == []
 
 
-def test_second_inversion_is_a_cache_hit_that_loads_nothing(tiny_model, bikes):
-    first = engine.invert(bikes, tiny_model, device="cpu", **SMALL)
+def test_second_inversion_is_a_cache_hit_that_loads_nothing(tiny_model, wide_clip):
+    first = engine.invert(wide_clip, tiny_model, device="cpu", **SMALL)
     components.LOAD_EVENTS.clear()
     reporter = engine.Reporter()
-    second = engine.invert(bikes, tiny_model, device="cpu", reporter=reporter, **SMALL)
+    second = engine.invert(wide_clip, tiny_model, device="cpu", reporter=reporter, **SMALL)
     assert second.id == first.id
     assert components.LOAD_EVENTS == []
     assert [r.cache_hit for r in reporter.records if r.name == "invert"] == [True]
 
 
-def test_edit_from_cache_equals_one_shot_run_bit_for_bit(tiny_model, bikes, tmp_path):
+def test_edit_from_cache_equals_one_shot_run_bit_for_bit(tiny_model, wide_clip, tmp_path):
     prompts = ["a watercolor painting", "a charcoal sketch"]
-    inv, one_shot = engine.run(bikes, tiny_model, prompts, **SMALL, device="cpu", out_dir=tmp_path / "a", inject_steps="0:0.5")
+    inv, one_shot = engine.run(wide_clip, tiny_model, prompts, **SMALL, device="cpu", out_dir=tmp_path / "a", inject_steps="0:0.5")
     components.LOAD_EVENTS.clear()
     again = engine.edit(inv.id, prompts, device="cpu", out_dir=tmp_path / "b", inject_steps="0:0.5")
     assert torch.equal(one_shot.latents, again.latents)
     assert "vae" not in [name for name, _ in components.LOAD_EVENTS[:-1]]  # only the decoder, at the end
 
 
-def test_resumed_inversion_equals_uninterrupted_bit_for_bit(tiny_model, bikes, tmp_path):
+def test_resumed_inversion_equals_uninterrupted_bit_for_bit(tiny_model, wide_clip, tmp_path):
     steps = 6
 
     def stop_after_2(state):
@@ -76,11 +76,11 @@ def test_resumed_inversion_equals_uninterrupted_bit_for_bit(tiny_model, bikes, t
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        engine.invert(bikes, tiny_model, device="cpu", cache_dir=tmp_path / "a", callback=stop_after_2, **{**SMALL, "steps": steps})
+        engine.invert(wide_clip, tiny_model, device="cpu", cache_dir=tmp_path / "a", callback=stop_after_2, **{**SMALL, "steps": steps})
     seen = []
-    resumed = engine.invert(bikes, tiny_model, device="cpu", cache_dir=tmp_path / "a", callback=lambda s: seen.append(s["i"]), **{**SMALL, "steps": steps})
+    resumed = engine.invert(wide_clip, tiny_model, device="cpu", cache_dir=tmp_path / "a", callback=lambda s: seen.append(s["i"]), **{**SMALL, "steps": steps})
     assert seen == [3, 4, 5]  # steps 0-2 were finished and cached
-    fresh = engine.invert(bikes, tiny_model, device="cpu", cache_dir=tmp_path / "b", **{**SMALL, "steps": steps})
+    fresh = engine.invert(wide_clip, tiny_model, device="cpu", cache_dir=tmp_path / "b", **{**SMALL, "steps": steps})
     assert resumed.id == fresh.id
     for a, b in zip(resumed.trajectory(), fresh.trajectory(), strict=True):
         assert torch.equal(a, b)
@@ -194,12 +194,12 @@ def test_injection_changes_the_edit(inversion):
     assert (half.latents - on.latents).abs().max() > 1e-4
 
 
-def test_round_trip_reconstructs_the_encoded_latents(tiny_model, bikes):
+def test_round_trip_reconstructs_the_encoded_latents(tiny_model, wide_clip):
     """Invert, then sample back with the source prompt, no guidance and no injection."""
-    source_prompt = "people riding bikes"
+    source_prompt = "people riding wide_clip"
     errors = {}
     for steps in (10, 50):
-        inv = engine.invert(bikes, tiny_model, device="cpu", source_prompt=source_prompt, guidance=1.0, **{**SMALL, "steps": steps})
+        inv = engine.invert(wide_clip, tiny_model, device="cpu", source_prompt=source_prompt, guidance=1.0, **{**SMALL, "steps": steps})
         out = engine.edit(inv, [source_prompt], guidance=1.0, inject_strength=0.0, device="cpu", output="latents")
         source = inv.latents()
         errors[steps] = ((out.latents - source).norm() / source.norm()).item()
@@ -209,10 +209,10 @@ def test_round_trip_reconstructs_the_encoded_latents(tiny_model, bikes):
     assert errors[50] < errors[10] / 2.5, errors
 
 
-def test_compiled_blocks_stay_within_tolerance(tiny_model, bikes, tmp_path):
+def test_compiled_blocks_stay_within_tolerance(tiny_model, wide_clip, tmp_path):
     """--compile (regional torch.compile) changes rounding only: measured 7e-7 / 4e-6 on CPU."""
-    plain = engine.invert(bikes, tiny_model, device="cpu", cache_dir=tmp_path / "a", **SMALL)
-    compiled = engine.invert(bikes, tiny_model, device="cpu", cache_dir=tmp_path / "b", compile=True, **SMALL)
+    plain = engine.invert(wide_clip, tiny_model, device="cpu", cache_dir=tmp_path / "a", **SMALL)
+    compiled = engine.invert(wide_clip, tiny_model, device="cpu", cache_dir=tmp_path / "b", compile=True, **SMALL)
     assert compiled.id != plain.id  # compiled kernels round differently: their own cache entry
     assert list((tmp_path / "b" / "compile").glob("*.bin")), "the compiled kernels are kept in the cache"
     for a, b in zip(plain.trajectory(), compiled.trajectory(), strict=True):

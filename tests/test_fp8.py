@@ -33,9 +33,9 @@ def fp8_on_cpu(monkeypatch):
     monkeypatch.setattr(components, "float8_supported", lambda device: True)
 
 
-def test_fp8_error_is_within_a_small_multiple_of_bf16s(tiny_model, bikes, tmp_path, fp8_on_cpu):
+def test_fp8_error_is_within_a_small_multiple_of_bf16s(tiny_model, wide_clip, tmp_path, fp8_on_cpu):
     runs = {
-        name: engine.invert(bikes, tiny_model, device="cpu", cache_dir=tmp_path / name, **kw, **SMALL)
+        name: engine.invert(wide_clip, tiny_model, device="cpu", cache_dir=tmp_path / name, **kw, **SMALL)
         for name, kw in (("f32", {}), ("bf16", dict(dtype="bf16")), ("fp8", dict(dtype="bf16", fp8=True)))
     }
     assert runs["fp8"].id != runs["bf16"].id  # other numerics: their own cache entry

@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from click.testing import CliRunner
 
 import engine
 from cli import cli
 from engine.components import builtin_5b
+from engine.configs import PARAMS_5B
 from engine.errors import SettingsError
-from engine.plans import PLANS, GiB, choose_plan, param_counts, predict_peaks
+from engine.plans import PLANS, GiB, choose_plan, param_counts, parse_vram, predict_peaks
 
 
 def test_parameter_counts_are_the_5b_model():
-    counts = param_counts(builtin_5b())
-    assert round(counts["transformer"] / 1e9, 2) == 5.57
-    assert round(counts["text_encoder"] / 1e9, 2) == 4.76
+    counted = param_counts(dataclasses.replace(builtin_5b(), known_params=None))  # on the meta device
+    assert counted == param_counts(builtin_5b()) == PARAMS_5B
+    assert round(counted["transformer"] / 1e9, 2) == 5.57
+    assert round(counted["text_encoder"] / 1e9, 2) == 4.76
 
 
 def test_smaller_cards_get_leaner_plans():
@@ -36,11 +40,35 @@ def test_plan_command_prints_every_plan_and_the_choice():
     assert result.output.strip().splitlines()[-1] == "staged"
 
 
-def test_gpu_plans_are_refused_on_cpu_with_the_fix(tiny_model, bikes):
+@pytest.mark.parametrize(("text", "gib"), [("12GB", 12), ("12", 12), ("12GiB", 12), ("12G", 12), ("16 gb", 16), ("1.5GB", 1.5), ("24000MB", 24000 / 1024)])
+def test_vram_is_read_as_cards_are_sold(text, gib):
+    assert parse_vram(text) == int(gib * GiB)  # a card sold as 12 GB has 12 GiB
+    with pytest.raises(ValueError, match="GB on a card means GiB"):
+        parse_vram("twelve")
+
+
+@pytest.mark.parametrize(("vram", "plan"), [("12GB", "lean"), ("12", "lean"), ("12GiB", "lean"), ("16GB", "staged"), ("24GB", "staged"), ("11GB", "int8"), ("8GB", "offload")])
+def test_vram_picks_the_plan_the_readme_promises_for_that_card(vram, plan):
+    result = CliRunner().invoke(cli, ["plan", "--vram", vram])
+    assert result.exit_code == 0, result.output
+    assert result.output.strip().splitlines()[-1] == plan
+
+
+def test_plan_table_is_readable_at_80_columns():
+    result = CliRunner(env={"COLUMNS": "80"}).invoke(cli, ["plan", "--vram", "12GB"])
+    assert result.exit_code == 0, result.output
+    assert max(len(line) for line in result.output.splitlines()) <= 80 and "…" not in result.output
+    for plan in PLANS.values():
+        for word in plan.summary.split():
+            assert word in result.output  # wrapped between words, never through one
+    assert "lean <-" in result.output
+
+
+def test_gpu_plans_are_refused_on_cpu_with_the_fix(tiny_model, wide_clip):
     with pytest.raises(SettingsError, match="needs a CUDA GPU"):
-        engine.invert(bikes, tiny_model, device="cpu", plan="offload", frames=9, height=96, width=160, steps=2)
+        engine.invert(wide_clip, tiny_model, device="cpu", plan="offload", frames=9, height=96, width=160, steps=2)
     with pytest.raises(SettingsError, match="unknown --plan"):
-        engine.invert(bikes, tiny_model, device="cpu", plan="huge", frames=9, height=96, width=160, steps=2)
+        engine.invert(wide_clip, tiny_model, device="cpu", plan="huge", frames=9, height=96, width=160, steps=2)
 
 
 def test_ff_chunking_leaves_the_output_unchanged(tiny_model):

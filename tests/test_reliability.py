@@ -36,10 +36,10 @@ def forker(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def golden(tiny_model, bikes, tmp_path_factory) -> engine.Inversion:
+def golden(tiny_model, wide_clip, tmp_path_factory) -> engine.Inversion:
     """The uninterrupted inversion, with stored attention on disk."""
     root = tmp_path_factory.mktemp("golden")
-    return engine.invert(bikes, tiny_model, device="cpu", cache_dir=root, attention_store="disk", **SMALL)
+    return engine.invert(wide_clip, tiny_model, device="cpu", cache_dir=root, attention_store="disk", **SMALL)
 
 
 def _env(cache: Path, **extra: str) -> dict[str, str]:
@@ -68,14 +68,14 @@ KILL_POINTS = {
 }
 
 
-def test_killed_anywhere_resumes_to_the_same_result(forker, golden, tiny_model, bikes, tmp_path):
+def test_killed_anywhere_resumes_to_the_same_result(forker, golden, tiny_model, wide_clip, tmp_path):
     """kill -9 at each point, and Ctrl-C between steps; every next run resumes bit for bit."""
     cases = {name: (at, flags, done, "SIGKILL") for name, (at, flags, done) in KILL_POINTS.items()}
     cases["ctrl-c between steps"] = ("step:2", [], 2, "SIGINT")
     assert len(KILL_POINTS) >= 5
 
     def invert(name, flags, **env):
-        return forker.start("invert", bikes, "--model", tiny_model, *SMALL_ARGS, *flags, "--json", env=_env(tmp_path / name, **env))
+        return forker.start("invert", wide_clip, "--model", tiny_model, *SMALL_ARGS, *flags, "--json", env=_env(tmp_path / name, **env))
 
     killed = {name: invert(name, flags, COGEDIT_TEST_KILL_AT=at, COGEDIT_TEST_KILL_SIGNAL=sig) for name, (at, flags, _, sig) in cases.items()}
     for name, child in killed.items():
@@ -113,8 +113,8 @@ def test_killed_anywhere_resumes_to_the_same_result(forker, golden, tiny_model, 
                 assert all(torch.equal(ours[shard][k], theirs[shard][k]) for k in theirs[shard]), shard
 
 
-def test_four_processes_invert_one_video_once(forker, golden, tiny_model, bikes, tmp_path):
-    args = ("invert", bikes, "--model", tiny_model, *SMALL_ARGS, "--json")
+def test_four_processes_invert_one_video_once(forker, golden, tiny_model, wide_clip, tmp_path):
+    args = ("invert", wide_clip, "--model", tiny_model, *SMALL_ARGS, "--json")
     children = [forker.start(*args, env=_env(tmp_path / "cache")) for _ in range(4)]
     results = []
     for child in children:
@@ -127,10 +127,10 @@ def test_four_processes_invert_one_video_once(forker, golden, tiny_model, bikes,
     _same_as_golden(engine.open_inversion(golden.id, layout.root), golden)
 
 
-def test_different_entries_do_not_wait_for_each_other(forker, golden, tiny_model, bikes, tmp_path):
+def test_different_entries_do_not_wait_for_each_other(forker, golden, tiny_model, wide_clip, tmp_path):
     layout = CacheLayout(tmp_path / "cache")
     layout.ensure()
-    args = ("invert", bikes, "--model", tiny_model, *SMALL_ARGS, "--json")
+    args = ("invert", wide_clip, "--model", tiny_model, *SMALL_ARGS, "--json")
     with entry_lock(layout.entry(golden.id)):  # as if another process were computing this entry
         same = forker.start(*args, env=_env(layout.root))
         other = forker.start(*args, "--steps", "5", env=_env(layout.root))
@@ -141,7 +141,7 @@ def test_different_entries_do_not_wait_for_each_other(forker, golden, tiny_model
     assert json.loads(same.stdout) == {"id": golden.id, "dir": str(layout.entry(golden.id).dir), "cached": False}
 
 
-def test_read_only_cache_serves_hits_and_edits(forker, golden, tiny_model, bikes, tmp_path):
+def test_read_only_cache_serves_hits_and_edits(forker, golden, tiny_model, wide_clip, tmp_path):
     """Root ignores file modes, so as root the processes give up that power first."""
     cache, out = tmp_path / "cache", tmp_path / "out"
     shutil.copytree(golden.layout.root, cache)
@@ -152,9 +152,9 @@ def test_read_only_cache_serves_hits_and_edits(forker, golden, tiny_model, bikes
         if os.geteuid() != 0 and os.access(cache, os.W_OK):
             pytest.skip("this user can write to read-only folders")
         env = _env(cache)
-        hit = forker.start("invert", bikes, "--model", tiny_model, *SMALL_ARGS, "--json", env=env, obey_file_modes=True)
+        hit = forker.start("invert", wide_clip, "--model", tiny_model, *SMALL_ARGS, "--json", env=env, obey_file_modes=True)
         edit = forker.start("edit", golden.id[:8], "--prompt", "a new prompt", "--out", out, "--device", "cpu", "--guidance", "1", env=env, obey_file_modes=True)
-        miss = forker.start("invert", bikes, "--model", tiny_model, *SMALL_ARGS, "--steps", "5", env=env, obey_file_modes=True)
+        miss = forker.start("invert", wide_clip, "--model", tiny_model, *SMALL_ARGS, "--steps", "5", env=env, obey_file_modes=True)
 
         assert forker.wait(hit).rc == 0, hit.stderr
         assert json.loads(hit.stdout)["cached"] is True

@@ -32,8 +32,8 @@ def test_groups_put_the_reference_rows_first():
     ],
     ids=["shared", "strength-and-layers", "per-half"],
 )
-def test_lean_equals_staged(tiny_model, bikes, options, monkeypatch):
-    inv = engine.invert(bikes, tiny_model, device="cpu", **SMALL)
+def test_lean_equals_staged(tiny_model, wide_clip, options, monkeypatch):
+    inv = engine.invert(wide_clip, tiny_model, device="cpu", **SMALL)
     staged = engine.edit(inv, PROMPTS, device="cpu", output="latents", **options)
     seen = []
     monkeypatch.setattr(row_groups_module, "row_groups", lambda *a: seen.append(row_groups(*a)) or seen[-1])
@@ -44,10 +44,10 @@ def test_lean_equals_staged(tiny_model, bikes, options, monkeypatch):
     assert not torch.equal(staged.latents[0], staged.latents[1]), "the prompts differ, so rows were kept apart"
 
 
-def test_lean_changes_nothing_but_the_grouping(tiny_model, bikes):
+def test_lean_changes_nothing_but_the_grouping(tiny_model, wide_clip):
     """The lean plan needs no stored attention: its inversion is the staged one, shared in the cache."""
-    staged = engine.invert(bikes, tiny_model, device="cpu", **SMALL)
-    lean = engine.invert(bikes, tiny_model, device="cpu", plan="lean", **SMALL)
+    staged = engine.invert(wide_clip, tiny_model, device="cpu", **SMALL)
+    lean = engine.invert(wide_clip, tiny_model, device="cpu", plan="lean", **SMALL)
     assert lean.id == staged.id and "attention" not in lean.manifest
 
 

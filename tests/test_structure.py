@@ -61,8 +61,8 @@ def test_settings_that_change_nothing_keep_the_key(tiny_model):
     assert _key(tiny_model, settings=dataclasses.replace(_BASE_INVERT, guidance=9.0)) == _key(tiny_model)
 
 
-def test_the_manifest_holds_everything_the_key_hashes(tiny_model, bikes):
-    inv = engine.invert(bikes, tiny_model, device="cpu", **SMALL)
+def test_the_manifest_holds_everything_the_key_hashes(tiny_model, wide_clip):
+    inv = engine.invert(wide_clip, tiny_model, device="cpu", **SMALL)
     identity = inv.manifest["settings"]["identity"]
     assert stable_hash(identity) == inv.id
     assert identity["invert"]["source_prompt"] == "" and len(identity["frames"]["indices"]) == SMALL["frames"]
@@ -99,11 +99,11 @@ def _independent_inverse_ddim(model, latents, cond, steps):
     return x.float()
 
 
-def test_ddim_invert_matches_an_independent_inverse_ddim_loop(tiny_model, bikes, tmp_path):
+def test_ddim_invert_matches_an_independent_inverse_ddim_loop(tiny_model, wide_clip, tmp_path):
     from engine.inversion import ddim_invert
     from tests.test_engine import _embed, _scheduler_config, _transformer
 
-    inv = engine.invert(bikes, tiny_model, device="cpu", **SMALL)
+    inv = engine.invert(wide_clip, tiny_model, device="cpu", **SMALL)
     cond = _embed(tiny_model, [""], tmp_path)[""]
     ours = ddim_invert(_transformer(tiny_model), inv.latents(), cond, _scheduler_config(tiny_model), SMALL["steps"], vae_scale_spatial=8)
     theirs = _independent_inverse_ddim(tiny_model, inv.latents(), cond, SMALL["steps"])
@@ -112,24 +112,24 @@ def test_ddim_invert_matches_an_independent_inverse_ddim_loop(tiny_model, bikes,
     assert reversed_order > 0  # the check would also see a loop that does nothing
 
 
-def test_unknown_option_is_refused_before_any_work(tiny_model, bikes, _isolated_cache):
+def test_unknown_option_is_refused_before_any_work(tiny_model, wide_clip, _isolated_cache):
     with pytest.raises(SettingsError, match="unknown option.*stepz"):
-        engine.run(bikes, tiny_model, ["a watercolor painting"], stepz=6, device="cpu")
+        engine.run(wide_clip, tiny_model, ["a watercolor painting"], stepz=6, device="cpu")
     with pytest.raises(SettingsError, match="unknown option.*inject_step\\b"):
         engine.edit("0" * 16, ["x"], inject_step="0:1")
     assert not (_isolated_cache / "inversions").exists() or not list((_isolated_cache / "inversions").iterdir())
 
 
-def test_run_takes_invert_settings_as_keywords(tiny_model, bikes, tmp_path):
-    inv, out = engine.run(bikes, tiny_model, ["a watercolor painting"], device="cpu", output="latents", **SMALL)
+def test_run_takes_invert_settings_as_keywords(tiny_model, wide_clip, tmp_path):
+    inv, out = engine.run(wide_clip, tiny_model, ["a watercolor painting"], device="cpu", output="latents", **SMALL)
     assert inv.steps == SMALL["steps"] and inv.manifest["summary"]["frames"] == SMALL["frames"]
     assert out.latents.shape[0] == 1
 
 
 @pytest.mark.parametrize(("flag", "value"), [("attention_steps", "0-1"), ("attention_layers", "x")])
-def test_store_errors_name_the_flag_the_user_typed(tiny_model, bikes, flag, value):
+def test_store_errors_name_the_flag_the_user_typed(tiny_model, wide_clip, flag, value):
     with pytest.raises(SettingsError, match=f"--{flag.replace('_', '-')}"):
-        engine.invert(bikes, tiny_model, device="cpu", attention_store="disk", **{flag: value}, **SMALL)
+        engine.invert(wide_clip, tiny_model, device="cpu", attention_store="disk", **{flag: value}, **SMALL)
 
 
 def test_features_come_off_cleanly(tiny_model):
@@ -171,8 +171,8 @@ def _tiny_transformer(model):
     return transformer
 
 
-def test_cpu_stores_belong_to_their_handle(tiny_model, bikes):
-    inv = engine.invert(bikes, tiny_model, device="cpu", attention_store="cpu", attention_steps="0:0.5", **SMALL)
+def test_cpu_stores_belong_to_their_handle(tiny_model, wide_clip):
+    inv = engine.invert(wide_clip, tiny_model, device="cpu", attention_store="cpu", attention_steps="0:0.5", **SMALL)
     assert [s["where"] for s in inv.stores().values()] == ["cpu"]
     inv.release()
     assert inv.stores() == {}
@@ -183,17 +183,17 @@ def test_cpu_stores_belong_to_their_handle(tiny_model, bikes):
 # ------------------------------------------------------------------ issue 12: what a new user hits
 
 
-def test_requests_that_select_the_same_frames_share_an_entry_and_say_so(tiny_model, bikes, caplog):
-    """bikes.mp4 has 250 frames; skipping 241 leaves 9, all used whether 9 or 17 are asked for."""
+def test_requests_that_select_the_same_frames_share_an_entry_and_say_so(tiny_model, wide_clip, caplog):
+    """the wide clip has 131 frames; skipping 122 leaves 9, all used whether 9 or 17 are asked for."""
     small = {k: v for k, v in SMALL.items() if k != "frames"}
-    asked_17 = engine.invert(bikes, tiny_model, device="cpu", frames=17, skip_start=241, **small)
-    assert "using 9 frames, not the 17 asked for: 250 frames in the clip after --skip-start/--skip-end" in caplog.text
-    asked_9 = engine.invert(bikes, tiny_model, device="cpu", frames=9, skip_start=241, **small)
+    asked_17 = engine.invert(wide_clip, tiny_model, device="cpu", frames=17, skip_start=122, **small)
+    assert "using 9 frames, not the 17 asked for: 131 frames in the clip after --skip-start/--skip-end" in caplog.text
+    asked_9 = engine.invert(wide_clip, tiny_model, device="cpu", frames=9, skip_start=122, **small)
     assert asked_9.id == asked_17.id
 
 
-def test_edits_with_other_settings_never_collide(tiny_model, bikes, tmp_path, caplog):
-    inv = engine.invert(bikes, tiny_model, device="cpu", **SMALL)
+def test_edits_with_other_settings_never_collide(tiny_model, wide_clip, tmp_path, caplog):
+    inv = engine.invert(wide_clip, tiny_model, device="cpu", **SMALL)
     reporter = engine.Reporter()
     a = engine.edit(inv, ["a watercolor painting"], device="cpu", out_dir=tmp_path, inject_steps="0:0.5", reporter=reporter)
     edit_phase = next(r for r in reporter.records if r.name == "edit")
@@ -203,11 +203,11 @@ def test_edits_with_other_settings_never_collide(tiny_model, bikes, tmp_path, ca
     assert "--seed 3 has no effect" in caplog.text
 
 
-def test_a_damaged_file_is_caught_on_a_cache_hit(tiny_model, bikes):
+def test_a_damaged_file_is_caught_on_a_cache_hit(tiny_model, wide_clip):
     from cache.errors import CacheCorruptError
 
-    inv = engine.invert(bikes, tiny_model, device="cpu", **SMALL)
+    inv = engine.invert(wide_clip, tiny_model, device="cpu", **SMALL)
     step = inv.paths.step_file(1)
     step.write_bytes(step.read_bytes()[:-10])
     with pytest.raises(CacheCorruptError, match=r"trajectory/step_0001.safetensors is missing or has the wrong size.*cogedit cache rm"):
-        engine.invert(bikes, tiny_model, device="cpu", **SMALL)
+        engine.invert(wide_clip, tiny_model, device="cpu", **SMALL)

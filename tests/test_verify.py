@@ -14,13 +14,13 @@ from tests.conftest import SMALL
 TEN = {**SMALL, "steps": 10}
 
 
-def test_fixed_point_inverts_more_exactly_than_ddim(tiny_model, bikes):
+def test_fixed_point_inverts_more_exactly_than_ddim(tiny_model, wide_clip):
     """Measured here (CPU, fp32, 10 steps): latent error 0.69 with DDIM, 0.27 with one refinement.
     The random model's first step (clean -> t=99) contracts slowly (about 0.5 per iteration);
     the trained proxy's numbers are in benchmarks/results/QUALITY.md."""
-    ddim = engine.invert(bikes, tiny_model, device="cpu", verify=True, **TEN)
+    ddim = engine.invert(wide_clip, tiny_model, device="cpu", verify=True, **TEN)
     reporter = engine.Reporter()
-    fixed = engine.invert(bikes, tiny_model, device="cpu", verify=True, inversion="fixed-point", reporter=reporter, **TEN)
+    fixed = engine.invert(wide_clip, tiny_model, device="cpu", verify=True, inversion="fixed-point", reporter=reporter, **TEN)
     assert fixed.id != ddim.id
     assert fixed.verify["latent_rel_error"] < ddim.verify["latent_rel_error"] / 2, (ddim.verify, fixed.verify)
     detail = next(r.detail for r in reporter.records if r.name == "invert")
@@ -28,19 +28,19 @@ def test_fixed_point_inverts_more_exactly_than_ddim(tiny_model, bikes):
     assert forwards <= 3.0, detail  # the issue's cap, on average per step
 
 
-def test_verify_is_stored_with_the_entry(tiny_model, bikes):
-    first = engine.invert(bikes, tiny_model, device="cpu", verify=True, **SMALL)
+def test_verify_is_stored_with_the_entry(tiny_model, wide_clip):
+    first = engine.invert(wide_clip, tiny_model, device="cpu", verify=True, **SMALL)
     reporter = engine.Reporter()
-    again = engine.invert(bikes, tiny_model, device="cpu", verify=True, reporter=reporter, **SMALL)
+    again = engine.invert(wide_clip, tiny_model, device="cpu", verify=True, reporter=reporter, **SMALL)
     assert again.verify == first.verify and set(first.verify) == {"latent_rel_error", "psnr_db"}
     assert [r.cache_hit for r in reporter.records if r.name == "verify"] == [True]
     assert engine.open_inversion(first.id).verify == first.verify
 
 
-def test_invert_verify_json_ends_stdout(tiny_model, bikes):
+def test_invert_verify_json_ends_stdout(tiny_model, wide_clip):
     from cli import cli
 
-    args = ["invert", str(bikes), "--model", str(tiny_model), "--device", "cpu", "--verify", "--json"]
+    args = ["invert", str(wide_clip), "--model", str(tiny_model), "--device", "cpu", "--verify", "--json"]
     args += ["--frames", "9", "--height", "96", "--width", "160", "--steps", "4"]
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
@@ -56,6 +56,6 @@ BAD_INVERSIONS = [
 
 
 @pytest.mark.parametrize(("options", "flag"), BAD_INVERSIONS)
-def test_bad_inversion_settings_are_refused(tiny_model, bikes, options, flag):
+def test_bad_inversion_settings_are_refused(tiny_model, wide_clip, options, flag):
     with pytest.raises(SettingsError, match=flag):
-        engine.invert(bikes, tiny_model, device="cpu", **options, **SMALL)
+        engine.invert(wide_clip, tiny_model, device="cpu", **options, **SMALL)

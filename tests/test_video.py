@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import subprocess
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from engine.video import (
     MIN_FRAMES,
     FrameSettings,
     VideoInfo,
+    decode_size,
     probe_video,
     read_frames,
     select_frame_indices,
@@ -25,26 +27,8 @@ from engine.video import (
 )
 from tests.conftest import VIDEO_ERRORS
 
-VIDEOS = Path(__file__).resolve().parents[2] / "shared" / "videos"
 FFMPEG = imageio_ffmpeg.get_ffmpeg_exe()
 SMALL = dict(height=64, width=96)  # keeps decoding cheap where the size is not the point
-
-
-def _shared(name: str) -> Path:
-    path = VIDEOS / name
-    if not path.exists():
-        pytest.skip(f"sample clip {path} is not present (it ships in shared/videos beside the repo)")
-    return path
-
-
-@pytest.fixture(scope="module")
-def bikes_clip() -> Path:
-    return _shared("bikes.mp4")
-
-
-@pytest.fixture(scope="module")
-def bunny_clip() -> Path:
-    return _shared("bigbuckbunny.mp4")
 
 
 def _ffmpeg(*args: str) -> None:
@@ -218,14 +202,14 @@ def test_select_no_frames() -> None:
 # probe_video
 
 
-def test_probe_real_clips(bikes_clip: Path, bunny_clip: Path) -> None:
-    info = probe_video(bikes_clip)
+def test_probe_real_clips(wide_clip: Path, small_clip: Path) -> None:
+    info = probe_video(wide_clip)
     assert isinstance(info, VideoInfo)
-    assert (info.num_frames, info.fps, info.width, info.height) == (250, 25.0, 640, 272)
-    assert info.sha256 == hashlib.sha256(bikes_clip.read_bytes()).hexdigest()
-    assert info.path == str(bikes_clip.resolve())
-    info = probe_video(str(bunny_clip))
-    assert (info.num_frames, info.fps, info.width, info.height) == (132, 25.0, 1280, 720)
+    assert (info.num_frames, info.fps, info.width, info.height) == (131, 25.0, 636, 270)
+    assert info.sha256 == hashlib.sha256(wide_clip.read_bytes()).hexdigest()
+    assert info.path == str(wide_clip.resolve())
+    info = probe_video(str(small_clip))
+    assert (info.num_frames, info.fps, info.width, info.height) == (47, 25.0, 430, 242)
 
 
 def test_probe_sha256_streamed_and_stable(clips: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
@@ -289,21 +273,21 @@ def test_probe_survives_worker_hang_and_crash(
 # read_frames
 
 
-def test_read_frames_real_clip_at_model_size(bikes_clip: Path) -> None:
-    frames, info = read_frames(bikes_clip, FrameSettings())
+def test_read_frames_real_clip_at_model_size(wide_clip: Path) -> None:
+    frames, info = read_frames(wide_clip, FrameSettings())
     assert frames.dtype == torch.uint8 and tuple(frames.shape) == (49, 480, 720, 3)
-    assert info.num_frames == 250
+    assert info.num_frames == 131
     assert frames.float().std() > 20  # real picture content, not a blank buffer
 
 
-def test_read_frames_matches_ffmpeg(bunny_clip: Path) -> None:
+def test_read_frames_matches_ffmpeg(small_clip: Path) -> None:
     # Cross-check frame 0 against ffmpeg's own decode+scale: right frame, RGB order, same size.
-    frames, info = read_frames(bunny_clip, FrameSettings(max_frames=5, height=240, width=368))
+    frames, info = read_frames(small_clip, FrameSettings(max_frames=5, height=240, width=368))
     assert tuple(frames.shape) == (5, 240, 368, 3)
-    assert select_frame_indices(info.num_frames, FrameSettings(max_frames=5)) == [0, 33, 66, 98, 131]
-    reader = imageio_ffmpeg.read_frames(str(bunny_clip), output_params=["-vf", "scale=368:240"])
+    assert select_frame_indices(info.num_frames, FrameSettings(max_frames=5)) == [0, 12, 23, 35, 46]
+    reader = imageio_ffmpeg.read_frames(str(small_clip), output_params=["-vf", "scale=368:240"])
     meta = next(reader)
-    assert meta["source_size"] == (1280, 720) and meta["size"] == (368, 240)
+    assert meta["source_size"] == (430, 242) and meta["size"] == (368, 240)
     reference = np.frombuffer(next(reader), dtype=np.uint8).reshape(240, 368, 3)
     reader.close()
     diff = np.abs(frames[0].numpy().astype(np.int16) - reference.astype(np.int16))
@@ -343,6 +327,56 @@ def test_read_frames_odd_rate_upscaled(clips: dict[str, Path]) -> None:
     frames, info = read_frames(str(clips["ntsc"]), FrameSettings())
     assert tuple(frames.shape) == (13, 480, 720, 3)
     assert info.fps == pytest.approx(29.97, abs=1e-2)
+
+
+# ---------------------------------------------------------------------------------------------
+# --fit: a source of another aspect ratio
+
+
+@pytest.fixture(scope="module")
+def vertical(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """144x176 (portrait), bands top to bottom: red 44 rows, green 88, blue 44."""
+    out = tmp_path_factory.mktemp("vertical") / "vertical.mp4"
+    bands = "drawbox=x=0:y=0:w=144:h=44:color=0xFF0000:t=fill,drawbox=x=0:y=132:w=144:h=44:color=0x0000FF:t=fill"
+    _ffmpeg("-f", "lavfi", "-i", "color=c=0x00FF00:s=144x176:r=25", "-vf", bands, "-frames:v", "5",
+            "-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p", str(out))
+    return out
+
+
+def _band(pixel: torch.Tensor) -> str:
+    return "rgb"[int(pixel.float().argmax())] if pixel.max() > 150 else "black"
+
+
+def test_fit_decode_sizes() -> None:
+    assert decode_size(144, 176, FrameSettings(fit="crop", **SMALL)) == (117, 96)  # covers 64x96
+    assert decode_size(144, 176, FrameSettings(fit="pad", **SMALL)) == (64, 52)  # fits inside it
+    assert decode_size(144, 176, FrameSettings(**SMALL)) == (64, 96)
+    with pytest.raises(SettingsError, match="--fit 'squash' is invalid — use stretch, crop, pad"):
+        FrameSettings(fit="squash")
+
+
+def test_fit_crop_pad_and_stretch_place_the_picture(vertical: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="cogedit"):
+        stretched = read_frames(vertical, FrameSettings(**SMALL))[0][0]
+        cropped = read_frames(vertical, FrameSettings(fit="crop", **SMALL))[0][0]
+        padded = read_frames(vertical, FrameSettings(fit="pad", **SMALL))[0][0]
+    assert stretched.shape == cropped.shape == padded.shape == (64, 96, 3)
+    # Stretched, the red band is the top quarter; cropped, the centre is cut out: mostly green.
+    assert [_band(stretched[row, 48]) for row in (4, 32, 60)] == ["r", "g", "b"]
+    assert [_band(cropped[row, 48]) for row in (8, 32, 56)] == ["g", "g", "g"]
+    assert _band(cropped[32, 0]) == _band(cropped[32, 95]) == "g"  # no bars: the width is filled
+    # Padded, the whole picture (52 wide) sits centred between black bars of 22 columns.
+    assert padded[:, :22].max() == 0 and padded[:, 74:].max() == 0
+    assert [_band(padded[row, 48]) for row in (2, 32, 61)] == ["r", "g", "b"]
+    assert _band(padded[32, 23]) == _band(padded[32, 72]) == "g"
+    squashed = [r.getMessage() for r in caplog.records if "--fit crop or --fit pad" in r.getMessage()]
+    assert len(squashed) == 1 and "144x176 and is stretched to 96x64" in squashed[0]  # only stretch warns
+
+
+def test_stretch_to_the_same_shape_does_not_warn(vertical: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="cogedit"):
+        frames, _ = read_frames(vertical, FrameSettings(max_frames=5, height=176, width=144))
+    assert frames.shape[1:] == (176, 144, 3) and not caplog.records
 
 
 @pytest.mark.parametrize(("name", "remain"), [("four", "only 4 of 4"), ("one", "only 1 of 1")])
