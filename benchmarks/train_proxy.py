@@ -166,12 +166,12 @@ def encode(vae, x: torch.Tensor, device: str) -> torch.Tensor:
 def embed_captions(model_dir: Path, captions: list[str], device: str) -> dict[str, torch.Tensor]:
     from transformers import AutoTokenizer, T5EncoderModel
 
-    from engine.embed import _tokens
+    from engine.embed import tokenize
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir / "tokenizer")
     t5 = T5EncoderModel.from_pretrained(model_dir / "text_encoder", dtype=torch.float32).to(device).eval()
     with torch.no_grad():
-        return {c: t5(_tokens(tokenizer, c, TINY_TEXT_LEN).to(device))[0][0] for c in captions}
+        return {c: t5(tokenize(tokenizer, c, TINY_TEXT_LEN).to(device))[0][0] for c in captions}
 
 
 def train_transformer(latents: torch.Tensor, captions: list[tuple[str, ...]], embeds: dict[str, torch.Tensor], device: str, seconds: float, max_steps: int | None, log: dict):

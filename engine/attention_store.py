@@ -118,7 +118,7 @@ def check_budget(ctx: StageContext, store: StoreSettings, steps: int, workload: 
     width = cfg["num_attention_heads"] * cfg["attention_head_dim"]
     model_bytes = torch.finfo(ctx.runtime.dtype).bits // 8
     need = store.bytes_needed(steps, cfg["num_layers"], tokens, width, model_bytes)
-    budget = default_budget(store, ctx.layout.compile_dir) if budget is None else budget
+    budget = default_budget(store, ctx.layout.root) if budget is None else budget
     with ctx.reporter.phase("plan") as ph:
         ph.record.detail = (
             f"stored attention ({store.where}, {store.dtype}): {len(store.edit_steps(steps))} steps x "

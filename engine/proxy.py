@@ -108,7 +108,7 @@ def heldout_loss(model: str | Path, frames: torch.Tensor, caption: str, draws: i
     from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXTransformer3DModel
     from transformers import AutoTokenizer, T5EncoderModel
 
-    from engine.embed import _tokens
+    from engine.embed import tokenize
     from engine.encode import encode_frames
 
     vae = AutoencoderKLCogVideoX.from_pretrained(model, subfolder="vae", torch_dtype=torch.float32).to(device)
@@ -117,7 +117,7 @@ def heldout_loss(model: str | Path, frames: torch.Tensor, caption: str, draws: i
     transformer = CogVideoXTransformer3DModel.from_pretrained(model, subfolder="transformer", torch_dtype=torch.float32).to(device)
     tokenizer = AutoTokenizer.from_pretrained(model, subfolder="tokenizer")
     t5 = T5EncoderModel.from_pretrained(model, subfolder="text_encoder", dtype=torch.float32).to(device)
-    embeds = t5(_tokens(tokenizer, caption, transformer.config.max_text_seq_length).to(device))[0]
+    embeds = t5(tokenize(tokenizer, caption, transformer.config.max_text_seq_length).to(device))[0]
     alphas = CogVideoXDDIMScheduler.from_pretrained(model, subfolder="scheduler").alphas_cumprod
     g = torch.Generator().manual_seed(seed)
     timesteps = torch.randint(0, len(alphas), (draws,), generator=g)
