@@ -501,7 +501,7 @@ def _warn_if_squashed(shown: str, info: VideoInfo, settings: FrameSettings) -> N
         log.warning(
             "%s is %dx%d and is stretched to %dx%d, changing its aspect ratio from %.2f to %.2f; "
             "pass --fit crop or --fit pad to keep its shape",
-            shown, info.width, info.height, settings.width, settings.height, source, target,
+            Path(shown).name, info.width, info.height, settings.width, settings.height, source, target,
         )
 
 
