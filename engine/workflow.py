@@ -34,7 +34,7 @@ from engine.embed import embed_stage
 from engine.encode import encode_stage
 from engine.errors import ModelError, SettingsError
 from engine.inversion import invert_stage
-from engine.options import EditOptions, InvertOptions, parse, split_run_options
+from engine.options import EditOptions, InvertOptions, RuntimeOptions, parse, split_run_options
 from engine.plans import Workload, choose_plan, parse_vram, predict_peaks
 from engine.report import Reporter
 from engine.results import EditResult, Inversion, open_inversion
@@ -105,8 +105,9 @@ def inversion_identity(video_sha: str, frames: FrameSettings, selected: list[int
     return fields
 
 
-def _with_plan(runtime: Runtime, plan: str | None, vram: str | int | None, info: ModelInfo, workload: Workload, reporter: Reporter) -> Runtime:
+def _with_plan(runtime: Runtime, opts: RuntimeOptions, info: ModelInfo, workload: Workload, reporter: Reporter) -> Runtime:
     """The runtime with the named plan, or the fastest plan predicted to fit `vram`."""
+    plan, vram = opts.plan, opts.vram
     if plan and vram:
         raise SettingsError("give --plan or --vram, not both (--vram picks a plan)")
     if vram is not None:
@@ -119,7 +120,7 @@ def _with_plan(runtime: Runtime, plan: str | None, vram: str | int | None, info:
             peak = max(predict_peaks(chosen, info, workload).values())
             ph.record.detail = f"--vram {format_size(budget)}: plan {chosen.name}, predicted peak {format_size(peak)}"
         plan = chosen.name
-    return Runtime.default(runtime.device, runtime.dtype, plan, runtime.compile, runtime.fp8) if plan else runtime
+    return Runtime.default(runtime.device, runtime.dtype, plan, opts.compile, runtime.fp8) if plan else runtime
 
 
 def _probe(video: str | Path, frames: FrameSettings, reporter: Reporter) -> Source:
@@ -171,7 +172,7 @@ def invert(video: str | Path, model: str | Path, *, cache_dir: str | Path | None
     source = _probe(video, frames, reporter)
     info = inspect_model(model)
     workload = Workload(len(source.selected), opts.height, opts.width, invert_rows=2 if settings.uses_cfg else 1)
-    ctx = StageContext(info, _with_plan(runtime, opts.plan, opts.vram, info, workload, reporter), layout, reporter, callback=callback)
+    ctx = StageContext(info, _with_plan(runtime, opts, info, workload, reporter), layout, reporter, callback=callback)
     store = store_settings(opts.attention_store, opts.attention_steps, opts.attention_layers, opts.attention_dtype, info.transformer_config["num_layers"])
     if store.where != "none":
         check_budget(ctx, store, settings.steps, workload, opts.attention_budget)
@@ -285,7 +286,7 @@ def edit(inversion: Inversion | str, prompts: Prompts, *, cache_dir: str | Path 
         log.warning("--seed %d has no effect: edits start from the inverted noise; add --init random to start from seeded noise", opts.seed)
     fs = inv.entry.frame_settings
     workload = Workload(inv.entry.frames, fs["height"], fs["width"], min(settings.batch, len(prompts)), settings.uses_cfg, reference=settings.inject.reference)
-    ctx = StageContext(info, _with_plan(runtime, opts.plan, opts.vram, info, workload, reporter), inv.layout, reporter, inv.entry, callback)
+    ctx = StageContext(info, _with_plan(runtime, opts, info, workload, reporter), inv.layout, reporter, inv.entry, callback)
     outputs = output_paths(edit_stem(inv.id, settings, ctx.runtime), prompts, Path(opts.out_dir), opts.force) if opts.output == "mp4" else None  # refuse first
     embeds = embed_stage(ctx, _edit_prompts(settings, inv.entry.source_prompt, inv.steps))
     store = find_store(inv.entry, inv.memory, settings.inject, info) if settings.inject.reference == "stored" else None

@@ -86,3 +86,13 @@ def test_ff_chunking_leaves_the_output_unchanged(tiny_model):
         apply_ff_chunking(model, FFChunkingConfig(100))
         chunked = model(x, text, t, return_dict=False)[0]
     torch.testing.assert_close(chunked, plain, rtol=1e-5, atol=1e-5)
+
+
+def test_compile_is_on_by_default_only_where_it_was_measured_to_pay():
+    from engine.components import Runtime, compile_by_default
+
+    assert compile_by_default("cuda", PLANS["staged"], triton=True) and compile_by_default("cuda:1", PLANS["lean"], triton=True)
+    assert not compile_by_default("cuda", PLANS["staged"], triton=False)  # torch.compile's GPU back-end is missing
+    assert not any(compile_by_default("cuda", PLANS[name], triton=True) for name in ("offload", "int8", "nf4"))
+    assert not compile_by_default("cpu", PLANS["staged"], triton=True)
+    assert Runtime.default("cpu").compile is False and Runtime.default("cpu", compile=True).compile is True
