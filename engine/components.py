@@ -342,6 +342,22 @@ def place_component(module: torch.nn.Module, name: str, runtime: Runtime, quanti
     return module if quantized else module.to(runtime.device)
 
 
+def exact_tiling(vae: torch.nn.Module) -> bool:
+    """Whether diffusers' tiled VAE encode and decode reassemble exactly the untiled latent grid.
+
+    Tiles start every int(tile * (1 - overlap)) pixels and each keeps its first
+    (tile - blend) latents; that only adds up when the stride is that many latents. It does for
+    5B's 480x720 tiles; the proxy's 48x72 tiles step 57 pixels, and its 96x144 frames encoded to
+    19 latent columns instead of 18 (so on a GPU the proxy failed in its first inversion step).
+    """
+    scale = 2 ** (len(vae.config.block_out_channels) - 1)
+    for tile, overlap in ((vae.tile_sample_min_height, vae.tile_overlap_factor_height), (vae.tile_sample_min_width, vae.tile_overlap_factor_width)):
+        stride, latent = int(tile * (1 - overlap)), int(tile / scale)
+        if stride != scale * (latent - int(latent * overlap)):
+            return False
+    return True
+
+
 def load_component(name: str, info: ModelInfo, runtime: Runtime) -> Any:
     import_model_libraries()
     common = dict(subfolder=name, torch_dtype=runtime.dtype, use_safetensors=True)
@@ -361,7 +377,7 @@ def load_component(name: str, info: ModelInfo, runtime: Runtime) -> Any:
         module = AutoencoderKLCogVideoX.from_pretrained(info.path, **common)
         # Activations, not weights, make the VAE heavy: decode in tiles and one video at a time.
         module.enable_slicing()
-        if runtime.device != "cpu":
+        if runtime.device != "cpu" and exact_tiling(module):
             module.enable_tiling()
     elif name == "text_encoder":
         from transformers import T5EncoderModel
