@@ -30,4 +30,6 @@ def demo(out_dir: str | Path = "cogedit-demo", *, cache_dir: str | Path | None =
     reporter = reporter or Reporter(device="cpu")
     model = demo_model(cache_dir)
     inv = invert(DEMO_VIDEO, model, cache_dir=cache_dir, device="cpu", reporter=reporter, **DEMO_SETTINGS)
-    return edit(inv, list(DEMO_PROMPTS), inject_steps="0:0.6", out_dir=out_dir, force=force, cache_dir=cache_dir, device="cpu", reporter=reporter)
+    # Upstream's full injection window: on the proxy shorter windows lose most of the source's
+    # structure and gain no adherence (benchmarks/results/QUALITY.md).
+    return edit(inv, list(DEMO_PROMPTS), out_dir=out_dir, force=force, cache_dir=cache_dir, device="cpu", reporter=reporter)
