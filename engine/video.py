@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import inspect
 import json
 import logging
 import math
@@ -185,89 +184,10 @@ def _check_file(path: Path, shown: str) -> os.stat_result:
     return st
 
 
-def _decord_worker() -> None:
-    """Body of the child interpreter. Imports only json, sys, numpy and decord (torch is slow to
-    import). Answers JSON requests read line by line from stdin with one JSON line each."""
-    import json
-    import sys
-
-    def reply(**fields: object) -> None:
-        sys.stdout.write(json.dumps(fields) + "\n")
-        sys.stdout.flush()
-
-    def failed(stage: str, exc: BaseException, where: str = "") -> None:
-        reply(ok=False, stage=stage, error=str(exc).strip() or type(exc).__name__, where=where)
-
-    try:
-        import decord
-        import numpy as np
-    except Exception as exc:  # noqa: BLE001 - reported to the parent
-        failed("import", exc)
-        return
-
-    def probe(path: str) -> None:
-        try:
-            reader = decord.VideoReader(path)
-            num_frames = len(reader)
-        except Exception as exc:  # noqa: BLE001 - decord raises DECORDError, RuntimeError, ...
-            failed("open", exc)
-            return
-        if num_frames < 1:
-            reply(ok=True, num_frames=num_frames, fps=0.0, width=0, height=0)
-            return
-        try:
-            fps = float(reader.get_avg_fps())
-            # decord exposes the frame size only through a decoded frame (rotation applied).
-            first = reader[0].asnumpy()
-        except Exception as exc:  # noqa: BLE001
-            failed("decode", exc, where="frame 0")
-            return
-        reply(ok=True, num_frames=num_frames, fps=fps, height=int(first.shape[0]),
-              width=int(first.shape[1]))
-
-    def decode(path: str, indices: list, height: int, width: int, chunk: int, out: str) -> None:
-        try:
-            # decord scales each frame right after decoding: full-size frames never pile up.
-            reader = decord.VideoReader(path, width=width, height=height)
-            num_frames = len(reader)
-        except Exception as exc:  # noqa: BLE001
-            failed("open", exc)
-            return
-        if indices and max(indices) >= num_frames:
-            reply(ok=False, stage="decode", where="",
-                  error=f"the file has {num_frames} frames now, frame {max(indices)} was asked for")
-            return
-        frames = np.lib.format.open_memmap(out, mode="w+", dtype=np.uint8,
-                                           shape=(len(indices), height, width, 3))
-        for pos in range(0, len(indices), chunk):
-            part = indices[pos:pos + chunk]
-            where = f"frames {part[0]}-{part[-1]}"
-            try:
-                batch = reader.get_batch(part).asnumpy()
-            except Exception as exc:  # noqa: BLE001
-                failed("decode", exc, where=where)
-                return
-            if batch.shape != (len(part), height, width, 3) or batch.dtype != np.uint8:
-                reply(ok=False, stage="decode", where=where,
-                      error=f"decord returned {batch.dtype} {tuple(batch.shape)}")
-                return
-            frames[pos:pos + len(part)] = batch
-        frames.flush()
-        del frames
-        reply(ok=True)
-
-    for line in sys.stdin:
-        request = json.loads(line)
-        if request["op"] == "probe":
-            probe(request["path"])
-        else:
-            decode(request["path"], request["indices"], request["height"], request["width"],
-                   request["chunk"], request["out"])
-
-
 @functools.lru_cache(maxsize=1)
 def _worker_source() -> str:
-    return inspect.getsource(_decord_worker) + "\n_decord_worker()\n"
+    # Run as `python -c`: the child imports only what that file imports, not torch or the engine.
+    return (Path(__file__).with_name("decord_worker.py")).read_text(encoding="utf-8")
 
 
 # decord prefixes messages with "[12:00:00] /src/video_reader.cc:430: " and sometimes "[file]".
@@ -297,7 +217,7 @@ def _detail(reply: dict) -> str:
 
 
 class _Worker:
-    """A child interpreter running _decord_worker, so that a crash or hang inside decord's native
+    """A child interpreter running engine/decord_worker.py, so that a crash or hang inside decord's native
     code ends that child, never the caller. One child serves the probe and the decode of a file."""
 
     def __init__(self, shown: str) -> None:
