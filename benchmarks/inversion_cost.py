@@ -113,6 +113,7 @@ def table(results: dict) -> str:
     )
     lines = [
         title,
+        "Made by `python benchmarks/inversion_cost.py --out DIR` on the GPU ([inversion_cost.png](inversion_cost.png)).",
         "",
         "| variant | forwards / step | ms / step | ms / forward | x plain | peak GiB |",
         "| --- | --- | --- | --- | --- | --- |",
@@ -130,7 +131,7 @@ def table(results: dict) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", required=True, help="folder for inversion_cost.json and .md")
+    ap.add_argument("--out", required=True, help="folder for inversion_cost.json, .md and .png")
     ap.add_argument("--tiny", action="store_true", help="the tests' tiny model on the CPU (checks the script)")
     ap.add_argument("--steps", type=int, default=50, help="inversion schedule the timed steps come from")
     ap.add_argument("--timed", type=int, default=3, help="timed steps per variant, after one warm-up")
@@ -158,6 +159,15 @@ def main() -> None:
         (out / "inversion_cost.json").write_text(json.dumps(results, indent=1))
         (out / "inversion_cost.md").write_text(table(results))
     print(table(results))
+    plot(results, out / "inversion_cost.png")
+
+
+def plot(results: dict, path: Path) -> None:
+    from benchmarks.plots import bar_chart
+
+    rows = results["variants"]
+    labels = ["plain DDIM" if r["iters"] == 0 else f"fixed point x{r['iters']}" for r in rows]
+    bar_chart(labels, [r["ms_per_step"] / 1000 for r in rows], "s per inversion step", f"inversion step, full-size 5B, {results['device']}", path, [r["iters"] > 0 for r in rows])
 
 
 if __name__ == "__main__":

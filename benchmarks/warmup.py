@@ -99,10 +99,7 @@ def run_variant(name: str, compile: bool, fp8: bool, caches: Path, compile_dir: 
 
 def report(path: Path) -> None:
     """WARMUP.md (a table) and warmup.png (a bar chart) beside the JSON."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from benchmarks.plots import bar_chart
 
     result = json.loads(path.read_text())
     rows = [r for r in result["rows"] if r["ok"]]
@@ -122,13 +119,9 @@ def report(path: Path) -> None:
         base = eager.get("eager")
         lines.append(f"| {r['variant']} | {r['first_forward_s']:.2f} | {r['steady_forward_s']:.3f} | {r['warmup_s']:.2f} | {r['steady_forward_s'] / base:.2f}x |")
     (path.parent / "WARMUP.md").write_text("\n".join(lines) + "\n")
-    fig, ax = plt.subplots(figsize=(8, 3.5))
-    ax.bar([r["variant"] for r in rows], [r["warmup_s"] for r in rows], color=["#888" if r["variant"].startswith("eager") else "#4a7" for r in rows])
-    ax.set_ylabel("warm-up before the first step (s)")
-    ax.set_title(f"--compile warm-up, {result['device']}")
-    ax.tick_params(axis="x", rotation=30)
-    fig.tight_layout()
-    fig.savefig(path.parent / "warmup.png", dpi=110)
+    labels = [r["variant"] for r in rows]
+    compiled = [not label.startswith("eager") for label in labels]
+    bar_chart(labels, [r["warmup_s"] for r in rows], "warm-up before the first step (s)", f"--compile warm-up, {result['device']}", path.parent / "warmup.png", compiled)
 
 
 def main() -> None:
