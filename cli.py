@@ -334,7 +334,7 @@ def plan_cmd(vram, model, frames, height, width, prompts) -> None:
     from rich.console import Console, Group
     from rich.table import Table
 
-    from engine.components import builtin_5b, inspect_model
+    from engine.model_info import builtin_5b, inspect_model
     from engine.plans import (
         CUDA_CONTEXT,
         PLANS,

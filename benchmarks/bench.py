@@ -32,7 +32,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import engine  # noqa: E402
-from engine.components import Runtime, inspect_model  # noqa: E402
+from engine.components import Runtime  # noqa: E402
+from engine.model_info import inspect_model  # noqa: E402
 from engine.plans import PLANS, Workload, predict_peaks  # noqa: E402
 from engine.settings import InjectSettings, parse_window  # noqa: E402
 from engine.video import FrameSettings, read_frames, to_model_input  # noqa: E402

@@ -83,7 +83,7 @@ def main() -> None:
             predict(model, latents.expand(3, -1, -1, -1, -1), text.expand(3, -1, -1), t, rotary)
 
     peak = matmul_peak_tflops()
-    from engine.components import builtin_5b
+    from engine.model_info import builtin_5b
     from engine.plans import sequence_tokens
 
     tokens = sequence_tokens(builtin_5b(), 49, 480, 720)

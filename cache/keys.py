@@ -23,10 +23,9 @@ import hashlib
 import json
 import math
 import os
+import sys
 from pathlib import PurePath
 from typing import Any
-
-import torch
 
 FILE_CHUNK = 8 * 1024 * 1024
 
@@ -52,7 +51,10 @@ def _canonical(obj: Any) -> Any:
         return {f.name: _canonical(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
     if isinstance(obj, PurePath):
         return obj.as_posix()
-    if isinstance(obj, (torch.dtype, torch.device)):
+    # A torch dtype or device exists only once torch is imported; hashing needs no torch otherwise
+    # (`cogedit plan` hashes model identities without importing it).
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(obj, (torch.dtype, torch.device)):
         return str(obj)
     if isinstance(obj, (bytes, bytearray, memoryview)):
         return bytes(obj).hex()

@@ -26,7 +26,7 @@ _EXPORTS = {
     "Reporter": "engine.report",
     "Runtime": "engine.components",
     "alive": "engine.components",
-    "inspect_model": "engine.components",
+    "inspect_model": "engine.model_info",
     "build_tiny_model": "engine.tiny",
     "write_proxy_model": "engine.proxy",
     "demo": "engine.demo",

@@ -10,7 +10,8 @@ from cache.atomic import load_tensors, save_tensors
 from cache.errors import CacheCorruptError, ReadOnlyCacheError
 from cache.keys import stable_hash
 from cache.layout import CacheLayout
-from engine.components import ModelInfo, Runtime, load_tokenizer, loaded
+from engine.components import Runtime, load_tokenizer, loaded
+from engine.model_info import ModelInfo
 from engine.stage import StageContext
 
 log = logging.getLogger("cogedit")

@@ -14,13 +14,11 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import torch
-
 from cache.sizes import parse_size
 from engine.errors import SettingsError
 
 if TYPE_CHECKING:
-    from engine.components import ModelInfo
+    from engine.model_info import ModelInfo
 
 GiB = 1 << 30
 
@@ -82,6 +80,8 @@ def _param_count(part: str, config_items: tuple) -> int:
 
     import_model_libraries()
     config = dict(config_items)
+    import torch  # here, not at the top: `cogedit plan` never counts and needs no torch
+
     with torch.device("meta"):
         if part == "transformer":
             from diffusers import CogVideoXTransformer3DModel

@@ -14,7 +14,8 @@ from typing import Any
 
 from cache.entry import InversionEntry
 from cache.layout import CacheLayout
-from engine.components import ModelInfo, Runtime
+from engine.components import Runtime
+from engine.model_info import ModelInfo
 from engine.report import Reporter
 
 Callback = Callable[[dict[str, Any]], None]

@@ -27,13 +27,14 @@ from cache.lock import entry_lock
 from cache.manifest import FORMAT_VERSION
 from cache.sizes import format_size
 from engine.attention_store import MemoryStores, capture_stage, check_budget, find_store, has_store, store_settings
-from engine.components import ModelInfo, Runtime, inspect_model
+from engine.components import Runtime
 from engine.decode import decode_stage, output_paths
 from engine.editing import edit_stage
 from engine.embed import embed_stage
 from engine.encode import encode_stage
 from engine.errors import ModelError, SettingsError
 from engine.inversion import invert_stage
+from engine.model_info import ModelInfo, inspect_model
 from engine.options import EditOptions, InvertOptions, RuntimeOptions, parse, split_run_options
 from engine.plans import Workload, choose_plan, parse_vram, predict_peaks
 from engine.report import Reporter

@@ -13,6 +13,7 @@ import torch
 import engine
 import engine.components as components
 from engine.errors import SettingsError
+from engine.model_info import inspect_model
 from tests.conftest import SMALL
 
 # fp8's error is stated against bf16's own: how far bf16 lands from float32 on the same run.
@@ -54,7 +55,7 @@ def test_fp8_quantizes_the_blocks_attention_and_mlp_only(tiny_model, fp8_on_cpu)
     from torchao.quantization import Float8Tensor
 
     runtime = components.Runtime.default("cpu", "bf16", fp8=True)
-    with components.loaded("transformer", components.inspect_model(tiny_model), runtime) as transformer:
+    with components.loaded("transformer", inspect_model(tiny_model), runtime) as transformer:
         kinds = {name: isinstance(m.weight, Float8Tensor) for name, m in transformer.named_modules() if isinstance(m, torch.nn.Linear)}
     assert kinds["transformer_blocks.0.attn1.to_q"] and kinds["transformer_blocks.1.ff.net.2"]
     assert not kinds["transformer_blocks.0.norm1.linear"] and not kinds["proj_out"]

@@ -9,9 +9,9 @@ from click.testing import CliRunner
 
 import engine
 from cli import cli
-from engine.components import builtin_5b
 from engine.configs import PARAMS_5B
 from engine.errors import SettingsError
+from engine.model_info import builtin_5b
 from engine.plans import PLANS, GiB, choose_plan, param_counts, parse_vram, predict_peaks
 
 

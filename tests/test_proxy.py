@@ -8,7 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 from cli import cli
-from engine.components import inspect_model
+from engine.model_info import inspect_model
 from engine.proxy import HELD_OUT, PROXY_DIR, PROXY_FRAMES, PROXY_HEIGHT, PROXY_WIDTH, heldout_loss
 from engine.video import FrameSettings, read_frames, to_model_input
 

@@ -11,8 +11,9 @@ import torch
 
 import engine
 from cache.keys import stable_hash
-from engine.components import Runtime, inspect_model
+from engine.components import Runtime
 from engine.errors import SettingsError
+from engine.model_info import inspect_model
 from engine.settings import InvertSettings
 from engine.video import FrameSettings, select_frame_indices
 from engine.workflow import inversion_identity
