@@ -187,7 +187,7 @@ def invert(video: str | Path, model: str | Path, *, cache_dir: str | Path | None
         with reporter.phase("invert") as ph:
             ph.hit(True, f"{paths.id[:12]} cached")
     else:
-        entry = _make(dataclasses.replace(ctx, entry=None), paths, identity, source, frames, settings, store, memory)
+        entry = _make(ctx, paths, identity, source, frames, settings, store, memory)
     if opts.verify:
         verify_stage(dataclasses.replace(ctx, entry=entry))
     return Inversion(entry, layout, memory)
