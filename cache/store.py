@@ -229,9 +229,11 @@ def _lock_busy(paths: EntryPaths) -> bool:
         return False  # nobody can be writing a cache we cannot even lock
 
 
-def _prompt_files(layout: CacheLayout) -> list[tuple[Path, os.stat_result]]:
+def _loose_files(layout: CacheLayout, prompts_only: bool = False) -> list[tuple[Path, os.stat_result]]:
+    """Prompt embeddings and --compile's kernels: single files outside any entry, oldest first."""
     files = []
-    for path in layout.prompts_dir.glob("*/*"):
+    found = list(layout.prompts_dir.glob("*/*")) + ([] if prompts_only else list(layout.compile_dir.glob("*.bin")))
+    for path in found:
         try:
             st = path.stat()
         except OSError:
@@ -241,23 +243,24 @@ def _prompt_files(layout: CacheLayout) -> list[tuple[Path, os.stat_result]]:
     return sorted(files, key=lambda f: f[1].st_mtime)
 
 
-def _prompt_info(path: Path, st: os.stat_result) -> EntryInfo:
+def _loose_info(path: Path, st: os.stat_result) -> EntryInfo:
+    prompt = path.suffix == ".safetensors"
     return EntryInfo(
-        id=path.name.removesuffix(".safetensors"),
-        kind="prompt",
+        id=path.name.removesuffix(path.suffix),
+        kind="prompt" if prompt else "compiled kernels",
         complete=True,
         created=None,
         last_used=datetime.fromtimestamp(st.st_mtime, timezone.utc).isoformat(),
         size_bytes=st.st_size,
-        summary={"model_key": path.parent.name},
+        summary={"model_key": path.parent.name} if prompt else {},
         manifest_ok=True,
         dir=path,
     )
 
 
 def gc(layout: CacheLayout, max_bytes: int, dry_run: bool = False) -> list[EntryInfo]:
-    """Remove least-recently-used entries, then oldest prompt embeddings, until the cache
-    (inversions + prompts) is at most `max_bytes`. Return what was (or, dry run, would be) removed.
+    """Remove least-recently-used entries, then the oldest prompt embeddings and compiled kernels,
+    until the cache (inversions + prompts + kernels) is at most `max_bytes`. Return what was (or, dry run, would be) removed.
 
     Order: incomplete and broken entries first, then complete ones by last_used, oldest first.
     Entries whose lock is held (a running inversion) are skipped.
@@ -267,7 +270,7 @@ def gc(layout: CacheLayout, max_bytes: int, dry_run: bool = False) -> list[Entry
     if not dry_run:
         _purge_trash(layout)
     entries = list_entries(layout)
-    prompts = _prompt_files(layout)
+    prompts = _loose_files(layout)
     total = sum(e.size_bytes for e in entries) + sum(st.st_size for _, st in prompts)
     removed: list[EntryInfo] = []
     for info in sorted(entries, key=lambda e: (e.complete, _last_used(e))):
@@ -300,7 +303,7 @@ def gc(layout: CacheLayout, max_bytes: int, dry_run: bool = False) -> list[Entry
                     f"cannot remove {path}: {exc.strerror or exc} — check the cache folder's permissions"
                 ) from exc
         total -= st.st_size
-        removed.append(_prompt_info(path, st))
+        removed.append(_loose_info(path, st))
     return removed
 
 
@@ -379,7 +382,7 @@ def _verify_entry(paths: EntryPaths) -> list[Problem]:
 
 def _verify_prompts(layout: CacheLayout) -> list[Problem]:
     problems = []
-    for path, _st in _prompt_files(layout):
+    for path, _st in _loose_files(layout, prompts_only=True):
         rel = path.relative_to(layout.prompts_dir).as_posix()
         if TMP_MARK in path.name:
             problems.append(Problem("prompts", rel, _leftover_reason()))

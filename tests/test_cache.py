@@ -724,3 +724,15 @@ def test_format_size():
     assert format_size(2_300_000) == "2.2 MiB"
     assert format_size(9_200_000_000) == "8.6 GiB"
     assert format_size(-2048) == "-2.0 KiB"
+
+
+def test_gc_counts_and_removes_compiled_kernels_with_the_prompts(layout):
+    """--compile's kernels (<cache>/compile/*.bin) are cache too: gc weighs them and drops the oldest."""
+    layout.compile_dir.mkdir(parents=True)
+    old, new = layout.compile_dir / "a.bin", layout.compile_dir / "b.bin"
+    for path, age in ((old, 300), (new, 100)):
+        write_bytes_atomic(path, b"x" * 1000)
+        os.utime(path, (time.time() - age, time.time() - age))
+    removed = gc(layout, 1500)
+    assert [(e.kind, e.id) for e in removed] == [("compiled kernels", "a")]
+    assert not old.exists() and new.exists()
