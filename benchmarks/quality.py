@@ -269,13 +269,17 @@ def run(args: argparse.Namespace) -> None:
         result["classifier"] = classifier_checks(judge, clips, source)
         result["edit_setup"] = edit_setup(edit_steps, result["classifier"])
         grid = {f"source ({HELD_OUT.name})": source, f"target clip ({TARGET.name})": clips[TARGET.name][:PROXY_FRAMES]}
-        result["edits"] = run_edits(inv, source, judge, edit_conditions(engine.inspect_model(PROXY_DIR).transformer_config["num_layers"]), common, grid)
+        conditions = edit_conditions(engine.inspect_model(PROXY_DIR).transformer_config["num_layers"])
+        if args.runtimes_only:  # the eager default beside the --fp8/--compile rows, nothing else
+            conditions = {"full window 0:1, eager": dict(compile=False)}
+        result["edits"] = run_edits(inv, source, judge, conditions, common, grid)
         save(out, result, grid)
-        result["batch"] = batch_check(inv, common)
-        save(out, result, grid)
-        run_round_trips(args, common, result, lambda: save(out, result, grid))
+        if not args.runtimes_only:
+            result["batch"] = batch_check(inv, common)
+            save(out, result, grid)
+            run_round_trips(args, common, result, lambda: save(out, result, grid))
         # Last: a compile can take minutes, and what came before should not wait on it.
-        runtimes = {"fp8, full window": dict(fp8=True)} if args.fp8 else {}
+        runtimes = {"fp8, full window, eager": dict(fp8=True, compile=False)} if args.fp8 else {}
         runtimes.update({"compile, full window": dict(compile=True)} if args.compile else {})
         result["edits"] += run_edits(inv, source, judge, runtimes, common, grid)
         save(out, result, grid)
@@ -356,6 +360,7 @@ def main() -> None:
     go.add_argument("--dtypes", default=None, help="round-trip dtypes, e.g. bf16,fp32 (default: the engine's)")
     go.add_argument("--fp8", action="store_true", help="add an fp8 edit (torchao, a GPU with FP8)")
     go.add_argument("--compile", action="store_true", help="add a torch.compile edit")
+    go.add_argument("--runtimes-only", action="store_true", help="only the default edit and the --fp8/--compile ones")
     go.add_argument("--quick", action="store_true", help="10 steps, two methods: a tiny grid to try it out")
     args = parser.parse_args()
     if args.command == "frames":
