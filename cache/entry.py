@@ -63,14 +63,6 @@ class InversionEntry:
         self.write()
 
     @property
-    def settings(self) -> dict[str, Any]:
-        return self._m["settings"]
-
-    @property
-    def identity(self) -> dict[str, Any]:
-        return self._m["settings"].get("identity", {})
-
-    @property
     def steps(self) -> int:
         return int(self._m["settings"]["invert"]["steps"])
 
