@@ -24,9 +24,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine.configs import SCHEDULER_5B, TRANSFORMER_5B
+from engine.configs import SCHEDULER_5B
 from engine.denoiser import predict, rotary_embeddings
 from engine.fixed_point import refine, step_coefficients
+from engine.tiny import random_transformer
 
 
 def build(tiny: bool) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
@@ -40,13 +41,7 @@ def build(tiny: bool) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
         path = build_tiny_model(Path(tempfile.mkdtemp()) / "tiny")
         model = CogVideoXTransformer3DModel.from_pretrained(path, subfolder="transformer")
         return model.eval(), torch.randn(1, 3, 16, 12, 20), torch.randn(1, 226, 32)
-    with torch.device("cuda"):
-        model = CogVideoXTransformer3DModel(**TRANSFORMER_5B).to(torch.bfloat16).eval()
-    # Small weights as engine.tiny.write_random_5b draws them: the default init overflows bf16.
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0.0, 0.02)
+    model = random_transformer("cuda")
     latent = torch.randn(1, 13, 16, 60, 90, device="cuda", dtype=torch.bfloat16)
     return model, latent, torch.randn(1, 226, 4096, device="cuda", dtype=torch.bfloat16)
 

@@ -28,9 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.bench import matmul_peak_tflops, row_flops  # noqa: E402
 from engine import hooks  # noqa: E402
 from engine.components import quantize_float8  # noqa: E402
-from engine.configs import TRANSFORMER_5B  # noqa: E402
 from engine.denoiser import predict, rotary_embeddings  # noqa: E402
 from engine.injection import CogVideoXAttnProcessor, InjectionState, KVInjectionConfig, apply_kv_injection, remove_kv_injection  # noqa: E402
+from engine.tiny import random_transformer  # noqa: E402
 
 
 def error(exc: BaseException) -> str:
@@ -58,15 +58,10 @@ def main() -> None:
     ap.add_argument("--variants", default="default,cudnn,flash,efficient,compiled_blocks")
     args = ap.parse_args()
     wanted = args.variants.split(",")
-    from diffusers import CogVideoXTransformer3DModel
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = CogVideoXTransformer3DModel(**TRANSFORMER_5B).to(torch.bfloat16).eval().requires_grad_(False)
-    for p in model.parameters():
-        if p.dim() > 1:
-            p.data.normal_(0, 0.02)
+    model = random_transformer("cuda")
     model.set_attn_processor(CogVideoXAttnProcessor())
     latents = torch.randn(1, 13, 16, 60, 90, device="cuda", dtype=torch.bfloat16)
     text = torch.randn(1, 226, 4096, device="cuda", dtype=torch.bfloat16)

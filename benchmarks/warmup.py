@@ -34,22 +34,19 @@ sys.path.insert(0, str(ROOT))
 
 def child(args: argparse.Namespace) -> dict:
     import torch
-    from diffusers import CogVideoXTransformer3DModel
 
     from engine.compile_cache import artifacts_path, compile_artifacts
     from engine.components import Runtime, place_component
     from engine.configs import TRANSFORMER_5B
     from engine.denoiser import predict, rotary_embeddings
+    from engine.tiny import random_transformer
 
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
-    config = {**TRANSFORMER_5B, **({"num_layers": 2, "num_attention_heads": 2, "attention_head_dim": 16, "text_embed_dim": 32, "time_embed_dim": 16} if args.tiny else {})}
+    tiny = {"num_layers": 2, "num_attention_heads": 2, "attention_head_dim": 16, "text_embed_dim": 32, "time_embed_dim": 16} if args.tiny else {}
+    config = {**TRANSFORMER_5B, **tiny}
     start = time.perf_counter()
-    with torch.device(device):
-        model = CogVideoXTransformer3DModel(**config).to(torch.bfloat16 if cuda else torch.float32).eval().requires_grad_(False)
-        for p in model.parameters():  # default inits overflow 42 random blocks in bf16
-            if p.dim() > 1:
-                p.normal_(0.0, 0.02)
+    model = random_transformer(device, torch.bfloat16 if cuda else torch.float32, **tiny)
     runtime = Runtime.default(device, compile=args.compile, fp8=args.fp8)
     model = place_component(model, "transformer", runtime)
     built = time.perf_counter() - start

@@ -135,29 +135,39 @@ def write_model_index(path: Path) -> None:
     (path / "model_index.json").write_text(json.dumps(index, indent=2))
 
 
+def small_init(module: torch.nn.Module) -> torch.nn.Module:
+    """Small random weights, in place: default inits make 42 random blocks overflow in bf16."""
+    with torch.no_grad():
+        for p in module.parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, 0.02)
+    return module
+
+
+def random_transformer(device: str, dtype: torch.dtype = torch.bfloat16, **overrides) -> torch.nn.Module:
+    """The CogVideoX-5B transformer (or `overrides` of its config) with small random weights, built
+    on `device`: benchmarks get the real model's sizes and speed without a checkpoint."""
+    from diffusers import CogVideoXTransformer3DModel
+
+    with torch.device(device):
+        model = CogVideoXTransformer3DModel(**{**TRANSFORMER_5B, **overrides}).to(dtype)
+    return small_init(model).eval().requires_grad_(False)
+
+
 def write_random_5b(path, device: str = "cuda", dtype=None, seed: int = 0):
     """Write a CogVideoX-5B-shaped checkpoint with random weights (benchmarks: real sizes, noise pixels).
 
     Weights are drawn on `device` (fast) and saved with `save_pretrained` in the hub layout, so
     the engine loads them through the same code as the real model.
     """
-    from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXTransformer3DModel
+    from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler
     from transformers import T5Config, T5EncoderModel
 
     dtype = dtype or torch.bfloat16
     path = Path(path)
     torch.manual_seed(seed)
 
-    def small_init(module: torch.nn.Module) -> torch.nn.Module:
-        # Default inits make 42 random blocks overflow in bf16; small weights keep values finite.
-        with torch.no_grad():
-            for p in module.parameters():
-                if p.dim() > 1:
-                    p.normal_(0.0, 0.02)
-        return module
-
-    with torch.device(device):
-        transformer = small_init(CogVideoXTransformer3DModel(**TRANSFORMER_5B).to(dtype))
+    transformer = random_transformer(device, dtype)
     transformer.save_pretrained(path / "transformer", safe_serialization=True, max_shard_size="5GB")
     del transformer
     with torch.device(device):
