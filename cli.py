@@ -70,7 +70,7 @@ VRAM_HELP = "Your GPU's memory as sold (12GB, or just 12: a 12 GB card has 12 Gi
 
 
 def _vram_bytes(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
-    from engine.plans import parse_vram
+    from engine.models.plans import parse_vram
 
     try:
         return parse_vram(value) if value is not None else None
@@ -334,8 +334,8 @@ def plan_cmd(vram, model, frames, height, width, prompts) -> None:
     from rich.console import Console, Group
     from rich.table import Table
 
-    from engine.model_info import builtin_5b, inspect_model
-    from engine.plans import (
+    from engine.models.model_info import builtin_5b, inspect_model
+    from engine.models.plans import (
         CUDA_CONTEXT,
         PLANS,
         GiB,

@@ -7,7 +7,7 @@
 Builds a CogVideoX-5B-shaped checkpoint with random weights once (memory and time are the real
 model's; pixels are noise), then runs every variant on the same 49x480x720 clip with a few
 steps each: per phase, the time per step (median), the peak allocated and reserved memory, and
-for cogedit's plans the prediction of engine.plans. Each cogedit plan runs under the memory cap
+for cogedit's plans the prediction of engine.models.plans. Each cogedit plan runs under the memory cap
 of the card it is meant for (torch.cuda.set_per_process_memory_fraction), so passing means it
 fits that card. Whole-workflow times at 50 steps are derived: fixed costs + 50 x step time.
 """
@@ -32,11 +32,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import engine  # noqa: E402
-from engine.components import Runtime  # noqa: E402
-from engine.model_info import inspect_model  # noqa: E402
-from engine.plans import PLANS, Workload, predict_peaks  # noqa: E402
-from engine.settings import InjectSettings, parse_window  # noqa: E402
-from engine.video import FrameSettings, read_frames, to_model_input  # noqa: E402
+from engine.models.components import Runtime  # noqa: E402
+from engine.models.model_info import inspect_model  # noqa: E402
+from engine.models.plans import PLANS, Workload, predict_peaks  # noqa: E402
+from engine.stages.settings import InjectSettings, parse_window  # noqa: E402
+from engine.video.clips import DEMO_VIDEO  # noqa: E402
+from engine.video.reader import FrameSettings, read_frames, to_model_input  # noqa: E402
 
 CLIP = Path(__file__).with_name("clip49.mp4")
 GiB = 1 << 30
@@ -203,7 +204,7 @@ def build_model(args) -> Path:
     root = Path(args.workdir)
     if args.tiny:
         return engine.build_tiny_model(root / "tiny")
-    from engine.tiny import write_random_5b
+    from engine.models.tiny import write_random_5b
 
     path = root / "cogvideox-5b-random"
     if not (path / "model_index.json").exists():
@@ -240,7 +241,7 @@ def main() -> None:
     info = inspect_model(model)
     cfg = info.transformer_config
     width = cfg["num_attention_heads"] * cfg["attention_head_dim"]
-    from engine.plans import param_counts, sequence_tokens
+    from engine.models.plans import param_counts, sequence_tokens
 
     tokens = sequence_tokens(info, args.frames, args.height, args.width)
 
@@ -251,7 +252,7 @@ def main() -> None:
     }
     if cuda:
         results["peak_tflops_bf16"] = matmul_peak_tflops()
-    frames, _ = read_frames(CLIP if not args.tiny else engine.video.DEMO_VIDEO, FrameSettings(args.frames, height=args.height, width=args.width))
+    frames, _ = read_frames(CLIP if not args.tiny else DEMO_VIDEO, FrameSettings(args.frames, height=args.height, width=args.width))
     frames = to_model_input(frames)
     runtime = Runtime.default()
     for name in [v for v in args.variants.split(",") if v]:
@@ -266,7 +267,7 @@ def main() -> None:
                 row = {"phases": run_upstream(info, runtime, frames, args.steps, mode)}
             else:
                 cap(None if args.tiny else CAPS.get(name))
-                row = run_plan(name, model, CLIP if not args.tiny else engine.video.DEMO_VIDEO, args, cache_dir)
+                row = run_plan(name, model, CLIP if not args.tiny else DEMO_VIDEO, args, cache_dir)
                 row["cap_gb"] = CAPS.get(name)
             row["ok"] = True
         except Exception as exc:  # a variant that fails (OOM under its cap) is a result too
@@ -274,16 +275,16 @@ def main() -> None:
         finally:
             cap(None)
             shutil.rmtree(cache_dir, ignore_errors=True)
-            engine.components.free_memory()
+            engine.models.components.free_memory()
         if not row["ok"] and cuda and "out of memory" in row["error"] and name in CAPS:
             # Measure what it does need, with no cap (after the failed run's frames are gone).
-            engine.components.free_memory()
+            engine.models.components.free_memory()
             try:
                 row["uncapped"] = run_plan(name, model, CLIP, args, cache_dir)
             except Exception as exc:
                 row["uncapped"] = {"ok": False, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
             shutil.rmtree(cache_dir, ignore_errors=True)
-            engine.components.free_memory()
+            engine.models.components.free_memory()
         for ph in row.get("phases", {}).values():
             if ph.get("step_times"):
                 ph["median_step"] = statistics.median(ph["step_times"])

@@ -1,4 +1,4 @@
-"""Cost of one DDIM inversion step, plain and with fixed-point refinement (engine.fixed_point).
+"""Cost of one DDIM inversion step, plain and with fixed-point refinement (engine.stages.fixed_point).
 
     python benchmarks/inversion_cost.py --out benchmarks/results   # full-size 5B, random weights, GPU
     python benchmarks/inversion_cost.py --out /tmp/ic --tiny        # the tests' tiny model on the CPU
@@ -24,10 +24,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine.configs import SCHEDULER_5B
-from engine.denoiser import predict, rotary_embeddings
-from engine.fixed_point import refine, step_coefficients
-from engine.tiny import random_transformer
+from engine.models.configs import SCHEDULER_5B
+from engine.models.denoiser import predict, rotary_embeddings
+from engine.models.tiny import random_transformer
+from engine.stages.fixed_point import refine, step_coefficients
 
 
 def build(tiny: bool) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
@@ -36,7 +36,7 @@ def build(tiny: bool) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
 
     torch.manual_seed(0)
     if tiny:
-        from engine.tiny import build_tiny_model
+        from engine.models.tiny import build_tiny_model
 
         path = build_tiny_model(Path(tempfile.mkdtemp()) / "tiny")
         model = CogVideoXTransformer3DModel.from_pretrained(path, subfolder="transformer")

@@ -20,12 +20,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine import hooks  # noqa: E402
-from engine.configs import TRANSFORMER_5B  # noqa: E402
-from engine.denoiser import predict, rotary_embeddings  # noqa: E402
-from engine.ff_chunking import FFChunkingConfig, apply_ff_chunking  # noqa: E402
-from engine.injection import CogVideoXAttnProcessor, InjectionState, KVInjectionConfig, apply_kv_injection, remove_kv_injection  # noqa: E402
-from engine.row_groups import RowGroupConfig, apply_row_groups, remove_row_groups  # noqa: E402
+from engine.hooks import registry as hooks  # noqa: E402
+from engine.hooks.ff_chunking import FFChunkingConfig, apply_ff_chunking  # noqa: E402
+from engine.hooks.injection import CogVideoXAttnProcessor, InjectionState, KVInjectionConfig, apply_kv_injection, remove_kv_injection  # noqa: E402
+from engine.hooks.row_groups import RowGroupConfig, apply_row_groups, remove_row_groups  # noqa: E402
+from engine.models.configs import TRANSFORMER_5B  # noqa: E402
+from engine.models.denoiser import predict, rotary_embeddings  # noqa: E402
 
 GiB = 1 << 30
 

@@ -40,9 +40,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import engine  # noqa: E402
 from benchmarks.frame_measures import ClipClassifier, fit_classifier, ssim  # noqa: E402
-from engine.proxy import CLIPS, HELD_OUT, PROXY_DIR, PROXY_FRAMES, PROXY_HEIGHT, PROXY_WIDTH  # noqa: E402
-from engine.verify import psnr_db  # noqa: E402
-from engine.video import FrameSettings, VideoInfo, probe_video, read_frames  # noqa: E402
+from engine.models.proxy import PROXY_DIR, PROXY_FRAMES, PROXY_HEIGHT, PROXY_WIDTH  # noqa: E402
+from engine.stages.verify import psnr_db  # noqa: E402
+from engine.video.clips import CLIPS, HELD_OUT  # noqa: E402
+from engine.video.reader import FrameSettings, VideoInfo, probe_video, read_frames  # noqa: E402
 
 SIZE = dict(frames=PROXY_FRAMES, height=PROXY_HEIGHT, width=PROXY_WIDTH)
 INPUT = FrameSettings(max_frames=PROXY_FRAMES, height=PROXY_HEIGHT, width=PROXY_WIDTH)
@@ -99,7 +100,7 @@ def served_clips(frames_file: Path | None) -> Iterator[dict[str, torch.Tensor]]:
             raise ValueError(f"the frames file holds {INPUT}, not {settings}")
         return tensors[f"{Path(video).stem}.input"], probe(video)
 
-    with mock.patch("engine.workflow.probe_video", probe), mock.patch("engine.encode.read_frames", read):
+    with mock.patch("engine.workflow.probe_video", probe), mock.patch("engine.stages.encode.read_frames", read):
         yield {clip.name: tensors[f"{clip.name}.all"] for clip in CLIPS}
 
 

@@ -343,7 +343,7 @@ def plot(summary: dict, chosen: dict, out: Path) -> None:
     fig, ax = plt.subplots(figsize=(10, 4.5))
     colors = ["#b55" if n in ("upstream", "model_offload", "sequential") else "#4a7" for n in names]
     ax.bar(range(len(names)), [summary[n]["peak_alloc_gib"] for n in names], color=colors, label="measured peak (allocated)")
-    ax.scatter(range(len(names)), [summary[n]["predicted_gib"] or float("nan") for n in names], color="k", marker="_", s=400, label="predicted (engine.plans)", zorder=3)
+    ax.scatter(range(len(names)), [summary[n]["predicted_gib"] or float("nan") for n in names], color="k", marker="_", s=400, label="predicted (engine.models.plans)", zorder=3)
     for gb in (24, 16, 12, 8):
         ax.axhline(gb, color="#999", lw=0.8, ls="--")
         ax.text(len(names) - 0.5, gb + 0.3, f"{gb} GB card", fontsize=8, color="#666", ha="right")

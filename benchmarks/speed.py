@@ -26,11 +26,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench import matmul_peak_tflops, row_flops  # noqa: E402
-from engine import hooks  # noqa: E402
-from engine.components import quantize_float8  # noqa: E402
-from engine.denoiser import predict, rotary_embeddings  # noqa: E402
-from engine.injection import CogVideoXAttnProcessor, InjectionState, KVInjectionConfig, apply_kv_injection, remove_kv_injection  # noqa: E402
-from engine.tiny import random_transformer  # noqa: E402
+from engine.hooks import registry as hooks  # noqa: E402
+from engine.hooks.injection import CogVideoXAttnProcessor, InjectionState, KVInjectionConfig, apply_kv_injection, remove_kv_injection  # noqa: E402
+from engine.models.components import quantize_float8  # noqa: E402
+from engine.models.denoiser import predict, rotary_embeddings  # noqa: E402
+from engine.models.tiny import random_transformer  # noqa: E402
 
 
 def error(exc: BaseException) -> str:
@@ -78,8 +78,8 @@ def main() -> None:
             predict(model, latents.expand(3, -1, -1, -1, -1), text.expand(3, -1, -1), t, rotary)
 
     peak = matmul_peak_tflops()
-    from engine.model_info import builtin_5b
-    from engine.plans import sequence_tokens
+    from engine.models.model_info import builtin_5b
+    from engine.models.plans import sequence_tokens
 
     tokens = sequence_tokens(builtin_5b(), 49, 480, 720)
     params = sum(p.numel() for p in model.parameters())
@@ -124,7 +124,7 @@ def main() -> None:
             block.compile(mode=modes[name])
         measure(name)
     if any("fp8" in n for n in wanted):
-        # The same weights, uncompiled, quantized as --fp8 does (engine.components).
+        # The same weights, uncompiled, quantized as --fp8 does (engine.models.components).
         torch._dynamo.reset()
         for block in model.transformer_blocks:
             block._compiled_call_impl = None

@@ -1,4 +1,4 @@
-"""Train the proxy: a small CogVideoX that has learned Big Buck Bunny footage (engine/proxy.py).
+"""Train the proxy: a small CogVideoX that has learned Big Buck Bunny footage (engine/models/proxy.py).
 
     python benchmarks/train_proxy.py clips                       # cut engine/assets/clips (once)
     python benchmarks/train_proxy.py data --out data.safetensors  # decode them at 96x144 (needs decord)
@@ -32,9 +32,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine.configs import SCHEDULER_5B, T5_XXL, TRANSFORMER_5B  # noqa: E402
-from engine.proxy import CLIPS, HELD_OUT, PROXY_FRAMES, PROXY_HEIGHT, PROXY_WIDTH, heldout_loss, v_prediction_loss  # noqa: E402
-from engine.tiny import TINY_TEXT_LEN, build_tiny_model, train_tokenizer, write_model_index  # noqa: E402
+from engine.models.configs import SCHEDULER_5B, T5_XXL, TRANSFORMER_5B  # noqa: E402
+from engine.models.proxy import PROXY_FRAMES, PROXY_HEIGHT, PROXY_WIDTH  # noqa: E402
+from engine.models.tiny import TINY_TEXT_LEN, build_tiny_model, train_tokenizer, write_model_index  # noqa: E402
+from engine.stages.vloss import heldout_loss, v_prediction_loss  # noqa: E402
+from engine.video.clips import CLIPS, HELD_OUT  # noqa: E402
 
 SOURCE = Path(__file__).resolve().parents[2] / "shared" / "videos" / "bigbuckbunny.mp4"
 CLIP_SIZE = (192, 108)  # the source's 16:9 at a size the engine resizes from
@@ -86,7 +88,7 @@ def decode_clips(out: Path) -> None:
     """Every clip's frames at the proxy's size, as the engine decodes them, in one safetensors file."""
     from safetensors.torch import save_file
 
-    from engine.video import FrameSettings, read_frames
+    from engine.video.reader import FrameSettings, read_frames
 
     tensors = {}
     for clip in CLIPS:
@@ -98,7 +100,7 @@ def decode_clips(out: Path) -> None:
 
 def windows(frames: dict[str, torch.Tensor], length: int) -> torch.Tensor:
     """Every run of `length` consecutive training frames, and its mirror image: [N, length, 3, H, W] in [-1, 1]."""
-    from engine.video import to_model_input
+    from engine.video.reader import to_model_input
 
     out = []
     for clip in CLIPS:
@@ -158,7 +160,7 @@ def set_lr(opt: torch.optim.Optimizer, peak: float, step: int, progress: float) 
 @torch.no_grad()
 def encode(vae, x: torch.Tensor, device: str) -> torch.Tensor:
     """[N, F, 3, H, W] -> latent modes [N, F', C, h, w] (unscaled), a few windows at a time."""
-    from engine.encode import encode_frames
+    from engine.stages.encode import encode_frames
 
     return torch.cat([encode_frames(vae, clip.to(device)).cpu() for clip in x])
 
@@ -166,7 +168,7 @@ def encode(vae, x: torch.Tensor, device: str) -> torch.Tensor:
 def embed_captions(model_dir: Path, captions: list[str], device: str) -> dict[str, torch.Tensor]:
     from transformers import AutoTokenizer, T5EncoderModel
 
-    from engine.embed import tokenize
+    from engine.stages.embed import tokenize
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir / "tokenizer")
     t5 = T5EncoderModel.from_pretrained(model_dir / "text_encoder", dtype=torch.float32).to(device).eval()
@@ -198,8 +200,8 @@ def sample(model_dir: Path, caption: str, count: int, steps: int, device: str, s
     """Plain DDIM from noise with CFG 6 against "": uint8 frames [count, F, H, W, 3]."""
     from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXTransformer3DModel
 
-    from engine.decode import decode_latents
-    from engine.denoiser import guided, predict, rotary_embeddings
+    from engine.models.denoiser import guided, predict, rotary_embeddings
+    from engine.stages.decode import decode_latents
 
     transformer = CogVideoXTransformer3DModel.from_pretrained(model_dir / "transformer", torch_dtype=torch.float32).to(device)
     scheduler = CogVideoXDDIMScheduler.from_pretrained(model_dir / "scheduler")
@@ -259,7 +261,7 @@ def train(args: argparse.Namespace) -> None:
     minutes = (time.monotonic() - began) / 60
 
     # What it learned: held-out v-loss against the random tiny model's, and samples from noise.
-    from engine.video import to_model_input
+    from engine.video.reader import to_model_input
 
     held = to_model_input(frames[HELD_OUT.name][:PROXY_FRAMES])
     caption = HELD_OUT.captions[0]

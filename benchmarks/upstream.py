@@ -17,12 +17,12 @@ import time
 
 import torch
 
-from engine.components import Runtime, free_memory, load_component
-from engine.editing import Reference, ddim_edit
-from engine.embed import tokenize
-from engine.encode import encode_frames
-from engine.inversion import ddim_invert
-from engine.settings import InjectSettings
+from engine.models.components import Runtime, free_memory, load_component
+from engine.stages.editing import Reference, ddim_edit
+from engine.stages.embed import tokenize
+from engine.stages.encode import encode_frames
+from engine.stages.inversion import ddim_invert
+from engine.stages.settings import InjectSettings
 
 
 def _timed_steps(sync: bool):

@@ -2,7 +2,7 @@
 
 Each variant runs in a fresh process, as a user's next command would: build the full-size
 CogVideoX-5B transformer (random bf16 weights), place it as the engine does
-(`engine.components.place_component`), then time one inversion-sized forward after another
+(`engine.models.components.place_component`), then time one inversion-sized forward after another
 (1 row, 49x480x720). Warm-up = first forward - median of the later ones. Variants:
 
 - eager: no compile (the baseline's own first-forward cost)
@@ -35,11 +35,11 @@ sys.path.insert(0, str(ROOT))
 def child(args: argparse.Namespace) -> dict:
     import torch
 
-    from engine.compile_cache import artifacts_path, compile_artifacts
-    from engine.components import Runtime, place_component
-    from engine.configs import TRANSFORMER_5B
-    from engine.denoiser import predict, rotary_embeddings
-    from engine.tiny import random_transformer
+    from engine.models.compile_cache import artifacts_path, compile_artifacts
+    from engine.models.components import Runtime, place_component
+    from engine.models.configs import TRANSFORMER_5B
+    from engine.models.denoiser import predict, rotary_embeddings
+    from engine.models.tiny import random_transformer
 
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"

@@ -6,6 +6,16 @@
 
 Names are imported on first use, so that `import engine` (and a command such as `cogedit plan`)
 does not pay for diffusers and the model code until they are needed.
+
+Layout, by role (imports run down this list, never up; `errors` is the one leaf all may use):
+
+    engine/            the public surface: workflow (invert, edit, run), options, results,
+                       report, demo, errors
+    engine/stages/     the stages and their frozen settings
+    engine/models/     model loading, memory plans, the shipped and tiny models
+    engine/hooks/      features composed onto diffusers modules (injection, capture, ...)
+    engine/video/      reading video; the bundled clips
+    cache/             the on-disk cache (imports nothing of engine)
 """
 
 import importlib
@@ -24,11 +34,11 @@ _EXPORTS = {
     "EditOptions": "engine.options",
     "InvertOptions": "engine.options",
     "Reporter": "engine.report",
-    "Runtime": "engine.components",
-    "alive": "engine.components",
-    "inspect_model": "engine.model_info",
-    "build_tiny_model": "engine.tiny",
-    "write_proxy_model": "engine.proxy",
+    "Runtime": "engine.models.components",
+    "alive": "engine.models.components",
+    "inspect_model": "engine.models.model_info",
+    "build_tiny_model": "engine.models.tiny",
+    "write_proxy_model": "engine.models.proxy",
     "demo": "engine.demo",
     "EditResult": "engine.results",
     "Inversion": "engine.results",

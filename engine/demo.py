@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from cache.layout import cache_root
-from engine.proxy import CLIPS, HELD_OUT, PROXY_FRAMES, PROXY_HEIGHT, PROXY_WIDTH, write_proxy_model
+from engine.models.proxy import PROXY_FRAMES, PROXY_HEIGHT, PROXY_WIDTH, write_proxy_model
 from engine.report import Reporter
-from engine.video import DEMO_VIDEO
+from engine.video.clips import CLIPS, DEMO_VIDEO, HELD_OUT
 from engine.workflow import EditResult, edit, invert
 
 # The proxy knows only its captions' words: the first prompt reconstructs the clip (it is the

@@ -21,7 +21,7 @@ class RuntimeOptions:
 
     plan: str | None = None  # staged | lean | int8 | nf4 | offload
     vram: str | int | None = None  # pick the fastest plan predicted to fit (e.g. "12GB")
-    compile: bool | None = None  # None: on where it pays (engine.components.compile_by_default)
+    compile: bool | None = None  # None: on where it pays (engine.models.components.compile_by_default)
     fp8: bool = False
     device: str | None = None
     dtype: str | torch.dtype | None = None

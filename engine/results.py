@@ -10,8 +10,8 @@ import torch
 
 from cache.entry import InversionEntry
 from cache.layout import CacheLayout, EntryPaths, cache_root, resolve_entry_id
-from engine.attention_store import MemoryStores, available
 from engine.errors import CogeditError
+from engine.stages.attention_store import MemoryStores, available
 
 _DTYPES = {"torch.bfloat16": torch.bfloat16, "torch.float16": torch.float16, "torch.float32": torch.float32}
 

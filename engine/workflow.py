@@ -5,8 +5,8 @@
 Each phase loads only the component it needs and frees it before the next one loads:
 encode (VAE) -> embed (T5) -> invert (transformer) and embed (T5) -> edit (transformer) ->
 decode (VAE). A finished inversion is a cache hit that loads no model at all. The stages
-themselves live beside their kernels (`engine.encode`, `engine.embed`, `engine.inversion`,
-`engine.editing`, `engine.decode`, `engine.attention_store`, `engine.verify`); this module
+themselves live beside their kernels (`engine.stages.encode`, `engine.stages.embed`, `engine.stages.inversion`,
+`engine.stages.editing`, `engine.stages.decode`, `engine.stages.attention_store`, `engine.stages.verify`); this module
 turns options into settings, finds or makes the cache entry, and calls them in order.
 """
 
@@ -26,23 +26,23 @@ from cache.layout import CacheLayout, EntryPaths, cache_root
 from cache.lock import entry_lock
 from cache.manifest import FORMAT_VERSION
 from cache.sizes import format_size
-from engine.attention_store import MemoryStores, capture_stage, check_budget, find_store, has_store, store_settings
-from engine.components import Runtime
-from engine.decode import decode_stage, output_paths
-from engine.editing import edit_stage
-from engine.embed import embed_stage
-from engine.encode import encode_stage
 from engine.errors import ModelError, SettingsError
-from engine.inversion import invert_stage
-from engine.model_info import ModelInfo, inspect_model
+from engine.models.components import Runtime
+from engine.models.model_info import ModelInfo, inspect_model
+from engine.models.plans import Workload, choose_plan, parse_vram, predict_peaks
 from engine.options import EditOptions, InvertOptions, RuntimeOptions, parse, split_run_options
-from engine.plans import Workload, choose_plan, parse_vram, predict_peaks
 from engine.report import Reporter
 from engine.results import EditResult, Inversion, open_inversion
-from engine.settings import EditSettings, InjectSettings, InvertSettings, StoreSettings, layers_of, window_of
-from engine.stage import Callback, StageContext
-from engine.verify import verify_stage
-from engine.video import FrameSettings, VideoInfo, probe_video, select_frame_indices
+from engine.stages.attention_store import MemoryStores, capture_stage, check_budget, find_store, has_store, store_settings
+from engine.stages.context import Callback, StageContext
+from engine.stages.decode import decode_stage, output_paths
+from engine.stages.editing import edit_stage
+from engine.stages.embed import embed_stage
+from engine.stages.encode import encode_stage
+from engine.stages.inversion import invert_stage
+from engine.stages.settings import EditSettings, InjectSettings, InvertSettings, StoreSettings, layers_of, window_of
+from engine.stages.verify import verify_stage
+from engine.video.reader import FrameSettings, VideoInfo, probe_video, select_frame_indices
 
 # Default refinements per step: with its check, 1 iteration is 3 transformer forwards per inversion
 # step (benchmarks/results/inversion_cost.md), the issue's cap.

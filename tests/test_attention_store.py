@@ -100,7 +100,7 @@ def _block(i: int) -> dict[str, torch.Tensor]:
 def test_blocks_are_read_in_parallel_and_each_waited_for_alone():
     import threading
 
-    from engine.kv_replay import StoredAttention
+    from engine.hooks.kv_replay import StoredAttention
 
     together = threading.Barrier(4, timeout=10)  # breaks (and fails the reads) unless 4 run at once
     last_may_finish = threading.Event()
@@ -131,7 +131,7 @@ def test_blocks_are_read_in_parallel_and_each_waited_for_alone():
 def test_the_step_being_replayed_is_read_before_the_read_ahead():
     import threading
 
-    from engine.kv_replay import StoredAttention
+    from engine.hooks.kv_replay import StoredAttention
 
     order, go = [], threading.Event()
 
@@ -157,8 +157,8 @@ def test_the_step_being_replayed_is_read_before_the_read_ahead():
 
 
 def test_edit_reads_ahead_while_loading_and_while_each_step_computes(tiny_model, wide_clip, monkeypatch):
-    import engine.editing as editing
-    from engine.kv_replay import StepKV, StoredAttention
+    import engine.stages.editing as editing
+    from engine.hooks.kv_replay import StepKV, StoredAttention
 
     inv = engine.invert(wide_clip, tiny_model, device="cpu", **SMALL, **_store("disk"))
     events = []

@@ -13,7 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from cli import cli
-from engine import components
+from engine.models import components
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL_ARGS = ["--frames", "9", "--height", "96", "--width", "160", "--steps", "4"]

@@ -28,9 +28,9 @@ from cache.layout import CacheLayout
 from cache.manifest import read_manifest
 from cache.store import verify
 from cli import cli
-from engine import components
-from engine.components import Runtime
-from engine.settings import EditSettings
+from engine.models import components
+from engine.models.components import Runtime
+from engine.stages.settings import EditSettings
 from engine.workflow import edit_stem
 from tests.conftest import SMALL, VIDEO_ERRORS
 from tests.test_video import _ffmpeg, _testsrc
@@ -144,7 +144,7 @@ def _variant(tiny_model: Path, tmp_path: Path, kind: str) -> str:
     if kind == "file":
         return str(next((tiny_model / "transformer").glob("*.safetensors")))
     if kind == "2b":
-        from engine.tiny import build_tiny_model
+        from engine.models.tiny import build_tiny_model
 
         return str(build_tiny_model(tmp_path / "tiny-2b", rotary=False))
     folder = tmp_path / "model"
@@ -180,7 +180,7 @@ def test_bad_model(tiny_model, wide_clip, tmp_path, monkeypatch, kind, expected)
 
 
 def test_entry_of_another_model_has_another_key(entry, tiny_model, wide_clip, tmp_path):
-    from engine.tiny import build_tiny_model
+    from engine.models.tiny import build_tiny_model
 
     other = build_tiny_model(tmp_path / "other", seed=1)
     assert engine.invert(wide_clip, other, device="cpu", **SMALL).id != entry.id

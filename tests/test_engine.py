@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 import engine
-from engine import components
-from engine.inversion import ddim_invert
+from engine.models import components
+from engine.stages.inversion import ddim_invert
 from tests.conftest import SMALL
 
 
@@ -24,7 +24,7 @@ def _scheduler_config(model):
 
 def _embed(model, prompts, tmp_path):
     from cache.layout import CacheLayout
-    from engine.embed import embed_prompts
+    from engine.stages.embed import embed_prompts
 
     info = engine.inspect_model(model)
     return embed_prompts(prompts, info, engine.Runtime.default("cpu"), CacheLayout(tmp_path / "emb"))

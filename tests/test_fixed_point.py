@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.configs import SCHEDULER_5B
-from engine.fixed_point import refine, step_coefficients
+from engine.models.configs import SCHEDULER_5B
+from engine.stages.fixed_point import refine, step_coefficients
 
 
 def _schedulers(steps: int):

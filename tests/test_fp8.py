@@ -11,9 +11,9 @@ import pytest
 import torch
 
 import engine
-import engine.components as components
+import engine.models.components as components
 from engine.errors import SettingsError
-from engine.model_info import inspect_model
+from engine.models.model_info import inspect_model
 from tests.conftest import SMALL
 
 # fp8's error is stated against bf16's own: how far bf16 lands from float32 on the same run.

@@ -9,10 +9,10 @@ from click.testing import CliRunner
 
 import engine
 from cli import cli
-from engine.configs import PARAMS_5B
 from engine.errors import SettingsError
-from engine.model_info import builtin_5b
-from engine.plans import PLANS, GiB, choose_plan, param_counts, parse_vram, predict_peaks
+from engine.models.configs import PARAMS_5B
+from engine.models.model_info import builtin_5b
+from engine.models.plans import PLANS, GiB, choose_plan, param_counts, parse_vram, predict_peaks
 
 
 def test_parameter_counts_are_the_5b_model():
@@ -75,7 +75,7 @@ def test_ff_chunking_leaves_the_output_unchanged(tiny_model):
     import torch
     from diffusers import CogVideoXTransformer3DModel
 
-    from engine.ff_chunking import FFChunkingConfig, apply_ff_chunking
+    from engine.hooks.ff_chunking import FFChunkingConfig, apply_ff_chunking
 
     model = CogVideoXTransformer3DModel.from_pretrained(tiny_model, subfolder="transformer").eval()
     x = torch.randn(2, 3, 16, 12, 20)
@@ -89,7 +89,7 @@ def test_ff_chunking_leaves_the_output_unchanged(tiny_model):
 
 
 def test_compile_is_on_by_default_only_where_it_was_measured_to_pay():
-    from engine.components import Runtime, compile_by_default
+    from engine.models.components import Runtime, compile_by_default
 
     assert compile_by_default("cuda", PLANS["staged"], triton=True) and compile_by_default("cuda:1", PLANS["lean"], triton=True)
     assert not compile_by_default("cuda", PLANS["staged"], triton=False)  # torch.compile's GPU back-end is missing

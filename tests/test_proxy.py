@@ -8,9 +8,11 @@ import pytest
 from click.testing import CliRunner
 
 from cli import cli
-from engine.model_info import inspect_model
-from engine.proxy import HELD_OUT, PROXY_DIR, PROXY_FRAMES, PROXY_HEIGHT, PROXY_WIDTH, heldout_loss
-from engine.video import FrameSettings, read_frames, to_model_input
+from engine.models.model_info import inspect_model
+from engine.models.proxy import PROXY_DIR, PROXY_FRAMES, PROXY_HEIGHT, PROXY_WIDTH
+from engine.stages.vloss import heldout_loss
+from engine.video.clips import HELD_OUT
+from engine.video.reader import FrameSettings, read_frames, to_model_input
 
 
 def test_proxy_beats_random_weights_on_the_held_out_clip(tiny_model):

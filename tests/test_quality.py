@@ -8,8 +8,9 @@ import torch
 import engine
 from benchmarks.frame_measures import fit_classifier, ssim
 from benchmarks.quality import INPUT, SIZE, TARGET, TRAINING, all_frames
-from engine.proxy import HELD_OUT, PROXY_DIR
-from engine.video import read_frames
+from engine.models.proxy import PROXY_DIR
+from engine.video.clips import HELD_OUT
+from engine.video.reader import read_frames
 
 
 @pytest.fixture(scope="module")

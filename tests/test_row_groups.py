@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import engine
-import engine.row_groups as row_groups_module
-from engine.injection import InjectionState
-from engine.row_groups import row_groups
+import engine.hooks.row_groups as row_groups_module
+from engine.hooks.injection import InjectionState
+from engine.hooks.row_groups import row_groups
 from tests.conftest import SMALL
 
 PROMPTS = ["a watercolor painting", "a charcoal sketch"]
@@ -55,7 +55,7 @@ def test_block_in_place_is_diffusers_block_bit_for_bit():
     """The lean plan's own block forward adds residuals in place; in bf16 it rounds as diffusers does."""
     from diffusers.models.transformers.cogvideox_transformer_3d import CogVideoXBlock
 
-    from engine.injection import CogVideoXAttnProcessor
+    from engine.hooks.injection import CogVideoXAttnProcessor
 
     torch.manual_seed(0)
     block = CogVideoXBlock(dim=64, num_attention_heads=4, attention_head_dim=16, time_embed_dim=32).to(torch.bfloat16).eval()

@@ -11,11 +11,11 @@ import torch
 
 import engine
 from cache.keys import stable_hash
-from engine.components import Runtime
 from engine.errors import SettingsError
-from engine.model_info import inspect_model
-from engine.settings import InvertSettings
-from engine.video import FrameSettings, select_frame_indices
+from engine.models.components import Runtime
+from engine.models.model_info import inspect_model
+from engine.stages.settings import InvertSettings
+from engine.video.reader import FrameSettings, select_frame_indices
 from engine.workflow import inversion_identity
 from tests.conftest import SMALL
 
@@ -101,7 +101,7 @@ def _independent_inverse_ddim(model, latents, cond, steps):
 
 
 def test_ddim_invert_matches_an_independent_inverse_ddim_loop(tiny_model, wide_clip, tmp_path):
-    from engine.inversion import ddim_invert
+    from engine.stages.inversion import ddim_invert
     from tests.test_engine import _embed, _scheduler_config, _transformer
 
     inv = engine.invert(wide_clip, tiny_model, device="cpu", **SMALL)
@@ -135,11 +135,11 @@ def test_store_errors_name_the_flag_the_user_typed(tiny_model, wide_clip, flag, 
 
 def test_features_come_off_cleanly(tiny_model):
     """Every hook is named and removable: after remove_x, the forward is diffusers' own again."""
-    from engine import hooks
-    from engine.ff_chunking import FF_CHUNKING, FFChunkingConfig, apply_ff_chunking, remove_ff_chunking
-    from engine.injection import KV_INJECTION, InjectionState, KVInjectionConfig, apply_kv_injection, remove_kv_injection
-    from engine.kv_capture import KV_CAPTURE, KVCaptureConfig, apply_kv_capture, remove_kv_capture
-    from engine.row_groups import ROW_GROUPS, RowGroupConfig, apply_row_groups, remove_row_groups
+    from engine.hooks import registry as hooks
+    from engine.hooks.ff_chunking import FF_CHUNKING, FFChunkingConfig, apply_ff_chunking, remove_ff_chunking
+    from engine.hooks.injection import KV_INJECTION, InjectionState, KVInjectionConfig, apply_kv_injection, remove_kv_injection
+    from engine.hooks.kv_capture import KV_CAPTURE, KVCaptureConfig, apply_kv_capture, remove_kv_capture
+    from engine.hooks.row_groups import ROW_GROUPS, RowGroupConfig, apply_row_groups, remove_row_groups
 
     model = _tiny_transformer(tiny_model)
     x, text, t = torch.randn(2, 3, 16, 12, 20), torch.randn(2, 226, 32), torch.tensor([500, 500])
@@ -165,7 +165,7 @@ def test_features_come_off_cleanly(tiny_model):
 def _tiny_transformer(model):
     from diffusers import CogVideoXTransformer3DModel
 
-    from engine.injection import CogVideoXAttnProcessor
+    from engine.hooks.injection import CogVideoXAttnProcessor
 
     transformer = CogVideoXTransformer3DModel.from_pretrained(model, subfolder="transformer").eval().requires_grad_(False)
     transformer.set_attn_processor(CogVideoXAttnProcessor())

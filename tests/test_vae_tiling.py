@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from engine.components import exact_tiling
-from engine.configs import VAE_5B
-from engine.proxy import PROXY_DIR
+from engine.models.components import exact_tiling
+from engine.models.configs import VAE_5B
+from engine.models.proxy import PROXY_DIR
 
 
 def test_tiling_is_kept_for_5b_and_refused_for_the_proxy():

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-import engine.video as video
+import engine.video.reader as video
 from engine.errors import SettingsError, VideoError
-from engine.video import (
-    DEMO_VIDEO,
+from engine.video.clips import DEMO_VIDEO
+from engine.video.reader import (
     MIN_FRAMES,
     FrameSettings,
     VideoInfo,

@@ -18,9 +18,9 @@ from typing import Any
 import torch
 
 from engine.errors import DeviceError, ModelError, SettingsError
-from engine.libraries import import_model_libraries, import_torchao
-from engine.model_info import ModelInfo
-from engine.plans import PLANS, Plan, get_plan
+from engine.hooks.libraries import import_model_libraries, import_torchao
+from engine.models.model_info import ModelInfo
+from engine.models.plans import PLANS, Plan, get_plan
 
 # Components currently loaded, by name; weak so that freeing a component removes it.
 _LIVE: weakref.WeakValueDictionary[str, torch.nn.Module] = weakref.WeakValueDictionary()
@@ -168,7 +168,7 @@ def place_component(module: torch.nn.Module, name: str, runtime: Runtime, quanti
     """Make a loaded component ready to run under `runtime`: cogedit's attention processor,
     FP8, regional compilation, FF chunking, offloading, and the device."""
     if name == "transformer":
-        from engine.injection import CogVideoXAttnProcessor
+        from engine.hooks.injection import CogVideoXAttnProcessor
 
         module.set_attn_processor(CogVideoXAttnProcessor())
     if name == "transformer" and runtime.fp8:
@@ -180,7 +180,7 @@ def place_component(module: torch.nn.Module, name: str, runtime: Runtime, quanti
         for block in module.transformer_blocks:
             block.compile()
     if name == "transformer" and runtime.plan.ff_chunk:
-        from engine.ff_chunking import FFChunkingConfig, apply_ff_chunking
+        from engine.hooks.ff_chunking import FFChunkingConfig, apply_ff_chunking
 
         apply_ff_chunking(module, FFChunkingConfig(runtime.plan.ff_chunk))
     if runtime.plan.offload == "block" and name != "vae":
@@ -259,7 +259,7 @@ def loaded(name: str, info: ModelInfo, runtime: Runtime, compile_dir: Path | Non
     LOAD_EVENTS.append((name, alive()))
     kept = contextlib.nullcontext()
     if name == "transformer" and runtime.compile and compile_dir is not None:
-        from engine.compile_cache import artifacts_path, compile_artifacts
+        from engine.models.compile_cache import artifacts_path, compile_artifacts
 
         kept = compile_artifacts(artifacts_path(compile_dir, runtime, info.transformer_config))
     try:

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cache.entry import InversionEntry
 from cache.layout import CacheLayout
-from engine.components import Runtime
-from engine.model_info import ModelInfo
-from engine.report import Reporter
+from engine.models.components import Runtime
+from engine.models.model_info import ModelInfo
+
+if TYPE_CHECKING:  # the reporter is handed down from above; stages only call its methods
+    from engine.report import Reporter
 
 Callback = Callable[[dict[str, Any]], None]
 

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 
 import torch
 
-from engine import hooks
-from engine.hooks import ModelHook
-from engine.injection import InjectionState, joined_attention
+from engine.hooks import registry as hooks
+from engine.hooks.injection import InjectionState, joined_attention
+from engine.hooks.registry import ModelHook
 
 
 def row_groups(n: int, size: int, state: InjectionState | None) -> list[range]:
@@ -78,7 +78,7 @@ class RowGroupConfig:
 
 class RowGroupsHook(ModelHook):
     """On a CogVideoX block: run it over `config.size` rows at a time, in place (`state.rows`
-    says which). The blocks' attention must be cogedit's (engine.injection), as the engine sets
+    says which). The blocks' attention must be cogedit's (engine.hooks.injection), as the engine sets
     it: the in-place block hands it the joined input."""
 
     def __init__(self, config: RowGroupConfig) -> None:

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from engine.configs import SCHEDULER_5B, T5_XXL, TRANSFORMER_5B, VAE_5B
-from engine.proxy import CLIPS
+from engine.models.configs import SCHEDULER_5B, T5_XXL, TRANSFORMER_5B, VAE_5B
+from engine.video.clips import CLIPS
 
 TINY_TEXT_LEN = 226  # same max length as the real model: the prompt path is the real one
 

@@ -8,11 +8,11 @@ from typing import Any
 
 import torch
 
-from engine.components import loaded
-from engine.decode import decode_latents
-from engine.editing import ddim_edit
-from engine.embed import embed_stage
-from engine.stage import StageContext
+from engine.models.components import loaded
+from engine.stages.context import StageContext
+from engine.stages.decode import decode_latents
+from engine.stages.editing import ddim_edit
+from engine.stages.embed import embed_stage
 
 
 def psnr_db(a: torch.Tensor, b: torch.Tensor) -> float:

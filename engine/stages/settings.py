@@ -1,7 +1,7 @@
 """Frozen settings of each stage. Everything here that changes a result goes into a cache key.
 
-Frame selection (`engine.video.FrameSettings`) lives with the code that selects frames; the
-runtime (device, dtype, memory plan) is `engine.components.Runtime`.
+Frame selection (`engine.video.reader.FrameSettings`) lives with the code that selects frames; the
+runtime (device, dtype, memory plan) is `engine.models.components.Runtime`.
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ class InvertSettings:
     source_prompt: str = ""
     negative_prompt: str = ""
     guidance: float = 6.0
-    method: str = "ddim"  # ddim | fixed-point (engine.fixed_point)
+    method: str = "ddim"  # ddim | fixed-point (engine.stages.fixed_point)
     iters: int = 0  # fixed-point refinements per step
 
     def __post_init__(self) -> None:

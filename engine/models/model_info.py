@@ -154,7 +154,7 @@ def inspect_model(model: str | os.PathLike) -> ModelInfo:
 
 def builtin_5b() -> ModelInfo:
     """The CogVideoX-5B shape with no files behind it: enough to plan memory without a download."""
-    from engine.configs import PARAMS_5B, SCHEDULER_5B, T5_XXL, TRANSFORMER_5B, VAE_5B
+    from engine.models.configs import PARAMS_5B, SCHEDULER_5B, T5_XXL, TRANSFORMER_5B, VAE_5B
 
     vae = {"block_out_channels": [128, 256, 256, 512], "temporal_compression_ratio": 4, **VAE_5B}
     return ModelInfo("CogVideoX-5B (built-in shape)", Path("."), "0" * 32, TRANSFORMER_5B, vae, SCHEDULER_5B, T5_XXL, PARAMS_5B)

@@ -9,13 +9,13 @@ from typing import Any
 import torch
 
 from cache.faults import maybe_die
-from engine.attention_store import MemoryStores, capturing
-from engine.components import loaded
-from engine.denoiser import guided, predict, rotary_embeddings
-from engine.fixed_point import refine, step_coefficients
-from engine.schedulers import edit_scheduler, inverse_scheduler
-from engine.settings import InvertSettings, StoreSettings
-from engine.stage import StageContext
+from engine.models.components import loaded
+from engine.models.denoiser import guided, predict, rotary_embeddings
+from engine.stages.attention_store import MemoryStores, capturing
+from engine.stages.context import StageContext
+from engine.stages.fixed_point import refine, step_coefficients
+from engine.stages.schedulers import edit_scheduler, inverse_scheduler
+from engine.stages.settings import InvertSettings, StoreSettings
 
 
 @torch.no_grad()
@@ -37,7 +37,7 @@ def ddim_invert(
 
     `latents` is the clean latent, or with `start=k` the latent after step k-1 (resume).
     `uncond` set means classifier-free guidance with rows [uncond, cond]. `refine_iters` > 0
-    refines each step towards the exact inverse of the edit step (`engine.fixed_point`). The
+    refines each step towards the exact inverse of the edit step (`engine.stages.fixed_point`). The
     callback gets {"i", "t", "x", "forwards"} after every step, x being the latent after step i.
     """
     scheduler = inverse_scheduler(scheduler_config, steps)

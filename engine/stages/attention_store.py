@@ -1,9 +1,9 @@
 """Stored reference attention: which stores an inversion has, capturing them, finding them for
-an edit. The mechanism is in `engine.kv_capture` (hooks and writers) and `engine.kv_replay`.
+an edit. The mechanism is in `engine.hooks.kv_capture` (hooks and writers) and `engine.hooks.kv_replay`.
 
 Pairing is by timestep. Inversion step j runs the model at timestep t on the latent one step
 less noisy (its input); edit step i runs at the same t, and the shared reference it would
-otherwise compute is exactly that forward pass (see `engine.editing.Reference`). So the K/V a
+otherwise compute is exactly that forward pass (see `engine.stages.editing.Reference`). So the K/V a
 capture records at t are the ones a recomputed reference row would produce at t, and the edit
 batch loses its reference row (2K rows instead of 2K+1).
 
@@ -25,14 +25,14 @@ import torch
 from cache.atomic import FileRecord, load_tensors_pinned
 from cache.entry import InversionEntry
 from cache.sizes import format_size
-from engine.components import loaded
 from engine.errors import SettingsError
-from engine.kv_capture import KVCaptureConfig, StoreWriter, apply_kv_capture, remove_kv_capture
-from engine.kv_replay import StoredAttention
-from engine.plans import Workload, sequence_tokens
-from engine.schedulers import edit_timesteps, inverse_scheduler
-from engine.settings import InjectSettings, StoreSettings, layers_of, window_of
-from engine.stage import StageContext
+from engine.hooks.kv_capture import KVCaptureConfig, StoreWriter, apply_kv_capture, remove_kv_capture
+from engine.hooks.kv_replay import StoredAttention
+from engine.models.components import loaded
+from engine.models.plans import Workload, sequence_tokens
+from engine.stages.context import StageContext
+from engine.stages.schedulers import edit_timesteps, inverse_scheduler
+from engine.stages.settings import InjectSettings, StoreSettings, layers_of, window_of
 
 # The manifest marks per-block stores; a store without the mark (one file per timestep, from an
 # older cogedit) reads as absent and is captured again.
@@ -189,8 +189,8 @@ def record_store(entry: InversionEntry, store: StoreSettings, records: dict[tupl
 
 def capture_stage(ctx: StageContext, memory: MemoryStores, store: StoreSettings) -> None:
     """Capture the missing steps of a store from the cached trajectory: one forward per step."""
-    from engine.denoiser import predict, rotary_embeddings
-    from engine.embed import embed_stage
+    from engine.models.denoiser import predict, rotary_embeddings
+    from engine.stages.embed import embed_stage
 
     entry, steps = ctx.entry, ctx.entry.steps
     missing = store_timesteps(store, ctx.info.scheduler_config, steps) - set(present(entry, memory, store))
@@ -230,7 +230,7 @@ def find_store(entry: InversionEntry, memory: MemoryStores, inject: InjectSettin
 
 def open_stored(ctx: StageContext, memory: MemoryStores, key: str, inject: InjectSettings, shape: torch.Size) -> StoredAttention:
     """A reader over store `key`, for the layers the edit injects at."""
-    from engine.denoiser import rotary_embeddings
+    from engine.models.denoiser import rotary_embeddings
 
     entry, runtime = ctx.entry, ctx.runtime
     if key in memory.described():

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from engine import hooks
-from engine.hooks import ModelHook
+from engine.hooks import registry as hooks
+from engine.hooks.registry import ModelHook
 
 FF_CHUNKING = "cogedit_ff_chunking"
 

@@ -1,4 +1,4 @@
-"""The child interpreter that reads videos with decord (engine.video runs this file's text with
+"""The child interpreter that reads videos with decord (engine.video.reader runs this file's text with
 `python -c`, so that a crash or hang inside decord's native code cannot take the CLI down).
 
 It imports only json, sys, numpy and decord (torch is slow to import) and answers JSON requests

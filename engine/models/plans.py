@@ -3,7 +3,7 @@
 A plan only chooses among what the ecosystem already has: staged loading (one component at a
 time), bitsandbytes 8/4-bit weights (`BitsAndBytesConfig`), diffusers group offloading with
 CUDA streams, VAE tiling/slicing, and, ours, running each block over a few rows at a time
-(engine.row_groups). Predictions are weights (counted exactly on the meta device) plus
+(engine.hooks.row_groups). Predictions are weights (counted exactly on the meta device) plus
 activations per row (a per-token constant measured by the benchmarks, in benchmarks/results/).
 """
 
@@ -18,7 +18,7 @@ from cache.sizes import parse_size
 from engine.errors import SettingsError
 
 if TYPE_CHECKING:
-    from engine.model_info import ModelInfo
+    from engine.models.model_info import ModelInfo
 
 GiB = 1 << 30
 
@@ -30,8 +30,8 @@ class Plan:
     transformer_weights: str = "bf16"  # bf16 | int8 | nf4
     text_encoder_weights: str = "bf16"  # bf16 | int8 | nf4
     offload: str = "none"  # none | block (diffusers group offloading, one block per group, streams)
-    row_group: int = 0  # rows per block call (engine.row_groups); 0 = the whole batch at once
-    ff_chunk: int = 0  # tokens per feed-forward slice; 0 = unsliced (see engine.ff_chunking)
+    row_group: int = 0  # rows per block call (engine.hooks.row_groups); 0 = the whole batch at once
+    ff_chunk: int = 0  # tokens per feed-forward slice; 0 = unsliced (see engine.hooks.ff_chunking)
 
     @property
     def needs_cuda(self) -> bool:
@@ -76,7 +76,7 @@ def get_plan(name: str) -> Plan:
 
 @functools.lru_cache(maxsize=8)
 def _param_count(part: str, config_items: tuple) -> int:
-    from engine.libraries import import_model_libraries
+    from engine.hooks.libraries import import_model_libraries
 
     import_model_libraries()
     config = dict(config_items)
@@ -151,7 +151,7 @@ def predict_peaks(plan: Plan, info: ModelInfo, w: Workload = Workload()) -> dict
         per_row = tokens * (ACT_BYTES_PER_ROW_TOKEN - MLP_BYTES_PER_TOKEN) + mlp_tokens * MLP_BYTES_PER_TOKEN
         if not plan.row_group:
             return resident + rows * per_row + (INT8_BUFFERS if plan.transformer_weights == "int8" else 0)
-        # Row groups (engine.row_groups): the whole batch's hidden states, the reference group's
+        # Row groups (engine.hooks.row_groups): the whole batch's hidden states, the reference group's
         # K/V held for the block's edit groups, and one group's temporaries, about five hidden
         # states per row (its normed input, attention output, MLP output, head slices). Measured:
         # 11.32 GiB allocated, 11.40 reserved for 3 rows in groups of 1 (run_k); this says 11.39.

@@ -2,7 +2,7 @@
 
 What is captured per block: K after the key norm and before RoPE, and V, both [heads, tokens,
 head_dim] for text and image tokens of one batch row; RoPE is re-applied on replay
-(`engine.kv_replay`). `bf16` keeps the model dtype; `fp8` is e4m3 with one scale per tensor,
+(`engine.hooks.kv_replay`). `bf16` keeps the model dtype; `fp8` is e4m3 with one scale per tensor,
 half the bytes. Captured blocks go to the host on a side stream and are written by a few
 threads, so the inversion does not wait for copies or the disk (only, when the disk is slower,
 for a bounded queue).
@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 
 from cache.atomic import FileRecord, save_tensors
-from engine import hooks
-from engine.hooks import ModelHook
+from engine.hooks import registry as hooks
+from engine.hooks.registry import ModelHook
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine.components import loaded
 from engine.errors import OutputExistsError, SettingsError
-from engine.stage import StageContext
+from engine.models.components import loaded
+from engine.stages.context import StageContext
 
 _MAX_NAME = 60
 

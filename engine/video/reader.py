@@ -32,7 +32,6 @@ import numpy as np
 import torch
 
 from engine.errors import SettingsError, VideoError
-from engine.proxy import HELD_OUT
 
 MIN_FRAMES = 5  # smallest 4k+1 count that still has motion (2 latent frames)
 FITS = ("stretch", "crop", "pad")
@@ -41,7 +40,6 @@ ASPECT_TOLERANCE = 0.10
 
 log = logging.getLogger("cogedit")
 
-DEMO_VIDEO: Path = HELD_OUT.path  # Big Buck Bunny, never shown to the proxy while training
 
 # Frames per get_batch call: bounds decord's intermediate buffers however many frames are asked for.
 DECODE_CHUNK = 16
@@ -217,7 +215,7 @@ def _detail(reply: dict) -> str:
 
 
 class _Worker:
-    """A child interpreter running engine/decord_worker.py, so that a crash or hang inside decord's native
+    """A child interpreter running engine/video/decord_worker.py, so that a crash or hang inside decord's native
     code ends that child, never the caller. One child serves the probe and the decode of a file."""
 
     def __init__(self, shown: str) -> None:

@@ -10,9 +10,9 @@ from cache.atomic import load_tensors, save_tensors
 from cache.errors import CacheCorruptError, ReadOnlyCacheError
 from cache.keys import stable_hash
 from cache.layout import CacheLayout
-from engine.components import Runtime, load_tokenizer, loaded
-from engine.model_info import ModelInfo
-from engine.stage import StageContext
+from engine.models.components import Runtime, load_tokenizer, loaded
+from engine.models.model_info import ModelInfo
+from engine.stages.context import StageContext
 
 log = logging.getLogger("cogedit")
 

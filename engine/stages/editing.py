@@ -10,16 +10,16 @@ from typing import Any
 
 import torch
 
-from engine import hooks
-from engine.attention_store import MemoryStores, open_stored
-from engine.components import loaded
-from engine.denoiser import guided, predict, rotary_embeddings
-from engine.injection import InjectionState, KVInjectionConfig, apply_kv_injection, remove_kv_injection
-from engine.kv_replay import StoredAttention
-from engine.row_groups import RowGroupConfig, apply_row_groups, remove_row_groups
-from engine.schedulers import edit_scheduler
-from engine.settings import EditSettings, InjectSettings
-from engine.stage import StageContext
+from engine.hooks import registry as hooks
+from engine.hooks.injection import InjectionState, KVInjectionConfig, apply_kv_injection, remove_kv_injection
+from engine.hooks.kv_replay import StoredAttention
+from engine.hooks.row_groups import RowGroupConfig, apply_row_groups, remove_row_groups
+from engine.models.components import loaded
+from engine.models.denoiser import guided, predict, rotary_embeddings
+from engine.stages.attention_store import MemoryStores, open_stored
+from engine.stages.context import StageContext
+from engine.stages.schedulers import edit_scheduler
+from engine.stages.settings import EditSettings, InjectSettings
 
 
 @dataclass(frozen=True)

@@ -13,9 +13,9 @@ from typing import Any
 
 import torch
 
-from engine.libraries import import_model_libraries
+from engine.hooks.libraries import import_model_libraries
 
-import_model_libraries()  # before diffusers.hooks: diffusers must see torchao hidden (engine.libraries)
+import_model_libraries()  # before diffusers.hooks: diffusers must see torchao hidden (engine.hooks.libraries)
 
 from diffusers.hooks import HookRegistry, ModelHook  # noqa: E402
 

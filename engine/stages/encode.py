@@ -7,9 +7,9 @@ import os
 import torch
 
 from cache.faults import maybe_die
-from engine.components import loaded
-from engine.stage import StageContext
-from engine.video import FrameSettings, read_frames, to_model_input
+from engine.models.components import loaded
+from engine.stages.context import StageContext
+from engine.video.reader import FrameSettings, read_frames, to_model_input
 
 
 @torch.no_grad()

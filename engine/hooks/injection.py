@@ -19,17 +19,17 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from engine import hooks
-from engine.hooks import ModelHook
+from engine.hooks import registry as hooks
+from engine.hooks.registry import ModelHook
 
 
 @dataclass
 class InjectionState:
     """The one object the edit's model features share, documented field by field.
 
-    Written by the edit loop (`engine.editing.ddim_edit`) before each transformer call: `active`,
+    Written by the edit loop (`engine.stages.editing.ddim_edit`) before each transformer call: `active`,
     `n_edit`, `ref_of`, `strength`, `stored`. Written by the row-group hook
-    (`engine.row_groups`) around each group of a block: `rows`, and by the injection hook of a
+    (`engine.hooks.row_groups`) around each group of a block: `rows`, and by the injection hook of a
     reference group: `held`. Read by the injection hook (`KVInjectionHook`).
     """
 
