@@ -14,7 +14,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine.demo import DEMO_PROMPTS, DEMO_SETTINGS, demo_model  # noqa: E402
+from engine.jobs.demo import DEMO_PROMPTS, DEMO_SETTINGS, demo_model  # noqa: E402
 from engine.video.clips import DEMO_VIDEO  # noqa: E402
 from engine.workflow import edit, invert  # noqa: E402
 

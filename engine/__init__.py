@@ -9,8 +9,9 @@ does not pay for diffusers and the model code until they are needed.
 
 Layout, by role (imports run down this list, never up; `errors` is the one leaf all may use):
 
+    engine/jobs/       flows built on the public API: the demo, batches of jobs
     engine/            the public surface: workflow (invert, edit, run), options, results,
-                       report, demo, errors
+                       report, errors
     engine/stages/     the stages and their frozen settings
     engine/models/     model loading, memory plans, the shipped and tiny models
     engine/hooks/      features composed onto diffusers modules (injection, capture, ...)
@@ -39,7 +40,7 @@ _EXPORTS = {
     "inspect_model": "engine.models.model_info",
     "build_tiny_model": "engine.models.tiny",
     "write_proxy_model": "engine.models.proxy",
-    "demo": "engine.demo",
+    "demo": "engine.jobs.demo",
     "EditResult": "engine.results",
     "Inversion": "engine.results",
     "open_inversion": "engine.results",

@@ -1,0 +1,7 @@
+"""Flows built on the public API (`engine.invert`, `engine.edit`, `engine.run`): the demo, and
+work that spans many calls (batches of jobs, several processes or GPUs).
+
+May import: the public surface (`engine.workflow`, `engine.options`, `engine.results`,
+`engine.report`, `engine.errors`) and anything below it. Nothing in engine imports this folder
+except `engine/__init__`'s lazy exports.
+"""
