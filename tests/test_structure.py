@@ -69,10 +69,11 @@ def test_the_manifest_holds_everything_the_key_hashes(tiny_model, wide_clip):
     assert identity["invert"]["source_prompt"] == "" and len(identity["frames"]["indices"]) == SMALL["frames"]
 
 
-def _independent_inverse_ddim(model, latents, cond, steps):
+def _independent_inverse_ddim(model, latents, cond, steps, uncond=None, guidance=1.0):
     """Inverse DDIM written out from the formulas, with diffusers' stock attention: at each
     timestep (lowest first) predict v at the current latent, turn it into x0 and noise with
-    the current noise level, and re-noise to the next level up (Song et al. 2021, eq. 12)."""
+    the current noise level, and re-noise to the next level up (Song et al. 2021, eq. 12).
+    With `uncond`, v is guided (Ho & Salimans 2022), each prediction a forward of its own."""
     from diffusers import CogVideoXTransformer3DModel
     from diffusers.models.embeddings import get_3d_rotary_pos_embed
 
@@ -93,11 +94,18 @@ def _independent_inverse_ddim(model, latents, cond, steps):
         for t in timesteps:
             now = alphas[t - stride] if t - stride >= 0 else torch.tensor(1.0, dtype=torch.float64)  # the clean latent
             nxt = alphas[t]
-            v = transformer(x.float(), cond, torch.tensor([t]), image_rotary_emb=rotary, return_dict=False)[0].double()
+            v = _v(transformer, x, cond, t, rotary)
+            if uncond is not None:
+                u = _v(transformer, x, uncond, t, rotary)
+                v = u + guidance * (v - u)
             x0 = now.sqrt() * x - (1 - now).sqrt() * v
             eps = now.sqrt() * v + (1 - now).sqrt() * x
             x = nxt.sqrt() * x0 + (1 - nxt).sqrt() * eps
     return x.float()
+
+
+def _v(transformer, x, embeds, t, rotary):
+    return transformer(x.float(), embeds, torch.tensor([t]), image_rotary_emb=rotary, return_dict=False)[0].double()
 
 
 def test_ddim_invert_matches_an_independent_inverse_ddim_loop(tiny_model, wide_clip, tmp_path):
