@@ -99,16 +99,17 @@ def json_option(f):
     return click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")(f)
 
 
-def invert_options(guidance_flag: str):
-    """Inversion options; `run` names the inversion's CFG --invert-guidance, beside the edit's --guidance."""
+def invert_options(cfg_prefix: str):
+    """Inversion options; `run` names the inversion's CFG flags --invert-guidance and
+    --invert-negative-prompt (`cfg_prefix` "--invert-"), beside the edit's --guidance and --negative-prompt."""
 
     def decorate(f):
-        return _invert_options(f, guidance_flag)
+        return _invert_options(f, cfg_prefix)
 
     return decorate
 
 
-def _invert_options(f, guidance_flag: str):
+def _invert_options(f, cfg_prefix: str):
     for opt in reversed(
         [
             click.option("--model", required=True, help="CogVideoX-5b folder or hub id (THUDM/CogVideoX-5b)."),
@@ -124,7 +125,8 @@ def _invert_options(f, guidance_flag: str):
                 help="A source of another shape: stretch it (upstream), crop it to fill the frame, or pad it with black bars.",
             ),
             click.option("--source-prompt", default="", help="Prompt describing the source (default: empty)."),
-            click.option(guidance_flag, "invert_guidance", default=6.0, show_default=True, help="CFG scale of the inversion (no effect when source and negative prompts are equal)."),
+            click.option(f"{cfg_prefix}guidance", "invert_guidance", default=6.0, show_default=True, help="CFG scale of the inversion (no effect when source and negative prompts are equal)."),
+            click.option(f"{cfg_prefix}negative-prompt", "invert_negative_prompt", default="", help="Negative prompt of the inversion's CFG (default: empty)."),
             click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default=None, help="Model precision (default: bf16 on GPU, fp32 on CPU)."),
             click.option(
                 "--inversion", type=click.Choice(["ddim", "fixed-point"]), default="ddim", show_default=True,
@@ -168,8 +170,9 @@ def edit_options(f):
     return f
 
 
-def _invert_kwargs(p: dict, guidance: str = "guidance") -> dict:
-    """The inversion's keywords; `run` names its CFG scale `invert_guidance`, beside the edit's."""
+def _invert_kwargs(p: dict, cfg_prefix: str = "") -> dict:
+    """The inversion's keywords; `run` names its CFG settings `invert_guidance` and
+    `invert_negative_prompt` (`cfg_prefix` "invert_"), beside the edit's."""
     from cache.sizes import parse_size
 
     budget = p["attention_budget"]
@@ -179,7 +182,8 @@ def _invert_kwargs(p: dict, guidance: str = "guidance") -> dict:
         raise click.BadParameter(str(exc), param_hint="--attention-budget") from None
     return dict(
         steps=p["steps"], frames=p["frames"], skip_start=p["skip_start"], skip_end=p["skip_end"], stride=p["stride"],
-        height=p["height"], width=p["width"], fit=p["fit"], source_prompt=p["source_prompt"], **{guidance: p["invert_guidance"]},
+        height=p["height"], width=p["width"], fit=p["fit"], source_prompt=p["source_prompt"],
+        **{f"{cfg_prefix}guidance": p["invert_guidance"], f"{cfg_prefix}negative_prompt": p["invert_negative_prompt"]},
         attention_store=p["attention_store"], attention_steps=p["attention_steps"], attention_layers=p["attention_layers"],
         attention_dtype=p["attention_dtype"], attention_budget=budget,
         inversion=p["inversion"], inversion_iters=p["inversion_iters"], verify=p["verify"],
@@ -228,7 +232,7 @@ def tiny_model_write(directory: str, random_weights: bool, seed: int) -> None:
 
 @cli.command(name="invert")
 @click.argument("video", type=click.Path())
-@invert_options("--guidance")
+@invert_options("--")
 @cache_option
 @runtime_options
 @json_option
@@ -279,7 +283,7 @@ def _print_edit(reporter, result, as_json: bool) -> None:
 
 @cli.command(name="run")
 @click.argument("video", type=click.Path())
-@invert_options("--invert-guidance")
+@invert_options("--invert-")
 @edit_options
 @cache_option
 @runtime_options
@@ -294,7 +298,7 @@ def run_cmd(video: str, prompts, model, cache_dir, device, plan, vram, compile_b
 
     reporter = _reporter(device)
     _, result = engine.run(
-        video, model, list(prompts), **_invert_kwargs(params, "invert_guidance"), reporter=reporter,
+        video, model, list(prompts), **_invert_kwargs(params, "invert_"), reporter=reporter,
         cache_dir=cache_dir, device=device, dtype=dtype, plan=plan, vram=vram, compile=compile_blocks, fp8=fp8, **_edit_kwargs(params),
     )
     _print_edit(reporter, result, as_json)

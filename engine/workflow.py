@@ -240,8 +240,12 @@ def _edit_settings(opts: EditOptions, prompts: tuple[str, ...], info: ModelInfo)
 
 def edit_stem(inversion_id: str, settings: EditSettings, runtime: Runtime) -> str:
     """The start of an edit's file names: the inversion and a short hash of every setting that
-    changes the pixels, so edits with other settings never overwrite each other."""
-    tag = stable_hash({**settings.key_fields(), "compiled": runtime.compile, "fp8": runtime.fp8}, length=6)
+    changes the pixels, so edits with other settings never overwrite each other. 8/4-bit weights
+    count as for the inversion's id; bf16 adds nothing, so earlier edits keep their names."""
+    fields = {**settings.key_fields(), "compiled": runtime.compile, "fp8": runtime.fp8}
+    if runtime.plan.transformer_weights != "bf16":
+        fields["weights"] = runtime.plan.transformer_weights
+    tag = stable_hash(fields, length=6)
     return f"{inversion_id[:8]}-{tag}"
 
 

@@ -216,3 +216,22 @@ def test_a_store_of_one_file_per_timestep_reads_as_absent_and_is_replaced(tiny_m
     assert "capture" in [r.name for r in reporter.records]
     assert key in again.stores() and not old.exists() and inv.paths.relative(old) not in again.manifest["files"]
     assert verify(again.layout, [again.id]) == []
+
+
+@pytest.mark.parametrize("change", [{"window": (0.0, 0.5)}, {"window": (0.5, 1.0)}, {"layers": (0,)}, {"dtype": "bf16"}, {"dtype": "fp8"}], ids=str)
+def test_every_store_setting_that_changes_what_is_stored_changes_its_key(change):
+    from engine.stages.settings import StoreSettings
+
+    assert StoreSettings("disk", **change).key != StoreSettings("disk").key
+
+
+def test_stores_in_two_precisions_are_two_stores(tiny_model, wide_clip):
+    """An fp8 store asked for after a bf16 one is captured, not served by the bf16 one."""
+    from cache.atomic import load_tensors
+
+    bf16 = engine.invert(wide_clip, tiny_model, device="cpu", **SMALL, **_store("disk", attention_dtype="bf16"))
+    reporter = engine.Reporter()
+    fp8 = engine.invert(wide_clip, tiny_model, device="cpu", reporter=reporter, **SMALL, **_store("disk", attention_dtype="fp8"))
+    assert fp8.id == bf16.id and [r.name for r in reporter.records].count("capture") == 1
+    dtypes = [frozenset(t.dtype for f in fp8.store_files(key) for t in load_tensors(f).values()) for key in fp8.stores()]
+    assert sorted(dtypes, key=str) == sorted([{torch.bfloat16}, {torch.float32, torch.float8_e4m3fn}], key=str)  # fp8 has its scales

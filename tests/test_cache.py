@@ -9,6 +9,7 @@ import hashlib
 import json
 import logging
 import os
+import stat
 import subprocess
 import sys
 import time
@@ -269,6 +270,29 @@ def test_atomic_write_replaces_and_leaves_no_temp(tmp_path):
     write_json_atomic(tmp_path / "d" / "m.json", {"b": 1, "a": [1]})
     assert json.loads((tmp_path / "d" / "m.json").read_text()) == {"a": [1], "b": 1}
     assert _files_in(tmp_path / "d") == ["f.bin", "m.json"]
+
+
+def test_atomic_write_syncs_the_file_before_the_rename_and_the_folder_after(tmp_path, monkeypatch):
+    """Without the file's fsync before the rename, a power cut can leave the new name pointing at
+    a file whose data never reached the disk; without the folder's after it, the rename itself."""
+    events = []
+    fsync, replace = os.fsync, os.replace
+
+    def recording_fsync(fd):
+        st = os.fstat(fd)
+        events.append(("fsync", st.st_ino, stat.S_ISDIR(st.st_mode)))
+        fsync(fd)
+
+    def recording_replace(src, dst):
+        events.append(("replace", os.stat(src).st_ino, Path(dst)))
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    monkeypatch.setattr(os, "replace", recording_replace)
+    target = tmp_path / "f.bin"
+    write_bytes_atomic(target, b"contents")
+    inode, folder = target.stat().st_ino, tmp_path.stat().st_ino
+    assert events == [("fsync", inode, False), ("replace", inode, target), ("fsync", folder, True)]
 
 
 @pytest.mark.parametrize("code", sorted({errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}))

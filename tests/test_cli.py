@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import click
 import decord
 import pytest
 from click.testing import CliRunner
@@ -106,3 +107,113 @@ def test_model_commands_print_no_third_party_warnings(tiny_model, wide_clip, tmp
     others = [line for line in result.stderr.splitlines() if line.strip() and "━" not in line and line[:1] not in "┏┃┡│└" and line.strip() != "invert"]
     assert len(others) == 1 and "is 636x270 and is stretched to 160x96" in others[0], result.stderr
     assert "torchao" not in json.loads(result.stdout.splitlines()[-1])  # not even imported without --fp8
+
+
+# ------------------------------------------------------------- every flag reaches the engine
+
+# Flags that only shape what the CLI prints; every other flag of invert, edit and run must reach the engine.
+CLI_ONLY = {"as_json": "prints the result as JSON instead of plain lines: nothing to pass on"}
+# The engine option a flag sets, where the names differ (run's --invert-* go to its inversion).
+OPTION_OF = {"compile_blocks": "compile", "invert_guidance": "guidance", "invert_negative_prompt": "negative_prompt"}
+# Flags the CLI checks or converts before calling the engine: the text typed and the value the engine gets.
+TYPED = {"device": ("cpu", "cpu"), "vram": ("12GB", 12 * 2**30), "attention_budget": ("5GB", 5 * 10**9)}
+# Engine options no flag sets, and why.
+PYTHON_ONLY = {
+    "output": "frames and latents are Python return values; the CLI writes mp4 files",
+    "dtype": "an edit runs in its inversion's dtype (engine.edit refuses one); invert and run have --dtype",
+}
+CALL_KEYWORDS = {"cache_dir", "reporter", "callback"}  # keywords of the call itself, not options
+POSITIONAL = {"invert": ["video", "model"], "edit": ["inversion_id", "prompts"], "run": ["video", "model", "prompts"]}
+
+
+class _Reached(Exception):
+    pass
+
+
+def _typed(param: click.Parameter, i: int) -> tuple[list[str], object]:
+    """What to type for `param` so that it differs from its default and from the other flags,
+    and the value the engine should get for it."""
+    if param.name in TYPED:
+        text, value = TYPED[param.name]
+        return [param.opts[0], text], value
+    if getattr(param, "is_flag", False):
+        return [param.opts[0]], True
+    if isinstance(param.type, click.Choice):
+        value = [c for c in param.type.choices if c != param.default][-1]  # the last: bf16 is --dtype's first and --attention-dtype's second
+    elif isinstance(param.type, click.types.IntParamType):
+        value = (param.default or 0) + 100 + i
+    elif isinstance(param.type, click.types.FloatParamType):
+        value = (param.default or 0) + 0.5 + i
+    else:
+        value = f"{param.name}-{i}"
+    tokens = [str(value)] if isinstance(param, click.Argument) else [param.opts[0], str(value)]
+    return tokens, [value] if param.multiple else value
+
+
+def _required(command: click.Command) -> list[click.Parameter]:
+    return [p for p in command.params if p.required]
+
+
+def _arrived(command: str, args: tuple, kw: dict) -> dict[str, list]:
+    """What the engine received, by CLI parameter name: the positional arguments, and each
+    option as the engine's own option parsing reads it (for run, its invert's and its edit's)."""
+    from engine.options import EditOptions, InvertOptions, RuntimeOptions, names, parse, split_run_options
+
+    options = {k: v for k, v in kw.items() if k not in CALL_KEYWORDS}
+    if command == "run":
+        invert, edit = split_run_options(options)
+        parsed = {"invert": invert, "edit": edit}
+    else:
+        parsed = {command: parse(InvertOptions if command == "invert" else EditOptions, options, command)}
+    got = {name: [list(a) if isinstance(a, list | tuple) else a] for name, a in zip(POSITIONAL[command], args)}
+    got["cache_dir"] = [kw.get("cache_dir")]
+    for param in cli.commands[command].params:
+        option = OPTION_OF.get(param.name, param.name)
+        if param.name in got or param.name in CLI_ONLY:
+            continue
+        if command == "run" and option not in names(RuntimeOptions):
+            # run's --invert-guidance is the inversion's; its other flags belong where their names do
+            side = "invert" if param.name.startswith("invert_") or option not in names(EditOptions) else "edit"
+            got[param.name] = [getattr(parsed[side], option)]
+        else:
+            got[param.name] = [getattr(opts, option) for opts in parsed.values()]
+    return got
+
+
+def _call(monkeypatch, command: str, tokens: list[str]) -> dict[str, list]:
+    import engine
+
+    calls = []
+
+    def reached(*args, **kw):
+        calls.append((args, kw))
+        raise _Reached
+
+    monkeypatch.setattr(engine, command, reached)
+    result = CliRunner().invoke(cli, [command, *tokens])
+    assert calls, result.output
+    return _arrived(command, *calls[0])
+
+
+@pytest.mark.parametrize(
+    ("command", "param"),
+    [(c, p) for c in ("invert", "edit", "run") for p in cli.commands[c].params if p.name not in CLI_ONLY],
+    ids=lambda x: x if isinstance(x, str) else x.opts[0],
+)
+def test_every_flag_reaches_the_engine(monkeypatch, command, param):
+    params = cli.commands[command].params
+    typed = {p.name: _typed(p, i) for i, p in enumerate(params)}
+    tokens = [t for p in _required(cli.commands[command]) if p is not param for t in typed[p.name][0]] + typed[param.name][0]
+    got = _call(monkeypatch, command, tokens)
+    assert got[param.name] and all(v == typed[param.name][1] for v in got[param.name]), f"{command} {param.opts[0]}: the engine got {got[param.name]}"
+
+
+@pytest.mark.parametrize("command", ["invert", "edit", "run"])
+def test_every_engine_option_has_a_flag(command):
+    from engine.options import EditOptions, InvertOptions, RuntimeOptions, names
+
+    invert, edit = names(InvertOptions), names(EditOptions)
+    # run takes both; the inversion's options that the edit has too are named invert_* there.
+    options = {"invert": invert, "edit": edit, "run": edit | invert | {f"invert_{o}" for o in invert & edit - names(RuntimeOptions)}}[command]
+    flags = {OPTION_OF.get(p.name, p.name) if command != "run" or not p.name.startswith("invert_") else p.name for p in cli.commands[command].params}
+    assert options - flags - set(PYTHON_ONLY) == set()

@@ -69,10 +69,11 @@ def test_the_manifest_holds_everything_the_key_hashes(tiny_model, wide_clip):
     assert identity["invert"]["source_prompt"] == "" and len(identity["frames"]["indices"]) == SMALL["frames"]
 
 
-def _independent_inverse_ddim(model, latents, cond, steps):
+def _independent_inverse_ddim(model, latents, cond, steps, uncond=None, guidance=1.0):
     """Inverse DDIM written out from the formulas, with diffusers' stock attention: at each
     timestep (lowest first) predict v at the current latent, turn it into x0 and noise with
-    the current noise level, and re-noise to the next level up (Song et al. 2021, eq. 12)."""
+    the current noise level, and re-noise to the next level up (Song et al. 2021, eq. 12).
+    With `uncond`, v is guided (Ho & Salimans 2022), each prediction a forward of its own."""
     from diffusers import CogVideoXTransformer3DModel
     from diffusers.models.embeddings import get_3d_rotary_pos_embed
 
@@ -93,11 +94,18 @@ def _independent_inverse_ddim(model, latents, cond, steps):
         for t in timesteps:
             now = alphas[t - stride] if t - stride >= 0 else torch.tensor(1.0, dtype=torch.float64)  # the clean latent
             nxt = alphas[t]
-            v = transformer(x.float(), cond, torch.tensor([t]), image_rotary_emb=rotary, return_dict=False)[0].double()
+            v = _v(transformer, x, cond, t, rotary)
+            if uncond is not None:
+                u = _v(transformer, x, uncond, t, rotary)
+                v = u + guidance * (v - u)
             x0 = now.sqrt() * x - (1 - now).sqrt() * v
             eps = now.sqrt() * v + (1 - now).sqrt() * x
             x = nxt.sqrt() * x0 + (1 - nxt).sqrt() * eps
     return x.float()
+
+
+def _v(transformer, x, embeds, t, rotary):
+    return transformer(x.float(), embeds, torch.tensor([t]), image_rotary_emb=rotary, return_dict=False)[0].double()
 
 
 def test_ddim_invert_matches_an_independent_inverse_ddim_loop(tiny_model, wide_clip, tmp_path):
@@ -212,3 +220,57 @@ def test_a_damaged_file_is_caught_on_a_cache_hit(tiny_model, wide_clip):
     step.write_bytes(step.read_bytes()[:-10])
     with pytest.raises(CacheCorruptError, match=r"trajectory/step_0001.safetensors is missing or has the wrong size.*cogedit cache rm"):
         engine.invert(wide_clip, tiny_model, device="cpu", **SMALL)
+
+
+# ------------------------------------------------------ issue 16: the edit's side of the keys
+
+# A change of each edit option that changes the edited pixels: (edit options, runtime, the base it changes).
+_EDIT_CHANGES = {
+    "negative_prompt": ({"negative_prompt": "blurry"}, {}, {}),
+    "guidance": ({"guidance": 7.0}, {}, {}),
+    "init": ({"init": "random"}, {}, {}),
+    "seed": ({"init": "random", "seed": 3}, {}, {"init": "random"}),
+    "inject_steps": ({"inject_steps": "0:0.5"}, {}, {}),
+    "inject_layers": ({"inject_layers": "0"}, {}, {}),
+    "inject_strength": ({"inject_strength": 0.5}, {}, {}),
+    "reference": ({"reference": "per-half"}, {}, {}),
+    "compile": ({}, {"compile": True}, {}),
+    "fp8": ({}, {"fp8": True}, {}),
+    "plan": ({}, {"plan": "int8"}, {}),
+    "plan nf4": ({}, {"plan": "nf4"}, {}),
+}
+# Edit options that leave the pixels as they are, and why.
+_EDIT_SAME = {
+    "batch": "a row's result does not depend on its pass (test_k_prompts_in_one_pass_equal_single_runs)",
+    "vram": "picks a plan; the plan is what counts",
+    "device": "where it runs, as for the inversion's id",
+    "dtype": "an edit runs in its inversion's dtype, which the inversion's id holds",
+    "model": "the same model again, in another folder (the edit checks its key)",
+    "fps": "the mp4's frame rate, not its frames",
+    "out_dir": "where the files go",
+    "force": "whether existing files are overwritten",
+    "output": "what is returned: files, frames or latents",
+}
+
+
+def _edit_stem(tiny_model, options: dict, runtime: dict) -> str:
+    from engine.models.plans import PLANS
+    from engine.options import EditOptions
+    from engine.workflow import _edit_settings, edit_stem
+
+    settings = _edit_settings(EditOptions(**options), ("a watercolor painting",), inspect_model(tiny_model))
+    # Built directly: the int8 and nf4 plans need a CUDA GPU to run, not to be named.
+    plan = PLANS[runtime.pop("plan", "staged")]
+    return edit_stem("f" * 32, settings, Runtime("cpu", torch.float32, plan, **runtime))
+
+
+@pytest.mark.parametrize("change", list(_EDIT_CHANGES))
+def test_every_edit_setting_that_changes_the_pixels_changes_the_file_names(tiny_model, change):
+    options, runtime, base = _EDIT_CHANGES[change]
+    assert _edit_stem(tiny_model, {**base, **options}, runtime) != _edit_stem(tiny_model, base, {})
+
+
+def test_every_edit_option_is_keyed_or_said_not_to_change_the_pixels():
+    from engine.options import EditOptions, names
+
+    assert names(EditOptions) == {c.split()[0] for c in _EDIT_CHANGES} | set(_EDIT_SAME)
