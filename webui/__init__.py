@@ -1,0 +1,37 @@
+"""The local web app (`cogedit ui`): invert a clip, render many edits from the cache and compare
+them, browse and clean the cache, in a browser. Gradio, on the engine's Python API.
+
+    webui/folders.py   the only two folders a request may touch: the cache and the uploads
+    webui/jobs.py      one engine job at a time: progress, cancel, one-line errors
+    webui/app.py       the page and its wiring (every action an engine or cache call)
+
+May import: engine and cache. Nothing imports webui except cli.py's `ui` command. Needs the
+`ui` extra (pip install "cogedit[ui]").
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from webui.folders import Folders
+
+
+def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 7860, cache_dir: str | Path | None = None, uploads_dir: str | Path | None = None) -> None:
+    """Serve the app until interrupted. Requests can read and write only the cache and the
+    uploads folder (default `<cache>/uploads`); there is never a public share link."""
+    folders = Folders.make(cache_dir, uploads_dir)
+    # Gradio keeps uploads, and copies of the files it serves, in its temp dir; some of its
+    # modules read the variable on import, so it is set before gradio is imported.
+    os.environ["GRADIO_TEMP_DIR"] = str(folders.uploads)
+    os.environ["GRADIO_EXAMPLES_CACHE"] = str(folders.uploads / "examples")
+    os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+    from webui.app import app_config, build
+
+    app = build(app_config(model, folders))
+    app.queue()
+    app.launch(
+        server_name=host, server_port=port, share=False, allowed_paths=[str(folders.cache)], ssr_mode=False, footer_links=[], show_error=False, quiet=True, prevent_thread_lock=True
+    )
+    print(f"cogedit ui: {app.local_url} (cache {folders.cache}, uploads {folders.uploads}); Ctrl+C stops it", flush=True)
+    app.block_thread()
