@@ -13,16 +13,19 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 from webui.folders import Folders
 
 
-def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 7860, cache_dir: str | Path | None = None, uploads_dir: str | Path | None = None) -> None:
-    """Serve the app until interrupted. Requests can read and write only the cache and the
-    uploads folder (default `<cache>/uploads`); there is never a public share link."""
+def start(model: str | None = None, host: str = "127.0.0.1", port: int = 7860, cache_dir: str | Path | None = None, uploads_dir: str | Path | None = None) -> Any:
+    """Start serving in the background and return the running `gr.Blocks` (`.local_url`, `.close()`).
+
+    Requests can read and write only the cache and the uploads folder (default `<cache>/uploads`):
+    Gradio serves the cache (`allowed_paths`) and its own temp dir, which is made the uploads
+    folder. There is never a public share link."""
     folders = Folders.make(cache_dir, uploads_dir)
-    # Gradio keeps uploads, and copies of the files it serves, in its temp dir; some of its
-    # modules read the variable on import, so it is set before gradio is imported.
+    # Some of gradio's modules read these on import: set them before it is imported.
     os.environ["GRADIO_TEMP_DIR"] = str(folders.uploads)
     os.environ["GRADIO_EXAMPLES_CACHE"] = str(folders.uploads / "examples")
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
@@ -34,4 +37,9 @@ def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 7860, c
         server_name=host, server_port=port, share=False, allowed_paths=[str(folders.cache)], ssr_mode=False, footer_links=[], show_error=False, quiet=True, prevent_thread_lock=True
     )
     print(f"cogedit ui: {app.local_url} (cache {folders.cache}, uploads {folders.uploads}); Ctrl+C stops it", flush=True)
-    app.block_thread()
+    return app
+
+
+def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 7860, cache_dir: str | Path | None = None, uploads_dir: str | Path | None = None) -> None:
+    """`start`, then serve until interrupted."""
+    start(model, host, port, cache_dir, uploads_dir).block_thread()

@@ -69,7 +69,7 @@ def _inversion_md(card: InversionCard) -> str:
         f"**{card.id[:12]}** · {s.get('video', '?')} · {card.state} · {format_size(card.size_bytes)} on disk",
         f"{s.get('frames', fr.get('max_frames', '?'))} frames at {fr.get('height', '?')}x{fr.get('width', '?')} ({fr.get('fit', '?')}), "
         f"{inv.get('steps', '?')} steps {inv.get('method', '')}, source prompt: “{inv.get('source_prompt', '')}”",
-        f"model: {s.get('model', '?')} · {len(card.edits)} edit(s)",
+        f"model: {Path(str(s.get('model', '?'))).name} · {len(card.edits)} edit(s)",
     ]
     if card.verify:
         lines.append(f"round trip: latent error {card.verify['latent_rel_error']:.3g}, PSNR {card.verify['psnr_db']:.1f} dB")
@@ -133,7 +133,7 @@ def build(cfg: AppConfig) -> gr.Blocks:
             return render_edits(inv_id, prompts, cache_dir=folders.cache, reporter=reporter, **options)
 
         records = runner.run(job, progress, request.session_hash)
-        return records, earlier_choices(inv_id)
+        return records, earlier_choices(inv_id), _inversion_md(next(c for c in cards() if c.id == inv_id))
 
     def do_cancel(request: gr.Request) -> None:
         gr.Info(runner.cancel(request.session_hash))
@@ -280,7 +280,7 @@ def build(cfg: AppConfig) -> gr.Blocks:
         upload.clear(lambda: (None, None, ""), None, [source, preview, source_info])
         clip.change(on_clip, clip, [source, preview, source_info, source_prompt])
         invert_btn.click(do_invert, [source, source_prompt, frames, height, width, fit, steps, plan, method, verify], [card, strip, pick], **gpu)
-        render_btn.click(do_render, [pick, prompts, inject_steps, inject_layers, strength, guidance, init, seed, reference], [shown, earlier], **gpu)
+        render_btn.click(do_render, [pick, prompts, inject_steps, inject_layers, strength, guidance, init, seed, reference], [shown, earlier, pick_info], **gpu)
         for btn in (cancel_invert, cancel_render):
             btn.click(do_cancel, None, None, queue=False)
         pick.change(on_pick, pick, [pick_info, earlier, shown])

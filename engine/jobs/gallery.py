@@ -14,7 +14,7 @@ from cache.edits import EditRecord, list_edits, record_edit
 from cache.entry import InversionEntry
 from cache.errors import CacheError
 from cache.layout import CacheLayout
-from cache.store import EntryInfo, list_entries
+from cache.store import list_entries
 from engine.report import Reporter
 from engine.results import Inversion, open_inversion
 from engine.workflow import Prompts, edit
@@ -59,31 +59,41 @@ def thumbnail_strip(inv: Inversion, count: int = THUMBNAILS, height: int = THUMB
     return path
 
 
-def _card(layout: CacheLayout, info: EntryInfo) -> InversionCard:
-    settings: dict[str, Any] = {}
-    verify = thumbs = None
-    entry = InversionEntry.read(layout.entry(info.id)) if info.complete else None
-    if entry is not None:  # read, not opened: looking at the gallery must not count as a use for gc
-        inv = Inversion(entry, layout)
-        settings, verify = entry.manifest["settings"], entry.verify
-        try:
-            thumbs = thumbnail_strip(inv)
-        except CacheError:  # a read-only cache, or damaged frames: the card goes without
-            thumbs = None
-    edits = list_edits(layout.entry(info.id))
-    return InversionCard(info.id, info.state, info.summary, settings, verify, info.size_bytes, info.last_used, edits, thumbs)
+def _thumbnails(entry: InversionEntry, layout: CacheLayout) -> Path | None:
+    try:
+        return thumbnail_strip(Inversion(entry, layout))
+    except CacheError:  # a read-only cache, or damaged frames: the card goes without
+        return None
 
 
 def inversions(cache_dir: str | Path | None = None) -> list[InversionCard]:
-    """Every inversion in the cache, most recently used first, unfinished and broken ones too."""
+    """Every inversion in the cache, most recently used first, unfinished and broken ones too.
+    Manifests are read, not opened: looking at the gallery does not count as a use for gc."""
     layout = CacheLayout.from_dir(cache_dir)
-    return [_card(layout, info) for info in list_entries(layout)]
+    entries = {i.id: InversionEntry.read(layout.entry(i.id)) for i in list_entries(layout) if i.complete}
+    thumbs = {i: _thumbnails(e, layout) for i, e in entries.items() if e is not None}
+    cards = []
+    for info in list_entries(layout):  # listed again: the sizes count the thumbnails just made
+        entry = entries.get(info.id)
+        settings, verify = (entry.manifest["settings"], entry.verify) if entry is not None else ({}, None)
+        cards.append(InversionCard(info.id, info.state, info.summary, settings, verify, info.size_bytes, info.last_used, list_edits(layout.entry(info.id)), thumbs.get(info.id)))
+    return cards
 
 
 def render_edits(inversion: Inversion | str, prompts: Prompts, *, cache_dir: str | Path | None = None, reporter: Reporter | None = None, **options: Any) -> list[EditRecord]:
-    """`engine.edit` into the cache, beside the inversion, and record each edit with the options
-    it was rendered with (`options`: `engine.EditOptions` but out_dir and force, JSON values)."""
+    """One edit per prompt, rendered into the cache beside the inversion and recorded with the
+    options given (`engine.EditOptions` but out_dir and force, as JSON values). A prompt already
+    rendered with the same options is not rendered again: its recorded edit is returned."""
     inv = open_inversion(inversion, cache_dir) if isinstance(inversion, str) else inversion
-    # The same prompt and settings give the same file names and the same pixels: overwrite.
-    result = edit(inv, prompts, cache_dir=cache_dir, reporter=reporter, out_dir=str(inv.paths.edits_dir), force=True, **options)
-    return [record_edit(inv.paths, v, s, p, options) for p, v, s in zip(result.prompts, result.videos, result.side_by_side)]
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    done: dict[str, EditRecord] = {}
+    for r in list_edits(inv.paths):  # newest first
+        if r.settings == options:
+            done.setdefault(r.prompt, r)
+    todo = [p for p in dict.fromkeys(prompts) if p not in done]
+    if todo:
+        # force: files of an edit whose record was lost are overwritten with the same pixels.
+        result = edit(inv, todo, cache_dir=cache_dir, reporter=reporter, out_dir=str(inv.paths.edits_dir), force=True, **options)
+        for p, v, s in zip(result.prompts, result.videos, result.side_by_side):
+            done[p] = record_edit(inv.paths, v, s, p, options)
+    return [done[p] for p in prompts]
