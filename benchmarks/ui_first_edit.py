@@ -55,7 +55,7 @@ def main() -> None:
     result = {
         "what": "seconds from starting `cogedit ui` (fresh cache, the proxy) to two rendered edits playable in headless Chromium",
         "marks_s": {k: round(v, 1) for k, v in marks.items()},
-        "inversion": next((line for line in card.splitlines() if "frames at" in line), card),
+        "inversion": " ".join(card.split()),
         "torch_threads": os.environ.get("OMP_NUM_THREADS", "torch's default"),
         "cpus": os.cpu_count(),
         "load_average_before": [round(x, 2) for x in load_before],
