@@ -3,7 +3,8 @@ them, browse and clean the cache, in a browser. Gradio, on the engine's Python A
 
     webui/folders.py   the only two folders a request may touch: the cache and the uploads
     webui/jobs.py      one engine job at a time: progress, cancel, one-line errors
-    webui/app.py       the page and its wiring (every action an engine or cache call)
+    webui/actions.py   what each button does: one engine or cache call
+    webui/app.py       the page, tab by tab, and its wiring
 
 May import: engine and cache. Nothing imports webui except cli.py's `ui` command. Needs the
 `ui` extra (pip install "cogedit[ui]").
@@ -29,7 +30,8 @@ def start(model: str | None = None, host: str = "127.0.0.1", port: int = 7860, c
     os.environ["GRADIO_TEMP_DIR"] = str(folders.uploads)
     os.environ["GRADIO_EXAMPLES_CACHE"] = str(folders.uploads / "examples")
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
-    from webui.app import app_config, build
+    from webui.actions import app_config
+    from webui.app import build
 
     app = build(app_config(model, folders))
     app.queue()
