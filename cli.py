@@ -58,6 +58,7 @@ def cli(debug: bool) -> None:
 
     \b
     cogedit demo                                   # trained proxy, real clip, two edits
+    cogedit ui                                     # the web app, on http://127.0.0.1:7860
     cogedit invert clip.mp4 --model THUDM/CogVideoX-5b
     cogedit edit 3fa2 --prompt "a watercolor painting" --prompt "a charcoal sketch"
     """

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import socket
+import sys
 from urllib.parse import quote
 
 import gradio as gr
@@ -169,3 +170,19 @@ def test_ui_refuses_a_wrong_model_in_one_line(tmp_path, gradio_env):
     result = CliRunner().invoke(cli, ["ui", "--model", str(tmp_path / "nowhere"), "--cache-dir", str(tmp_path / "cache")])
     assert result.exit_code == 1
     assert result.output.startswith("Error: model folder") and len(result.output.strip().splitlines()) == 1
+
+
+def test_ui_on_a_taken_port_is_one_line(tmp_path, gradio_env):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = CliRunner().invoke(cli, ["ui", "--port", str(port), "--cache-dir", str(tmp_path / "cache")])
+    assert result.exit_code == 1
+    assert result.output == f"Error: cannot serve on 127.0.0.1:{port} (in use, or not an address of this machine) — pass another --port, or --host 127.0.0.1\n"
+
+
+def test_ui_without_gradio_says_which_extra_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "gradio", None)  # what an install without the ui extra sees
+    result = CliRunner().invoke(cli, ["ui"])
+    assert result.exit_code == 1 and result.output == 'Error: the web app needs the ui extra: pip install "cogedit[ui]"\n'

@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from engine.errors import SettingsError
 from webui.folders import Folders
 
 
@@ -35,9 +36,12 @@ def start(model: str | None = None, host: str = "127.0.0.1", port: int = 7860, c
 
     app = build(app_config(model, folders))
     app.queue()
-    app.launch(
-        server_name=host, server_port=port, share=False, allowed_paths=[str(folders.cache)], ssr_mode=False, footer_links=[], show_error=False, quiet=True, prevent_thread_lock=True
-    )
+    try:
+        app.launch(
+            server_name=host, server_port=port, share=False, allowed_paths=[str(folders.cache)], ssr_mode=False, footer_links=[], show_error=False, quiet=True, prevent_thread_lock=True
+        )
+    except OSError as exc:  # gradio says only that it found no empty port
+        raise SettingsError(f"cannot serve on {host}:{port} (in use, or not an address of this machine) — pass another --port, or --host 127.0.0.1") from exc
     print(f"cogedit ui: {app.local_url} (cache {folders.cache}, uploads {folders.uploads}); Ctrl+C stops it", flush=True)
     return app
 
