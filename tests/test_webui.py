@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import socket
 import sys
+from types import SimpleNamespace
 from urllib.parse import quote
 
 import gradio as gr
@@ -80,7 +81,7 @@ def test_cancel_stops_a_job_at_its_next_step_and_it_resumes_there(tiny_model, wi
 
     with pytest.raises(gr.Error) as err:
         runner.run(job, show, "me")
-    assert err.value.message == "cancelled: the steps already finished are cached; run it again to resume"
+    assert err.value.message == "cancelled: the steps already finished are cached; run it again to resume" and err.value.title == "Cancelled"
     assert shown[:2] == ["video", "encode"] and "invert: step 0/4" in shown
     assert any(d.startswith("invert: step 1/4, ") and d.endswith(" s left") for d in shown)
     # Cancelled after step 1's report, it stops once step 2 is on disk; the rerun resumes there.
@@ -121,6 +122,32 @@ def test_only_the_cache_and_the_uploads_folder_are_reachable(tmp_path):
         folders.bundled_clip("../secret")
     copy, clip = folders.bundled_clip("bunny_heldout")
     assert copy.parent.parent == folders.uploads and copy.read_bytes() == clip.path.read_bytes()
+
+
+def test_handlers_refuse_bad_requests_in_one_line(tmp_path, small_clip):
+    from webui.actions import Actions, app_config
+
+    act = Actions(app_config(None, Folders.make(tmp_path / "cache", tmp_path / "uploads")))
+    clip = act.folders.uploads / "clip.mp4"
+    clip.write_bytes(small_clip.read_bytes())
+    me, quiet = SimpleNamespace(session_hash="me"), (lambda *a, **k: None)
+    invert_defaults = dict(source_prompt="", frames=9, height=96, width=144, fit="stretch", steps=2, plan="auto", method="ddim", verify=False)
+
+    def refused(handler, *args, **kwargs) -> str:
+        with pytest.raises(gr.Error) as err:
+            handler(*args, **kwargs)
+        assert "\n" not in err.value.message
+        return err.value.message
+
+    assert refused(act.do_invert, None, **invert_defaults, request=me, progress=quiet) == "no clip yet: upload one, or pick a bundled clip"
+    assert refused(act.do_invert, str(clip), **{**invert_defaults, "frames": None}, request=me, progress=quiet) == "frames is empty: enter a number"
+    assert "/etc/passwd is outside the cache and uploads folders" in refused(act.do_invert, "/etc/passwd", **invert_defaults, request=me, progress=quiet)
+    assert "is outside the cache and uploads folders" in refused(act.on_upload, str(tmp_path / "elsewhere.mp4"))
+    edit = dict(prompts_text="snow", inject_steps="0:1", inject_layers="all", strength=1.0, guidance=6.0, init="inverted", seed=0, reference="shared")
+    assert refused(act.do_render, "", **edit, request=me, progress=quiet) == "no inversion chosen: invert a clip first, or open one from the Inversions tab"
+    assert refused(act.do_render, "../../etc", **edit, request=me, progress=quiet).startswith("'../../etc' is not an id prefix")
+    assert "gc size: cannot read size 'lots'" in refused(act.run_gc, "lots")
+    assert act.on_upload(str(clip))[2] == "clip.mp4: 47 frames, 430x242, 25 fps"
 
 
 def _free_port() -> int:

@@ -59,6 +59,12 @@ def _with_errors(fn):
     return wrapped
 
 
+def _number(value: float | None, name: str) -> float:
+    if value is None:
+        raise SettingsError(f"{name} is empty: enter a number")
+    return float(value)
+
+
 def inversion_md(card: InversionCard) -> str:
     s, inv = card.summary, card.settings.get("invert", {})
     fr = card.settings.get("frames", {})
@@ -115,7 +121,8 @@ class Actions:
         def job(reporter):
             if not source:
                 raise SettingsError("no clip yet: upload one, or pick a bundled clip")
-            opts = dict(frames=int(frames), height=int(height), width=int(width), fit=fit, steps=int(steps), inversion=method, verify=bool(verify), source_prompt=source_prompt)
+            sizes = {name: int(_number(value, name)) for name, value in (("frames", frames), ("height", height), ("width", width), ("steps", steps))}
+            opts = dict(**sizes, fit=fit, inversion=method, verify=bool(verify), source_prompt=source_prompt)
             return engine.invert(self.folders.check(source), self.cfg.model, cache_dir=self.folders.cache, reporter=reporter, plan=None if plan == "auto" else plan, **opts)
 
         inv = self.runner.run(job, progress, request.session_hash)
@@ -124,14 +131,18 @@ class Actions:
 
     def do_render(self, inv_id, prompts_text, inject_steps, inject_layers, strength, guidance, init, seed, reference, request: gr.Request, progress=gr.Progress()):  # noqa: B008
         prompts = [p.strip() for p in (prompts_text or "").splitlines() if p.strip()]
-        options = dict(inject_steps=inject_steps, inject_layers=inject_layers, inject_strength=float(strength), guidance=float(guidance), init=init, seed=int(seed), reference=reference)
 
         def job(reporter):
             if not inv_id:
                 raise SettingsError("no inversion chosen: invert a clip first, or open one from the Inversions tab")
-            return render_edits(inv_id, prompts, cache_dir=self.folders.cache, reporter=reporter, **options)
+            inv = engine.open_inversion(inv_id, self.folders.cache)
+            options = dict(
+                inject_steps=inject_steps, inject_layers=inject_layers, inject_strength=_number(strength, "injection strength"),
+                guidance=_number(guidance, "guidance"), init=init, seed=int(_number(seed, "seed")), reference=reference,
+            )
+            return inv.id, render_edits(inv, prompts, cache_dir=self.folders.cache, reporter=reporter, **options)
 
-        records = self.runner.run(job, progress, request.session_hash)
+        inv_id, records = self.runner.run(job, progress, request.session_hash)
         return records, self.earlier_choices(inv_id), inversion_md(next(c for c in self.cards() if c.id == inv_id))
 
     def do_cancel(self, request: gr.Request) -> None:

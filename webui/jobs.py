@@ -71,7 +71,7 @@ class JobRunner:
             except Exception as exc:
                 if not isinstance(exc, USER_ERRORS):
                     log.exception("job failed")
-                raise gr.Error(one_line(exc), print_exception=False) from None
+                raise gr.Error(one_line(exc), title="Cancelled" if isinstance(exc, JobCancelled) else "Error", print_exception=False) from None
             finally:
                 self._owner = None
 
