@@ -58,6 +58,7 @@ def cli(debug: bool) -> None:
 
     \b
     cogedit demo                                   # trained proxy, real clip, two edits
+    cogedit ui                                     # the web app, on http://127.0.0.1:7860
     cogedit invert clip.mp4 --model THUDM/CogVideoX-5b
     cogedit edit 3fa2 --prompt "a watercolor painting" --prompt "a charcoal sketch"
     """
@@ -320,6 +321,30 @@ def demo_cmd(out_dir: str, cache_dir, force: bool) -> None:
     reporter = _reporter("cpu")
     result = engine.demo(out_dir, cache_dir=cache_dir, reporter=reporter, force=force)
     _print_edit(reporter, result, False)
+
+
+@cli.command(name="ui")
+@click.option("--model", default=None, help="CogVideoX-5b folder or hub id (default: the shipped proxy, which runs on a CPU).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to serve on; another than 127.0.0.1 lets other machines in.")
+@click.option("--port", default=7860, show_default=True, type=click.IntRange(0, 65535))
+@cache_option
+@click.option("--uploads-dir", type=click.Path(file_okay=False), default=None, help="Folder for uploaded clips (default: <cache>/uploads).")
+def ui_cmd(model, host: str, port: int, cache_dir, uploads_dir) -> None:
+    """Open the web app: invert a clip, render many edits from the cache, compare them side by side.
+
+    Serves on 127.0.0.1 only, unless --host says otherwise; it never makes a public link.
+
+    \b
+    cogedit ui                                   # the shipped proxy: an edit within a minute on a CPU
+    cogedit ui --model THUDM/CogVideoX-5b --port 8080
+    """
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        raise click.ClickException('the web app needs the ui extra: pip install "cogedit[ui]"') from None
+    import webui
+
+    webui.serve(model, host, port, cache_dir, uploads_dir)
 
 
 @cli.command(name="plan")

@@ -12,6 +12,9 @@
     │       ├── trajectory/
     │       │   ├── step_0000.safetensors   latent after each inversion step (resume point)
     │       │   └── ...
+    │       ├── thumbnails.png              a strip of source frames (`cogedit ui`'s gallery)
+    │       ├── edits/                      edits rendered into the cache (`cogedit ui`): per edit
+    │       │   └── <stem>.mp4, <stem>-side-by-side.mp4, <stem>.json (its prompt and settings)
     │       └── attention/                  stored reference keys/values (a window of steps x layers):
     │           └── <store key>/t_0999/b_07.safetensors   one file per timestep and block
     ├── prompts/
@@ -21,7 +24,8 @@
     │   └── <key>.bin                       --compile's kernels (torch cache artifacts) per torch, GPU, settings
     ├── locks/
     │   └── <id>.lock                       outside the entry, so removing an entry never deletes a held lock
-    └── trash/                              entries being removed: renamed here first, then deleted
+    ├── trash/                              entries being removed: renamed here first, then deleted
+    └── uploads/                            `cogedit ui`'s uploaded clips (its default --uploads-dir)
 
 Every file is written to `.<name>.tmp-<pid>-<random>` in its own folder and renamed into place.
 """
@@ -83,6 +87,8 @@ class EntryPaths:
     frames: Path
     trajectory_dir: Path
     attention_dir: Path
+    edits_dir: Path
+    thumbnails: Path
     lock: Path
 
     def step_file(self, i: int) -> Path:
@@ -135,6 +141,10 @@ class CacheLayout:
     def trash_dir(self) -> Path:
         return self.root / "trash"
 
+    @property
+    def uploads_dir(self) -> Path:
+        return self.root / "uploads"
+
     def entry(self, entry_id: str) -> EntryPaths:
         """Paths of entry `entry_id` (validated, so it can never escape the cache)."""
         entry_id = validate_entry_id(entry_id)
@@ -147,6 +157,8 @@ class CacheLayout:
             frames=d / "frames.safetensors",
             trajectory_dir=d / "trajectory",
             attention_dir=d / "attention",
+            edits_dir=d / "edits",
+            thumbnails=d / "thumbnails.png",
             lock=self.locks_dir / f"{entry_id}.lock",
         )
 

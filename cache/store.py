@@ -33,6 +33,7 @@ __all__ = [
     "list_entries",
     "parse_size",
     "remove_entry",
+    "total_size",
     "verify",
 ]
 
@@ -256,6 +257,11 @@ def _loose_info(path: Path, st: os.stat_result) -> EntryInfo:
         manifest_ok=True,
         dir=path,
     )
+
+
+def total_size(layout: CacheLayout) -> int:
+    """What gc weighs: every entry (with its edits), the prompt embeddings and compiled kernels."""
+    return sum(e.size_bytes for e in list_entries(layout)) + sum(st.st_size for _, st in _loose_files(layout))
 
 
 def gc(layout: CacheLayout, max_bytes: int, dry_run: bool = False) -> list[EntryInfo]:

@@ -35,5 +35,9 @@ class GPUOutOfMemoryError(CogeditError):
     """A phase ran out of GPU memory."""
 
 
+class JobCancelled(CogeditError):
+    """The user stopped a running job (the web app's Cancel); finished steps stay cached."""
+
+
 # What the CLI turns into a one-line message instead of a traceback.
 USER_ERRORS: tuple[type[Exception], ...] = (CogeditError, CacheError)

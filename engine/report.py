@@ -1,7 +1,8 @@
 """Progress bars per phase and the closing summary table (phase, time, peak memory, cache hit).
 
 The engine reports through a `Reporter`; the CLI gives it a rich console, the Python API a
-silent one. Peak memory is the GPU's allocator peak on CUDA and the process's peak RSS on CPU.
+silent one, the web app a listener that mirrors each phase's progress in the browser. Peak
+memory is the GPU's allocator peak on CUDA and the process's peak RSS on CPU.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import gc
 import re
 import resource
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -55,21 +56,36 @@ def _oom_message(phase: str, exc: BaseException) -> str:
     )
 
 
+# Called with (phase name, steps done, total steps or None) when a phase starts and at every step.
+Listener = Callable[[str, int, "int | None"], None]
+
+
 class Phase:
     """Handle given to the code inside a phase: advance its bar, mark a cache hit."""
 
-    def __init__(self, record: PhaseRecord, progress: object | None, task: int | None) -> None:
+    def __init__(self, record: PhaseRecord, progress: object | None, task: int | None, listener: Listener | None = None, total: int | None = None) -> None:
         self.record = record
         self._progress = progress
         self._task = task
+        self._listener = listener
+        self.done, self.steps = 0, total
+        self._tell()
+
+    def _tell(self) -> None:
+        if self._listener is not None:
+            self._listener(self.record.name, self.done, self.steps)
 
     def total(self, n: int, done: int = 0) -> None:
+        self.done, self.steps = done, n
         if self._progress is not None:
             self._progress.update(self._task, total=n, completed=done)
+        self._tell()
 
     def advance(self, n: int = 1) -> None:
+        self.done += n
         if self._progress is not None:
             self._progress.advance(self._task, n)
+        self._tell()
 
     def hit(self, value: bool = True, detail: str = "") -> None:
         self.record.cache_hit = value
@@ -78,11 +94,13 @@ class Phase:
 
 
 class Reporter:
-    """Collects phase records; shows bars when given a rich console."""
+    """Collects phase records; shows bars when given a rich console, and tells `listener` each
+    phase's progress (a listener that raises stops the run there: the web app's cancel)."""
 
-    def __init__(self, console: object | None = None, device: str = "cpu") -> None:
+    def __init__(self, console: object | None = None, device: str = "cpu", listener: Listener | None = None) -> None:
         self.console = console
         self.device = device
+        self.listener = listener
         self.records: list[PhaseRecord] = []
 
     @property
@@ -119,9 +137,9 @@ class Reporter:
             progress.start()
             task = progress.add_task(name, total=total)
         start = time.perf_counter()
-        handle = Phase(record, progress, task)
         failed = True
         try:
+            handle = Phase(record, progress, task, self.listener, total)
             yield handle
             failed = False
         except torch.cuda.OutOfMemoryError as exc:

@@ -1,0 +1,99 @@
+"""The cache as a gallery (what `cogedit ui` shows): each inversion with a strip of thumbnails,
+its settings, its size on disk and its edits; edits rendered into the cache beside their
+inversion, so that they play again without recomputing (`cache.edits` keeps their records)."""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cache.atomic import write_bytes_atomic
+from cache.edits import EditRecord, list_edits, record_edit
+from cache.entry import InversionEntry
+from cache.errors import CacheError
+from cache.layout import CacheLayout
+from cache.store import list_entries
+from engine.report import Reporter
+from engine.results import Inversion, open_inversion
+from engine.workflow import Prompts, edit
+
+THUMBNAILS = 5  # frames in a strip
+THUMB_HEIGHT = 72  # pixels
+
+
+@dataclass(frozen=True)
+class InversionCard:
+    """One inversion as the gallery shows it."""
+
+    id: str
+    state: str  # complete | partial | broken (cache.store.EntryInfo.state)
+    summary: dict[str, Any]  # video, model, steps, fps, frames
+    settings: dict[str, Any]  # frames, invert and model settings as given ({} when broken)
+    verify: dict[str, Any] | None  # the round trip's error, if checked
+    size_bytes: int  # on disk, edits included
+    last_used: str | None
+    edits: list[EditRecord]
+    thumbnails: Path | None  # None until the inversion is complete
+
+
+def thumbnail_strip(inv: Inversion, count: int = THUMBNAILS, height: int = THUMB_HEIGHT) -> Path:
+    """A PNG strip of `count` evenly spaced source frames, made once and kept in the entry."""
+    from PIL import Image
+
+    path = inv.paths.thumbnails
+    if path.is_file():
+        return path
+    frames = inv.frames()  # uint8 [F, H, W, 3]
+    n = frames.shape[0]
+    picks = [round(i * (n - 1) / max(count - 1, 1)) for i in range(min(count, n))]
+    width = max(1, round(frames.shape[2] * height / frames.shape[1]))
+    tiles = [Image.fromarray(frames[i].numpy()).resize((width, height), Image.Resampling.BILINEAR) for i in picks]
+    strip = Image.new("RGB", (width * len(tiles), height))
+    for k, tile in enumerate(tiles):
+        strip.paste(tile, (k * width, 0))
+    buf = io.BytesIO()
+    strip.save(buf, format="PNG")
+    write_bytes_atomic(path, buf.getvalue())
+    return path
+
+
+def _thumbnails(entry: InversionEntry, layout: CacheLayout) -> Path | None:
+    try:
+        return thumbnail_strip(Inversion(entry, layout))
+    except CacheError:  # a read-only cache, or damaged frames: the card goes without
+        return None
+
+
+def inversions(cache_dir: str | Path | None = None) -> list[InversionCard]:
+    """Every inversion in the cache, most recently used first, unfinished and broken ones too.
+    Manifests are read, not opened: looking at the gallery does not count as a use for gc."""
+    layout = CacheLayout.from_dir(cache_dir)
+    entries = {i.id: InversionEntry.read(layout.entry(i.id)) for i in list_entries(layout) if i.complete}
+    thumbs = {i: _thumbnails(e, layout) for i, e in entries.items() if e is not None}
+    cards = []
+    for info in list_entries(layout):  # listed again: the sizes count the thumbnails just made
+        entry = entries.get(info.id)
+        settings, verify = (entry.manifest["settings"], entry.verify) if entry is not None else ({}, None)
+        cards.append(InversionCard(info.id, info.state, info.summary, settings, verify, info.size_bytes, info.last_used, list_edits(layout.entry(info.id)), thumbs.get(info.id)))
+    return cards
+
+
+def render_edits(inversion: Inversion | str, prompts: Prompts, *, cache_dir: str | Path | None = None, reporter: Reporter | None = None, **options: Any) -> list[EditRecord]:
+    """One edit per prompt, rendered into the cache beside the inversion and recorded with the
+    options given (`engine.EditOptions` but out_dir and force, as JSON values). A prompt already
+    rendered with the same options is not rendered again: its recorded edit is returned."""
+    inv = open_inversion(inversion, cache_dir) if isinstance(inversion, str) else inversion
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    done: dict[str, EditRecord] = {}
+    for r in list_edits(inv.paths):  # newest first
+        if r.settings == options:
+            done.setdefault(r.prompt, r)
+    todo = [p for p in dict.fromkeys(prompts) if p not in done]
+    if todo:
+        # force: files of an edit whose record was lost are overwritten with the same pixels.
+        result = edit(inv, todo, cache_dir=cache_dir, reporter=reporter, out_dir=str(inv.paths.edits_dir), force=True, **options)
+        for p, v, s in zip(result.prompts, result.videos, result.side_by_side):
+            done[p] = record_edit(inv.paths, v, s, p, options)
+    return [done[p] for p in prompts]

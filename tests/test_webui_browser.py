@@ -1,0 +1,127 @@
+"""`cogedit ui` in a real browser: Debian's Chromium driven by Playwright (Playwright's own browser
+download is not reachable from these machines; .ci/run installs the `chromium` package).
+
+The issue's walk through the app, on the shipped proxy with few steps: upload a clip, invert it,
+render two prompts, wait until both results are loaded and play, find the inversion in the
+gallery, then upload a text file named .mp4 and see the one-line error while the app keeps
+answering. The page with its two results is saved as docs/webui.png, which the README shows."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = Path("/usr/bin/chromium")
+SCREENSHOT = ROOT / "docs" / "webui.png"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+# n result videos, each with a frame to show, no error and a length.
+PLAYABLE = "(n) => { const v = [...document.querySelectorAll('.edit-result video')]; return v.length == n && v.every(x => x.readyState >= 2 && !x.error && x.duration > 0) }"
+PROMPTS = ("a big grey rabbit stands on a grassy hill", "a cartoon rabbit under a tree, green grass, sunny day")
+
+pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="no /usr/bin/chromium: install Debian's chromium package (apt-get install chromium) to run the browser test")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_ui(cache_dir: Path, *args: str) -> Iterator[str]:
+    """`cogedit ui` as a user starts it (on the proxy unless `args` say otherwise); its URL once it answers."""
+    cmd = [sys.executable, "-m", "cli", "ui", "--port", str(_free_port()), "--cache-dir", str(cache_dir), *args]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        deadline, lines = time.monotonic() + 120, [""]
+        while time.monotonic() < deadline and proc.poll() is None and not lines[-1].startswith("cogedit ui: http"):
+            if select.select([proc.stdout], [], [], 1.0)[0]:
+                lines.append(proc.stdout.readline())
+        if not lines[-1].startswith("cogedit ui: http"):
+            raise RuntimeError("cogedit ui did not start:\n" + "".join(lines))
+        yield lines[-1].split()[2]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def chromium(playwright: Any, profile: Path) -> Any:
+    """Debian's chromium, headless, with a fresh profile and nothing that calls out."""
+    return playwright.chromium.launch_persistent_context(str(profile), executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS, viewport={"width": 1280, "height": 900})
+
+
+@pytest.fixture
+def app_url(tmp_path):
+    with running_ui(tmp_path / "cache") as url:
+        yield url
+
+
+def wait_text(page, selector: str, text: str, timeout_s: float) -> str:
+    page.wait_for_function("([s, t]) => document.querySelector(s)?.innerText.includes(t)", arg=[selector, text], timeout=timeout_s * 1000)
+    return page.inner_text(selector)
+
+
+def test_invert_render_two_edits_find_it_in_the_gallery_and_survive_a_bad_upload(app_url, small_clip, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    fake = tmp_path / "notes.mp4"
+    fake.write_text("this is a text file, not a video\n")
+    with sync_playwright() as p:
+        browser = chromium(p, tmp_path / "profile")
+        try:
+            page = browser.new_page()
+            page.goto(app_url)
+            page.set_input_files("#upload input[type=file]", str(small_clip))
+            assert "47 frames, 430x242" in wait_text(page, "#source-info", "frames", 60)
+
+            # Invert on the proxy with few steps.
+            page.fill("#frames input", "9")
+            page.fill("#steps input", "2")
+            page.click("#invert-button")
+            card = wait_text(page, "#invert-card", "complete", 120)
+            inversion_id = card.split()[0]
+            assert len(inversion_id) == 12 and "9 frames at 96x144" in card and "2 steps" in card
+
+            # Two prompts, one render; both results must load and play.
+            page.get_by_role("tab", name="Edit").click()
+            page.fill("#prompts textarea", "\n".join(PROMPTS))
+            page.click("#render-button")
+            page.wait_for_function(PLAYABLE, arg=2, timeout=120_000)
+            assert page.evaluate("() => Promise.all([...document.querySelectorAll('.edit-result video')].map(v => v.play().then(() => true)))") == [True, True]
+            results = page.inner_text("#results")
+            assert all(f"source | {prompt}" in results or prompt in results for prompt in PROMPTS)
+            page.screenshot(path=str(SCREENSHOT), full_page=True)
+
+            # The inversion is in the gallery, with its thumbnails and its two edits.
+            page.get_by_role("tab", name="Inversions").click()
+            gallery = wait_text(page, "#gallery", inversion_id, 30)
+            assert "2 edit(s)" in gallery
+            page.wait_for_function("() => [...document.querySelectorAll('#gallery img')].some(i => i.complete && i.naturalWidth > 0)", timeout=30_000)
+
+            # A text file named .mp4: one line that names the problem and the fix, no traceback.
+            page.get_by_role("tab", name="Invert").click()
+            page.click("#upload button[aria-label='Clear']")
+            page.set_input_files("#upload input[type=file]", str(fake))
+            page.wait_for_function("() => [...document.querySelectorAll('[data-testid=toast-body]')].some(t => t.innerText.includes('is not a readable video'))", timeout=60_000)
+            toast = page.inner_text("[data-testid=toast-body]")
+            message = toast.strip().splitlines()[-1]
+            assert message.endswith("fixed.mp4") and "notes.mp4 is not a readable video" in message and "re-encode it" in message
+            assert "Traceback" not in page.content()
+
+            # ... and the app still answers.
+            page.click("#upload button[aria-label='Clear']")
+            page.set_input_files("#upload input[type=file]", str(small_clip))
+            assert "47 frames" in wait_text(page, "#source-info", "47 frames", 60)
+        finally:
+            browser.close()

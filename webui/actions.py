@@ -1,0 +1,193 @@
+"""What the page's buttons do: each handler turns widget values into keyword options and makes
+one engine or cache call; the page itself is `webui.app`."""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+import engine
+from cache.edits import EditRecord, list_edits
+from cache.layout import CacheLayout
+from cache.sizes import format_size, parse_size
+from cache.store import gc, remove_entry, total_size
+from engine.errors import SettingsError
+from engine.jobs.demo import DEMO_PROMPTS, DEMO_SETTINGS, demo_model
+from engine.jobs.gallery import InversionCard, inversions, render_edits, thumbnail_strip
+from engine.models.components import Runtime
+from engine.models.model_info import inspect_model
+from engine.options import InvertOptions
+from engine.video.reader import probe_video
+from webui.folders import Folders
+from webui.jobs import JobRunner, one_line
+
+
+@dataclass(frozen=True)
+class AppConfig:
+    model: str  # folder or hub id
+    folders: Folders
+    invert_defaults: dict[str, Any]  # steps, frames, height, width, source_prompt
+    prompts: tuple[str, ...]  # the edit prompts the page starts with
+
+
+def app_config(model: str | None, folders: Folders) -> AppConfig:
+    """With no model, the shipped proxy at its own size (a CPU renders an edit in about a minute);
+    a model given is checked now, so that a wrong path fails before the page opens."""
+    if model is None:
+        return AppConfig(str(demo_model(folders.cache)), folders, dict(DEMO_SETTINGS), DEMO_PROMPTS)
+    inspect_model(model)
+    d = InvertOptions()
+    return AppConfig(str(model), folders, dict(steps=d.steps, frames=d.frames, height=d.height, width=d.width, source_prompt=d.source_prompt), ())
+
+
+def _with_errors(fn):
+    """For the quick handlers (no job): a failure shows as one line, never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapped(*args: Any) -> Any:
+        try:
+            return fn(*args)
+        except gr.Error:
+            raise
+        except Exception as exc:
+            raise gr.Error(one_line(exc), print_exception=False) from None
+
+    return wrapped
+
+
+def _number(value: float | None, name: str) -> float:
+    if value is None:
+        raise SettingsError(f"{name} is empty: enter a number")
+    return float(value)
+
+
+def inversion_md(card: InversionCard) -> str:
+    s, inv = card.summary, card.settings.get("invert", {})
+    fr = card.settings.get("frames", {})
+    lines = [
+        f"**{card.id[:12]}** · {s.get('video', '?')} · {card.state} · {format_size(card.size_bytes)} on disk",
+        f"{s.get('frames', fr.get('max_frames', '?'))} frames at {fr.get('height', '?')}x{fr.get('width', '?')} ({fr.get('fit', '?')}), "
+        f"{inv.get('steps', '?')} steps {inv.get('method', '')}, source prompt: “{inv.get('source_prompt', '')}”",
+        f"model: {Path(str(s.get('model', '?'))).name} · {len(card.edits)} edit(s)",
+    ]
+    if card.verify:
+        lines.append(f"round trip: latent error {card.verify['latent_rel_error']:.3g}, PSNR {card.verify['psnr_db']:.1f} dB")
+    return "  \n".join(lines)
+
+
+def edit_label(r: EditRecord) -> str:
+    o = r.settings
+    return f"{r.prompt} · window {o.get('inject_steps')}, strength {o.get('inject_strength')}, guidance {o.get('guidance')} · {r.created[:16].replace('T', ' ')}"
+
+
+class Actions:
+    """The handlers, bound to one app's model, folders and job runner."""
+
+    def __init__(self, cfg: AppConfig) -> None:
+        self.cfg, self.folders = cfg, cfg.folders
+        self.runner = JobRunner(Runtime.default().device)
+
+    def cards(self) -> list[InversionCard]:
+        return inversions(self.folders.cache)
+
+    def inversion_choices(self, chosen: str | None = None) -> Any:
+        done = [c for c in self.cards() if c.state == "complete"]
+        choices = [(f"{c.id[:12]} · {c.summary.get('video', '?')} · {c.summary.get('steps', '?')} steps", c.id) for c in done]
+        return gr.update(choices=choices, value=chosen if chosen in {c.id for c in done} else None)
+
+    # ------------------------------------------------------------------ source clip
+    @_with_errors
+    def on_upload(self, file: str | None) -> tuple:
+        if not file:
+            return None, None, ""
+        path = self.folders.check(file)
+        info = probe_video(path)
+        return str(path), str(path), f"{path.name}: {info.num_frames} frames, {info.width}x{info.height}, {info.fps:g} fps"
+
+    @_with_errors
+    def on_clip(self, name: str | None) -> tuple:
+        if not name:
+            return gr.update(), gr.update(), gr.update(), gr.update()
+        path, clip = self.folders.bundled_clip(name)
+        info = probe_video(path)
+        return str(path), str(path), f"bundled {clip.name}: {info.num_frames} frames, {info.width}x{info.height}, {info.fps:g} fps", clip.captions[0]
+
+    # ------------------------------------------------------------------ jobs
+    def do_invert(self, source, source_prompt, frames, height, width, fit, steps, plan, method, verify, request: gr.Request, progress=gr.Progress()):  # noqa: B008
+        def job(reporter):
+            if not source:
+                raise SettingsError("no clip yet: upload one, or pick a bundled clip")
+            sizes = {name: int(_number(value, name)) for name, value in (("frames", frames), ("height", height), ("width", width), ("steps", steps))}
+            opts = dict(**sizes, fit=fit, inversion=method, verify=bool(verify), source_prompt=source_prompt)
+            return engine.invert(self.folders.check(source), self.cfg.model, cache_dir=self.folders.cache, reporter=reporter, plan=None if plan == "auto" else plan, **opts)
+
+        inv = self.runner.run(job, progress, request.session_hash)
+        card = next(c for c in self.cards() if c.id == inv.id)
+        return inversion_md(card), str(thumbnail_strip(inv)), self.inversion_choices(inv.id)
+
+    def do_render(self, inv_id, prompts_text, inject_steps, inject_layers, strength, guidance, init, seed, reference, request: gr.Request, progress=gr.Progress()):  # noqa: B008
+        prompts = [p.strip() for p in (prompts_text or "").splitlines() if p.strip()]
+
+        def job(reporter):
+            if not inv_id:
+                raise SettingsError("no inversion chosen: invert a clip first, or open one from the Inversions tab")
+            inv = engine.open_inversion(inv_id, self.folders.cache)
+            options = dict(
+                inject_steps=inject_steps, inject_layers=inject_layers, inject_strength=_number(strength, "injection strength"),
+                guidance=_number(guidance, "guidance"), init=init, seed=int(_number(seed, "seed")), reference=reference,
+            )
+            return inv.id, render_edits(inv, prompts, cache_dir=self.folders.cache, reporter=reporter, **options)
+
+        inv_id, records = self.runner.run(job, progress, request.session_hash)
+        return records, self.earlier_choices(inv_id), inversion_md(next(c for c in self.cards() if c.id == inv_id))
+
+    def do_cancel(self, request: gr.Request) -> None:
+        gr.Info(self.runner.cancel(request.session_hash))
+
+    # ------------------------------------------------------------------ edits of one inversion
+    def earlier_choices(self, inv_id: str | None) -> Any:
+        edits = list_edits(CacheLayout(self.folders.cache).entry(inv_id)) if inv_id else []
+        return gr.update(choices=[(edit_label(r), r.video.name) for r in edits], value=[])
+
+    @_with_errors
+    def on_pick(self, inv_id: str | None) -> tuple:
+        if not inv_id:
+            return "", self.earlier_choices(None), []
+        card = next((c for c in self.cards() if c.id == inv_id), None)
+        if card is None:
+            raise SettingsError(f"inversion {inv_id[:12]} is no longer in the cache; pick another")
+        return inversion_md(card), self.earlier_choices(inv_id), []
+
+    @_with_errors
+    def show_earlier(self, inv_id: str | None, names: list[str]) -> list[EditRecord]:
+        # Names from the browser only select among the recorded edits: none becomes a path.
+        edits = list_edits(CacheLayout(self.folders.cache).entry(inv_id)) if inv_id else []
+        return [r for r in edits if r.video.name in set(names or [])]
+
+    # ------------------------------------------------------------------ the gallery
+    def gallery_view(self) -> tuple:
+        """The cards (plain data, for a gr.State) and the cache's total."""
+        all_cards = self.cards()
+        views = [{"id": c.id, "md": inversion_md(c), "thumbnails": str(c.thumbnails) if c.thumbnails else None} for c in all_cards]
+        total = f"{len(all_cards)} inversion(s); the cache holds {format_size(total_size(CacheLayout(self.folders.cache)))} in `{self.folders.cache}`"
+        return views, total
+
+    @_with_errors
+    def delete(self, inv_id: str) -> tuple:
+        freed = remove_entry(CacheLayout(self.folders.cache), inv_id)
+        gr.Info(f"removed {inv_id[:12]} ({format_size(freed)})")
+        return (*self.gallery_view(), self.inversion_choices())
+
+    @_with_errors
+    def run_gc(self, max_size: str) -> tuple:
+        try:
+            limit = parse_size(max_size)
+        except ValueError as exc:
+            raise SettingsError(f"gc size: {exc}") from None
+        removed = gc(CacheLayout(self.folders.cache), limit)
+        gr.Info(f"gc removed {len(removed)} item(s), {format_size(sum(r.size_bytes for r in removed))}")
+        return (*self.gallery_view(), self.inversion_choices())

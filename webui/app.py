@@ -1,0 +1,145 @@
+"""`cogedit ui`: the page, tab by tab, and its wiring; the handlers are `webui.actions.Actions`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import gradio as gr
+
+from cache.edits import EditRecord
+from engine.options import EditOptions
+from engine.video.clips import CLIPS
+from webui.actions import Actions, AppConfig, edit_label
+
+PLANS = ["auto", "staged", "lean", "int8", "nf4", "offload"]
+VIDEO_TYPES = [".mp4", ".mov", ".mkv", ".webm", ".avi"]
+
+
+def _invert_tab(d: dict) -> SimpleNamespace:
+    c = SimpleNamespace(source=gr.State(None))
+    with gr.Row():
+        with gr.Column():
+            c.upload = gr.File(label="upload a clip", file_types=VIDEO_TYPES, elem_id="upload")
+            c.clip = gr.Dropdown([clip.name for clip in CLIPS], value=None, label="or pick a bundled clip", elem_id="bundled")
+            c.preview = gr.Video(label="source", interactive=False, loop=True)
+            c.source_info = gr.Markdown(elem_id="source-info")
+        with gr.Column():
+            c.source_prompt = gr.Textbox(d["source_prompt"], label="source prompt (describe the clip)")
+            with gr.Row():
+                c.frames = gr.Number(d["frames"], label="frames (4k+1)", precision=0, minimum=1, elem_id="frames")
+                c.height = gr.Number(d["height"], label="height", precision=0, minimum=8)
+                c.width = gr.Number(d["width"], label="width", precision=0, minimum=8)
+            with gr.Row():
+                c.steps = gr.Number(d["steps"], label="steps", precision=0, minimum=1, elem_id="steps")
+                c.plan = gr.Dropdown(PLANS, value="auto", label="memory plan")
+            c.fit = gr.Radio(["stretch", "crop", "pad"], value="stretch", label="fit another shape")
+            c.method = gr.Radio(["ddim", "fixed-point"], value="ddim", label="inversion")
+            c.verify = gr.Checkbox(False, label="verify: measure the round trip's error")
+            with gr.Row():
+                c.run = gr.Button("Invert", variant="primary", elem_id="invert-button")
+                c.cancel = gr.Button("Cancel", elem_id="cancel-invert")
+            c.card = gr.Markdown(elem_id="invert-card")
+            c.strip = gr.Image(label="thumbnails", interactive=False, elem_id="invert-thumbnails")
+    return c
+
+
+def _edit_tab(prompts: tuple[str, ...]) -> SimpleNamespace:
+    e, c = EditOptions(), SimpleNamespace(shown=gr.State([]))
+    with gr.Row():
+        c.pick = gr.Dropdown([], label="inversion", elem_id="edit-inversion", scale=2)
+        c.pick_info = gr.Markdown()
+    with gr.Row():
+        c.prompts = gr.Textbox("\n".join(prompts), lines=4, label="prompts, one per line (add, remove or reorder lines)", elem_id="prompts", scale=2)
+        with gr.Column():
+            c.inject_steps = gr.Textbox("0:1", label="injection window (START:END of the steps)")
+            c.inject_layers = gr.Textbox("all", label="injection layers (all, or 0-9,20)")
+            c.strength = gr.Slider(0.0, 1.0, value=e.inject_strength, step=0.05, label="injection strength")
+        with gr.Column():
+            c.guidance = gr.Number(e.guidance, label="guidance (CFG)", minimum=1.0)
+            c.init = gr.Radio(["inverted", "random"], value=e.init, label="start from")
+            c.seed = gr.Number(e.seed, label="seed (start from random)", precision=0)
+            c.reference = gr.Radio(["shared", "per-half", "stored"], value=e.reference, label="reference")
+    with gr.Row():
+        c.run = gr.Button("Render all prompts", variant="primary", elem_id="render-button")
+        c.cancel = gr.Button("Cancel", elem_id="cancel-render")
+    with gr.Row():
+        c.earlier = gr.Dropdown([], multiselect=True, label="earlier edits of this inversion (play again, no recomputing)", elem_id="earlier", scale=3)
+        c.play = gr.Button("Play selected")
+
+    @gr.render(inputs=c.shown)
+    def results(edits: list[EditRecord]) -> None:
+        if not edits:
+            gr.Markdown("Rendered edits play here, each beside its source (one video: the two halves play in step).")
+            return
+        with gr.Row(elem_id="results"):
+            for r in edits:
+                with gr.Column(min_width=300):
+                    gr.Video(str(r.side_by_side), label=f"source | {r.prompt}", interactive=False, loop=True, autoplay=True, elem_classes="edit-result")
+                    gr.Markdown(edit_label(r))
+                    gr.DownloadButton("download this edit (mp4)", value=str(r.video), size="sm")
+
+    return c
+
+
+def _inversions_tab(act: Actions, tabs: gr.Tabs, pick: gr.Dropdown) -> SimpleNamespace:
+    c = SimpleNamespace(total=gr.Markdown(elem_id="cache-total"))
+    with gr.Row():
+        c.max_size = gr.Textbox("10GB", label="gc: shrink the cache to (least recently used go first)", scale=3)
+        c.gc = gr.Button("Run gc")
+        c.refresh = gr.Button("Refresh")
+    c.listed = gr.State([])
+
+    @gr.render(inputs=c.listed)
+    def gallery(views: list[dict]) -> None:
+        with gr.Column(elem_id="gallery"):
+            if not views:
+                gr.Markdown("No inversions in the cache yet.")
+            for v in views:
+                with gr.Row(elem_classes="inversion-card", equal_height=True):
+                    if v["thumbnails"]:
+                        gr.Image(v["thumbnails"], show_label=False, interactive=False, height=90, scale=2, container=False)
+                    gr.Markdown(v["md"])
+                    with gr.Column(scale=1, min_width=180):
+                        open_b = gr.Button("Open in Edit", size="sm", variant="primary")
+                        delete_b = gr.Button("Delete…", size="sm", variant="stop")
+                        really_b = gr.Button(f"Delete {v['id'][:12]} and its edits for good", size="sm", variant="stop", visible=False)
+                # The card's id is bound here: no id from the browser picks what is opened or removed.
+                open_b.click(lambda i=v["id"]: (gr.Tabs(selected="edit"), act.inversion_choices(i)), None, [tabs, pick])
+                delete_b.click(lambda: gr.update(visible=True), None, really_b)
+                really_b.click(lambda i=v["id"]: act.delete(i), None, [c.listed, c.total, pick])
+
+    return c
+
+
+def build(cfg: AppConfig) -> gr.Blocks:
+    act = Actions(cfg)
+    with gr.Blocks(title="cogedit", analytics_enabled=False) as app:
+        gr.Markdown(f"## cogedit — invert once, edit many times\nmodel `{Path(cfg.model).name}` on {act.runner.device} · cache `{cfg.folders.cache}`")
+        with gr.Tabs() as tabs:
+            with gr.Tab("Invert", id="invert"):
+                inv = _invert_tab(cfg.invert_defaults)
+            with gr.Tab("Edit", id="edit"):
+                ed = _edit_tab(cfg.prompts)
+            with gr.Tab("Inversions", id="inversions") as inversions_tab:
+                gal = _inversions_tab(act, tabs, ed.pick)
+
+        # One GPU job at a time across the invert and the render: one concurrency group.
+        gpu = dict(concurrency_id="gpu", concurrency_limit=1)
+        inv.upload.upload(act.on_upload, inv.upload, [inv.source, inv.preview, inv.source_info])
+        inv.upload.clear(lambda: (None, None, ""), None, [inv.source, inv.preview, inv.source_info])
+        inv.clip.change(act.on_clip, inv.clip, [inv.source, inv.preview, inv.source_info, inv.source_prompt])
+        invert_inputs = [inv.source, inv.source_prompt, inv.frames, inv.height, inv.width, inv.fit, inv.steps, inv.plan, inv.method, inv.verify]
+        inv.run.click(act.do_invert, invert_inputs, [inv.card, inv.strip, ed.pick], **gpu)
+        render_inputs = [ed.pick, ed.prompts, ed.inject_steps, ed.inject_layers, ed.strength, ed.guidance, ed.init, ed.seed, ed.reference]
+        ed.run.click(act.do_render, render_inputs, [ed.shown, ed.earlier, ed.pick_info], **gpu)
+        for cancel in (inv.cancel, ed.cancel):
+            cancel.click(act.do_cancel, None, None, queue=False)
+        ed.pick.change(act.on_pick, ed.pick, [ed.pick_info, ed.earlier, ed.shown])
+        ed.play.click(act.show_earlier, [ed.pick, ed.earlier], ed.shown)
+
+        app.load(act.gallery_view, None, [gal.listed, gal.total]).then(act.inversion_choices, None, ed.pick)
+        inversions_tab.select(act.gallery_view, None, [gal.listed, gal.total])
+        gal.refresh.click(act.gallery_view, None, [gal.listed, gal.total])
+        gal.gc.click(act.run_gc, gal.max_size, [gal.listed, gal.total, ed.pick])
+    return app
