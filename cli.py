@@ -84,7 +84,7 @@ def cache_option(f):
 
 
 def runtime_options(f):
-    f = click.option("--fp8", is_flag=True, help='FP8 matmuls in the transformer blocks (torchao; RTX 40xx/L4/H100): faster, a small accuracy cost. pip install "cogedit[fp8]".')(f)
+    f = click.option("--fp8", is_flag=True, help='FP8 matmuls in the transformer blocks (torchao; RTX 40xx/L4/H100): faster, a small accuracy cost. pip install -e ".[fp8]" in the cogedit source folder.')(f)
     f = click.option(
         "--compile/--no-compile", "compile_blocks", default=None,
         help="torch.compile each transformer block (0.82x the step time); on by default on a CUDA GPU with Triton for staged and lean.",
@@ -344,6 +344,7 @@ def plan_cmd(vram, model, frames, height, width, prompts) -> None:
         PLANS,
         GiB,
         Workload,
+        card_sizes,
         choose_plan,
         predict_peaks,
     )
@@ -357,7 +358,9 @@ def plan_cmd(vram, model, frames, height, width, prompts) -> None:
     peaks = Table(title=f"predicted peak GPU memory in GiB: {info.source}, {frames} frames {height}x{width}", title_justify="left")
     summaries = Table(caption=f"A card sold as 12 GB has 12 GiB; --vram leaves {CUDA_CONTEXT / GiB:.1f} GiB of it to the CUDA context.", caption_justify="left")
     summaries.add_column("plan", no_wrap=True)
+    summaries.add_column("cards (--vram)")
     summaries.add_column("what it does")
+    cards = card_sizes(info, workload)
     peaks.add_column("plan", no_wrap=True)
     for phase in (*phases, "peak"):
         peaks.add_column(phase, justify="right")
@@ -365,7 +368,7 @@ def plan_cmd(vram, model, frames, height, width, prompts) -> None:
         predicted = predict_peaks(plan, info, workload)
         label = f"{name} <-" if name == chosen else name
         peaks.add_row(label, *(f"{predicted[p] / GiB:.1f}" for p in phases), f"{max(predicted.values()) / GiB:.1f}")
-        summaries.add_row(label, plan.summary)
+        summaries.add_row(label, cards[name], plan.summary)
     Console().print(Group(peaks, summaries))
     if chosen:
         click.echo(chosen)
