@@ -84,7 +84,7 @@ def cache_option(f):
 
 
 def runtime_options(f):
-    f = click.option("--fp8", is_flag=True, help='FP8 matmuls in the transformer blocks (torchao; RTX 40xx/L4/H100): faster, a small accuracy cost. pip install -e ".[fp8]" in the cogedit source folder.')(f)
+    f = click.option("--fp8", is_flag=True, help='FP8 matmuls in the transformer blocks (torchao; RTX 40xx/L4/H100): faster, a small accuracy cost. pip install -e ".[fp8]" in cogedit\'s folder.')(f)
     f = click.option(
         "--compile/--no-compile", "compile_blocks", default=None,
         help="torch.compile each transformer block (0.82x the step time); on by default on a CUDA GPU with Triton for staged and lean.",

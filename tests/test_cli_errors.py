@@ -162,7 +162,7 @@ def _variant(tiny_model: Path, tmp_path: Path, kind: str) -> str:
     ("kind", "expected"),
     [
         ("missing", "does not exist: pass a CogVideoX-5b folder"),
-        ("hub", "with no network, download it first (`huggingface-cli download THUDM/CogVideoX-5b`) or pass a local folder"),
+        ("hub", "with no network, download it first (`hf download THUDM/CogVideoX-5b`; `huggingface-cli download` on an older huggingface_hub) or pass a local folder"),
         ("file", "is a file; pass the checkpoint folder"),
         ("no-vae", "is missing vae"),
         ("2b", "looks like CogVideoX-2B"),
@@ -177,6 +177,24 @@ def test_bad_model(tiny_model, wide_clip, tmp_path, monkeypatch, kind, expected)
     components.LOAD_EVENTS.clear()
     assert expected in fails("invert", wide_clip, "--model", model, *SMALL_ARGS)
     assert components.LOAD_EVENTS == []  # refused before any weights were read
+
+
+@pytest.mark.parametrize("command", ["invert", "run"])
+def test_a_missing_model_is_reported_before_the_video_is_read(tiny_model, wide_clip, tmp_path, _isolated_cache, command):
+    """--frames 200 of a 131-frame clip would warn once the video is read: the model is checked
+    first, so the one line is the only output and the cache folder is not made."""
+    prompt = ["--prompt", "a cat"] if command == "run" else []
+    result = cogedit(command, wide_clip, "--model", tmp_path / "no-such-model", *SMALL_ARGS, "--frames", "200", *prompt)
+    assert result.exit_code == 1 and result.stdout == ""
+    assert result.stderr.strip().splitlines() == [f"Error: model folder {tmp_path / 'no-such-model'} does not exist: pass a CogVideoX-5b folder or a hub id like THUDM/CogVideoX-5b"]
+    assert not _isolated_cache.exists()
+
+
+def test_run_refuses_bad_edit_settings_before_inverting(tiny_model, wide_clip, _isolated_cache):
+    components.LOAD_EVENTS.clear()
+    assert "edit prompt is empty" in fails("run", wide_clip, "--model", tiny_model, *SMALL_ARGS, "--prompt", " ")
+    assert "--inject-layers '99' names a layer outside" in fails("run", wide_clip, "--model", tiny_model, *SMALL_ARGS, "--prompt", "a cat", "--inject-layers", "99")
+    assert components.LOAD_EVENTS == [] and not _isolated_cache.exists()
 
 
 def test_entry_of_another_model_has_another_key(entry, tiny_model, wide_clip, tmp_path):
