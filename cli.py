@@ -394,6 +394,7 @@ def cache_path(cache_dir) -> None:
 def cache_ls(cache_dir, as_json: bool) -> None:
     """List cached inversions."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     from cache.layout import CacheLayout
@@ -402,17 +403,23 @@ def cache_ls(cache_dir, as_json: bool) -> None:
 
     entries = list_entries(CacheLayout.from_dir(cache_dir))
     if as_json:
-        click.echo(json.dumps([{"id": e.id, "complete": e.complete, "size": e.size_bytes, "summary": e.summary, "last_used": e.last_used} for e in entries]))
+        click.echo(json.dumps([{"id": e.id, "complete": e.complete, "size": e.size_bytes, "summary": e.summary, "inversion": e.inversion, "last_used": e.last_used} for e in entries]))
         return
     # The whole id, whatever the width (users copy it); the video and model under it, folded.
     table = Table(title=f"{len(entries)} cached inversion(s)", title_justify="left", box=None, pad_edge=False)
     table.add_column("id / video, model", min_width=max((len(e.id) for e in entries), default=0), overflow="fold")
-    for col in ("state", "steps", "size", "last used"):
-        table.add_column(col, justify="right" if col in ("steps", "size") else "left")
+    # Two lines a row: the inversion's method over its steps, its size over when it was last used.
+    table.add_column("state")
+    table.add_column("inversion", no_wrap=True)
+    table.add_column("size, last used", justify="right", no_wrap=True)
+    # Under each id, the settings that tell entries apart besides the columns (a prompt, a size).
+    shown = {"--model", "--steps", "--inversion", "--inversion-iters"}
+    differ = [k for k in dict.fromkeys(k for e in entries for k in e.flags) if k not in shown and len({repr(e.flags.get(k)) for e in entries}) > 1]
     for e in entries:
         s = e.summary
-        source = ", ".join(str(s[k]) for k in ("video", "model") if s.get(k))
-        table.add_row(f"{e.id}\n[dim]{source}", e.state, str(s.get("steps", "")), format_size(e.size_bytes), _when(e.last_used))
+        source = ", ".join([*(str(s[k]) for k in ("video", "model") if s.get(k)), *(f"{k} {_short(e.flags[k])}" for k in differ if k in e.flags)])
+        steps = f"{s['steps']} steps" if s.get("steps") else ""
+        table.add_row(f"{e.id}\n[dim]{escape(source)}", e.state, f"{e.inversion}\n{steps}", f"{format_size(e.size_bytes)}\n{_when(e.last_used)}")
     Console().print(table)
 
 
@@ -448,12 +455,16 @@ def _details_tree(d: dict):
     tree = Tree(f"[bold]{d['id']}[/]  {d['state']}, {format_size(d['size'])}, last used {_when(d['last_used'])}")
     if d["problem"]:
         tree.add(f"[red]{d['problem']}")
-    for section in ("summary", "settings", "stages", "attention"):
-        node = tree.add(f"[bold]{'stored attention' if section == 'attention' else section}")
-        if d[section]:
-            _branch(node, d[section])
+    # Settings as the flags that made them, one value each (--json has the manifest whole).
+    for title, values in (("summary", d["summary"]), ("settings", d["flags"]), ("stages", d["stages"]), ("stored attention", d["attention"])):
+        node = tree.add(f"[bold]{title}")
+        if values:
+            _branch(node, values)
         else:
             node.add("none")
+        if title == "settings":
+            for note in d["notes"]:
+                node.add(f"[dim]{note}")
     files = Table(box=None, pad_edge=False)
     files.add_column("file", overflow="fold")
     files.add_column("size", justify="right")

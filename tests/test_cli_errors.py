@@ -33,6 +33,7 @@ from engine.models.components import Runtime
 from engine.stages.settings import EditSettings
 from engine.workflow import edit_stem
 from tests.conftest import SMALL, VIDEO_ERRORS
+from tests.test_cli import _process
 from tests.test_video import _ffmpeg, _testsrc
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -293,6 +294,40 @@ def test_cache_show_and_ls_read_well_at_80_columns(entry):
     assert details["attention"] == entry.manifest["attention"] and details["state"] == "complete"
     listing = runner.invoke(cli, ["cache", "ls"]).stdout
     assert entry.id in listing and "…" not in listing and max(map(len, listing.splitlines())) <= 80
+
+
+def test_cache_ls_tells_entries_of_one_clip_apart(entry, tiny_model, wide_clip):
+    """A DDIM and a fixed-point inversion of one clip differ in the inversion column; a setting
+    outside the columns (here the source prompt) is named under the ids."""
+    fixed = engine.invert(wide_clip, tiny_model, device="cpu", inversion="fixed-point", **SMALL)
+    prompted = engine.invert(wide_clip, tiny_model, device="cpu", source_prompt="a rabbit", **SMALL)
+    listing = CliRunner(env={"COLUMNS": "80"}).invoke(cli, ["cache", "ls"]).stdout
+    rows = {line.split()[0]: line for line in listing.splitlines() if line[:1].isalnum() and len(line.split()[0]) == 32}
+    assert "fixed-point x1" in rows[fixed.id] and "ddim" in rows[entry.id] and "ddim" in rows[prompted.id]
+    assert max(map(len, listing.splitlines())) <= 80 and "…" not in listing
+    wide = CliRunner(env={"COLUMNS": "300"}).invoke(cli, ["cache", "ls"]).stdout
+    assert "--source-prompt 'a rabbit'" in wide and "--source-prompt ''" in wide
+    listed = {e["id"]: e["inversion"] for e in json.loads(cogedit("cache", "ls", "--json").stdout)}
+    assert listed == {entry.id: "ddim", fixed.id: "fixed-point x1", prompted.id: "ddim"}
+
+
+def test_cache_show_gives_each_setting_once_as_its_flag(entry):
+    shown = CliRunner(env={"COLUMNS": "120"}).invoke(cli, ["cache", "show", entry.id[:8]]).stdout
+    assert "--dtype: 'fp32'" in shown and "--guidance: 6.0" in shown and "--inversion: 'ddim'" in shown and "--steps: 4" in shown
+    assert "torch.float32" not in shown and "identity" not in shown and shown.count("guidance:") == 1
+    # The id hashes guidance 1.0 here (source and negative prompts are both ""): one line says why.
+    assert "the id records guidance 1.0: with the source prompt equal to the negative prompt, guidance changes nothing" in shown
+    assert "9 frames used:" in shown
+    details = json.loads(cogedit("cache", "show", entry.id[:8], "--json").stdout)
+    assert details["settings"]["identity"]["invert"]["guidance"] == 1.0  # --json keeps the manifest whole
+
+
+@pytest.mark.parametrize("command", [["cache", "ls"], ["cache", "show", "ID"]])
+def test_cache_listing_imports_no_model_library(entry, command):
+    """`cache ls`/`show` read JSON only: no torch or diffusers to import (2 s of a 2.5 s command)."""
+    result = _process(*[entry.id[:8] if a == "ID" else a for a in command])
+    assert entry.id in result.stdout
+    assert not set(json.loads(result.stdout.splitlines()[-1])) & {"torch", "diffusers", "transformers", "safetensors", "numpy"}
 
 
 def test_verify_finds_every_injected_corruption(entry):
