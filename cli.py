@@ -264,6 +264,12 @@ def edit_cmd(inversion_id: str, prompts, cache_dir, device, plan, vram, compile_
 
     \b
     cogedit edit 3fa2 --prompt "a watercolor painting" --prompt "a charcoal sketch" --inject-steps 0:0.6
+
+    Files are named ID-HASH-NN-PROMPT.mp4 (and ...-side-by-side.mp4): the inversion id's first 8
+    characters, a 6-character hash of the settings that change the pixels (--guidance,
+    --negative-prompt, --init/--seed, --inject-*, --reference, --compile, --fp8; one with no effect,
+    such as --seed without --init random, is left out), the prompt's number and its first words.
+    Edits with other settings never overwrite each other.
     """
     import engine
 

@@ -217,3 +217,27 @@ def test_every_engine_option_has_a_flag(command):
     options = {"invert": invert, "edit": edit, "run": edit | invert | {f"invert_{o}" for o in invert & edit - names(RuntimeOptions)}}[command]
     flags = {OPTION_OF.get(p.name, p.name) if command != "run" or not p.name.startswith("invert_") else p.name for p in cli.commands[command].params}
     assert options - flags - set(PYTHON_ONLY) == set()
+def test_output_names_hash_only_settings_that_change_the_pixels():
+    """The 6-hex hash in an edit's file names: settings with no effect leave it alone (and the
+    names of every edit made before stay what they were); the ones that count change it."""
+    from engine.models.components import Runtime
+    from engine.stages.settings import EditSettings, InjectSettings
+    from engine.workflow import edit_stem
+
+    def stem(**kw):
+        return edit_stem("f9b069b144ba886d9949f628457eeb92", EditSettings(("a",), **kw), Runtime.default("cpu"))
+
+    assert stem() == "f9b069b1-1db82c"  # the demo's name before and after: existing names are stable
+    assert stem(seed=3) == stem()  # the tool warns that --seed has no effect here: it must not rename the files
+    assert stem(guidance=1.0, negative_prompt="blur") == stem(guidance=1.0)  # no CFG: the negative prompt does nothing
+    assert stem(inject=InjectSettings(window=(0, 0.5), strength=0.0)) == stem(inject=InjectSettings(strength=0.0))
+    assert len({stem(), stem(init="random", seed=3), stem(init="random", seed=4), stem(negative_prompt="blur"), stem(guidance=2.5)}) == 5
+    assert "6-character hash of the settings that" in invoke("edit", "--help").stdout
+
+
+def test_long_prompts_are_cut_between_words():
+    from engine.stages.decode import safe_name
+
+    caption = "a big grey rabbit stretches an arm up in front of a burrow on a grassy hill"
+    assert safe_name(caption, 0) == "00-a-big-grey-rabbit-stretches-an-arm-up-in-front-of-a-burrow"  # not "...-burrow-o"
+    assert safe_name("x" * 80, 1) == "01-" + "x" * 60  # one long word: cut where it must be
