@@ -247,9 +247,13 @@ def invert_cmd(video: str, cache_dir, device, plan, vram, compile_blocks: bool |
     reporter = _reporter(device)
     inv = engine.invert(video, model, cache_dir=cache_dir, device=device, dtype=dtype, plan=plan, vram=vram, compile=compile_blocks, fp8=fp8, reporter=reporter, **_invert_kwargs(params))
     _console().print(reporter.table("invert"))
+    click.echo(json.dumps(_inversion_json(inv, reporter)) if as_json else inv.id)
+
+
+def _inversion_json(inv, reporter) -> dict:
     hit = next((r.cache_hit for r in reporter.records if r.name == "invert"), None)
     checked = {"verify": inv.verify} if inv.verify is not None else {}  # the round trip, when one ran
-    click.echo(json.dumps({"id": inv.id, **checked, "dir": str(inv.paths.dir), "cached": hit}) if as_json else inv.id)
+    return {"id": inv.id, **checked, "dir": str(inv.paths.dir), "cached": hit}
 
 
 @cli.command(name="edit")
@@ -278,13 +282,16 @@ def edit_cmd(inversion_id: str, prompts, cache_dir, device, plan, vram, compile_
     _print_edit(reporter, result, as_json)
 
 
-def _print_edit(reporter, result, as_json: bool) -> None:
-    _console().print(reporter.table("edit"))
+def _print_edit(reporter, result, as_json: bool, title: str = "edit", inversion: dict | None = None) -> None:
+    """The summary table, then the outputs; `inversion` (from `run`) puts the inversion's id first."""
+    _console().print(reporter.table(title))
     if as_json:
-        click.echo(json.dumps(_edit_json(result)))
-    else:
-        for v, s in zip(result.videos, result.side_by_side):
-            click.echo(f"{v}\n{s}")
+        click.echo(json.dumps({**_edit_json(result), **(inversion or {})}))
+        return
+    if inversion:
+        click.echo(inversion["id"])
+    for v, s in zip(result.videos, result.side_by_side):
+        click.echo(f"{v}\n{s}")
 
 
 @cli.command(name="run")
@@ -303,18 +310,17 @@ def run_cmd(video: str, prompts, model, cache_dir, device, plan, vram, compile_b
     import engine
 
     reporter = _reporter(device)
-    _, result = engine.run(
+    inv, result = engine.run(
         video, model, list(prompts), **_invert_kwargs(params, "invert_"), reporter=reporter,
         cache_dir=cache_dir, device=device, dtype=dtype, plan=plan, vram=vram, compile=compile_blocks, fp8=fp8, **_edit_kwargs(params),
     )
-    _print_edit(reporter, result, as_json)
+    _print_edit(reporter, result, as_json, "run", _inversion_json(inv, reporter))
 
 
 @cli.command(name="demo")
 @click.option("--out", "out_dir", default="cogedit-demo", type=click.Path(file_okay=False), show_default=True)
 @cache_option
-@click.option("--force", is_flag=True, help="Overwrite earlier demo outputs.")
-def demo_cmd(out_dir: str, cache_dir, force: bool) -> None:
+def demo_cmd(out_dir: str, cache_dir) -> None:
     """The whole job on the trained proxy and a Big Buck Bunny clip it never saw: invert once,
     then a reconstruction and an edit from the cache.
 
@@ -324,8 +330,8 @@ def demo_cmd(out_dir: str, cache_dir, force: bool) -> None:
     import engine
 
     reporter = _reporter("cpu")
-    result = engine.demo(out_dir, cache_dir=cache_dir, reporter=reporter, force=force)
-    _print_edit(reporter, result, False)
+    result = engine.demo(out_dir, cache_dir=cache_dir, reporter=reporter)
+    _print_edit(reporter, result, False, title="demo")
 
 
 @cli.command(name="plan")

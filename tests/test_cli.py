@@ -67,8 +67,12 @@ def test_invert_then_edit_from_the_cache(tiny_model, wide_clip, tmp_path):
 
 def test_run_is_invert_plus_edit(tiny_model, wide_clip, tmp_path):
     result = invoke("run", wide_clip, "--model", tiny_model, *SMALL_ARGS, "--prompt", "snow at night", "--out", tmp_path, "--json")
-    (edit,) = json.loads(result.stdout)["edits"]
+    printed = json.loads(result.stdout)
+    (edit,) = printed["edits"]
     assert _frames(edit["video"]) == (9, (96, 160, 3))
+    assert printed["cached"] is False and Path(printed["dir"]).name == printed["id"]  # the inversion too, as `invert --json` gives it
+    text = invoke("run", wide_clip, "--model", tiny_model, *SMALL_ARGS, "--prompt", "snow at night", "--out", tmp_path / "again")
+    assert text.stdout.splitlines()[0] == printed["id"] and len(text.stdout.splitlines()) == 3  # the id, then the two mp4 files
 
 
 @pytest.mark.parametrize("command", ["invert", "edit", "run", "cache", "plan", "demo", "tiny-model"])
@@ -80,9 +84,12 @@ def test_demo_writes_two_edits_and_side_by_sides(tmp_path):
     result = invoke("demo", "--out", tmp_path / "demo")
     videos = sorted((tmp_path / "demo").glob("*.mp4"))
     assert len(videos) == 4 and sum("side-by-side" in v.name for v in videos) == 2
-    assert "decode" in result.stderr and "total" in result.stderr
+    titles = [line.strip() for line in result.stderr.splitlines() if line.strip() in ("demo", "edit")]
+    assert "decode" in result.stderr and "total" in result.stderr and titles == ["demo"]  # its table's title
     for v in videos:
         assert _frames(v)[0] == 17
+    again = invoke("demo", "--out", tmp_path / "demo")  # a second run reuses the inversion and rewrites its own files
+    assert sorted((tmp_path / "demo").glob("*.mp4")) == videos and "hit" in again.stderr
 
 
 def _process(*args: object) -> subprocess.CompletedProcess:
