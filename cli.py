@@ -145,10 +145,35 @@ def _invert_options(f, cfg_prefix: str):
     return f
 
 
+def _no_at_file(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> tuple[str, ...]:
+    for prompt in value:
+        if prompt.startswith("@") and not prompt.split()[1:]:  # "@edits.txt": a file, not a prompt
+            raise click.BadParameter(f"{prompt!r} looks like a file: read prompts from it with --prompts-file {prompt[1:]}", param_hint="--prompt")
+    return value
+
+
+def _all_prompts(prompts: tuple[str, ...], prompts_file: str | None) -> list[str]:
+    """--prompt's prompts, then the file's: one a line, skipping blank lines and # comments."""
+    if prompts_file is None:
+        if not prompts:
+            raise click.UsageError("Missing option '--prompt': give --prompt TEXT (repeat it for several edits) or --prompts-file FILE")
+        return list(prompts)
+    with open(prompts_file, encoding="utf-8") as f:
+        lines = [line.strip() for line in f]
+    read = [line for line in lines if line and not line.startswith("#")]
+    if not read:
+        raise click.BadParameter(f"{prompts_file} has no prompts (one a line; lines starting with # are comments)", param_hint="--prompts-file")
+    return [*prompts, *read]
+
+
 def edit_options(f):
     for opt in reversed(
         [
-            click.option("--prompt", "prompts", multiple=True, required=True, help="Edit prompt; repeat for several edits."),
+            click.option("--prompt", "prompts", multiple=True, callback=_no_at_file, help="Edit prompt; repeat for several edits."),
+            click.option(
+                "--prompts-file", type=click.Path(exists=True, dir_okay=False),
+                help="A file of edit prompts, one a line (blank lines and lines starting with # are skipped); adds to --prompt.",
+            ),
             click.option("--negative-prompt", default="", help="Negative prompt for CFG."),
             click.option("--guidance", default=6.0, show_default=True, help="CFG scale of the edit (1 = off)."),
             click.option("--init", type=click.Choice(["inverted", "random"]), default="inverted", show_default=True, help="Start from the inverted noise or seeded noise (upstream)."),
@@ -263,7 +288,7 @@ def _inversion_json(inv, reporter) -> dict:
 @cache_option
 @runtime_options
 @json_option
-def edit_cmd(inversion_id: str, prompts, cache_dir, device, plan, vram, compile_blocks: bool | None, fp8: bool, as_json: bool, model, **params) -> None:
+def edit_cmd(inversion_id: str, prompts, prompts_file, cache_dir, device, plan, vram, compile_blocks: bool | None, fp8: bool, as_json: bool, model, **params) -> None:
     """Render one mp4 per --prompt from a cached inversion (no video is read, nothing is inverted).
 
     \b
@@ -278,7 +303,7 @@ def edit_cmd(inversion_id: str, prompts, cache_dir, device, plan, vram, compile_
     import engine
 
     reporter = _reporter(device)
-    result = engine.edit(inversion_id, list(prompts), model=model, cache_dir=cache_dir, device=device, plan=plan, vram=vram, compile=compile_blocks, fp8=fp8, reporter=reporter, **_edit_kwargs(params))
+    result = engine.edit(inversion_id, _all_prompts(prompts, prompts_file), model=model, cache_dir=cache_dir, device=device, plan=plan, vram=vram, compile=compile_blocks, fp8=fp8, reporter=reporter, **_edit_kwargs(params))
     _print_edit(reporter, result, as_json)
 
 
@@ -301,7 +326,7 @@ def _print_edit(reporter, result, as_json: bool, title: str = "edit", inversion:
 @cache_option
 @runtime_options
 @json_option
-def run_cmd(video: str, prompts, model, cache_dir, device, plan, vram, compile_blocks: bool | None, fp8: bool, dtype, as_json: bool, **params) -> None:
+def run_cmd(video: str, prompts, prompts_file, model, cache_dir, device, plan, vram, compile_blocks: bool | None, fp8: bool, dtype, as_json: bool, **params) -> None:
     """Invert VIDEO when needed, then edit it: the one-shot path.
 
     \b
@@ -311,7 +336,7 @@ def run_cmd(video: str, prompts, model, cache_dir, device, plan, vram, compile_b
 
     reporter = _reporter(device)
     inv, result = engine.run(
-        video, model, list(prompts), **_invert_kwargs(params, "invert_"), reporter=reporter,
+        video, model, _all_prompts(prompts, prompts_file), **_invert_kwargs(params, "invert_"), reporter=reporter,
         cache_dir=cache_dir, device=device, dtype=dtype, plan=plan, vram=vram, compile=compile_blocks, fp8=fp8, **_edit_kwargs(params),
     )
     _print_edit(reporter, result, as_json, "run", _inversion_json(inv, reporter))

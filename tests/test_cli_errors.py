@@ -234,11 +234,25 @@ def test_unusable_device_is_refused_before_anything_is_written(tiny_model, wide_
 
 
 def test_missing_and_empty_prompts(entry):
-    assert "Missing option '--prompt'" in fails("edit", entry.id[:8], code=2)  # click's usage error
+    assert "Missing option '--prompt': give --prompt TEXT (repeat it for several edits) or --prompts-file FILE" in fails("edit", entry.id[:8], code=2)
     for empty in ("", "   "):
         assert "edit prompt is empty" in fails("edit", entry.id[:8], "--prompt", "a cat", "--prompt", empty)
     with pytest.raises(engine.PromptError, match="no prompt given"):
         engine.edit(entry, [], device="cpu", output="latents")
+
+
+def test_prompts_file(entry, tmp_path):
+    """--prompts-file: one prompt a line, # comments and blank lines skipped, after any --prompt;
+    `--prompt @file` is refused rather than rendered as the text "@file"."""
+    listed = tmp_path / "prompts.txt"
+    listed.write_text("# styles to try\na watercolor painting\n\n  a charcoal sketch  \n")
+    result = cogedit("edit", entry.id[:8], "--prompt", "snow at night", "--prompts-file", listed, "--guidance", "1", "--out", tmp_path / "out", "--json")
+    assert result.exit_code == 0, result.output
+    assert [e["prompt"] for e in json.loads(result.stdout)["edits"]] == ["snow at night", "a watercolor painting", "a charcoal sketch"]
+    assert "'@prompts.txt' looks like a file: read prompts from it with --prompts-file prompts.txt" in fails("edit", entry.id[:8], "--prompt", "@prompts.txt", code=2)
+    (tmp_path / "empty.txt").write_text("# nothing yet\n\n")
+    assert "has no prompts (one a line" in fails("edit", entry.id[:8], "--prompts-file", tmp_path / "empty.txt", code=2)
+    assert "does not exist" in fails("run", "clip.mp4", "--model", "m", "--prompts-file", tmp_path / "none.txt", code=2)
 
 
 # ------------------------------------------------------------------------------------------ cache
