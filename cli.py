@@ -303,7 +303,8 @@ def edit_cmd(inversion_id: str, prompts, prompts_file, cache_dir, device, plan, 
     import engine
 
     reporter = _reporter(device)
-    result = engine.edit(inversion_id, _all_prompts(prompts, prompts_file), model=model, cache_dir=cache_dir, device=device, plan=plan, vram=vram, compile=compile_blocks, fp8=fp8, reporter=reporter, **_edit_kwargs(params))
+    prompts = _all_prompts(prompts, prompts_file)
+    result = engine.edit(inversion_id, prompts, model=model, cache_dir=cache_dir, device=device, plan=plan, vram=vram, compile=compile_blocks, fp8=fp8, reporter=reporter, **_edit_kwargs(params))
     _print_edit(reporter, result, as_json)
 
 
