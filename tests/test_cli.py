@@ -248,3 +248,10 @@ def test_long_prompts_are_cut_between_words():
     caption = "a big grey rabbit stretches an arm up in front of a burrow on a grassy hill"
     assert safe_name(caption, 0) == "00-a-big-grey-rabbit-stretches-an-arm-up-in-front-of-a-burrow"  # not "...-burrow-o"
     assert safe_name("x" * 80, 1) == "01-" + "x" * 60  # one long word: cut where it must be
+
+
+def test_install_hints_name_the_source_install():
+    """cogedit is installed from its source folder, not published: every hint says pip install -e."""
+    assert 'pip install -e ".[fp8]"' in " ".join(invoke("invert", "--help").stdout.split())
+    for path in [ROOT / "cli.py", ROOT / "README.md", *ROOT.glob("engine/**/*.py"), *ROOT.glob("docs/*.md")]:
+        assert "cogedit[" not in path.read_text(), path
