@@ -186,7 +186,7 @@ def settings_flags(settings: dict) -> tuple[dict, list[str]]:
         "--fit": frames.get("fit"),
         "--steps": invert.get("steps"),
         "--source-prompt": invert.get("source_prompt"),
-        "negative_prompt": invert.get("negative_prompt") or None,  # a Python keyword only
+        "--negative-prompt": invert.get("negative_prompt") or None,
         "--guidance": invert.get("guidance"),
         "--inversion": invert.get("method", "ddim"),
         "--inversion-iters": invert.get("iters") or None,

@@ -119,7 +119,10 @@ def test_model_commands_print_no_third_party_warnings(tiny_model, wide_clip, tmp
 # ------------------------------------------------------------- every flag reaches the engine
 
 # Flags that only shape what the CLI prints; every other flag of invert, edit and run must reach the engine.
-CLI_ONLY = {"as_json": "prints the result as JSON instead of plain lines: nothing to pass on"}
+CLI_ONLY = {
+    "as_json": "prints the result as JSON instead of plain lines: nothing to pass on",
+    "prompts_file": "the CLI reads it into the prompts it passes (test_cli_errors.py::test_prompts_file)",
+}
 # The engine option a flag sets, where the names differ (run's --invert-* go to its inversion).
 OPTION_OF = {"compile_blocks": "compile", "invert_guidance": "guidance", "invert_negative_prompt": "negative_prompt"}
 # Flags the CLI checks or converts before calling the engine: the text typed and the value the engine gets.
@@ -158,7 +161,8 @@ def _typed(param: click.Parameter, i: int) -> tuple[list[str], object]:
 
 
 def _required(command: click.Command) -> list[click.Parameter]:
-    return [p for p in command.params if p.required]
+    # --prompt is required unless --prompts-file is given: the CLI checks that, not click.
+    return [p for p in command.params if p.required or p.name == "prompts"]
 
 
 def _arrived(command: str, args: tuple, kw: dict) -> dict[str, list]:
