@@ -85,7 +85,7 @@ def cache_option(f):
 
 
 def runtime_options(f):
-    f = click.option("--fp8", is_flag=True, help='FP8 matmuls in the transformer blocks (torchao; RTX 40xx/L4/H100): faster, a small accuracy cost. pip install "cogedit[fp8]".')(f)
+    f = click.option("--fp8", is_flag=True, help='FP8 matmuls in the transformer blocks (torchao; RTX 40xx/L4/H100): faster, a small accuracy cost. pip install -e ".[fp8]" in cogedit\'s folder.')(f)
     f = click.option(
         "--compile/--no-compile", "compile_blocks", default=None,
         help="torch.compile each transformer block (0.82x the step time); on by default on a CUDA GPU with Triton for staged and lean.",
@@ -146,10 +146,35 @@ def _invert_options(f, cfg_prefix: str):
     return f
 
 
+def _no_at_file(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> tuple[str, ...]:
+    for prompt in value:
+        if prompt.startswith("@") and not prompt.split()[1:]:  # "@edits.txt": a file, not a prompt
+            raise click.BadParameter(f"{prompt!r} looks like a file: read prompts from it with --prompts-file {prompt[1:]}", param_hint="--prompt")
+    return value
+
+
+def _all_prompts(prompts: tuple[str, ...], prompts_file: str | None) -> list[str]:
+    """--prompt's prompts, then the file's: one a line, skipping blank lines and # comments."""
+    if prompts_file is None:
+        if not prompts:
+            raise click.UsageError("Missing option '--prompt': give --prompt TEXT (repeat it for several edits) or --prompts-file FILE")
+        return list(prompts)
+    with open(prompts_file, encoding="utf-8") as f:
+        lines = [line.strip() for line in f]
+    read = [line for line in lines if line and not line.startswith("#")]
+    if not read:
+        raise click.BadParameter(f"{prompts_file} has no prompts (one a line; lines starting with # are comments)", param_hint="--prompts-file")
+    return [*prompts, *read]
+
+
 def edit_options(f):
     for opt in reversed(
         [
-            click.option("--prompt", "prompts", multiple=True, required=True, help="Edit prompt; repeat for several edits."),
+            click.option("--prompt", "prompts", multiple=True, callback=_no_at_file, help="Edit prompt; repeat for several edits."),
+            click.option(
+                "--prompts-file", type=click.Path(exists=True, dir_okay=False),
+                help="A file of edit prompts, one a line (blank lines and lines starting with # are skipped); adds to --prompt.",
+            ),
             click.option("--negative-prompt", default="", help="Negative prompt for CFG."),
             click.option("--guidance", default=6.0, show_default=True, help="CFG scale of the edit (1 = off)."),
             click.option("--init", type=click.Choice(["inverted", "random"]), default="inverted", show_default=True, help="Start from the inverted noise or seeded noise (upstream)."),
@@ -248,9 +273,13 @@ def invert_cmd(video: str, cache_dir, device, plan, vram, compile_blocks: bool |
     reporter = _reporter(device)
     inv = engine.invert(video, model, cache_dir=cache_dir, device=device, dtype=dtype, plan=plan, vram=vram, compile=compile_blocks, fp8=fp8, reporter=reporter, **_invert_kwargs(params))
     _console().print(reporter.table("invert"))
+    click.echo(json.dumps(_inversion_json(inv, reporter)) if as_json else inv.id)
+
+
+def _inversion_json(inv, reporter) -> dict:
     hit = next((r.cache_hit for r in reporter.records if r.name == "invert"), None)
     checked = {"verify": inv.verify} if inv.verify is not None else {}  # the round trip, when one ran
-    click.echo(json.dumps({"id": inv.id, **checked, "dir": str(inv.paths.dir), "cached": hit}) if as_json else inv.id)
+    return {"id": inv.id, **checked, "dir": str(inv.paths.dir), "cached": hit}
 
 
 @cli.command(name="edit")
@@ -260,26 +289,36 @@ def invert_cmd(video: str, cache_dir, device, plan, vram, compile_blocks: bool |
 @cache_option
 @runtime_options
 @json_option
-def edit_cmd(inversion_id: str, prompts, cache_dir, device, plan, vram, compile_blocks: bool | None, fp8: bool, as_json: bool, model, **params) -> None:
+def edit_cmd(inversion_id: str, prompts, prompts_file, cache_dir, device, plan, vram, compile_blocks: bool | None, fp8: bool, as_json: bool, model, **params) -> None:
     """Render one mp4 per --prompt from a cached inversion (no video is read, nothing is inverted).
 
     \b
     cogedit edit 3fa2 --prompt "a watercolor painting" --prompt "a charcoal sketch" --inject-steps 0:0.6
+
+    Files are named ID-HASH-NN-PROMPT.mp4 (and ...-side-by-side.mp4): the inversion id's first 8
+    characters, a 6-character hash of the settings that change the pixels (--guidance,
+    --negative-prompt, --init/--seed, --inject-*, --reference, --compile, --fp8; one with no effect,
+    such as --seed without --init random, is left out), the prompt's number and its first words.
+    Edits with other settings never overwrite each other.
     """
     import engine
 
     reporter = _reporter(device)
-    result = engine.edit(inversion_id, list(prompts), model=model, cache_dir=cache_dir, device=device, plan=plan, vram=vram, compile=compile_blocks, fp8=fp8, reporter=reporter, **_edit_kwargs(params))
+    prompts = _all_prompts(prompts, prompts_file)
+    result = engine.edit(inversion_id, prompts, model=model, cache_dir=cache_dir, device=device, plan=plan, vram=vram, compile=compile_blocks, fp8=fp8, reporter=reporter, **_edit_kwargs(params))
     _print_edit(reporter, result, as_json)
 
 
-def _print_edit(reporter, result, as_json: bool) -> None:
-    _console().print(reporter.table("edit"))
+def _print_edit(reporter, result, as_json: bool, title: str = "edit", inversion: dict | None = None) -> None:
+    """The summary table, then the outputs; `inversion` (from `run`) puts the inversion's id first."""
+    _console().print(reporter.table(title))
     if as_json:
-        click.echo(json.dumps(_edit_json(result)))
-    else:
-        for v, s in zip(result.videos, result.side_by_side):
-            click.echo(f"{v}\n{s}")
+        click.echo(json.dumps({**_edit_json(result), **(inversion or {})}))
+        return
+    if inversion:
+        click.echo(inversion["id"])
+    for v, s in zip(result.videos, result.side_by_side):
+        click.echo(f"{v}\n{s}")
 
 
 @cli.command(name="run")
@@ -289,7 +328,7 @@ def _print_edit(reporter, result, as_json: bool) -> None:
 @cache_option
 @runtime_options
 @json_option
-def run_cmd(video: str, prompts, model, cache_dir, device, plan, vram, compile_blocks: bool | None, fp8: bool, dtype, as_json: bool, **params) -> None:
+def run_cmd(video: str, prompts, prompts_file, model, cache_dir, device, plan, vram, compile_blocks: bool | None, fp8: bool, dtype, as_json: bool, **params) -> None:
     """Invert VIDEO when needed, then edit it: the one-shot path.
 
     \b
@@ -298,18 +337,17 @@ def run_cmd(video: str, prompts, model, cache_dir, device, plan, vram, compile_b
     import engine
 
     reporter = _reporter(device)
-    _, result = engine.run(
-        video, model, list(prompts), **_invert_kwargs(params, "invert_"), reporter=reporter,
+    inv, result = engine.run(
+        video, model, _all_prompts(prompts, prompts_file), **_invert_kwargs(params, "invert_"), reporter=reporter,
         cache_dir=cache_dir, device=device, dtype=dtype, plan=plan, vram=vram, compile=compile_blocks, fp8=fp8, **_edit_kwargs(params),
     )
-    _print_edit(reporter, result, as_json)
+    _print_edit(reporter, result, as_json, "run", _inversion_json(inv, reporter))
 
 
 @cli.command(name="demo")
 @click.option("--out", "out_dir", default="cogedit-demo", type=click.Path(file_okay=False), show_default=True)
 @cache_option
-@click.option("--force", is_flag=True, help="Overwrite earlier demo outputs.")
-def demo_cmd(out_dir: str, cache_dir, force: bool) -> None:
+def demo_cmd(out_dir: str, cache_dir) -> None:
     """The whole job on the trained proxy and a Big Buck Bunny clip it never saw: invert once,
     then a reconstruction and an edit from the cache.
 
@@ -319,8 +357,8 @@ def demo_cmd(out_dir: str, cache_dir, force: bool) -> None:
     import engine
 
     reporter = _reporter("cpu")
-    result = engine.demo(out_dir, cache_dir=cache_dir, reporter=reporter, force=force)
-    _print_edit(reporter, result, False)
+    result = engine.demo(out_dir, cache_dir=cache_dir, reporter=reporter)
+    _print_edit(reporter, result, False, title="demo")
 
 
 @cli.command(name="ui")
@@ -369,6 +407,7 @@ def plan_cmd(vram, model, frames, height, width, prompts) -> None:
         PLANS,
         GiB,
         Workload,
+        card_sizes,
         choose_plan,
         predict_peaks,
     )
@@ -382,7 +421,9 @@ def plan_cmd(vram, model, frames, height, width, prompts) -> None:
     peaks = Table(title=f"predicted peak GPU memory in GiB: {info.source}, {frames} frames {height}x{width}", title_justify="left")
     summaries = Table(caption=f"A card sold as 12 GB has 12 GiB; --vram leaves {CUDA_CONTEXT / GiB:.1f} GiB of it to the CUDA context.", caption_justify="left")
     summaries.add_column("plan", no_wrap=True)
+    summaries.add_column("cards (--vram)")
     summaries.add_column("what it does")
+    cards = card_sizes(info, workload)
     peaks.add_column("plan", no_wrap=True)
     for phase in (*phases, "peak"):
         peaks.add_column(phase, justify="right")
@@ -390,7 +431,7 @@ def plan_cmd(vram, model, frames, height, width, prompts) -> None:
         predicted = predict_peaks(plan, info, workload)
         label = f"{name} <-" if name == chosen else name
         peaks.add_row(label, *(f"{predicted[p] / GiB:.1f}" for p in phases), f"{max(predicted.values()) / GiB:.1f}")
-        summaries.add_row(label, plan.summary)
+        summaries.add_row(label, cards[name], plan.summary)
     Console().print(Group(peaks, summaries))
     if chosen:
         click.echo(chosen)
@@ -416,6 +457,7 @@ def cache_path(cache_dir) -> None:
 def cache_ls(cache_dir, as_json: bool) -> None:
     """List cached inversions."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     from cache.layout import CacheLayout
@@ -424,17 +466,23 @@ def cache_ls(cache_dir, as_json: bool) -> None:
 
     entries = list_entries(CacheLayout.from_dir(cache_dir))
     if as_json:
-        click.echo(json.dumps([{"id": e.id, "complete": e.complete, "size": e.size_bytes, "summary": e.summary, "last_used": e.last_used} for e in entries]))
+        click.echo(json.dumps([{"id": e.id, "complete": e.complete, "size": e.size_bytes, "summary": e.summary, "inversion": e.inversion, "last_used": e.last_used} for e in entries]))
         return
     # The whole id, whatever the width (users copy it); the video and model under it, folded.
     table = Table(title=f"{len(entries)} cached inversion(s)", title_justify="left", box=None, pad_edge=False)
     table.add_column("id / video, model", min_width=max((len(e.id) for e in entries), default=0), overflow="fold")
-    for col in ("state", "steps", "size", "last used"):
-        table.add_column(col, justify="right" if col in ("steps", "size") else "left")
+    # Two lines a row: the inversion's method over its steps, its size over when it was last used.
+    table.add_column("state")
+    table.add_column("inversion", no_wrap=True)
+    table.add_column("size, last used", justify="right", no_wrap=True)
+    # Under each id, the settings that tell entries apart besides the columns (a prompt, a size).
+    shown = {"--model", "--steps", "--inversion", "--inversion-iters"}
+    differ = [k for k in dict.fromkeys(k for e in entries for k in e.flags) if k not in shown and len({repr(e.flags.get(k)) for e in entries}) > 1]
     for e in entries:
         s = e.summary
-        source = ", ".join(str(s[k]) for k in ("video", "model") if s.get(k))
-        table.add_row(f"{e.id}\n[dim]{source}", e.state, str(s.get("steps", "")), format_size(e.size_bytes), _when(e.last_used))
+        source = ", ".join([*(str(s[k]) for k in ("video", "model") if s.get(k)), *(f"{k} {_short(e.flags[k])}" for k in differ if k in e.flags)])
+        steps = f"{s['steps']} steps" if s.get("steps") else ""
+        table.add_row(f"{e.id}\n[dim]{escape(source)}", e.state, f"{e.inversion}\n{steps}", f"{format_size(e.size_bytes)}\n{_when(e.last_used)}")
     Console().print(table)
 
 
@@ -470,12 +518,16 @@ def _details_tree(d: dict):
     tree = Tree(f"[bold]{d['id']}[/]  {d['state']}, {format_size(d['size'])}, last used {_when(d['last_used'])}")
     if d["problem"]:
         tree.add(f"[red]{d['problem']}")
-    for section in ("summary", "settings", "stages", "attention"):
-        node = tree.add(f"[bold]{'stored attention' if section == 'attention' else section}")
-        if d[section]:
-            _branch(node, d[section])
+    # Settings as the flags that made them, one value each (--json has the manifest whole).
+    for title, values in (("summary", d["summary"]), ("settings", d["flags"]), ("stages", d["stages"]), ("stored attention", d["attention"])):
+        node = tree.add(f"[bold]{title}")
+        if values:
+            _branch(node, values)
         else:
             node.add("none")
+        if title == "settings":
+            for note in d["notes"]:
+                node.add(f"[dim]{note}")
     files = Table(box=None, pad_edge=False)
     files.add_column("file", overflow="fold")
     files.add_column("size", justify="right")

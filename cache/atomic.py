@@ -7,7 +7,12 @@ whatever crashes and whoever else writes at the same time.
 
 Every safetensors file carries `cogedit.payload_sha256` in its header metadata, so a file can be
 checked on its own, without the manifest (prompt embeddings have none).
+
+torch and safetensors are imported by the functions that read or write tensors, not here, so that
+`cogedit cache ls` and `cache show` (which only read JSON) start without them.
 """
+
+from __future__ import annotations
 
 import errno
 import hashlib
@@ -18,14 +23,14 @@ import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import safetensors.torch
-import torch
+from typing import TYPE_CHECKING, Any
 
 from cache.errors import CacheCorruptError, CacheError, DiskFullError, ReadOnlyCacheError
 from cache.faults import maybe_die
 from cache.sizes import format_size
+
+if TYPE_CHECKING:
+    import torch
 
 PAYLOAD_KEY = "cogedit.payload_sha256"
 FREE_SPACE_MARGIN = 64 * 1024 * 1024
@@ -175,6 +180,8 @@ def payload_digest(tensors: Mapping[str, torch.Tensor]) -> str:
     Names, dtypes and shapes are included so header damage that still parses (a swapped shape)
     is caught too, not only damaged data.
     """
+    import torch
+
     digest = hashlib.sha256()
     for name in sorted(tensors):
         t = tensors[name].detach().to("cpu").contiguous()
@@ -189,6 +196,8 @@ def save_tensors(
     path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
 ) -> FileRecord:
     """Save `tensors` as a self-verifying safetensors file, atomically; return its FileRecord."""
+    import safetensors.torch
+
     meta = dict(metadata or {})
     if PAYLOAD_KEY in meta:
         raise ValueError(f"metadata key {PAYLOAD_KEY!r} is reserved: save_tensors sets it")
@@ -260,6 +269,8 @@ def check_tensor_bytes(
     data: bytes, path: Path, expected: FileRecord | None = None
 ) -> dict[str, torch.Tensor]:
     """Parse and verify a safetensors file already read into memory (CacheCorruptError if bad)."""
+    import safetensors.torch
+
     path = Path(path)
     if expected is not None:
         if len(data) != expected.bytes:
@@ -298,20 +309,25 @@ def load_tensors(
     except OSError as exc:
         raise CacheError(f"cannot read cache file {path}: {exc.strerror or exc} — check its permissions") from exc
     tensors = check_tensor_bytes(data, path, expected)
-    if torch.device(device).type != "cpu":
+    if device != "cpu":
         tensors = {name: t.to(device) for name, t in tensors.items()}
     return tensors
 
 
-# safetensors dtype names (the header's "dtype") for load_tensors_pinned.
-_ST_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
-}
+def _st_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a safetensors header's "dtype" name, for load_tensors_pinned."""
+    import torch
+
+    return {
+        "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+        "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+        "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+    }[name]
 
 
 def _read_into(path: Path, expected: FileRecord, pin: bool) -> torch.Tensor:
+    import torch
+
     try:
         with open(path, "rb", buffering=0) as f:
             size = os.fstat(f.fileno()).st_size
@@ -352,7 +368,7 @@ def load_tensors_pinned(path: Path, expected: FileRecord | None, pin: bool = Tru
         header.pop("__metadata__", None)
         # safetensors pads the header to 8 bytes and orders tensors by alignment, so the views are aligned.
         return {
-            name: buf[8 + n + a : 8 + n + b].view(_ST_DTYPES[info["dtype"]]).view(info["shape"])
+            name: buf[8 + n + a : 8 + n + b].view(_st_dtype(info["dtype"])).view(info["shape"])
             for name, info in header.items()
             for a, b in [info["data_offsets"]]
         }

@@ -28,6 +28,7 @@ __all__ = [
     "Problem",
     "entry_details",
     "entry_info",
+    "settings_flags",
     "format_size",
     "gc",
     "list_entries",
@@ -58,6 +59,13 @@ class EntryInfo:
     manifest_ok: bool
     dir: Path
     problem: str | None = None  # why manifest_ok is False, with the fix
+    flags: dict = field(default_factory=dict, hash=False)  # its settings as flags (settings_flags)
+
+    @property
+    def inversion(self) -> str:
+        """How it was inverted: "ddim" or "fixed-point x1" ("" when the manifest does not say)."""
+        method = self.flags.get("--inversion", "")
+        return f"{method} x{self.flags['--inversion-iters']}" if "--inversion-iters" in self.flags else method
 
     @property
     def state(self) -> str:
@@ -126,6 +134,7 @@ def _info(paths: EntryPaths) -> EntryInfo:
         manifest_ok=ok,
         dir=paths.dir,
         problem=problem,
+        flags=settings_flags(m.get("settings") if isinstance(m.get("settings"), dict) else {})[0],
     )
 
 
@@ -154,6 +163,46 @@ def entry_info(layout: CacheLayout, entry_id: str) -> EntryInfo:
     return _info(paths)
 
 
+_DTYPE_FLAGS = {"torch.bfloat16": "bf16", "torch.float16": "fp16", "torch.float32": "fp32"}
+
+
+def settings_flags(settings: dict) -> tuple[dict, list[str]]:
+    """An inversion's settings as the flags that made them, one value each (`--dtype fp32`, not
+    'torch.float32'), and a line for each value its id records otherwise, saying why."""
+    frames, invert = settings.get("frames", {}), settings.get("invert", {})
+    identity = settings.get("identity", {})
+    plan = identity.get("weights")  # 8/4-bit weights change the result; offloading does not
+    flags = {
+        "--model": settings.get("model", {}).get("source"),
+        "--dtype": _DTYPE_FLAGS.get(settings.get("dtype"), settings.get("dtype")),
+        "--plan": plan,
+        "--compile": True if identity.get("compiled") else None,
+        "--fp8": True if identity.get("fp8") else None,
+        "--frames": frames.get("max_frames"),
+        "--skip-start": frames.get("skip_start") or None,
+        "--skip-end": frames.get("skip_end") or None,
+        "--stride": frames.get("stride"),
+        "--height": frames.get("height"),
+        "--width": frames.get("width"),
+        "--fit": frames.get("fit"),
+        "--steps": invert.get("steps"),
+        "--source-prompt": invert.get("source_prompt"),
+        "--negative-prompt": invert.get("negative_prompt") or None,
+        "--guidance": invert.get("guidance"),
+        "--inversion": invert.get("method", "ddim"),
+        "--inversion-iters": invert.get("iters") or None,
+    }
+    notes = []
+    hashed = identity.get("invert", {}).get("guidance")
+    if hashed is not None and hashed != invert.get("guidance"):
+        notes.append(f"the id records guidance {hashed}: with the source prompt equal to the negative prompt, guidance changes nothing")
+    indices = identity.get("frames", {}).get("indices")
+    if indices:
+        shown = ", ".join(map(str, indices)) if len(indices) <= 4 else f"{', '.join(map(str, indices[:3]))} … {indices[-1]}"
+        notes.append(f"{len(indices)} frames used: {shown}")
+    return {k: v for k, v in flags.items() if v is not None}, notes
+
+
 def entry_details(layout: CacheLayout, entry_id: str) -> dict:
     """What `cache show` prints about one entry, as JSON-ready data: state, size and times, the
     manifest's summary, settings and stages, each file with its size and sha256, and the stored
@@ -165,6 +214,7 @@ def entry_details(layout: CacheLayout, entry_id: str) -> dict:
         manifest = {}  # a newer cogedit's: info.problem says so
     files = manifest.get("files")
     records = [(rel, file_record(manifest, rel)) for rel in sorted(files)] if isinstance(files, dict) else []
+    flags, notes = settings_flags(manifest.get("settings", {}))
     return {
         "id": info.id,
         "state": info.state,
@@ -175,6 +225,8 @@ def entry_details(layout: CacheLayout, entry_id: str) -> dict:
         "last_used": info.last_used,
         "summary": info.summary,
         "settings": manifest.get("settings", {}),
+        "flags": flags,
+        "notes": notes,
         "stages": manifest.get("stages", {}),
         "files": [{"file": rel, "bytes": r.bytes, "sha256": r.sha256} for rel, r in records if r is not None],
         "attention": manifest.get("attention", {}),

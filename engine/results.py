@@ -12,6 +12,7 @@ from cache.entry import InversionEntry
 from cache.layout import CacheLayout, EntryPaths, cache_root, resolve_entry_id
 from engine.errors import CogeditError
 from engine.stages.attention_store import MemoryStores, available
+from engine.stages.verify import with_verdict
 
 _DTYPES = {"torch.bfloat16": torch.bfloat16, "torch.float16": torch.float16, "torch.float32": torch.float32}
 
@@ -50,8 +51,9 @@ class Inversion:
 
     @property
     def verify(self) -> dict[str, Any] | None:
-        """The round-trip check (`invert(..., verify=True)`): latent error and PSNR, if it ran."""
-        return self.entry.verify
+        """The round-trip check (`invert(..., verify=True)`): latent error, PSNR and the verdict
+        (good, poor or failed: docs/verify.md), if it ran."""
+        return with_verdict(self.entry.verify) if self.entry.verify is not None else None
 
     def latents(self) -> torch.Tensor:
         return self.entry.load(self.paths.latents, "latents")

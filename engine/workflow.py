@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from cache.atomic import remove_temp_files
 from cache.entry import InversionEntry
 from cache.errors import CacheCorruptError, ReadOnlyCacheError
@@ -42,7 +44,7 @@ from engine.stages.encode import encode_stage
 from engine.stages.inversion import invert_stage
 from engine.stages.settings import EditSettings, InjectSettings, InvertSettings, StoreSettings, layers_of, window_of
 from engine.stages.verify import verify_stage
-from engine.video.reader import FrameSettings, VideoInfo, probe_video, select_frame_indices
+from engine.video.reader import FrameSettings, VideoInfo, check_video_file, probe_video, select_frame_indices
 
 # Default refinements per step: with its check, 1 iteration is 3 transformer forwards per inversion
 # step (benchmarks/results/inversion_cost.md), the issue's cap.
@@ -106,22 +108,32 @@ def inversion_identity(video_sha: str, frames: FrameSettings, selected: list[int
     return fields
 
 
-def _with_plan(runtime: Runtime, opts: RuntimeOptions, info: ModelInfo, workload: Workload, reporter: Reporter) -> Runtime:
-    """The runtime with the named plan, or the fastest plan predicted to fit `vram`."""
-    plan, vram = opts.plan, opts.vram
-    if plan and vram:
+def _runtime(opts: RuntimeOptions, dtype: str | torch.dtype | None) -> Runtime:
+    """The runtime the options name, checked before any work; a --vram plan is picked later, by
+    `_with_plan`, once the workload is known."""
+    if opts.plan and opts.vram:
         raise SettingsError("give --plan or --vram, not both (--vram picks a plan)")
-    if vram is not None:
-        try:
-            budget = parse_vram(vram) if isinstance(vram, str) else int(vram)
-        except ValueError as exc:
-            raise SettingsError(f"--vram: {exc}") from None
-        chosen = choose_plan(budget, info, workload)
-        with reporter.phase("plan") as ph:
-            peak = max(predict_peaks(chosen, info, workload).values())
-            ph.record.detail = f"--vram {format_size(budget)}: plan {chosen.name}, predicted peak {format_size(peak)}"
-        plan = chosen.name
-    return Runtime.default(runtime.device, runtime.dtype, plan, opts.compile, runtime.fp8) if plan else runtime
+    _vram_bytes(opts)
+    return Runtime.default(opts.device, dtype, opts.plan, opts.compile, opts.fp8)
+
+
+def _vram_bytes(opts: RuntimeOptions) -> int | None:
+    try:
+        return parse_vram(opts.vram) if isinstance(opts.vram, str) else opts.vram
+    except ValueError as exc:
+        raise SettingsError(f"--vram: {exc}") from None
+
+
+def _with_plan(runtime: Runtime, opts: RuntimeOptions, info: ModelInfo, workload: Workload, reporter: Reporter) -> Runtime:
+    """The runtime with the fastest plan predicted to fit `vram`, when it is given."""
+    budget = _vram_bytes(opts)
+    if budget is None:
+        return runtime
+    chosen = choose_plan(budget, info, workload)
+    with reporter.phase("plan") as ph:
+        peak = max(predict_peaks(chosen, info, workload).values())
+        ph.record.detail = f"--vram {format_size(budget)}: plan {chosen.name}, predicted peak {format_size(peak)}"
+    return Runtime.default(runtime.device, runtime.dtype, chosen.name, opts.compile, runtime.fp8)
 
 
 def _probe(video: str | Path, frames: FrameSettings, reporter: Reporter) -> Source:
@@ -167,14 +179,17 @@ def invert(video: str | Path, model: str | Path, *, cache_dir: str | Path | None
     """
     opts = parse(InvertOptions, options, "invert")
     frames, settings = _invert_settings(opts)
-    runtime = Runtime.default(opts.device, opts.dtype, compile=opts.compile, fp8=opts.fp8)
+    runtime = _runtime(opts, opts.dtype)
     reporter = reporter or Reporter(device=runtime.device)
+    # Every argument is checked before any work or output: a wrong --model is reported before
+    # the video is read (or a frames warning printed) and before the cache folder is made.
+    check_video_file(video)
+    info = inspect_model(model)
+    store = store_settings(opts.attention_store, opts.attention_steps, opts.attention_layers, opts.attention_dtype, info.transformer_config["num_layers"])
     layout = _layout(cache_dir)
     source = _probe(video, frames, reporter)
-    info = inspect_model(model)
     workload = Workload(len(source.selected), opts.height, opts.width, invert_rows=2 if settings.uses_cfg else 1)
     ctx = StageContext(info, _with_plan(runtime, opts, info, workload, reporter), layout, reporter, callback=callback)
-    store = store_settings(opts.attention_store, opts.attention_steps, opts.attention_layers, opts.attention_dtype, info.transformer_config["num_layers"])
     if store.where != "none":
         check_budget(ctx, store, settings.steps, workload, opts.attention_budget)
     identity = inversion_identity(source.info.sha256, frames, source.selected, info, ctx.runtime, settings)
@@ -283,7 +298,7 @@ def edit(inversion: Inversion | str, prompts: Prompts, *, cache_dir: str | Path 
         raise SettingsError("an edit runs in its inversion's dtype: drop dtype, or invert again with it")
     inv = open_inversion(inversion, cache_dir) if isinstance(inversion, str) else inversion
     prompts = (prompts,) if isinstance(prompts, str) else tuple(prompts)
-    runtime = Runtime.default(opts.device, inv.dtype, compile=opts.compile, fp8=opts.fp8)
+    runtime = _runtime(opts, inv.dtype)
     reporter = reporter or Reporter(device=runtime.device)
     info = _edit_model(inv, opts.model)
     settings = _edit_settings(opts, prompts, info)
@@ -310,6 +325,9 @@ def run(
     options together (`invert_guidance`/`invert_negative_prompt` for the inversion's CFG); an
     unknown one is refused before any work."""
     inv_opts, edit_opts = split_run_options(options)
+    prompts = (prompts,) if isinstance(prompts, str) else tuple(prompts)
+    check_video_file(video)
+    _edit_settings(edit_opts, prompts, inspect_model(edit_opts.model or model))  # bad prompts or edit flags: refused before the inversion
     reporter = reporter or Reporter(device=Runtime.default(inv_opts.device).device)
     inv = invert(video, model, cache_dir=cache_dir, reporter=reporter, callback=callback, **dataclasses.asdict(inv_opts))
     edit_kw = {**dataclasses.asdict(edit_opts), "model": edit_opts.model or model, "dtype": None}

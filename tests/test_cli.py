@@ -67,8 +67,12 @@ def test_invert_then_edit_from_the_cache(tiny_model, wide_clip, tmp_path):
 
 def test_run_is_invert_plus_edit(tiny_model, wide_clip, tmp_path):
     result = invoke("run", wide_clip, "--model", tiny_model, *SMALL_ARGS, "--prompt", "snow at night", "--out", tmp_path, "--json")
-    (edit,) = json.loads(result.stdout)["edits"]
+    printed = json.loads(result.stdout)
+    (edit,) = printed["edits"]
     assert _frames(edit["video"]) == (9, (96, 160, 3))
+    assert printed["cached"] is False and Path(printed["dir"]).name == printed["id"]  # the inversion too, as `invert --json` gives it
+    text = invoke("run", wide_clip, "--model", tiny_model, *SMALL_ARGS, "--prompt", "snow at night", "--out", tmp_path / "again")
+    assert text.stdout.splitlines()[0] == printed["id"] and len(text.stdout.splitlines()) == 3  # the id, then the two mp4 files
 
 
 @pytest.mark.parametrize("command", ["invert", "edit", "run", "cache", "plan", "demo", "tiny-model"])
@@ -80,9 +84,12 @@ def test_demo_writes_two_edits_and_side_by_sides(tmp_path):
     result = invoke("demo", "--out", tmp_path / "demo")
     videos = sorted((tmp_path / "demo").glob("*.mp4"))
     assert len(videos) == 4 and sum("side-by-side" in v.name for v in videos) == 2
-    assert "decode" in result.stderr and "total" in result.stderr
+    titles = [line.strip() for line in result.stderr.splitlines() if line.strip() in ("demo", "edit")]
+    assert "decode" in result.stderr and "total" in result.stderr and titles == ["demo"]  # its table's title
     for v in videos:
         assert _frames(v)[0] == 17
+    again = invoke("demo", "--out", tmp_path / "demo")  # a second run reuses the inversion and rewrites its own files
+    assert sorted((tmp_path / "demo").glob("*.mp4")) == videos and "hit" in again.stderr
 
 
 def _process(*args: object) -> subprocess.CompletedProcess:
@@ -112,7 +119,10 @@ def test_model_commands_print_no_third_party_warnings(tiny_model, wide_clip, tmp
 # ------------------------------------------------------------- every flag reaches the engine
 
 # Flags that only shape what the CLI prints; every other flag of invert, edit and run must reach the engine.
-CLI_ONLY = {"as_json": "prints the result as JSON instead of plain lines: nothing to pass on"}
+CLI_ONLY = {
+    "as_json": "prints the result as JSON instead of plain lines: nothing to pass on",
+    "prompts_file": "the CLI reads it into the prompts it passes (test_cli_errors.py::test_prompts_file)",
+}
 # The engine option a flag sets, where the names differ (run's --invert-* go to its inversion).
 OPTION_OF = {"compile_blocks": "compile", "invert_guidance": "guidance", "invert_negative_prompt": "negative_prompt"}
 # Flags the CLI checks or converts before calling the engine: the text typed and the value the engine gets.
@@ -151,7 +161,8 @@ def _typed(param: click.Parameter, i: int) -> tuple[list[str], object]:
 
 
 def _required(command: click.Command) -> list[click.Parameter]:
-    return [p for p in command.params if p.required]
+    # --prompt is required unless --prompts-file is given: the CLI checks that, not click.
+    return [p for p in command.params if p.required or p.name == "prompts"]
 
 
 def _arrived(command: str, args: tuple, kw: dict) -> dict[str, list]:
@@ -217,3 +228,34 @@ def test_every_engine_option_has_a_flag(command):
     options = {"invert": invert, "edit": edit, "run": edit | invert | {f"invert_{o}" for o in invert & edit - names(RuntimeOptions)}}[command]
     flags = {OPTION_OF.get(p.name, p.name) if command != "run" or not p.name.startswith("invert_") else p.name for p in cli.commands[command].params}
     assert options - flags - set(PYTHON_ONLY) == set()
+def test_output_names_hash_only_settings_that_change_the_pixels():
+    """The 6-hex hash in an edit's file names: settings with no effect leave it alone (and the
+    names of every edit made before stay what they were); the ones that count change it."""
+    from engine.models.components import Runtime
+    from engine.stages.settings import EditSettings, InjectSettings
+    from engine.workflow import edit_stem
+
+    def stem(**kw):
+        return edit_stem("f9b069b144ba886d9949f628457eeb92", EditSettings(("a",), **kw), Runtime.default("cpu"))
+
+    assert stem() == "f9b069b1-1db82c"  # the demo's name before and after: existing names are stable
+    assert stem(seed=3) == stem()  # the tool warns that --seed has no effect here: it must not rename the files
+    assert stem(guidance=1.0, negative_prompt="blur") == stem(guidance=1.0)  # no CFG: the negative prompt does nothing
+    assert stem(inject=InjectSettings(window=(0, 0.5), strength=0.0)) == stem(inject=InjectSettings(strength=0.0))
+    assert len({stem(), stem(init="random", seed=3), stem(init="random", seed=4), stem(negative_prompt="blur"), stem(guidance=2.5)}) == 5
+    assert "6-character hash of the settings that" in invoke("edit", "--help").stdout
+
+
+def test_long_prompts_are_cut_between_words():
+    from engine.stages.decode import safe_name
+
+    caption = "a big grey rabbit stretches an arm up in front of a burrow on a grassy hill"
+    assert safe_name(caption, 0) == "00-a-big-grey-rabbit-stretches-an-arm-up-in-front-of-a-burrow"  # not "...-burrow-o"
+    assert safe_name("x" * 80, 1) == "01-" + "x" * 60  # one long word: cut where it must be
+
+
+def test_install_hints_name_the_source_install():
+    """cogedit is installed from its source folder, not published: every hint says pip install -e."""
+    assert 'pip install -e ".[fp8]"' in " ".join(invoke("invert", "--help").stdout.split())
+    for path in [ROOT / "cli.py", ROOT / "README.md", *ROOT.glob("engine/**/*.py"), *ROOT.glob("docs/*.md")]:
+        assert "cogedit[" not in path.read_text(), path

@@ -33,6 +33,7 @@ from engine.models.components import Runtime
 from engine.stages.settings import EditSettings
 from engine.workflow import edit_stem
 from tests.conftest import SMALL, VIDEO_ERRORS
+from tests.test_cli import _process
 from tests.test_video import _ffmpeg, _testsrc
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -162,7 +163,7 @@ def _variant(tiny_model: Path, tmp_path: Path, kind: str) -> str:
     ("kind", "expected"),
     [
         ("missing", "does not exist: pass a CogVideoX-5b folder"),
-        ("hub", "with no network, download it first (`huggingface-cli download THUDM/CogVideoX-5b`) or pass a local folder"),
+        ("hub", "with no network, download it first (`hf download THUDM/CogVideoX-5b`; `huggingface-cli download` on an older huggingface_hub) or pass a local folder"),
         ("file", "is a file; pass the checkpoint folder"),
         ("no-vae", "is missing vae"),
         ("2b", "looks like CogVideoX-2B"),
@@ -177,6 +178,24 @@ def test_bad_model(tiny_model, wide_clip, tmp_path, monkeypatch, kind, expected)
     components.LOAD_EVENTS.clear()
     assert expected in fails("invert", wide_clip, "--model", model, *SMALL_ARGS)
     assert components.LOAD_EVENTS == []  # refused before any weights were read
+
+
+@pytest.mark.parametrize("command", ["invert", "run"])
+def test_a_missing_model_is_reported_before_the_video_is_read(tiny_model, wide_clip, tmp_path, _isolated_cache, command):
+    """--frames 200 of a 131-frame clip would warn once the video is read: the model is checked
+    first, so the one line is the only output and the cache folder is not made."""
+    prompt = ["--prompt", "a cat"] if command == "run" else []
+    result = cogedit(command, wide_clip, "--model", tmp_path / "no-such-model", *SMALL_ARGS, "--frames", "200", *prompt)
+    assert result.exit_code == 1 and result.stdout == ""
+    assert result.stderr.strip().splitlines() == [f"Error: model folder {tmp_path / 'no-such-model'} does not exist: pass a CogVideoX-5b folder or a hub id like THUDM/CogVideoX-5b"]
+    assert not _isolated_cache.exists()
+
+
+def test_run_refuses_bad_edit_settings_before_inverting(tiny_model, wide_clip, _isolated_cache):
+    components.LOAD_EVENTS.clear()
+    assert "edit prompt is empty" in fails("run", wide_clip, "--model", tiny_model, *SMALL_ARGS, "--prompt", " ")
+    assert "--inject-layers '99' names a layer outside" in fails("run", wide_clip, "--model", tiny_model, *SMALL_ARGS, "--prompt", "a cat", "--inject-layers", "99")
+    assert components.LOAD_EVENTS == [] and not _isolated_cache.exists()
 
 
 def test_entry_of_another_model_has_another_key(entry, tiny_model, wide_clip, tmp_path):
@@ -215,11 +234,25 @@ def test_unusable_device_is_refused_before_anything_is_written(tiny_model, wide_
 
 
 def test_missing_and_empty_prompts(entry):
-    assert "Missing option '--prompt'" in fails("edit", entry.id[:8], code=2)  # click's usage error
+    assert "Missing option '--prompt': give --prompt TEXT (repeat it for several edits) or --prompts-file FILE" in fails("edit", entry.id[:8], code=2)
     for empty in ("", "   "):
         assert "edit prompt is empty" in fails("edit", entry.id[:8], "--prompt", "a cat", "--prompt", empty)
     with pytest.raises(engine.PromptError, match="no prompt given"):
         engine.edit(entry, [], device="cpu", output="latents")
+
+
+def test_prompts_file(entry, tmp_path):
+    """--prompts-file: one prompt a line, # comments and blank lines skipped, after any --prompt;
+    `--prompt @file` is refused rather than rendered as the text "@file"."""
+    listed = tmp_path / "prompts.txt"
+    listed.write_text("# styles to try\na watercolor painting\n\n  a charcoal sketch  \n")
+    result = cogedit("edit", entry.id[:8], "--prompt", "snow at night", "--prompts-file", listed, "--guidance", "1", "--out", tmp_path / "out", "--json")
+    assert result.exit_code == 0, result.output
+    assert [e["prompt"] for e in json.loads(result.stdout)["edits"]] == ["snow at night", "a watercolor painting", "a charcoal sketch"]
+    assert "'@prompts.txt' looks like a file: read prompts from it with --prompts-file prompts.txt" in fails("edit", entry.id[:8], "--prompt", "@prompts.txt", code=2)
+    (tmp_path / "empty.txt").write_text("# nothing yet\n\n")
+    assert "has no prompts (one a line" in fails("edit", entry.id[:8], "--prompts-file", tmp_path / "empty.txt", code=2)
+    assert "does not exist" in fails("run", "clip.mp4", "--model", "m", "--prompts-file", tmp_path / "none.txt", code=2)
 
 
 # ------------------------------------------------------------------------------------------ cache
@@ -275,6 +308,40 @@ def test_cache_show_and_ls_read_well_at_80_columns(entry):
     assert details["attention"] == entry.manifest["attention"] and details["state"] == "complete"
     listing = runner.invoke(cli, ["cache", "ls"]).stdout
     assert entry.id in listing and "…" not in listing and max(map(len, listing.splitlines())) <= 80
+
+
+def test_cache_ls_tells_entries_of_one_clip_apart(entry, tiny_model, wide_clip):
+    """A DDIM and a fixed-point inversion of one clip differ in the inversion column; a setting
+    outside the columns (here the source prompt) is named under the ids."""
+    fixed = engine.invert(wide_clip, tiny_model, device="cpu", inversion="fixed-point", **SMALL)
+    prompted = engine.invert(wide_clip, tiny_model, device="cpu", source_prompt="a rabbit", **SMALL)
+    listing = CliRunner(env={"COLUMNS": "80"}).invoke(cli, ["cache", "ls"]).stdout
+    rows = {line.split()[0]: line for line in listing.splitlines() if line[:1].isalnum() and len(line.split()[0]) == 32}
+    assert "fixed-point x1" in rows[fixed.id] and "ddim" in rows[entry.id] and "ddim" in rows[prompted.id]
+    assert max(map(len, listing.splitlines())) <= 80 and "…" not in listing
+    wide = CliRunner(env={"COLUMNS": "300"}).invoke(cli, ["cache", "ls"]).stdout
+    assert "--source-prompt 'a rabbit'" in wide and "--source-prompt ''" in wide
+    listed = {e["id"]: e["inversion"] for e in json.loads(cogedit("cache", "ls", "--json").stdout)}
+    assert listed == {entry.id: "ddim", fixed.id: "fixed-point x1", prompted.id: "ddim"}
+
+
+def test_cache_show_gives_each_setting_once_as_its_flag(entry):
+    shown = CliRunner(env={"COLUMNS": "120"}).invoke(cli, ["cache", "show", entry.id[:8]]).stdout
+    assert "--dtype: 'fp32'" in shown and "--guidance: 6.0" in shown and "--inversion: 'ddim'" in shown and "--steps: 4" in shown
+    assert "torch.float32" not in shown and "identity" not in shown and shown.count("guidance:") == 1
+    # The id hashes guidance 1.0 here (source and negative prompts are both ""): one line says why.
+    assert "the id records guidance 1.0: with the source prompt equal to the negative prompt, guidance changes nothing" in shown
+    assert "9 frames used:" in shown
+    details = json.loads(cogedit("cache", "show", entry.id[:8], "--json").stdout)
+    assert details["settings"]["identity"]["invert"]["guidance"] == 1.0  # --json keeps the manifest whole
+
+
+@pytest.mark.parametrize("command", [["cache", "ls"], ["cache", "show", "ID"]])
+def test_cache_listing_imports_no_model_library(entry, command):
+    """`cache ls`/`show` read JSON only: no torch or diffusers to import (2 s of a 2.5 s command)."""
+    result = _process(*[entry.id[:8] if a == "ID" else a for a in command])
+    assert entry.id in result.stdout
+    assert not set(json.loads(result.stdout.splitlines()[-1])) & {"torch", "diffusers", "transformers", "safetensors", "numpy"}
 
 
 def test_verify_finds_every_injected_corruption(entry):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -12,7 +13,7 @@ from cli import cli
 from engine.errors import SettingsError
 from engine.models.configs import PARAMS_5B
 from engine.models.model_info import builtin_5b
-from engine.models.plans import PLANS, GiB, choose_plan, param_counts, parse_vram, predict_peaks
+from engine.models.plans import PLANS, GiB, card_sizes, choose_plan, param_counts, parse_vram, predict_peaks
 
 
 def test_parameter_counts_are_the_5b_model():
@@ -40,11 +41,38 @@ def test_plan_command_prints_every_plan_and_the_choice():
     assert result.output.strip().splitlines()[-1] == "staged"
 
 
-@pytest.mark.parametrize(("text", "gib"), [("12GB", 12), ("12", 12), ("12GiB", 12), ("12G", 12), ("16 gb", 16), ("1.5GB", 1.5), ("24000MB", 24000 / 1024)])
+@pytest.mark.parametrize(("text", "gib"), [("12GB", 12), ("12", 12), ("12GiB", 12), ("12G", 12), ("16 gb", 16), ("1.5GB", 1.5), ("1TB", 1024)])
 def test_vram_is_read_as_cards_are_sold(text, gib):
     assert parse_vram(text) == int(gib * GiB)  # a card sold as 12 GB has 12 GiB
     with pytest.raises(ValueError, match="GB on a card means GiB"):
         parse_vram("twelve")
+
+
+@pytest.mark.parametrize("text", ["24MB", "24000MB", "512KiB", "12M", "100B", "12iB"])
+def test_vram_below_gigabytes_is_refused_with_the_accepted_forms(text):
+    """No card is sold in MB: `--vram 24MB` is refused up front, not read as 0.02 GiB that fits no plan."""
+    result = CliRunner().invoke(cli, ["plan", "--vram", text])
+    assert result.exit_code == 2 and "no plan fits" not in result.output
+    assert f"cannot read --vram {text!r}: write the card's memory in GB, e.g. 12GB, 12 or 16GiB" in result.output
+
+
+def test_readme_plan_table_is_the_plans_own_description():
+    """One source: each plan's description and the cards --vram gives it, in the README's table,
+    are PLANS' summaries and card_sizes (what `cogedit plan` prints)."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("### Memory plans")[1].split("\n## ")[0]
+    rows = {}
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("| `") and len(cells) == 4:
+            rows[cells[0].split("`")[1]] = cells[1:3]
+    cards = card_sizes(builtin_5b())
+    expected = {name: [plan.summary, cards[name]] for name, plan in PLANS.items()}
+    assert rows == expected, "README's plan table: " + "; ".join(f"`{n}` | {s} | {c}" for n, (s, c) in expected.items())
+    assert cards == {"staged": "15 GB and up", "lean": "12-14 GB", "int8": "11 GB", "nf4": "by name only", "offload": "5-10 GB"}
+    shown = CliRunner(env={"COLUMNS": "200"}).invoke(cli, ["plan"]).output
+    for summary, card in expected.values():
+        assert summary in shown and card in shown
 
 
 @pytest.mark.parametrize(("vram", "plan"), [("12GB", "lean"), ("12", "lean"), ("12GiB", "lean"), ("16GB", "staged"), ("24GB", "staged"), ("11GB", "int8"), ("8GB", "offload")])

@@ -25,11 +25,12 @@ def demo_model(cache_dir: str | Path | None = None) -> Path:
     return path
 
 
-def demo(out_dir: str | Path = "cogedit-demo", *, cache_dir: str | Path | None = None, reporter: Reporter | None = None, force: bool = False) -> EditResult:
-    """Invert the held-out clip with the proxy, then render a reconstruction and an edit from the cache."""
+def demo(out_dir: str | Path = "cogedit-demo", *, cache_dir: str | Path | None = None, reporter: Reporter | None = None) -> EditResult:
+    """Invert the held-out clip with the proxy, then render a reconstruction and an edit from the
+    cache. A second run reuses the inversion and overwrites the demo's own mp4 files."""
     reporter = reporter or Reporter(device="cpu")
     model = demo_model(cache_dir)
     inv = invert(DEMO_VIDEO, model, cache_dir=cache_dir, device="cpu", reporter=reporter, **DEMO_SETTINGS)
     # Upstream's full injection window: on the proxy shorter windows lose most of the source's
     # structure and gain no adherence (benchmarks/results/QUALITY.md).
-    return edit(inv, list(DEMO_PROMPTS), out_dir=out_dir, force=force, cache_dir=cache_dir, device="cpu", reporter=reporter)
+    return edit(inv, list(DEMO_PROMPTS), out_dir=out_dir, force=True, cache_dir=cache_dir, device="cpu", reporter=reporter)

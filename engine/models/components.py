@@ -55,7 +55,7 @@ class Runtime:
             try:
                 import bitsandbytes  # noqa: F401
             except ImportError:
-                raise SettingsError(f'--plan {plan.name} needs bitsandbytes: pip install "cogedit[quant]"') from None
+                raise SettingsError(f'--plan {plan.name} needs bitsandbytes: pip install -e ".[quant]" in the cogedit source folder') from None
         if fp8:
             _check_float8(device, plan)
         if isinstance(dtype, str):
@@ -144,7 +144,7 @@ def _check_float8(device: str, plan: Plan) -> None:
     try:
         import_torchao()
     except ImportError:
-        raise SettingsError('--fp8 needs torchao: pip install "cogedit[fp8]"') from None
+        raise SettingsError('--fp8 needs torchao: pip install -e ".[fp8]" in the cogedit source folder') from None
     if not float8_supported(device):
         raise SettingsError(f"--fp8 needs an NVIDIA GPU with FP8 matmuls (compute capability 8.9+: RTX 40xx, L4, H100); {device} has none: drop --fp8")
 

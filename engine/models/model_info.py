@@ -67,7 +67,7 @@ def _resolve(model: str) -> Path:
     except Exception as exc:  # offline, unknown repo, gated, …: all end in the same advice
         raise ModelError(
             f"cannot get {model} from the hub ({type(exc).__name__}); with no network, download it first "
-            f"(`huggingface-cli download {model}`) or pass a local folder with --model"
+            f"(`hf download {model}`; `huggingface-cli download` on an older huggingface_hub) or pass a local folder with --model"
         ) from exc
 
 

@@ -42,16 +42,24 @@ class Plan:
         return self.transformer_weights != "bf16" or self.text_encoder_weights != "bf16"
 
 
+# The one description of each plan: `cogedit plan` prints it and tests/test_plans.py checks that the
+# README's table says the same (the cards each plan gets come from `card_sizes`, not from here).
 PLANS: dict[str, Plan] = {
     p.name: p
     for p in (
-        Plan("staged", "every phase resident in bf16, one component at a time (16-24 GB cards)"),
-        Plan("lean", "staged, each block run one row at a time, sliced MLPs (12 GB cards)", row_group=1, ff_chunk=2048),
-        Plan("int8", "8-bit transformer and T5 (bitsandbytes), sliced MLPs (11 GB cards)", "int8", "int8", ff_chunk=4096),
-        Plan("nf4", "4-bit transformer and T5 (bitsandbytes nf4), sliced MLPs (8 GB cards; by name only: offload fits them too, faster)", "nf4", "nf4", ff_chunk=4096),
-        Plan("offload", "bf16 weights streamed block by block from CPU memory (6-10 GB cards)", offload="block", ff_chunk=4096),
+        Plan("staged", "one component at a time, bf16, nothing offloaded"),
+        Plan(
+            "lean", "staged, but every block runs one row at a time (the reference row first, its K/V held for the edit rows), sliced MLPs; same result",
+            row_group=1, ff_chunk=2048,
+        ),
+        Plan("int8", "8-bit transformer and T5 (bitsandbytes), sliced MLPs", "int8", "int8", ff_chunk=4096),
+        Plan("nf4", "4-bit transformer and T5 (bitsandbytes nf4), sliced MLPs", "nf4", "nf4", ff_chunk=4096),
+        Plan("offload", "bf16 weights streamed block by block from CPU memory (diffusers group offloading, CUDA streams)", offload="block", ff_chunk=4096),
     )
 }
+# --vram tries plans in this order, fastest first.
+_BY_SPEED = ("staged", "lean", "int8", "offload", "nf4")
+
 
 _BYTES_PER_PARAM = {"bf16": 2.0, "int8": 1.02, "nf4": 0.56}
 # Allocator peaks measured on an H100 at 49x480x720 (benchmarks/results/run_a.json): one row
@@ -178,18 +186,17 @@ def parse_vram(text: str) -> int:
     decimal names (a "12 GB" card has 12 GiB), so GB means GiB here, unlike --max-size; a bare
     number is GB: "12GB", "12GiB", "12G" and "12" are all 12 * 2**30."""
     match = _VRAM_RE.fullmatch(text) if isinstance(text, str) else None
-    prefix, suffix = (match.group(2), (match.group(3) or "").lower()) if match else ("", "")
-    if match is None or (suffix == "ib" and not prefix):
-        raise ValueError(f"cannot read --vram {text!r}: write the card's memory, e.g. 12GB, 12 or 16GiB (GB on a card means GiB)")
-    if not prefix and not suffix:
-        prefix = "g"  # a bare number is GB
-    return parse_size(match.group(1) + prefix)  # a bare letter is binary in parse_size; "B" alone is bytes
+    prefix, suffix = (match.group(2).lower(), (match.group(3) or "").lower()) if match else ("", "")
+    # Cards are sold in GB: "24MB" is a slip, not a card (it would fit no plan), so it is refused.
+    if match is None or not (prefix in ("g", "t") or not (prefix or suffix)):
+        raise ValueError(f"cannot read --vram {text!r}: write the card's memory in GB, e.g. 12GB, 12 or 16GiB (GB on a card means GiB)")
+    return parse_size(match.group(1) + (prefix or "g"))  # a bare number is GB; a bare letter is binary in parse_size
 
 
 def choose_plan(vram_bytes: int, info: ModelInfo, w: Workload = Workload()) -> Plan:
     """The first plan, fastest first, whose predicted peak fits a card of `vram_bytes` (see
     parse_vram) less the CUDA context, which the allocator does not see."""
-    for name in ("staged", "lean", "int8", "offload", "nf4"):
+    for name in _BY_SPEED:
         plan = PLANS[name]
         if max(predict_peaks(plan, info, w).values()) <= vram_bytes - CUDA_CONTEXT:
             return plan
@@ -197,3 +204,23 @@ def choose_plan(vram_bytes: int, info: ModelInfo, w: Workload = Workload()) -> P
         f"no plan fits {vram_bytes / GiB:.1f} GiB for {w.frames} frames at {w.height}x{w.width}; "
         "use fewer --frames or a smaller --height/--width"
     )
+
+
+def card_sizes(info: ModelInfo, w: Workload = Workload(), largest: int = 80) -> dict[str, str]:
+    """Which cards (whole GB, as sold, up to `largest`) `--vram` gives each plan on workload `w`,
+    e.g. {"lean": "12-14 GB", "staged": "15 GB and up"}; a plan it never picks (a faster one fits the same cards) is "by name only"."""
+    sizes: dict[str, list[int]] = {name: [] for name in PLANS}
+    for gb in range(1, largest + 1):
+        try:
+            sizes[choose_plan(gb * GiB, info, w).name].append(gb)
+        except SettingsError:
+            pass  # no plan fits a card this small
+    out = {}
+    for name, gbs in sizes.items():
+        if not gbs:
+            out[name] = "by name only"
+        elif gbs[-1] == largest:
+            out[name] = f"{gbs[0]} GB and up"
+        else:
+            out[name] = f"{gbs[0]} GB" if gbs[0] == gbs[-1] else f"{gbs[0]}-{gbs[-1]} GB"
+    return out

@@ -30,7 +30,10 @@ def decode_latents(vae: torch.nn.Module, latents: torch.Tensor) -> np.ndarray:
 def safe_name(prompt: str, index: int) -> str:
     """A file name from a prompt: ASCII words, bounded, never a path."""
     text = unicodedata.normalize("NFKD", prompt).encode("ascii", "ignore").decode()
-    text = re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()[:_MAX_NAME].strip("-")
+    text = re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()
+    if len(text) > _MAX_NAME:  # cut at the last word boundary that fits; mid-word only for one long word
+        head = text[: _MAX_NAME + 1]
+        text = head.rsplit("-", 1)[0] if "-" in head else head[:_MAX_NAME]
     return f"{index:02d}-{text or 'edit'}"
 
 

@@ -153,8 +153,17 @@ class EditSettings:
         return [self.prompts[i : i + self.batch] for i in range(0, len(self.prompts), self.batch)]
 
     def key_fields(self) -> dict:
-        """Everything that changes the edited pixels except the prompts (they name the files)."""
-        fields = dataclasses.asdict(self)
+        """Everything that changes the edited pixels except the prompts (they name the files).
+        A setting with no effect takes its default value, so it leaves the hash (and the output
+        names) as they were: the seed without --init random, the negative prompt without CFG,
+        the injection window, layers and reference at strength 0."""
+        inject = self.inject if self.inject.strength > 0 else InjectSettings(strength=0.0)
+        fields = dataclasses.asdict(dataclasses.replace(
+            self,
+            seed=self.seed if self.init == "random" else 0,
+            negative_prompt=self.negative_prompt if self.uses_cfg else "",
+            inject=inject,
+        ))
         del fields["prompts"], fields["batch"]  # batching does not change a row's result
         return fields
 

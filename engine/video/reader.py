@@ -165,6 +165,11 @@ def _sha256_file(path: Path, shown: str) -> str:
     return digest.hexdigest()
 
 
+def check_video_file(path: str | os.PathLike) -> None:
+    """The cheap checks of a video path (exists, a regular file, not empty), before any work."""
+    _check_file(Path(os.fspath(path)), os.fspath(path))
+
+
 def _check_file(path: Path, shown: str) -> os.stat_result:
     try:
         st = path.stat()
