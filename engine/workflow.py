@@ -106,7 +106,7 @@ def inversion_identity(video_sha: str, frames: FrameSettings, selected: list[int
     return fields
 
 
-def _with_plan(runtime: Runtime, opts: RuntimeOptions, info: ModelInfo, workload: Workload, reporter: Reporter) -> Runtime:
+def _with_plan(runtime: Runtime, opts: RuntimeOptions, info: ModelInfo, workload: Workload, reporter: Reporter, phase: str) -> Runtime:
     """The runtime with the named plan, or the fastest plan predicted to fit `vram`."""
     plan, vram = opts.plan, opts.vram
     if plan and vram:
@@ -121,7 +121,7 @@ def _with_plan(runtime: Runtime, opts: RuntimeOptions, info: ModelInfo, workload
             peak = max(predict_peaks(chosen, info, workload).values())
             ph.record.detail = f"--vram {format_size(budget)}: plan {chosen.name}, predicted peak {format_size(peak)}"
         plan = chosen.name
-    return Runtime.default(runtime.device, runtime.dtype, plan, opts.compile, runtime.fp8) if plan else runtime
+    return Runtime.default(runtime.device, runtime.dtype, plan, opts.compile, runtime.fp8, phase) if plan else runtime
 
 
 def _probe(video: str | Path, frames: FrameSettings, reporter: Reporter) -> Source:
@@ -167,13 +167,13 @@ def invert(video: str | Path, model: str | Path, *, cache_dir: str | Path | None
     """
     opts = parse(InvertOptions, options, "invert")
     frames, settings = _invert_settings(opts)
-    runtime = Runtime.default(opts.device, opts.dtype, compile=opts.compile, fp8=opts.fp8)
+    runtime = Runtime.default(opts.device, opts.dtype, compile=opts.compile, fp8=opts.fp8, phase="invert")
     reporter = reporter or Reporter(device=runtime.device)
     layout = _layout(cache_dir)
     source = _probe(video, frames, reporter)
     info = inspect_model(model)
     workload = Workload(len(source.selected), opts.height, opts.width, invert_rows=2 if settings.uses_cfg else 1)
-    ctx = StageContext(info, _with_plan(runtime, opts, info, workload, reporter), layout, reporter, callback=callback)
+    ctx = StageContext(info, _with_plan(runtime, opts, info, workload, reporter, "invert"), layout, reporter, callback=callback)
     store = store_settings(opts.attention_store, opts.attention_steps, opts.attention_layers, opts.attention_dtype, info.transformer_config["num_layers"])
     if store.where != "none":
         check_budget(ctx, store, settings.steps, workload, opts.attention_budget)
@@ -283,7 +283,7 @@ def edit(inversion: Inversion | str, prompts: Prompts, *, cache_dir: str | Path 
         raise SettingsError("an edit runs in its inversion's dtype: drop dtype, or invert again with it")
     inv = open_inversion(inversion, cache_dir) if isinstance(inversion, str) else inversion
     prompts = (prompts,) if isinstance(prompts, str) else tuple(prompts)
-    runtime = Runtime.default(opts.device, inv.dtype, compile=opts.compile, fp8=opts.fp8)
+    runtime = Runtime.default(opts.device, inv.dtype, compile=opts.compile, fp8=opts.fp8, phase="edit")
     reporter = reporter or Reporter(device=runtime.device)
     info = _edit_model(inv, opts.model)
     settings = _edit_settings(opts, prompts, info)
@@ -291,7 +291,7 @@ def edit(inversion: Inversion | str, prompts: Prompts, *, cache_dir: str | Path 
         log.warning("--seed %d has no effect: edits start from the inverted noise; add --init random to start from seeded noise", opts.seed)
     fs = inv.entry.frame_settings
     workload = Workload(inv.entry.frames, fs["height"], fs["width"], min(settings.batch, len(prompts)), settings.uses_cfg, reference=settings.inject.reference)
-    ctx = StageContext(info, _with_plan(runtime, opts, info, workload, reporter), inv.layout, reporter, inv.entry, callback)
+    ctx = StageContext(info, _with_plan(runtime, opts, info, workload, reporter, "edit"), inv.layout, reporter, inv.entry, callback)
     outputs = output_paths(edit_stem(inv.id, settings, ctx.runtime), prompts, Path(opts.out_dir), opts.force) if opts.output == "mp4" else None  # refuse first
     embeds = embed_stage(ctx, _edit_prompts(settings, inv.entry.source_prompt, inv.steps))
     store = find_store(inv.entry, inv.memory, settings.inject, info) if settings.inject.reference == "stored" else None
