@@ -68,7 +68,7 @@ def main() -> None:
     latents = torch.randn(args.rows, 13, 16, 60, 90, device="cuda", dtype=torch.bfloat16)
     text = torch.randn(args.rows, 226, 4096, device="cuda", dtype=torch.bfloat16)
     rotary = rotary_embeddings(model, latents.shape, 8, "cuda")
-    state = InjectionState(active=True, n_edit=args.rows - 1, ref_of=[0] * (args.rows - 1))
+    state = InjectionState(active=True, n_edit=args.rows - 1, ref_of=torch.zeros(args.rows - 1, dtype=torch.long, device="cuda"))
 
     def forward() -> None:
         injected = hooks.applied(model, apply_kv_injection, KVInjectionConfig(None, state), remove_kv_injection)

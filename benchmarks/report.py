@@ -262,7 +262,7 @@ def main(paths: list[str]) -> None:
         sp = json.loads(speed.read_text())
         lines += [
             "",
-            f"## Transformer step speed (`benchmarks/speed.py`, {speed.name})",
+            f"## Transformer step speed (`benchmarks/speed.py`, since removed: benchmarks/e2e.py is the one source of speed claims; {speed.name})",
             "",
             f"{sp['device']}, {sp['date']}, measured bf16 peak {sp['peak_tflops_bf16']:.0f} TFLOP/s; one forward, median of 5.",
             "",

@@ -53,8 +53,9 @@ def _reset(cuda: bool) -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
-def run_upstream(info, runtime: Runtime, frames: torch.Tensor, steps: int, mode: str) -> dict:
-    """Phases of the upstream workflow; returns per-phase seconds, step times and peaks."""
+def run_upstream(info, runtime: Runtime, frames: torch.Tensor, steps: int, mode: str, timed: int | None = None) -> dict:
+    """Phases of the upstream workflow; returns per-phase seconds, step times and peaks. With
+    `timed`, each loop stops after that many steps of its `steps`-step schedule."""
     from transformers import AutoTokenizer
 
     cuda = runtime.device.startswith("cuda")
@@ -112,7 +113,7 @@ def run_upstream(info, runtime: Runtime, frames: torch.Tensor, steps: int, mode:
     # invert: CFG on two rows
     _reset(cuda)
     transformer = part("transformer")
-    n_invert = 1 if mode == "sequential" else steps
+    n_invert = 1 if mode == "sequential" else (timed or steps)
     marks, cb = _timed_steps(cuda)
     t0 = time.perf_counter()
     x = latents.to(runtime.device, runtime.dtype)

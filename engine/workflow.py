@@ -108,13 +108,13 @@ def inversion_identity(video_sha: str, frames: FrameSettings, selected: list[int
     return fields
 
 
-def _runtime(opts: RuntimeOptions, dtype: str | torch.dtype | None) -> Runtime:
+def _runtime(opts: RuntimeOptions, dtype: str | torch.dtype | None, phase: str) -> Runtime:
     """The runtime the options name, checked before any work; a --vram plan is picked later, by
     `_with_plan`, once the workload is known."""
     if opts.plan and opts.vram:
         raise SettingsError("give --plan or --vram, not both (--vram picks a plan)")
     _vram_bytes(opts)
-    return Runtime.default(opts.device, dtype, opts.plan, opts.compile, opts.fp8)
+    return Runtime.default(opts.device, dtype, opts.plan, opts.compile, opts.fp8, phase)
 
 
 def _vram_bytes(opts: RuntimeOptions) -> int | None:
@@ -124,7 +124,7 @@ def _vram_bytes(opts: RuntimeOptions) -> int | None:
         raise SettingsError(f"--vram: {exc}") from None
 
 
-def _with_plan(runtime: Runtime, opts: RuntimeOptions, info: ModelInfo, workload: Workload, reporter: Reporter) -> Runtime:
+def _with_plan(runtime: Runtime, opts: RuntimeOptions, info: ModelInfo, workload: Workload, reporter: Reporter, phase: str) -> Runtime:
     """The runtime with the fastest plan predicted to fit `vram`, when it is given."""
     budget = _vram_bytes(opts)
     if budget is None:
@@ -133,7 +133,7 @@ def _with_plan(runtime: Runtime, opts: RuntimeOptions, info: ModelInfo, workload
     with reporter.phase("plan") as ph:
         peak = max(predict_peaks(chosen, info, workload).values())
         ph.record.detail = f"--vram {format_size(budget)}: plan {chosen.name}, predicted peak {format_size(peak)}"
-    return Runtime.default(runtime.device, runtime.dtype, chosen.name, opts.compile, runtime.fp8)
+    return Runtime.default(runtime.device, runtime.dtype, chosen.name, opts.compile, runtime.fp8, phase)
 
 
 def _probe(video: str | Path, frames: FrameSettings, reporter: Reporter) -> Source:
@@ -179,7 +179,7 @@ def invert(video: str | Path, model: str | Path, *, cache_dir: str | Path | None
     """
     opts = parse(InvertOptions, options, "invert")
     frames, settings = _invert_settings(opts)
-    runtime = _runtime(opts, opts.dtype)
+    runtime = _runtime(opts, opts.dtype, "invert")
     reporter = reporter or Reporter(device=runtime.device)
     # Every argument is checked before any work or output: a wrong --model is reported before
     # the video is read (or a frames warning printed) and before the cache folder is made.
@@ -189,7 +189,7 @@ def invert(video: str | Path, model: str | Path, *, cache_dir: str | Path | None
     layout = _layout(cache_dir)
     source = _probe(video, frames, reporter)
     workload = Workload(len(source.selected), opts.height, opts.width, invert_rows=2 if settings.uses_cfg else 1)
-    ctx = StageContext(info, _with_plan(runtime, opts, info, workload, reporter), layout, reporter, callback=callback)
+    ctx = StageContext(info, _with_plan(runtime, opts, info, workload, reporter, "invert"), layout, reporter, callback=callback)
     if store.where != "none":
         check_budget(ctx, store, settings.steps, workload, opts.attention_budget)
     identity = inversion_identity(source.info.sha256, frames, source.selected, info, ctx.runtime, settings)
@@ -298,7 +298,7 @@ def edit(inversion: Inversion | str, prompts: Prompts, *, cache_dir: str | Path 
         raise SettingsError("an edit runs in its inversion's dtype: drop dtype, or invert again with it")
     inv = open_inversion(inversion, cache_dir) if isinstance(inversion, str) else inversion
     prompts = (prompts,) if isinstance(prompts, str) else tuple(prompts)
-    runtime = _runtime(opts, inv.dtype)
+    runtime = _runtime(opts, inv.dtype, "edit")
     reporter = reporter or Reporter(device=runtime.device)
     info = _edit_model(inv, opts.model)
     settings = _edit_settings(opts, prompts, info)
@@ -306,7 +306,7 @@ def edit(inversion: Inversion | str, prompts: Prompts, *, cache_dir: str | Path 
         log.warning("--seed %d has no effect: edits start from the inverted noise; add --init random to start from seeded noise", opts.seed)
     fs = inv.entry.frame_settings
     workload = Workload(inv.entry.frames, fs["height"], fs["width"], min(settings.batch, len(prompts)), settings.uses_cfg, reference=settings.inject.reference)
-    ctx = StageContext(info, _with_plan(runtime, opts, info, workload, reporter), inv.layout, reporter, inv.entry, callback)
+    ctx = StageContext(info, _with_plan(runtime, opts, info, workload, reporter, "edit"), inv.layout, reporter, inv.entry, callback)
     outputs = output_paths(edit_stem(inv.id, settings, ctx.runtime), prompts, Path(opts.out_dir), opts.force) if opts.output == "mp4" else None  # refuse first
     embeds = embed_stage(ctx, _edit_prompts(settings, inv.entry.source_prompt, inv.steps))
     store = find_store(inv.entry, inv.memory, settings.inject, info) if settings.inject.reference == "stored" else None

@@ -8,8 +8,7 @@ import math
 import pytest
 import torch
 
-from engine.hooks import registry as hooks
-from engine.hooks.injection import KV_INJECTION, InjectionState, KVInjectionHook
+from engine.hooks.injection import CogVideoXAttnProcessor, InjectionState
 from engine.stages.editing import Reference, ddim_edit
 from engine.stages.settings import InjectSettings
 from tests.test_engine import _scheduler_config, _transformer
@@ -73,16 +72,19 @@ def test_injected_attention_biases_the_reference_logits_only(strength):
     ref_of = [1, 0]
     expected = _by_hand(attn, x, text_len, rotary, ref_of, strength)
 
-    state = InjectionState(active=True, n_edit=2, ref_of=ref_of, strength=strength)
-    hook = KVInjectionHook(state, 0)
-    hooks.register(attn, hook, KV_INJECTION)
+    # The shared processor, told by the state that this block injects (what a block's
+    # KVInjectionHook sets around the block).
+    state = InjectionState(active=True, n_edit=2, ref_of=torch.tensor(ref_of), strength=strength, here=True)
+    processor = CogVideoXAttnProcessor()
+    processor.injection = state
+    attn.set_processor(processor)
     image, text = attn(x[:, text_len:], encoder_hidden_states=x[:, :text_len], image_rotary_emb=rotary)
     torch.testing.assert_close(torch.cat([text, image], 1), expected, rtol=0, atol=1e-5)
 
     grouped = []
     for rows in (range(2, 4), range(0, 2)):
         state.rows = rows
-        grouped.insert(0, hook.joined(attn, [x[rows.start : rows.stop]], text_len, rotary))
+        grouped.insert(0, processor.joined(attn, [x[rows.start : rows.stop]], text_len, rotary))
     torch.testing.assert_close(torch.cat(grouped), expected, rtol=0, atol=1e-5)
 
 
@@ -115,7 +117,7 @@ def test_only_the_chosen_layers_inject(tiny_model):
     steps, config = 3, _scheduler_config(tiny_model)
     init, cond, uncond, reference, references = _edit_inputs(steps)
     common = dict(vae_scale_spatial=8, uncond=uncond, guidance=6.0, reference=reference)
-    transformer = _transformer(tiny_model)
+    transformer = _tiny_transformer(tiny_model)  # cogedit's shared processor, as the engine loads it
     ours = ddim_edit(transformer, init, cond, config, steps, inject=InjectSettings(layers=(1,), strength=0.5), **common)
     every_block = ddim_edit(transformer, init, cond, config, steps, inject=InjectSettings(strength=0.5), **common)
 

@@ -116,7 +116,8 @@ def test_ff_chunking_leaves_the_output_unchanged(tiny_model):
     torch.testing.assert_close(chunked, plain, rtol=1e-5, atol=1e-5)
 
 
-def test_compile_is_on_by_default_only_where_it_was_measured_to_pay():
+def test_compile_is_on_by_default_only_where_it_was_measured_to_pay(monkeypatch):
+    from engine.models import components
     from engine.models.components import Runtime, compile_by_default
 
     assert compile_by_default("cuda", PLANS["staged"], triton=True) and compile_by_default("cuda:1", PLANS["lean"], triton=True)
@@ -124,3 +125,7 @@ def test_compile_is_on_by_default_only_where_it_was_measured_to_pay():
     assert not any(compile_by_default("cuda", PLANS[name], triton=True) for name in ("offload", "int8", "nf4"))
     assert not compile_by_default("cpu", PLANS["staged"], triton=True)
     assert Runtime.default("cpu").compile is False and Runtime.default("cpu", compile=True).compile is True
+    # Each phase's default is one entry: off there, on in the other phase.
+    monkeypatch.setitem(components.COMPILE_PHASES, "edit", False)
+    assert not compile_by_default("cuda", PLANS["staged"], triton=True, phase="edit")
+    assert compile_by_default("cuda", PLANS["staged"], triton=True, phase="invert")

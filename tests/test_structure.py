@@ -154,8 +154,8 @@ def test_features_come_off_cleanly(tiny_model):
     before = model(x, text, t, return_dict=False)[0]
     state = InjectionState()
     features = [
-        (apply_ff_chunking, remove_ff_chunking, FFChunkingConfig(7), FF_CHUNKING, model.transformer_blocks[0].ff),
-        (apply_kv_injection, remove_kv_injection, KVInjectionConfig(None, state), KV_INJECTION, model.transformer_blocks[1].attn1),
+        (apply_ff_chunking, remove_ff_chunking, FFChunkingConfig(7), FF_CHUNKING, model.transformer_blocks[0]),
+        (apply_kv_injection, remove_kv_injection, KVInjectionConfig(None, state), KV_INJECTION, model.transformer_blocks[1]),
         (apply_row_groups, remove_row_groups, RowGroupConfig(1, state), ROW_GROUPS, model.transformer_blocks[0]),
         (apply_kv_capture, remove_kv_capture, KVCaptureConfig((0,), frozenset({500}), lambda *a: None), KV_CAPTURE, model),
     ]

@@ -5,6 +5,11 @@ block: about 0.9 GB per row at 17,776 tokens in bf16. The MLP acts on each token
 slicing the tokens gives the same result with a fraction of that peak. diffusers chunks
 feed-forwards only for blocks that expose `set_chunk_feed_forward`, which CogVideoXBlock does
 not, so this is a small hook in diffusers' hook registry.
+
+The hook sits on the block and swaps its `ff` for a `ChunkedFeedForward` around it while
+registered: a hook on `ff` itself would give each block's `ff.forward` its own object, which
+dynamo guards on, so every compiled block would be a new graph (issue 17); the wrapper's
+forward is its class's, the same for every block.
 """
 
 from __future__ import annotations
@@ -26,30 +31,45 @@ class FFChunkingConfig:
     chunk_tokens: int
 
 
-class ChunkedFeedForwardHook(ModelHook):
-    """On a block's `ff`: the MLP over at most `chunk_tokens` tokens at a time."""
+class ChunkedFeedForward(torch.nn.Module):
+    """A block's MLP over at most `chunk` tokens at a time."""
 
-    def __init__(self, config: FFChunkingConfig) -> None:
+    def __init__(self, ff: torch.nn.Module, chunk: int) -> None:
         super().__init__()
-        self.chunk = config.chunk_tokens
+        self.inner, self.chunk = ff, chunk
 
-    def new_forward(self, module: torch.nn.Module, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        forward = self.fn_ref.original_forward
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if hidden_states.shape[1] <= self.chunk:
-            return forward(hidden_states, *args, **kwargs)
+            return self.inner(hidden_states, *args, **kwargs)
         out = None  # filled slice by slice: a list of slices to join would double the output
         for start in range(0, hidden_states.shape[1], self.chunk):
-            part = forward(hidden_states[:, start : start + self.chunk], *args, **kwargs)
+            part = self.inner(hidden_states[:, start : start + self.chunk], *args, **kwargs)
             if out is None:
                 out = part.new_empty(*hidden_states.shape[:2], part.shape[-1])
             out[:, start : start + self.chunk] = part
         return out
 
 
+class ChunkedFeedForwardHook(ModelHook):
+    """On a block: its `ff` runs chunked while the hook is registered."""
+
+    def __init__(self, config: FFChunkingConfig) -> None:
+        super().__init__()
+        self.chunk = config.chunk_tokens
+
+    def initialize_hook(self, module: torch.nn.Module) -> torch.nn.Module:
+        module.ff = ChunkedFeedForward(module.ff, self.chunk)
+        return module
+
+    def deinitalize_hook(self, module: torch.nn.Module) -> torch.nn.Module:  # diffusers' spelling
+        module.ff = module.ff.inner
+        return module
+
+
 def apply_ff_chunking(transformer: torch.nn.Module, config: FFChunkingConfig) -> None:
     """Make every block's `ff` process at most `config.chunk_tokens` tokens at a time."""
     for block in transformer.transformer_blocks:
-        hooks.register(block.ff, ChunkedFeedForwardHook(config), FF_CHUNKING)
+        hooks.register(block, ChunkedFeedForwardHook(config), FF_CHUNKING)
 
 
 def remove_ff_chunking(transformer: torch.nn.Module) -> None:

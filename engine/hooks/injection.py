@@ -1,4 +1,4 @@
-"""Reference K/V injection into CogVideoX self-attention, as an attention processor.
+"""Reference K/V injection into CogVideoX self-attention, and the attention processor it runs in.
 
 In each chosen block, edit rows attend to their own keys/values concatenated with those of a
 reference row (the inversion trajectory at the same noise level), which carries the source's
@@ -8,13 +8,19 @@ reference logits sets the strength (0 = no injection, 1 = plain concatenation as
 
 diffusers' CogVideoX processor computes q/k/v inside one call with no way to extend the key
 set, so the projection, q/k norms and RoPE are spelled out here once more.
+
+How it attaches, so that regional compilation survives it (engine.models.components.compile_blocks):
+the blocks' attention is ONE processor object shared by every block, and everything per block
+(whether this block injects, its stored K/V) is set by a named hook on the block itself, whose
+dispatch runs outside the compiled block. A hook on `attn1` made each block's `attn1.forward`
+its own object, which dynamo guards on: every block was a new graph (issue 17).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -28,21 +34,40 @@ class InjectionState:
     """The one object the edit's model features share, documented field by field.
 
     Written by the edit loop (`engine.stages.editing.ddim_edit`) before each transformer call: `active`,
-    `n_edit`, `ref_of`, `strength`, `stored`. Written by the row-group hook
-    (`engine.hooks.row_groups`) around each group of a block: `rows`, and by the injection hook of a
-    reference group: `held`. Read by the injection hook (`KVInjectionHook`).
+    `n_edit`, `ref_of`, `strength`, `stored`. Written by the injection hook of a block before and
+    after it runs: `here`, `layer_kv`. Written by the row-group hook (`engine.hooks.row_groups`)
+    around each group of a block: `rows`, and by a reference group's attention: `held`. Read by
+    the shared processor (`CogVideoXAttnProcessor`), inside the compiled block: so nothing here
+    differs from block to block but tensors, which dynamo takes as inputs, not guards.
     """
 
     active: bool = False  # inject at this step
     n_edit: int = 0  # the batch is [edit rows (n_edit)..., reference rows...]
-    ref_of: list[int] = field(default_factory=list)  # edit row j reads reference row ref_of[j]
+    # Edit row j reads reference row ref_of[j]: a tensor on the rows' device, so that which row
+    # reads which is data to a compiled block, not a guard.
+    ref_of: torch.Tensor | None = None
     strength: float = 1.0
     # Replayed reference K/V by block (stored attention); None = reference rows are in the batch.
     stored: Mapping[int, tuple[torch.Tensor, torch.Tensor]] | None = None
+    # Set around one block by its injection hook: this block injects now, and (stored) its K/V.
+    here: bool = False
+    layer_kv: tuple[torch.Tensor, torch.Tensor] | None = None
     # Row groups: the batch rows this call carries (None = all), and the reference K/V the
     # reference group left for the edit groups of the same block.
     rows: range | None = None
-    held: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    held: tuple[torch.Tensor, torch.Tensor] | None = None
+
+
+@dataclass
+class CaptureSlot:
+    """K/V capture's share of the processor (engine.hooks.kv_capture): its block hook sets `on`
+    for a forward to record, and the processor leaves row `row`'s K (after the key norm, before
+    RoPE) and V in `k` and `v`, [heads, tokens, head_dim], for the hook to take."""
+
+    row: int = -1
+    on: bool = False
+    k: torch.Tensor | None = None
+    v: torch.Tensor | None = None
 
 
 ROPE_HEADS = 8  # heads per RoPE slice: RoPE computes in float32, so slicing bounds that copy
@@ -120,7 +145,15 @@ class CogVideoXAttnProcessor:
 
     diffusers applies RoPE to all 48 heads at once in float32, a transient about as large as
     a block's MLP activations at 17,776 tokens; here it runs in place, a few heads at a time.
+    One instance serves every block (`set_attn_processor` with one object): features that change
+    attention steer it through `injection` and `capture`, shared objects, never per block.
     """
+
+    def __init__(self) -> None:
+        # Idle objects rather than None when a feature is off: dynamo guards an attribute's type,
+        # so None and an object would be two graphs more.
+        self.injection = InjectionState()
+        self.capture = CaptureSlot()
 
     def __call__(self, attn, hidden_states, encoder_hidden_states, attention_mask=None, image_rotary_emb=None):
         text_len = encoder_hidden_states.shape[1]
@@ -130,7 +163,29 @@ class CogVideoXAttnProcessor:
     def joined(self, attn, x: list[torch.Tensor], text_len: int, rotary) -> torch.Tensor:
         """Attention over text and image tokens already joined, `x` = [input]; emptied, so that
         the input is freed once projected. The result is [B, tokens, width], text first."""
+        st = self.injection
+        if st.here:
+            return _injected(st, attn, x, text_len, rotary)
+        cap = self.capture
+        if cap.on:
+            x = x.pop()
+            k = _projected(attn, x, "k", text_len, None)
+            cap.k = k[cap.row].clone()  # RoPE below writes into k
+            if rotary is not None:
+                _rope_(k, text_len, rotary)
+            v = _projected(attn, x, "v", text_len, rotary)
+            cap.v = v[cap.row]
+            return _output(attn, _attend([_projected(attn, x, "q", text_len, rotary), k, v]))
         return _output(attn, _attend(list(_project(attn, x.pop(), text_len, rotary))))
+
+
+def shared_processor(transformer: torch.nn.Module) -> CogVideoXAttnProcessor:
+    """The one cogedit processor every block's attention runs (set by the engine when it loads)."""
+    found = {id(b.attn1.processor): b.attn1.processor for b in transformer.transformer_blocks}
+    processor = next(iter(found.values()))
+    if len(found) != 1 or not isinstance(processor, CogVideoXAttnProcessor):
+        raise TypeError("the blocks must share one CogVideoXAttnProcessor: transformer.set_attn_processor(CogVideoXAttnProcessor())")
+    return processor
 
 
 KV_INJECTION = "cogedit_kv_injection"
@@ -144,82 +199,78 @@ class KVInjectionConfig:
     state: InjectionState
 
 
-def joined_attention(attn, x: list[torch.Tensor], text_len: int, rotary) -> torch.Tensor:
-    """Attention over joined text and image tokens (`x` = [input], emptied), through the block's
-    injection hook when it is injecting, else its plain processor: what row groups call."""
-    hook = hooks.find(attn, KV_INJECTION)
-    if hook is not None and hook.state.active:
-        return hook.joined(attn, x, text_len, rotary)
-    return attn.processor.joined(attn, x, text_len, rotary)
-
-
 class KVInjectionHook(ModelHook):
-    """On `attn1` of a CogVideoX block: inside the window, edit rows attend to their own K/V
-    joined with their reference's; outside it, the block's own processor runs untouched."""
+    """On a chosen CogVideoX block: says, outside the compiled block, whether this block injects
+    at this step and which stored K/V it reads; the shared processor does the rest."""
 
     def __init__(self, state: InjectionState, layer: int) -> None:
         super().__init__()
         self.state = state
         self.layer = layer
 
-    def new_forward(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None, **kwargs):
-        if not self.state.active:
-            return self.fn_ref.original_forward(hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb=image_rotary_emb, **kwargs)
-        text_len = encoder_hidden_states.shape[1]
-        out = self.joined(attn, [torch.cat([encoder_hidden_states, hidden_states], dim=1)], text_len, image_rotary_emb)
-        return out[:, text_len:], out[:, :text_len]
-
-    def joined(self, attn, x: list[torch.Tensor], text_len: int, rotary) -> torch.Tensor:
-        """As `CogVideoXAttnProcessor.joined`, with the reference K/V injected."""
+    def pre_forward(self, module, *args, **kwargs):
         st = self.state
-        if st.rows is not None and st.stored is None:
-            group = self._edit_group if st.rows.start < st.n_edit else self._reference_group
-            return group(attn, x, text_len, rotary)
-        q, k, v = _project(attn, x.pop(), text_len, rotary)
-        rows = q.shape[0]
-        if st.stored is not None:  # replayed K/V: every row in the call is an edit row
-            n, (ref_k, ref_v) = rows, st.stored[self.layer]
-            index = torch.zeros(n, dtype=torch.long, device=k.device)
-        else:  # the batch is [edit rows..., reference rows...]
-            n, ref_k, ref_v = st.n_edit, k[st.n_edit :], v[st.n_edit :]
-            index = torch.tensor(st.ref_of, device=k.device)
-        mask = _strength_mask(st.strength, k.shape[2], q.dtype, q.device)
-        # Each slice's output goes straight to its place in `out`, with no list of parts to join.
-        out = q.new_empty(rows, q.shape[2], q.shape[1], q.shape[3])
-        for heads in _head_slices(attn):
-            _inject(out[:n], heads, q[:n, heads], k[:n, heads], v[:n, heads], ref_k, ref_v, index, mask)
-        if n < rows:  # the reference rows in the batch attend to themselves only
-            out[n:] = F.scaled_dot_product_attention(q[n:], ref_k, ref_v).transpose(1, 2)
-        del q, k, v, ref_k, ref_v
-        return _output(attn, out)
+        st.here = st.active
+        st.layer_kv = st.stored[self.layer] if st.active and st.stored is not None else None
+        return args, kwargs
 
-    def _reference_group(self, attn, x: list[torch.Tensor], text_len: int, rotary) -> torch.Tensor:
-        """A row group's reference rows: they keep their whole K/V for the block's edit groups
-        and attend to themselves, their queries a few heads at a time (the full q would add
-        one more row-sized tensor to the lean plan's peak)."""
-        st, x = self.state, x.pop()
-        k = _projected(attn, x, "k", text_len, rotary)
-        v = _projected(attn, x, "v", text_len, rotary)
-        st.held[self.layer] = (k, v)
-        out = _heads_buffer(attn, x)
-        for heads in _head_slices(attn):
-            q = _projected(attn, x, "q", text_len, rotary, heads)
-            out[:, :, heads] = F.scaled_dot_product_attention(q, k[:, heads], v[:, heads]).transpose(1, 2)
-        del x, q
-        return _output(attn, out)
+    def post_forward(self, module, output):
+        self.state.here, self.state.layer_kv = False, None
+        return output
 
-    def _edit_group(self, attn, x: list[torch.Tensor], text_len: int, rotary) -> torch.Tensor:
-        """Edit rows of a row group against the held reference K/V, projecting a few heads at a
-        time: rows run apart to save memory, and their full q/k/v would be the peak."""
-        st, x = self.state, x.pop()
-        ref_k, ref_v = st.held[self.layer]
-        index = torch.tensor([st.ref_of[j] for j in st.rows], device=x.device)
-        mask = _strength_mask(st.strength, x.shape[1], x.dtype, x.device)
-        out = _heads_buffer(attn, x)
-        for heads in _head_slices(attn):
-            _inject(out, heads, *_project(attn, x, text_len, rotary, heads), ref_k, ref_v, index, mask)
-        del x
-        return _output(attn, out)
+
+def _injected(st: InjectionState, attn, x: list[torch.Tensor], text_len: int, rotary) -> torch.Tensor:
+    """As `CogVideoXAttnProcessor.joined`, with the reference K/V injected."""
+    if st.rows is not None and st.layer_kv is None:
+        group = _edit_group if st.rows.start < st.n_edit else _reference_group
+        return group(st, attn, x, text_len, rotary)
+    q, k, v = _project(attn, x.pop(), text_len, rotary)
+    rows = q.shape[0]
+    if st.layer_kv is not None:  # replayed K/V: every row in the call is an edit row
+        n, (ref_k, ref_v) = rows, st.layer_kv
+        index = torch.zeros(n, dtype=torch.long, device=k.device)
+    else:  # the batch is [edit rows..., reference rows...]
+        n, ref_k, ref_v = st.n_edit, k[st.n_edit :], v[st.n_edit :]
+        index = st.ref_of
+    mask = _strength_mask(st.strength, k.shape[2], q.dtype, q.device)
+    # Each slice's output goes straight to its place in `out`, with no list of parts to join.
+    out = q.new_empty(rows, q.shape[2], q.shape[1], q.shape[3])
+    for heads in _head_slices(attn):
+        _inject(out[:n], heads, q[:n, heads], k[:n, heads], v[:n, heads], ref_k, ref_v, index, mask)
+    if n < rows:  # the reference rows in the batch attend to themselves only
+        out[n:] = F.scaled_dot_product_attention(q[n:], ref_k, ref_v).transpose(1, 2)
+    del q, k, v, ref_k, ref_v
+    return _output(attn, out)
+
+
+def _reference_group(st: InjectionState, attn, x: list[torch.Tensor], text_len: int, rotary) -> torch.Tensor:
+    """A row group's reference rows: they keep their whole K/V for the block's edit groups
+    and attend to themselves, their queries a few heads at a time (the full q would add
+    one more row-sized tensor to the lean plan's peak)."""
+    x = x.pop()
+    k = _projected(attn, x, "k", text_len, rotary)
+    v = _projected(attn, x, "v", text_len, rotary)
+    st.held = (k, v)
+    out = _heads_buffer(attn, x)
+    for heads in _head_slices(attn):
+        q = _projected(attn, x, "q", text_len, rotary, heads)
+        out[:, :, heads] = F.scaled_dot_product_attention(q, k[:, heads], v[:, heads]).transpose(1, 2)
+    del x, q
+    return _output(attn, out)
+
+
+def _edit_group(st: InjectionState, attn, x: list[torch.Tensor], text_len: int, rotary) -> torch.Tensor:
+    """Edit rows of a row group against the held reference K/V, projecting a few heads at a
+    time: rows run apart to save memory, and their full q/k/v would be the peak."""
+    x = x.pop()
+    ref_k, ref_v = st.held
+    index = st.ref_of[st.rows.start : st.rows.stop]
+    mask = _strength_mask(st.strength, x.shape[1], x.dtype, x.device)
+    out = _heads_buffer(attn, x)
+    for heads in _head_slices(attn):
+        _inject(out, heads, *_project(attn, x, text_len, rotary, heads), ref_k, ref_v, index, mask)
+    del x
+    return _output(attn, out)
 
 
 def _strength_mask(strength: float, own: int, dtype: torch.dtype, device) -> torch.Tensor | None:
@@ -232,11 +283,14 @@ def _strength_mask(strength: float, own: int, dtype: torch.dtype, device) -> tor
 
 
 def apply_kv_injection(transformer: torch.nn.Module, config: KVInjectionConfig) -> None:
-    """Register the injection hook on `attn1` of the chosen blocks; `remove_kv_injection` undoes it."""
+    """Register the injection hook on the chosen blocks and hand the shared processor the
+    state; `remove_kv_injection` undoes both."""
+    shared_processor(transformer).injection = config.state
     blocks = transformer.transformer_blocks
     for i in range(len(blocks)) if config.layers is None else config.layers:
-        hooks.register(blocks[i].attn1, KVInjectionHook(config.state, i), KV_INJECTION)
+        hooks.register(blocks[i], KVInjectionHook(config.state, i), KV_INJECTION)
 
 
 def remove_kv_injection(transformer: torch.nn.Module) -> None:
     hooks.remove(transformer, KV_INJECTION)
+    shared_processor(transformer).injection = InjectionState()

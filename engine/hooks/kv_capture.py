@@ -6,6 +6,10 @@ head_dim] for text and image tokens of one batch row; RoPE is re-applied on repl
 half the bytes. Captured blocks go to the host on a side stream and are written by a few
 threads, so the inversion does not wait for copies or the disk (only, when the disk is slower,
 for a bounded queue).
+
+The shared attention processor records K and V (`CaptureSlot`), switched on for a block by the
+block's own hook, outside the compiled block: hooks on `norm_k` and `to_v` made each block's
+modules their own objects to dynamo, so every compiled block was a new graph (issue 17).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import torch
 
 from cache.atomic import FileRecord, save_tensors
 from engine.hooks import registry as hooks
+from engine.hooks.injection import CaptureSlot, shared_processor
 from engine.hooks.registry import ModelHook
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
@@ -40,22 +45,20 @@ Sink = Callable[[int, int, dict[str, torch.Tensor], "torch.cuda.Event | None"], 
 class _HostCopies:
     """Copies captured tensors to host memory without holding up the compute stream.
 
-    On CUDA the tensor is snapshotted on the compute stream (the processor ropes K in place
-    right after the hook), then copied into pinned memory on a side stream; `ready()` is an
-    event after the copies so far. Elsewhere the copy is synchronous.
+    On CUDA the tensor is copied into pinned memory on a side stream; `ready()` is an event
+    after the copies so far. Elsewhere the copy is synchronous.
     """
 
     def __init__(self) -> None:
         self.stream: torch.cuda.Stream | None = None
 
-    def copy(self, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
-        """`x`, computed from the module's `output`, in host memory."""
+    def copy(self, x: torch.Tensor) -> torch.Tensor:
+        """`x` in host memory (nothing writes into `x` after the processor handed it over)."""
         if x.device.type != "cuda":
             return x.to("cpu", copy=True)
         if self.stream is None:
             self.stream = torch.cuda.Stream(x.device)
-        shared = x.untyped_storage().data_ptr() == output.untyped_storage().data_ptr()
-        snap = x.clone(memory_format=torch.contiguous_format) if shared else x.contiguous()
+        snap = x.contiguous()
         self.stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(self.stream):
             host = torch.empty(snap.shape, dtype=snap.dtype, pin_memory=True)
@@ -72,21 +75,20 @@ class _HostCopies:
 
 
 class _TimestepGate:
-    """Open for the stored timesteps; gathers each block's K and V and hands the block on."""
+    """Open for the stored timesteps; hands each block's K and V on."""
 
-    def __init__(self, timesteps: set[int], row: int, sink: Sink, dtype: str) -> None:
-        self.timesteps, self.row, self.sink, self.dtype = timesteps, row, sink, dtype
+    def __init__(self, timesteps: set[int], sink: Sink, dtype: str) -> None:
+        self.timesteps, self.sink, self.dtype = timesteps, sink, dtype
         self.t: int | None = None
         self.seen: set[int] = set()
         self.host = _HostCopies()
-        self.blocks: dict[int, dict[str, torch.Tensor]] = {}
 
-    def add(self, block: int, kind: str, x: torch.Tensor, output: torch.Tensor) -> None:
-        tensors = self.blocks.setdefault(block, {})
-        for suffix, q in _quantize(x, self.dtype).items():
-            tensors[f"{block:02d}.{kind}{suffix}"] = self.host.copy(q, output)
-        if {f"{block:02d}.k", f"{block:02d}.v"} <= tensors.keys():
-            self.sink(self.t, block, self.blocks.pop(block), self.host.ready())
+    def add(self, block: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        tensors = {}
+        for kind, x in (("k", k), ("v", v)):
+            for suffix, q in _quantize(x, self.dtype).items():
+                tensors[f"{block:02d}.{kind}{suffix}"] = self.host.copy(q)
+        self.sink(self.t, block, tensors, self.host.ready())
 
 
 KV_CAPTURE = "cogedit_kv_capture"
@@ -110,23 +112,27 @@ class CaptureGateHook(ModelHook):
     def post_forward(self, module, output):
         if self.gate.t is not None:
             self.gate.seen.add(self.gate.t)
-        self.gate.t, self.gate.blocks = None, {}
+        self.gate.t = None
         return output
 
 
 class KVCaptureHook(ModelHook):
-    """On `attn1.norm_k` (K) or `attn1.to_v` (V) of a block: hands the gate that row's output."""
+    """On a captured block: switches the shared processor's recording on around the block's
+    forwards at a stored timestep, and hands what it recorded to the gate."""
 
-    def __init__(self, gate: _TimestepGate, block: int, kind: str, heads: int) -> None:
+    def __init__(self, gate: _TimestepGate, block: int, slot: CaptureSlot) -> None:
         super().__init__()
-        self.gate, self.block, self.kind, self.heads = gate, block, kind, heads
+        self.gate, self.block, self.slot = gate, block, slot
+
+    def pre_forward(self, module, *args, **kwargs):
+        self.slot.on = self.gate.t is not None
+        return args, kwargs
 
     def post_forward(self, module, output):
-        if self.gate.t is not None:
-            x = output[self.gate.row]
-            if x.dim() == 2:  # V comes out of to_v as [tokens, heads * head_dim]
-                x = x.view(x.shape[0], self.heads, -1).transpose(0, 1)
-            self.gate.add(self.block, self.kind, x, output)
+        slot = self.slot
+        if slot.on:
+            self.gate.add(self.block, slot.k, slot.v)
+        slot.on, slot.k, slot.v = False, None, None
         return output
 
 
@@ -144,16 +150,17 @@ class KVCaptureConfig:
 
 
 def apply_kv_capture(transformer: torch.nn.Module, config: KVCaptureConfig) -> None:
-    gate = _TimestepGate(set(config.timesteps), config.row, config.sink, config.dtype)
+    gate = _TimestepGate(set(config.timesteps), config.sink, config.dtype)
+    slot = CaptureSlot(row=config.row)
+    shared_processor(transformer).capture = slot
     hooks.register(transformer, CaptureGateHook(gate), KV_CAPTURE)
     for i in config.layers:
-        attn = transformer.transformer_blocks[i].attn1
-        for module, kind in ((attn.norm_k, "k"), (attn.to_v, "v")):
-            hooks.register(module, KVCaptureHook(gate, i, kind, attn.heads), KV_CAPTURE)
+        hooks.register(transformer.transformer_blocks[i], KVCaptureHook(gate, i, slot), KV_CAPTURE)
 
 
 def remove_kv_capture(transformer: torch.nn.Module) -> None:
     hooks.remove(transformer, KV_CAPTURE)
+    shared_processor(transformer).capture = CaptureSlot()
 
 
 class StoreWriter:

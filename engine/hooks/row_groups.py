@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.hooks import registry as hooks
-from engine.hooks.injection import InjectionState, joined_attention
+from engine.hooks.injection import InjectionState
 from engine.hooks.registry import ModelHook
 
 
@@ -60,7 +60,7 @@ def _block_in_place(block: torch.nn.Module, hidden: torch.Tensor, encoder: torch
     x, gate, text_gate = _modulated(block.norm1, hidden, encoder, temb)
     held = [x]
     del x
-    _add_gated(hidden, encoder, joined_attention(block.attn1, held, encoder.shape[1], rotary), gate, text_gate)
+    _add_gated(hidden, encoder, block.attn1.processor.joined(block.attn1, held, encoder.shape[1], rotary), gate, text_gate)
     x, gate, text_gate = _modulated(block.norm2, hidden, encoder, temb)
     _add_gated(hidden, encoder, block.ff(x), gate, text_gate)
 
@@ -79,7 +79,9 @@ class RowGroupConfig:
 class RowGroupsHook(ModelHook):
     """On a CogVideoX block: run it over `config.size` rows at a time, in place (`state.rows`
     says which). The blocks' attention must be cogedit's (engine.hooks.injection), as the engine sets
-    it: the in-place block hands it the joined input."""
+    it: the in-place block hands it the joined input. The groups run eagerly, not through the
+    compiled block (engine.models.components.compile_blocks): compiled, the in-place writes into
+    the block's input would be functionalized into copies, the memory this plan exists to save."""
 
     def __init__(self, config: RowGroupConfig) -> None:
         super().__init__()
@@ -98,7 +100,7 @@ class RowGroupsHook(ModelHook):
         finally:
             if state is not None:
                 state.rows = None
-                state.held.clear()
+                state.held = None
         return hidden_states, encoder_hidden_states
 
 

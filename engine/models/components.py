@@ -8,6 +8,7 @@ still referenced, which is how the tests prove the staging.
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import weakref
 from collections.abc import Iterator
@@ -45,8 +46,9 @@ class Runtime:
         plan: str | Plan | None = None,
         compile: bool | None = None,
         fp8: bool = False,
+        phase: str = "edit",
     ) -> Runtime:
-        """`compile=None` compiles where it pays (`compile_by_default`)."""
+        """`compile=None` compiles where it pays (`compile_by_default`) for `phase` (invert | edit)."""
         device = check_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         plan = get_plan(plan) if isinstance(plan, str) else (plan or PLANS["staged"])
         if plan.needs_cuda and not device.startswith("cuda"):
@@ -67,13 +69,18 @@ class Runtime:
         dtype = dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
         if fp8 and dtype != torch.bfloat16:
             raise SettingsError("--fp8 scales bf16 weights: use it with --dtype bf16 (the default on a GPU)")
-        compile = compile_by_default(device, plan) if compile is None else compile
+        compile = compile_by_default(device, plan, phase=phase) if compile is None else compile
         return Runtime(device=device, dtype=dtype, plan=plan, compile=compile, fp8=fp8)
 
 
-def compile_by_default(device: str, plan: Plan, triton: bool | None = None) -> bool:
-    """Whether --compile is on unless asked otherwise: on a CUDA GPU with Triton, for the plans
-    that keep bf16 weights on the GPU. There it pays within one phase once its kernels are cached:
+# Whether each phase compiles when --compile is not given, where compiling can pay at all
+# (`compile_by_default`): one line per phase, set from the end-to-end run (benchmarks/results/E2E.md).
+COMPILE_PHASES = {"invert": True, "edit": True}
+
+
+def compile_by_default(device: str, plan: Plan, triton: bool | None = None, phase: str = "edit") -> bool:
+    """Whether --compile is on unless asked otherwise: in the phases `COMPILE_PHASES` names, on a
+    CUDA GPU with Triton, for the plans that keep bf16 weights on the GPU. There it pays within one phase once its kernels are cached:
     a full-size 5B forward takes 0.72 s compiled against 0.88 s eager, and the first compiled
     forward of a process 3.5 s more than a steady one (1.2 s eager) with cogedit's kernel cache,
     16 s with none (NVIDIA H200, benchmarks/results/WARMUP.md). Offloaded and 8/4-bit plans stay
@@ -82,7 +89,7 @@ def compile_by_default(device: str, plan: Plan, triton: bool | None = None) -> b
         import importlib.util
 
         triton = importlib.util.find_spec("triton") is not None
-    return device.startswith("cuda") and triton and plan.offload == "none" and plan.transformer_weights == "bf16"
+    return COMPILE_PHASES[phase] and device.startswith("cuda") and triton and plan.offload == "none" and plan.transformer_weights == "bf16"
 
 
 def check_device(device: str) -> str:
@@ -175,10 +182,7 @@ def place_component(module: torch.nn.Module, name: str, runtime: Runtime, quanti
         module = module.to(runtime.device)  # quantized where it will run
         quantize_float8(module)
     if name == "transformer" and runtime.compile:
-        # Regional compilation: the 42 blocks share one shape, so one compiled graph serves all
-        # (benchmarks/results/speed.json: 1.2x per step on an H100 after a one-off compile).
-        for block in module.transformer_blocks:
-            block.compile()
+        compile_blocks(module)
     if name == "transformer" and runtime.plan.ff_chunk:
         from engine.hooks.ff_chunking import FFChunkingConfig, apply_ff_chunking
 
@@ -209,6 +213,36 @@ def exact_tiling(vae: torch.nn.Module) -> bool:
         if stride != scale * (latent - int(latent * overlap)):
             return False
     return True
+
+
+def compile_blocks(transformer: torch.nn.Module) -> None:
+    """Regional compilation: the blocks' own forward compiled once for all 42 of them.
+
+    Not `block.compile()`, which compiles the block's call with its hook dispatch inside:
+    diffusers' hook registry gives a hooked module's `forward` an object of its own, dynamo guards
+    on it, and every block became a new graph until the recompile limit left the rest eager
+    (issue 17). Here each block's `forward` calls one compiled function of the block class, and a
+    hook registered on a block later wraps that from outside; features steer the compiled code
+    only through objects every block shares (engine.hooks.injection). tests/test_compile.py
+    counts the graphs.
+    """
+    blocks = transformer.transformer_blocks
+    compiled = torch.compile(type(blocks[0]).forward)
+    for block in blocks:
+        block.forward = functools.partial(_contiguous_call, compiled, block)
+
+
+def _contiguous_call(compiled: Any, block: torch.nn.Module, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+    """The first block gets views into the transformer's joined embedding, the others whole
+    tensors: dynamo guards strides (a batch of one too), so one layout (a copy of the first
+    block's input) keeps one graph."""
+    return compiled(block, _dense(hidden_states), _dense(encoder_hidden_states), *args, **kwargs)
+
+
+def _dense(x: torch.Tensor) -> torch.Tensor:
+    if x.is_contiguous() and x.stride(0) == x[0].numel():
+        return x
+    return x.clone(memory_format=torch.contiguous_format)
 
 
 def load_component(name: str, info: ModelInfo, runtime: Runtime) -> Any:

@@ -65,10 +65,11 @@ def train_tokenizer(save_dir: Path) -> None:
     fast.save_pretrained(save_dir)
 
 
-def build_tiny_model(path: str | Path, seed: int = 0, rotary: bool = True) -> Path:
+def build_tiny_model(path: str | Path, seed: int = 0, rotary: bool = True, layers: int = 2) -> Path:
     """Write a tiny random CogVideoX checkpoint to `path` and return it.
 
-    `rotary=False` writes a 2B-like model (learned-free sincos positions), which the engine refuses.
+    `rotary=False` writes a 2B-like model (learned-free sincos positions), which the engine refuses;
+    `layers` more blocks show what repeats per block (compiled graphs).
     """
     from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXTransformer3DModel
     from diffusers.utils import logging as diffusers_logging
@@ -89,7 +90,7 @@ def build_tiny_model(path: str | Path, seed: int = 0, rotary: bool = True) -> Pa
             "attention_head_dim": 16,
             "time_embed_dim": 16,
             "text_embed_dim": 32,
-            "num_layers": 2,
+            "num_layers": layers,
             "sample_width": 20,
             "sample_height": 12,
             "sample_frames": 9,

@@ -76,7 +76,7 @@ def ddim_edit(
     x = init
     injected = hooks.applied(transformer, apply_kv_injection, KVInjectionConfig(inject.layers, state), remove_kv_injection)
     grouped = hooks.applied(transformer, apply_row_groups, RowGroupConfig(row_group, state), remove_row_groups) if row_group else contextlib.nullcontext()
-    with injected, grouped:
+    with grouped, injected:  # injection's hook outermost: it runs before the groups do
         for i, t in enumerate(scheduler.timesteps):
             rows = torch.cat([x, x]) if cfg else x
             state.active, state.stored = active[i], None
@@ -101,10 +101,10 @@ def _with_reference(rows: torch.Tensor, embeds: torch.Tensor, i: int, t: int, st
         state.stored = reference.stored.at(t)
         return rows, embeds
     if kind == "per-half":
-        state.ref_of = list(range(n_edit))
+        state.ref_of = torch.arange(n_edit, device=rows.device)
         ref = reference.reached(i).to(rows.dtype)
         return torch.cat([rows, ref.expand(n_edit, -1, -1, -1, -1)]), torch.cat([embeds, embeds])
-    state.ref_of = [0] * n_edit
+    state.ref_of = torch.zeros(n_edit, dtype=torch.long, device=rows.device)
     return torch.cat([rows, reference.replayed(i).to(rows.dtype)]), torch.cat([embeds, reference.source_embeds.to(embeds.dtype)])
 
 
