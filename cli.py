@@ -379,7 +379,7 @@ def ui_cmd(model, host: str, port: int, cache_dir, uploads_dir) -> None:
     try:
         import gradio  # noqa: F401
     except ImportError:
-        raise click.ClickException('the web app needs the ui extra: pip install "cogedit[ui]"') from None
+        raise click.ClickException('the web app needs the ui extra: pip install -e ".[ui]" in the cogedit source folder') from None
     import webui
 
     webui.serve(model, host, port, cache_dir, uploads_dir)

@@ -212,4 +212,4 @@ def test_ui_on_a_taken_port_is_one_line(tmp_path, gradio_env):
 def test_ui_without_gradio_says_which_extra_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "gradio", None)  # what an install without the ui extra sees
     result = CliRunner().invoke(cli, ["ui"])
-    assert result.exit_code == 1 and result.output == 'Error: the web app needs the ui extra: pip install "cogedit[ui]"\n'
+    assert result.exit_code == 1 and result.output == 'Error: the web app needs the ui extra: pip install -e ".[ui]" in the cogedit source folder\n'

@@ -7,7 +7,7 @@ them, browse and clean the cache, in a browser. Gradio, on the engine's Python A
     webui/app.py       the page, tab by tab, and its wiring
 
 May import: engine and cache. Nothing imports webui except cli.py's `ui` command. Needs the
-`ui` extra (pip install "cogedit[ui]").
+`ui` extra (pip install -e ".[ui]" in the cogedit source folder).
 """
 
 from __future__ import annotations
