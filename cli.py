@@ -88,7 +88,7 @@ def runtime_options(f):
     f = click.option("--fp8", is_flag=True, help='FP8 matmuls in the transformer blocks (torchao; RTX 40xx/L4/H100): faster, a small accuracy cost. pip install -e ".[fp8]" in cogedit\'s folder.')(f)
     f = click.option(
         "--compile/--no-compile", "compile_blocks", default=None,
-        help="torch.compile each transformer block (0.82x the step time); on by default on a CUDA GPU with Triton for staged and lean.",
+        help="torch.compile each transformer block; on by default for the edit only (where it pays: README, Speed), on a CUDA GPU with Triton for staged and lean.",
     )(f)
     f = click.option("--vram", default=None, callback=_vram_bytes, help=VRAM_HELP)(f)
     f = click.option("--plan", default=None, help="Memory plan by name: staged, lean, int8, nf4, offload (see `cogedit plan`).")(f)

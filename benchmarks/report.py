@@ -258,30 +258,13 @@ def main(paths: list[str]) -> None:
                 lines.append(f"| {LABEL[name]} | {c['run']} | {pk:.0f} | {inv:.0%} | {edit:.0%} |")
         if "staged-fp8-compiled" in summary:
             lines.append("\n--fp8 counts its FLOPs as bf16 ones: the fraction is what the same work would need at the bf16 peak.")
-    for speed in sorted(out.glob("speed*.json")):
-        sp = json.loads(speed.read_text())
-        lines += [
-            "",
-            f"## Transformer step speed (`benchmarks/speed.py`, since removed: benchmarks/e2e.py is the one source of speed claims; {speed.name})",
-            "",
-            f"{sp['device']}, {sp['date']}, measured bf16 peak {sp['peak_tflops_bf16']:.0f} TFLOP/s; one forward, median of 5.",
-            "",
-            "| variant | inversion forward (1 row) | edit forward (2 edit rows + shared reference) | first calls + timing | output vs eager bf16 (rel. L2) |",
-            "|---|---|---|---|---|",
-        ]
-        for name, row in sp["variants"].items():
-            cells = [f"{row[p]['median_s']:.3f} s, {row[p]['fraction_of_peak']:.0%} of peak" if "median_s" in row.get(p, {}) else row.get(p, {}).get("error", "-") for p in ("invert", "edit")]
-            first = row.get("first_calls_and_timing_s", row.get("compile_and_first_calls_s"))
-            moved = row.get("invert_output_rel_l2")
-            lines.append(f"| {name} | {cells[0]} | {cells[1]} | {f'{first:.0f} s' if first else '-'} | {f'{moved:.1e}' if moved is not None else '-'} |")
     lines += [
         "",
         "## Notes",
         "",
-        "- Other commands: `benchmarks/speed.py --out speed3.json --variants default,compiled_blocks,fp8,compiled_fp8`",
-        "  (its compiled_fp8 was still compiling, under torchao's autotuning settings, when the command's time ran",
-        "  out), `benchmarks/speed.py --out speed4.json --variants default,compiled_fp8` (after turning them off),",
-        "  `benchmarks/peak.py --out peak_lean_inplace.json` (defaults: 3 rows, groups of 1, MLP slices of 2048).",
+        "- Other command: `benchmarks/peak.py --out peak_lean_inplace.json` (defaults: 3 rows, groups of 1, MLP slices of 2048).",
+        "- End-to-end speed (fresh processes, real engine calls, 50 steps) is in E2E.md (`benchmarks/e2e.py`), the one source",
+        "  of cogedit's speed claims; the per-step times here serve the plans' comparison within each run.",
         "- Phase peaks from run_h on: each phase collects garbage first. Before, a transformer left in a",
         "  reference cycle by diffusers' hooks counted in the next phase's peak (the '1.4 GiB left after lean",
         "  and --compile' of earlier runs, and decode peaks of 10.4 GiB): it was not a leak, the next load",
@@ -297,12 +280,12 @@ def main(paths: list[str]) -> None:
         "  take 2.81 s, so replay costs nothing over memory once the disk keeps up (>= 1.7 GB/s at this step time).",
         "- --fp8 (torchao float8, e4m3 weights with per-row scales, per-token activation scales): with",
         "  --compile, 0.64 s / 2.72 s per invert / edit step against 0.89 / 3.58 staged and 0.71 / 2.94",
-        "  --compile alone (run_m). Without --compile it is slower than bf16 (speed3.json: 1.065 s against",
-        "  0.897 s per inversion forward): the activation scaling runs as separate kernels. Accuracy: one",
+        "  --compile alone (run_m). Without --compile it was slower than bf16 per forward (the removed",
+        "  benchmarks/speed.py): the activation scaling runs as separate kernels. Accuracy: one",
         "  inversion forward's output moves 8.3e-2 (rel. L2) from eager bf16, against 1.9e-2 for --compile",
         "  alone; the 4-step noise 8.9e-2 against 1.8e-2. torchao's recommended inductor settings",
         "  (coordinate-descent autotuning) made the first compile take over 5 minutes; cogedit turns them off.",
-        "- CUDA graphs (speed5.json, `--variants default,compiled_cudagraphs`: regional compile with",
+        "- CUDA graphs (tried with the removed benchmarks/speed.py: regional compile with",
         "  mode=reduce-overhead) fail: the 42 blocks replay one graph, and each replay overwrites the output",
         "  the next block reads (torch's cudagraph trees refuse it). Not pursued: a 0.9 s forward launches",
         "  on the order of a thousand kernels, a few milliseconds of launch time, so graphs could win ~1%.",

@@ -60,3 +60,45 @@ def test_e2e_runs_every_variant_in_its_own_process_and_reports(tmp_path):
     assert "EXTRAPOLATED" in text and "| cold |" in text and "4prompts (per prompt, 4 in one pass)" in text
     summary = json.loads((report / "e2e.json").read_text())["summary"]
     assert summary["rows"]["cold"]["first_vs_upstream"] > 0 and (report / "e2e.png").stat().st_size > 0
+
+
+def _call(steps: int, step_s: float, before_s: float, decode: bool = True) -> dict:
+    phases = {"encode": {"seconds": 5.0, "peak_bytes": 1, "cache_hit": False}}
+    if decode:
+        phases["decode"] = {"seconds": 5.0, "peak_bytes": 1, "cache_hit": None}
+    wall = 5.0 + before_s + steps * step_s + (5.0 if decode else 0.0)
+    return {"wall_s": wall, "steps": steps, "median_step_s": step_s, "before_first_step_s": before_s, "steps_s": steps * step_s,
+            "phases": phases, "peak_vram_bytes": 2**30}
+
+
+def _run(variants: dict, steps: int, skipped: dict | None = None) -> dict:
+    return {"device": "GPU", "versions": {"torch": "t", "diffusers": "d", "torchao": "a"}, "date": "2026-11-30 01:42 UTC",
+            "command": f"e2e.py run --steps {steps}", "steps": steps, "workload": {"frames": 49, "height": 480, "width": 720},
+            "variants": variants, "skipped": skipped or {}}
+
+
+def test_e2e_report_keeps_a_row_killed_after_its_calls_and_labels_derived_figures(tmp_path):
+    """Runs at 50 and at 10 steps merged: the 50-step cold row counts though its process was
+    killed after its calls, 10-step rows are derived, and the compile costs per phase follow."""
+    from benchmarks.e2e import report
+
+    both = {"invert": True, "edit": True}
+    cold = {"ok": False, "error": "killed by the time guard after invert, edit, further_edit", "recompile_limit_hits": 0, "prompts": 1, "steps": 50,
+            "compiled": both, "calls": {"invert": _call(50, 0.72, 37.9, False), "edit": _call(50, 3.0, 18.4), "further_edit": _call(50, 3.0, 4.3)}}
+    eager = {"ok": True, "recompile_limit_hits": 0, "prompts": 1, "steps": 10, "compiled": {"invert": False, "edit": False},
+             "calls": {"invert": _call(10, 0.88, 14.8, False), "edit": _call(10, 3.56, 3.3)}}
+    upstream = {"ok": True, "recompile_limit_hits": 0, "timed_steps": 3, "per_step_s": {"invert": 1.8, "edit": 4.5}, "fixed_s": 10.0,
+                "extrapolated_total_s": 325.0, "peak_vram_bytes": 2**35, "phases": {"load": {"seconds": 6.0}}}
+    paths = [tmp_path / "a.json", tmp_path / "c.json"]
+    paths[0].write_text(json.dumps(_run({"cold": cold}, 50)))
+    paths[1].write_text(json.dumps(_run({"upstream": upstream, "nocompile": eager}, 10, {"fp8": "estimated 169 s, 80 s left"})))
+    report(paths, tmp_path / "out")
+    text = (tmp_path / "out" / "E2E.md").read_text()
+    rows: dict[str, str] = {}
+    for line in text.splitlines():  # the first table's row of each variant
+        rows.setdefault(line.split(" | ")[0].strip("| "), line)
+    assert "| 50 | invert, edit | 78.9 measured |" in rows["cold"] and "0.51x measured" in rows["cold"]
+    assert "| 10 | none | 63.8 derived |" in rows["nocompile"], "10-step calls: + 40 median steps, labelled derived"
+    assert "killed by the time guard" in text and "fp8: estimated" in text
+    costs = json.loads((tmp_path / "out" / "e2e.json").read_text())["summary"]["compile"]
+    assert round(costs["invert"]["cold"]["cost_s"], 1) == 23.1 and round(costs["edit"]["cold"]["saved_s"], 1) == 28.0

@@ -125,7 +125,10 @@ def test_compile_is_on_by_default_only_where_it_was_measured_to_pay(monkeypatch)
     assert not any(compile_by_default("cuda", PLANS[name], triton=True) for name in ("offload", "int8", "nf4"))
     assert not compile_by_default("cpu", PLANS["staged"], triton=True)
     assert Runtime.default("cpu").compile is False and Runtime.default("cpu", compile=True).compile is True
-    # Each phase's default is one entry: off there, on in the other phase.
+    # E2E.md: the edit's compile pays within 50 steps, the inversion's does not.
+    assert not compile_by_default("cuda", PLANS["staged"], triton=True, phase="invert")
+    # Each phase's default is one entry: flipping it changes that phase only.
+    monkeypatch.setitem(components.COMPILE_PHASES, "invert", True)
     monkeypatch.setitem(components.COMPILE_PHASES, "edit", False)
     assert not compile_by_default("cuda", PLANS["staged"], triton=True, phase="edit")
     assert compile_by_default("cuda", PLANS["staged"], triton=True, phase="invert")

@@ -74,17 +74,17 @@ class Runtime:
 
 
 # Whether each phase compiles when --compile is not given, where compiling can pay at all
-# (`compile_by_default`): one line per phase, set from the end-to-end run (benchmarks/results/E2E.md).
-COMPILE_PHASES = {"invert": True, "edit": True}
+# (`compile_by_default`): one line per phase, set from the end-to-end run (benchmarks/results/E2E.md,
+# "Compile, per phase"). The inversion's compile costs 23 s cold / 8 s warm before its first step
+# and saves 0.16 s a step (8 s over 50): it does not pay. The edit's costs 15 s cold / 4 s warm and
+# saves 0.56 s a step (28 s over 50): it pays from 27 steps cold, 7 warm.
+COMPILE_PHASES = {"invert": False, "edit": True}
 
 
 def compile_by_default(device: str, plan: Plan, triton: bool | None = None, phase: str = "edit") -> bool:
     """Whether --compile is on unless asked otherwise: in the phases `COMPILE_PHASES` names, on a
-    CUDA GPU with Triton, for the plans that keep bf16 weights on the GPU. There it pays within one phase once its kernels are cached:
-    a full-size 5B forward takes 0.72 s compiled against 0.88 s eager, and the first compiled
-    forward of a process 3.5 s more than a steady one (1.2 s eager) with cogedit's kernel cache,
-    16 s with none (NVIDIA H200, benchmarks/results/WARMUP.md). Offloaded and 8/4-bit plans stay
-    eager: their kernels were never measured compiled."""
+    CUDA GPU with Triton, for the plans that keep bf16 weights on the GPU. Offloaded and 8/4-bit
+    plans stay eager: their kernels were never measured compiled."""
     if triton is None:
         import importlib.util
 
