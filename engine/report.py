@@ -60,6 +60,22 @@ def _oom_message(phase: str, exc: BaseException) -> str:
 Listener = Callable[[str, int, "int | None"], None]
 
 
+def progress_view(console: object) -> object:
+    """The rich Progress every bar of cogedit is drawn in: phase name, bar, count, times."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    return Progress(
+        SpinnerColumn(),
+        TextColumn("[bold]{task.description:<8}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=False,
+    )
+
+
 class Phase:
     """Handle given to the code inside a phase: advance its bar, mark a cache hit."""
 
@@ -94,13 +110,16 @@ class Phase:
 
 
 class Reporter:
-    """Collects phase records; shows bars when given a rich console, and tells `listener` each
-    phase's progress (a listener that raises stops the run there: the web app's cancel)."""
+    """Collects phase records; shows bars when given a rich console, or adds them to `progress`,
+    a running rich Progress that several reporters share (a batch's one view), and tells
+    `listener` each phase's progress (a listener that raises stops the run there: the web app's
+    cancel)."""
 
-    def __init__(self, console: object | None = None, device: str = "cpu", listener: Listener | None = None) -> None:
+    def __init__(self, console: object | None = None, device: str = "cpu", listener: Listener | None = None, progress: object | None = None) -> None:
         self.console = console
         self.device = device
         self.listener = listener
+        self.progress = progress
         self.records: list[PhaseRecord] = []
 
     @property
@@ -120,21 +139,11 @@ class Reporter:
             torch.cuda.reset_peak_memory_stats()
         else:
             _reset_cpu_peak()
-        progress = task = None
-        if self.console is not None:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-            progress = Progress(
-                SpinnerColumn(),
-                TextColumn("[bold]{task.description:<8}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TimeElapsedColumn(),
-                TimeRemainingColumn(),
-                console=self.console,
-                transient=False,
-            )
+        progress, task, own = self.progress, None, False
+        if progress is None and self.console is not None:
+            progress, own = progress_view(self.console), True
             progress.start()
+        if progress is not None:
             task = progress.add_task(name, total=total)
         start = time.perf_counter()
         failed = True
@@ -152,7 +161,9 @@ class Reporter:
             else:
                 record.peak_bytes = _cpu_peak()
             record.seconds = time.perf_counter() - start
-            if progress is not None:
+            if progress is not None and not own:
+                progress.remove_task(task)  # the shared view keeps only what is running
+            elif progress is not None:
                 if failed:  # the error's one line says what happened; a stopped bar would only add noise
                     progress.live.transient = True
                 elif progress.tasks[0].total is None:
