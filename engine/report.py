@@ -13,7 +13,7 @@ import re
 import resource
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -28,6 +28,7 @@ class PhaseRecord:
     peak_reserved: int = 0  # CUDA allocator's reserved peak (0 on CPU)
     cache_hit: bool | None = None  # None: the phase has nothing to cache
     detail: str = ""
+    advances: list[float] = field(default_factory=list)  # seconds since the start at each advance (each step)
 
 
 def _reset_cpu_peak() -> None:
@@ -79,11 +80,15 @@ def progress_view(console: object) -> object:
 class Phase:
     """Handle given to the code inside a phase: advance its bar, mark a cache hit."""
 
-    def __init__(self, record: PhaseRecord, progress: object | None, task: int | None, listener: Listener | None = None, total: int | None = None) -> None:
+    def __init__(
+        self, record: PhaseRecord, progress: object | None, task: int | None, listener: Listener | None = None, total: int | None = None, cuda: bool = False
+    ) -> None:
         self.record = record
         self._progress = progress
         self._task = task
         self._listener = listener
+        self._cuda = cuda
+        self._start = time.perf_counter()
         self.done, self.steps = 0, total
         self._tell()
 
@@ -98,6 +103,9 @@ class Phase:
         self._tell()
 
     def advance(self, n: int = 1) -> None:
+        if self._cuda:  # a step's time is its GPU work's (the queue runs ahead of the host otherwise)
+            torch.cuda.synchronize()
+        self.record.advances.append(time.perf_counter() - self._start)
         self.done += n
         if self._progress is not None:
             self._progress.advance(self._task, n)
@@ -148,7 +156,7 @@ class Reporter:
         start = time.perf_counter()
         failed = True
         try:
-            handle = Phase(record, progress, task, self.listener, total)
+            handle = Phase(record, progress, task, self.listener, total, cuda)
             yield handle
             failed = False
         except torch.cuda.OutOfMemoryError as exc:

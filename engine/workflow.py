@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from cache.atomic import remove_temp_files
 from cache.entry import InversionEntry
@@ -384,14 +385,24 @@ def run(
     check_video_file(video)
     _edit_settings(edit_opts, prompts, inspect_model(edit_opts.model or model))  # bad prompts or edit flags: refused before the inversion
     reporter = reporter or Reporter(device=Runtime.default(inv_opts.device).device)
-    if edit_opts.gpus > 1:
-        _check_gpus(edit_opts.gpus, edit_opts.guidance, callback)
-        if not under_torchrun():  # both workers run it all: one inverts, the other waits on the entry's lock
-            inv_id, result = on_workers(edit_opts.gpus, reporter, _run_ids, video, model, prompts, cache_dir=cache_dir, **options)
-            return open_inversion(inv_id, cache_dir), result
-        device = worker_device(inv_opts.device)
-        inv_opts, edit_opts = dataclasses.replace(inv_opts, device=device), dataclasses.replace(edit_opts, device=device)
+    if edit_opts.gpus == 1:
+        return _run(video, model, prompts, cache_dir, reporter, callback, inv_opts, edit_opts)
+    _check_gpus(edit_opts.gpus, edit_opts.guidance, callback)
+    if not under_torchrun():
+        inv_id, result = on_workers(edit_opts.gpus, reporter, _run_ids, video, model, prompts, cache_dir=cache_dir, **options)
+        return open_inversion(inv_id, cache_dir), result
+    device = worker_device(inv_opts.device)
+    inv_opts, edit_opts = dataclasses.replace(inv_opts, device=device), dataclasses.replace(edit_opts, device=device)
+    with process_group(backend_for(device)):
+        if rank() != 0:  # worker 0 inverts (and shows it); the other then finds the entry in the cache
+            dist.barrier()
+        return _run(video, model, prompts, cache_dir, reporter, callback, inv_opts, edit_opts, before_edit=dist.barrier if rank() == 0 else None)
+
+
+def _run(video, model, prompts, cache_dir, reporter, callback, inv_opts: InvertOptions, edit_opts: EditOptions, before_edit: Callable[[], None] | None = None) -> tuple[Inversion, EditResult]:
     inv = invert(video, model, cache_dir=cache_dir, reporter=reporter, callback=callback, **dataclasses.asdict(inv_opts))
+    if before_edit is not None:
+        before_edit()
     edit_kw = {**dataclasses.asdict(edit_opts), "model": edit_opts.model or model, "dtype": None}
     return inv, edit(inv, prompts, cache_dir=cache_dir, reporter=reporter, callback=callback, **edit_kw)
 

@@ -224,9 +224,8 @@ def _hit(reporter: Reporter) -> bool:
     return any(r.name == "invert" and r.cache_hit for r in reporter.records)
 
 
-def _run_unit(unit: Unit, common: dict[str, Any], cache_dir: str | Path | None, out_dir: Path, progress: Any) -> list[Row]:
+def _run_unit(unit: Unit, common: dict[str, Any], cache_dir: str | Path | None, out_dir: Path, output: str, reporter: Reporter) -> list[Row]:
     job, me = unit.jobs[0], rank()
-    reporter = Reporter(device=Runtime.default(common["device"]).device, progress=progress)
     start = time.perf_counter()
     try:
         inv = invert(job.video, job.model, cache_dir=cache_dir, reporter=reporter, **{**common, **job.invert})
@@ -238,17 +237,17 @@ def _run_unit(unit: Unit, common: dict[str, Any], cache_dir: str | Path | None, 
     start = time.perf_counter()
     opts = {k: v for k, v in common.items() if k != "dtype"}
     try:
-        result = edit(inv, list(job.prompts), cache_dir=cache_dir, reporter=reporter, out_dir=str(out_dir / job.name), skip_existing=True, **{**opts, **job.edit})
+        keep = dict(skip_existing=True) if output == "mp4" else {}
+        result = edit(inv, list(job.prompts), cache_dir=cache_dir, reporter=reporter, out_dir=str(out_dir / job.name), output=output, **keep, **{**opts, **job.edit})
     except Exception as exc:
         return [Row(job.name, p, "", 0.0, _failure(exc), me) for p in job.prompts]
     each = (time.perf_counter() - start) / max(1, len(job.prompts) - len(result.skipped))
-    return [
-        Row(job.name, p, str(Path(v).relative_to(out_dir)), 0.0 if p in result.skipped else each, "cached" if p in result.skipped else "done", me)
-        for p, v in zip(result.prompts, result.videos)
-    ]
+    outputs = [str(Path(v).relative_to(out_dir)) for v in result.videos] or [f"({output})"] * len(job.prompts)
+    return [Row(job.name, p, v, 0.0 if p in result.skipped else each, "cached" if p in result.skipped else "done", me) for p, v in zip(result.prompts, outputs)]
 
 
-def _run_share(units: list[Unit], common: dict[str, Any], cache_dir, out_dir: Path, reporter: Reporter) -> list[Row]:
+def _run_share(units: list[Unit], common: dict[str, Any], cache_dir, out_dir: Path, output: str, reporter: Reporter) -> list[Row]:
+    """This worker's units in order, under one progress view; every phase lands in `reporter`."""
     rows: list[Row] = []
     console = reporter.console
     progress = progress_view(console) if console is not None else None
@@ -257,7 +256,9 @@ def _run_share(units: list[Unit], common: dict[str, Any], cache_dir, out_dir: Pa
         overall = progress.add_task(f"batch (worker {rank()} of {world_size()})" if world_size() > 1 else "batch", total=len(units))
     try:
         for unit in units:
-            rows += _run_unit(unit, common, cache_dir, out_dir, progress)
+            mine = Reporter(device=reporter.device, progress=progress)
+            rows += _run_unit(unit, common, cache_dir, out_dir, output, mine)
+            reporter.records += mine.records
             if progress is not None:
                 progress.advance(overall)
     finally:
@@ -278,6 +279,7 @@ def batch(
     *,
     out_dir: str | Path = "cogedit-batch",
     nproc: int = 1,
+    output: str = "mp4",
     cache_dir: str | Path | None = None,
     reporter: Reporter | None = None,
     **options: Any,
@@ -288,24 +290,27 @@ def batch(
     job's own [job.invert] / [job.edit] tables win. `nproc` > 1 starts that many workers through
     torchrun (one GPU each, LOCAL_RANK; the CPU where there is none); a process that torchrun
     started (by hand, across machines) is one worker of the batch whatever `nproc` says. Returns
-    every row on worker 0; a failed job is a row, not an exception.
+    every row on worker 0; a failed job is a row, not an exception. `output="frames"` decodes
+    every edit and keeps nothing (a re-run does it all again): timing on a machine without ffmpeg.
     """
     plan = read_jobs(jobs, model)  # refuse a bad file before anything starts
     bad = sorted(set(options) - names(RuntimeOptions))
     if bad:
         raise SettingsError(f"batch() got unknown option(s) {', '.join(bad)}; it takes plan, vram, compile, fp8, device, dtype (the rest go in the jobs file)")
-    reporter = reporter or Reporter()
-    if nproc > 1 and not under_torchrun():
-        return on_workers(nproc, reporter, batch, jobs, model, out_dir=out_dir, cache_dir=cache_dir, **options)
+    if output not in ("mp4", "frames"):
+        raise SettingsError(f"batch output must be mp4 or frames, got {output!r}")
     common = {**options, "device": worker_device(options.get("device")) if under_torchrun() else options.get("device")}
+    reporter = reporter or Reporter(device=Runtime.default(common["device"]).device)
+    if nproc > 1 and not under_torchrun():
+        return on_workers(nproc, reporter, batch, jobs, model, out_dir=out_dir, output=output, cache_dir=cache_dir, **options)
     units = plan_units(plan)
     if not under_torchrun():
-        return BatchResult(_in_file_order(_run_share(units, common, cache_dir, Path(out_dir), reporter), plan), Path(out_dir))
+        return BatchResult(_in_file_order(_run_share(units, common, cache_dir, Path(out_dir), output, reporter), plan), Path(out_dir))
     # Objects only cross workers here, so gloo suffices whatever the device, and waits long.
     with process_group("gloo", timeout=GATHER_TIMEOUT):
         import torch.distributed as dist
 
-        mine = _run_share(assign(units, world_size())[rank()], common, cache_dir, Path(out_dir), reporter)
+        mine = _run_share(assign(units, world_size())[rank()], common, cache_dir, Path(out_dir), output, reporter)
         everyone: list[list[Row]] | None = [[] for _ in range(world_size())] if rank() == 0 else None
         dist.gather_object(mine, everyone, dst=0)
     rows = [r for part in everyone for r in part] if everyone is not None else mine

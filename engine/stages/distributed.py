@@ -59,15 +59,22 @@ def worker_device(device: str | None) -> str:
     raise SettingsError(f"--device {device} with several workers: leave --device out (each worker takes GPU LOCAL_RANK) or pass --device cpu")
 
 
+# How long a worker may wait in a collective: `run --gpus 2`'s second worker waits while the first
+# inverts (minutes for a long clip); a dead worker is noticed by torchrun long before.
+WAIT = timedelta(hours=6)
+
+
 @contextlib.contextmanager
-def process_group(backend: str, timeout: timedelta | None = None) -> Iterator[None]:
+def process_group(backend: str, timeout: timedelta = WAIT) -> Iterator[None]:
     """The default process group for the `with` block (torchrun's env:// rendezvous), unless one is
     already up (then its owner ends it)."""
     if dist.is_initialized():
         yield
         return
     os.environ.update(MULTICAST_OFF)
-    dist.init_process_group(backend, timeout=timeout)
+    # NCCL bound to this worker's GPU up front: barriers and collectives then use no other.
+    bound = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else None
+    dist.init_process_group(backend, timeout=timeout, device_id=bound)
     try:
         yield
     finally:
