@@ -12,8 +12,8 @@
 
 The work is a list of units: one inversion per distinct (video, model, invert options), however
 many jobs share it, then one edit per job. With several workers each takes its share, split by
-expected cost (longest first to the least loaded worker; inversions first, and a job's edit
-preferably where its inversion runs); an edit whose inversion another worker is computing waits
+expected cost (inversions first, then edits, each longest first to the worker where it would end
+soonest); an edit whose inversion another worker is computing waits
 on that entry's lock and then reads it from the cache, so nothing is inverted twice. Everything
 lands in the cache or in `<out>/<job>/` as it is finished, so a re-run skips what is done and
 rewrites nothing, and a worker killed mid-run loses only the step it was in.
@@ -194,20 +194,20 @@ def plan_units(jobs: list[Job]) -> list[Unit]:
 
 
 def assign(units: list[Unit], workers: int) -> list[list[Unit]]:
-    """Each worker's units: inversions, then edits, each longest first to the least loaded worker
-    (an edit, on a tie, to the worker of its inversion). The same on every worker: no messages."""
+    """Each worker's units: inversions, then edits, each longest first to the worker where it
+    would end soonest; an edit cannot start before its inversion ends, wherever that runs, and on
+    a tie it goes where its inversion is. The same on every worker, so no messages are needed."""
     load = [0.0] * workers
     share: list[list[Unit]] = [[] for _ in range(workers)]
-    owner: dict[str, int] = {}
+    ready: dict[str, tuple[float, int]] = {}  # inversion key -> (when it ends, its worker)
     for kind in ("invert", "edit"):
-        todo = sorted((u for u in units if u.kind == kind), key=lambda u: -u.cost)  # stable: file order on ties
-        for u in todo:
-            home = owner.get(u.jobs[0].inversion_key, 0)
-            w = min(range(workers), key=lambda w: (load[w], w != home, w))
-            load[w] += u.cost
+        for u in sorted((u for u in units if u.kind == kind), key=lambda u: -u.cost):  # stable: file order on ties
+            after, home = ready.get(u.jobs[0].inversion_key, (0.0, 0))
+            w = min(range(workers), key=lambda w: (max(load[w], after) + u.cost, w != home, w))
+            load[w] = max(load[w], after) + u.cost
             share[w].append(u)
             if kind == "invert":
-                owner[u.jobs[0].inversion_key] = w
+                ready[u.jobs[0].inversion_key] = (load[w], w)
     return share
 
 
