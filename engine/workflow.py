@@ -41,7 +41,7 @@ from engine.results import EditResult, Inversion, open_inversion
 from engine.stages.attention_store import MemoryStores, capture_stage, check_budget, find_store, has_store, store_settings
 from engine.stages.context import Callback, StageContext
 from engine.stages.decode import decode_stage, output_paths
-from engine.stages.distributed import GuidanceSplit, backend_for, launch, process_group, rank, under_torchrun, worker_device
+from engine.stages.distributed import GuidanceSplit, backend_for, check_worker_device, launch, process_group, rank, under_torchrun, worker_device
 from engine.stages.editing import edit_stage
 from engine.stages.embed import embed_stage
 from engine.stages.encode import encode_stage
@@ -305,7 +305,7 @@ def edit(inversion: Inversion | str, prompts: Prompts, *, cache_dir: str | Path 
         raise SettingsError("an edit runs in its inversion's dtype: drop dtype, or invert again with it")
     if opts.skip_existing and opts.force:
         raise SettingsError("give skip_existing or force, not both (one keeps existing files, the other overwrites them)")
-    _check_gpus(opts.gpus, opts.guidance, callback)
+    _check_gpus(opts.gpus, opts.guidance, callback, opts.device)
     inv = open_inversion(inversion, cache_dir) if isinstance(inversion, str) else inversion
     prompts = (prompts,) if isinstance(prompts, str) else tuple(prompts)
     if opts.gpus > 1 and under_torchrun():
@@ -325,7 +325,7 @@ def edit(inversion: Inversion | str, prompts: Prompts, *, cache_dir: str | Path 
     done = [k for k in range(len(prompts)) if opts.skip_existing and outputs[0][k].exists() and outputs[1][k].exists()]
     skipped = tuple(prompts[k] for k in done)
     if len(done) == len(prompts):
-        return EditResult(inv.id, prompts, *outputs, torch.empty(0), skipped=skipped)
+        return EditResult(inv.id, prompts, tuple(outputs[0]), tuple(outputs[1]), torch.empty(0), skipped=skipped)
     if opts.gpus > 1 and not under_torchrun():
         return on_workers(opts.gpus, reporter, edit, inv.id, prompts, cache_dir=cache_dir, **options)
     todo = [k for k in range(len(prompts)) if k not in done]
@@ -340,13 +340,15 @@ def edit(inversion: Inversion | str, prompts: Prompts, *, cache_dir: str | Path 
     return EditResult(inv.id, prompts, tuple(videos), tuple(pairs), latents, frames, skipped)
 
 
-def _check_gpus(gpus: int, guidance: float, callback: Callback | None) -> None:
+def _check_gpus(gpus: int, guidance: float, callback: Callback | None, device: str | None) -> None:
     if gpus not in (1, 2):
         raise SettingsError(f"--gpus takes 1 or 2 (the two halves of classifier-free guidance), got {gpus}")
     if gpus == 2 and guidance == 1.0:
         raise SettingsError("--gpus 2 splits classifier-free guidance into its two halves, and --guidance 1 has only one: drop --gpus or raise --guidance")
     if gpus == 2 and callback is not None and not under_torchrun():
         raise SettingsError("gpus=2 runs the edit in two other processes, where a callback cannot reach: drop the callback, or start the workers with torchrun")
+    if gpus == 2:
+        check_worker_device(device)
 
 
 def _render(ctx: StageContext, inv: Inversion, settings: EditSettings, gpus: int) -> torch.Tensor | None:
@@ -387,7 +389,7 @@ def run(
     reporter = reporter or Reporter(device=Runtime.default(inv_opts.device).device)
     if edit_opts.gpus == 1:
         return _run(video, model, prompts, cache_dir, reporter, callback, inv_opts, edit_opts)
-    _check_gpus(edit_opts.gpus, edit_opts.guidance, callback)
+    _check_gpus(edit_opts.gpus, edit_opts.guidance, callback, edit_opts.device)
     if not under_torchrun():
         inv_id, result = on_workers(edit_opts.gpus, reporter, _run_ids, video, model, prompts, cache_dir=cache_dir, **options)
         return open_inversion(inv_id, cache_dir), result

@@ -7,6 +7,7 @@ one jobs file and a tiny workload."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ from click.testing import CliRunner
 
 import engine
 from cli import cli
-from engine.errors import CogeditError
+from engine.errors import SettingsError, WorkerError
 from engine.jobs.batch import Job, Unit, assign
 from tests.conftest import CLIPS
 
@@ -77,7 +78,7 @@ def test_two_workers_killed_then_rerun_lose_nothing_and_match_one_process(one_pr
     # Worker 1 inverts the small clip (the split gives each worker one inversion) and dies after its 2nd step.
     monkeypatch.setenv("COGEDIT_TEST_KILL_AT", "step:2")
     monkeypatch.setenv("COGEDIT_TEST_KILL_RANK", "1")
-    with pytest.raises(CogeditError, match="worker 1 was killed by SIGKILL; finished work is cached"):
+    with pytest.raises(WorkerError, match="worker 1 was killed by SIGKILL; finished work is cached"):
         engine.batch(jobs, tiny_model, **run)
     steps_before = _files(tmp_path / "cache" / "inversions")
     outputs_before = _files(tmp_path / "out") if (tmp_path / "out").exists() else {}
@@ -157,3 +158,18 @@ def test_no_model_and_gpus_misuse_are_one_line(tmp_path):
     for args, message in cases:
         result = CliRunner().invoke(cli, args)
         assert result.exit_code != 0 and message in result.output and "Traceback" not in result.output, result.output
+
+
+def test_api_misuse_is_refused_before_any_work(tmp_path):
+    jobs = _jobs(tmp_path / "jobs.toml")
+    cases = [
+        (lambda: engine.edit("abc", ["a"], skip_existing=True, force=True), "give skip_existing or force, not both"),
+        (lambda: engine.edit("abc", ["a"], gpus=2, callback=print), "where a callback cannot reach"),
+        (lambda: engine.batch(jobs, "m", steps=3), "batch() got unknown option(s) steps"),
+        (lambda: engine.batch(jobs, "m", output="latents"), "batch output must be mp4 or frames"),
+        (lambda: engine.batch(jobs, "m", nproc=2, device="cuda:1"), "--device cuda:1 with several workers"),
+        (lambda: engine.edit("abc", ["a"], gpus=2, device="cuda:1"), "--device cuda:1 with several workers"),
+    ]
+    for call, message in cases:
+        with pytest.raises(SettingsError, match=re.escape(message)):
+            call()

@@ -33,7 +33,7 @@ from engine.errors import USER_ERRORS, SettingsError
 from engine.models.components import Runtime
 from engine.options import EditOptions, InvertOptions, RuntimeOptions, names, parse
 from engine.report import Reporter, progress_view
-from engine.stages.distributed import process_group, rank, under_torchrun, worker_device, world_size
+from engine.stages.distributed import check_worker_device, process_group, rank, under_torchrun, worker_device, world_size
 from engine.workflow import edit, invert, on_workers
 
 if sys.version_info >= (3, 11):
@@ -299,6 +299,8 @@ def batch(
         raise SettingsError(f"batch() got unknown option(s) {', '.join(bad)}; it takes plan, vram, compile, fp8, device, dtype (the rest go in the jobs file)")
     if output not in ("mp4", "frames"):
         raise SettingsError(f"batch output must be mp4 or frames, got {output!r}")
+    if nproc > 1:
+        check_worker_device(options.get("device"))
     common = {**options, "device": worker_device(options.get("device")) if under_torchrun() else options.get("device")}
     reporter = reporter or Reporter(device=Runtime.default(common["device"]).device)
     if nproc > 1 and not under_torchrun():

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from engine.errors import USER_ERRORS, CogeditError, DeviceError, SettingsError
+from engine.errors import USER_ERRORS, DeviceError, SettingsError, WorkerError
 
 # NVLink multicast (NVLS) off in every process we start: our collectives move a few MB per step,
 # which multicast does not speed up, and on shared hosts a program using it can take the GPUs out
@@ -46,17 +46,24 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", 1))
 
 
+def check_worker_device(device: str | None) -> None:
+    """Refuse, before any worker starts, a --device that names one GPU for several workers."""
+    if device not in (None, "cuda", "cpu"):
+        raise SettingsError(f"--device {device} with several workers: leave --device out (each worker takes GPU LOCAL_RANK) or pass --device cpu")
+
+
 def worker_device(device: str | None) -> str:
     """This worker's device: GPU LOCAL_RANK where there are GPUs, else the CPU."""
+    check_worker_device(device)
     local = int(os.environ.get("LOCAL_RANK", 0))
     if device in (None, "cuda") and torch.cuda.is_available():
         if local >= torch.cuda.device_count():
             raise DeviceError(f"worker {local} of this machine has no GPU of its own ({torch.cuda.device_count()} visible); start at most that many workers per machine")
         torch.cuda.set_device(local)
         return f"cuda:{local}"
-    if device in (None, "cpu"):
-        return "cpu"
-    raise SettingsError(f"--device {device} with several workers: leave --device out (each worker takes GPU LOCAL_RANK) or pass --device cpu")
+    if device == "cuda":
+        raise DeviceError("--device cuda: torch sees no GPU; check the driver (nvidia-smi) and CUDA_VISIBLE_DEVICES, or pass --device cpu")
+    return "cpu"
 
 
 # How long a worker may wait in a collective: `run --gpus 2`'s second worker waits while the first
@@ -124,7 +131,7 @@ def _entry(fn: Callable[..., Any], args: tuple, errors: str) -> Any:
 def launch(fn: Callable[..., Any], nproc: int, *args: Any) -> dict[int, Any]:
     """Run `fn(*args)` in `nproc` workers on this machine through torchrun's launcher and return
     each worker's result by rank. When one worker fails, torchrun stops the others; the first
-    typed error (lowest rank) is raised here, else a one-line CogeditError naming the worker."""
+    typed error (lowest rank) is raised here, else a WorkerError naming the worker."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -141,7 +148,7 @@ def launch(fn: Callable[..., Any], nproc: int, *args: Any) -> dict[int, Any]:
             kept = sorted(Path(errors).glob("*.pickle"), key=lambda p: int(p.stem))
             if kept:
                 raise pickle.loads(kept[0].read_bytes()) from None
-            raise CogeditError(_failure_line(exc)) from None
+            raise WorkerError(_failure_line(exc)) from None
 
 
 def _failure_line(exc: Any) -> str:
