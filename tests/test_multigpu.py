@@ -173,3 +173,14 @@ def test_api_misuse_is_refused_before_any_work(tmp_path):
     for call, message in cases:
         with pytest.raises(SettingsError, match=re.escape(message)):
             call()
+
+
+def test_batch_command_prints_one_table_and_exits_1_on_a_failed_job(one_process, tiny_model):
+    root, *_ = one_process
+    args = ["batch", str(root / "jobs.toml"), "--model", str(tiny_model), "--out", str(root / "out"), "--cache-dir", str(root / "cache"), "--device", "cpu", "--json"]
+    result = CliRunner().invoke(cli, args, env={"COLUMNS": "250"})
+    assert result.exit_code == 1, result.output
+    assert "cogedit batch into" in result.output and "(inversion)" in result.output
+    assert "2 of 10 rows failed (job(s) gone)" in result.output and "Traceback" not in result.output
+    rows = json.loads(next(line for line in result.output.splitlines() if line.startswith("[{")))
+    assert {r["status"] for r in rows if r["prompt"] and r["job"] != "gone"} == {"cached"}

@@ -11,6 +11,7 @@ so everything below works the same under either.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import pickle
 import signal
@@ -141,6 +142,13 @@ def launch(fn: Callable[..., Any], nproc: int, *args: Any) -> dict[int, Any]:
         rdzv_backend="c10d", rdzv_endpoint="localhost:0",  # torchrun --standalone
         max_restarts=0, start_method="spawn",
     )
+    # torchrun logs every failed worker's traceback, the others' lost connections too; the one
+    # line below says what happened (COGEDIT_DEBUG=1 keeps the logs).
+    loggers = [logging.getLogger(name) for name in ("torch.distributed.elastic", "torch.multiprocessing")]
+    levels = [log.level for log in loggers]
+    if os.environ.get("COGEDIT_DEBUG") != "1":
+        for log in loggers:
+            log.setLevel(logging.CRITICAL)
     with tempfile.TemporaryDirectory(prefix="cogedit-workers-") as errors:
         try:
             return elastic_launch(config, _entry)(fn, args, errors)
@@ -149,10 +157,18 @@ def launch(fn: Callable[..., Any], nproc: int, *args: Any) -> dict[int, Any]:
             if kept:
                 raise pickle.loads(kept[0].read_bytes()) from None
             raise WorkerError(_failure_line(exc)) from None
+        finally:
+            for log, level in zip(loggers, levels):
+                log.setLevel(level)
 
 
 def _failure_line(exc: Any) -> str:
     worker, failure = min(exc.failures.items())
     code = failure.exitcode
-    how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with status {code}"
-    return f"worker {worker} {how}; finished work is cached — run the same command again to finish the rest"
+    if code < 0:
+        how = f"was killed by {signal.Signals(-code).name}"
+    else:  # an unforeseen error: its last line (the exception) when torchrun recorded one
+        text = failure.message.get("message", "") if isinstance(failure.message, dict) else str(failure.message or "")
+        last = next((line.strip() for line in reversed(text.splitlines()) if line.strip()), "")
+        how = f"failed: {last[:300]}" if last else f"exited with status {code}"
+    return f"worker {worker} {how}; finished work is cached — run the same command again to finish the rest (COGEDIT_DEBUG=1 shows the workers' logs)"
