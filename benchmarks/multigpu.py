@@ -196,11 +196,12 @@ def report(path: Path) -> None:
     shutil.copyfile(path, dest / "multigpu.json")
     runs = result["runs"]
     w = result["workload"]
+    model = "The tiny test model (a check of the script)" if result["device"] == "cpu" else "CogVideoX-5B architecture with random weights"
     lines = [
         "# Beyond one GPU (issue 20)",
         "",
         f"Device: {result['device']}; torch {result['torch']}; {result['date']}. Command: `{result['command']}`.",
-        f"CogVideoX-5B architecture with random weights, {w['frames']}x{w['height']}x{w['width']}, eager, {result['steps']} steps measured "
+        f"{model}, {w['frames']}x{w['height']}x{w['width']}, eager, {result['steps']} steps measured "
         f"(the device budget allowed no more); NVLink multicast off ({', '.join(f'{k}={v}' for k, v in result['env'].items())}).",
         "Wall clock of the engine's calls from an empty cache; the 2-GPU runs include starting their two workers (torchrun's launcher).",
         "\"50 steps\" is projected from the same runs: wall - measured step time + 50/steps x step time (each phase's median step).",
@@ -224,7 +225,7 @@ def report(path: Path) -> None:
     ]
     if "split_vs_one" in result:
         s = result["split_vs_one"]
-        lines += ["", f"--gpus 2 against one GPU, edited latents: rel. L2 {s['rel_l2']:.2e}, max abs {s['max_abs']:.2e} (bf16)."]
+        lines += ["", f"--gpus 2 against one GPU, edited latents: rel. L2 {s['rel_l2']:.2e}, max abs {s['max_abs']:.2e} ({'fp32' if result['device'] == 'cpu' else 'bf16'})."]
     lines += ["", "Phases of each run (worker 0's for the 2-GPU runs):", ""]
     for name in RUNS:
         for p in runs.get(name, {}).get("phases", []):
@@ -235,7 +236,10 @@ def report(path: Path) -> None:
     if png.exists():  # drawn where it was measured: matplotlib is there
         shutil.copyfile(png, dest / "multigpu.png")
     else:
-        plot(result, dest / "multigpu.png")
+        try:
+            plot(result, dest / "multigpu.png")
+        except ImportError:
+            print("no multigpu.png beside the JSON and no matplotlib here: the report has no plot", flush=True)
     print(f"wrote {dest / 'MULTIGPU.md'}")
 
 
