@@ -16,8 +16,10 @@ from click.testing import CliRunner
 
 import engine
 from cli import cli
-from engine.errors import SettingsError, WorkerError
+from engine.errors import DeviceError, SettingsError, WorkerError
 from engine.jobs.batch import Job, Unit, assign
+from engine.stages.distributed import worker_device
+from engine.workflow import _check_gpus
 from tests.conftest import CLIPS
 
 TINY = dict(frames=5, height=96, width=160, steps=3)
@@ -173,6 +175,26 @@ def test_api_misuse_is_refused_before_any_work(tmp_path):
     for call, message in cases:
         with pytest.raises(SettingsError, match=re.escape(message)):
             call()
+
+
+def test_a_worker_hands_its_own_gpu_on_unrefused(monkeypatch):
+    """On a GPU box `run --gpus 2` with no --device: each worker resolves None to its GPU and
+    hands that on to `edit`, which checks and resolves it again (the H200 run was refused here)."""
+    for name, value in {"LOCAL_RANK": "1", "RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "localhost"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: None)
+    device = worker_device(None)
+    assert device == "cuda:1"
+    _check_gpus(2, 6.0, None, device)  # what edit checks first
+    assert worker_device(device) == device
+    with pytest.raises(SettingsError, match=re.escape("--device cuda:0 with several workers")):
+        worker_device("cuda:0")  # another worker's GPU is still refused
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert worker_device(None) == "cpu"
+    with pytest.raises(DeviceError, match="torch sees no GPU"):
+        worker_device("cuda")
 
 
 def test_batch_command_prints_one_table_and_exits_1_on_a_failed_job(one_process, tiny_model):

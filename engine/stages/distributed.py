@@ -48,23 +48,26 @@ def world_size() -> int:
 
 
 def check_worker_device(device: str | None) -> None:
-    """Refuse, before any worker starts, a --device that names one GPU for several workers."""
-    if device not in (None, "cuda", "cpu"):
+    """Refuse a --device that names one GPU for several workers: before any worker starts, and in
+    a worker unless it names that worker's own GPU (what `worker_device` resolved it to)."""
+    own = f"cuda:{os.environ['LOCAL_RANK']}" if under_torchrun() else None
+    if device not in (None, "cuda", "cpu", own):
         raise SettingsError(f"--device {device} with several workers: leave --device out (each worker takes GPU LOCAL_RANK) or pass --device cpu")
 
 
 def worker_device(device: str | None) -> str:
-    """This worker's device: GPU LOCAL_RANK where there are GPUs, else the CPU."""
+    """This worker's device: GPU LOCAL_RANK where there are GPUs, else the CPU. Resolving it again
+    gives the same device (a worker hands it on to the stages it runs)."""
     check_worker_device(device)
+    if device == "cpu" or (device is None and not torch.cuda.is_available()):
+        return "cpu"
+    if not torch.cuda.is_available():
+        raise DeviceError(f"--device {device}: torch sees no GPU; check the driver (nvidia-smi) and CUDA_VISIBLE_DEVICES, or pass --device cpu")
     local = int(os.environ.get("LOCAL_RANK", 0))
-    if device in (None, "cuda") and torch.cuda.is_available():
-        if local >= torch.cuda.device_count():
-            raise DeviceError(f"worker {local} of this machine has no GPU of its own ({torch.cuda.device_count()} visible); start at most that many workers per machine")
-        torch.cuda.set_device(local)
-        return f"cuda:{local}"
-    if device == "cuda":
-        raise DeviceError("--device cuda: torch sees no GPU; check the driver (nvidia-smi) and CUDA_VISIBLE_DEVICES, or pass --device cpu")
-    return "cpu"
+    if local >= torch.cuda.device_count():
+        raise DeviceError(f"worker {local} of this machine has no GPU of its own ({torch.cuda.device_count()} visible); start at most that many workers per machine")
+    torch.cuda.set_device(local)
+    return f"cuda:{local}"
 
 
 # How long a worker may wait in a collective: `run --gpus 2`'s second worker waits while the first
