@@ -186,11 +186,12 @@ def measure(args) -> None:
 
 def _ratio(runs: dict, one: str, two: str, key: str) -> str:
     if key not in runs.get(one, {}) or key not in runs.get(two, {}):
-        return "-"
+        return "not measured"
     return f"{runs[one][key] / runs[two][key]:.2f}x"
 
 
-def report(path: Path) -> None:
+def report(path: Path, notes: dict[str, str]) -> None:
+    """`notes`: run -> what happened to it since (a run that failed on a bug fixed later)."""
     result = json.loads(path.read_text())
     dest = ROOT / "benchmarks/results"
     shutil.copyfile(path, dest / "multigpu.json")
@@ -214,6 +215,9 @@ def report(path: Path) -> None:
         if "wall_s" in r:
             note = f"{r['failed']} failed rows" if r.get("failed") else ""
             lines.append(f"| {name} | {r['wall_s']:.1f} | {r['step_s']:.1f} | {r['projected_50_s']:.1f} | {note} |")
+        elif name in notes:
+            said = f" (it said: `{r['error']}`)" if "error" in r else ""
+            lines.append(f"| {name} | - | - | - | {notes[name]}{said} |")
         else:
             lines.append(f"| {name} | - | - | - | {r.get('skipped') or r.get('error', 'not run')} |")
     lines += [
@@ -223,6 +227,16 @@ def report(path: Path) -> None:
         f"| batch, 2 videos x {w['prompts']} prompts | {_ratio(runs, 'batch_1gpu', 'batch_2gpu', 'wall_s')} | {_ratio(runs, 'batch_1gpu', 'batch_2gpu', 'projected_50_s')} | >= 1.8x |",
         f"| first edit (invert + edit), --gpus 2 | {_ratio(runs, 'first_edit_1gpu', 'first_edit_2gpu', 'wall_s')} | {_ratio(runs, 'first_edit_1gpu', 'first_edit_2gpu', 'projected_50_s')} | >= 1.5x |",
     ]
+    if "wall_s" in runs.get("batch_1gpu", {}) and "wall_s" in runs.get("batch_2gpu", {}):
+        one, two = runs["batch_1gpu"], runs["batch_2gpu"]
+        lines += [
+            "",
+            f"Batch: measured at {result['steps']} steps, {one['wall_s']:.1f} s on one GPU and {two['wall_s']:.1f} s on two "
+            f"({_ratio(runs, 'batch_1gpu', 'batch_2gpu', 'wall_s')}); projected (derived, not measured) to 50 steps from those runs, "
+            f"{one['projected_50_s']:.0f} s and {two['projected_50_s']:.0f} s ({_ratio(runs, 'batch_1gpu', 'batch_2gpu', 'projected_50_s')}): "
+            "the fixed costs (loads, encode, decode, the workers' start) weigh less against 50 steps. The two-GPU projection "
+            "counts worker 0's steps; each worker's share is one video's inversion and its 4 edits (multigpu.json's rows name each row's worker).",
+        ]
     if "split_vs_one" in result:
         s = result["split_vs_one"]
         lines += ["", f"--gpus 2 against one GPU, edited latents: rel. L2 {s['rel_l2']:.2e}, max abs {s['max_abs']:.2e} ({'fp32' if result['device'] == 'cpu' else 'bf16'})."]
@@ -255,6 +269,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", help="folder for multigpu.json")
     ap.add_argument("--report", type=Path, help="render a multigpu.json into benchmarks/results/MULTIGPU.md, .json and .png")
+    ap.add_argument("--note", action="append", default=[], metavar="RUN=TEXT", help="with --report: what the table says for a run that has no figures (repeatable)")
     ap.add_argument("--steps", type=int, default=3, help="denoising steps of every run (the first of a phase carries its load: 3 leave 2 clean ones)")
     ap.add_argument("--runs", default=",".join(RUNS), help="which runs, comma-separated")
     ap.add_argument("--time-limit", type=float, default=540, help="seconds; runs that would end later are skipped")
@@ -262,7 +277,7 @@ def main() -> None:
     ap.add_argument("--workdir", default=None)
     args = ap.parse_args()
     if args.report:
-        report(args.report)
+        report(args.report, dict(n.split("=", 1) for n in args.note))
     else:
         measure(args)
 
