@@ -6,6 +6,7 @@ traceback instead.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -190,6 +191,10 @@ def edit_options(f):
             click.option("--fps", default=None, type=float, help="Output frame rate (default: the source's, adjusted for frame selection)."),
             click.option("--out", "out_dir", default=".", type=click.Path(file_okay=False), show_default=True, help="Folder for the mp4 files."),
             click.option("--force", is_flag=True, help="Overwrite existing output files."),
+            click.option(
+                "--gpus", default=1, show_default=True, type=click.IntRange(1, 2),
+                help="2: the unconditional and conditional rows of guidance on two GPUs (two processes through torchrun).",
+            ),
         ]
     ):
         f = opt(f)
@@ -220,14 +225,19 @@ def _edit_kwargs(p: dict) -> dict:
     return dict(
         negative_prompt=p["negative_prompt"], guidance=p["guidance"], init=p["init"], seed=p["seed"],
         inject_steps=p["inject_steps"], inject_layers=p["inject_layers"], inject_strength=p["inject_strength"],
-        reference=p["reference"], batch=p["batch"], fps=p["fps"], out_dir=p["out_dir"], force=p["force"],
+        reference=p["reference"], batch=p["batch"], fps=p["fps"], out_dir=p["out_dir"], force=p["force"], gpus=p["gpus"],
     )
+
+
+def _worker_zero() -> bool:
+    """False in a torchrun worker other than the first: only worker 0 draws bars and tables."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 def _reporter(device: str | None):
     from engine import Reporter, Runtime
 
-    return Reporter(_console(), Runtime.default(device).device)
+    return Reporter(_console() if _worker_zero() else None, Runtime.default(device).device)
 
 
 def _edit_json(result) -> dict:
@@ -311,6 +321,8 @@ def edit_cmd(inversion_id: str, prompts, prompts_file, cache_dir, device, plan, 
 
 def _print_edit(reporter, result, as_json: bool, title: str = "edit", inversion: dict | None = None) -> None:
     """The summary table, then the outputs; `inversion` (from `run`) puts the inversion's id first."""
+    if not _worker_zero():  # the other half of a --gpus 2 edit started by hand with torchrun
+        return
     _console().print(reporter.table(title))
     if as_json:
         click.echo(json.dumps({**_edit_json(result), **(inversion or {})}))
@@ -342,6 +354,42 @@ def run_cmd(video: str, prompts, prompts_file, model, cache_dir, device, plan, v
         cache_dir=cache_dir, device=device, dtype=dtype, plan=plan, vram=vram, compile=compile_blocks, fp8=fp8, **_edit_kwargs(params),
     )
     _print_edit(reporter, result, as_json, "run", _inversion_json(inv, reporter))
+
+
+@cli.command(name="batch")
+@click.argument("jobs_file", type=click.Path())
+@click.option("--model", default=None, help="Model of the jobs that name none (folder or hub id).")
+@click.option("--out", "out_dir", default="cogedit-batch", type=click.Path(file_okay=False), show_default=True, help="Folder for the mp4 files, one subfolder per job.")
+@click.option("--nproc", default=1, show_default=True, type=click.IntRange(1), help="Workers to start through torchrun, one GPU each (the CPU where there is none).")
+@cache_option
+@runtime_options
+@json_option
+def batch_cmd(jobs_file: str, model, out_dir: str, nproc: int, cache_dir, device, plan, vram, compile_blocks: bool | None, fp8: bool, as_json: bool) -> None:
+    """Run every [[job]] of JOBS_FILE (TOML): each video inverted once, then its prompts edited.
+
+    A re-run skips what is done; a failed job is a row of the table and the others go on (exit 1
+    at the end). Several GPUs: --nproc N, or torchrun by hand (across machines too, with the
+    cache on a shared filesystem):
+
+    \b
+    cogedit batch jobs.toml --model THUDM/CogVideoX-5b --nproc 2
+    torchrun --nproc-per-node 8 --no-python cogedit batch jobs.toml --model THUDM/CogVideoX-5b
+    """
+    import engine
+
+    reporter = _reporter(device)
+    result = engine.batch(
+        jobs_file, model, out_dir=out_dir, nproc=nproc, cache_dir=cache_dir, reporter=reporter,
+        device=device, plan=plan, vram=vram, compile=compile_blocks, fp8=fp8,
+    )
+    if not _worker_zero():
+        return
+    _console().print(result.table())
+    if as_json:
+        click.echo(json.dumps([dataclasses.asdict(r) for r in result.rows]))
+    if result.failed:
+        jobs = sorted({r.job for r in result.failed})
+        raise click.ClickException(f"{len(result.failed)} of {len(result.rows)} rows failed (job(s) {', '.join(jobs)}); fix them and run the same command again: finished work is kept")
 
 
 @cli.command(name="demo")

@@ -1,7 +1,8 @@
 """Fault injection for the crash tests: a process can be made to die at one named point.
 
 `COGEDIT_TEST_KILL_AT=<point>:<n>` sends this process `COGEDIT_TEST_KILL_SIGNAL` (a signal name,
-default SIGKILL) the n-th time `maybe_die(point)` runs. The points:
+default SIGKILL) the n-th time `maybe_die(point)` runs; with `COGEDIT_TEST_KILL_RANK=r`, only in the
+torch.distributed worker of rank r (its RANK). The points:
 
     write:<file name>   half of the file's bytes are in its temporary file (cache/atomic.py)
     encode              the VAE has encoded, the latents are not saved yet (engine/workflow.py)
@@ -16,6 +17,7 @@ import threading
 
 KILL_AT_ENV = "COGEDIT_TEST_KILL_AT"
 KILL_SIGNAL_ENV = "COGEDIT_TEST_KILL_SIGNAL"
+KILL_RANK_ENV = "COGEDIT_TEST_KILL_RANK"
 
 _calls: dict[str, int] = {}
 _lock = threading.Lock()  # files are written on several threads: no call may go uncounted
@@ -28,6 +30,8 @@ def maybe_die(point: str) -> None:
         return
     name, _, n = target.rpartition(":")
     if name != point:
+        return
+    if KILL_RANK_ENV in os.environ and os.environ.get("RANK") != os.environ[KILL_RANK_ENV]:
         return
     with _lock:
         _calls[point] = count = _calls.get(point, 0) + 1

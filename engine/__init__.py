@@ -41,6 +41,8 @@ _EXPORTS = {
     "build_tiny_model": "engine.models.tiny",
     "write_proxy_model": "engine.models.proxy",
     "demo": "engine.jobs.demo",
+    "batch": "engine.jobs.batch",
+    "BatchResult": "engine.jobs.batch",
     "EditResult": "engine.results",
     "Inversion": "engine.results",
     "open_inversion": "engine.results",

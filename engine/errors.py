@@ -39,5 +39,9 @@ class JobCancelled(CogeditError):
     """The user stopped a running job (the web app's Cancel); finished steps stay cached."""
 
 
+class WorkerError(CogeditError):
+    """A worker of a multi-process run (--nproc, --gpus 2) died; the others were stopped."""
+
+
 # What the CLI turns into a one-line message instead of a traceback.
 USER_ERRORS: tuple[type[Exception], ...] = (CogeditError, CacheError)

@@ -70,6 +70,8 @@ class EditOptions(RuntimeOptions):
     force: bool = False
     model: str | None = None  # the model folder, if it moved since the inversion
     output: str = "mp4"  # mp4 | frames | latents
+    skip_existing: bool = False  # mp4: render only the prompts whose files are not there yet
+    gpus: int = 1  # 2: the two halves of classifier-free guidance on two GPUs (processes)
 
 
 def names(cls: type) -> set[str]:

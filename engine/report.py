@@ -13,7 +13,7 @@ import re
 import resource
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -28,6 +28,7 @@ class PhaseRecord:
     peak_reserved: int = 0  # CUDA allocator's reserved peak (0 on CPU)
     cache_hit: bool | None = None  # None: the phase has nothing to cache
     detail: str = ""
+    advances: list[float] = field(default_factory=list)  # seconds since the start at each advance (each step)
 
 
 def _reset_cpu_peak() -> None:
@@ -60,14 +61,34 @@ def _oom_message(phase: str, exc: BaseException) -> str:
 Listener = Callable[[str, int, "int | None"], None]
 
 
+def progress_view(console: object) -> object:
+    """The rich Progress every bar of cogedit is drawn in: phase name, bar, count, times."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    return Progress(
+        SpinnerColumn(),
+        TextColumn("[bold]{task.description:<8}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=False,
+    )
+
+
 class Phase:
     """Handle given to the code inside a phase: advance its bar, mark a cache hit."""
 
-    def __init__(self, record: PhaseRecord, progress: object | None, task: int | None, listener: Listener | None = None, total: int | None = None) -> None:
+    def __init__(
+        self, record: PhaseRecord, progress: object | None, task: int | None, listener: Listener | None = None, total: int | None = None, cuda: bool = False
+    ) -> None:
         self.record = record
         self._progress = progress
         self._task = task
         self._listener = listener
+        self._cuda = cuda
+        self._start = time.perf_counter()
         self.done, self.steps = 0, total
         self._tell()
 
@@ -82,6 +103,9 @@ class Phase:
         self._tell()
 
     def advance(self, n: int = 1) -> None:
+        if self._cuda:  # a step's time is its GPU work's (the queue runs ahead of the host otherwise)
+            torch.cuda.synchronize()
+        self.record.advances.append(time.perf_counter() - self._start)
         self.done += n
         if self._progress is not None:
             self._progress.advance(self._task, n)
@@ -94,13 +118,16 @@ class Phase:
 
 
 class Reporter:
-    """Collects phase records; shows bars when given a rich console, and tells `listener` each
-    phase's progress (a listener that raises stops the run there: the web app's cancel)."""
+    """Collects phase records; shows bars when given a rich console, or adds them to `progress`,
+    a running rich Progress that several reporters share (a batch's one view), and tells
+    `listener` each phase's progress (a listener that raises stops the run there: the web app's
+    cancel)."""
 
-    def __init__(self, console: object | None = None, device: str = "cpu", listener: Listener | None = None) -> None:
+    def __init__(self, console: object | None = None, device: str = "cpu", listener: Listener | None = None, progress: object | None = None) -> None:
         self.console = console
         self.device = device
         self.listener = listener
+        self.progress = progress
         self.records: list[PhaseRecord] = []
 
     @property
@@ -120,26 +147,16 @@ class Reporter:
             torch.cuda.reset_peak_memory_stats()
         else:
             _reset_cpu_peak()
-        progress = task = None
-        if self.console is not None:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-            progress = Progress(
-                SpinnerColumn(),
-                TextColumn("[bold]{task.description:<8}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TimeElapsedColumn(),
-                TimeRemainingColumn(),
-                console=self.console,
-                transient=False,
-            )
+        progress, task, own = self.progress, None, False
+        if progress is None and self.console is not None:
+            progress, own = progress_view(self.console), True
             progress.start()
+        if progress is not None:
             task = progress.add_task(name, total=total)
         start = time.perf_counter()
         failed = True
         try:
-            handle = Phase(record, progress, task, self.listener, total)
+            handle = Phase(record, progress, task, self.listener, total, cuda)
             yield handle
             failed = False
         except torch.cuda.OutOfMemoryError as exc:
@@ -152,7 +169,9 @@ class Reporter:
             else:
                 record.peak_bytes = _cpu_peak()
             record.seconds = time.perf_counter() - start
-            if progress is not None:
+            if progress is not None and not own:
+                progress.remove_task(task)  # the shared view keeps only what is running
+            elif progress is not None:
                 if failed:  # the error's one line says what happened; a stopped bar would only add noise
                     progress.live.transient = True
                 elif progress.tasks[0].total is None:

@@ -84,14 +84,18 @@ class Inversion:
 
 @dataclass(frozen=True)
 class EditResult:
-    """What an edit wrote: one mp4 and one side-by-side per prompt, and the edited latents."""
+    """What an edit wrote: one mp4 and one side-by-side per prompt, and the edited latents.
+
+    `latents` and `frames` hold the prompts rendered now, in order: all of them, less `skipped`
+    (with skip_existing, the prompts whose files were already there)."""
 
     inversion_id: str
     prompts: tuple[str, ...]
     videos: tuple[Path, ...]
     side_by_side: tuple[Path, ...]
-    latents: torch.Tensor  # [K, F', C, h, w] on the CPU
+    latents: torch.Tensor | None  # [K, F', C, h, w] on the CPU (None on the second worker of gpus=2)
     frames: Any = None  # uint8 [K, F, H, W, 3] with output="frames"
+    skipped: tuple[str, ...] = ()
 
 
 def open_inversion(entry_id: str, cache_dir: str | Path | None = None) -> Inversion:

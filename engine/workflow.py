@@ -12,13 +12,16 @@ turns options into settings, finds or makes the cache entry, and calls them in o
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from cache.atomic import remove_temp_files
 from cache.entry import InversionEntry
@@ -38,6 +41,7 @@ from engine.results import EditResult, Inversion, open_inversion
 from engine.stages.attention_store import MemoryStores, capture_stage, check_budget, find_store, has_store, store_settings
 from engine.stages.context import Callback, StageContext
 from engine.stages.decode import decode_stage, output_paths
+from engine.stages.distributed import GuidanceSplit, backend_for, check_worker_device, launch, process_group, rank, under_torchrun, worker_device
 from engine.stages.editing import edit_stage
 from engine.stages.embed import embed_stage
 from engine.stages.encode import encode_stage
@@ -290,14 +294,22 @@ def edit(inversion: Inversion | str, prompts: Prompts, *, cache_dir: str | Path 
     `options` are `engine.options.EditOptions` (guidance, inject_steps, reference, batch, plan,
     out_dir, output, ...). `output`: "mp4" writes an mp4 and a side-by-side per prompt into
     `out_dir`; "frames" decodes and returns the frames without writing; "latents" skips the decoder.
+    `skip_existing` renders only the prompts whose two mp4 files are not there yet. `gpus=2` runs
+    the unconditional and the conditional rows of guidance on two GPUs (two processes, started
+    here unless this one is already a torchrun worker).
     """
     opts = parse(EditOptions, options, "edit")
     if opts.output not in ("mp4", "frames", "latents"):
         raise SettingsError(f"output must be mp4, frames or latents, got {opts.output!r}")
     if opts.dtype is not None:
         raise SettingsError("an edit runs in its inversion's dtype: drop dtype, or invert again with it")
+    if opts.skip_existing and opts.force:
+        raise SettingsError("give skip_existing or force, not both (one keeps existing files, the other overwrites them)")
+    _check_gpus(opts.gpus, opts.guidance, callback, opts.device)
     inv = open_inversion(inversion, cache_dir) if isinstance(inversion, str) else inversion
     prompts = (prompts,) if isinstance(prompts, str) else tuple(prompts)
+    if opts.gpus > 1 and under_torchrun():
+        opts = dataclasses.replace(opts, device=worker_device(opts.device))
     runtime = _runtime(opts, inv.dtype, "edit")
     reporter = reporter or Reporter(device=runtime.device)
     info = _edit_model(inv, opts.model)
@@ -307,15 +319,61 @@ def edit(inversion: Inversion | str, prompts: Prompts, *, cache_dir: str | Path 
     fs = inv.entry.frame_settings
     workload = Workload(inv.entry.frames, fs["height"], fs["width"], min(settings.batch, len(prompts)), settings.uses_cfg, reference=settings.inject.reference)
     ctx = StageContext(info, _with_plan(runtime, opts, info, workload, reporter, "edit"), inv.layout, reporter, inv.entry, callback)
-    outputs = output_paths(edit_stem(inv.id, settings, ctx.runtime), prompts, Path(opts.out_dir), opts.force) if opts.output == "mp4" else None  # refuse first
-    embeds = embed_stage(ctx, _edit_prompts(settings, inv.entry.source_prompt, inv.steps))
-    store = find_store(inv.entry, inv.memory, settings.inject, info) if settings.inject.reference == "stored" else None
-    latents = edit_stage(ctx, settings, embeds, inv.memory, store)
-    if opts.output == "latents":
-        return EditResult(inv.id, prompts, (), (), latents)
-    frames = decode_stage(ctx, latents, outputs, opts.fps or inv.entry.fps)
+    outputs = None
+    if opts.output == "mp4":  # refuse first
+        outputs = output_paths(edit_stem(inv.id, settings, ctx.runtime), prompts, Path(opts.out_dir), opts.force or opts.skip_existing)
+    done = [k for k in range(len(prompts)) if opts.skip_existing and outputs[0][k].exists() and outputs[1][k].exists()]
+    skipped = tuple(prompts[k] for k in done)
+    if len(done) == len(prompts):
+        return EditResult(inv.id, prompts, tuple(outputs[0]), tuple(outputs[1]), torch.empty(0), skipped=skipped)
+    if opts.gpus > 1 and not under_torchrun():
+        return on_workers(opts.gpus, reporter, edit, inv.id, prompts, cache_dir=cache_dir, **options)
+    todo = [k for k in range(len(prompts)) if k not in done]
+    settings = dataclasses.replace(settings, prompts=tuple(prompts[k] for k in todo))
+    with process_group(backend_for(ctx.runtime.device)) if opts.gpus > 1 else contextlib.nullcontext():
+        latents = _render(ctx, inv, settings, opts.gpus)
+    if latents is None or opts.output == "latents":  # None: the other half of a split edit
+        return EditResult(inv.id, prompts, (), (), latents, skipped=skipped)
+    mine = ([outputs[0][k] for k in todo], [outputs[1][k] for k in todo]) if outputs else None
+    frames = decode_stage(ctx, latents, mine, opts.fps or inv.entry.fps)
     videos, pairs = outputs or ((), ())
-    return EditResult(inv.id, prompts, tuple(videos), tuple(pairs), latents, frames)
+    return EditResult(inv.id, prompts, tuple(videos), tuple(pairs), latents, frames, skipped)
+
+
+def _check_gpus(gpus: int, guidance: float, callback: Callback | None, device: str | None) -> None:
+    if gpus not in (1, 2):
+        raise SettingsError(f"--gpus takes 1 or 2 (the two halves of classifier-free guidance), got {gpus}")
+    if gpus == 2 and guidance == 1.0:
+        raise SettingsError("--gpus 2 splits classifier-free guidance into its two halves, and --guidance 1 has only one: drop --gpus or raise --guidance")
+    if gpus == 2 and callback is not None and not under_torchrun():
+        raise SettingsError("gpus=2 runs the edit in two other processes, where a callback cannot reach: drop the callback, or start the workers with torchrun")
+    if gpus == 2:
+        check_worker_device(device)
+
+
+def _render(ctx: StageContext, inv: Inversion, settings: EditSettings, gpus: int) -> torch.Tensor | None:
+    """The edited latents; with gpus=2 (inside the process group) only rank 0 returns them."""
+    embeds = embed_stage(ctx, _edit_prompts(settings, inv.entry.source_prompt, inv.steps))
+    store = find_store(inv.entry, inv.memory, settings.inject, ctx.info) if settings.inject.reference == "stored" else None
+    split = GuidanceSplit.current() if gpus > 1 else None
+    latents = edit_stage(ctx, settings, embeds, inv.memory, store, split)
+    return None if split is not None and split.rank != 0 else latents
+
+
+def on_workers(nproc: int, reporter: Reporter, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """`fn(*args, reporter=..., **kwargs)` in `nproc` torchrun workers: rank 0's result, with its
+    phases added to `reporter` (whose bars rank 0 shows when `reporter` has a console)."""
+    results = launch(_worker, nproc, fn, args, kwargs, reporter.console is not None)
+    value, records = results[0]
+    reporter.records.extend(records)
+    return value
+
+
+def _worker(fn: Callable[..., Any], args: tuple, kwargs: dict[str, Any], show: bool) -> tuple[Any, list]:
+    from rich.console import Console
+
+    reporter = Reporter(Console(stderr=True) if show and rank() == 0 else None, device=worker_device(kwargs.get("device")))
+    return fn(*args, reporter=reporter, **kwargs), reporter.records
 
 
 def run(
@@ -329,7 +387,30 @@ def run(
     check_video_file(video)
     _edit_settings(edit_opts, prompts, inspect_model(edit_opts.model or model))  # bad prompts or edit flags: refused before the inversion
     reporter = reporter or Reporter(device=Runtime.default(inv_opts.device).device)
+    if edit_opts.gpus == 1:
+        return _run(video, model, prompts, cache_dir, reporter, callback, inv_opts, edit_opts)
+    _check_gpus(edit_opts.gpus, edit_opts.guidance, callback, edit_opts.device)
+    if not under_torchrun():
+        inv_id, result = on_workers(edit_opts.gpus, reporter, _run_ids, video, model, prompts, cache_dir=cache_dir, **options)
+        return open_inversion(inv_id, cache_dir), result
+    device = worker_device(inv_opts.device)
+    inv_opts, edit_opts = dataclasses.replace(inv_opts, device=device), dataclasses.replace(edit_opts, device=device)
+    with process_group(backend_for(device)):
+        if rank() != 0:  # worker 0 inverts (and shows it); the other then finds the entry in the cache
+            dist.barrier()
+        return _run(video, model, prompts, cache_dir, reporter, callback, inv_opts, edit_opts, before_edit=dist.barrier if rank() == 0 else None)
+
+
+def _run(video, model, prompts, cache_dir, reporter, callback, inv_opts: InvertOptions, edit_opts: EditOptions, before_edit: Callable[[], None] | None = None) -> tuple[Inversion, EditResult]:
     inv = invert(video, model, cache_dir=cache_dir, reporter=reporter, callback=callback, **dataclasses.asdict(inv_opts))
+    if before_edit is not None:
+        before_edit()
     edit_kw = {**dataclasses.asdict(edit_opts), "model": edit_opts.model or model, "dtype": None}
     return inv, edit(inv, prompts, cache_dir=cache_dir, reporter=reporter, callback=callback, **edit_kw)
+
+
+def _run_ids(*args: Any, **kwargs: Any) -> tuple[str, EditResult]:
+    """`run` in a worker, handing back what crosses processes: the inversion's id and the edit."""
+    inv, result = run(*args, **kwargs)
+    return inv.id, result
 

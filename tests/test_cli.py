@@ -126,11 +126,12 @@ CLI_ONLY = {
 # The engine option a flag sets, where the names differ (run's --invert-* go to its inversion).
 OPTION_OF = {"compile_blocks": "compile", "invert_guidance": "guidance", "invert_negative_prompt": "negative_prompt"}
 # Flags the CLI checks or converts before calling the engine: the text typed and the value the engine gets.
-TYPED = {"device": ("cpu", "cpu"), "vram": ("12GB", 12 * 2**30), "attention_budget": ("5GB", 5 * 10**9)}
+TYPED = {"device": ("cpu", "cpu"), "vram": ("12GB", 12 * 2**30), "attention_budget": ("5GB", 5 * 10**9), "gpus": ("2", 2)}
 # Engine options no flag sets, and why.
 PYTHON_ONLY = {
     "output": "frames and latents are Python return values; the CLI writes mp4 files",
     "dtype": "an edit runs in its inversion's dtype (engine.edit refuses one); invert and run have --dtype",
+    "skip_existing": "the batch's re-runs render only what is missing (cogedit batch); edit refuses existing files or --force overwrites them",
 }
 CALL_KEYWORDS = {"cache_dir", "reporter", "callback"}  # keywords of the call itself, not options
 POSITIONAL = {"invert": ["video", "model"], "edit": ["inversion_id", "prompts"], "run": ["video", "model", "prompts"]}

@@ -249,6 +249,8 @@ _EDIT_SAME = {
     "fps": "the mp4's frame rate, not its frames",
     "out_dir": "where the files go",
     "force": "whether existing files are overwritten",
+    "skip_existing": "whether existing files are kept",
+    "gpus": "where guidance's two halves run: one GPU's result up to rounding (test_split_edit_equals_one_process_edit)",
     "output": "what is returned: files, frames or latents",
 }
 

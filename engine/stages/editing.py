@@ -18,6 +18,7 @@ from engine.models.components import loaded
 from engine.models.denoiser import guided, predict, rotary_embeddings
 from engine.stages.attention_store import MemoryStores, open_stored
 from engine.stages.context import StageContext
+from engine.stages.distributed import GuidanceSplit
 from engine.stages.schedulers import edit_scheduler
 from engine.stages.settings import EditSettings, InjectSettings
 
@@ -54,6 +55,7 @@ def ddim_edit(
     reference: Reference | None = None,
     inject: InjectSettings = InjectSettings(),
     row_group: int = 0,
+    split: GuidanceSplit | None = None,
     callback: Callable[[dict[str, Any]], None] | None = None,
 ) -> torch.Tensor:
     """DDIM sampling (Song et al. 2021) of K rows at once, with reference attention injection.
@@ -64,11 +66,16 @@ def ddim_edit(
     per edit row on that row's own embedding, as upstream's script does; with
     `inject.reference == "stored"` no row is added and captured K/V are replayed. `row_group`
     > 0 runs every block over that many rows at a time (less activation memory, same result).
+    With `split` (CFG only) this process runs one half of the rows, with its own reference rows,
+    and the halves' predictions are gathered every step.
     """
     scheduler = edit_scheduler(scheduler_config, steps)
     k = init.shape[0]
     cfg = uncond is not None
-    embeds = torch.cat([uncond.expand(k, -1, -1), cond]) if cfg else cond
+    if split is not None:
+        embeds = split.own(uncond.expand(k, -1, -1), cond)
+    else:
+        embeds = torch.cat([uncond.expand(k, -1, -1), cond]) if cfg else cond
     n_edit = embeds.shape[0]
     rotary = rotary_embeddings(transformer, init.shape, vae_scale_spatial, init.device)
     state = InjectionState(n_edit=n_edit, strength=inject.strength)
@@ -78,7 +85,7 @@ def ddim_edit(
     grouped = hooks.applied(transformer, apply_row_groups, RowGroupConfig(row_group, state), remove_row_groups) if row_group else contextlib.nullcontext()
     with grouped, injected:  # injection's hook outermost: it runs before the groups do
         for i, t in enumerate(scheduler.timesteps):
-            rows = torch.cat([x, x]) if cfg else x
+            rows = torch.cat([x, x]) if cfg and split is None else x
             state.active, state.stored = active[i], None
             if inject.reference == "stored" and reference is not None:
                 # Read the next injected step's files while this step computes.
@@ -87,6 +94,8 @@ def ddim_edit(
                     reference.stored.prefetch(int(scheduler.timesteps[upcoming[0]]))
             rows, row_embeds = _with_reference(rows, embeds, i, int(t), state, reference, inject.reference) if state.active else (rows, embeds)
             v = predict(transformer, rows, row_embeds, t, rotary)[:n_edit]
+            if split is not None:
+                v = split.combine(v)
             x = scheduler.step(guided(v, guidance, cfg), t, x, return_dict=False)[0].to(init.dtype)
             if callback is not None:
                 callback({"i": i, "t": t, "x": x})
@@ -114,9 +123,12 @@ def first_injected(scheduler_config: dict[str, Any], steps: int, inject: InjectS
     return next((int(t) for i, t in enumerate(timesteps) if inject.is_active(i, steps)), None)
 
 
-def edit_stage(ctx: StageContext, settings: EditSettings, embeds: dict[str, torch.Tensor], memory: MemoryStores, store: str | None) -> torch.Tensor:
+def edit_stage(
+    ctx: StageContext, settings: EditSettings, embeds: dict[str, torch.Tensor], memory: MemoryStores, store: str | None, split: GuidanceSplit | None = None
+) -> torch.Tensor:
     """Edited latents [K, F', C, h, w] (CPU) from the cached inversion `ctx.entry`; `store` is the
-    key of the stored attention to replay (`--reference stored`), else None."""
+    key of the stored attention to replay (`--reference stored`), else None; `split`: this process
+    runs one CFG half (`--gpus 2`)."""
     entry, runtime = ctx.entry, ctx.runtime
     steps = entry.steps
     trajectory = [entry.load(entry.paths.step_file(i), "latent") for i in range(steps)]
@@ -125,6 +137,8 @@ def edit_stage(ctx: StageContext, settings: EditSettings, embeds: dict[str, torc
     out = []
     with ctx.reporter.phase("edit", total=steps * len(chunks)) as ph:
         ph.record.detail = f"from inversion {entry.id[:12]}: {len(settings.prompts)} prompt(s) in {len(chunks)} pass(es), reference {settings.inject.reference}"
+        if split is not None:
+            ph.record.detail += f", {'unconditional' if split.rank == 0 else 'conditional'} rows here, the others on rank {1 - split.rank}"
 
         def on_step(state: dict[str, Any]) -> None:
             ph.advance()
@@ -151,6 +165,7 @@ def edit_stage(ctx: StageContext, settings: EditSettings, embeds: dict[str, torc
                         reference=reference,
                         inject=settings.inject,
                         row_group=runtime.plan.row_group,
+                        split=split,
                         callback=on_step,
                     )
                     out.append(x.cpu())

@@ -1,0 +1,208 @@
+"""Beyond one GPU (issue 20), on the CPU: `cogedit batch` in one process and in two torchrun
+workers (gloo), a worker killed mid-run, and one edit split over two processes.
+
+Each launch of two workers costs their imports (~10 s on 2 cores), so the workers' tests share
+one jobs file and a tiny workload."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import engine
+from cli import cli
+from engine.errors import DeviceError, SettingsError, WorkerError
+from engine.jobs.batch import Job, Unit, assign
+from engine.stages.distributed import worker_device
+from engine.workflow import _check_gpus
+from tests.conftest import CLIPS
+
+TINY = dict(frames=5, height=96, width=160, steps=3)
+
+
+def _jobs(path: Path, broken: bool = False) -> Path:
+    """Two jobs share one inversion (the wide clip), a third has its own; `broken` adds a job whose video is missing."""
+    sizes = "\n".join(f"{k} = {v}" for k, v in TINY.items())
+    tables = [
+        ("wide", "bunny_wide.mp4", ["a red car", "snow at night"], ""),
+        ("wide-again", "bunny_wide.mp4", ["a watercolor painting"], ""),
+        ("small", "bunny_small.mp4", ["a charcoal sketch", "a red car"], "guidance = 4.0"),
+    ]
+    if broken:
+        tables.insert(1, ("gone", "no-such-clip.mp4", ["a red car"], ""))
+    text = ""
+    for name, video, prompts, edit in tables:
+        text += f'[[job]]\nname = "{name}"\nvideo = "{CLIPS / video}"\nprompts = {json.dumps(prompts)}\n[job.invert]\n{sizes}\n[job.edit]\n{edit}\n\n'
+    path.write_text(text)
+    return path
+
+
+def _files(folder: Path) -> dict[str, tuple[int, int]]:
+    """Every file under `folder` with its inode and mtime: a rewrite (atomic rename) changes both."""
+    return {p.relative_to(folder).as_posix(): (p.stat().st_ino, p.stat().st_mtime_ns) for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def one_process(tiny_model, tmp_path_factory):
+    """The batch in this process (the reference), then the same command again."""
+    root = tmp_path_factory.mktemp("one")
+    jobs = _jobs(root / "jobs.toml", broken=True)
+    first = engine.batch(jobs, tiny_model, out_dir=root / "out", cache_dir=root / "cache", device="cpu")
+    before = _files(root / "out")
+    again = engine.batch(jobs, tiny_model, out_dir=root / "out", cache_dir=root / "cache", device="cpu")
+    return root, first, again, before
+
+
+def test_batch_runs_every_job_and_a_rerun_rewrites_nothing(one_process):
+    root, first, again, before = one_process
+    status = {(r.job, r.prompt): r.status for r in first.rows}
+    assert status[("wide", "")] == "done" and status[("small", "")] == "done"
+    assert status[("wide-again", "")] == "shared with wide", "one inversion for the two jobs of the wide clip"
+    assert status[("gone", "")].startswith("failed: ") and "does not exist" in status[("gone", "")]
+    assert status[("gone", "a red car")].startswith("failed: "), "a failed job is reported ..."
+    assert [s for (job, p), s in status.items() if job != "gone" and p] == ["done"] * 5, "... and the others go on"
+    videos = sorted(p for p in before if p.endswith(".mp4") and "side-by-side" not in p)
+    assert len(videos) == 5 and {p.split("/")[0] for p in videos} == {"wide", "wide-again", "small"}
+    # Again: everything is found, nothing is rendered or rewritten; the failed job fails again.
+    assert {(r.job, r.prompt): r.status for r in again.rows if r.job != "gone" and r.prompt} == {k: "cached" for k in status if k[0] != "gone" and k[1]}
+    assert _files(root / "out") == before
+
+
+def test_two_workers_killed_then_rerun_lose_nothing_and_match_one_process(one_process, tiny_model, tmp_path, monkeypatch):
+    root, first, _, reference = one_process
+    jobs = _jobs(tmp_path / "jobs.toml")
+    run = dict(out_dir=tmp_path / "out", cache_dir=tmp_path / "cache", device="cpu", nproc=2)
+    # Worker 1 inverts the small clip (the split gives each worker one inversion) and dies after its 2nd step.
+    monkeypatch.setenv("COGEDIT_TEST_KILL_AT", "step:2")
+    monkeypatch.setenv("COGEDIT_TEST_KILL_RANK", "1")
+    with pytest.raises(WorkerError, match="worker 1 was killed by SIGKILL; finished work is cached"):
+        engine.batch(jobs, tiny_model, **run)
+    steps_before = _files(tmp_path / "cache" / "inversions")
+    outputs_before = _files(tmp_path / "out") if (tmp_path / "out").exists() else {}
+    assert any(p.endswith("step_0001.safetensors") for p in steps_before), "the killed worker's finished steps are on disk"
+    monkeypatch.delenv("COGEDIT_TEST_KILL_AT")
+    result = engine.batch(jobs, tiny_model, **run)
+    assert not result.failed and result.workers == 2
+    status = {(r.job, r.prompt): r.status for r in result.rows}
+    assert status[("small", "")] == "done", "the killed worker's inversion is finished (resumed, below)"
+    assert status[("wide", "")] in ("done", "cached") and status[("wide-again", "")] == "shared with wide"
+    assert all(s in ("done", "cached") for (_, p), s in status.items() if p)
+    # Nothing finished in the killed run was computed again: the same files, not rewritten.
+    after = _files(tmp_path / "cache" / "inversions")
+    assert all(after[p] == v for p, v in steps_before.items() if "trajectory" in p)
+    assert all(_files(tmp_path / "out")[p] == v for p, v in outputs_before.items())
+    # And the outputs are one process's, byte for byte.
+    ours = {p: (tmp_path / "out" / p).read_bytes() for p in _files(tmp_path / "out") if p.endswith(".mp4")}
+    theirs = {p: (root / "out" / p).read_bytes() for p in reference if p.endswith(".mp4")}
+    assert ours == theirs
+
+
+def test_split_edit_equals_one_process_edit(tiny_model, wide_clip, tmp_path):
+    common = dict(cache_dir=tmp_path, device="cpu", output="latents", guidance=5.0, **TINY)
+    inv, split = engine.run(wide_clip, tiny_model, ["a red car", "snow at night"], gpus=2, **common)
+    assert inv.entry.complete
+    one = engine.edit(inv, ["a red car", "snow at night"], cache_dir=tmp_path, device="cpu", output="latents", guidance=5.0)
+    assert split.latents.shape == one.latents.shape
+    # Same arithmetic; only the batch a row is computed in differs (2+1 rows per process, not 4+1).
+    torch.testing.assert_close(split.latents, one.latents, rtol=1e-4, atol=1e-5)
+
+
+def test_work_is_split_by_cost_inversions_first():
+    def job(name: str, steps: int, prompts: int, video: str | None = None) -> Job:
+        return Job(name, video or f"{name}.mp4", tuple(f"p{i}" for i in range(prompts)), "m", {"steps": steps})
+
+    big, small, shared = job("big", 50, 4), job("small", 10, 1), job("again", 50, 1, video="big.mp4")
+    units = [Unit("invert", (big, shared), 50.0), Unit("invert", (small,), 10.0), Unit("edit", (big,), 450.0), Unit("edit", (shared,), 150.0), Unit("edit", (small,), 30.0)]
+    share = assign(units, 2)
+    assert [[(u.kind, u.jobs[0].name) for u in s] for s in share] == [
+        [("invert", "big"), ("edit", "big")],
+        [("invert", "small"), ("edit", "again"), ("edit", "small")],
+    ]
+
+
+BAD_JOBS = {
+    "missing file": (None, "cannot read jobs file"),
+    "not toml": ("[[job]\nvideo = 1", "is not valid TOML"),
+    "no jobs": ("title = 'x'", "unknown top-level key(s) title"),
+    "empty": ("", "has no [[job]] tables"),
+    "no video": ('[[job]]\nprompts = ["a"]', "has no video"),
+    "prompts not a list": ('[[job]]\nvideo = "a.mp4"\nprompts = "a"', "prompts must be a list of non-empty strings"),
+    "unknown key": ('[[job]]\nvideo = "a.mp4"\nprompts = ["a"]\nstep = 3', "unknown key(s) step"),
+    "unknown option": ('[[job]]\nvideo = "a.mp4"\nprompts = ["a"]\n[job.invert]\nstep = 3', "got unknown option(s) step"),
+    "batch's own option": ('[[job]]\nvideo = "a.mp4"\nprompts = ["a"]\n[job.edit]\nout_dir = "x"', "the batch sets out_dir for every job"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_JOBS)
+def test_bad_jobs_file_is_one_line(case, tmp_path):
+    text, message = BAD_JOBS[case]
+    path = tmp_path / "jobs.toml"
+    if text is not None:
+        path.write_text(text)
+    result = CliRunner().invoke(cli, ["batch", str(path), "--model", str(tmp_path)])
+    assert result.exit_code == 1 and message in result.output and "Traceback" not in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_no_model_and_gpus_misuse_are_one_line(tmp_path):
+    path = tmp_path / "jobs.toml"
+    path.write_text('[[job]]\nvideo = "a.mp4"\nprompts = ["a"]')
+    cases = [
+        (["batch", str(path)], "names no model — pass --model"),
+        (["edit", "abc", "--prompt", "a", "--gpus", "2", "--guidance", "1"], "--guidance 1 has only one: drop --gpus or raise --guidance"),
+        (["edit", "abc", "--prompt", "a", "--gpus", "3"], "3 is not in the range 1<=x<=2"),
+    ]
+    for args, message in cases:
+        result = CliRunner().invoke(cli, args)
+        assert result.exit_code != 0 and message in result.output and "Traceback" not in result.output, result.output
+
+
+def test_api_misuse_is_refused_before_any_work(tmp_path):
+    jobs = _jobs(tmp_path / "jobs.toml")
+    cases = [
+        (lambda: engine.edit("abc", ["a"], skip_existing=True, force=True), "give skip_existing or force, not both"),
+        (lambda: engine.edit("abc", ["a"], gpus=2, callback=print), "where a callback cannot reach"),
+        (lambda: engine.batch(jobs, "m", steps=3), "batch() got unknown option(s) steps"),
+        (lambda: engine.batch(jobs, "m", output="latents"), "batch output must be mp4 or frames"),
+        (lambda: engine.batch(jobs, "m", nproc=2, device="cuda:1"), "--device cuda:1 with several workers"),
+        (lambda: engine.edit("abc", ["a"], gpus=2, device="cuda:1"), "--device cuda:1 with several workers"),
+    ]
+    for call, message in cases:
+        with pytest.raises(SettingsError, match=re.escape(message)):
+            call()
+
+
+def test_a_worker_hands_its_own_gpu_on_unrefused(monkeypatch):
+    """On a GPU box `run --gpus 2` with no --device: each worker resolves None to its GPU and
+    hands that on to `edit`, which checks and resolves it again (the H200 run was refused here)."""
+    for name, value in {"LOCAL_RANK": "1", "RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "localhost"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: None)
+    device = worker_device(None)
+    assert device == "cuda:1"
+    _check_gpus(2, 6.0, None, device)  # what edit checks first
+    assert worker_device(device) == device
+    with pytest.raises(SettingsError, match=re.escape("--device cuda:0 with several workers")):
+        worker_device("cuda:0")  # another worker's GPU is still refused
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert worker_device(None) == "cpu"
+    with pytest.raises(DeviceError, match="torch sees no GPU"):
+        worker_device("cuda")
+
+
+def test_batch_command_prints_one_table_and_exits_1_on_a_failed_job(one_process, tiny_model):
+    root, *_ = one_process
+    args = ["batch", str(root / "jobs.toml"), "--model", str(tiny_model), "--out", str(root / "out"), "--cache-dir", str(root / "cache"), "--device", "cpu", "--json"]
+    result = CliRunner().invoke(cli, args, env={"COLUMNS": "250"})
+    assert result.exit_code == 1, result.output
+    assert "cogedit batch into" in result.output and "(inversion)" in result.output
+    assert "2 of 10 rows failed (job(s) gone)" in result.output and "Traceback" not in result.output
+    rows = json.loads(next(line for line in result.output.splitlines() if line.startswith("[{")))
+    assert {r["status"] for r in rows if r["prompt"] and r["job"] != "gone"} == {"cached"}
