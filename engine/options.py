@@ -70,6 +70,8 @@ class EditOptions(RuntimeOptions):
     force: bool = False
     model: str | None = None  # the model folder, if it moved since the inversion
     output: str = "mp4"  # mp4 | frames | latents
+    mask: Any = None  # local edit: an image or video path, a box (x0, y0, x1, y1) or an array (engine.video.masks)
+    mask_box: str | tuple[float, float, float, float] | None = None  # "X0,Y0,X1,Y1" fractions of the frame
 
 
 def names(cls: type) -> set[str]:

@@ -44,6 +44,7 @@ from engine.stages.encode import encode_stage
 from engine.stages.inversion import invert_stage
 from engine.stages.settings import EditSettings, InjectSettings, InvertSettings, StoreSettings, layers_of, window_of
 from engine.stages.verify import verify_stage
+from engine.video.masks import Mask, load_mask, parse_box
 from engine.video.reader import FrameSettings, VideoInfo, check_video_file, probe_video, select_frame_indices
 
 # Default refinements per step: with its check, 1 iteration is 3 transformer forwards per inversion
@@ -253,6 +254,17 @@ def _edit_settings(opts: EditOptions, prompts: tuple[str, ...], info: ModelInfo)
     return EditSettings(prompts, opts.negative_prompt, opts.guidance, opts.init, opts.seed, inject, opts.batch)
 
 
+def _edit_mask(opts: EditOptions, inv: Inversion) -> Mask | None:
+    """The local edit's mask at the inversion's frames and size, checked before any model loads."""
+    if opts.mask is not None and opts.mask_box is not None:
+        raise SettingsError("give --mask or --mask-box, not both")
+    if opts.mask is None and opts.mask_box is None:
+        return None
+    spec = parse_box(opts.mask_box) if opts.mask_box is not None else opts.mask
+    source_frames = int(inv.entry.manifest["settings"]["video"]["num_frames"])
+    return load_mask(spec, FrameSettings(**inv.entry.frame_settings), source_frames, inv.entry.frames)
+
+
 def edit_stem(inversion_id: str, settings: EditSettings, runtime: Runtime) -> str:
     """The start of an edit's file names: the inversion and a short hash of every setting that
     changes the pixels, so edits with other settings never overwrite each other. 8/4-bit weights
@@ -301,7 +313,8 @@ def edit(inversion: Inversion | str, prompts: Prompts, *, cache_dir: str | Path 
     runtime = _runtime(opts, inv.dtype, "edit")
     reporter = reporter or Reporter(device=runtime.device)
     info = _edit_model(inv, opts.model)
-    settings = _edit_settings(opts, prompts, info)
+    mask = _edit_mask(opts, inv)
+    settings = dataclasses.replace(_edit_settings(opts, prompts, info), mask=mask.digest if mask else None)
     if opts.seed and settings.init == "inverted":
         log.warning("--seed %d has no effect: edits start from the inverted noise; add --init random to start from seeded noise", opts.seed)
     fs = inv.entry.frame_settings
@@ -310,7 +323,7 @@ def edit(inversion: Inversion | str, prompts: Prompts, *, cache_dir: str | Path 
     outputs = output_paths(edit_stem(inv.id, settings, ctx.runtime), prompts, Path(opts.out_dir), opts.force) if opts.output == "mp4" else None  # refuse first
     embeds = embed_stage(ctx, _edit_prompts(settings, inv.entry.source_prompt, inv.steps))
     store = find_store(inv.entry, inv.memory, settings.inject, info) if settings.inject.reference == "stored" else None
-    latents = edit_stage(ctx, settings, embeds, inv.memory, store)
+    latents = edit_stage(ctx, settings, embeds, inv.memory, store, mask)
     if opts.output == "latents":
         return EditResult(inv.id, prompts, (), (), latents)
     frames = decode_stage(ctx, latents, outputs, opts.fps or inv.entry.fps)

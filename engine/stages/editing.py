@@ -20,6 +20,7 @@ from engine.stages.attention_store import MemoryStores, open_stored
 from engine.stages.context import StageContext
 from engine.stages.schedulers import edit_scheduler
 from engine.stages.settings import EditSettings, InjectSettings
+from engine.video.masks import Mask, latent_mask
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,7 @@ def ddim_edit(
     reference: Reference | None = None,
     inject: InjectSettings = InjectSettings(),
     row_group: int = 0,
+    mask: torch.Tensor | None = None,
     callback: Callable[[dict[str, Any]], None] | None = None,
 ) -> torch.Tensor:
     """DDIM sampling (Song et al. 2021) of K rows at once, with reference attention injection.
@@ -64,7 +66,12 @@ def ddim_edit(
     per edit row on that row's own embedding, as upstream's script does; with
     `inject.reference == "stored"` no row is added and captured K/V are replayed. `row_group`
     > 0 runs every block over that many rows at a time (less activation memory, same result).
+    `mask` [F', 1, h, w] in 0-1 makes the edit local: after every step, where the mask is 0 the
+    latent is the inversion's own at that noise level (`reference.replayed(i)`), so only the
+    masked region changes (blended latent diffusion, Avrahami et al. 2023).
     """
+    if mask is not None and reference is None:
+        raise ValueError("a mask keeps the inversion's latents outside it: pass the reference too")
     scheduler = edit_scheduler(scheduler_config, steps)
     k = init.shape[0]
     cfg = uncond is not None
@@ -88,6 +95,8 @@ def ddim_edit(
             rows, row_embeds = _with_reference(rows, embeds, i, int(t), state, reference, inject.reference) if state.active else (rows, embeds)
             v = predict(transformer, rows, row_embeds, t, rotary)[:n_edit]
             x = scheduler.step(guided(v, guidance, cfg), t, x, return_dict=False)[0].to(init.dtype)
+            if mask is not None:
+                x = torch.lerp(reference.replayed(i).to(x.dtype), x, mask)
             if callback is not None:
                 callback({"i": i, "t": t, "x": x})
     return x
@@ -114,9 +123,10 @@ def first_injected(scheduler_config: dict[str, Any], steps: int, inject: InjectS
     return next((int(t) for i, t in enumerate(timesteps) if inject.is_active(i, steps)), None)
 
 
-def edit_stage(ctx: StageContext, settings: EditSettings, embeds: dict[str, torch.Tensor], memory: MemoryStores, store: str | None) -> torch.Tensor:
+def edit_stage(ctx: StageContext, settings: EditSettings, embeds: dict[str, torch.Tensor], memory: MemoryStores, store: str | None, mask: Mask | None = None) -> torch.Tensor:
     """Edited latents [K, F', C, h, w] (CPU) from the cached inversion `ctx.entry`; `store` is the
-    key of the stored attention to replay (`--reference stored`), else None."""
+    key of the stored attention to replay (`--reference stored`), else None; `mask` (whose digest
+    is `settings.mask`) keeps the source outside it."""
     entry, runtime = ctx.entry, ctx.runtime
     steps = entry.steps
     trajectory = [entry.load(entry.paths.step_file(i), "latent") for i in range(steps)]
@@ -125,6 +135,8 @@ def edit_stage(ctx: StageContext, settings: EditSettings, embeds: dict[str, torc
     out = []
     with ctx.reporter.phase("edit", total=steps * len(chunks)) as ph:
         ph.record.detail = f"from inversion {entry.id[:12]}: {len(settings.prompts)} prompt(s) in {len(chunks)} pass(es), reference {settings.inject.reference}"
+        if mask is not None:
+            ph.record.detail += f", local ({mask.label})"
 
         def on_step(state: dict[str, Any]) -> None:
             ph.advance()
@@ -136,6 +148,7 @@ def edit_stage(ctx: StageContext, settings: EditSettings, embeds: dict[str, torc
                 # Read the first replayed step while the transformer loads (seconds), so that the
                 # step does not start by waiting for its files.
                 stored.prefetch(first)
+            grid = latent_mask(mask, *clean.shape[1:2], *clean.shape[3:]).to(runtime.device, runtime.dtype) if mask is not None else None
             reference = _reference(trajectory, clean, embeds.get(entry.source_prompt, next(iter(embeds.values()))), stored, runtime.device)
             with loaded("transformer", ctx.info, runtime, ctx.layout.compile_dir) as transformer:
                 for chunk in chunks:
@@ -151,6 +164,7 @@ def edit_stage(ctx: StageContext, settings: EditSettings, embeds: dict[str, torc
                         reference=reference,
                         inject=settings.inject,
                         row_group=runtime.plan.row_group,
+                        mask=grid,
                         callback=on_step,
                     )
                     out.append(x.cpu())
