@@ -363,17 +363,22 @@ def run_cmd(video: str, prompts, prompts_file, model, cache_dir, device, plan, v
 @click.option("--out", "out_dir", default="cogedit-demo", type=click.Path(file_okay=False), show_default=True)
 @cache_option
 def demo_cmd(out_dir: str, cache_dir) -> None:
-    """The whole job on the trained proxy and a Big Buck Bunny clip it never saw: invert once,
-    then a reconstruction and an edit from the cache.
+    """The whole job on the trained proxies and clips they never saw: invert once, then edits
+    from the cache; a second run reuses the inversions and rewrites the demo's own files.
 
-    The proxy is a 7M-parameter CogVideoX that knows one shot of Big Buck Bunny, not CogVideoX-5B;
+    First a Big Buck Bunny clip: a reconstruction and an edit. Then a shapes clip (a yellow
+    triangle, a pair the shapes proxy never saw): its color changed to red everywhere, and only
+    inside a mask around the object, with source | edit | masked edit side by side.
+    The proxies are 7M-parameter CogVideoX models, not CogVideoX-5B;
     `cogedit run --model THUDM/CogVideoX-5b` is the same job with the real model.
     """
     import engine
 
     reporter = _reporter("cpu")
     result = engine.demo(out_dir, cache_dir=cache_dir, reporter=reporter)
+    shapes = engine.shapes_demo(out_dir, cache_dir=cache_dir, reporter=reporter)
     _print_edit(reporter, result, False, title="demo")
+    click.echo(shapes.comparison)
 
 
 @cli.command(name="ui")

@@ -9,9 +9,9 @@ under their captions with the engine's defaults (DDIM or fixed point, 50 steps, 
 edited through `engine.edit` towards three one-attribute changes of their caption (color, shape,
 background) and the caption itself (the reconstruction), under one setting at a time changed from
 upstream's defaults: injection window, layers, strength, edit guidance, inversion method, and a
-mask around the object. benchmarks/shape_measures.py judges every edit exactly. A second section
-round-trips each clip (verify, no CFG) with DDIM and fixed point. Writes into --out, after every
-setting (a run cut short keeps what it finished):
+mask around the object. benchmarks/shape_measures.py judges every edit exactly. First, each clip
+is round-tripped (verify, no CFG) with DDIM and fixed point. Writes into --out, after every
+setting (a run cut short keeps what it finished; no setting starts after --minutes):
 
     shapes_quality.json   every clip's measures, the per-setting summaries, the round trips
     SHAPES.md             the tables, the best setting per edit kind, the targets met or not
@@ -41,7 +41,8 @@ from benchmarks.shape_measures import EditTruth, dilate, edit_measures, psnr_out
 from engine.video import shapes  # noqa: E402
 from engine.video.reader import FrameSettings, VideoInfo  # noqa: E402
 
-SIZE = dict(frames=shapes.FRAMES, height=shapes.HEIGHT, width=shapes.WIDTH)
+# fp32: rounding stays out of the comparisons (edits run in their inversion's dtype)
+INVERT = dict(frames=shapes.FRAMES, height=shapes.HEIGHT, width=shapes.WIDTH, dtype="fp32")
 INPUT = FrameSettings(max_frames=shapes.FRAMES, height=shapes.HEIGHT, width=shapes.WIDTH)
 KINDS = ("color", "shape", "background")
 MASK_MARGIN = 4  # px around the object that a mask "around the object" adds
@@ -117,7 +118,7 @@ def run_setting(invs: dict[str, Any], specs: list[shapes.ClipSpec], masks: dict[
         name = clip_name(spec.seed)
         targets = edit_targets(spec)
         kinds = [k for k in KINDS if not (masked and k == "background")]  # a mask around the object keeps the background
-        extra = {"mask": dilate(masks[name].any(0), MASK_MARGIN).astype(np.float32)} if masked else {}
+        extra = {"mask": shapes.around(spec, MASK_MARGIN)} if masked else {}
         out = engine.edit(invs[method, name], [spec.caption, *(targets[k].caption for k in kinds)], output="frames", **options, **extra, **common)
         reconstruction, source = out.frames[0], invs[method, name].frames().numpy()
         keep.setdefault(f"{name} reconstruction ({method})", reconstruction)
@@ -126,6 +127,8 @@ def run_setting(invs: dict[str, Any], specs: list[shapes.ClipSpec], masks: dict[
             truth = EditTruth(spec, targets[kind], masks[name])
             m = edit_measures(frames, truth, reconstruction)
             m["psnr_outside_source_db"] = psnr_outside(frames, source, dilate(masks[name].any(0), 2))
+            if masked:  # the measure for local edits: outside the mask itself
+                m["psnr_outside_mask_db"] = psnr_outside(frames, reconstruction, extra["mask"])
             rows.append({"clip": name, "kind": kind, "prompt": targets[kind].caption, **m})
             keep.setdefault(f"{name} {kind}{' masked' if masked else ''} ({method})", frames)
     return rows
@@ -147,6 +150,7 @@ def summarize(name: str, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "size_ratio": float(np.mean([r["size_ratio"] for r in mine])),
             "psnr_outside_db": float(np.mean([r["psnr_outside_db"] for r in mine])),
             "psnr_outside_source_db": float(np.mean([r["psnr_outside_source_db"] for r in mine])),
+            "psnr_outside_mask_db": float(np.mean([r["psnr_outside_mask_db"] for r in mine])) if "psnr_outside_mask_db" in mine[0] else None,
         })
     return out
 
@@ -180,7 +184,8 @@ def verdicts(summary: list[dict[str, Any]], round_trips: list[dict[str, Any]]) -
     for r in summary:
         if r["setting"] == "mask around the object" and r["kind"] in plain:
             p = plain[r["kind"]]
-            out.append(verdict(f"{r['kind']} with a mask: PSNR outside >= {TARGET_PSNR_MASKED} dB", r["setting"], f"{r['psnr_outside_db']:.1f} dB", r["psnr_outside_db"] >= TARGET_PSNR_MASKED))
+            psnr = r["psnr_outside_mask_db"]
+            out.append(verdict(f"{r['kind']} with a mask: PSNR outside the mask >= {TARGET_PSNR_MASKED} dB", r["setting"], f"{psnr:.1f} dB", psnr >= TARGET_PSNR_MASKED))
             out.append(verdict(f"{r['kind']} with a mask: adherence no worse than without", r["setting"], f"{r['adherence']:.3f} vs {p['adherence']:.3f}", r["adherence"] >= p["adherence"] - 0.01))
     if round_trips:
         cut = float(np.mean([r["cut"] for r in round_trips]))
@@ -195,7 +200,7 @@ def round_trip(clips: list[str], steps: int, common: dict[str, Any], specs: dict
         errors = {}
         for method, extra in (("ddim", {}), ("fixed-point", {"inversion": "fixed-point"})):
             inv = engine.invert(f"{name}.mp4", common["model"], steps=steps, source_prompt=specs[name].caption, guidance=1.0, verify=True,
-                                device=common["device"], cache_dir=common["cache_dir"], **SIZE, **extra)
+                                device=common["device"], cache_dir=common["cache_dir"], compile=False, **INVERT, **extra)
             errors[method] = inv.verify
         rows.append({"clip": name, "ddim": errors["ddim"]["latent_rel_error"], "fixed_point": errors["fixed-point"]["latent_rel_error"],
                      "ddim_psnr_db": errors["ddim"]["psnr_db"], "fixed_point_psnr_db": errors["fixed-point"]["psnr_db"],
@@ -218,10 +223,11 @@ def markdown(result: dict[str, Any]) -> str:
         "source's path; background = share of the pixels outside the object nearest the target background. pass = share of "
         "clips with color >= 0.8, IoU >= 0.6, background >= 0.8. centroid: the object's track against the source's (px). "
         "PSNR outside: outside the object (and a 2 px rim) against the same setting's reconstruction (source caption); "
-        "vs source: against the source frames.",
+        "vs source: against the source frames; outside the mask: masked settings only, outside the mask, against the reconstruction.",
         table(result["summary"], [("setting", "setting", ""), ("kind", "kind", ""), ("clips", "clips", "d"), ("adherence", "adherence", ".3f"),
               ("pass", "pass_rate", ".0%"), ("centroid px", "centroid_error_px", ".2f"), ("size", "size_ratio", ".2f"),
-              ("PSNR outside dB", "psnr_outside_db", ".1f"), ("vs source dB", "psnr_outside_source_db", ".1f")]),
+              ("PSNR outside dB", "psnr_outside_db", ".1f"), ("vs source dB", "psnr_outside_source_db", ".1f"),
+              ("outside the mask dB", "psnr_outside_mask_db", ".1f")]),
         "## Best setting per kind (on this proxy)",
         table(list(chosen.values()), [("kind", "kind", ""), ("setting", "setting", ""), ("adherence", "adherence", ".3f"), ("pass", "pass_rate", ".0%"),
               ("centroid px", "centroid_error_px", ".2f"), ("PSNR outside dB", "psnr_outside_db", ".1f")]),
@@ -238,7 +244,7 @@ def markdown(result: dict[str, Any]) -> str:
 def save(out: Path, result: dict[str, Any], keep: dict[str, np.ndarray]) -> None:
     (out / "shapes_quality.json").write_text(json.dumps(result, indent=1))
     (out / "SHAPES.md").write_text(markdown(result))
-    shown = [n for n in keep if any(n.startswith(clip_name(s.seed)) for s in result["grid_clips"])]
+    shown = [n for n in keep if any(n.startswith(clip_name(seed)) for seed in result["grid_clips"]) and "fixed-point" not in n]
     if shown:
         grid_png(out / "shapes_grid.png", {n: torch.as_tensor(np.asarray(keep[n])) for n in shown})
 
@@ -249,7 +255,8 @@ def run(args: argparse.Namespace) -> None:
     out.mkdir(parents=True, exist_ok=True)
     specs = held_out_clips(args.clips)
     steps = args.steps
-    common = dict(device=args.device, cache_dir=tempfile.mkdtemp(prefix="cogedit-shapes-"))
+    # eager: no compile time (a tiny model gains nothing from it)
+    common = dict(device=args.device, cache_dir=tempfile.mkdtemp(prefix="cogedit-shapes-"), compile=False)
     training = json.loads((Path(args.model) / "TRAINING.json").read_text())
     result: dict[str, Any] = {
         "device": device_name(args.device or ("cuda" if torch.cuda.is_available() else "cpu")), "torch": torch.__version__,
@@ -259,7 +266,7 @@ def run(args: argparse.Namespace) -> None:
         "setup": (f"{len(specs)} held-out clips (split 'heldout', one object each, its color x shape pair never in training), 17x96x144, "
                   f"inverted under their captions with {steps} steps and CFG 6 (the engine's defaults), edited with {steps} steps towards "
                   "the next color, a triangle (a square from a triangle) and the next background, one setting changed at a time. "
-                  f"Masks: the object's exact mask grown by {MASK_MARGIN} px, per frame."),
+                  f"Masks: the object drawn {MASK_MARGIN} px larger, per frame."),
         "clips": [{"name": clip_name(s.seed), "caption": s.caption} for s in specs],
         "grid_clips": [s.seed for s in specs[:2]],
         "rows": {}, "summary": [],
@@ -275,7 +282,9 @@ def run(args: argparse.Namespace) -> None:
         for method in sorted(methods):
             for spec in specs:
                 extra = {"inversion": method} if method != "ddim" else {}
-                invs[method, clip_name(spec.seed)] = engine.invert(f"{clip_name(spec.seed)}.mp4", args.model, steps=steps, source_prompt=spec.caption, **SIZE, **extra, **common)
+                invs[method, clip_name(spec.seed)] = engine.invert(f"{clip_name(spec.seed)}.mp4", args.model, steps=steps, source_prompt=spec.caption, **INVERT, **extra, **common)
+        result["round_trip"] = round_trip([clip_name(s.seed) for s in specs[: args.round_trips]], steps, {**common, "model": args.model}, {clip_name(s.seed): s for s in specs})
+        save(out, result, keep)
         for name, options in grid.items():
             if time.monotonic() - began > args.minutes * 60:
                 print(f"out of time before {name!r}", flush=True)
@@ -286,8 +295,6 @@ def run(args: argparse.Namespace) -> None:
             result["summary"] += summarize(name, rows)
             print(f"{name}: {time.monotonic() - start:.0f} s", *[f"{r['kind']} {r['adherence']:.3f} pass {r['pass_rate']:.0%}" for r in result["summary"] if r["setting"] == name], flush=True)
             save(out, result, keep)
-        if time.monotonic() - began < args.minutes * 60:
-            result["round_trip"] = round_trip([clip_name(s.seed) for s in specs[: args.round_trips]], steps, {**common, "model": args.model}, {clip_name(s.seed): s for s in specs})
     result["seconds"] = round(time.monotonic() - began, 1)
     save(out, result, keep)
     print(markdown(result))
@@ -301,7 +308,7 @@ def main() -> None:
     ap.add_argument("--clips", type=int, default=10, help="held-out clips")
     ap.add_argument("--round-trips", type=int, default=6, help="of those, round-tripped with DDIM and fixed point")
     ap.add_argument("--steps", type=int, default=50)
-    ap.add_argument("--minutes", type=float, default=7.5, help="no new setting starts after this")
+    ap.add_argument("--minutes", type=float, default=7.0, help="no new setting starts after this")
     ap.add_argument("--quick", action="store_true", help="three settings: a small grid to try it out")
     run(ap.parse_args())
 

@@ -41,6 +41,7 @@ _EXPORTS = {
     "build_tiny_model": "engine.models.tiny",
     "write_proxy_model": "engine.models.proxy",
     "demo": "engine.jobs.demo",
+    "shapes_demo": "engine.jobs.demo",
     "EditResult": "engine.results",
     "Inversion": "engine.results",
     "open_inversion": "engine.results",

@@ -181,6 +181,14 @@ def render(spec: ClipSpec, frames: int = FRAMES) -> tuple[np.ndarray, np.ndarray
     return video, masks
 
 
+def around(spec: ClipSpec, margin: float, frames: int = FRAMES) -> np.ndarray:
+    """bool [frames, H, W]: every object drawn `margin` px larger, a mask "around the objects"."""
+    out = np.zeros((frames, HEIGHT, WIDTH), dtype=bool)
+    for thing in spec.things:
+        out |= shape_mask(thing.shape, thing.centroids(frames), thing.size + margin)
+    return out
+
+
 def with_change(spec: ClipSpec, **change: str) -> ClipSpec:
     """The same clip with the first object's color, shape or direction, or the background, changed:
     the target of a one-attribute edit."""
