@@ -6,7 +6,8 @@ the world's palette (the five object colors and the four backgrounds), so "the o
 edited frame is the pixels nearest an object color. For an edit of one attribute of the first
 object:
 
-- color: share of the object's pixels (the source's mask) nearest the target color;
+- color: share of the object's pixels (the source's mask) nearest the target color, and nearest
+  the source's color (an edit that kept it);
 - shape: IoU of the object's pixels with the target shape drawn at the source's centroids and size;
 - background: share of the pixels outside every object nearest the target background, and their mean color;
 - structure kept: the object's centroid track against the source's (px), its size against the source's;
@@ -163,6 +164,8 @@ def edit_measures(frames, truth: EditTruth, reconstruction=None) -> dict[str, fl
     core = erode(mask, EDGE)
     inside = labels[core]
     out["color_share"] = float((inside == color_index(want.color)).mean()) if inside.size else 0.0
+    # the edit kept the source's color (not a failed measure): names why color_share stays low
+    out["source_color_share"] = float((inside == color_index(thing.color)).mean()) if inside.size else 0.0
     # shape: the object's pixels against the target shape drawn on the source's path
     drawn = shape_mask(want.shape, thing.centroids(frames_n), thing.size)
     out["shape_iou"] = float(np.mean([iou(found[f], drawn[f]) for f in range(frames_n)]))

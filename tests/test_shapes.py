@@ -102,6 +102,15 @@ def test_adherence_passes_the_target_and_fails_the_source_and_a_wrong_edit(sourc
     assert edit_measures(shapes.render(shapes.with_change(source, **wrong))[0], truth)[measure] < below  # edited, but not as asked
 
 
+def test_a_color_edit_that_kept_the_source_color_is_named_so(source):
+    # what the proxy's color edits did on the H200 (SHAPES.md): color_share 0 because the object kept its color
+    truth = EditTruth(source, shapes.with_change(source, color="red"), shapes.render(source)[1])
+    kept = edit_measures(shapes.render(source)[0], truth)
+    assert kept["source_color_share"] > 0.99 and kept["color_share"] < 0.01
+    done = edit_measures(shapes.render(truth.target)[0], truth)
+    assert done["source_color_share"] < 0.01 and done["color_share"] > 0.99
+
+
 def test_background_color_is_measured(source):
     truth = EditTruth(source, shapes.with_change(source, background="sky"), shapes.render(source)[1])
     rgb = edit_measures(shapes.render(truth.target)[0], truth)["background_rgb"]
