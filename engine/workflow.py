@@ -44,7 +44,7 @@ from engine.stages.encode import encode_stage
 from engine.stages.inversion import invert_stage
 from engine.stages.settings import EditSettings, InjectSettings, InvertSettings, StoreSettings, layers_of, window_of
 from engine.stages.verify import verify_stage
-from engine.video.masks import Mask, load_mask, parse_box
+from engine.video.masks import Mask, load_mask, mask_spec
 from engine.video.reader import FrameSettings, VideoInfo, check_video_file, probe_video, select_frame_indices
 
 # Default refinements per step: with its check, 1 iteration is 3 transformer forwards per inversion
@@ -256,11 +256,9 @@ def _edit_settings(opts: EditOptions, prompts: tuple[str, ...], info: ModelInfo)
 
 def _edit_mask(opts: EditOptions, inv: Inversion) -> Mask | None:
     """The local edit's mask at the inversion's frames and size, checked before any model loads."""
-    if opts.mask is not None and opts.mask_box is not None:
-        raise SettingsError("give --mask or --mask-box, not both")
-    if opts.mask is None and opts.mask_box is None:
+    spec = mask_spec(opts.mask, opts.mask_box)
+    if spec is None:
         return None
-    spec = parse_box(opts.mask_box) if opts.mask_box is not None else opts.mask
     source_frames = int(inv.entry.manifest["settings"]["video"]["num_frames"])
     return load_mask(spec, FrameSettings(**inv.entry.frame_settings), source_frames, inv.entry.frames)
 
@@ -341,6 +339,7 @@ def run(
     prompts = (prompts,) if isinstance(prompts, str) else tuple(prompts)
     check_video_file(video)
     _edit_settings(edit_opts, prompts, inspect_model(edit_opts.model or model))  # bad prompts or edit flags: refused before the inversion
+    mask_spec(edit_opts.mask, edit_opts.mask_box)
     reporter = reporter or Reporter(device=Runtime.default(inv_opts.device).device)
     inv = invert(video, model, cache_dir=cache_dir, reporter=reporter, callback=callback, **dataclasses.asdict(inv_opts))
     edit_kw = {**dataclasses.asdict(edit_opts), "model": edit_opts.model or model, "dtype": None}

@@ -125,3 +125,11 @@ def test_mask_names_the_outputs_and_bad_masks_are_one_line_errors(inversion, tmp
         assert result.exit_code == 1, result.output
         lines = result.output.strip().splitlines()
         assert len(lines) == 1 and expected in lines[0], result.output
+
+
+@pytest.mark.parametrize(("options", "expected"), [({"mask_box": "0,0,1.2,1"}, "outside the frame"), ({"mask": "missing.png"}, "does not exist")])
+def test_run_refuses_a_bad_mask_before_it_inverts(tiny_model, tmp_path, options, expected):
+    with pytest.raises(engine.SettingsError, match=expected):
+        engine.run(CLIPS / "bunny_wide.mp4", tiny_model, "a forest", device="cpu", cache_dir=tmp_path, **SMALL, **options)
+    assert not list(tmp_path.rglob("*.safetensors"))  # nothing was inverted
+

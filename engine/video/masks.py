@@ -103,6 +103,18 @@ def _video(path: Path, settings: FrameSettings, source_frames: int, frames: int)
     return _gray(pixels.numpy())
 
 
+def mask_spec(mask: Any, box: str | tuple | list | None) -> Any:
+    """The mask `--mask`/`--mask-box` name (a checked box, a file path or an array), or None:
+    what can be checked before the edit's frames are known, so `run` refuses it before inverting."""
+    if mask is not None and box is not None:
+        raise SettingsError("give --mask or --mask-box, not both")
+    if box is not None:
+        return parse_box(box)
+    if isinstance(mask, str | os.PathLike) and not Path(mask).is_file():
+        raise SettingsError(f"--mask {mask} does not exist: give an image or a video, white where the edit may change")
+    return mask
+
+
 def load_mask(mask: Any, settings: FrameSettings, source_frames: int, frames: int) -> Mask:
     """The mask of an edit of `frames` frames at settings' size, from a file path, a box (4-tuple)
     or an array (module docstring); `source_frames` is the source video's frame count."""
@@ -110,9 +122,7 @@ def load_mask(mask: Any, settings: FrameSettings, source_frames: int, frames: in
     if isinstance(mask, tuple | list) and len(mask) == 4 and all(isinstance(v, int | float) for v in mask):
         return box_mask(parse_box(mask), frames, *size)
     if isinstance(mask, str | os.PathLike):
-        path = Path(mask)
-        if not path.is_file():
-            raise SettingsError(f"--mask {path} does not exist: give an image or a video, white where the edit may change")
+        path = Path(mask_spec(mask, None))
         if path.suffix.lower() in IMAGE_SUFFIXES:
             pixels = _image(path, settings).expand(frames, -1, -1).clone()
         else:
