@@ -367,8 +367,9 @@ def demo_cmd(out_dir: str, cache_dir) -> None:
     from the cache; a second run reuses the inversions and rewrites the demo's own files.
 
     First a Big Buck Bunny clip: a reconstruction and an edit. Then a shapes clip (a yellow
-    triangle, a pair the shapes proxy never saw): its color changed to red everywhere, and only
-    inside a mask around the object, with source | edit | masked edit side by side.
+    triangle, a pair the shapes proxy never saw) edited towards red everywhere, and only inside a
+    mask around the object, with source | edit | masked edit side by side (that proxy barely
+    follows color words: the mask keeping the rest is what it shows).
     The proxies are 7M-parameter CogVideoX models, not CogVideoX-5B;
     `cogedit run --model THUDM/CogVideoX-5b` is the same job with the real model.
     """
