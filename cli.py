@@ -188,6 +188,11 @@ def edit_options(f):
                 help="One shared reference row, one per CFG half (upstream), or replayed stored attention.",
             ),
             click.option("--batch", default=4, show_default=True, help="Prompts rendered per transformer pass."),
+            click.option(
+                "--mask", default=None, type=click.Path(),
+                help="Local edit: an image (all frames) or a video (one mask per frame), white where the edit may change; the rest keeps the source.",
+            ),
+            click.option("--mask-box", default=None, help="Local edit inside a box X0,Y0,X1,Y1 in fractions of the frame, e.g. 0.25,0.2,0.75,0.8."),
             click.option("--fps", default=None, type=float, help="Output frame rate (default: the source's, adjusted for frame selection)."),
             click.option("--out", "out_dir", default=".", type=click.Path(file_okay=False), show_default=True, help="Folder for the mp4 files."),
             click.option("--force", is_flag=True, help="Overwrite existing output files."),
@@ -226,6 +231,7 @@ def _edit_kwargs(p: dict) -> dict:
         negative_prompt=p["negative_prompt"], guidance=p["guidance"], init=p["init"], seed=p["seed"],
         inject_steps=p["inject_steps"], inject_layers=p["inject_layers"], inject_strength=p["inject_strength"],
         reference=p["reference"], batch=p["batch"], fps=p["fps"], out_dir=p["out_dir"], force=p["force"], gpus=p["gpus"],
+        mask=p["mask"], mask_box=p["mask_box"],
     )
 
 
@@ -251,19 +257,26 @@ def _edit_json(result) -> dict:
 @click.argument("directory", type=click.Path(file_okay=False))
 @click.option("--random", "random_weights", is_flag=True, help="Write a tiny model with random weights instead of the trained proxy.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the --random weights.")
-def tiny_model_write(directory: str, random_weights: bool, seed: int) -> None:
+@click.option("--world", type=click.Choice(["bunny", "shapes"]), default="bunny", show_default=True,
+              help="Which trained proxy: Big Buck Bunny footage, or the synthetic shapes world.")
+def tiny_model_write(directory: str, random_weights: bool, seed: int, world: str) -> None:
     """Write a small CogVideoX checkpoint in the CogVideoX-5b folder layout.
 
     By default the trained proxy (7M parameters, 14 MB, trained on Big Buck Bunny at
-    17x96x144); --random writes the tiny random-weight model the tests use.
+    17x96x144); --world shapes the one trained on moving circles, squares and triangles
+    (captions like "a red circle moving left on a gray background"); --random writes the tiny
+    random-weight model the tests use.
 
     \b
     cogedit tiny-model proxy/ && cogedit run clip.mp4 --model proxy/ --frames 17 --height 96 --width 144 --prompt "..."
+    cogedit tiny-model shapes/ --world shapes
     cogedit tiny-model tiny/ --random --seed 1
     """
-    from engine import build_tiny_model, write_proxy_model
+    from engine import SettingsError, build_tiny_model, write_proxy_model
 
-    click.echo(build_tiny_model(directory, seed=seed) if random_weights else write_proxy_model(directory))
+    if random_weights and world != "bunny":
+        raise SettingsError("--random writes the random tiny model, which belongs to no world: drop --random or --world")
+    click.echo(build_tiny_model(directory, seed=seed) if random_weights else write_proxy_model(directory, world))
 
 
 @cli.command(name="invert")
@@ -304,11 +317,13 @@ def edit_cmd(inversion_id: str, prompts, prompts_file, cache_dir, device, plan, 
 
     \b
     cogedit edit 3fa2 --prompt "a watercolor painting" --prompt "a charcoal sketch" --inject-steps 0:0.6
+    cogedit edit 3fa2 --prompt "a blue circle moving left on a gray background" --mask-box 0.1,0.2,0.5,0.8
 
     Files are named ID-HASH-NN-PROMPT.mp4 (and ...-side-by-side.mp4): the inversion id's first 8
     characters, a 6-character hash of the settings that change the pixels (--guidance,
-    --negative-prompt, --init/--seed, --inject-*, --reference, --compile, --fp8; one with no effect,
-    such as --seed without --init random, is left out), the prompt's number and its first words.
+    --negative-prompt, --init/--seed, --inject-*, --reference, --mask/--mask-box, --compile, --fp8;
+    one with no effect, such as --seed without --init random, is left out), the prompt's number and
+    its first words.
     Edits with other settings never overwrite each other.
     """
     import engine
@@ -396,17 +411,23 @@ def batch_cmd(jobs_file: str, model, out_dir: str, nproc: int, cache_dir, device
 @click.option("--out", "out_dir", default="cogedit-demo", type=click.Path(file_okay=False), show_default=True)
 @cache_option
 def demo_cmd(out_dir: str, cache_dir) -> None:
-    """The whole job on the trained proxy and a Big Buck Bunny clip it never saw: invert once,
-    then a reconstruction and an edit from the cache.
+    """The whole job on the trained proxies and clips they never saw: invert once, then edits
+    from the cache; a second run reuses the inversions and rewrites the demo's own files.
 
-    The proxy is a 7M-parameter CogVideoX that knows one shot of Big Buck Bunny, not CogVideoX-5B;
+    First a Big Buck Bunny clip: a reconstruction and an edit. Then a shapes clip (a yellow
+    triangle, a pair the shapes proxy never saw) edited towards red everywhere, and only inside a
+    mask around the object, with source | edit | masked edit side by side (that proxy barely
+    follows color words: the mask keeping the rest is what it shows).
+    The proxies are 7M-parameter CogVideoX models, not CogVideoX-5B;
     `cogedit run --model THUDM/CogVideoX-5b` is the same job with the real model.
     """
     import engine
 
     reporter = _reporter("cpu")
     result = engine.demo(out_dir, cache_dir=cache_dir, reporter=reporter)
+    shapes = engine.shapes_demo(out_dir, cache_dir=cache_dir, reporter=reporter)
     _print_edit(reporter, result, False, title="demo")
+    click.echo(shapes.comparison)
 
 
 @cli.command(name="ui")

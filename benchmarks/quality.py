@@ -91,17 +91,26 @@ def served_clips(frames_file: Path | None) -> Iterator[dict[str, torch.Tensor]]:
         meta = f.metadata()
         tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no iterator
     infos = {name: VideoInfo(**json.loads(text)) for name, text in meta.items()}
+    with serving({name: tensors[f"{name}.input"] for name in infos}, infos, INPUT):
+        yield {clip.name: tensors[f"{clip.name}.all"] for clip in CLIPS}
+
+
+@contextlib.contextmanager
+def serving(frames: dict[str, torch.Tensor], infos: dict[str, VideoInfo], settings: FrameSettings) -> Iterator[None]:
+    """The engine reads video `<dir>/<name>.<ext>` as `frames[name]` (uint8 [F, H, W, 3], already
+    selected and at `settings`' size) with `infos[name]` as its facts: clips in memory, on a
+    machine without decord or ffmpeg, keep their own cache ids."""
 
     def probe(video: str | Path) -> VideoInfo:
         return infos[Path(video).stem]
 
-    def read(video: str | Path, settings: FrameSettings) -> tuple[torch.Tensor, VideoInfo]:
-        if settings != INPUT:
-            raise ValueError(f"the frames file holds {INPUT}, not {settings}")
-        return tensors[f"{Path(video).stem}.input"], probe(video)
+    def read(video: str | Path, asked: FrameSettings) -> tuple[torch.Tensor, VideoInfo]:
+        if asked != settings:
+            raise ValueError(f"the served frames are {settings}, not {asked}")
+        return frames[Path(video).stem], probe(video)
 
     with mock.patch("engine.workflow.probe_video", probe), mock.patch("engine.stages.encode.read_frames", read):
-        yield {clip.name: tensors[f"{clip.name}.all"] for clip in CLIPS}
+        yield
 
 
 # ---------------------------------------------------------------- round trip

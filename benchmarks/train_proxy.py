@@ -132,11 +132,16 @@ def fit(name: str, module: torch.nn.Module, batch_loss, peak_lr: float, weight_d
     return module.eval().requires_grad_(False)
 
 
-def train_vae(data: torch.Tensor, device: str, seconds: float, max_steps: int | None, log: dict):
-    """Reconstruction (L1 + MSE) with a small KL term, on random 9-frame windows."""
+def train_vae(data: torch.Tensor, device: str, seconds: float, max_steps: int | None, log: dict, init: Path | None = None):
+    """Reconstruction (L1 + MSE) with a small KL term, on random 9-frame windows; from `init`'s
+    weights (a VAE folder of this config) when given, else from scratch."""
     from diffusers import AutoencoderKLCogVideoX
 
-    vae = AutoencoderKLCogVideoX(**VAE_CONFIG, scaling_factor=1.0).to(device).train()
+    if init is None:
+        vae = AutoencoderKLCogVideoX(**VAE_CONFIG, scaling_factor=1.0)
+    else:
+        vae = AutoencoderKLCogVideoX.from_pretrained(init, torch_dtype=torch.float32, scaling_factor=1.0)
+    vae = vae.to(device).train()
 
     def batch_loss() -> torch.Tensor:
         idx = torch.randint(0, len(data), (8,))
@@ -158,11 +163,14 @@ def set_lr(opt: torch.optim.Optimizer, peak: float, step: int, progress: float) 
 
 
 @torch.no_grad()
-def encode(vae, x: torch.Tensor, device: str) -> torch.Tensor:
-    """[N, F, 3, H, W] -> latent modes [N, F', C, h, w] (unscaled), a few windows at a time."""
-    from engine.stages.encode import encode_frames
-
-    return torch.cat([encode_frames(vae, clip.to(device)).cpu() for clip in x])
+def encode(vae, x: torch.Tensor, device: str, batch: int = 1) -> torch.Tensor:
+    """[N, F, 3, H, W] -> latent modes [N, F', C, h, w] (unscaled while the VAE's scaling factor
+    is 1), `batch` windows at a time."""
+    out = []
+    for chunk in x.split(batch):
+        z = vae.encode(chunk.to(device, vae.dtype).permute(0, 2, 1, 3, 4)).latent_dist.mode()
+        out.append((z * vae.config.scaling_factor).permute(0, 2, 1, 3, 4).float().cpu())
+    return torch.cat(out)
 
 
 def embed_captions(model_dir: Path, captions: list[str], device: str) -> dict[str, torch.Tensor]:
@@ -172,12 +180,14 @@ def embed_captions(model_dir: Path, captions: list[str], device: str) -> dict[st
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir / "tokenizer")
     t5 = T5EncoderModel.from_pretrained(model_dir / "text_encoder", dtype=torch.float32).to(device).eval()
-    with torch.no_grad():
-        return {c: t5(tokenize(tokenizer, c, TINY_TEXT_LEN).to(device))[0][0] for c in captions}
+    ids = torch.cat([tokenize(tokenizer, c, TINY_TEXT_LEN) for c in captions])
+    with torch.no_grad():  # 256 captions per call: the shapes proxy embeds thousands
+        out = torch.cat([t5(chunk.to(device))[0] for chunk in ids.split(256)])
+    return dict(zip(captions, out, strict=True))
 
 
-def train_transformer(latents: torch.Tensor, captions: list[tuple[str, ...]], embeds: dict[str, torch.Tensor], device: str, seconds: float, max_steps: int | None, log: dict):
-    """v-prediction at uniform timesteps on the 5B scheduler's zero-terminal-SNR schedule."""
+def train_transformer(latents: torch.Tensor, captions: list[tuple[str, ...]], embeds: dict[str, torch.Tensor], device: str, seconds: float, max_steps: int | None, log: dict, batch: int = 32):
+    """v-prediction at uniform timesteps on the 5B scheduler's zero-terminal-SNR schedule, `batch` windows a step."""
     from diffusers import CogVideoXDDIMScheduler, CogVideoXTransformer3DModel
 
     transformer = CogVideoXTransformer3DModel(**TRANSFORMER_CONFIG).to(device).train()
@@ -185,7 +195,7 @@ def train_transformer(latents: torch.Tensor, captions: list[tuple[str, ...]], em
     latents = latents.to(device)
 
     def batch_loss() -> torch.Tensor:
-        idx = torch.randint(0, len(latents), (32,))
+        idx = torch.randint(0, len(latents), (batch,))
         text = [random.choice(captions[i]) if random.random() > CAPTION_DROPOUT else "" for i in idx.tolist()]
         t = torch.randint(0, len(alphas), (len(idx),), device=device)
         noise = torch.randn_like(latents[idx])

@@ -43,6 +43,7 @@ _EXPORTS = {
     "demo": "engine.jobs.demo",
     "batch": "engine.jobs.batch",
     "BatchResult": "engine.jobs.batch",
+    "shapes_demo": "engine.jobs.demo",
     "EditResult": "engine.results",
     "Inversion": "engine.results",
     "open_inversion": "engine.results",

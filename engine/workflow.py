@@ -48,6 +48,7 @@ from engine.stages.encode import encode_stage
 from engine.stages.inversion import invert_stage
 from engine.stages.settings import EditSettings, InjectSettings, InvertSettings, StoreSettings, layers_of, window_of
 from engine.stages.verify import verify_stage
+from engine.video.masks import Mask, load_mask, mask_spec
 from engine.video.reader import FrameSettings, VideoInfo, check_video_file, probe_video, select_frame_indices
 
 # Default refinements per step: with its check, 1 iteration is 3 transformer forwards per inversion
@@ -257,6 +258,15 @@ def _edit_settings(opts: EditOptions, prompts: tuple[str, ...], info: ModelInfo)
     return EditSettings(prompts, opts.negative_prompt, opts.guidance, opts.init, opts.seed, inject, opts.batch)
 
 
+def _edit_mask(opts: EditOptions, inv: Inversion) -> Mask | None:
+    """The local edit's mask at the inversion's frames and size, checked before any model loads."""
+    spec = mask_spec(opts.mask, opts.mask_box)
+    if spec is None:
+        return None
+    source_frames = int(inv.entry.manifest["settings"]["video"]["num_frames"])
+    return load_mask(spec, FrameSettings(**inv.entry.frame_settings), source_frames, inv.entry.frames)
+
+
 def edit_stem(inversion_id: str, settings: EditSettings, runtime: Runtime) -> str:
     """The start of an edit's file names: the inversion and a short hash of every setting that
     changes the pixels, so edits with other settings never overwrite each other. 8/4-bit weights
@@ -313,7 +323,8 @@ def edit(inversion: Inversion | str, prompts: Prompts, *, cache_dir: str | Path 
     runtime = _runtime(opts, inv.dtype, "edit")
     reporter = reporter or Reporter(device=runtime.device)
     info = _edit_model(inv, opts.model)
-    settings = _edit_settings(opts, prompts, info)
+    mask = _edit_mask(opts, inv)
+    settings = dataclasses.replace(_edit_settings(opts, prompts, info), mask=mask.digest if mask else None)
     if opts.seed and settings.init == "inverted":
         log.warning("--seed %d has no effect: edits start from the inverted noise; add --init random to start from seeded noise", opts.seed)
     fs = inv.entry.frame_settings
@@ -331,7 +342,7 @@ def edit(inversion: Inversion | str, prompts: Prompts, *, cache_dir: str | Path 
     todo = [k for k in range(len(prompts)) if k not in done]
     settings = dataclasses.replace(settings, prompts=tuple(prompts[k] for k in todo))
     with process_group(backend_for(ctx.runtime.device)) if opts.gpus > 1 else contextlib.nullcontext():
-        latents = _render(ctx, inv, settings, opts.gpus)
+        latents = _render(ctx, inv, settings, opts.gpus, mask)
     if latents is None or opts.output == "latents":  # None: the other half of a split edit
         return EditResult(inv.id, prompts, (), (), latents, skipped=skipped)
     mine = ([outputs[0][k] for k in todo], [outputs[1][k] for k in todo]) if outputs else None
@@ -351,12 +362,12 @@ def _check_gpus(gpus: int, guidance: float, callback: Callback | None, device: s
         check_worker_device(device)
 
 
-def _render(ctx: StageContext, inv: Inversion, settings: EditSettings, gpus: int) -> torch.Tensor | None:
+def _render(ctx: StageContext, inv: Inversion, settings: EditSettings, gpus: int, mask: Mask | None) -> torch.Tensor | None:
     """The edited latents; with gpus=2 (inside the process group) only rank 0 returns them."""
     embeds = embed_stage(ctx, _edit_prompts(settings, inv.entry.source_prompt, inv.steps))
     store = find_store(inv.entry, inv.memory, settings.inject, ctx.info) if settings.inject.reference == "stored" else None
     split = GuidanceSplit.current() if gpus > 1 else None
-    latents = edit_stage(ctx, settings, embeds, inv.memory, store, split)
+    latents = edit_stage(ctx, settings, embeds, inv.memory, store, split, mask)
     return None if split is not None and split.rank != 0 else latents
 
 
@@ -386,6 +397,7 @@ def run(
     prompts = (prompts,) if isinstance(prompts, str) else tuple(prompts)
     check_video_file(video)
     _edit_settings(edit_opts, prompts, inspect_model(edit_opts.model or model))  # bad prompts or edit flags: refused before the inversion
+    mask_spec(edit_opts.mask, edit_opts.mask_box)
     reporter = reporter or Reporter(device=Runtime.default(inv_opts.device).device)
     if edit_opts.gpus == 1:
         return _run(video, model, prompts, cache_dir, reporter, callback, inv_opts, edit_opts)

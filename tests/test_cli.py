@@ -80,15 +80,17 @@ def test_help_shows_examples(command):
     assert "Usage:" in invoke(command, "--help").stdout
 
 
-def test_demo_writes_two_edits_and_side_by_sides(tmp_path):
+def test_demo_writes_both_halves(tmp_path):
     result = invoke("demo", "--out", tmp_path / "demo")
     videos = sorted((tmp_path / "demo").glob("*.mp4"))
-    assert len(videos) == 4 and sum("side-by-side" in v.name for v in videos) == 2
+    # bunny: reconstruction and edit, each with its side-by-side; shapes: source | color edit | masked color edit
+    assert len(videos) == 5 and sum("side-by-side" in v.name for v in videos) == 2
     titles = [line.strip() for line in result.stderr.splitlines() if line.strip() in ("demo", "edit")]
     assert "decode" in result.stderr and "total" in result.stderr and titles == ["demo"]  # its table's title
     for v in videos:
         assert _frames(v)[0] == 17
-    again = invoke("demo", "--out", tmp_path / "demo")  # a second run reuses the inversion and rewrites its own files
+    assert _frames(tmp_path / "demo" / "shapes-red-source-edit-masked.mp4") == (17, (96, 3 * 144, 3))  # source | edit | masked
+    again = invoke("demo", "--out", tmp_path / "demo")  # a second run reuses the inversions and rewrites its own files
     assert sorted((tmp_path / "demo").glob("*.mp4")) == videos and "hit" in again.stderr
 
 

@@ -272,7 +272,21 @@ def test_every_edit_setting_that_changes_the_pixels_changes_the_file_names(tiny_
     assert _edit_stem(tiny_model, {**base, **options}, runtime) != _edit_stem(tiny_model, base, {})
 
 
+# Keyed once the inversion's frames are known: engine.edit puts the mask's digest in the settings.
+_EDIT_MASKS = {"mask", "mask_box"}
+
+
+def test_a_masks_digest_changes_the_file_names(tiny_model):
+    from engine.options import EditOptions
+    from engine.workflow import _edit_settings, edit_stem
+
+    settings = _edit_settings(EditOptions(), ("a watercolor painting",), inspect_model(tiny_model))
+    runtime = Runtime("cpu", torch.float32)
+    stems = {edit_stem("f" * 32, dataclasses.replace(settings, mask=m), runtime) for m in (None, "a" * 16, "b" * 16)}
+    assert len(stems) == 3  # that engine.edit passes the digest: tests/test_masks.py's output-name test
+
+
 def test_every_edit_option_is_keyed_or_said_not_to_change_the_pixels():
     from engine.options import EditOptions, names
 
-    assert names(EditOptions) == {c.split()[0] for c in _EDIT_CHANGES} | set(_EDIT_SAME)
+    assert names(EditOptions) == {c.split()[0] for c in _EDIT_CHANGES} | set(_EDIT_SAME) | _EDIT_MASKS

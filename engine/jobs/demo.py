@@ -1,12 +1,24 @@
-"""`cogedit demo`: the whole job on the trained proxy and a Big Buck Bunny clip it never saw, on a CPU."""
+"""`cogedit demo`: the whole job on the trained proxies and clips they never saw, on a CPU.
+
+First half: the Big Buck Bunny proxy inverts a held-out clip and renders a reconstruction and an
+edit. Second half: the shapes proxy inverts a held-out shapes clip (a color x shape pair it never
+saw) and edits it towards another color, once everywhere and once with a mask around the object,
+written as one mp4 side by side (source | edit | masked edit). That proxy barely follows color
+words (benchmarks/results/SHAPES.md), so the half shows the mask keeping the rest of the frame.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from cache.layout import cache_root
 from engine.models.proxy import PROXY_FRAMES, PROXY_HEIGHT, PROXY_WIDTH, write_proxy_model
 from engine.report import Reporter
+from engine.stages.decode import write_video
+from engine.video import shapes
 from engine.video.clips import CLIPS, DEMO_VIDEO, HELD_OUT
 from engine.workflow import EditResult, edit, invert
 
@@ -14,14 +26,28 @@ from engine.workflow import EditResult, edit, invert
 # inversion's source prompt), the second edits it towards another of its training captions.
 DEMO_PROMPTS = (HELD_OUT.captions[0], CLIPS[0].captions[1])
 # The proxy's training size; small enough for a 2-core CPU.
-DEMO_SETTINGS = dict(steps=10, frames=PROXY_FRAMES, height=PROXY_HEIGHT, width=PROXY_WIDTH, source_prompt=HELD_OUT.captions[0])
+DEMO_SETTINGS = dict(steps=10, frames=PROXY_FRAMES, height=PROXY_HEIGHT, width=PROXY_WIDTH)
+# "a yellow triangle moving right on a gray background": held out, the proxy never saw a yellow triangle.
+SHAPES_SEED = 4
+SHAPES_COLOR = "red"
+SHAPES_MARGIN = 4  # px: the mask is the object drawn this much larger, frame by frame
 
 
-def demo_model(cache_dir: str | Path | None = None) -> Path:
-    """The proxy checkpoint the demo uses, copied once under the cache folder."""
-    path = cache_root(cache_dir) / "demo-model"
+@dataclass(frozen=True)
+class ShapesDemo:
+    """The shapes half: the edit everywhere and inside the mask (their frames), and the mp4 of
+    source | edit | masked edit."""
+
+    whole: EditResult
+    masked: EditResult
+    comparison: Path
+
+
+def demo_model(cache_dir: str | Path | None = None, world: str = "bunny") -> Path:
+    """The proxy checkpoint of `world` the demo uses, copied once under the cache folder."""
+    path = cache_root(cache_dir) / ("demo-model" if world == "bunny" else f"demo-model-{world}")
     if not (path / "TRAINING.json").exists():
-        write_proxy_model(path)
+        write_proxy_model(path, world)
     return path
 
 
@@ -30,7 +56,28 @@ def demo(out_dir: str | Path = "cogedit-demo", *, cache_dir: str | Path | None =
     cache. A second run reuses the inversion and overwrites the demo's own mp4 files."""
     reporter = reporter or Reporter(device="cpu")
     model = demo_model(cache_dir)
-    inv = invert(DEMO_VIDEO, model, cache_dir=cache_dir, device="cpu", reporter=reporter, **DEMO_SETTINGS)
+    inv = invert(DEMO_VIDEO, model, cache_dir=cache_dir, device="cpu", reporter=reporter, source_prompt=HELD_OUT.captions[0], **DEMO_SETTINGS)
     # Upstream's full injection window: on the proxy shorter windows lose most of the source's
     # structure and gain no adherence (benchmarks/results/QUALITY.md).
     return edit(inv, list(DEMO_PROMPTS), out_dir=out_dir, force=True, cache_dir=cache_dir, device="cpu", reporter=reporter)
+
+
+def shapes_demo(out_dir: str | Path = "cogedit-demo", *, cache_dir: str | Path | None = None, reporter: Reporter | None = None) -> ShapesDemo:
+    """A color edit of a held-out shapes clip on the shapes proxy, without and with a mask. A
+    second run reuses the inversion and overwrites the demo's own mp4."""
+    reporter = reporter or Reporter(device="cpu")
+    model = demo_model(cache_dir, "shapes")
+    spec = shapes.clip_spec(SHAPES_SEED, "heldout")
+    video = cache_root(cache_dir) / "demo-clips" / f"shapes_heldout_{SHAPES_SEED}.mp4"
+    if not video.exists():  # drawn, not shipped: the seed is the clip
+        video.parent.mkdir(parents=True, exist_ok=True)
+        write_video(shapes.render(spec)[0], video, fps=8.0)
+    inv = invert(video, model, cache_dir=cache_dir, device="cpu", reporter=reporter, source_prompt=spec.caption, **DEMO_SETTINGS)
+    prompt = [shapes.with_change(spec, color=SHAPES_COLOR).caption]
+    common = dict(output="frames", cache_dir=cache_dir, device="cpu", reporter=reporter)
+    whole = edit(inv, prompt, **common)
+    masked = edit(inv, prompt, mask=shapes.around(spec, SHAPES_MARGIN), **common)
+    comparison = Path(out_dir) / f"shapes-{SHAPES_COLOR}-source-edit-masked.mp4"
+    comparison.parent.mkdir(parents=True, exist_ok=True)
+    write_video(np.concatenate([inv.frames().numpy(), whole.frames[0], masked.frames[0]], axis=2), comparison, inv.entry.fps)
+    return ShapesDemo(whole, masked, comparison)

@@ -22,13 +22,14 @@ from engine.video.clips import CLIPS
 TINY_TEXT_LEN = 226  # same max length as the real model: the prompt path is the real one
 
 
-def train_tokenizer(save_dir: Path) -> None:
+def train_tokenizer(save_dir: Path, extra: tuple[str, ...] | list[str] = ()) -> None:
     """A T5-style tokenizer over a few sentences (the real one is sentencepiece, 32k words).
 
     A unigram model whose pieces are the corpus's whole words, scored by frequency, plus single
     characters as a fallback, so the proxy's captions read as words and any prompt still
     tokenizes. Under 200 pieces: the random tiny model's T5 has 200 rows.
-    (A trained unigram model prunes a corpus this small down to letters.)"""
+    (A trained unigram model prunes a corpus this small down to letters.) `extra` sentences add
+    their words (the shapes proxy's captions)."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
     from tokenizers.processors import TemplateProcessing
     from transformers import PreTrainedTokenizerFast
@@ -41,6 +42,7 @@ def train_tokenizer(save_dir: Path) -> None:
         "people riding bikes down a road, high quality video",
         "make it a charcoal sketch, black and white, snow, night, neon",
         *(caption for clip in CLIPS for caption in clip.captions),
+        *extra,
     ]
     words = Counter(word.strip(",") for line in corpus for word in line.split())
     total = sum(words.values())

@@ -21,6 +21,7 @@ from engine.stages.context import StageContext
 from engine.stages.distributed import GuidanceSplit
 from engine.stages.schedulers import edit_scheduler
 from engine.stages.settings import EditSettings, InjectSettings
+from engine.video.masks import Mask, latent_mask
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,7 @@ def ddim_edit(
     inject: InjectSettings = InjectSettings(),
     row_group: int = 0,
     split: GuidanceSplit | None = None,
+    mask: torch.Tensor | None = None,
     callback: Callable[[dict[str, Any]], None] | None = None,
 ) -> torch.Tensor:
     """DDIM sampling (Song et al. 2021) of K rows at once, with reference attention injection.
@@ -68,7 +70,12 @@ def ddim_edit(
     > 0 runs every block over that many rows at a time (less activation memory, same result).
     With `split` (CFG only) this process runs one half of the rows, with its own reference rows,
     and the halves' predictions are gathered every step.
+    `mask` [F', 1, h, w] in 0-1 makes the edit local: after every step, where the mask is 0 the
+    latent is the inversion's own at that noise level (`reference.replayed(i)`), so only the
+    masked region changes (blended latent diffusion, Avrahami et al. 2023).
     """
+    if mask is not None and reference is None:
+        raise ValueError("a mask keeps the inversion's latents outside it: pass the reference too")
     scheduler = edit_scheduler(scheduler_config, steps)
     k = init.shape[0]
     cfg = uncond is not None
@@ -97,6 +104,8 @@ def ddim_edit(
             if split is not None:
                 v = split.combine(v)
             x = scheduler.step(guided(v, guidance, cfg), t, x, return_dict=False)[0].to(init.dtype)
+            if mask is not None:
+                x = torch.lerp(reference.replayed(i).to(x.dtype), x, mask)
             if callback is not None:
                 callback({"i": i, "t": t, "x": x})
     return x
@@ -124,11 +133,17 @@ def first_injected(scheduler_config: dict[str, Any], steps: int, inject: InjectS
 
 
 def edit_stage(
-    ctx: StageContext, settings: EditSettings, embeds: dict[str, torch.Tensor], memory: MemoryStores, store: str | None, split: GuidanceSplit | None = None
+    ctx: StageContext,
+    settings: EditSettings,
+    embeds: dict[str, torch.Tensor],
+    memory: MemoryStores,
+    store: str | None,
+    split: GuidanceSplit | None = None,
+    mask: Mask | None = None,
 ) -> torch.Tensor:
     """Edited latents [K, F', C, h, w] (CPU) from the cached inversion `ctx.entry`; `store` is the
     key of the stored attention to replay (`--reference stored`), else None; `split`: this process
-    runs one CFG half (`--gpus 2`)."""
+    runs one CFG half (`--gpus 2`); `mask` (whose digest is `settings.mask`) keeps the source outside it."""
     entry, runtime = ctx.entry, ctx.runtime
     steps = entry.steps
     trajectory = [entry.load(entry.paths.step_file(i), "latent") for i in range(steps)]
@@ -139,6 +154,8 @@ def edit_stage(
         ph.record.detail = f"from inversion {entry.id[:12]}: {len(settings.prompts)} prompt(s) in {len(chunks)} pass(es), reference {settings.inject.reference}"
         if split is not None:
             ph.record.detail += f", {'unconditional' if split.rank == 0 else 'conditional'} rows here, the others on rank {1 - split.rank}"
+        if mask is not None:
+            ph.record.detail += f", local ({mask.label})"
 
         def on_step(state: dict[str, Any]) -> None:
             ph.advance()
@@ -150,6 +167,7 @@ def edit_stage(
                 # Read the first replayed step while the transformer loads (seconds), so that the
                 # step does not start by waiting for its files.
                 stored.prefetch(first)
+            grid = latent_mask(mask, *clean.shape[1:2], *clean.shape[3:]).to(runtime.device, runtime.dtype) if mask is not None else None
             reference = _reference(trajectory, clean, embeds.get(entry.source_prompt, next(iter(embeds.values()))), stored, runtime.device)
             with loaded("transformer", ctx.info, runtime, ctx.layout.compile_dir) as transformer:
                 for chunk in chunks:
@@ -166,6 +184,7 @@ def edit_stage(
                         inject=settings.inject,
                         row_group=runtime.plan.row_group,
                         split=split,
+                        mask=grid,
                         callback=on_step,
                     )
                     out.append(x.cpu())

@@ -131,6 +131,7 @@ class EditSettings:
     seed: int = 0
     inject: InjectSettings = field(default_factory=InjectSettings)
     batch: int = 4  # prompts per transformer pass
+    mask: str | None = None  # digest of the local-edit mask (engine.video.masks.Mask.digest); None = edit everywhere
 
     def __post_init__(self) -> None:
         if not self.prompts:
@@ -165,6 +166,8 @@ class EditSettings:
             inject=inject,
         ))
         del fields["prompts"], fields["batch"]  # batching does not change a row's result
+        if self.mask is None:  # unmasked edits keep the names they always had
+            del fields["mask"]
         return fields
 
 
