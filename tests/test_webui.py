@@ -143,7 +143,7 @@ def test_handlers_refuse_bad_requests_in_one_line(tmp_path, small_clip):
     assert refused(act.do_invert, str(clip), **{**invert_defaults, "frames": None}, request=me, progress=quiet) == "frames is empty: enter a number"
     assert "/etc/passwd is outside the cache and uploads folders" in refused(act.do_invert, "/etc/passwd", **invert_defaults, request=me, progress=quiet)
     assert "is outside the cache and uploads folders" in refused(act.on_upload, str(tmp_path / "elsewhere.mp4"))
-    edit = dict(prompts_text="snow", inject_steps="0:1", inject_layers="all", strength=1.0, guidance=6.0, init="inverted", seed=0, reference="shared")
+    edit = dict(prompts_text="snow", inject_steps="0:1", inject_layers="all", strength=1.0, guidance=6.0, init="inverted", seed=0, reference="shared", mask_box="")
     assert refused(act.do_render, "", **edit, request=me, progress=quiet) == "no inversion chosen: invert a clip first, or open one from the Inversions tab"
     assert refused(act.do_render, "../../etc", **edit, request=me, progress=quiet).startswith("'../../etc' is not an id prefix")
     assert "gc size: cannot read size 'lots'" in refused(act.run_gc, "lots")
@@ -213,3 +213,26 @@ def test_ui_without_gradio_says_which_extra_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "gradio", None)  # what an install without the ui extra sees
     result = CliRunner().invoke(cli, ["ui"])
     assert result.exit_code == 1 and result.output == 'Error: the web app needs the ui extra: pip install -e ".[ui]" in the cogedit source folder\n'
+
+
+def test_a_local_edit_box_is_drawn_on_the_first_frame_and_reaches_the_edit(tmp_path, tiny_model, wide_clip):
+    from webui.actions import Actions, app_config
+
+    act = Actions(app_config(str(tiny_model), Folders.make(tmp_path / "cache", tmp_path / "uploads")))
+    inv = engine.invert(wide_clip, tiny_model, cache_dir=act.folders.cache, device="cpu", **SMALL)
+    frame = inv.frames()[0].numpy()
+    h, w = frame.shape[:2]
+    shown = act.on_box(inv.id, "0.25,0.25,0.75,0.75")
+    assert shown.shape == frame.shape
+    assert (shown[2, 2] == frame[2, 2] // 3).all()  # outside: kept, shown dimmed
+    assert (shown[h // 2, w // 2] == frame[h // 2, w // 2]).all()  # inside: may change, shown as it is
+    assert act.on_box(inv.id, "") is None and act.on_box(None, "0,0,1,1") is None
+    with pytest.raises(gr.Error, match="is empty: it needs X0 < X1"):
+        act.on_box(inv.id, "0.5,0.5,0.2,0.9")
+
+    me, quiet = SimpleNamespace(session_hash="me"), (lambda *a, **k: None)
+    edit = dict(prompts_text="snow", inject_steps="0:1", inject_layers="all", strength=1.0, guidance=1.0, init="inverted", seed=0, reference="shared")
+    (local,), _, _ = act.do_render(inv.id, **edit, mask_box="0.25,0.25,0.75,0.75", request=me, progress=quiet)
+    (whole,), _, _ = act.do_render(inv.id, **edit, mask_box="", request=me, progress=quiet)
+    assert local.settings["mask_box"] == "0.25,0.25,0.75,0.75" and "mask_box" not in whole.settings
+    assert local.video != whole.video  # a local edit is its own edit, with its own name

@@ -17,7 +17,7 @@ from cache.sizes import format_size, parse_size
 from cache.store import gc, remove_entry, total_size
 from engine.errors import SettingsError
 from engine.jobs.demo import DEMO_PROMPTS, DEMO_SETTINGS, demo_model
-from engine.jobs.gallery import InversionCard, inversions, render_edits, thumbnail_strip
+from engine.jobs.gallery import InversionCard, box_preview, inversions, render_edits, thumbnail_strip
 from engine.models.components import Runtime
 from engine.models.model_info import inspect_model
 from engine.options import InvertOptions
@@ -81,7 +81,8 @@ def inversion_md(card: InversionCard) -> str:
 
 def edit_label(r: EditRecord) -> str:
     o = r.settings
-    return f"{r.prompt} · window {o.get('inject_steps')}, strength {o.get('inject_strength')}, guidance {o.get('guidance')} · {r.created[:16].replace('T', ' ')}"
+    local = f", box {o['mask_box']}" if o.get("mask_box") else ""
+    return f"{r.prompt} · window {o.get('inject_steps')}, strength {o.get('inject_strength')}, guidance {o.get('guidance')}{local} · {r.created[:16].replace('T', ' ')}"
 
 
 class Actions:
@@ -129,7 +130,7 @@ class Actions:
         card = next(c for c in self.cards() if c.id == inv.id)
         return inversion_md(card), str(thumbnail_strip(inv)), self.inversion_choices(inv.id)
 
-    def do_render(self, inv_id, prompts_text, inject_steps, inject_layers, strength, guidance, init, seed, reference, request: gr.Request, progress=gr.Progress()):  # noqa: B008
+    def do_render(self, inv_id, prompts_text, inject_steps, inject_layers, strength, guidance, init, seed, reference, mask_box, request: gr.Request, progress=gr.Progress()):  # noqa: B008
         prompts = [p.strip() for p in (prompts_text or "").splitlines() if p.strip()]
 
         def job(reporter):
@@ -140,10 +141,19 @@ class Actions:
                 inject_steps=inject_steps, inject_layers=inject_layers, inject_strength=_number(strength, "injection strength"),
                 guidance=_number(guidance, "guidance"), init=init, seed=int(_number(seed, "seed")), reference=reference,
             )
+            if (mask_box or "").strip():  # a local edit: only the box may change
+                options["mask_box"] = mask_box.strip()
             return inv.id, render_edits(inv, prompts, cache_dir=self.folders.cache, reporter=reporter, **options)
 
         inv_id, records = self.runner.run(job, progress, request.session_hash)
         return records, self.earlier_choices(inv_id), inversion_md(next(c for c in self.cards() if c.id == inv_id))
+
+    @_with_errors
+    def on_box(self, inv_id: str | None, box: str | None) -> Any:
+        """The first frame with the local-edit box drawn on it (None: no inversion or no box)."""
+        if not inv_id or not (box or "").strip():
+            return None
+        return box_preview(engine.open_inversion(inv_id, self.folders.cache), box.strip())
 
     def do_cancel(self, request: gr.Request) -> None:
         gr.Info(self.runner.cancel(request.session_hash))

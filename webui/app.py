@@ -61,6 +61,10 @@ def _edit_tab(prompts: tuple[str, ...]) -> SimpleNamespace:
             c.seed = gr.Number(e.seed, label="seed (start from random)", precision=0)
             c.reference = gr.Radio(["shared", "per-half", "stored"], value=e.reference, label="reference")
     with gr.Row():
+        with gr.Column(scale=2):
+            c.mask_box = gr.Textbox("", label="local edit: a box X0,Y0,X1,Y1 in fractions of the frame (empty: the whole frame)", placeholder="0.25,0.2,0.75,0.8", elem_id="mask-box")
+        c.box_preview = gr.Image(label="first frame: the box may change, the dimmed rest is kept", interactive=False, height=160, elem_id="mask-preview")
+    with gr.Row():
         c.run = gr.Button("Render all prompts", variant="primary", elem_id="render-button")
         c.cancel = gr.Button("Cancel", elem_id="cancel-render")
     with gr.Row():
@@ -131,12 +135,14 @@ def build(cfg: AppConfig) -> gr.Blocks:
         inv.clip.change(act.on_clip, inv.clip, [inv.source, inv.preview, inv.source_info, inv.source_prompt])
         invert_inputs = [inv.source, inv.source_prompt, inv.frames, inv.height, inv.width, inv.fit, inv.steps, inv.plan, inv.method, inv.verify]
         inv.run.click(act.do_invert, invert_inputs, [inv.card, inv.strip, ed.pick], **gpu)
-        render_inputs = [ed.pick, ed.prompts, ed.inject_steps, ed.inject_layers, ed.strength, ed.guidance, ed.init, ed.seed, ed.reference]
+        render_inputs = [ed.pick, ed.prompts, ed.inject_steps, ed.inject_layers, ed.strength, ed.guidance, ed.init, ed.seed, ed.reference, ed.mask_box]
         ed.run.click(act.do_render, render_inputs, [ed.shown, ed.earlier, ed.pick_info], **gpu)
         for cancel in (inv.cancel, ed.cancel):
             cancel.click(act.do_cancel, None, None, queue=False)
         ed.pick.change(act.on_pick, ed.pick, [ed.pick_info, ed.earlier, ed.shown])
         ed.play.click(act.show_earlier, [ed.pick, ed.earlier], ed.shown)
+        for changed in (ed.mask_box.submit, ed.mask_box.blur, ed.pick.change):
+            changed(act.on_box, [ed.pick, ed.mask_box], ed.box_preview)
 
         app.load(act.gallery_view, None, [gal.listed, gal.total]).then(act.inversion_choices, None, ed.pick)
         inversions_tab.select(act.gallery_view, None, [gal.listed, gal.total])

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from cache.atomic import write_bytes_atomic
 from cache.edits import EditRecord, list_edits, record_edit
 from cache.entry import InversionEntry
@@ -17,6 +19,7 @@ from cache.layout import CacheLayout
 from cache.store import list_entries
 from engine.report import Reporter
 from engine.results import Inversion, open_inversion
+from engine.video.masks import box_mask, parse_box
 from engine.workflow import Prompts, edit
 
 THUMBNAILS = 5  # frames in a strip
@@ -57,6 +60,22 @@ def thumbnail_strip(inv: Inversion, count: int = THUMBNAILS, height: int = THUMB
     strip.save(buf, format="PNG")
     write_bytes_atomic(path, buf.getvalue())
     return path
+
+
+def box_preview(inv: Inversion, box: str | tuple[float, float, float, float]) -> np.ndarray:
+    """The inversion's first source frame with a `--mask-box` on it: outside the box (what a local
+    edit keeps) dimmed, the box outlined. uint8 [H, W, 3]; a bad box is a SettingsError."""
+    x0, y0, x1, y1 = parse_box(box)
+    frame = inv.frames()[0].numpy()
+    h, w = frame.shape[:2]
+    inside = box_mask((x0, y0, x1, y1), 1, h, w).pixels[0].numpy() > 0
+    out = np.where(inside[..., None], frame, frame // 3).astype(np.uint8)
+    rows, cols = np.nonzero(inside)
+    if rows.size:  # the outline, 1 px, on the box's own pixels
+        r0, r1, c0, c1 = rows.min(), rows.max(), cols.min(), cols.max()
+        for edge in (out[r0, c0 : c1 + 1], out[r1, c0 : c1 + 1], out[r0 : r1 + 1, c0], out[r0 : r1 + 1, c1]):
+            edge[:] = (255, 64, 64)
+    return out
 
 
 def _thumbnails(entry: InversionEntry, layout: CacheLayout) -> Path | None:
