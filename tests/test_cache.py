@@ -148,19 +148,38 @@ def test_ensure_creates_tree(tmp_path):
     assert {"inversions", "prompts", "locks"} <= set(_files_in(lay.root))
 
 
+_READ_ONLY_CHECK = """
+import os, sys
+from pathlib import Path
+import pytest
+from cache.errors import ReadOnlyCacheError
+from cache.layout import CacheLayout
+if os.geteuid() == 0:  # root writes anywhere: become nobody, so that chmod binds
+    os.setgid(65534)
+    os.setuid(65534)
+ro = sys.argv[1]
+for path in (Path(ro) / "cache", Path(ro)):
+    with pytest.raises(ReadOnlyCacheError, match="--cache-dir"):
+        CacheLayout(path).ensure()
+"""
+
+
 def test_read_only_cache_dir_chmod(tmp_path):
+    # A real read-only folder, also where the suite runs as root (CI): the check runs in a child
+    # that gives up root after its imports, in a folder everyone may enter.
+    opened = {p: p.stat().st_mode for p in (tmp_path, *tmp_path.parents[:2]) if p.stat().st_uid == os.geteuid()}
+    for path, mode in opened.items():
+        path.chmod(mode | 0o005)
     ro = tmp_path / "ro"
     ro.mkdir()
     ro.chmod(0o555)
     try:
-        if os.access(ro, os.W_OK):
-            pytest.skip("running as root: chmod does not make folders read-only")
-        with pytest.raises(ReadOnlyCacheError, match="--cache-dir"):
-            CacheLayout(ro / "cache").ensure()
-        with pytest.raises(ReadOnlyCacheError, match="--cache-dir"):
-            CacheLayout(ro).ensure()
+        done = subprocess.run([sys.executable, "-c", _READ_ONLY_CHECK, str(ro)], capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+        assert done.returncode == 0, done.stderr[-2000:]
     finally:
         ro.chmod(0o755)
+        for path, mode in opened.items():
+            path.chmod(mode)
 
 
 def test_read_only_cache_dir_simulated(tmp_path, monkeypatch):
