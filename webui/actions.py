@@ -21,6 +21,7 @@ from engine.jobs.gallery import InversionCard, box_preview, inversions, render_e
 from engine.models.components import Runtime
 from engine.models.model_info import inspect_model
 from engine.options import InvertOptions
+from engine.video.clips import HELD_OUT
 from engine.video.reader import probe_video
 from webui.folders import Folders
 from webui.jobs import JobRunner, one_line
@@ -38,7 +39,7 @@ def app_config(model: str | None, folders: Folders) -> AppConfig:
     """With no model, the shipped proxy at its own size (a CPU renders an edit in about a minute);
     a model given is checked now, so that a wrong path fails before the page opens."""
     if model is None:
-        return AppConfig(str(demo_model(folders.cache)), folders, dict(DEMO_SETTINGS), DEMO_PROMPTS)
+        return AppConfig(str(demo_model(folders.cache)), folders, dict(DEMO_SETTINGS, source_prompt=HELD_OUT.captions[0]), DEMO_PROMPTS)
     inspect_model(model)
     d = InvertOptions()
     return AppConfig(str(model), folders, dict(steps=d.steps, frames=d.frames, height=d.height, width=d.width, source_prompt=d.source_prompt), ())
