@@ -17,7 +17,7 @@ from cache.sizes import format_size, parse_size
 from cache.store import gc, list_entries, remove_entry, total_size
 from engine.errors import SettingsError
 from engine.jobs.demo import DEMO_PROMPTS, DEMO_SETTINGS, demo_model
-from engine.jobs.gallery import InversionCard, box_preview, inversions, render_edits, thumbnail_strip
+from engine.jobs.gallery import InversionCard, box_preview, inversions, render_edits
 from engine.models.components import Runtime
 from engine.models.model_info import inspect_model
 from engine.options import InvertOptions
@@ -130,8 +130,8 @@ class Actions:
             return engine.invert(self.folders.check(source), self.cfg.model, cache_dir=self.folders.cache, reporter=reporter, plan=None if plan == "auto" else plan, **opts)
 
         inv = self.runner.run(job, progress, request.session_hash)
-        card = next(c for c in self.cards() if c.id == inv.id)
-        return inversion_md(card), str(thumbnail_strip(inv)), self.inversion_choices(inv.id)
+        card = next(c for c in self.cards() if c.id == inv.id)  # its strip is made here, with the card
+        return inversion_md(card), str(card.thumbnails) if card.thumbnails else None, self.inversion_choices(inv.id)
 
     def do_render(self, inv_id, prompts_text, inject_steps, inject_layers, strength, guidance, init, seed, reference, mask_box, request: gr.Request, progress=gr.Progress()):  # noqa: B008
         prompts = [p.strip() for p in (prompts_text or "").splitlines() if p.strip()]
