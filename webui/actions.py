@@ -14,10 +14,10 @@ import engine
 from cache.edits import EditRecord, list_edits
 from cache.layout import CacheLayout
 from cache.sizes import format_size, parse_size
-from cache.store import gc, remove_entry, total_size
+from cache.store import gc, list_entries, remove_entry, total_size
 from engine.errors import SettingsError
 from engine.jobs.demo import DEMO_PROMPTS, DEMO_SETTINGS, demo_model
-from engine.jobs.gallery import InversionCard, box_preview, inversions, render_edits, thumbnail_strip
+from engine.jobs.gallery import InversionCard, box_preview, inversions, render_edits
 from engine.models.components import Runtime
 from engine.models.model_info import inspect_model
 from engine.options import InvertOptions
@@ -91,14 +91,16 @@ class Actions:
 
     def __init__(self, cfg: AppConfig) -> None:
         self.cfg, self.folders = cfg, cfg.folders
+        self.layout = CacheLayout(cfg.folders.cache)
         self.runner = JobRunner(Runtime.default().device)
 
     def cards(self) -> list[InversionCard]:
         return inversions(self.folders.cache)
 
     def inversion_choices(self, chosen: str | None = None) -> Any:
-        done = [c for c in self.cards() if c.state == "complete"]
-        choices = [(f"{c.id[:12]} · {c.summary.get('video', '?')} · {c.summary.get('steps', '?')} steps", c.id) for c in done]
+        # The listing alone: the full cards (thumbnails, edits, manifests read again) are not needed here.
+        done = [e for e in list_entries(self.layout) if e.complete]
+        choices = [(f"{e.id[:12]} · {e.summary.get('video', '?')} · {e.summary.get('steps', '?')} steps", e.id) for e in done]
         return gr.update(choices=choices, value=chosen if chosen in {c.id for c in done} else None)
 
     # ------------------------------------------------------------------ source clip
@@ -128,8 +130,8 @@ class Actions:
             return engine.invert(self.folders.check(source), self.cfg.model, cache_dir=self.folders.cache, reporter=reporter, plan=None if plan == "auto" else plan, **opts)
 
         inv = self.runner.run(job, progress, request.session_hash)
-        card = next(c for c in self.cards() if c.id == inv.id)
-        return inversion_md(card), str(thumbnail_strip(inv)), self.inversion_choices(inv.id)
+        card = next(c for c in self.cards() if c.id == inv.id)  # its strip is made here, with the card
+        return inversion_md(card), str(card.thumbnails) if card.thumbnails else None, self.inversion_choices(inv.id)
 
     def do_render(self, inv_id, prompts_text, inject_steps, inject_layers, strength, guidance, init, seed, reference, mask_box, request: gr.Request, progress=gr.Progress()):  # noqa: B008
         prompts = [p.strip() for p in (prompts_text or "").splitlines() if p.strip()]
@@ -161,7 +163,7 @@ class Actions:
 
     # ------------------------------------------------------------------ edits of one inversion
     def earlier_choices(self, inv_id: str | None) -> Any:
-        edits = list_edits(CacheLayout(self.folders.cache).entry(inv_id)) if inv_id else []
+        edits = list_edits(self.layout.entry(inv_id)) if inv_id else []
         return gr.update(choices=[(edit_label(r), r.video.name) for r in edits], value=[])
 
     @_with_errors
@@ -176,7 +178,7 @@ class Actions:
     @_with_errors
     def show_earlier(self, inv_id: str | None, names: list[str]) -> list[EditRecord]:
         # Names from the browser only select among the recorded edits: none becomes a path.
-        edits = list_edits(CacheLayout(self.folders.cache).entry(inv_id)) if inv_id else []
+        edits = list_edits(self.layout.entry(inv_id)) if inv_id else []
         return [r for r in edits if r.video.name in set(names or [])]
 
     # ------------------------------------------------------------------ the gallery
@@ -184,12 +186,12 @@ class Actions:
         """The cards (plain data, for a gr.State) and the cache's total."""
         all_cards = self.cards()
         views = [{"id": c.id, "md": inversion_md(c), "thumbnails": str(c.thumbnails) if c.thumbnails else None} for c in all_cards]
-        total = f"{len(all_cards)} inversion(s); the cache holds {format_size(total_size(CacheLayout(self.folders.cache)))} in `{self.folders.cache}`"
+        total = f"{len(all_cards)} inversion(s); the cache holds {format_size(total_size(self.layout))} in `{self.folders.cache}`"
         return views, total
 
     @_with_errors
     def delete(self, inv_id: str) -> tuple:
-        freed = remove_entry(CacheLayout(self.folders.cache), inv_id)
+        freed = remove_entry(self.layout, inv_id)
         gr.Info(f"removed {inv_id[:12]} ({format_size(freed)})")
         return (*self.gallery_view(), self.inversion_choices())
 
@@ -199,6 +201,6 @@ class Actions:
             limit = parse_size(max_size)
         except ValueError as exc:
             raise SettingsError(f"gc size: {exc}") from None
-        removed = gc(CacheLayout(self.folders.cache), limit)
+        removed = gc(self.layout, limit)
         gr.Info(f"gc removed {len(removed)} item(s), {format_size(sum(r.size_bytes for r in removed))}")
         return (*self.gallery_view(), self.inversion_choices())
