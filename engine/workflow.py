@@ -354,12 +354,13 @@ def edit(inversion: Inversion | str, prompts: Prompts, *, cache_dir: str | Path 
 def _check_gpus(gpus: int, guidance: float, callback: Callback | None, device: str | None) -> None:
     if gpus not in (1, 2):
         raise SettingsError(f"--gpus takes 1 or 2 (the two halves of classifier-free guidance), got {gpus}")
-    if gpus == 2 and guidance == 1.0:
+    if gpus == 1:
+        return
+    if guidance == 1.0:
         raise SettingsError("--gpus 2 splits classifier-free guidance into its two halves, and --guidance 1 has only one: drop --gpus or raise --guidance")
-    if gpus == 2 and callback is not None and not under_torchrun():
+    if callback is not None and not under_torchrun():
         raise SettingsError("gpus=2 runs the edit in two other processes, where a callback cannot reach: drop the callback, or start the workers with torchrun")
-    if gpus == 2:
-        check_worker_device(device)
+    check_worker_device(device)
 
 
 def _render(ctx: StageContext, inv: Inversion, settings: EditSettings, gpus: int, mask: Mask | None) -> torch.Tensor | None:
