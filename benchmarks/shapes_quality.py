@@ -60,7 +60,7 @@ def clip_name(seed: int) -> str:
 
 def held_out_clips(count: int) -> list[shapes.ClipSpec]:
     """The first `count` one-object clips of the held-out split."""
-    return [spec for seed in range(10 * count) if len((spec := shapes.clip_spec(seed, "heldout")).things) == 1][:count]
+    return [shapes.clip_spec(seed, "heldout") for seed in shapes.one_object_seeds(count, "heldout")]
 
 
 def edit_targets(spec: shapes.ClipSpec) -> dict[str, shapes.ClipSpec]:

@@ -69,15 +69,10 @@ def model_input(frames: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(frames).permute(0, 1, 4, 2, 3).float() / 127.5 - 1.0
 
 
-def one_object_seeds(count: int, split: str) -> list[int]:
-    """The first `count` seeds of `split` whose clip has one object (a caption samples can be judged by)."""
-    return [s for s in range(10 * count) if len(shapes.clip_spec(s, split).things) == 1][:count]
-
-
 def measure_samples(model_dir: Path, count: int, per_caption: int, steps: int, device: str, split: str) -> tuple[dict, list[np.ndarray]]:
     """Samples from noise (plain DDIM, CFG 6) under one-object captions of `split`, judged per frame."""
     rows, videos = [], []
-    for seed in one_object_seeds(count, split):
+    for seed in shapes.one_object_seeds(count, split):
         spec = shapes.clip_spec(seed, split)
         thing = spec.things[0]
         for k, video in enumerate(sample(model_dir, spec.caption, per_caption, steps, device, seed=seed)):

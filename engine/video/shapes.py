@@ -158,6 +158,11 @@ def clip_spec(seed: int, split: str = "train", objects: int | None = None) -> Cl
     return ClipSpec(things, str(rng.choice(list(BACKGROUNDS))), seed)
 
 
+def one_object_seeds(count: int, split: str) -> list[int]:
+    """The first `count` seeds of `split` whose clip has one object (a caption an edit or a sample can be judged by)."""
+    return [s for s in range(10 * count) if len(clip_spec(s, split).things) == 1][:count]
+
+
 def background(name: str, seed: int, height: int = HEIGHT, width: int = WIDTH) -> np.ndarray:
     """float [height, width, 3]: the background color with a smooth, static, seeded texture
     (noise on a grid of 8 px cells, bilinearly upsampled), texture to keep, the color still clear."""
