@@ -44,6 +44,7 @@ from engine.models.proxy import PROXY_DIR  # noqa: E402
 from engine.models.tiny import build_tiny_model, train_tokenizer, write_model_index  # noqa: E402
 from engine.stages.vloss import heldout_loss  # noqa: E402
 from engine.video import shapes  # noqa: E402
+from engine.video.reader import to_model_input  # noqa: E402
 
 ENCODE_BATCH = 16
 
@@ -65,8 +66,8 @@ def draw_many(seeds: list[int], split: str, workers: int) -> tuple[np.ndarray, l
 
 
 def model_input(frames: np.ndarray) -> torch.Tensor:
-    """uint8 [N, F, H, W, 3] -> float32 [N, F, 3, H, W] in [-1, 1]."""
-    return torch.from_numpy(frames).permute(0, 1, 4, 2, 3).float() / 127.5 - 1.0
+    """uint8 [N, F, H, W, 3] -> float32 [N, F, 3, H, W] in [-1, 1]: to_model_input over N clips."""
+    return to_model_input(torch.from_numpy(frames).flatten(0, 1)).unflatten(0, frames.shape[:2])
 
 
 def measure_samples(model_dir: Path, count: int, per_caption: int, steps: int, device: str, split: str) -> tuple[dict, list[np.ndarray]]:
@@ -166,7 +167,7 @@ def train(args: argparse.Namespace) -> None:
     tiny = build_tiny_model(work / "tiny")
     losses = {"proxy": [], "random_tiny": []}
     for frames, caption in zip(held, held_captions, strict=True):
-        x = model_input(frames[None])[0]
+        x = to_model_input(torch.from_numpy(frames))
         losses["proxy"].append(heldout_loss(model, x, caption, device=args.device))
         losses["random_tiny"].append(heldout_loss(tiny, x, caption, device=args.device))
     proxy_loss, random_loss = float(np.mean(losses["proxy"])), float(np.mean(losses["random_tiny"]))
