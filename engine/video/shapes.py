@@ -83,12 +83,8 @@ class ClipSpec:
 
     @property
     def caption(self) -> str:
-        return caption(self)
-
-
-def caption(spec: ClipSpec) -> str:
-    """The clip's caption, in the one grammar the proxy was trained on."""
-    return f"{' and '.join(t.words() for t in spec.things)} on a {spec.background} background"
+        """The clip's caption, in the one grammar the proxy was trained on."""
+        return f"{' and '.join(t.words() for t in self.things)} on a {self.background} background"
 
 
 def vocabulary() -> list[str]:
