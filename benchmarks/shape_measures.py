@@ -22,7 +22,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
+from engine.stages.verify import psnr_db
 from engine.video.shapes import BACKGROUNDS, COLORS, SHAPES, ClipSpec, shape_area, shape_mask
 
 PALETTE_NAMES = (*COLORS, *BACKGROUNDS)
@@ -142,10 +144,9 @@ class EditTruth:
 
 
 def psnr_outside(frames, reference, mask: np.ndarray) -> float:
-    """PSNR (dB, peak 255) over the pixels where `mask` [F, H, W] is False."""
+    """PSNR (dB, peak 255, engine.stages.verify's) over the pixels where `mask` [F, H, W] is False."""
     keep = ~mask
-    err = ((_array(frames) - _array(reference)) ** 2)[keep].mean()
-    return float(10 * np.log10(255.0**2 / max(err, 1e-10)))
+    return psnr_db(torch.from_numpy(_array(frames)[keep]), torch.from_numpy(_array(reference)[keep]))
 
 
 def edit_measures(frames, truth: EditTruth, reconstruction=None) -> dict[str, float]:

@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import engine  # noqa: E402
 from benchmarks.quality import device_name, grid_png, serving, table  # noqa: E402
 from benchmarks.shape_measures import EditTruth, dilate, edit_measures, psnr_outside  # noqa: E402
+from engine.stages.verify import psnr_db  # noqa: E402
 from engine.video import shapes  # noqa: E402
 from engine.video.reader import FrameSettings, VideoInfo  # noqa: E402
 
@@ -59,7 +60,7 @@ def clip_name(seed: int) -> str:
 
 def held_out_clips(count: int) -> list[shapes.ClipSpec]:
     """The first `count` one-object clips of the held-out split."""
-    return [spec for seed in range(10 * count) if len((spec := shapes.clip_spec(seed, "heldout")).things) == 1][:count]
+    return [shapes.clip_spec(seed, "heldout") for seed in shapes.one_object_seeds(count, "heldout")]
 
 
 def edit_targets(spec: shapes.ClipSpec) -> dict[str, shapes.ClipSpec]:
@@ -122,7 +123,7 @@ def run_setting(invs: dict[str, Any], specs: list[shapes.ClipSpec], masks: dict[
         out = engine.edit(invs[method, name], [spec.caption, *(targets[k].caption for k in kinds)], output="frames", **options, **extra, **common)
         reconstruction, source = out.frames[0], invs[method, name].frames().numpy()
         keep.setdefault(f"{name} reconstruction ({method})", reconstruction)
-        rows.append({"clip": name, "kind": "reconstruction", "psnr_source_db": psnr_outside(reconstruction, source, np.zeros(reconstruction.shape[:3], bool))})
+        rows.append({"clip": name, "kind": "reconstruction", "psnr_source_db": psnr_db(torch.as_tensor(reconstruction), torch.as_tensor(source))})
         for kind, frames in zip(kinds, out.frames[1:], strict=True):
             truth = EditTruth(spec, targets[kind], masks[name])
             m = edit_measures(frames, truth, reconstruction)

@@ -44,6 +44,7 @@ from engine.models.proxy import PROXY_DIR  # noqa: E402
 from engine.models.tiny import build_tiny_model, train_tokenizer, write_model_index  # noqa: E402
 from engine.stages.vloss import heldout_loss  # noqa: E402
 from engine.video import shapes  # noqa: E402
+from engine.video.reader import to_model_input  # noqa: E402
 
 ENCODE_BATCH = 16
 
@@ -65,19 +66,14 @@ def draw_many(seeds: list[int], split: str, workers: int) -> tuple[np.ndarray, l
 
 
 def model_input(frames: np.ndarray) -> torch.Tensor:
-    """uint8 [N, F, H, W, 3] -> float32 [N, F, 3, H, W] in [-1, 1]."""
-    return torch.from_numpy(frames).permute(0, 1, 4, 2, 3).float() / 127.5 - 1.0
-
-
-def one_object_seeds(count: int, split: str) -> list[int]:
-    """The first `count` seeds of `split` whose clip has one object (a caption samples can be judged by)."""
-    return [s for s in range(10 * count) if len(shapes.clip_spec(s, split).things) == 1][:count]
+    """uint8 [N, F, H, W, 3] -> float32 [N, F, 3, H, W] in [-1, 1]: to_model_input over N clips."""
+    return to_model_input(torch.from_numpy(frames).flatten(0, 1)).unflatten(0, frames.shape[:2])
 
 
 def measure_samples(model_dir: Path, count: int, per_caption: int, steps: int, device: str, split: str) -> tuple[dict, list[np.ndarray]]:
     """Samples from noise (plain DDIM, CFG 6) under one-object captions of `split`, judged per frame."""
     rows, videos = [], []
-    for seed in one_object_seeds(count, split):
+    for seed in shapes.one_object_seeds(count, split):
         spec = shapes.clip_spec(seed, split)
         thing = spec.things[0]
         for k, video in enumerate(sample(model_dir, spec.caption, per_caption, steps, device, seed=seed)):
@@ -171,7 +167,7 @@ def train(args: argparse.Namespace) -> None:
     tiny = build_tiny_model(work / "tiny")
     losses = {"proxy": [], "random_tiny": []}
     for frames, caption in zip(held, held_captions, strict=True):
-        x = model_input(frames[None])[0]
+        x = to_model_input(torch.from_numpy(frames))
         losses["proxy"].append(heldout_loss(model, x, caption, device=args.device))
         losses["random_tiny"].append(heldout_loss(tiny, x, caption, device=args.device))
     proxy_loss, random_loss = float(np.mean(losses["proxy"])), float(np.mean(losses["random_tiny"]))

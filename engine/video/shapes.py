@@ -83,12 +83,8 @@ class ClipSpec:
 
     @property
     def caption(self) -> str:
-        return caption(self)
-
-
-def caption(spec: ClipSpec) -> str:
-    """The clip's caption, in the one grammar the proxy was trained on."""
-    return f"{' and '.join(t.words() for t in spec.things)} on a {spec.background} background"
+        """The clip's caption, in the one grammar the proxy was trained on."""
+        return f"{' and '.join(t.words() for t in self.things)} on a {self.background} background"
 
 
 def vocabulary() -> list[str]:
@@ -156,6 +152,11 @@ def clip_spec(seed: int, split: str = "train", objects: int | None = None) -> Cl
     count = objects or (2 if rng.random() < TWO_OBJECTS else 1)
     things = tuple(_thing(rng, *_pair(rng, split, i == 0)) for i in range(count))
     return ClipSpec(things, str(rng.choice(list(BACKGROUNDS))), seed)
+
+
+def one_object_seeds(count: int, split: str) -> list[int]:
+    """The first `count` seeds of `split` whose clip has one object (a caption an edit or a sample can be judged by)."""
+    return [s for s in range(10 * count) if len(clip_spec(s, split).things) == 1][:count]
 
 
 def background(name: str, seed: int, height: int = HEIGHT, width: int = WIDTH) -> np.ndarray:
