@@ -13,7 +13,7 @@ object:
 - structure kept: the object's centroid track against the source's (px), its size against the source's;
 - what should not change: PSNR outside the object's mask against the source's reconstruction.
 
-Each measure can fail: tests/test_shape_measures.py shows an unedited source, a wrong color or a
+Each measure can fail: tests/test_shapes.py shows an unedited source, a wrong color or a
 moved object scoring badly.
 """
 
