@@ -17,8 +17,6 @@ Variants (`--variants`, comma-separated, run in the order given):
 - cold: the defaults, empty kernel and cogedit caches; invert, edit, then a further edit from the cache
 - warm: the defaults in a second process with cold's cache folders and a new inversion (run cold first)
 - nocompile: --no-compile; fp8: --fp8 (cold kernel cache); 4prompts: 4 prompts in one pass
-- flash: the defaults with torch's own SDPA order (FlashAttention-2 first) instead of cuDNN first on
-  Hopper (engine.models.denoiser.CUDNN_FIRST), cold kernel cache, no further edit
 Each cogedit call runs `--steps` steps; with fewer than 50 the report gives the measured wall clock
 and, labelled derived, the same call with 50 steps (the measured wall clock + the missing steps x the median step).
 A variant whose estimated time does not fit what is left of `--budget` is not started, and is
@@ -55,13 +53,12 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "fp8": {"cache": "fp8", "fresh": True, "options": {"fp8": True}, "prompts": 1, "further": True},
     "fp8-warm": {"cache": "fp8", "fresh": False, "options": {"fp8": True}, "prompts": 1, "further": True, "new_inversion": True},
     "4prompts": {"cache": "4prompts", "fresh": True, "options": {}, "prompts": 4, "further": False},
-    "flash": {"cache": "flash", "fresh": True, "options": {}, "prompts": 1, "further": False, "cudnn_first": ()},
 }
 # Seconds a variant is expected to take on an H200, (fixed, per step of --steps), what the time
 # guard compares with what is left. From issue 17's runs at main (eager: invert 58.5 s = ~15 s
 # fixed + 50 x 0.9 s, edit 187.6 s = ~27 s fixed + 50 x 3.2 s), plus ~15 s to start a process
 # and ~50 s of compiling in a cold cache; fp8 steps ~10% faster, 4 prompts ~8.5 s per edit step.
-ESTIMATE = {"upstream": (100, 0), "cold": (135, 7.3), "warm": (100, 7.3), "nocompile": (60, 4.1), "fp8": (145, 6.6), "fp8-warm": (105, 6.6), "4prompts": (110, 9.4), "flash": (135, 4.1)}
+ESTIMATE = {"upstream": (100, 0), "cold": (135, 7.3), "warm": (100, 7.3), "nocompile": (60, 4.1), "fp8": (145, 6.6), "fp8-warm": (105, 6.6), "4prompts": (110, 9.4)}
 RECOMPILE_MARK = "recompile_limit"
 
 
@@ -137,10 +134,6 @@ def child(args: argparse.Namespace) -> dict:
     from engine.models.components import Runtime
 
     spec = VARIANTS[args.variant]
-    if "cudnn_first" in spec:
-        from engine.models import denoiser
-
-        denoiser.CUDNN_FIRST = spec["cudnn_first"]
     cuda = torch.cuda.is_available()
     size = TINY if args.tiny else FULL
     clip = _clip(args.tiny)
@@ -165,12 +158,6 @@ def child(args: argparse.Namespace) -> dict:
 def upstream_child(args: argparse.Namespace) -> dict:
     """The upstream method's phases, its steps timed over `--upstream-steps` of a 50-step schedule."""
     import torch
-
-    from engine.models import denoiser
-
-    # Upstream's script calls SDPA in torch's own order (FlashAttention-2 first); the engine's
-    # kernels it borrows here (benchmarks/upstream.py) would otherwise ask for cuDNN first.
-    denoiser.CUDNN_FIRST = ()
 
     from benchmarks.upstream import run_upstream
     from engine.models.components import Runtime
@@ -313,21 +300,7 @@ def summarize(results: dict) -> dict:
             "peak_vram_gib": max(c["peak_vram_bytes"] for c in calls.values()) / 2**30,
             "recompile_limit_hits": row["recompile_limit_hits"],
         }
-    return {"upstream_s": upstream, "rows": rows, "compile": compile_costs(variants), "default": default_row(rows, upstream),
-            "attention": attention_saving(variants)}
-
-
-def attention_saving(variants: dict) -> dict:
-    """Per phase, the median step with torch's own SDPA order (`flash`) and with cuDNN first
-    (`cold`, the default), both run with the same compile setting per phase."""
-    torch_order, default = variants.get("flash"), variants.get("cold")
-    if not (torch_order and default and measured(torch_order) and measured(default)):
-        return {}
-    out = {}
-    for phase in ("invert", "edit"):
-        a, b = torch_order["calls"][phase]["median_step_s"], default["calls"][phase]["median_step_s"]
-        out[phase] = {"torch_order_step_s": a, "cudnn_first_step_s": b, "saved_per_step_s": a - b, "saved_s": SCHEDULE * (a - b)}
-    return out
+    return {"upstream_s": upstream, "rows": rows, "compile": compile_costs(variants), "default": default_row(rows, upstream)}
 
 
 def default_row(rows: dict, upstream: float | None) -> dict:
@@ -455,12 +428,6 @@ def report(paths: list[Path], out_dir: Path) -> None:
                 if temp in c:
                     x = c[temp]
                     lines.append(f"| {phase} | {temp} | {x['cost_s']:.1f} | {x['saving_per_step_s']:.2f} | {x['saved_s']:.1f} | {x['net_s']:+.1f} | {_f(x['pays_from_steps'], '{:.0f}')} |")
-    if summary["attention"]:
-        lines += ["", "## Attention kernel, per phase (derived from the calls above)", "",
-                  "Median step with torch's own SDPA order (`flash`: FlashAttention-2 first) and with cuDNN first (`cold`, the default on Hopper).", "",
-                  f"| phase | torch's order s/step | cuDNN first s/step | saved per step s | saved over {SCHEDULE} steps s |", "|---|---|---|---|---|"]
-        for phase, a in summary["attention"].items():
-            lines.append(f"| {phase} | {a['torch_order_step_s']:.2f} | {a['cudnn_first_step_s']:.2f} | {a['saved_per_step_s']:.2f} | {a['saved_s']:.1f} |")
     default = summary["default"]
     if default:
         eager = summary["rows"]["nocompile"]

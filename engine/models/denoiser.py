@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -33,23 +32,6 @@ def rotary_embeddings(
     )
 
 
-# torch's SDPA tries FlashAttention-2 first. On Hopper (compute capability 9.x) cuDNN's fused
-# attention computes the same softmax faster (benchmarks/results/E2E.md, variant `flash`); on
-# Ampere, Ada and Blackwell it does not pay, so torch's own order stays there.
-CUDNN_FIRST = (9,)
-
-
-def attention_order(device: torch.device) -> contextlib.AbstractContextManager:
-    """torch's SDPA backends tried cuDNN first where `CUDNN_FIRST` names the GPU's major
-    compute capability; a shape cuDNN can't serve falls back in torch's usual order."""
-    if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] not in CUDNN_FIRST:
-        return contextlib.nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-    return sdpa_kernel(order, set_priority=True)
-
-
 def predict(
     transformer: torch.nn.Module,
     rows: torch.Tensor,
@@ -59,14 +41,13 @@ def predict(
 ) -> torch.Tensor:
     """The model's v-prediction for every row, in float32 (the scheduler's arithmetic precision)."""
     timestep = t.expand(rows.shape[0]).to(rows.device)
-    with attention_order(rows.device):
-        out = transformer(
-            hidden_states=rows,
-            encoder_hidden_states=embeds,
-            timestep=timestep,
-            image_rotary_emb=rotary,
-            return_dict=False,
-        )[0]
+    out = transformer(
+        hidden_states=rows,
+        encoder_hidden_states=embeds,
+        timestep=timestep,
+        image_rotary_emb=rotary,
+        return_dict=False,
+    )[0]
     return out.float()
 
 
