@@ -89,6 +89,8 @@ def test_e2e_report_keeps_a_row_killed_after_its_calls_and_labels_derived_figure
              "calls": {"invert": _call(10, 0.88, 14.8, False), "edit": _call(10, 3.56, 3.3)}}
     upstream = {"ok": True, "recompile_limit_hits": 0, "timed_steps": 3, "per_step_s": {"invert": 1.8, "edit": 4.5}, "fixed_s": 10.0,
                 "extrapolated_total_s": 325.0, "peak_vram_bytes": 2**35, "phases": {"load": {"seconds": 6.0}}}
+    # The reporter resets the peak at each phase: the call's peak is its largest phase's, not its last's.
+    cold["calls"]["edit"]["phases"]["edit"] = {"seconds": 150.0, "peak_bytes": 13 * 2**30, "cache_hit": False}
     paths = [tmp_path / "a.json", tmp_path / "c.json"]
     paths[0].write_text(json.dumps(_run({"cold": cold}, 50)))
     paths[1].write_text(json.dumps(_run({"upstream": upstream, "nocompile": eager}, 10, {"fp8": "estimated 169 s, 80 s left"})))
@@ -98,6 +100,7 @@ def test_e2e_report_keeps_a_row_killed_after_its_calls_and_labels_derived_figure
     for line in text.splitlines():  # the first table's row of each variant
         rows.setdefault(line.split(" | ")[0].strip("| "), line)
     assert "| 50 | invert, edit | 78.9 measured |" in rows["cold"] and "0.51x measured" in rows["cold"]
+    assert rows["cold"].endswith("| 13.0 | 0 |"), "peak VRAM: the edit phase's 13 GiB"
     assert "| 10 | none | 63.8 derived |" in rows["nocompile"], "10-step calls: + 40 median steps, labelled derived"
     assert "killed by the time guard" in text and "fp8: estimated" in text
     costs = json.loads((tmp_path / "out" / "e2e.json").read_text())["summary"]["compile"]
