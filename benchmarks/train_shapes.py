@@ -19,7 +19,7 @@ it, followed its caption's color on 4% of samples): a clip's object covers 3-5% 
 and where it is and what color it has are decided at the noisiest timesteps (t >= ~800 of the
 zero-terminal-SNR schedule, where its latent cells are barely above the noise); at uniform
 timesteps with a plain mean, the caption's color moves well under 1% of the loss. So the loss
-weights the latent cells an object touches `--object-weight` times more (the world's masks are
+weights the latent cells an object touches 1 + `--object-weight` (5) times (the world's masks are
 exact), and `--high-t-share` of each batch is drawn from t >= 700. It writes into --out:
 
     shapes_proxy.tar       the model in the CogVideoX-5b folder layout (fp16), TRAINING.json inside
