@@ -43,7 +43,7 @@ from benchmarks.frame_measures import ClipClassifier, fit_classifier, ssim  # no
 from engine.models.proxy import PROXY_DIR, PROXY_FRAMES, PROXY_HEIGHT, PROXY_WIDTH  # noqa: E402
 from engine.stages.verify import psnr_db  # noqa: E402
 from engine.video.clips import CLIPS, HELD_OUT  # noqa: E402
-from engine.video.reader import FrameSettings, VideoInfo, probe_video, read_frames  # noqa: E402
+from engine.video.reader import FrameSettings, VideoInfo, check_video_file, probe_video, read_frames  # noqa: E402
 
 SIZE = dict(frames=PROXY_FRAMES, height=PROXY_HEIGHT, width=PROXY_WIDTH)
 INPUT = FrameSettings(max_frames=PROXY_FRAMES, height=PROXY_HEIGHT, width=PROXY_WIDTH)
@@ -109,7 +109,12 @@ def serving(frames: dict[str, torch.Tensor], infos: dict[str, VideoInfo], settin
             raise ValueError(f"the served frames are {settings}, not {asked}")
         return frames[Path(video).stem], probe(video)
 
-    with mock.patch("engine.workflow.probe_video", probe), mock.patch("engine.stages.encode.read_frames", read):
+    def check(video: str | Path) -> None:  # a served clip has no file; any other path is checked as usual
+        if Path(video).stem not in infos:
+            check_video_file(video)
+
+    with (mock.patch("engine.workflow.probe_video", probe), mock.patch("engine.stages.encode.read_frames", read),
+          mock.patch("engine.workflow.check_video_file", check)):
         yield
 
 

@@ -9,9 +9,17 @@ under their captions with the engine's defaults (DDIM or fixed point, 50 steps, 
 edited through `engine.edit` towards three one-attribute changes of their caption (color, shape,
 background) and the caption itself (the reconstruction), under one setting at a time changed from
 upstream's defaults: injection window, layers, strength, edit guidance, inversion method, and a
-mask around the object. benchmarks/shape_measures.py judges every edit exactly. First, each clip
-is round-tripped (verify, no CFG) with DDIM and fixed point. Writes into --out, after every
-setting (a run cut short keeps what it finished; no setting starts after --minutes):
+mask around the object. benchmarks/shape_measures.py judges every edit exactly. Each clip is also
+round-tripped (verify, no CFG) with DDIM and fixed point.
+
+Where the time goes (profiled on the CPU, --quick, 2 clips, 5 steps: 112 s): the VAE's decoding
+(43%, a CPU cost), then garbage collections, 108 of 0.2 s each (21%): the engine collects around
+every model load, and each collection walks the ~400k objects of the imported libraries. So the
+work runs in `--workers` processes sharing the device, each with those objects frozen out of the
+collector (`gc.freeze`), one task per inversion, per round trip and per (setting, clip); every
+setting's edits start from the same cached inversions (one per clip and method). Writes into
+--out, after every setting (a run cut short keeps what it finished; no task starts after
+--minutes, and a setting missing any clip is listed as not run):
 
     shapes_quality.json   every clip's measures, the per-setting summaries, the round trips
     SHAPES.md             the tables, the best setting per edit kind, the targets met or not
@@ -21,11 +29,14 @@ setting (a run cut short keeps what it finished; no setting starts after --minut
 from __future__ import annotations
 
 import argparse
+import gc
 import hashlib
 import json
+import multiprocessing
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -109,30 +120,90 @@ def served(specs: list[shapes.ClipSpec]) -> tuple[dict[str, torch.Tensor], dict[
     return frames, infos, masks
 
 
-def run_setting(invs: dict[str, Any], specs: list[shapes.ClipSpec], masks: dict[str, np.ndarray], options: dict[str, Any], common: dict[str, Any], keep: dict[str, np.ndarray]) -> list[dict[str, Any]]:
-    """Every clip edited under one setting: a row per clip and kind."""
+def edit_clip(inv: Any, spec: shapes.ClipSpec, masks: np.ndarray, options: dict[str, Any], common: dict[str, Any], keep: dict[str, np.ndarray]) -> list[dict[str, Any]]:
+    """One clip edited under one setting: a row for its reconstruction and one per kind; frames worth
+    showing go into `keep`."""
     options = dict(options)
     masked = options.pop("mask", False)
     method = options.pop("inversion", "ddim")
-    rows = []
-    for spec in specs:
-        name = clip_name(spec.seed)
-        targets = edit_targets(spec)
-        kinds = [k for k in KINDS if not (masked and k == "background")]  # a mask around the object keeps the background
-        extra = {"mask": shapes.around(spec, MASK_MARGIN)} if masked else {}
-        out = engine.edit(invs[method, name], [spec.caption, *(targets[k].caption for k in kinds)], output="frames", **options, **extra, **common)
-        reconstruction, source = out.frames[0], invs[method, name].frames().numpy()
-        keep.setdefault(f"{name} reconstruction ({method})", reconstruction)
-        rows.append({"clip": name, "kind": "reconstruction", "psnr_source_db": psnr_db(torch.as_tensor(reconstruction), torch.as_tensor(source))})
-        for kind, frames in zip(kinds, out.frames[1:], strict=True):
-            truth = EditTruth(spec, targets[kind], masks[name])
-            m = edit_measures(frames, truth, reconstruction)
-            m["psnr_outside_source_db"] = psnr_outside(frames, source, dilate(masks[name].any(0), 2))
-            if masked:  # the issue's measure for local edits: outside the mask itself
-                m["psnr_outside_mask_db"] = psnr_outside(frames, reconstruction, extra["mask"])
-            rows.append({"clip": name, "kind": kind, "prompt": targets[kind].caption, **m})
-            keep.setdefault(f"{name} {kind}{' masked' if masked else ''} ({method})", frames)
+    name = clip_name(spec.seed)
+    targets = edit_targets(spec)
+    kinds = [k for k in KINDS if not (masked and k == "background")]  # a mask around the object keeps the background
+    extra = {"mask": shapes.around(spec, MASK_MARGIN)} if masked else {}
+    out = engine.edit(inv, [spec.caption, *(targets[k].caption for k in kinds)], output="frames", **options, **extra, **common)
+    reconstruction, source = out.frames[0], inv.frames().numpy()
+    keep.setdefault(f"{name} reconstruction ({method})", reconstruction)
+    rows = [{"clip": name, "kind": "reconstruction", "psnr_source_db": psnr_db(torch.as_tensor(reconstruction), torch.as_tensor(source))}]
+    for kind, frames in zip(kinds, out.frames[1:], strict=True):
+        truth = EditTruth(spec, targets[kind], masks)
+        m = edit_measures(frames, truth, reconstruction)
+        m["psnr_outside_source_db"] = psnr_outside(frames, source, dilate(masks.any(0), 2))
+        if masked:  # the issue's measure for local edits: outside the mask itself
+            m["psnr_outside_mask_db"] = psnr_outside(frames, reconstruction, extra["mask"])
+        rows.append({"clip": name, "kind": kind, "prompt": targets[kind].caption, **m})
+        keep.setdefault(f"{name} {kind}{' masked' if masked else ''} ({method})", frames)
     return rows
+
+
+# ---------------------------------------------------------------- worker processes
+
+_WORKER: dict[str, Any] = {}  # a worker's clips by name (specs, masks) and its serving patches (set by worker_init)
+
+
+def worker_init(seeds: list[int]) -> None:
+    """A worker: one torch thread, the held-out clips served from memory for its whole life, and the
+    imported libraries' objects frozen out of the garbage collector (the engine collects around every
+    model load: 0.2 s a collection otherwise)."""
+    torch.set_num_threads(1)
+    specs = [shapes.clip_spec(seed, "heldout") for seed in seeds]
+    frames, infos, masks = served(specs)
+    patches = serving(frames, infos, INPUT)
+    patches.__enter__()  # never left: the process ends with the pool (kept in _WORKER, or collecting it would undo them)
+    _WORKER.update(specs={clip_name(s.seed): s for s in specs}, masks=masks, serving=patches)
+    gc.freeze()
+
+
+def inversion(name: str, method: str, steps: int, common: dict[str, Any], **extra: Any) -> Any:
+    """The clip's inversion under its caption with `method` (from the cache once inverted)."""
+    spec = _WORKER["specs"][name]
+    opts = {"inversion": method} if method != "ddim" else {}
+    return engine.invert(f"{name}.mp4", common["model"], steps=steps, source_prompt=spec.caption, device=common["device"],
+                         cache_dir=common["cache_dir"], compile=False, **INVERT, **opts, **extra)
+
+
+def invert_task(name: str, method: str, steps: int, common: dict[str, Any]) -> None:
+    inversion(name, method, steps, common)
+
+
+def setting_task(options: dict[str, Any], name: str, steps: int, common: dict[str, Any], deadline: float) -> tuple[list[dict[str, Any]], dict[str, np.ndarray]] | None:
+    """One (setting, clip): its rows and frames worth showing; None when it would start after `deadline` (time.time())."""
+    if time.time() > deadline:
+        return None
+    keep: dict[str, np.ndarray] = {}
+    inv = inversion(name, options.get("inversion", "ddim"), steps, common)
+    return edit_clip(inv, _WORKER["specs"][name], _WORKER["masks"][name], options, common, keep), keep
+
+
+def round_trip_task(name: str, steps: int, common: dict[str, Any]) -> dict[str, Any]:
+    """DDIM against fixed point (1 refinement, the default, and 3), verify under the caption without CFG."""
+    methods = {"ddim": ("ddim", 1), "fixed_point": ("fixed-point", 1), "fixed_point_x3": ("fixed-point", 3)}
+    row: dict[str, Any] = {"clip": name}
+    for key, (method, iters) in methods.items():
+        inv = inversion(name, method, steps, common, guidance=1.0, verify=True, **({"inversion_iters": iters} if iters > 1 else {}))
+        row[key], row[f"{key}_psnr_db"] = inv.verify["latent_rel_error"], inv.verify["psnr_db"]
+    row["cut"], row["cut_x3"] = row["ddim"] / row["fixed_point"], row["ddim"] / row["fixed_point_x3"]
+    print("round trip", row, flush=True)
+    return row
+
+
+def finished(outcomes: list[tuple[list[dict[str, Any]], dict[str, np.ndarray]] | None]) -> tuple[list[dict[str, Any]], dict[str, np.ndarray]] | None:
+    """A setting's rows and frames over its clips' task outcomes; None when any clip did not run."""
+    if any(o is None for o in outcomes):
+        return None
+    keep: dict[str, np.ndarray] = {}
+    for _, frames in outcomes:
+        keep.update(frames)
+    return [row for rows, _ in outcomes for row in rows], keep
 
 
 def summarize(name: str, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -200,22 +271,6 @@ def verdicts(summary: list[dict[str, Any]], round_trips: list[dict[str, Any]], s
     return out
 
 
-def round_trip(clips: list[str], steps: int, common: dict[str, Any], specs: dict[str, shapes.ClipSpec]) -> list[dict[str, Any]]:
-    """DDIM against fixed point (1 refinement, the default, and 3), verify under the caption without CFG, per clip."""
-    methods = {"ddim": {}, "fixed_point": {"inversion": "fixed-point"}, "fixed_point_x3": {"inversion": "fixed-point", "inversion_iters": 3}}
-    rows = []
-    for name in clips:
-        row: dict[str, Any] = {"clip": name}
-        for method, extra in methods.items():
-            inv = engine.invert(f"{name}.mp4", common["model"], steps=steps, source_prompt=specs[name].caption, guidance=1.0, verify=True,
-                                device=common["device"], cache_dir=common["cache_dir"], compile=False, **INVERT, **extra)
-            row[method], row[f"{method}_psnr_db"] = inv.verify["latent_rel_error"], inv.verify["psnr_db"]
-        row["cut"], row["cut_x3"] = row["ddim"] / row["fixed_point"], row["ddim"] / row["fixed_point_x3"]
-        rows.append(row)
-        print("round trip", row, flush=True)
-    return rows
-
-
 def markdown(result: dict[str, Any]) -> str:
     proxy = result["proxy"]
     chosen = best(result["summary"])
@@ -268,7 +323,7 @@ def run(args: argparse.Namespace) -> None:
     specs = held_out_clips(args.clips)
     steps = args.steps
     # eager: no compile time (a tiny model gains nothing from it)
-    common = dict(device=args.device, cache_dir=tempfile.mkdtemp(prefix="cogedit-shapes-"), compile=False)
+    common = dict(model=str(args.model), device=args.device, cache_dir=tempfile.mkdtemp(prefix="cogedit-shapes-"), compile=False)
     training = json.loads((Path(args.model) / "TRAINING.json").read_text())
     result: dict[str, Any] = {
         "device": device_name(args.device or ("cuda" if torch.cuda.is_available() else "cpu")), "torch": torch.__version__,
@@ -284,30 +339,36 @@ def run(args: argparse.Namespace) -> None:
         "grid_clips": [s.seed for s in specs[:2]],
         "rows": {}, "summary": [],
     }
-    frames, infos, masks = served(specs)
-    keep: dict[str, np.ndarray] = {}
-    with serving(frames, infos, INPUT):
-        for spec in specs[:2]:
-            keep[f"{clip_name(spec.seed)} source"] = frames[clip_name(spec.seed)].numpy()
-        grid = conditions(engine.inspect_model(args.model).transformer_config["num_layers"], args.quick)
-        methods = {o.get("inversion", "ddim") for o in grid.values()}
-        invs = {}
-        for method in sorted(methods):
-            for spec in specs:
-                extra = {"inversion": method} if method != "ddim" else {}
-                invs[method, clip_name(spec.seed)] = engine.invert(f"{clip_name(spec.seed)}.mp4", args.model, steps=steps, source_prompt=spec.caption, **INVERT, **extra, **common)
-        result["round_trip"] = round_trip([clip_name(s.seed) for s in specs[: args.round_trips]], steps, {**common, "model": args.model}, {clip_name(s.seed): s for s in specs})
+    names = [clip_name(s.seed) for s in specs]
+    grid = conditions(engine.inspect_model(args.model).transformer_config["num_layers"], args.quick)
+    deadline = time.time() + args.minutes * 60 - (time.monotonic() - began)
+    keep: dict[str, np.ndarray] = {f"{clip_name(spec.seed)} source": shapes.render(spec)[0] for spec in specs[:2]}
+    # spawn: a forked child must not touch CUDA; the workers import the engine themselves
+    with ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn"), initializer=worker_init, initargs=([s.seed for s in specs],)) as pool:
+        # 1. one inversion per clip and method, shared by every setting (the round trips run beside them)
+        methods = sorted({o.get("inversion", "ddim") for o in grid.values()})
+        inversions = [pool.submit(invert_task, name, method, steps, common) for method in methods for name in names]
+        trips = [pool.submit(round_trip_task, name, steps, common) for name in names[: args.round_trips]]
+        for done in inversions:
+            done.result()
+        # 2. every (setting, clip), settings in order; a setting is summarized once all its clips are in
+        tasks = {(setting, name): pool.submit(setting_task, options, name, steps, common, deadline) for setting, options in grid.items() for name in names}
+        result["round_trip"] = [t.result() for t in trips]
         save(out, result, keep)
-        for n, (name, options) in enumerate(grid.items()):
-            if time.monotonic() - began > args.minutes * 60:
-                print(f"out of time before {name!r}", flush=True)
-                result["not_run"] = list(grid)[n:]
-                break
-            start = time.monotonic()
-            rows = run_setting(invs, specs, masks, options, {**common, "model": args.model}, keep)
-            result["rows"][name] = rows
-            result["summary"] += summarize(name, rows)
-            print(f"{name}: {time.monotonic() - start:.0f} s", *[f"{r['kind']} {r['adherence']:.3f} pass {r['pass_rate']:.0%}" for r in result["summary"] if r["setting"] == name], flush=True)
+        result["not_run"] = []
+        for setting in grid:
+            outcome = finished([tasks[setting, name].result() for name in names])
+            if outcome is None:
+                print(f"out of time before all of {setting!r}", flush=True)
+                result["not_run"].append(setting)
+                continue
+            rows, frames = outcome
+            for k, v in frames.items():
+                keep.setdefault(k, v)
+            result["rows"][setting] = rows
+            result["summary"] += summarize(setting, rows)
+            done_kinds = [f"{r['kind']} {r['adherence']:.3f} pass {r['pass_rate']:.0%}" for r in result["summary"] if r["setting"] == setting]
+            print(f"{setting}: done at {time.monotonic() - began:.0f} s", *done_kinds, flush=True)
             save(out, result, keep)
     result["seconds"] = round(time.monotonic() - began, 1)
     save(out, result, keep)
@@ -322,7 +383,8 @@ def main() -> None:
     ap.add_argument("--clips", type=int, default=10, help="held-out clips")
     ap.add_argument("--round-trips", type=int, default=6, help="of those, round-tripped with DDIM and fixed point")
     ap.add_argument("--steps", type=int, default=50)
-    ap.add_argument("--minutes", type=float, default=7.0, help="no new setting starts after this")
+    ap.add_argument("--minutes", type=float, default=7.5, help="no (setting, clip) starts after this")
+    ap.add_argument("--workers", type=int, default=8, help="processes sharing the device (each holds its own CUDA context)")
     ap.add_argument("--quick", action="store_true", help="three settings: a small grid to try it out")
     run(ap.parse_args())
 

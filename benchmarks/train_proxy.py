@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -42,6 +43,8 @@ SOURCE = Path(__file__).resolve().parents[2] / "shared" / "videos" / "bigbuckbun
 CLIP_SIZE = (192, 108)  # the source's 16:9 at a size the engine resizes from
 VAE_FRAMES = 9  # 4k+1 frames per VAE training window
 CAPTION_DROPOUT = 0.1
+CHECK_EVERY = 100  # steps between two `good_enough` checks of `fit`
+HIGH_T_FROM = 0.7  # `high_t_share` draws timesteps from the noisiest 30% of the schedule
 
 VAE_CONFIG = dict(
     block_out_channels=(32, 32, 64, 64),  # 4 levels: 8x spatial compression, as 5B
@@ -112,11 +115,19 @@ def windows(frames: dict[str, torch.Tensor], length: int) -> torch.Tensor:
     return torch.cat([x, x.flip(-1)])
 
 
-def fit(name: str, module: torch.nn.Module, batch_loss, peak_lr: float, weight_decay: float, seconds: float, max_steps: int | None, log: dict) -> torch.nn.Module:
-    """AdamW on `batch_loss()` until the time budget (or `max_steps`) is spent; the log gets the losses."""
+def fit(name: str, module: torch.nn.Module, batch_loss, peak_lr: float, weight_decay: float, seconds: float, max_steps: int | None, log: dict,
+        good_enough: Callable[[int], bool] | None = None) -> torch.nn.Module:
+    """AdamW on `batch_loss()` until the time budget (or `max_steps`) is spent, or until
+    `good_enough(step)` (asked every CHECK_EVERY steps) says so; the log gets the losses."""
     opt = torch.optim.AdamW(module.parameters(), lr=peak_lr, weight_decay=weight_decay)
     losses, step, start = [], 0, time.monotonic()
     while (max_steps is None and time.monotonic() - start < seconds) or (max_steps is not None and step < max_steps):
+        if good_enough is not None and step and step % CHECK_EVERY == 0:
+            module.eval()
+            stop = good_enough(step)
+            module.train()
+            if stop:
+                break
         progress = step / max_steps if max_steps else (time.monotonic() - start) / seconds
         set_lr(opt, peak_lr, step, progress)
         loss = batch_loss()
@@ -132,9 +143,11 @@ def fit(name: str, module: torch.nn.Module, batch_loss, peak_lr: float, weight_d
     return module.eval().requires_grad_(False)
 
 
-def train_vae(data: torch.Tensor, device: str, seconds: float, max_steps: int | None, log: dict, init: Path | None = None):
+def train_vae(data: torch.Tensor, device: str, seconds: float, max_steps: int | None, log: dict, init: Path | None = None,
+              good_enough: Callable[[torch.nn.Module, int], bool] | None = None):
     """Reconstruction (L1 + MSE) with a small KL term, on random 9-frame windows; from `init`'s
-    weights (a VAE folder of this config) when given, else from scratch."""
+    weights (a VAE folder of this config) when given, else from scratch; `good_enough(vae, step)`
+    may end it early (`fit`)."""
     from diffusers import AutoencoderKLCogVideoX
 
     if init is None:
@@ -152,7 +165,8 @@ def train_vae(data: torch.Tensor, device: str, seconds: float, max_steps: int | 
             recon = vae.decode(posterior.sample()).sample.float()
         return (recon - x).abs().mean() + ((recon - x) ** 2).mean() + 1e-6 * posterior.kl().mean()
 
-    return fit("vae", vae, batch_loss, 5e-4, 0.0, seconds, max_steps, log)
+    check = None if good_enough is None else (lambda step: good_enough(vae, step))
+    return fit("vae", vae, batch_loss, 5e-4, 0.0, seconds, max_steps, log, check)
 
 
 def set_lr(opt: torch.optim.Optimizer, peak: float, step: int, progress: float) -> None:
@@ -186,28 +200,42 @@ def embed_captions(model_dir: Path, captions: list[str], device: str) -> dict[st
     return dict(zip(captions, out, strict=True))
 
 
-def train_transformer(latents: torch.Tensor, captions: list[tuple[str, ...]], embeds: dict[str, torch.Tensor], device: str, seconds: float, max_steps: int | None, log: dict, batch: int = 32):
-    """v-prediction at uniform timesteps on the 5B scheduler's zero-terminal-SNR schedule, `batch` windows a step."""
+def draw_timesteps(rows: int, count: int, high_t_share: float, device: str | torch.device) -> torch.Tensor:
+    """One training timestep per row, uniform over the schedule's `count`, except that a
+    `high_t_share` of the rows come from its noisiest part (t >= HIGH_T_FROM * count)."""
+    t = torch.randint(0, count, (rows,), device=device)
+    high = torch.randint(int(HIGH_T_FROM * count), count, (rows,), device=device)
+    return torch.where(torch.rand(rows, device=device) < high_t_share, high, t)
+
+
+def train_transformer(latents: torch.Tensor, captions: list[tuple[str, ...]], embeds: dict[str, torch.Tensor], device: str, seconds: float, max_steps: int | None, log: dict,
+                      batch: int = 32, lr: float = 4e-4, weights: torch.Tensor | None = None, high_t_share: float = 0.0):
+    """v-prediction on the 5B scheduler's zero-terminal-SNR schedule, `batch` windows a step, at
+    uniform timesteps (`high_t_share`: `draw_timesteps`); `weights` ([N, F, 1, h, w] per window,
+    v_prediction_loss's) weight the loss per latent cell."""
     from diffusers import CogVideoXDDIMScheduler, CogVideoXTransformer3DModel
 
     transformer = CogVideoXTransformer3DModel(**TRANSFORMER_CONFIG).to(device).train()
     alphas = CogVideoXDDIMScheduler(**SCHEDULER_5B).alphas_cumprod.to(device)
     latents = latents.to(device)
+    weights = None if weights is None else weights.to(device)
 
     def batch_loss() -> torch.Tensor:
         idx = torch.randint(0, len(latents), (batch,))
         text = [random.choice(captions[i]) if random.random() > CAPTION_DROPOUT else "" for i in idx.tolist()]
-        t = torch.randint(0, len(alphas), (len(idx),), device=device)
+        t = draw_timesteps(len(idx), len(alphas), high_t_share, device)
         noise = torch.randn_like(latents[idx])
+        w = None if weights is None else weights[idx.to(weights.device)]
         with torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=device != "cpu"):
-            return v_prediction_loss(transformer, alphas, latents[idx], torch.stack([embeds[c] for c in text]), t, noise)
+            return v_prediction_loss(transformer, alphas, latents[idx], torch.stack([embeds[c] for c in text]), t, noise, w)
 
-    return fit("transformer", transformer, batch_loss, 4e-4, 0.01, seconds, max_steps, log)
+    return fit("transformer", transformer, batch_loss, lr, 0.01, seconds, max_steps, log)
 
 
 @torch.no_grad()
-def sample(model_dir: Path, caption: str, count: int, steps: int, device: str, seed: int = 0) -> np.ndarray:
-    """Plain DDIM from noise with CFG 6 against "": uint8 frames [count, F, H, W, 3]."""
+def sample(model_dir: Path, captions: list[str], count: int, steps: int, device: str, seed: int = 0) -> np.ndarray:
+    """Plain DDIM from noise with CFG 6 against "", `count` samples of each caption in one batch:
+    uint8 frames [len(captions) * count, F, H, W, 3], caption by caption."""
     from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXTransformer3DModel
 
     from engine.models.denoiser import guided, predict, rotary_embeddings
@@ -216,10 +244,11 @@ def sample(model_dir: Path, caption: str, count: int, steps: int, device: str, s
     transformer = CogVideoXTransformer3DModel.from_pretrained(model_dir / "transformer", torch_dtype=torch.float32).to(device)
     scheduler = CogVideoXDDIMScheduler.from_pretrained(model_dir / "scheduler")
     scheduler.set_timesteps(steps)
-    embeds = embed_captions(model_dir, ["", caption], device)
-    cond = torch.stack([embeds[""]] * count + [embeds[caption]] * count)
+    embeds = embed_captions(model_dir, sorted({"", *captions}), device)
+    rows = [c for c in captions for _ in range(count)]
+    cond = torch.stack([embeds[""]] * len(rows) + [embeds[c] for c in rows])
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn((count, (PROXY_FRAMES - 1) // 4 + 1, 16, PROXY_HEIGHT // 8, PROXY_WIDTH // 8), generator=g).to(device)
+    x = torch.randn((len(rows), (PROXY_FRAMES - 1) // 4 + 1, 16, PROXY_HEIGHT // 8, PROXY_WIDTH // 8), generator=g).to(device)
     rotary = rotary_embeddings(transformer, x.shape, 8, device)
     for t in scheduler.timesteps:
         v = guided(predict(transformer, torch.cat([x, x]), cond, t, rotary), 6.0, True)
@@ -279,7 +308,7 @@ def train(args: argparse.Namespace) -> None:
         random_loss = heldout_loss(build_tiny_model(Path(tmp) / "tiny"), held, caption, device=args.device)
     proxy_loss = heldout_loss(out, held, caption, device=args.device)
     train_caption = CLIPS[0].captions[0]
-    samples = sample(out, train_caption, 2, 50, args.device)
+    samples = sample(out, [train_caption], 2, 50, args.device)
     reference = ((clips17[0].permute(0, 2, 3, 1) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
     save_grid([reference, *samples], Path(args.samples))
 

@@ -18,17 +18,23 @@ def v_prediction_loss(
     embeds: torch.Tensor,
     timesteps: torch.Tensor,
     noise: torch.Tensor,
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mean squared error of the predicted velocity v = sqrt(a) eps - sqrt(1-a) x0 (Salimans & Ho 2022).
 
     latents [B, F, C, h, w] (already times the VAE's scaling factor), embeds [B, tokens, dim],
-    one timestep per row. This is the loss the proxy was trained on."""
+    one timestep per row. This is the loss the proxy was trained on. `weights` (broadcast to the
+    latents, e.g. [B, F, 1, h, w]) makes it a weighted mean: some latent cells count more."""
     a = alphas_cumprod.to(latents.device, latents.dtype)[timesteps].view(-1, 1, 1, 1, 1)
     noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
     target = a.sqrt() * noise - (1 - a).sqrt() * latents
     rotary = rotary_embeddings(transformer, latents.shape, 8, latents.device)
     v = transformer(hidden_states=noisy, encoder_hidden_states=embeds, timestep=timesteps, image_rotary_emb=rotary, return_dict=False)[0]
-    return torch.nn.functional.mse_loss(v.float(), target.float())
+    error = (v.float() - target.float()) ** 2
+    if weights is None:
+        return error.mean()
+    weights = weights.to(error).expand_as(error)
+    return (weights * error).sum() / weights.sum()
 
 
 @torch.no_grad()

@@ -1,0 +1,121 @@
+"""The shapes proxy's training recipe (benchmarks/train_shapes.py) and the settings table's task
+bookkeeping (benchmarks/shapes_quality.py): object-weighted loss, high timesteps, the VAE's early
+stop, clips drawn by worker processes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from benchmarks.shapes_quality import finished
+from benchmarks.train_proxy import CHECK_EVERY, HIGH_T_FROM, TRANSFORMER_CONFIG, draw_timesteps, fit
+from benchmarks.train_shapes import CHUNK, draw, drawing_pool, latent_cells, start_drawing, vae_good_enough
+from engine.models.proxy import PROXY_DIR
+from engine.stages.vloss import v_prediction_loss
+from engine.video import shapes
+
+SHAPES_VAE = Path(__file__).resolve().parents[1] / "engine" / "assets" / "shapes" / "vae"
+
+
+def test_latent_cells_cover_the_object_where_the_vae_puts_it():
+    masks = np.zeros((1, shapes.FRAMES, shapes.HEIGHT, shapes.WIDTH), dtype=bool)
+    masks[0, 4, 10:12, 20:30] = True  # frame 4: latent frame 1 (frames 1-4), rows 8-15, columns 16-31
+    masks[0, 5, 90:96, 0:2] = True  # frame 5: latent frame 2 (frames 5-8), the bottom-left cell
+    cells = latent_cells(masks)
+    assert cells.shape == (5, 12, 18)
+    assert set(zip(*np.nonzero(cells), strict=True)) == {(1, 1, 2), (1, 1, 3), (2, 11, 0)}
+
+
+def test_latent_cells_of_a_drawn_clip_follow_its_object():
+    spec = shapes.clip_spec(0, "train", objects=1)
+    cells = latent_cells(shapes.render(spec)[1])
+    for f, frame in enumerate((0, 4, 8, 12, 16)):
+        x, y = spec.things[0].centroids()[frame]
+        assert cells[f, int(y) // 8, int(x) // 8]
+    assert cells.mean() < 0.2  # the object, not the frame
+
+
+def test_draw_timesteps_sends_the_share_asked_to_the_noisiest_part():
+    torch.manual_seed(0)
+    uniform = draw_timesteps(4000, 1000, 0.0, "cpu")
+    high = draw_timesteps(4000, 1000, 1.0, "cpu")
+    half = draw_timesteps(4000, 1000, 0.5, "cpu")
+    assert uniform.min() < 50 and 0.25 < (uniform >= HIGH_T_FROM * 1000).float().mean() < 0.35
+    assert high.min() >= HIGH_T_FROM * 1000 and high.max() < 1000
+    assert 0.6 < (half >= HIGH_T_FROM * 1000).float().mean() < 0.7  # half of them, and a third of the other half
+
+
+def test_weighted_v_loss_counts_the_weighted_cells_more():
+    from diffusers import CogVideoXDDIMScheduler, CogVideoXTransformer3DModel
+
+    from engine.models.configs import SCHEDULER_5B
+
+    torch.manual_seed(0)
+    config = {**TRANSFORMER_CONFIG, "num_layers": 1, "num_attention_heads": 2, "attention_head_dim": 16, "time_embed_dim": 16, "text_embed_dim": 16}
+    transformer = CogVideoXTransformer3DModel(**config).eval()
+    alphas = CogVideoXDDIMScheduler(**SCHEDULER_5B).alphas_cumprod
+    latents = torch.randn(2, 5, 16, 12, 18)
+    latents[:, :, :, :2, :2] *= 20  # the model cannot predict these cells: their error is large
+    args = (transformer, alphas, latents, torch.randn(2, config["max_text_seq_length"], 16), torch.tensor([500, 900]), torch.randn_like(latents))
+    with torch.no_grad():
+        plain = v_prediction_loss(*args)
+        ones = v_prediction_loss(*args, torch.ones(2, 5, 1, 12, 18))
+        cells = torch.zeros(2, 5, 1, 12, 18, dtype=torch.bool)
+        cells[:, :, :, :2, :2] = True
+        weighted = v_prediction_loss(*args, 1.0 + 4.0 * cells.float())
+    assert torch.allclose(plain, ones)
+    assert weighted > 2 * plain
+
+
+def test_fit_stops_when_good_enough_says_so():
+    module = torch.nn.Linear(2, 1)
+    asked: list[int] = []
+
+    def good_enough(step: int) -> bool:
+        asked.append(step)
+        return step >= 2 * CHECK_EVERY
+
+    log: dict = {}
+    fit("probe", module, lambda: module(torch.ones(1, 2)).pow(2).mean(), 1e-3, 0.0, 60.0, 10 * CHECK_EVERY, log, good_enough)
+    assert asked == [CHECK_EVERY, 2 * CHECK_EVERY]
+    assert log["probe"]["steps"] == 2 * CHECK_EVERY
+
+
+def test_vae_check_passes_the_shapes_vae_and_fails_the_bunny_one():
+    from diffusers import AutoencoderKLCogVideoX
+
+    history: list[dict] = []
+    check = vae_good_enough("cpu", history, clips=1)
+    for path, passes in ((SHAPES_VAE, True), (PROXY_DIR / "vae", False)):
+        vae = AutoencoderKLCogVideoX.from_pretrained(path, torch_dtype=torch.float32).eval()
+        assert check(vae, 100) is passes
+    shapes_vae, bunny = history
+    assert shapes_vae["psnr_db"] > 30 and shapes_vae["object_color_right"] > 0.98
+    assert bunny["psnr_db"] < 20 and bunny["object_color_right"] < 0.5
+
+
+def test_clips_drawn_by_workers_are_the_serial_ones_in_order():
+    seeds = list(range(CHUNK + 5))
+    with drawing_pool(2) as pool:
+        chunks = [c.result() for c in start_drawing(seeds, "train", pool)]
+    frames, captions, cells = draw(seeds, "train")
+    assert len(chunks) == 2
+    assert np.array_equal(np.concatenate([c[0] for c in chunks]), frames)
+    assert [c for chunk in chunks for c in chunk[1]] == captions
+    assert np.array_equal(np.concatenate([c[2] for c in chunks]), cells)
+
+
+@pytest.mark.parametrize("missing", [False, True])
+def test_a_setting_is_finished_only_with_every_clip(missing):
+    a = ([{"clip": "a", "kind": "color"}], {"a color (ddim)": np.zeros(1)})
+    b = ([{"clip": "b", "kind": "color"}], {"b color (ddim)": np.ones(1)})
+    outcome = finished([a, None if missing else b])
+    if missing:
+        assert outcome is None
+    else:
+        rows, frames = outcome
+        assert [r["clip"] for r in rows] == ["a", "b"]
+        assert list(frames) == ["a color (ddim)", "b color (ddim)"]
