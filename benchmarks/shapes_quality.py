@@ -218,7 +218,9 @@ def summarize(name: str, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         out.append({
             "setting": name, "kind": kind, "clips": len(mine), "adherence": float(np.mean([r[key] for r in mine])),
             "pass_rate": float(np.mean([r[key] >= bar for r in mine])),
-            "centroid_error_px": float(np.mean(finite)) if len(finite) == len(mine) else float("inf"),
+            # A clip whose object is not found on some frame has no track: counted apart, not averaged as inf.
+            "centroid_error_px": float(np.mean(finite)) if finite else None,
+            "lost": len(mine) - len(finite),
             "size_ratio": float(np.mean([r["size_ratio"] for r in mine])),
             "psnr_outside_db": float(np.mean([r["psnr_outside_db"] for r in mine])),
             "psnr_outside_source_db": float(np.mean([r["psnr_outside_source_db"] for r in mine])),
@@ -234,7 +236,7 @@ def best(summary: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     for kind in KINDS:
         rows = [r for r in summary if r["kind"] == kind]
         if rows:
-            out[kind] = max(rows, key=lambda r: (r["pass_rate"], r["adherence"], -r["centroid_error_px"]))
+            out[kind] = max(rows, key=lambda r: (r["pass_rate"], r["adherence"], -(r["centroid_error_px"] if r["centroid_error_px"] is not None else np.inf)))
     return out
 
 
@@ -252,7 +254,9 @@ def verdicts(summary: list[dict[str, Any]], round_trips: list[dict[str, Any]], s
             out.append(verdict(f"{kind}: {key} >= {bar} on >= {share:.0%} of clips", r["setting"], f"{r['pass_rate']:.0%}", r["pass_rate"] >= share))
     if "color" in chosen:
         r = chosen["color"]
-        out.append(verdict(f"color: centroid error <= {TARGET_CENTROID_PX} px", r["setting"], f"{r['centroid_error_px']:.2f} px", r["centroid_error_px"] <= TARGET_CENTROID_PX))
+        c = r["centroid_error_px"]
+        measured = ("-" if c is None else f"{c:.2f} px") + (f", object lost on some frame in {r['lost']} of {r['clips']} clips" if r["lost"] else "")
+        out.append(verdict(f"color: centroid error <= {TARGET_CENTROID_PX} px", r["setting"], measured, r["lost"] == 0 and c <= TARGET_CENTROID_PX))
     plain = {r["kind"]: r for r in summary if r["setting"].startswith("default")}
     for r in summary:
         if r["setting"] == "mask around the object" and r["kind"] in plain:
@@ -283,17 +287,18 @@ def markdown(result: dict[str, Any]) -> str:
         "## Per setting and edit kind",
         "adherence: color = share of the object's pixels nearest the target color; shape = IoU with the target shape on the "
         "source's path; background = share of the pixels outside the object nearest the target background. pass = share of "
-        "clips with color >= 0.8, IoU >= 0.6, background >= 0.8. centroid: the object's track against the source's (px). "
+        "clips with color >= 0.8, IoU >= 0.6, background >= 0.8. centroid: the object's track against the source's (px), mean over the clips "
+        "where it is found on every frame; lost: clips where it is not. "
         "PSNR outside: outside the object (and a 2 px rim) against the same setting's reconstruction (source caption); "
         "vs source: against the source frames; outside the mask: masked settings only, outside the mask, against the reconstruction. "
         "kept source color: color edits only, the share of the object's pixels still nearest the source's color.",
         table(result["summary"], [("setting", "setting", ""), ("kind", "kind", ""), ("clips", "clips", "d"), ("adherence", "adherence", ".3f"),
-              ("pass", "pass_rate", ".0%"), ("centroid px", "centroid_error_px", ".2f"), ("size", "size_ratio", ".2f"),
+              ("pass", "pass_rate", ".0%"), ("centroid px", "centroid_error_px", ".2f"), ("lost", "lost", "d"), ("size", "size_ratio", ".2f"),
               ("PSNR outside dB", "psnr_outside_db", ".1f"), ("vs source dB", "psnr_outside_source_db", ".1f"),
               ("outside the mask dB", "psnr_outside_mask_db", ".1f"), ("kept source color", "source_color_share", ".3f")]),
         "## Best setting per kind (on this proxy)",
         table(list(chosen.values()), [("kind", "kind", ""), ("setting", "setting", ""), ("adherence", "adherence", ".3f"), ("pass", "pass_rate", ".0%"),
-              ("centroid px", "centroid_error_px", ".2f"), ("PSNR outside dB", "psnr_outside_db", ".1f")]),
+              ("centroid px", "centroid_error_px", ".2f"), ("lost", "lost", "d"), ("PSNR outside dB", "psnr_outside_db", ".1f")]),
         "## Round trip (verify, source caption, no CFG)",
         "Latent error = ||x0' - x0|| / ||x0|| after inverting and denoising back; cut = DDIM's error / fixed point's "
         "(x1: one refinement per step, the default, 3 transformer forwards; x3: three).",
@@ -375,10 +380,19 @@ def run(args: argparse.Namespace) -> None:
     print(markdown(result))
 
 
+def report(path: Path) -> None:
+    """Summaries, targets and SHAPES.md again from a run's per-clip rows (its grid stays as drawn)."""
+    result = json.loads(path.read_text())
+    result["summary"] = [row for setting, rows in result["rows"].items() for row in summarize(setting, rows)]
+    path.write_text(json.dumps(result, indent=1))
+    (path.parent / "SHAPES.md").write_text(markdown(result))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True, type=Path, help="the shapes proxy's folder")
-    ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--report", type=Path, help="a run's shapes_quality.json: summarize its rows again and rewrite SHAPES.md beside it")
+    ap.add_argument("--model", type=Path, help="the shapes proxy's folder")
+    ap.add_argument("--out", type=Path)
     ap.add_argument("--device", default=None)
     ap.add_argument("--clips", type=int, default=10, help="held-out clips")
     ap.add_argument("--round-trips", type=int, default=6, help="of those, round-tripped with DDIM and fixed point")
@@ -386,7 +400,13 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=7.5, help="no (setting, clip) starts after this")
     ap.add_argument("--workers", type=int, default=8, help="processes sharing the device (each holds its own CUDA context)")
     ap.add_argument("--quick", action="store_true", help="three settings: a small grid to try it out")
-    run(ap.parse_args())
+    args = ap.parse_args()
+    if args.report:
+        report(args.report)
+    elif args.model and args.out:
+        run(args)
+    else:
+        ap.error("pass --model and --out (measure), or --report JSON")
 
 
 if __name__ == "__main__":

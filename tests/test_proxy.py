@@ -38,7 +38,8 @@ def test_proxy_is_small_and_says_how_it_was_trained(folder):
     size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
     assert size <= 16 * 2**20
     facts = json.loads((folder / "TRAINING.json").read_text())
-    assert facts["training_minutes"] <= 8 and facts["params_total"] > 0 and facts["device"]
+    # Issue 18: trained in at most 10 minutes on one H200, shipped in at most 16 MB.
+    assert facts["training_minutes"] <= 10 and facts["params_total"] > 0 and facts["device"]
 
 
 @pytest.mark.parametrize("flags", [[], ["--random"], ["--world", "shapes"]])

@@ -119,3 +119,21 @@ def test_a_setting_is_finished_only_with_every_clip(missing):
         rows, frames = outcome
         assert [r["clip"] for r in rows] == ["a", "b"]
         assert list(frames) == ["a color (ddim)", "b color (ddim)"]
+
+
+def test_a_lost_object_is_counted_apart_from_the_centroid_error():
+    """A clip whose edited object vanishes on a frame has an infinite track error: the summary
+    averages the clips tracked throughout and counts the others, and the centroid target fails."""
+    from benchmarks.shapes_quality import summarize, verdicts
+
+    def row(centroid: float) -> dict:
+        return {"kind": "color", "color_share": 0.9, "centroid_error_px": centroid, "size_ratio": 1.0, "psnr_outside_db": 30.0,
+                "psnr_outside_source_db": 30.0, "source_color_share": 0.0}
+
+    kept = summarize("s", [row(1.0), row(2.0)])[0]
+    assert kept["centroid_error_px"] == 1.5 and kept["lost"] == 0
+    lost = summarize("s", [row(1.0), row(float("inf"))])[0]
+    assert lost["centroid_error_px"] == 1.0 and lost["lost"] == 1
+    target = next(v for v in verdicts([lost], [], 50) if "centroid" in v["target"])
+    assert not target["met"] and "lost on some frame in 1 of 2 clips" in target["measured"]
+    assert next(v for v in verdicts([kept], [], 50) if "centroid" in v["target"])["met"]

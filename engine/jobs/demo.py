@@ -3,8 +3,8 @@
 First half: the Big Buck Bunny proxy inverts a held-out clip and renders a reconstruction and an
 edit. Second half: the shapes proxy inverts a held-out shapes clip (a color x shape pair it never
 saw) and edits it towards another color, once everywhere and once with a mask around the object,
-written as one mp4 side by side (source | edit | masked edit). That proxy barely follows color
-words (benchmarks/results/SHAPES.md), so the half shows the mask keeping the rest of the frame.
+written as one mp4 side by side (source | edit | masked edit): with the mask the object turns the
+new color and the rest of the frame stays; without it the object drifts (README, "cogedit demo").
 """
 
 from __future__ import annotations
