@@ -104,6 +104,8 @@ def conditions(num_layers: int, quick: bool) -> dict[str, dict[str, Any]]:
         "CFG 3": {"guidance": 3.0},
         "CFG 9": {"guidance": 9.0},
         "window 0:0.6 + mask": {"inject_steps": "0:0.6", "mask": True},
+        # inside the mask the prompt alone draws the object; outside, the inversion's latents keep the rest
+        "mask, no injection": {"inject_strength": 0.0, "mask": True},
     }
     return dict(list(grid.items())[:3]) if quick else grid
 
@@ -308,6 +310,8 @@ def markdown(result: dict[str, Any]) -> str:
         "## Targets",
         table(verdicts(result["summary"], result.get("round_trip", []), result["steps"]), [("target", "target", ""), ("setting", "setting", ""), ("measured", "measured", ""), ("met", "met", "")]),
         *([f"Not run (out of time): {', '.join(result['not_run'])}."] if result.get("not_run") else []),
+        *[f"Added from a later run ({a['device']}, torch {a['torch']}, {a['date']}, `{a['command']}`): {'; '.join(a['settings'])}."
+          for a in result.get("added", [])],
         "Two clips, frames 0, 5, 11, 16: [shapes_grid.png](shapes_grid.png).",
     ]
     return "\n\n".join(parts) + "\n"
@@ -346,6 +350,12 @@ def run(args: argparse.Namespace) -> None:
     }
     names = [clip_name(s.seed) for s in specs]
     grid = conditions(engine.inspect_model(args.model).transformer_config["num_layers"], args.quick)
+    if args.only:
+        wanted = [name.strip() for name in args.only.split(";")]
+        unknown = [name for name in wanted if name not in grid]
+        if unknown:
+            raise SystemExit(f"--only: no setting {unknown}; the settings are: {'; '.join(grid)}")
+        grid = {name: grid[name] for name in wanted}
     deadline = time.time() + args.minutes * 60 - (time.monotonic() - began)
     keep: dict[str, np.ndarray] = {f"{clip_name(spec.seed)} source": shapes.render(spec)[0] for spec in specs[:2]}
     # spawn: a forked child must not touch CUDA; the workers import the engine themselves
@@ -380,9 +390,14 @@ def run(args: argparse.Namespace) -> None:
     print(markdown(result))
 
 
-def report(path: Path) -> None:
-    """Summaries, targets and SHAPES.md again from a run's per-clip rows (its grid stays as drawn)."""
+def report(path: Path, added: list[Path]) -> None:
+    """Summaries, targets and SHAPES.md again from a run's per-clip rows (its grid stays as drawn),
+    with the settings of later runs (`added`, e.g. `--only` runs) joined in and named."""
     result = json.loads(path.read_text())
+    for extra in added:
+        run = json.loads(extra.read_text())
+        result["rows"].update(run["rows"])
+        result.setdefault("added", []).append({k: run[k] for k in ("device", "torch", "date", "command")} | {"settings": list(run["rows"])})
     result["summary"] = [row for setting, rows in result["rows"].items() for row in summarize(setting, rows)]
     path.write_text(json.dumps(result, indent=1))
     (path.parent / "SHAPES.md").write_text(markdown(result))
@@ -391,6 +406,8 @@ def report(path: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--report", type=Path, help="a run's shapes_quality.json: summarize its rows again and rewrite SHAPES.md beside it")
+    ap.add_argument("--add", type=Path, action="append", default=[], help="with --report: a later run's JSON whose settings join the table (repeatable)")
+    ap.add_argument("--only", help="run only these settings, separated by ';' (their names as in the table)")
     ap.add_argument("--model", type=Path, help="the shapes proxy's folder")
     ap.add_argument("--out", type=Path)
     ap.add_argument("--device", default=None)
@@ -402,7 +419,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="three settings: a small grid to try it out")
     args = ap.parse_args()
     if args.report:
-        report(args.report)
+        report(args.report, args.add)
     elif args.model and args.out:
         run(args)
     else:

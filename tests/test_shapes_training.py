@@ -4,6 +4,7 @@ stop, clips drawn by worker processes."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -137,3 +138,25 @@ def test_a_lost_object_is_counted_apart_from_the_centroid_error():
     target = next(v for v in verdicts([lost], [], 50) if "centroid" in v["target"])
     assert not target["met"] and "lost on some frame in 1 of 2 clips" in target["measured"]
     assert next(v for v in verdicts([kept], [], 50) if "centroid" in v["target"])["met"]
+
+
+def test_a_later_runs_settings_join_the_table_and_are_named(tmp_path):
+    """`--report A --add B`: B's settings (an `--only` run, maybe on another device) join A's table,
+    summarized like A's, and SHAPES.md says where they came from."""
+    from benchmarks.shapes_quality import report
+
+    def run(setting: str, device: str, share: float) -> dict:
+        rows = [{"kind": "color", "color_share": share, "centroid_error_px": 1.0, "size_ratio": 1.0, "psnr_outside_db": 30.0,
+                 "psnr_outside_source_db": 30.0, "source_color_share": 0.0}]
+        return {"device": device, "torch": "t", "date": "2026-11-30", "command": f"shapes_quality.py --only {setting}", "steps": 50,
+                "setup": "s", "proxy": {"what": "p", "params_total": 1, "heldout_v_loss": 0.1, "random_tiny_v_loss": 0.7},
+                "rows": {setting: rows}, "summary": [], "round_trip": []}
+
+    first, later = tmp_path / "shapes_quality.json", tmp_path / "later.json"
+    first.write_text(json.dumps(run("default", "GPU", 0.1)))
+    later.write_text(json.dumps(run("mask, no injection", "CPU", 0.9)))
+    report(first, [later])
+    merged = json.loads(first.read_text())
+    assert [(r["setting"], r["adherence"]) for r in merged["summary"]] == [("default", 0.1), ("mask, no injection", 0.9)]
+    text = (tmp_path / "SHAPES.md").read_text()
+    assert "| color | mask, no injection | 0.900 | 100% |" in text and "Added from a later run (CPU" in text
