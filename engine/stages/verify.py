@@ -42,14 +42,16 @@ def psnr_db(a: torch.Tensor, b: torch.Tensor) -> float:
     return math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
 
 
-def verify_stage(ctx: StageContext) -> dict[str, Any]:
-    """Round-trip `ctx.entry`; the result is stored with the entry (a rerun reads it back)."""
+def verify_stage(ctx: StageContext) -> None:
+    """Round-trip `ctx.entry`; the result is stored with the entry (a rerun reads it back, and
+    `Inversion.verify` reads it with its verdict)."""
     entry = ctx.entry
+    method = entry.manifest["settings"]["invert"].get("method", "ddim")
     if entry.verify is not None:
         with ctx.reporter.phase("verify") as ph:
             ph.hit(True, _detail(entry.verify))
-        _advise(entry.verify, entry.manifest["settings"]["invert"].get("method", "ddim"))
-        return with_verdict(entry.verify)
+        _advise(entry.verify, method)
+        return
     cond = embed_stage(ctx, [entry.source_prompt])[entry.source_prompt]
     noise = entry.load(entry.paths.step_file(entry.steps - 1), "latent")
     with ctx.reporter.phase("verify", total=entry.steps) as ph:
@@ -70,8 +72,7 @@ def verify_stage(ctx: StageContext) -> dict[str, Any]:
         }
         ph.record.detail = _detail(result)
     entry.set_verify(result)
-    _advise(result, entry.manifest["settings"]["invert"].get("method", "ddim"))
-    return with_verdict(result)
+    _advise(result, method)
 
 
 def _detail(result: dict[str, Any]) -> str:
