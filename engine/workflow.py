@@ -333,7 +333,8 @@ def edit(inversion: Inversion | str, prompts: Prompts, *, cache_dir: str | Path 
     outputs = None
     if opts.output == "mp4":  # refuse first
         outputs = output_paths(edit_stem(inv.id, settings, ctx.runtime), prompts, Path(opts.out_dir), opts.force or opts.skip_existing)
-    done = [k for k in range(len(prompts)) if opts.skip_existing and outputs[0][k].exists() and outputs[1][k].exists()]
+    # only mp4 outputs are files a rerun can find; frames and latents are always rendered
+    done = [k for k in range(len(prompts)) if opts.skip_existing and outputs is not None and outputs[0][k].exists() and outputs[1][k].exists()]
     skipped = tuple(prompts[k] for k in done)
     if len(done) == len(prompts):
         return EditResult(inv.id, prompts, tuple(outputs[0]), tuple(outputs[1]), torch.empty(0), skipped=skipped)

@@ -237,8 +237,8 @@ def _run_unit(unit: Unit, common: dict[str, Any], cache_dir: str | Path | None, 
     start = time.perf_counter()
     opts = {k: v for k, v in common.items() if k != "dtype"}
     try:
-        keep = dict(skip_existing=True) if output == "mp4" else {}
-        result = edit(inv, list(job.prompts), cache_dir=cache_dir, reporter=reporter, out_dir=str(out_dir / job.name), output=output, **keep, **{**opts, **job.edit})
+        result = edit(inv, list(job.prompts), cache_dir=cache_dir, reporter=reporter, out_dir=str(out_dir / job.name), output=output,
+                      skip_existing=True, **{**opts, **job.edit})
     except Exception as exc:
         return [Row(job.name, p, "", 0.0, _failure(exc), me) for p in job.prompts]
     each = (time.perf_counter() - start) / max(1, len(job.prompts) - len(result.skipped))
