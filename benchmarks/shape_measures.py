@@ -168,22 +168,23 @@ def edit_measures(frames, truth: EditTruth, reconstruction=None) -> dict[str, fl
     # the edit kept the source's color (not a failed measure): names why color_share stays low
     out["source_color_share"] = float((inside == color_index(thing.color)).mean()) if inside.size else 0.0
     # shape: the object's pixels against the target shape drawn on the source's path
-    drawn = shape_mask(want.shape, thing.centroids(frames_n), thing.size)
+    track = thing.centroids(frames_n)  # the source's path
+    drawn = shape_mask(want.shape, track, thing.size)
     out["shape_iou"] = float(np.mean([iou(found[f], drawn[f]) for f in range(frames_n)]))
     # background: outside every object (and its rim)
-    outside = ~dilate(every, EDGE)
+    rim = dilate(every, EDGE)
+    outside = ~rim
     bg = labels[outside]
     out["background_share"] = float((bg == color_index(truth.target.background)).mean())
     out["background_rgb"] = [round(float(v), 1) for v in _array(frames)[outside].mean(0)]
     # structure: centroid track and size against the source's
-    source_track = thing.centroids(frames_n)
     errors, sizes = [], []
     for f in range(frames_n):
         c = centroid(found[f])
-        errors.append(np.inf if c is None else float(np.linalg.norm(c - source_track[f])))
+        errors.append(np.inf if c is None else float(np.linalg.norm(c - track[f])))
         sizes.append(found[f].sum() / max(mask[f].sum(), 1))
     out["centroid_error_px"] = float(np.mean(errors))
     out["size_ratio"] = float(np.mean(sizes))
     if reconstruction is not None:
-        out["psnr_outside_db"] = psnr_outside(frames, reconstruction, dilate(every, EDGE))
+        out["psnr_outside_db"] = psnr_outside(frames, reconstruction, rim)
     return out

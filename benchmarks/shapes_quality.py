@@ -48,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import engine  # noqa: E402
 from benchmarks.quality import device_name, grid_png, serving, table  # noqa: E402
-from benchmarks.shape_measures import EditTruth, dilate, edit_measures, psnr_outside  # noqa: E402
+from benchmarks.shape_measures import EDGE, EditTruth, dilate, edit_measures, psnr_outside  # noqa: E402
 from engine.stages.verify import psnr_db  # noqa: E402
 from engine.video import shapes  # noqa: E402
 from engine.video.reader import FrameSettings, VideoInfo  # noqa: E402
@@ -136,10 +136,11 @@ def edit_clip(inv: Any, spec: shapes.ClipSpec, masks: np.ndarray, options: dict[
     reconstruction, source = out.frames[0], inv.frames().numpy()
     keep.setdefault(f"{name} reconstruction ({method})", reconstruction)
     rows = [{"clip": name, "kind": "reconstruction", "psnr_source_db": psnr_db(torch.as_tensor(reconstruction), torch.as_tensor(source))}]
+    rim = dilate(masks.any(0), EDGE)
     for kind, frames in zip(kinds, out.frames[1:], strict=True):
         truth = EditTruth(spec, targets[kind], masks)
         m = edit_measures(frames, truth, reconstruction)
-        m["psnr_outside_source_db"] = psnr_outside(frames, source, dilate(masks.any(0), 2))
+        m["psnr_outside_source_db"] = psnr_outside(frames, source, rim)
         if masked:  # the measure for local edits: outside the mask itself
             m["psnr_outside_mask_db"] = psnr_outside(frames, reconstruction, extra["mask"])
         rows.append({"clip": name, "kind": kind, "prompt": targets[kind].caption, **m})

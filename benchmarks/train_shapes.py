@@ -49,7 +49,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.shape_measures import color_index, erode, nearest, sample_adherence  # noqa: E402
+from benchmarks.shape_measures import EDGE, color_index, erode, nearest, sample_adherence  # noqa: E402
 from benchmarks.train_proxy import CAPTION_DROPOUT, T5_CONFIG, embed_captions, encode, sample, save_grid, train_transformer, train_vae  # noqa: E402
 from engine.models.configs import SCHEDULER_5B  # noqa: E402
 from engine.models.proxy import PROXY_DIR  # noqa: E402
@@ -104,14 +104,14 @@ def vae_good_enough(device: str, history: list[dict], clips: int = VAE_CHECK_CLI
     their objects' colors (VAE_COLOR_RIGHT); each check goes into `history`."""
     specs = [shapes.clip_spec(s, "heldout") for s in range(clips)]
     drawn = [shapes.render(s) for s in specs]
-    x = model_input(np.stack([d[0] for d in drawn]), device).permute(0, 2, 1, 3, 4)
-    cores = [erode(d[1][0], 2) for d in drawn]
+    source = torch.from_numpy(np.stack([d[0] for d in drawn]))
+    x = model_input(source.numpy(), device).permute(0, 2, 1, 3, 4)
+    cores = [erode(d[1][0], EDGE) for d in drawn]
 
     @torch.no_grad()
     def check(vae: torch.nn.Module, step: int) -> bool:
         recon = vae.decode(vae.encode(x).latent_dist.mode()).sample
         frames = ((recon.permute(0, 2, 3, 4, 1) + 1) * 127.5).round().clamp(0, 255).cpu()
-        source = x.permute(0, 2, 3, 4, 1).add(1).mul(127.5).round().cpu()
         psnr = float(np.mean([psnr_db(f, s) for f, s in zip(frames, source, strict=True)]))
         right = float(np.mean([(nearest(f.numpy())[core] == color_index(spec.things[0].color)).mean() for f, core, spec in zip(frames, cores, specs, strict=True)]))
         history.append({"step": step, "psnr_db": round(psnr, 2), "object_color_right": round(right, 4)})
