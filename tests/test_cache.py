@@ -174,7 +174,7 @@ def test_read_only_cache_dir_chmod(tmp_path):
     ro.mkdir()
     ro.chmod(0o555)
     try:
-        done = subprocess.run([sys.executable, "-c", _READ_ONLY_CHECK, str(ro)], capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+        done = subprocess.run([sys.executable, "-c", _READ_ONLY_CHECK, str(ro)], capture_output=True, text=True, cwd=REPO)
         assert done.returncode == 0, done.stderr[-2000:]
     finally:
         ro.chmod(0o755)

@@ -20,7 +20,7 @@ GRAMMAR = re.compile(
 
 
 def one_object(split: str, count: int) -> list[shapes.ClipSpec]:
-    return [s for seed in range(10 * count) if len((s := shapes.clip_spec(seed, split)).things) == 1][:count]
+    return [shapes.clip_spec(seed, split) for seed in shapes.one_object_seeds(count, split)]
 
 
 def test_clips_are_seeded_and_follow_the_grammar():

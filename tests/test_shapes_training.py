@@ -5,7 +5,6 @@ stop, clips drawn by worker processes."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,11 +13,11 @@ import torch
 from benchmarks.shapes_quality import finished
 from benchmarks.train_proxy import CHECK_EVERY, HIGH_T_FROM, TRANSFORMER_CONFIG, draw_timesteps, fit
 from benchmarks.train_shapes import CHUNK, draw, drawing_pool, latent_cells, start_drawing, vae_good_enough
-from engine.models.proxy import PROXY_DIR
+from engine.models.proxy import PROXY_DIR, SHAPES_DIR
 from engine.stages.vloss import v_prediction_loss
 from engine.video import shapes
 
-SHAPES_VAE = Path(__file__).resolve().parents[1] / "engine" / "assets" / "shapes" / "vae"
+SHAPES_VAE = SHAPES_DIR / "vae"
 
 
 def test_latent_cells_cover_the_object_where_the_vae_puts_it():
@@ -122,18 +121,20 @@ def test_a_setting_is_finished_only_with_every_clip(missing):
         assert list(frames) == ["a color (ddim)", "b color (ddim)"]
 
 
+
+def _color_row(share: float, centroid: float) -> dict:
+    """One clip's measures of a color edit, as benchmarks/shapes_quality.py's rows have them."""
+    return {"kind": "color", "color_share": share, "centroid_error_px": centroid, "size_ratio": 1.0, "psnr_outside_db": 30.0,
+            "psnr_outside_source_db": 30.0, "source_color_share": 0.0}
+
 def test_a_lost_object_is_counted_apart_from_the_centroid_error():
     """A clip whose edited object vanishes on a frame has an infinite track error: the summary
     averages the clips tracked throughout and counts the others, and the centroid target fails."""
     from benchmarks.shapes_quality import summarize, verdicts
 
-    def row(centroid: float) -> dict:
-        return {"kind": "color", "color_share": 0.9, "centroid_error_px": centroid, "size_ratio": 1.0, "psnr_outside_db": 30.0,
-                "psnr_outside_source_db": 30.0, "source_color_share": 0.0}
-
-    kept = summarize("s", [row(1.0), row(2.0)])[0]
+    kept = summarize("s", [_color_row(0.9, 1.0), _color_row(0.9, 2.0)])[0]
     assert kept["centroid_error_px"] == 1.5 and kept["lost"] == 0
-    lost = summarize("s", [row(1.0), row(float("inf"))])[0]
+    lost = summarize("s", [_color_row(0.9, 1.0), _color_row(0.9, float("inf"))])[0]
     assert lost["centroid_error_px"] == 1.0 and lost["lost"] == 1
     target = next(v for v in verdicts([lost], [], 50) if "centroid" in v["target"])
     assert not target["met"] and "lost on some frame in 1 of 2 clips" in target["measured"]
@@ -146,8 +147,7 @@ def test_a_later_runs_settings_join_the_table_and_are_named(tmp_path):
     from benchmarks.shapes_quality import report
 
     def run(setting: str, device: str, share: float) -> dict:
-        rows = [{"kind": "color", "color_share": share, "centroid_error_px": 1.0, "size_ratio": 1.0, "psnr_outside_db": 30.0,
-                 "psnr_outside_source_db": 30.0, "source_color_share": 0.0}]
+        rows = [_color_row(share, 1.0)]
         return {"device": device, "torch": "t", "date": "2026-11-30", "command": f"shapes_quality.py --only {setting}", "steps": 50,
                 "setup": "s", "proxy": {"what": "p", "params_total": 1, "heldout_v_loss": 0.1, "random_tiny_v_loss": 0.7},
                 "rows": {setting: rows}, "summary": [], "round_trip": []}
