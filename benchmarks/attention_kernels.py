@@ -21,16 +21,18 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from engine.hooks.injection import INJECT_HEADS  # noqa: E402
+
 TOKENS, HEADS, HEAD_DIM = 17_776, 48, 64
 # (name, rows, heads per call, key length): the inversion's and a reference row's self-attention,
 # and an edit row's attention over its own keys joined with the reference's, 8 heads per call
 # (engine.hooks.injection.INJECT_HEADS), for the two CFG rows of one prompt.
-SHAPES = (("self", 1, HEADS, TOKENS), ("injected", 2, 8, 2 * TOKENS))
+SHAPES = (("self", 1, HEADS, TOKENS), ("injected", 2, INJECT_HEADS, 2 * TOKENS))
 LAYERS = 42
 # Per step (engine.hooks.injection): an inversion step is one self-attention row per block; an
 # edit step (one prompt, CFG) is the reference row's self-attention and the two edit rows over the
 # joined keys, 48 / 8 calls of 8 heads per block.
-CALLS_PER_STEP = {"invert": {"self": LAYERS}, "edit": {"self": LAYERS, "injected": LAYERS * HEADS // 8}}
+CALLS_PER_STEP = {"invert": {"self": LAYERS}, "edit": {"self": LAYERS, "injected": LAYERS * HEADS // INJECT_HEADS}}
 RESULTS = Path(__file__).resolve().parent / "results"
 KERNELS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION}
 

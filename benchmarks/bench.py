@@ -200,15 +200,21 @@ def latent_differences(baseline: str = "staged") -> dict:
     return out
 
 
-def build_model(args) -> Path:
-    root = Path(args.workdir)
-    if args.tiny:
-        return engine.build_tiny_model(root / "tiny")
-    from engine.models.tiny import write_random_5b
+def model_path(workdir: Path, tiny: bool) -> Path:
+    """The random-weight checkpoint under `workdir` (the tiny model, or the full-size 5B), written by
+    the first process that needs it and reused after (a file lock: commands on two GPUs share it)."""
+    from filelock import FileLock
 
-    path = root / "cogvideox-5b-random"
-    if not (path / "model_index.json").exists():
-        write_random_5b(path)
+    path = workdir / ("tiny" if tiny else "cogvideox-5b-random")
+    workdir.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path) + ".lock"):
+        if not (path / "model_index.json").exists():
+            if tiny:
+                engine.build_tiny_model(path)
+            else:
+                from engine.models.tiny import write_random_5b
+
+                write_random_5b(path)
     return path
 
 
@@ -236,7 +242,7 @@ def main() -> None:
         "variants": {},
     }
     t0 = time.perf_counter()
-    model = build_model(args)
+    model = model_path(Path(args.workdir), args.tiny)
     results["build_seconds"] = time.perf_counter() - t0
     info = inspect_model(model)
     cfg = info.transformer_config

@@ -62,29 +62,6 @@ ESTIMATE = {"upstream": (100, 0), "cold": (135, 7.3), "warm": (100, 7.3), "nocom
 RECOMPILE_MARK = "recompile_limit"
 
 
-# ---------------------------------------------------------------- the model, once per machine
-
-
-def model_path(workdir: Path, tiny: bool) -> Path:
-    """The random-weight checkpoint under `workdir`, written by the first process that needs it
-    (a file lock: the two GPUs' commands share it)."""
-    from filelock import FileLock
-
-    import engine
-
-    path = workdir / ("tiny" if tiny else "cogvideox-5b-random")
-    workdir.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(path) + ".lock"):
-        if not (path / "model_index.json").exists():
-            if tiny:
-                engine.build_tiny_model(path)
-            else:
-                from engine.models.tiny import write_random_5b
-
-                write_random_5b(path)
-    return path
-
-
 # ---------------------------------------------------------------- one variant (a child process)
 
 
@@ -236,6 +213,8 @@ def run(args: argparse.Namespace) -> None:
     logs = out.parent / (out.stem + "-logs")
     logs.mkdir(parents=True, exist_ok=True)
     work = Path(args.workdir)
+    from benchmarks.bench import model_path
+
     model = model_path(work, args.tiny)
     results = {**environment(), "command": " ".join(["python", "benchmarks/e2e.py", *sys.argv[1:]]), "steps": args.steps,
                "schedule": SCHEDULE, "workload": TINY if args.tiny else FULL, "model_ready_s": time.perf_counter() - start,
@@ -370,7 +349,7 @@ def report(paths: list[Path], out_dir: Path) -> None:
     for r in runs:
         for name, row in r["variants"].items():
             merged["variants"][name] = {**row, "command": r["command"], "date": r["date"]}
-        merged["skipped"].update({n: why for n, why in r["skipped"].items() if n not in merged["variants"]})
+        merged["skipped"].update(r["skipped"])
     merged["skipped"] = {n: why for n, why in merged["skipped"].items() if n not in merged["variants"]}
     merged["summary"] = summary = summarize(merged)
     out_dir.mkdir(parents=True, exist_ok=True)

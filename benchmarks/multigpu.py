@@ -70,19 +70,6 @@ def write_jobs(path: Path, tiny: bool, steps: int) -> Path:
     return path
 
 
-def build_model(work: Path, tiny: bool) -> Path:
-    import engine
-
-    if tiny:
-        return engine.build_tiny_model(work / "tiny")
-    from engine.models.tiny import write_random_5b
-
-    path = work / "cogvideox-5b-random"
-    if not (path / "model_index.json").exists():
-        write_random_5b(path)
-    return path
-
-
 def phases(records) -> list[dict]:
     out = []
     for r in records:
@@ -154,7 +141,9 @@ def measure(args) -> None:
         "env": {k: os.environ.get(k) for k in MULTICAST_OFF},
         "runs": {},
     }
-    model = build_model(work, args.tiny)
+    from benchmarks.bench import model_path
+
+    model = model_path(work, args.tiny)
     result["build_s"] = time.perf_counter() - begin
     jobs = write_jobs(work / "jobs.toml", args.tiny, args.steps)
     last = result["build_s"]
