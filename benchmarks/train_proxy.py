@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from engine.models.configs import SCHEDULER_5B, T5_XXL, TRANSFORMER_5B  # noqa: E402
 from engine.models.proxy import PROXY_FRAMES, PROXY_HEIGHT, PROXY_WIDTH  # noqa: E402
 from engine.models.tiny import TINY_TEXT_LEN, build_tiny_model, train_tokenizer, write_model_index  # noqa: E402
+from engine.stages.encode import encode_frames  # noqa: E402
 from engine.stages.vloss import heldout_loss, v_prediction_loss  # noqa: E402
 from engine.video.clips import CLIPS, HELD_OUT  # noqa: E402
 
@@ -176,15 +177,10 @@ def set_lr(opt: torch.optim.Optimizer, peak: float, step: int, progress: float) 
         group["lr"] = lr
 
 
-@torch.no_grad()
-def encode(vae, x: torch.Tensor, device: str, batch: int = 1) -> torch.Tensor:
-    """[N, F, 3, H, W] -> latent modes [N, F', C, h, w] (unscaled while the VAE's scaling factor
-    is 1), `batch` windows at a time."""
-    out = []
-    for chunk in x.split(batch):
-        z = vae.encode(chunk.to(device, vae.dtype).permute(0, 2, 1, 3, 4)).latent_dist.mode()
-        out.append((z * vae.config.scaling_factor).permute(0, 2, 1, 3, 4).float().cpu())
-    return torch.cat(out)
+def encode(vae, x: torch.Tensor, batch: int = 1) -> torch.Tensor:
+    """[N, F, 3, H, W] -> latent modes [N, F', C, h, w] on the CPU (unscaled while the VAE's scaling
+    factor is 1), `batch` windows at a time on the VAE's device."""
+    return torch.cat([encode_frames(vae, chunk).float().cpu() for chunk in x.split(batch)])
 
 
 def embed_captions(model_dir: Path, captions: list[str], device: str) -> dict[str, torch.Tensor]:
@@ -278,7 +274,7 @@ def train(args: argparse.Namespace) -> None:
 
     vae = train_vae(windows(frames, PROXY_FRAMES), args.device, budget * args.vae_share, args.vae_steps, log)
     clips17 = windows(frames, PROXY_FRAMES)
-    modes = encode(vae, clips17, args.device)
+    modes = encode(vae, clips17)
     scaling = round(float(1.0 / modes.std()), 4)  # latents of unit variance, as 5B's 0.7 gives its VAE
     vae.register_to_config(scaling_factor=scaling)
     latents = modes * scaling

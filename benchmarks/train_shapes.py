@@ -175,7 +175,7 @@ def train(args: argparse.Namespace) -> None:
             start = time.monotonic()
             pixels, caps, cell = chunks.pop(0).result()
             waited += time.monotonic() - start
-            modes.append(encode(vae, model_input(pixels, args.device), args.device, ENCODE_BATCH))
+            modes.append(encode(vae, model_input(pixels, args.device), ENCODE_BATCH))
             captions += caps
             cells.append(torch.from_numpy(cell))
     log["clips_waited_seconds"] = round(waited, 1)
