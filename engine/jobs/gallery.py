@@ -14,7 +14,7 @@ import numpy as np
 from cache.atomic import write_bytes_atomic
 from cache.edits import EditRecord, list_edits, record_edit
 from cache.entry import InversionEntry
-from cache.errors import CacheError
+from cache.errors import CacheError, InvalidEntryIdError
 from cache.layout import CacheLayout
 from cache.store import entry_info, list_entries
 from engine.report import Reporter
@@ -88,10 +88,11 @@ def _thumbnails(entry: InversionEntry, layout: CacheLayout) -> Path | None:
 def card(layout: CacheLayout, inv_id: str) -> InversionCard:
     """One inversion's card; InvalidEntryIdError if it is not in the cache. Its manifest is read,
     not opened: looking at the gallery does not count as a use for gc."""
-    entry = InversionEntry.read(layout.entry(inv_id))
-    entry = entry if entry is not None and entry.complete else None
+    info = entry_info(layout, inv_id)
+    entry = InversionEntry.read(layout.entry(inv_id)) if info.complete else None  # a broken one stays a card
     thumbs = _thumbnails(entry, layout) if entry is not None else None
-    info = entry_info(layout, inv_id)  # after the strip, so that its size counts it
+    if thumbs is not None:  # the strip may be new: the size counts it
+        info = entry_info(layout, inv_id)
     settings, verify = (entry.manifest["settings"], entry.verify) if entry is not None else ({}, None)
     return InversionCard(info.id, info.state, info.summary, settings, verify, info.size_bytes, info.last_used, list_edits(layout.entry(inv_id)), thumbs)
 
@@ -99,7 +100,13 @@ def card(layout: CacheLayout, inv_id: str) -> InversionCard:
 def inversions(cache_dir: str | Path | None = None) -> list[InversionCard]:
     """Every inversion in the cache, most recently used first, unfinished and broken ones too."""
     layout = CacheLayout.from_dir(cache_dir)
-    return [card(layout, i.id) for i in list_entries(layout)]
+    cards = []
+    for info in list_entries(layout):
+        try:
+            cards.append(card(layout, info.id))
+        except InvalidEntryIdError:  # removed since the listing (another process's delete or gc)
+            continue
+    return cards
 
 
 def render_edits(inversion: Inversion | str, prompts: Prompts, *, cache_dir: str | Path | None = None, reporter: Reporter | None = None, **options: Any) -> list[EditRecord]:
