@@ -32,6 +32,7 @@ __all__ = [
     "format_size",
     "gc",
     "list_entries",
+    "loose_size",
     "parse_size",
     "remove_entry",
     "total_size",
@@ -311,9 +312,14 @@ def _loose_info(path: Path, st: os.stat_result) -> EntryInfo:
     )
 
 
+def loose_size(layout: CacheLayout) -> int:
+    """The prompt embeddings and compiled kernels: the cache outside its entries."""
+    return sum(st.st_size for _, st in _loose_files(layout))
+
+
 def total_size(layout: CacheLayout) -> int:
     """What gc weighs: every entry (with its edits), the prompt embeddings and compiled kernels."""
-    return sum(e.size_bytes for e in list_entries(layout)) + sum(st.st_size for _, st in _loose_files(layout))
+    return sum(e.size_bytes for e in list_entries(layout)) + loose_size(layout)
 
 
 def gc(layout: CacheLayout, max_bytes: int, dry_run: bool = False) -> list[EntryInfo]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,13 @@ VIDEO_ERRORS = {
     "one": "only 1 of 1 frames remain",
     "four": "only 4 of 4 frames remain",
 }
+
+
+def free_port() -> int:
+    """A local port nothing listens on, for a server a test starts."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.fixture(autouse=True)

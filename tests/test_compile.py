@@ -19,7 +19,7 @@ LAYERS = 9  # above dynamo's recompile limit (8): per-block graphs would hit it
 
 @pytest.fixture(scope="module")
 def deep_model(tmp_path_factory):
-    return build_tiny_model(tmp_path_factory.mktemp("deep") / "tiny-12-blocks", layers=LAYERS)
+    return build_tiny_model(tmp_path_factory.mktemp("deep") / "tiny-9-blocks", layers=LAYERS)
 
 
 @pytest.fixture

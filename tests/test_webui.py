@@ -24,12 +24,12 @@ from cli import cli
 from engine.errors import SettingsError, VideoError
 from engine.jobs.gallery import THUMBNAILS, inversions, render_edits
 from engine.models import components
-from tests.conftest import SMALL
+from tests.conftest import SMALL, free_port
 from webui.folders import Folders
 from webui.jobs import JobRunner
 
 
-def test_edits_are_kept_beside_their_inversion_and_listed_in_the_gallery(tiny_model, wide_clip, _isolated_cache):
+def test_edits_are_kept_beside_their_inversion_and_listed_in_the_gallery(tiny_model, wide_clip):
     inv = engine.invert(wide_clip, tiny_model, device="cpu", **SMALL)
     options = {"inject_steps": "0:0.5", "guidance": 1.0, "device": "cpu"}
     records = render_edits(inv, ["a watercolor painting", "snow at night"], **options)
@@ -150,12 +150,6 @@ def test_handlers_refuse_bad_requests_in_one_line(tmp_path, small_clip):
     assert act.on_upload(str(clip))[2] == "clip.mp4: 47 frames, 430x242, 25 fps"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def gradio_env(monkeypatch):
     for var in ("GRADIO_TEMP_DIR", "GRADIO_EXAMPLES_CACHE", "GRADIO_ANALYTICS_ENABLED"):
@@ -166,7 +160,7 @@ def gradio_env(monkeypatch):
 def served(tmp_path, gradio_env):
     import webui
 
-    app = webui.start(None, "127.0.0.1", _free_port(), tmp_path / "cache", tmp_path / "uploads")
+    app = webui.start(None, "127.0.0.1", free_port(), tmp_path / "cache", tmp_path / "uploads")
     yield app, Folders.make(tmp_path / "cache", tmp_path / "uploads")
     app.close()
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import os
 import select
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = Path("/usr/bin/chromium")
@@ -32,16 +33,10 @@ PROMPTS = ("a big grey rabbit stands on a grassy hill", "a cartoon rabbit under 
 pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="no /usr/bin/chromium: install Debian's chromium package (apt-get install chromium) to run the browser test")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
-def running_ui(cache_dir: Path, *args: str) -> Iterator[str]:
-    """`cogedit ui` as a user starts it (on the proxy unless `args` say otherwise); its URL once it answers."""
-    cmd = [sys.executable, "-m", "cli", "ui", "--port", str(_free_port()), "--cache-dir", str(cache_dir), *args]
+def running_ui(cache_dir: Path) -> Iterator[str]:
+    """`cogedit ui` as a user starts it (on the proxy); its URL once it answers."""
+    cmd = [sys.executable, "-m", "cli", "ui", "--port", str(free_port()), "--cache-dir", str(cache_dir)]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
         deadline, lines = time.monotonic() + 120, [""]

@@ -12,12 +12,13 @@ import gradio as gr
 
 import engine
 from cache.edits import EditRecord, list_edits
+from cache.errors import InvalidEntryIdError
 from cache.layout import CacheLayout
 from cache.sizes import format_size, parse_size
-from cache.store import gc, list_entries, remove_entry, total_size
+from cache.store import gc, list_entries, loose_size, remove_entry
 from engine.errors import SettingsError
 from engine.jobs.demo import DEMO_PROMPTS, DEMO_SETTINGS, demo_model
-from engine.jobs.gallery import InversionCard, box_preview, inversions, render_edits
+from engine.jobs.gallery import InversionCard, box_preview, card, inversions, render_edits
 from engine.models.components import Runtime
 from engine.models.model_info import inspect_model
 from engine.options import InvertOptions
@@ -97,6 +98,10 @@ class Actions:
     def cards(self) -> list[InversionCard]:
         return inversions(self.folders.cache)
 
+    def card(self, inv_id: str) -> InversionCard:
+        """One inversion's card, without building the whole gallery; InvalidEntryIdError if it is gone."""
+        return card(self.layout, inv_id)
+
     def inversion_choices(self, chosen: str | None = None) -> Any:
         # The listing alone: the full cards (thumbnails, edits, manifests read again) are not needed here.
         done = [e for e in list_entries(self.layout) if e.complete]
@@ -130,8 +135,8 @@ class Actions:
             return engine.invert(self.folders.check(source), self.cfg.model, cache_dir=self.folders.cache, reporter=reporter, plan=None if plan == "auto" else plan, **opts)
 
         inv = self.runner.run(job, progress, request.session_hash)
-        card = next(c for c in self.cards() if c.id == inv.id)  # its strip is made here, with the card
-        return inversion_md(card), str(card.thumbnails) if card.thumbnails else None, self.inversion_choices(inv.id)
+        shown = self.card(inv.id)  # its strip is made here, with the card
+        return inversion_md(shown), str(shown.thumbnails) if shown.thumbnails else None, self.inversion_choices(inv.id)
 
     def do_render(self, inv_id, prompts_text, inject_steps, inject_layers, strength, guidance, init, seed, reference, mask_box, request: gr.Request, progress=gr.Progress()):  # noqa: B008
         prompts = [p.strip() for p in (prompts_text or "").splitlines() if p.strip()]
@@ -149,7 +154,7 @@ class Actions:
             return inv.id, render_edits(inv, prompts, cache_dir=self.folders.cache, reporter=reporter, **options)
 
         inv_id, records = self.runner.run(job, progress, request.session_hash)
-        return records, self.earlier_choices(inv_id), inversion_md(next(c for c in self.cards() if c.id == inv_id))
+        return records, self.earlier_choices(inv_id), inversion_md(self.card(inv_id))
 
     @_with_errors
     def on_box(self, inv_id: str | None, box: str | None) -> Any:
@@ -170,10 +175,11 @@ class Actions:
     def on_pick(self, inv_id: str | None) -> tuple:
         if not inv_id:
             return "", self.earlier_choices(None), []
-        card = next((c for c in self.cards() if c.id == inv_id), None)
-        if card is None:
-            raise SettingsError(f"inversion {inv_id[:12]} is no longer in the cache; pick another")
-        return inversion_md(card), self.earlier_choices(inv_id), []
+        try:
+            shown = self.card(inv_id)
+        except InvalidEntryIdError:
+            raise SettingsError(f"inversion {inv_id[:12]} is no longer in the cache; pick another") from None
+        return inversion_md(shown), self.earlier_choices(inv_id), []
 
     @_with_errors
     def show_earlier(self, inv_id: str | None, names: list[str]) -> list[EditRecord]:
@@ -186,7 +192,8 @@ class Actions:
         """The cards (plain data, for a gr.State) and the cache's total."""
         all_cards = self.cards()
         views = [{"id": c.id, "md": inversion_md(c), "thumbnails": str(c.thumbnails) if c.thumbnails else None} for c in all_cards]
-        total = f"{len(all_cards)} inversion(s); the cache holds {format_size(total_size(self.layout))} in `{self.folders.cache}`"
+        size = sum(c.size_bytes for c in all_cards) + loose_size(self.layout)  # cache.store.total_size without listing again
+        total = f"{len(all_cards)} inversion(s); the cache holds {format_size(size)} in `{self.folders.cache}`"
         return views, total
 
     @_with_errors

@@ -8,16 +8,19 @@ from types import SimpleNamespace
 import gradio as gr
 
 from cache.edits import EditRecord
-from engine.options import EditOptions
+from engine.models.plans import PLANS as ENGINE_PLANS
+from engine.options import EditOptions, InvertOptions
+from engine.stages.settings import INVERSIONS
 from engine.video.clips import CLIPS
+from engine.video.reader import FITS
 from webui.actions import Actions, AppConfig, edit_label
 
-PLANS = ["auto", "staged", "lean", "int8", "nf4", "offload"]
+PLANS = ["auto", *ENGINE_PLANS]  # "auto": no --plan, the engine picks
 VIDEO_TYPES = [".mp4", ".mov", ".mkv", ".webm", ".avi"]
 
 
 def _invert_tab(d: dict) -> SimpleNamespace:
-    c = SimpleNamespace(source=gr.State(None))
+    o, c = InvertOptions(), SimpleNamespace(source=gr.State(None))
     with gr.Row():
         with gr.Column():
             c.upload = gr.File(label="upload a clip", file_types=VIDEO_TYPES, elem_id="upload")
@@ -32,10 +35,10 @@ def _invert_tab(d: dict) -> SimpleNamespace:
                 c.width = gr.Number(d["width"], label="width", precision=0, minimum=8)
             with gr.Row():
                 c.steps = gr.Number(d["steps"], label="steps", precision=0, minimum=1, elem_id="steps")
-                c.plan = gr.Dropdown(PLANS, value="auto", label="memory plan")
-            c.fit = gr.Radio(["stretch", "crop", "pad"], value="stretch", label="fit another shape")
-            c.method = gr.Radio(["ddim", "fixed-point"], value="ddim", label="inversion")
-            c.verify = gr.Checkbox(False, label="verify: measure the round trip's error")
+                c.plan = gr.Dropdown(PLANS, value=o.plan or "auto", label="memory plan")
+            c.fit = gr.Radio(list(FITS), value=o.fit, label="fit another shape")
+            c.method = gr.Radio(list(INVERSIONS), value=o.inversion, label="inversion")
+            c.verify = gr.Checkbox(o.verify, label="verify: measure the round trip's error")
             with gr.Row():
                 c.run = gr.Button("Invert", variant="primary", elem_id="invert-button")
                 c.cancel = gr.Button("Cancel", elem_id="cancel-invert")

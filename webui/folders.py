@@ -1,7 +1,7 @@
 """The two folders the web app may read and write: the cache and the uploads folder.
 
 Every path that arrives in a request (an uploaded clip) is checked here, and Gradio is told to
-serve these two folders only (its own uploads land in the uploads folder, see `webui.app.serve`).
+serve these two folders only (its own uploads land in the uploads folder, see `webui.start`).
 A bundled clip is named, not given as a path, and is copied into the uploads folder before use.
 """
 

@@ -14,9 +14,9 @@ import numpy as np
 from cache.atomic import write_bytes_atomic
 from cache.edits import EditRecord, list_edits, record_edit
 from cache.entry import InversionEntry
-from cache.errors import CacheError
+from cache.errors import CacheError, InvalidEntryIdError
 from cache.layout import CacheLayout
-from cache.store import list_entries
+from cache.store import entry_info, list_entries
 from engine.report import Reporter
 from engine.results import Inversion, open_inversion
 from engine.video.masks import box_mask, parse_box
@@ -85,17 +85,27 @@ def _thumbnails(entry: InversionEntry, layout: CacheLayout) -> Path | None:
         return None
 
 
+def card(layout: CacheLayout, inv_id: str) -> InversionCard:
+    """One inversion's card; InvalidEntryIdError if it is not in the cache. Its manifest is read,
+    not opened: looking at the gallery does not count as a use for gc."""
+    info = entry_info(layout, inv_id)
+    entry = InversionEntry.read(layout.entry(inv_id)) if info.complete else None  # a broken one stays a card
+    thumbs = _thumbnails(entry, layout) if entry is not None else None
+    if thumbs is not None:  # the strip may be new: the size counts it
+        info = entry_info(layout, inv_id)
+    settings, verify = (entry.manifest["settings"], entry.verify) if entry is not None else ({}, None)
+    return InversionCard(info.id, info.state, info.summary, settings, verify, info.size_bytes, info.last_used, list_edits(layout.entry(inv_id)), thumbs)
+
+
 def inversions(cache_dir: str | Path | None = None) -> list[InversionCard]:
-    """Every inversion in the cache, most recently used first, unfinished and broken ones too.
-    Manifests are read, not opened: looking at the gallery does not count as a use for gc."""
+    """Every inversion in the cache, most recently used first, unfinished and broken ones too."""
     layout = CacheLayout.from_dir(cache_dir)
-    entries = {i.id: InversionEntry.read(layout.entry(i.id)) for i in list_entries(layout) if i.complete}
-    thumbs = {i: _thumbnails(e, layout) for i, e in entries.items() if e is not None}
     cards = []
-    for info in list_entries(layout):  # listed again: the sizes count the thumbnails just made
-        entry = entries.get(info.id)
-        settings, verify = (entry.manifest["settings"], entry.verify) if entry is not None else ({}, None)
-        cards.append(InversionCard(info.id, info.state, info.summary, settings, verify, info.size_bytes, info.last_used, list_edits(layout.entry(info.id)), thumbs.get(info.id)))
+    for info in list_entries(layout):
+        try:
+            cards.append(card(layout, info.id))
+        except InvalidEntryIdError:  # removed since the listing (another process's delete or gc)
+            continue
     return cards
 
 
