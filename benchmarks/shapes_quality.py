@@ -87,15 +87,26 @@ def edit_targets(spec: shapes.ClipSpec) -> dict[str, shapes.ClipSpec]:
     }
 
 
+# The inversions a setting can start from: `engine.invert` options beside the caption and the defaults.
+FIXED_POINT = {"inversion": "fixed-point"}
+# Negative-prompt inversion (Miyake et al. 2023): invert without CFG, then edit with the source caption
+# as the negative prompt, so that the edit under the source caption is the plain round trip and CFG
+# pushes only along what the prompt changes.
+NO_CFG = {"guidance": 1.0}
+NEGATIVE_PROMPT_INVERSION = {"invert": NO_CFG, "negative": "source"}
+
+
 def conditions(num_layers: int, quick: bool) -> dict[str, dict[str, Any]]:
     """Each setting's `engine.edit` options, one change at a time from upstream's defaults
-    ("inversion" picks the inversion, "mask" adds the mask around the object)."""
+    ("invert" picks the inversion's options, "mask" adds a mask around the object: "object", the
+    object drawn larger, or "box", a square that any shape there fits in; "negative": "source"
+    makes the source caption the edit's negative prompt)."""
     half = num_layers // 2
     grid = {
         "default (window 0:1, all layers, strength 1, CFG 6, DDIM)": {},
-        "mask around the object": {"mask": True},
-        "fixed-point inversion": {"inversion": "fixed-point"},
-        "fixed-point inversion + mask": {"inversion": "fixed-point", "mask": True},
+        "mask around the object": {"mask": "object"},
+        "fixed-point inversion": {"invert": FIXED_POINT},
+        "fixed-point inversion + mask": {"invert": FIXED_POINT, "mask": "object"},
         **{f"window 0:{w}": {"inject_steps": f"0:{w}"} for w in (0.8, 0.6, 0.4, 0.2)},
         "no injection": {"inject_strength": 0.0},
         "strength 0.5": {"inject_strength": 0.5},
@@ -103,9 +114,19 @@ def conditions(num_layers: int, quick: bool) -> dict[str, dict[str, Any]]:
         f"layers {half}-{num_layers - 1}": {"inject_layers": f"{half}-{num_layers - 1}"},
         "CFG 3": {"guidance": 3.0},
         "CFG 9": {"guidance": 9.0},
-        "window 0:0.6 + mask": {"inject_steps": "0:0.6", "mask": True},
+        "window 0:0.6 + mask": {"inject_steps": "0:0.6", "mask": "object"},
         # inside the mask the prompt alone draws the object; outside, the inversion's latents keep the rest
-        "mask, no injection": {"inject_strength": 0.0, "mask": True},
+        "mask, no injection": {"inject_strength": 0.0, "mask": "object"},
+        "box mask, no injection": {"inject_strength": 0.0, "mask": "box"},
+        "negative-prompt inversion": NEGATIVE_PROMPT_INVERSION,
+        "negative-prompt inversion + mask, no injection": {**NEGATIVE_PROMPT_INVERSION, "inject_strength": 0.0, "mask": "object"},
+        "negative-prompt inversion + box mask, no injection": {**NEGATIVE_PROMPT_INVERSION, "inject_strength": 0.0, "mask": "box"},
+        "negative-prompt inversion + window 0:0.6": {**NEGATIVE_PROMPT_INVERSION, "inject_steps": "0:0.6"},
+        "negative-prompt inversion + window 0:0.4": {**NEGATIVE_PROMPT_INVERSION, "inject_steps": "0:0.4"},
+        "negative-prompt inversion + strength 0.5": {**NEGATIVE_PROMPT_INVERSION, "inject_strength": 0.5},
+        "negative-prompt inversion + CFG 9": {**NEGATIVE_PROMPT_INVERSION, "guidance": 9.0},
+        "negative-prompt inversion + box mask": {**NEGATIVE_PROMPT_INVERSION, "mask": "box"},
+        "negative-prompt fixed-point inversion": {"invert": {**NO_CFG, **FIXED_POINT}, "negative": "source"},
     }
     return dict(list(grid.items())[:3]) if quick else grid
 
@@ -126,12 +147,14 @@ def edit_clip(inv: Any, spec: shapes.ClipSpec, masks: np.ndarray, options: dict[
     """One clip edited under one setting: a row for its reconstruction and one per kind; frames worth
     showing go into `keep`."""
     options = dict(options)
-    masked = options.pop("mask", False)
-    method = options.pop("inversion", "ddim")
+    masked = options.pop("mask", None)
+    method = inversion_label(options.pop("invert", {}))
+    if options.pop("negative", None) == "source":
+        options["negative_prompt"] = spec.caption
     name = clip_name(spec.seed)
     targets = edit_targets(spec)
     kinds = [k for k in KINDS if not (masked and k == "background")]  # a mask around the object keeps the background
-    extra = {"mask": shapes.around(spec, MASK_MARGIN)} if masked else {}
+    extra = {"mask": shapes.around(spec, MASK_MARGIN, box=masked == "box")} if masked else {}
     out = engine.edit(inv, [spec.caption, *(targets[k].caption for k in kinds)], output="frames", **options, **extra, **common)
     reconstruction, source = out.frames[0], inv.frames().numpy()
     keep.setdefault(f"{name} reconstruction ({method})", reconstruction)
@@ -166,16 +189,20 @@ def worker_init(seeds: list[int]) -> None:
     gc.freeze()
 
 
-def inversion(name: str, method: str, steps: int, common: dict[str, Any], **extra: Any) -> Any:
-    """The clip's inversion under its caption with `method` (from the cache once inverted)."""
+def inversion_label(options: dict[str, Any]) -> str:
+    """A short name of an inversion's options, for the frames shown."""
+    return ", ".join(f"{k} {v}" for k, v in sorted(options.items())) or "ddim"
+
+
+def inversion(name: str, steps: int, common: dict[str, Any], **options: Any) -> Any:
+    """The clip's inversion under its caption with `options` (from the cache once inverted)."""
     spec = _WORKER["specs"][name]
-    opts = {"inversion": method} if method != "ddim" else {}
     return engine.invert(f"{name}.mp4", common["model"], steps=steps, source_prompt=spec.caption, device=common["device"],
-                         cache_dir=common["cache_dir"], compile=False, **INVERT, **opts, **extra)
+                         cache_dir=common["cache_dir"], compile=False, **INVERT, **options)
 
 
-def invert_task(name: str, method: str, steps: int, common: dict[str, Any]) -> None:
-    inversion(name, method, steps, common)
+def invert_task(name: str, options: dict[str, Any], steps: int, common: dict[str, Any]) -> None:
+    inversion(name, steps, common, **options)
 
 
 def setting_task(options: dict[str, Any], name: str, steps: int, common: dict[str, Any], deadline: float) -> tuple[list[dict[str, Any]], dict[str, np.ndarray]] | None:
@@ -183,16 +210,16 @@ def setting_task(options: dict[str, Any], name: str, steps: int, common: dict[st
     if time.time() > deadline:
         return None
     keep: dict[str, np.ndarray] = {}
-    inv = inversion(name, options.get("inversion", "ddim"), steps, common)
+    inv = inversion(name, steps, common, **options.get("invert", {}))
     return edit_clip(inv, _WORKER["specs"][name], _WORKER["masks"][name], options, common, keep), keep
 
 
 def round_trip_task(name: str, steps: int, common: dict[str, Any]) -> dict[str, Any]:
     """DDIM against fixed point (1 refinement, the default, and 3), verify under the caption without CFG."""
-    methods = {"ddim": ("ddim", 1), "fixed_point": ("fixed-point", 1), "fixed_point_x3": ("fixed-point", 3)}
+    methods = {"ddim": {}, "fixed_point": FIXED_POINT, "fixed_point_x3": {**FIXED_POINT, "inversion_iters": 3}}
     row: dict[str, Any] = {"clip": name}
-    for key, (method, iters) in methods.items():
-        inv = inversion(name, method, steps, common, guidance=1.0, verify=True, **({"inversion_iters": iters} if iters > 1 else {}))
+    for key, options in methods.items():
+        inv = inversion(name, steps, common, **NO_CFG, verify=True, **options)
         row[key], row[f"{key}_psnr_db"] = inv.verify["latent_rel_error"], inv.verify["psnr_db"]
     row["cut"], row["cut_x3"] = row["ddim"] / row["fixed_point"], row["ddim"] / row["fixed_point_x3"]
     print("round trip", row, flush=True)
@@ -321,7 +348,7 @@ def markdown(result: dict[str, Any]) -> str:
 def save(out: Path, result: dict[str, Any], keep: dict[str, np.ndarray]) -> None:
     (out / "shapes_quality.json").write_text(json.dumps(result, indent=1))
     (out / "SHAPES.md").write_text(markdown(result))
-    shown = [n for n in keep if any(n.startswith(clip_name(seed)) for seed in result["grid_clips"]) and "fixed-point" not in n]
+    shown = [n for n in keep if any(n.startswith(clip_name(seed)) for seed in result["grid_clips"]) and ("(" not in n or n.endswith("(ddim)"))]
     if shown:
         grid_png(out / "shapes_grid.png", {n: torch.as_tensor(np.asarray(keep[n])) for n in shown})
 
@@ -362,8 +389,8 @@ def run(args: argparse.Namespace) -> None:
     # spawn: a forked child must not touch CUDA; the workers import the engine themselves
     with ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn"), initializer=worker_init, initargs=([s.seed for s in specs],)) as pool:
         # 1. one inversion per clip and method, shared by every setting (the round trips run beside them)
-        methods = sorted({o.get("inversion", "ddim") for o in grid.values()})
-        inversions = [pool.submit(invert_task, name, method, steps, common) for method in methods for name in names]
+        methods = {inversion_label(o.get("invert", {})): o.get("invert", {}) for o in grid.values()}
+        inversions = [pool.submit(invert_task, name, method, steps, common) for method in methods.values() for name in names]
         trips = [pool.submit(round_trip_task, name, steps, common) for name in names[: args.round_trips]]
         for done in inversions:
             done.result()

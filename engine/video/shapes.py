@@ -182,11 +182,16 @@ def render(spec: ClipSpec, frames: int = FRAMES) -> tuple[np.ndarray, np.ndarray
     return video, masks
 
 
-def around(spec: ClipSpec, margin: float, frames: int = FRAMES) -> np.ndarray:
-    """bool [frames, H, W]: every object drawn `margin` px larger, a mask "around the objects"."""
+def around(spec: ClipSpec, margin: float, frames: int = FRAMES, box: bool = False) -> np.ndarray:
+    """bool [frames, H, W]: every object drawn `margin` px larger, a mask "around the objects";
+    with `box`, a square around each instead, large enough for any of the shapes at that place
+    and size (the triangle reaches 4s/3 above its centroid): the mask a shape change needs."""
     out = np.zeros((frames, HEIGHT, WIDTH), dtype=bool)
     for thing in spec.things:
-        out |= shape_mask(thing.shape, thing.centroids(frames), thing.size + margin)
+        if box:
+            out |= shape_mask("square", thing.centroids(frames), 4 * thing.size / 3 + margin)
+        else:
+            out |= shape_mask(thing.shape, thing.centroids(frames), thing.size + margin)
     return out
 
 
