@@ -117,10 +117,13 @@ def windows(frames: dict[str, torch.Tensor], length: int) -> torch.Tensor:
 
 
 def fit(name: str, module: torch.nn.Module, batch_loss, peak_lr: float, weight_decay: float, seconds: float, max_steps: int | None, log: dict,
-        good_enough: Callable[[int], bool] | None = None) -> torch.nn.Module:
+        good_enough: Callable[[int], bool] | None = None, ema: float = 0.0) -> torch.nn.Module:
     """AdamW on `batch_loss()` until the time budget (or `max_steps`) is spent, or until
-    `good_enough(step)` (asked every CHECK_EVERY steps) says so; the log gets the losses."""
+    `good_enough(step)` (asked every CHECK_EVERY steps) says so; the log gets the losses. With
+    `ema` > 0 it returns the exponential moving average of the weights at that decay instead of the
+    last ones (a diffusion model's samples are cleaner from the average of a short run's last steps)."""
     opt = torch.optim.AdamW(module.parameters(), lr=peak_lr, weight_decay=weight_decay)
+    averaged = torch.optim.swa_utils.AveragedModel(module, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(ema), use_buffers=True) if ema else None
     losses, step, start = [], 0, time.monotonic()
     while (max_steps is None and time.monotonic() - start < seconds) or (max_steps is not None and step < max_steps):
         if good_enough is not None and step and step % CHECK_EVERY == 0:
@@ -136,11 +139,15 @@ def fit(name: str, module: torch.nn.Module, batch_loss, peak_lr: float, weight_d
         loss.backward()
         torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
         opt.step()
+        if averaged is not None:
+            averaged.update_parameters(module)
         losses.append(loss.item())
         step += 1
         if step % 500 == 0 or step == 1:
             print(f"{name} step {step} loss {np.mean(losses[-500:]):.4f} {time.monotonic() - start:.0f}s", flush=True)
     log[name] = {"steps": step, "seconds": round(time.monotonic() - start, 1), "loss_first": losses[0], "loss_last_100": float(np.mean(losses[-100:]))}
+    if averaged is not None:
+        module = averaged.module
     return module.eval().requires_grad_(False)
 
 
@@ -205,13 +212,14 @@ def draw_timesteps(rows: int, count: int, high_t_share: float, device: str | tor
 
 
 def train_transformer(latents: torch.Tensor, captions: list[tuple[str, ...]], embeds: dict[str, torch.Tensor], device: str, seconds: float, max_steps: int | None, log: dict,
-                      batch: int = 32, lr: float = 4e-4, weights: torch.Tensor | None = None, high_t_share: float = 0.0):
+                      batch: int = 32, lr: float = 4e-4, weights: torch.Tensor | None = None, high_t_share: float = 0.0, ema: float = 0.0, patch_size: int = 2):
     """v-prediction on the 5B scheduler's zero-terminal-SNR schedule, `batch` windows a step, at
     uniform timesteps (`high_t_share`: `draw_timesteps`); `weights` ([N, F, 1, h, w] per window,
-    v_prediction_loss's) weight the loss per latent cell."""
+    v_prediction_loss's) weight the loss per latent cell; `ema` and `patch_size` as `fit`'s and the
+    transformer config's (the 5B's patch is 2 latent cells a side)."""
     from diffusers import CogVideoXDDIMScheduler, CogVideoXTransformer3DModel
 
-    transformer = CogVideoXTransformer3DModel(**TRANSFORMER_CONFIG).to(device).train()
+    transformer = CogVideoXTransformer3DModel(**{**TRANSFORMER_CONFIG, "patch_size": patch_size}).to(device).train()
     alphas = CogVideoXDDIMScheduler(**SCHEDULER_5B).alphas_cumprod.to(device)
     latents = latents.to(device)
     weights = None if weights is None else weights.to(device)
@@ -225,7 +233,7 @@ def train_transformer(latents: torch.Tensor, captions: list[tuple[str, ...]], em
         with torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=device != "cpu"):
             return v_prediction_loss(transformer, alphas, latents[idx], torch.stack([embeds[c] for c in text]), t, noise, w)
 
-    return fit("transformer", transformer, batch_loss, lr, 0.01, seconds, max_steps, log)
+    return fit("transformer", transformer, batch_loss, lr, 0.01, seconds, max_steps, log, ema=ema)
 
 
 @torch.no_grad()

@@ -194,7 +194,7 @@ def train(args: argparse.Namespace) -> None:
     train_tokenizer(model / "tokenizer", extra=shapes.vocabulary())
     embeds = embed_captions(model, sorted(set(captions) | {""}), args.device)
     transformer = train_transformer(latents, [(c,) for c in captions], embeds, args.device, budget - (time.monotonic() - began), args.steps, log,
-                                    args.batch, args.lr, weights, args.high_t_share)
+                                    args.batch, args.lr, weights, args.high_t_share, args.ema, args.patch_size)
     del embeds, latents, weights
 
     transformer.half().save_pretrained(model / "transformer", safe_serialization=True)
@@ -216,7 +216,7 @@ def train(args: argparse.Namespace) -> None:
         "weights_dtype": "float16",
         "vae_scaling_factor": scaling,
         "vae_init": "the Big Buck Bunny proxy's VAE (engine/assets/proxy/vae)",
-        "recipe": {"batch": args.batch, "lr": args.lr, "object_weight": args.object_weight, "high_t_share": args.high_t_share,
+        "recipe": {"batch": args.batch, "lr": args.lr, "object_weight": args.object_weight, "high_t_share": args.high_t_share, "ema": args.ema, "patch_size": args.patch_size,
                    "caption_dropout": CAPTION_DROPOUT, "vae_bar": {"psnr_db": VAE_PSNR_DB, "object_color_right": VAE_COLOR_RIGHT}},
         "training_minutes": round(minutes, 2),
         **log,
@@ -264,6 +264,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=4e-4, help="the transformer's peak learning rate")
     ap.add_argument("--object-weight", type=float, default=4.0, help="extra loss weight of the latent cells an object touches (0: a plain mean)")
     ap.add_argument("--high-t-share", type=float, default=0.5, help="share of each batch drawn from the noisiest 30%% of timesteps (0: uniform)")
+    ap.add_argument("--ema", type=float, default=0.0, help="ship the moving average of the transformer's weights at this decay (0: the last weights)")
+    ap.add_argument("--patch-size", type=int, default=2, help="latent cells a side per transformer token (the 5B's: 2; 1 gives the small objects 4x the tokens)")
     ap.add_argument("--clips", type=int, default=10000, help="training clips")
     ap.add_argument("--vae-clips", type=int, default=768, help="of those, the VAE's")
     ap.add_argument("--eval-clips", type=int, default=8, help="held-out clips for the v-loss")
