@@ -69,9 +69,9 @@ def clip_name(seed: int) -> str:
     return f"shapes_heldout_{seed:03d}"
 
 
-def held_out_clips(count: int) -> list[shapes.ClipSpec]:
-    """The first `count` one-object clips of the held-out split."""
-    return [shapes.clip_spec(seed, "heldout") for seed in shapes.one_object_seeds(count, "heldout")]
+def held_out_clips(count: int, skip: int = 0) -> list[shapes.ClipSpec]:
+    """`count` one-object clips of the held-out split, after its first `skip`."""
+    return [shapes.clip_spec(seed, "heldout") for seed in shapes.one_object_seeds(skip + count, "heldout")[skip:]]
 
 
 def edit_targets(spec: shapes.ClipSpec) -> dict[str, shapes.ClipSpec]:
@@ -127,6 +127,10 @@ def conditions(num_layers: int, quick: bool) -> dict[str, dict[str, Any]]:
         "negative-prompt inversion + CFG 9": {**NEGATIVE_PROMPT_INVERSION, "guidance": 9.0},
         "negative-prompt inversion + box mask": {**NEGATIVE_PROMPT_INVERSION, "mask": "box"},
         "negative-prompt fixed-point inversion": {"invert": {**NO_CFG, **FIXED_POINT}, "negative": "source"},
+        "negative-prompt fixed-point inversion + box mask": {"invert": {**NO_CFG, **FIXED_POINT}, "negative": "source", "mask": "box"},
+        "negative-prompt inversion + window 0:0.8": {**NEGATIVE_PROMPT_INVERSION, "inject_steps": "0:0.8"},
+        f"negative-prompt inversion + layers 0-{half - 1}": {**NEGATIVE_PROMPT_INVERSION, "inject_layers": f"0-{half - 1}"},
+        f"negative-prompt inversion + layers {half}-{num_layers - 1}": {**NEGATIVE_PROMPT_INVERSION, "inject_layers": f"{half}-{num_layers - 1}"},
     }
     return dict(list(grid.items())[:3]) if quick else grid
 
@@ -274,9 +278,10 @@ def verdict(target: str, setting: str, measured: str, met: bool) -> dict[str, An
     return {"target": target, "setting": setting, "measured": measured, "met": bool(met)}
 
 
-def verdicts(summary: list[dict[str, Any]], round_trips: list[dict[str, Any]], steps: int) -> list[dict[str, Any]]:
-    """Issue 18's targets against what was measured."""
-    chosen = best(summary)
+def verdicts(summary: list[dict[str, Any]], round_trips: list[dict[str, Any]], steps: int, settings: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """Issue 18's targets against what was measured, for each kind's best setting or, with
+    `settings` (kind -> setting), for the settings named there."""
+    chosen = best(summary) if settings is None else {r["kind"]: r for r in summary if settings.get(r["kind"]) == r["setting"]}
     out = []
     for kind, (key, bar, share) in TARGETS.items():
         if kind in chosen and share is not None:
@@ -305,6 +310,17 @@ def verdicts(summary: list[dict[str, Any]], round_trips: list[dict[str, Any]], s
     return out
 
 
+SUMMARY_COLUMNS = [("setting", "setting", ""), ("kind", "kind", ""), ("clips", "clips", "d"), ("adherence", "adherence", ".3f"),
+                   ("pass", "pass_rate", ".0%"), ("centroid px", "centroid_error_px", ".2f"), ("lost", "lost", "d"), ("size", "size_ratio", ".2f"),
+                   ("PSNR outside dB", "psnr_outside_db", ".1f"), ("vs source dB", "psnr_outside_source_db", ".1f"),
+                   ("outside the mask dB", "psnr_outside_mask_db", ".1f"), ("kept source color", "source_color_share", ".3f")]
+VERDICT_COLUMNS = [("target", "target", ""), ("setting", "setting", ""), ("measured", "measured", ""), ("met", "met", "")]
+
+
+def _provenance(run: dict[str, Any]) -> dict[str, Any]:
+    return {k: run[k] for k in ("device", "torch", "date", "command")}
+
+
 def markdown(result: dict[str, Any]) -> str:
     proxy = result["proxy"]
     chosen = best(result["summary"])
@@ -322,10 +338,7 @@ def markdown(result: dict[str, Any]) -> str:
         "PSNR outside: outside the object (and a 2 px rim) against the same setting's reconstruction (source caption); "
         "vs source: against the source frames; outside the mask: masked settings only, outside the mask, against the reconstruction. "
         "kept source color: color edits only, the share of the object's pixels still nearest the source's color.",
-        table(result["summary"], [("setting", "setting", ""), ("kind", "kind", ""), ("clips", "clips", "d"), ("adherence", "adherence", ".3f"),
-              ("pass", "pass_rate", ".0%"), ("centroid px", "centroid_error_px", ".2f"), ("lost", "lost", "d"), ("size", "size_ratio", ".2f"),
-              ("PSNR outside dB", "psnr_outside_db", ".1f"), ("vs source dB", "psnr_outside_source_db", ".1f"),
-              ("outside the mask dB", "psnr_outside_mask_db", ".1f"), ("kept source color", "source_color_share", ".3f")]),
+        table(result["summary"], SUMMARY_COLUMNS),
         "## Best setting per kind (on this proxy)",
         table(list(chosen.values()), [("kind", "kind", ""), ("setting", "setting", ""), ("adherence", "adherence", ".3f"), ("pass", "pass_rate", ".0%"),
               ("centroid px", "centroid_error_px", ".2f"), ("lost", "lost", "d"), ("PSNR outside dB", "psnr_outside_db", ".1f")]),
@@ -336,10 +349,16 @@ def markdown(result: dict[str, Any]) -> str:
               ("x3", "fixed_point_x3", ".4f"), ("cut x1", "cut", ".2f"), ("cut x3", "cut_x3", ".2f"), ("DDIM PSNR dB", "ddim_psnr_db", ".2f"),
               ("x1 PSNR dB", "fixed_point_psnr_db", ".2f"), ("x3 PSNR dB", "fixed_point_x3_psnr_db", ".2f")]),
         "## Targets",
-        table(verdicts(result["summary"], result.get("round_trip", []), result["steps"]), [("target", "target", ""), ("setting", "setting", ""), ("measured", "measured", ""), ("met", "met", "")]),
+        table(verdicts(result["summary"], result.get("round_trip", []), result["steps"]), VERDICT_COLUMNS),
         *([f"Not run (out of time): {', '.join(result['not_run'])}."] if result.get("not_run") else []),
-        *[f"Added from a later run ({a['device']}, torch {a['torch']}, {a['date']}, `{a['command']}`): {'; '.join(a['settings'])}."
+        *[f"Joined from another run on the same clips ({a['device']}, torch {a['torch']}, {a['date']}, `{a['command']}`): {'; '.join(a['settings'])}."
           for a in result.get("added", [])],
+        *[part for c in result.get("confirmations", []) for part in (
+            "## Confirmed on other held-out clips",
+            f"The best setting per kind above was chosen on the same clips it was measured on; this run measures those settings on clips "
+            f"none of them was chosen on ({c['device']}, torch {c['torch']}, {c['date']}, `{c['command']}`). {c['setup']}",
+            table(c["summary"], SUMMARY_COLUMNS),
+            table(c["verdicts"], VERDICT_COLUMNS))],
         "Two clips, frames 0, 5, 11, 16: [shapes_grid.png](shapes_grid.png).",
     ]
     return "\n\n".join(parts) + "\n"
@@ -357,7 +376,7 @@ def run(args: argparse.Namespace) -> None:
     began = time.monotonic()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    specs = held_out_clips(args.clips)
+    specs = held_out_clips(args.clips, args.skip_clips)
     steps = args.steps
     # eager: no compile time (a tiny model gains nothing from it)
     common = dict(model=str(args.model), device=args.device, cache_dir=tempfile.mkdtemp(prefix="cogedit-shapes-"), compile=False)
@@ -367,10 +386,13 @@ def run(args: argparse.Namespace) -> None:
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "command": " ".join(["benchmarks/shapes_quality.py", *sys.argv[1:]]),
         "proxy": {"what": training["what"], "params_total": training["params_total"], "heldout_v_loss": training.get("heldout_v_loss", {}).get("proxy", float("nan")),
                   "random_tiny_v_loss": training.get("heldout_v_loss", {}).get("random_tiny", float("nan"))},
-        "setup": (f"{len(specs)} held-out clips (split 'heldout', one object each, its color x shape pair never in training), 17x96x144, "
-                  f"inverted under their captions with {steps} steps and CFG 6 (the engine's defaults), edited with {steps} steps towards "
+        "setup": (f"{len(specs)} held-out clips ({clip_name(specs[0].seed)} to {clip_name(specs[-1].seed)}: split 'heldout', one object each, "
+                  "its color x shape pair never in training), 17x96x144, "
+                  f"inverted under their captions with {steps} steps and CFG 6 (the engine's defaults; the negative-prompt inversion settings "
+                  f"invert without CFG and edit with the source caption as the negative prompt), edited with {steps} steps towards "
                   "the next color, a triangle (a square from a triangle) and the next background, one setting changed at a time. "
-                  f"Masks: the object drawn {MASK_MARGIN} px larger, per frame."),
+                  f"Masks, per frame: the object drawn {MASK_MARGIN} px larger, or (box) a square {MASK_MARGIN} px larger than any shape of "
+                  "the object's size at its place."),
         "steps": steps,
         "clips": [{"name": clip_name(s.seed), "caption": s.caption} for s in specs],
         "grid_clips": [s.seed for s in specs[:2]],
@@ -418,15 +440,22 @@ def run(args: argparse.Namespace) -> None:
     print(markdown(result))
 
 
-def report(path: Path, added: list[Path]) -> None:
+def report(path: Path, added: list[Path], confirm: list[Path] = ()) -> None:
     """Summaries, targets and SHAPES.md again from a run's per-clip rows (its grid stays as drawn),
-    with the settings of later runs (`added`, e.g. `--only` runs) joined in and named."""
+    with the settings of other runs on the same clips (`added`, e.g. `--only` runs) joined in and
+    named, and runs on other clips (`confirm`) checking the best settings chosen here."""
     result = json.loads(path.read_text())
     for extra in added:
         run = json.loads(extra.read_text())
         result["rows"].update(run["rows"])
-        result.setdefault("added", []).append({k: run[k] for k in ("device", "torch", "date", "command")} | {"settings": list(run["rows"])})
+        result.setdefault("added", []).append(_provenance(run) | {"settings": list(run["rows"])})
     result["summary"] = [row for setting, rows in result["rows"].items() for row in summarize(setting, rows)]
+    chosen = {kind: r["setting"] for kind, r in best(result["summary"]).items()}
+    for other in confirm:
+        run = json.loads(other.read_text())
+        summary = [row for setting, rows in run["rows"].items() for row in summarize(setting, rows)]
+        result.setdefault("confirmations", []).append(_provenance(run) | {
+            "setup": run["setup"], "summary": summary, "verdicts": verdicts(summary, [], run["steps"], chosen)})
     path.write_text(json.dumps(result, indent=1))
     (path.parent / "SHAPES.md").write_text(markdown(result))
 
@@ -440,6 +469,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path)
     ap.add_argument("--device", default=None)
     ap.add_argument("--clips", type=int, default=10, help="held-out clips")
+    ap.add_argument("--skip-clips", type=int, default=0, help="leave out the first held-out clips (to confirm settings on clips they were not chosen on)")
+    ap.add_argument("--confirm", type=Path, action="append", default=[], help="with --report: a run on other clips (--skip-clips) that checks the best settings (repeatable)")
     ap.add_argument("--round-trips", type=int, default=6, help="of those, round-tripped with DDIM and fixed point")
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--minutes", type=float, default=7.5, help="no (setting, clip) starts after this")
@@ -447,7 +478,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="three settings: a small grid to try it out")
     args = ap.parse_args()
     if args.report:
-        report(args.report, args.add)
+        report(args.report, args.add, args.confirm)
     elif args.model and args.out:
         run(args)
     else:

@@ -152,3 +152,16 @@ def test_sample_adherence_reads_color_and_shape_per_frame(source):
     # a background with no object: nothing is right
     empty = shapes.render(dataclasses.replace(source, things=()))[0]
     assert sample_adherence(empty, thing.color, thing.shape)["color_frames"] == 0.0
+
+
+def test_a_box_mask_holds_any_shape_at_the_objects_place_and_the_object_mask_does_not():
+    for spec in one_object("heldout", 6):
+        thing = spec.things[0]
+        box, tight = shapes.around(spec, 0, box=True), shapes.around(spec, 4)
+        for shape in shapes.SHAPES:
+            drawn = shapes.shape_mask(shape, thing.centroids(), thing.size)
+            assert not (drawn & ~box).any(), shape
+        # a square's top corners lie outside a triangle drawn 4 px larger: a shape change needs the box
+        if thing.shape == "triangle":
+            square = shapes.shape_mask("square", thing.centroids(), thing.size)
+            assert (square & ~tight).sum() > 0.1 * square.sum()

@@ -159,4 +159,43 @@ def test_a_later_runs_settings_join_the_table_and_are_named(tmp_path):
     merged = json.loads(first.read_text())
     assert [(r["setting"], r["adherence"]) for r in merged["summary"]] == [("default", 0.1), ("mask, no injection", 0.9)]
     text = (tmp_path / "SHAPES.md").read_text()
-    assert "| color | mask, no injection | 0.900 | 100% |" in text and "Added from a later run (CPU" in text
+    assert "| color | mask, no injection | 0.900 | 100% |" in text and "Joined from another run on the same clips (CPU" in text
+
+
+def test_a_confirmation_judges_the_settings_chosen_on_the_first_clips(tmp_path):
+    """`--report A --confirm C`: C ran on other clips; the targets there are judged for the setting
+    A's table chose, not for whichever setting happens to do best on C."""
+    from benchmarks.shapes_quality import report
+
+    def run(shares: dict[str, float], device: str) -> dict:
+        return {"device": device, "torch": "t", "date": "2026-11-30", "command": "shapes_quality.py", "steps": 50, "setup": "s",
+                "proxy": {"what": "p", "params_total": 1, "heldout_v_loss": 0.1, "random_tiny_v_loss": 0.7},
+                "rows": {s: [_color_row(v, 1.0)] for s, v in shares.items()}, "summary": [], "round_trip": []}
+
+    first, other = tmp_path / "shapes_quality.json", tmp_path / "other.json"
+    first.write_text(json.dumps(run({"a": 0.9, "b": 0.5}, "GPU0")))
+    other.write_text(json.dumps(run({"a": 0.5, "b": 0.9}, "GPU1")))
+    report(first, [], [other])
+    confirmed = json.loads(first.read_text())["confirmations"][0]
+    color = next(v for v in confirmed["verdicts"] if v["target"].startswith("color: color_share"))
+    assert color["setting"] == "a" and color["measured"] == "0%" and not color["met"]
+    text = (tmp_path / "SHAPES.md").read_text()
+    assert "## Confirmed on other held-out clips" in text and "(GPU1," in text
+
+
+def test_fit_with_ema_returns_the_moving_average_of_the_weights():
+    torch.manual_seed(0)
+    module = torch.nn.Linear(2, 1)
+    seen = [module.weight.detach().clone()]
+
+    def loss() -> torch.Tensor:
+        seen.append(module.weight.detach().clone())  # the weights after the previous step
+        return module(torch.ones(1, 2)).pow(2).mean()
+
+    averaged = fit("probe", module, loss, 1e-2, 0.0, 60.0, 20, {}, ema=0.9)
+    seen.append(module.weight.detach().clone())
+    expected = seen[2]  # the average starts as a copy of the weights after the first step
+    for w in seen[3:]:
+        expected = 0.9 * expected + 0.1 * w
+    assert torch.allclose(averaged.weight, expected, atol=1e-6)
+    assert not torch.allclose(averaged.weight, module.weight, atol=1e-4)
