@@ -94,6 +94,7 @@ FIXED_POINT = {"inversion": "fixed-point"}
 # pushes only along what the prompt changes.
 NO_CFG = {"guidance": 1.0}
 NEGATIVE_PROMPT_INVERSION = {"invert": NO_CFG, "negative": "source"}
+SHOWN = ("ddim", "negative-prompt inversion")  # the inversions whose edits the grid shows (the first setting of each)
 
 
 def conditions(num_layers: int, quick: bool) -> dict[str, dict[str, Any]]:
@@ -155,6 +156,7 @@ def edit_clip(inv: Any, spec: shapes.ClipSpec, masks: np.ndarray, options: dict[
     method = inversion_label(options.pop("invert", {}))
     if options.pop("negative", None) == "source":
         options["negative_prompt"] = spec.caption
+        method = SHOWN[1]
     name = clip_name(spec.seed)
     targets = edit_targets(spec)
     kinds = [k for k in KINDS if not (masked and k == "background")]  # a mask around the object keeps the background
@@ -353,13 +355,13 @@ def markdown(result: dict[str, Any]) -> str:
         *([f"Not run (out of time): {', '.join(result['not_run'])}."] if result.get("not_run") else []),
         *[f"Joined from another run on the same clips ({a['device']}, torch {a['torch']}, {a['date']}, `{a['command']}`): {'; '.join(a['settings'])}."
           for a in result.get("added", [])],
+        "Two clips, frames 0, 5, 11, 16: [shapes_grid.png](shapes_grid.png).",
         *[part for c in result.get("confirmations", []) for part in (
             "## Confirmed on other held-out clips",
             f"The best setting per kind above was chosen on the same clips it was measured on; this run measures those settings on clips "
             f"none of them was chosen on ({c['device']}, torch {c['torch']}, {c['date']}, `{c['command']}`). {c['setup']}",
             table(c["summary"], SUMMARY_COLUMNS),
             table(c["verdicts"], VERDICT_COLUMNS))],
-        "Two clips, frames 0, 5, 11, 16: [shapes_grid.png](shapes_grid.png).",
     ]
     return "\n\n".join(parts) + "\n"
 
@@ -367,7 +369,7 @@ def markdown(result: dict[str, Any]) -> str:
 def save(out: Path, result: dict[str, Any], keep: dict[str, np.ndarray]) -> None:
     (out / "shapes_quality.json").write_text(json.dumps(result, indent=1))
     (out / "SHAPES.md").write_text(markdown(result))
-    shown = [n for n in keep if any(n.startswith(clip_name(seed)) for seed in result["grid_clips"]) and ("(" not in n or n.endswith("(ddim)"))]
+    shown = [n for n in keep if any(n.startswith(clip_name(seed)) for seed in result["grid_clips"]) and ("(" not in n or n.endswith(tuple(f"({m})" for m in SHOWN)))]
     if shown:
         grid_png(out / "shapes_grid.png", {n: torch.as_tensor(np.asarray(keep[n])) for n in shown})
 
