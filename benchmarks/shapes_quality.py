@@ -94,7 +94,7 @@ FIXED_POINT = {"inversion": "fixed-point"}
 # pushes only along what the prompt changes.
 NO_CFG = {"guidance": 1.0}
 NEGATIVE_PROMPT_INVERSION = {"invert": NO_CFG, "negative": "source"}
-SHOWN = ("ddim", "negative-prompt inversion")  # the inversions whose edits the grid shows (the first setting of each)
+SHOWN = ("ddim", "NPI")  # the inversions whose edits the grid shows (the first setting of each)
 
 
 def conditions(num_layers: int, quick: bool) -> dict[str, dict[str, Any]]:
@@ -355,7 +355,7 @@ def markdown(result: dict[str, Any]) -> str:
         *([f"Not run (out of time): {', '.join(result['not_run'])}."] if result.get("not_run") else []),
         *[f"Joined from another run on the same clips ({a['device']}, torch {a['torch']}, {a['date']}, `{a['command']}`): {'; '.join(a['settings'])}."
           for a in result.get("added", [])],
-        "Two clips, frames 0, 5, 11, 16: [shapes_grid.png](shapes_grid.png).",
+        "Two clips, frames 0, 5, 11, 16 (ddim: the default inversion; NPI: negative-prompt inversion; each the first setting of its kind): [shapes_grid.png](shapes_grid.png).",
         *[part for c in result.get("confirmations", []) for part in (
             "## Confirmed on other held-out clips",
             f"The best setting per kind above was chosen on the same clips it was measured on; this run measures those settings on clips "
