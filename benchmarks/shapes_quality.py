@@ -61,6 +61,7 @@ MASK_MARGIN = 4  # px around the object that a mask "around the object" adds
 # Issue 18's targets (on the best setting of each kind).
 TARGETS = {"color": ("color_share", 0.8, 0.9), "shape": ("shape_iou", 0.6, 0.75), "background": ("background_share", 0.8, None)}
 TARGET_CENTROID_PX = 3.0
+KEPT_SIZE = 1.5  # an edit keeps the object's size when its area is within this factor of the source's
 TARGET_PSNR_MASKED = 30.0
 TARGET_ROUND_TRIP_CUT = 4.0
 
@@ -266,13 +267,20 @@ def summarize(name: str, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def keeps_structure(row: dict[str, Any]) -> bool:
+    """The edited object is found on every frame of every clip and, unless its shape was the edit,
+    keeps its size within KEPT_SIZE (a color edit that paints its whole mask fails)."""
+    return row["lost"] == 0 and (row["kind"] == "shape" or 1 / KEPT_SIZE <= row["size_ratio"] <= KEPT_SIZE)
+
+
 def best(summary: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Per kind, the setting with the highest pass rate (then adherence, then the smaller centroid error)."""
+    """Per kind, the setting with the highest pass rate among those that keep the object's structure
+    (`keeps_structure`; all settings when none does), then adherence, then the smaller centroid error."""
     out = {}
     for kind in KINDS:
         rows = [r for r in summary if r["kind"] == kind]
         if rows:
-            out[kind] = max(rows, key=lambda r: (r["pass_rate"], r["adherence"], -(r["centroid_error_px"] if r["centroid_error_px"] is not None else np.inf)))
+            out[kind] = max(rows, key=lambda r: (keeps_structure(r), r["pass_rate"], r["adherence"], -(r["centroid_error_px"] if r["centroid_error_px"] is not None else np.inf)))
     return out
 
 
