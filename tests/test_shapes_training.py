@@ -168,7 +168,7 @@ def test_a_confirmation_judges_the_settings_chosen_on_the_first_clips(tmp_path):
     from benchmarks.shapes_quality import report
 
     def run(shares: dict[str, float], device: str) -> dict:
-        return {"device": device, "torch": "t", "date": "2026-11-30", "command": "shapes_quality.py", "steps": 50, "setup": "s",
+        return {"device": device, "torch": "t", "date": "2026-11-30", "command": "shapes_quality.py", "steps": 50, "setup": "s", "clips": [{"name": device}],
                 "proxy": {"what": "p", "params_total": 1, "heldout_v_loss": 0.1, "random_tiny_v_loss": 0.7},
                 "rows": {s: [_color_row(v, 1.0)] for s, v in shares.items()}, "summary": [], "round_trip": []}
 
@@ -179,6 +179,7 @@ def test_a_confirmation_judges_the_settings_chosen_on_the_first_clips(tmp_path):
     confirmed = json.loads(first.read_text())["confirmations"][0]
     color = next(v for v in confirmed["verdicts"] if v["target"].startswith("color: color_share"))
     assert color["setting"] == "a" and color["measured"] == "0%" and not color["met"]
+    assert [(r["setting"], r["clips"], r["pass_rate"]) for r in confirmed["pooled"]] == [("a", 2, 0.5), ("b", 2, 0.5)]
     text = (tmp_path / "SHAPES.md").read_text()
     assert "## Confirmed on other held-out clips" in text and "(GPU1," in text
 
