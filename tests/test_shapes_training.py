@@ -200,3 +200,16 @@ def test_fit_with_ema_returns_the_moving_average_of_the_weights():
         expected = 0.9 * expected + 0.1 * w
     assert torch.allclose(averaged.weight, expected, atol=1e-6)
     assert not torch.allclose(averaged.weight, module.weight, atol=1e-4)
+
+
+def test_a_masks_targets_compare_the_best_masked_setting_with_the_best_unmasked_one():
+    from benchmarks.shapes_quality import summarize, verdicts
+
+    def masked(share: float, psnr: float) -> dict:
+        return _color_row(share, 1.0) | {"psnr_outside_mask_db": psnr}
+
+    summary = [*summarize("plain", [_color_row(0.5, 1.0)]), *summarize("box", [masked(0.9, 28.0)]), *summarize("tight", [masked(0.2, 50.0)])]
+    psnr, adherence = [v for v in verdicts(summary, [], 50) if "with a mask" in v["target"]]
+    assert (psnr["setting"], psnr["measured"], psnr["met"]) == ("box", "28.0 dB", False)
+    assert (adherence["setting"], adherence["measured"], adherence["met"]) == ("box", "0.900 vs 0.500", True)
+    assert "(plain)" in adherence["target"]
