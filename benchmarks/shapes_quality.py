@@ -288,10 +288,20 @@ def verdict(target: str, setting: str, measured: str, met: bool) -> dict[str, An
     return {"target": target, "setting": setting, "measured": measured, "met": bool(met)}
 
 
-def verdicts(summary: list[dict[str, Any]], round_trips: list[dict[str, Any]], steps: int, settings: dict[str, str] | None = None) -> list[dict[str, Any]]:
-    """Issue 18's targets against what was measured, for each kind's best setting or, with
-    `settings` (kind -> setting), for the settings named there."""
-    chosen = best(summary) if settings is None else {r["kind"]: r for r in summary if settings.get(r["kind"]) == r["setting"]}
+def choices(summary: list[dict[str, Any]]) -> dict[str, dict[str, str]]:
+    """The settings the targets are judged on, per kind: the best ("best"), and for a mask's targets
+    the best with a mask ("masked") and the best without ("unmasked")."""
+    groups = {"best": summary, "masked": [r for r in summary if r["psnr_outside_mask_db"] is not None],
+              "unmasked": [r for r in summary if r["psnr_outside_mask_db"] is None]}
+    return {group: {kind: r["setting"] for kind, r in best(rows).items()} for group, rows in groups.items()}
+
+
+def verdicts(summary: list[dict[str, Any]], round_trips: list[dict[str, Any]], steps: int, settings: dict[str, dict[str, str]] | None = None) -> list[dict[str, Any]]:
+    """Issue 18's targets against what was measured, for `choices(summary)` or, on other clips, for
+    the `settings` chosen on the first ones (a target whose setting did not run there is left out)."""
+    settings = settings or choices(summary)
+    row = {(r["kind"], r["setting"]): r for r in summary}
+    chosen, masked, unmasked = ({kind: row[kind, name] for kind, name in settings[group].items() if (kind, name) in row} for group in ("best", "masked", "unmasked"))
     out = []
     for kind, (key, bar, share) in TARGETS.items():
         if kind in chosen and share is not None:
@@ -303,8 +313,6 @@ def verdicts(summary: list[dict[str, Any]], round_trips: list[dict[str, Any]], s
         measured = ("-" if c is None else f"{c:.2f} px") + (f", object lost on some frame in {r['lost']} of {r['clips']} clips" if r["lost"] else "")
         out.append(verdict(f"color: centroid error <= {TARGET_CENTROID_PX} px", r["setting"], measured, r["lost"] == 0 and c <= TARGET_CENTROID_PX))
     # A mask's targets, per kind: the best masked setting against the best one without a mask.
-    masked = best([r for r in summary if r["psnr_outside_mask_db"] is not None])
-    unmasked = best([r for r in summary if r["psnr_outside_mask_db"] is None])
     for kind in [k for k in KINDS if k in masked and k in unmasked]:
         r, p = masked[kind], unmasked[kind]
         psnr = r["psnr_outside_mask_db"]
@@ -463,7 +471,9 @@ def report(path: Path, added: list[Path], confirm: list[Path] = ()) -> None:
         result["rows"].update(run["rows"])
         result.setdefault("added", []).append(_provenance(run) | {"settings": list(run["rows"])})
     result["summary"] = [row for setting, rows in result["rows"].items() for row in summarize(setting, rows)]
-    chosen = {kind: r["setting"] for kind, r in best(result["summary"]).items()}
+    chosen = choices(result["summary"])
+    if confirm:  # the confirmations given replace earlier ones (they are judged against this table's choice)
+        result["confirmations"] = []
     for other in confirm:
         run = json.loads(other.read_text())
         summary = [row for setting, rows in run["rows"].items() for row in summarize(setting, rows)]
