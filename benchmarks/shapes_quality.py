@@ -2,14 +2,17 @@
 
     python benchmarks/shapes_quality.py --model SHAPES_PROXY_DIR --out $OUT --device cuda
     python benchmarks/shapes_quality.py --model SHAPES_PROXY_DIR --out /tmp/q --device cpu --quick
+    # the settings chosen on the first 10 clips, measured on the next 30, joined into the first run's SHAPES.md
+    python benchmarks/shapes_quality.py --model SHAPES_PROXY_DIR --out $OUT/c --skip-clips 10 --clips 30 --only "A;B"
+    python benchmarks/shapes_quality.py --report $OUT/shapes_quality.json --confirm $OUT/c/shapes_quality.json
 
 Held-out clips (engine/video/shapes.py, split "heldout": one object whose color x shape pair the
 proxy never saw) are served to `engine.invert` from memory (no video file, no decoder), inverted
-under their captions with the engine's defaults (DDIM or fixed point, 50 steps, CFG 6), then
+under their captions (DDIM or fixed point, 50 steps, CFG 6 as the engine's defaults, or without CFG), then
 edited through `engine.edit` towards three one-attribute changes of their caption (color, shape,
 background) and the caption itself (the reconstruction), under one setting at a time changed from
-upstream's defaults: injection window, layers, strength, edit guidance, inversion method, and a
-mask around the object. benchmarks/shape_measures.py judges every edit exactly. Each clip is also
+upstream's defaults: injection window, layers, strength, edit guidance, inversion method,
+negative-prompt inversion, and a mask around the object (the object drawn larger, or a box). benchmarks/shape_measures.py judges every edit exactly. Each clip is also
 round-tripped (verify, no CFG) with DDIM and fixed point.
 
 Where the time goes (profiled on the CPU, --quick, 2 clips, 5 steps: 112 s): the VAE's decoding
