@@ -84,7 +84,8 @@ def inversion_md(card: InversionCard) -> str:
 def edit_label(r: EditRecord) -> str:
     o = r.settings
     local = f", box {o['mask_box']}" if o.get("mask_box") else ""
-    return f"{r.prompt} · window {o.get('inject_steps')}, strength {o.get('inject_strength')}, guidance {o.get('guidance')}{local} · {r.created[:16].replace('T', ' ')}"
+    negative = f", negative '{o['negative_prompt']}'" if o.get("negative_prompt") else ""
+    return f"{r.prompt} · window {o.get('inject_steps')}, strength {o.get('inject_strength')}, guidance {o.get('guidance')}{negative}{local} · {r.created[:16].replace('T', ' ')}"
 
 
 class Actions:
@@ -126,19 +127,20 @@ class Actions:
         return str(path), str(path), f"bundled {clip.name}: {info.num_frames} frames, {info.width}x{info.height}, {info.fps:g} fps", clip.captions[0]
 
     # ------------------------------------------------------------------ jobs
-    def do_invert(self, source, source_prompt, frames, height, width, fit, steps, plan, method, verify, request: gr.Request, progress=gr.Progress()):  # noqa: B008
+    def do_invert(self, source, source_prompt, frames, height, width, fit, steps, plan, method, guidance, verify, request: gr.Request, progress=gr.Progress()):  # noqa: B008
         def job(reporter):
             if not source:
                 raise SettingsError("no clip yet: upload one, or pick a bundled clip")
             sizes = {name: int(_number(value, name)) for name, value in (("frames", frames), ("height", height), ("width", width), ("steps", steps))}
-            opts = dict(**sizes, fit=fit, inversion=method, verify=bool(verify), source_prompt=source_prompt)
+            opts = dict(**sizes, fit=fit, inversion=method, guidance=_number(guidance, "inversion guidance"), verify=bool(verify), source_prompt=source_prompt)
             return engine.invert(self.folders.check(source), self.cfg.model, cache_dir=self.folders.cache, reporter=reporter, plan=None if plan == "auto" else plan, **opts)
 
         inv = self.runner.run(job, progress, request.session_hash)
         shown = self.card(inv.id)  # its strip is made here, with the card
         return inversion_md(shown), str(shown.thumbnails) if shown.thumbnails else None, self.inversion_choices(inv.id)
 
-    def do_render(self, inv_id, prompts_text, inject_steps, inject_layers, strength, guidance, init, seed, reference, mask_box, request: gr.Request, progress=gr.Progress()):  # noqa: B008
+    def do_render(self, inv_id, prompts_text, inject_steps, inject_layers, strength, guidance, negative, negative_source, init, seed, reference, mask_box,
+                  request: gr.Request, progress=gr.Progress()):  # noqa: B008
         prompts = [p.strip() for p in (prompts_text or "").splitlines() if p.strip()]
 
         def job(reporter):
@@ -149,6 +151,10 @@ class Actions:
                 inject_steps=inject_steps, inject_layers=inject_layers, inject_strength=_number(strength, "injection strength"),
                 guidance=_number(guidance, "guidance"), init=init, seed=int(_number(seed, "seed")), reference=reference,
             )
+            # negative-prompt inversion: the clip's own description is what the edit steers away from
+            negative_prompt = inv.entry.source_prompt if negative_source else (negative or "")
+            if negative_prompt:  # recorded only when set, as the box: earlier edits keep matching their records
+                options["negative_prompt"] = negative_prompt
             if (mask_box or "").strip():  # a local edit: only the box may change
                 options["mask_box"] = mask_box.strip()
             return inv.id, render_edits(inv, prompts, cache_dir=self.folders.cache, reporter=reporter, **options)

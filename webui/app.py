@@ -38,6 +38,7 @@ def _invert_tab(d: dict) -> SimpleNamespace:
                 c.plan = gr.Dropdown(PLANS, value=o.plan or "auto", label="memory plan")
             c.fit = gr.Radio(list(FITS), value=o.fit, label="fit another shape")
             c.method = gr.Radio(list(INVERSIONS), value=o.inversion, label="inversion")
+            c.guidance = gr.Number(o.guidance, label="inversion guidance (CFG; 1 = none, for negative-prompt inversion)", minimum=1.0, elem_id="invert-guidance")
             c.verify = gr.Checkbox(o.verify, label="verify: measure the round trip's error")
             with gr.Row():
                 c.run = gr.Button("Invert", variant="primary", elem_id="invert-button")
@@ -60,6 +61,8 @@ def _edit_tab(prompts: tuple[str, ...]) -> SimpleNamespace:
             c.strength = gr.Slider(0.0, 1.0, value=e.inject_strength, step=0.05, label="injection strength")
         with gr.Column():
             c.guidance = gr.Number(e.guidance, label="guidance (CFG)", minimum=1.0)
+            c.negative = gr.Textbox(e.negative_prompt, label="negative prompt")
+            c.negative_source = gr.Checkbox(False, label="negative prompt = the source prompt (negative-prompt inversion: invert with guidance 1)", elem_id="negative-source")
             c.init = gr.Radio(["inverted", "random"], value=e.init, label="start from")
             c.seed = gr.Number(e.seed, label="seed (start from random)", precision=0)
             c.reference = gr.Radio(["shared", "per-half", "stored"], value=e.reference, label="reference")
@@ -136,9 +139,9 @@ def build(cfg: AppConfig) -> gr.Blocks:
         inv.upload.upload(act.on_upload, inv.upload, [inv.source, inv.preview, inv.source_info])
         inv.upload.clear(lambda: (None, None, ""), None, [inv.source, inv.preview, inv.source_info])
         inv.clip.change(act.on_clip, inv.clip, [inv.source, inv.preview, inv.source_info, inv.source_prompt])
-        invert_inputs = [inv.source, inv.source_prompt, inv.frames, inv.height, inv.width, inv.fit, inv.steps, inv.plan, inv.method, inv.verify]
+        invert_inputs = [inv.source, inv.source_prompt, inv.frames, inv.height, inv.width, inv.fit, inv.steps, inv.plan, inv.method, inv.guidance, inv.verify]
         inv.run.click(act.do_invert, invert_inputs, [inv.card, inv.strip, ed.pick], **gpu)
-        render_inputs = [ed.pick, ed.prompts, ed.inject_steps, ed.inject_layers, ed.strength, ed.guidance, ed.init, ed.seed, ed.reference, ed.mask_box]
+        render_inputs = [ed.pick, ed.prompts, ed.inject_steps, ed.inject_layers, ed.strength, ed.guidance, ed.negative, ed.negative_source, ed.init, ed.seed, ed.reference, ed.mask_box]
         ed.run.click(act.do_render, render_inputs, [ed.shown, ed.earlier, ed.pick_info], **gpu)
         for cancel in (inv.cancel, ed.cancel):
             cancel.click(act.do_cancel, None, None, queue=False)
