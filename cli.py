@@ -177,6 +177,10 @@ def edit_options(f):
                 help="A file of edit prompts, one a line (blank lines and lines starting with # are skipped); adds to --prompt.",
             ),
             click.option("--negative-prompt", default="", help="Negative prompt for CFG."),
+            click.option(
+                "--negative-from-source", is_flag=True,
+                help="The inversion's source prompt as the negative prompt: negative-prompt inversion, with an inversion made at --guidance 1.",
+            ),
             click.option("--guidance", default=6.0, show_default=True, help="CFG scale of the edit (1 = off)."),
             click.option("--init", type=click.Choice(["inverted", "random"]), default="inverted", show_default=True, help="Start from the inverted noise or seeded noise (upstream)."),
             click.option("--seed", default=0, show_default=True, help="Seed for --init random."),
@@ -228,7 +232,7 @@ def _invert_kwargs(p: dict, cfg_prefix: str = "") -> dict:
 
 def _edit_kwargs(p: dict) -> dict:
     return dict(
-        negative_prompt=p["negative_prompt"], guidance=p["guidance"], init=p["init"], seed=p["seed"],
+        negative_prompt=p["negative_prompt"], negative_from_source=p["negative_from_source"], guidance=p["guidance"], init=p["init"], seed=p["seed"],
         inject_steps=p["inject_steps"], inject_layers=p["inject_layers"], inject_strength=p["inject_strength"],
         reference=p["reference"], batch=p["batch"], fps=p["fps"], out_dir=p["out_dir"], force=p["force"], gpus=p["gpus"],
         mask=p["mask"], mask_box=p["mask_box"],

@@ -57,6 +57,10 @@ class EditOptions(RuntimeOptions):
     """`engine.edit`'s options (the CLI flags of the same names)."""
 
     negative_prompt: str = ""
+    # The inversion's source prompt as the negative prompt: negative-prompt inversion (Miyake et al.
+    # 2023) with an inversion made without CFG (guidance 1); the edit under the source prompt is
+    # then the plain round trip, and guidance pushes only along what the prompt changes.
+    negative_from_source: bool = False
     guidance: float = 6.0
     init: str = "inverted"  # inverted | random
     seed: int = 0

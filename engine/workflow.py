@@ -252,6 +252,8 @@ def _new_entry(paths: EntryPaths, identity: dict, source: Source, frames: FrameS
 
 
 def _edit_settings(opts: EditOptions, prompts: tuple[str, ...], info: ModelInfo) -> EditSettings:
+    if opts.negative_from_source and opts.negative_prompt:
+        raise SettingsError("give --negative-prompt or --negative-from-source, not both (the second uses the inversion's source prompt)")
     num_layers = info.transformer_config["num_layers"]
     window = window_of(opts.inject_steps, "--inject-steps")
     inject = InjectSettings(window, layers_of(opts.inject_layers, num_layers, "--inject-layers"), opts.inject_strength, opts.reference)
@@ -323,6 +325,8 @@ def edit(inversion: Inversion | str, prompts: Prompts, *, cache_dir: str | Path 
     runtime = _runtime(opts, inv.dtype, "edit")
     reporter = reporter or Reporter(device=runtime.device)
     info = _edit_model(inv, opts.model)
+    if opts.negative_from_source and not opts.negative_prompt:
+        opts = dataclasses.replace(opts, negative_prompt=inv.entry.source_prompt, negative_from_source=False)
     mask = _edit_mask(opts, inv)
     settings = dataclasses.replace(_edit_settings(opts, prompts, info), mask=mask.digest if mask else None)
     if opts.seed and settings.init == "inverted":

@@ -195,6 +195,8 @@ def test_run_refuses_bad_edit_settings_before_inverting(tiny_model, wide_clip, _
     components.LOAD_EVENTS.clear()
     assert "edit prompt is empty" in fails("run", wide_clip, "--model", tiny_model, *SMALL_ARGS, "--prompt", " ")
     assert "--inject-layers '99' names a layer outside" in fails("run", wide_clip, "--model", tiny_model, *SMALL_ARGS, "--prompt", "a cat", "--inject-layers", "99")
+    both = ("give --negative-prompt or --negative-from-source, not both (the second uses the inversion's source prompt)")
+    assert fails("run", wide_clip, "--model", tiny_model, *SMALL_ARGS, "--prompt", "a cat", "--negative-prompt", "a dog", "--negative-from-source") == f"Error: {both}"
     assert components.LOAD_EVENTS == [] and not _isolated_cache.exists()
 
 

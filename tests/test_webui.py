@@ -239,7 +239,7 @@ def test_negative_prompt_inversion_from_the_web_app(tmp_path, tiny_model, wide_c
     """Invert with guidance 1 and a source prompt, then edit with "negative prompt = the source
     prompt": the edit's negative prompt is the inversion's own source prompt, whatever the box says."""
     from engine.jobs.gallery import inversions
-    from webui.actions import Actions, app_config
+    from webui.actions import Actions, app_config, edit_label
 
     act = Actions(app_config(str(tiny_model), Folders.make(tmp_path / "cache", tmp_path / "uploads")))
     clip = act.folders.uploads / "clip.mp4"
@@ -252,6 +252,8 @@ def test_negative_prompt_inversion_from_the_web_app(tmp_path, tiny_model, wide_c
     edit = dict(prompts_text="snow", inject_steps="0:1", inject_layers="all", strength=1.0, guidance=6.0, negative="ignored", init="inverted", seed=0,
                 reference="shared", mask_box="")
     (npi,), _, _ = act.do_render(inv.id, **edit, negative_source=True, request=me, progress=quiet)
-    (typed,), _, _ = act.do_render(inv.id, **edit, negative_source=False, request=me, progress=quiet)
-    assert npi.settings["negative_prompt"] == "a street at night" and typed.settings["negative_prompt"] == "ignored"
-    assert npi.video != typed.video
+    (other,), _, _ = act.do_render(inv.id, **edit, negative_source=False, request=me, progress=quiet)
+    (typed,), _, _ = act.do_render(inv.id, **{**edit, "negative": "a street at night"}, negative_source=False, request=me, progress=quiet)
+    assert npi.settings["negative_from_source"] is True and "negative_prompt" not in npi.settings and other.settings["negative_prompt"] == "ignored"
+    assert npi.video == typed.video != other.video  # the same edit as typing the source prompt: the same file
+    assert "negative: the source prompt" in edit_label(npi)

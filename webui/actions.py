@@ -84,7 +84,7 @@ def inversion_md(card: InversionCard) -> str:
 def edit_label(r: EditRecord) -> str:
     o = r.settings
     local = f", box {o['mask_box']}" if o.get("mask_box") else ""
-    negative = f", negative '{o['negative_prompt']}'" if o.get("negative_prompt") else ""
+    negative = ", negative: the source prompt" if o.get("negative_from_source") else f", negative '{o['negative_prompt']}'" if o.get("negative_prompt") else ""
     return f"{r.prompt} · window {o.get('inject_steps')}, strength {o.get('inject_strength')}, guidance {o.get('guidance')}{negative}{local} · {r.created[:16].replace('T', ' ')}"
 
 
@@ -151,10 +151,11 @@ class Actions:
                 inject_steps=inject_steps, inject_layers=inject_layers, inject_strength=_number(strength, "injection strength"),
                 guidance=_number(guidance, "guidance"), init=init, seed=int(_number(seed, "seed")), reference=reference,
             )
-            # negative-prompt inversion: the clip's own description is what the edit steers away from
-            negative_prompt = inv.entry.source_prompt if negative_source else (negative or "")
-            if negative_prompt:  # recorded only when set, as the box: earlier edits keep matching their records
-                options["negative_prompt"] = negative_prompt
+            # recorded only when set, as the box: earlier edits keep matching their records
+            if negative_source:  # negative-prompt inversion: the engine takes the inversion's source prompt
+                options["negative_from_source"] = True
+            elif negative:
+                options["negative_prompt"] = negative
             if (mask_box or "").strip():  # a local edit: only the box may change
                 options["mask_box"] = mask_box.strip()
             return inv.id, render_edits(inv, prompts, cache_dir=self.folders.cache, reporter=reporter, **options)
