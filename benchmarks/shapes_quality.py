@@ -8,11 +8,12 @@
 
 Held-out clips (engine/video/shapes.py, split "heldout": one object whose color x shape pair the
 proxy never saw) are served to `engine.invert` from memory (no video file, no decoder), inverted
-under their captions (DDIM or fixed point, 50 steps, CFG 6 as the engine's defaults, or without CFG), then
-edited through `engine.edit` towards three one-attribute changes of their caption (color, shape,
-background) and the caption itself (the reconstruction), under one setting at a time changed from
-upstream's defaults: injection window, layers, strength, edit guidance, inversion method,
-negative-prompt inversion, and a mask around the object (the object drawn larger, or a box). benchmarks/shape_measures.py judges every edit exactly. Each clip is also
+under their captions (DDIM or fixed point, 50 steps, CFG 6 as the engine's defaults, or without
+CFG), then edited through `engine.edit` towards three one-attribute changes of their caption
+(color, shape, background) and the caption itself (the reconstruction), under one setting at a
+time changed from upstream's defaults: injection window, layers, strength, edit guidance,
+inversion method, negative-prompt inversion, and a mask around the object (the object drawn
+larger, or a box). benchmarks/shape_measures.py judges every edit exactly. Each clip is also
 round-tripped (verify, no CFG) with DDIM and fixed point.
 
 Where the time goes (profiled on the CPU, --quick, 2 clips, 5 steps: 112 s): the VAE's decoding
