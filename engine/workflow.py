@@ -251,13 +251,15 @@ def _new_entry(paths: EntryPaths, identity: dict, source: Source, frames: FrameS
     return InversionEntry.new(paths, identity, settings_record, summary)
 
 
-def _edit_settings(opts: EditOptions, prompts: tuple[str, ...], info: ModelInfo) -> EditSettings:
+def _edit_settings(opts: EditOptions, prompts: tuple[str, ...], info: ModelInfo, source_prompt: str = "") -> EditSettings:
+    """The edit's settings; `source_prompt` (the inversion's) is the negative prompt with `negative_from_source`."""
     if opts.negative_from_source and opts.negative_prompt:
         raise SettingsError("give --negative-prompt or --negative-from-source, not both (the second uses the inversion's source prompt)")
     num_layers = info.transformer_config["num_layers"]
     window = window_of(opts.inject_steps, "--inject-steps")
     inject = InjectSettings(window, layers_of(opts.inject_layers, num_layers, "--inject-layers"), opts.inject_strength, opts.reference)
-    return EditSettings(prompts, opts.negative_prompt, opts.guidance, opts.init, opts.seed, inject, opts.batch)
+    negative = source_prompt if opts.negative_from_source else opts.negative_prompt
+    return EditSettings(prompts, negative, opts.guidance, opts.init, opts.seed, inject, opts.batch)
 
 
 def _edit_mask(opts: EditOptions, inv: Inversion) -> Mask | None:
@@ -325,10 +327,8 @@ def edit(inversion: Inversion | str, prompts: Prompts, *, cache_dir: str | Path 
     runtime = _runtime(opts, inv.dtype, "edit")
     reporter = reporter or Reporter(device=runtime.device)
     info = _edit_model(inv, opts.model)
-    if opts.negative_from_source and not opts.negative_prompt:
-        opts = dataclasses.replace(opts, negative_prompt=inv.entry.source_prompt, negative_from_source=False)
     mask = _edit_mask(opts, inv)
-    settings = dataclasses.replace(_edit_settings(opts, prompts, info), mask=mask.digest if mask else None)
+    settings = dataclasses.replace(_edit_settings(opts, prompts, info, inv.entry.source_prompt), mask=mask.digest if mask else None)
     if opts.seed and settings.init == "inverted":
         log.warning("--seed %d has no effect: edits start from the inverted noise; add --init random to start from seeded noise", opts.seed)
     fs = inv.entry.frame_settings
