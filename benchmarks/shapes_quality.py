@@ -99,7 +99,8 @@ FIXED_POINT = {"inversion": "fixed-point"}
 # pushes only along what the prompt changes.
 NO_CFG = {"guidance": 1.0}
 NEGATIVE_PROMPT_INVERSION = {"invert": NO_CFG, "negative": "source"}
-SHOWN = ("ddim", "NPI")  # the inversions whose edits the grid shows (the first setting of each)
+NPI = "NPI"  # the frames' label of a negative-prompt inversion's edits
+SHOWN = ("ddim", NPI)  # the inversions whose edits the grid shows (the first setting of each)
 
 
 def conditions(num_layers: int, quick: bool) -> dict[str, dict[str, Any]]:
@@ -161,7 +162,7 @@ def edit_clip(inv: Any, spec: shapes.ClipSpec, masks: np.ndarray, options: dict[
     method = inversion_label(options.pop("invert", {}))
     if options.pop("negative", None) == "source":
         options["negative_prompt"] = spec.caption
-        method = SHOWN[1]
+        method = NPI
     name = clip_name(spec.seed)
     targets = edit_targets(spec)
     kinds = [k for k in KINDS if not (masked and k == "background")]  # a mask around the object keeps the background
@@ -269,6 +270,11 @@ def summarize(name: str, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "source_color_share": float(np.mean([r["source_color_share"] for r in mine])) if kind == "color" else None,
         })
     return out
+
+
+def summaries(rows: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """`summarize` over every setting's rows, in the settings' order."""
+    return [row for setting, mine in rows.items() for row in summarize(setting, mine)]
 
 
 def keeps_structure(row: dict[str, Any]) -> bool:
@@ -474,13 +480,13 @@ def report(path: Path, added: list[Path], confirm: list[Path] = ()) -> None:
         run = json.loads(extra.read_text())
         result["rows"].update(run["rows"])
         result.setdefault("added", []).append(_provenance(run) | {"settings": list(run["rows"])})
-    result["summary"] = [row for setting, rows in result["rows"].items() for row in summarize(setting, rows)]
+    result["summary"] = summaries(result["rows"])
     chosen = choices(result["summary"])
     if confirm:  # the confirmations given replace earlier ones (they are judged against this table's choice)
         result["confirmations"] = []
     for other in confirm:
         run = json.loads(other.read_text())
-        summary = [row for setting, rows in run["rows"].items() for row in summarize(setting, rows)]
+        summary = summaries(run["rows"])
         # the settings run on both sets of clips, over all of them
         pooled = [row for setting in run["rows"] if setting in result["rows"] for row in summarize(setting, result["rows"][setting] + run["rows"][setting])]
         result.setdefault("confirmations", []).append(_provenance(run) | {
