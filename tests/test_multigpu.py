@@ -43,8 +43,10 @@ def _jobs(path: Path, broken: bool = False) -> Path:
 
 
 def _files(folder: Path) -> dict[str, tuple[int, int]]:
-    """Every file under `folder` with its inode and mtime: a rewrite (atomic rename) changes both."""
-    return {p.relative_to(folder).as_posix(): (p.stat().st_ino, p.stat().st_mtime_ns) for p in sorted(folder.rglob("*")) if p.is_file()}
+    """Every finished file under `folder` with its inode and mtime: a rewrite (atomic rename) changes
+    both. An atomic write's hidden temp file is left out: the other worker, stopped when one dies,
+    may be halfway through one, and it is not finished work (a rerun removes it)."""
+    return {p.relative_to(folder).as_posix(): (p.stat().st_ino, p.stat().st_mtime_ns) for p in sorted(folder.rglob("*")) if p.is_file() and not p.name.startswith(".")}
 
 
 @pytest.fixture(scope="module")
