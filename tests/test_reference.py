@@ -39,7 +39,7 @@ INVERSIONS = {
     "guided": dict(guidance=6.0, negative_prompt=NEGATIVE, attention_store="cpu"),
     "fixed-point-1": dict(guidance=1.0, inversion="fixed-point", inversion_iters=1),
     "fixed-point-3": dict(guidance=1.0, inversion="fixed-point", inversion_iters=3),
-    "guided-fixed-point-2": dict(guidance=3.0, negative_prompt=NEGATIVE, inversion="fixed-point", inversion_iters=2),
+    "guided-fixed-point-2": dict(guidance=3.0, negative_prompt=NEGATIVE, inversion="fixed-point", inversion_iters=2, attention_store="cpu"),
 }
 # The reference's (guidance, negative prompt, fixed-point iterations) of each inversion, and the
 # inversion whose result a bug would give instead (guidance or refinement ignored, iterations cut).
@@ -83,6 +83,8 @@ EDITS = {
     "stored-cfg-inversion": Case(dict(reference="stored"), alternative=dict(source=NEGATIVE)),
     # captured later from the cached trajectory, one forward per step
     "stored-added-later": Case(dict(reference="stored"), inversion="plain+disk-store"),
+    # the first forward at each timestep: the refinements run at t again, on other latents
+    "stored-fixed-point-inversion": Case(dict(reference="stored"), inversion="guided-fixed-point-2"),
     "box-mask": Case(dict(mask_box=",".join(map(str, BOX))), mask="box", alternative=dict(mask=None)),
     "per-frame-mask-file": Case(mask="file", alternative=dict(mask="file-one-off")),
     "random-init": Case(dict(init="random", seed=3), seed=3, alternative=dict(seed=0)),
