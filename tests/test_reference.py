@@ -11,6 +11,7 @@ alternative: agreeing with the reference is what they promise.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -183,6 +184,16 @@ def bench(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Bench:
 
 def _farther_than(a: torch.Tensor, b: torch.Tensor, margin: float) -> bool:
     return (a - b).abs().max().item() > margin
+
+
+def test_the_reference_imports_nothing_of_the_engine():
+    """Independent means it cannot inherit the engine's bugs: model folders load with diffusers
+    and transformers directly."""
+    for path in Path(method.__file__).parent.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        names |= {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        assert not {n for n in names if n.split(".")[0] in ("engine", "cache", "webui", "cli")}, path
 
 
 def test_encoded_latents_match_the_reference(bench):
