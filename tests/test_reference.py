@@ -91,6 +91,7 @@ EDITS = {
     "random-init": Case(dict(init="random", seed=3), seed=3, alternative=dict(seed=0)),
     "row-groups": Case(dict(plan="lean")),
     "row-groups-per-half": Case(dict(plan="lean", reference="per-half"), method.Edit(reference="per-half")),
+    "row-groups-stored": Case(dict(plan="lean", reference="stored", inject_layers="1"), method.Edit(layers=(1,))),
     "two-prompts-one-pass": Case(dict(batch=2), prompts=PROMPTS),
     "two-prompts-row-groups-masked": Case(dict(batch=2, plan="lean", mask_box=",".join(map(str, BOX))), prompts=PROMPTS, mask="box"),
     "negative-prompt-inversion": Case(dict(negative_from_source=True), inversion="plain", negative=SOURCE, alternative=dict(negative="")),
