@@ -87,7 +87,7 @@ def test_cancel_stops_a_job_at_its_next_step_and_it_resumes_there(tiny_model, wi
     # Cancelled after step 1's report, it stops once step 2 is on disk; the rerun resumes there.
     reporter = engine.Reporter()
     engine.invert(wide_clip, tiny_model, device="cpu", reporter=reporter, **SMALL)
-    assert [r.detail for r in reporter.records if r.name == "invert"] == ["resumed at step 2"]
+    assert [r.detail for r in reporter.records if r.name == "invert"] == ["resumed at step 2, attention sdpa"]
 
 
 def test_a_failed_job_is_one_line_and_the_runner_takes_the_next(caplog):
