@@ -154,3 +154,14 @@ def test_the_kernel_is_keyed_and_sdpa_keeps_the_earlier_keys(tiny_model):
     (sdpa_id, sdpa_stem), *others = (keys(k) for k in attention.KERNELS)
     assert "attention" not in sdpa_id  # ids made before the kernel was a choice still match
     assert len({str(i) for i, _ in others} | {str(sdpa_id)}) == 3 and len({s for _, s in others} | {sdpa_stem}) == 3
+
+
+def test_the_kernel_benchmark_runs_every_kernel_through_the_engine(stand_in):
+    """benchmarks/attention_kernels.py at a small shape, FA4 and Sage as the CPU stand-ins: every
+    kernel of the engine, the merged FA4 call included, lands on float32 attention."""
+    from benchmarks.attention_kernels import measure
+
+    rows = measure(1, tokens=64, heads=2, device="cpu")
+    for name in ("self/fa4", "self/sage", "injected/fa4", "injected/sage", "injected/fa4-joined", "self/flash"):
+        assert rows[name]["max_abs_err_vs_fp32"] < 2e-2, (name, rows[name])
+    assert stand_in.calls > 0
