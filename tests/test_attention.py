@@ -18,9 +18,9 @@ from engine.models.components import Runtime
 from tests.test_injection import _attention_module, _by_hand
 
 
-def _exact(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _exact(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention written out, q, k, v [B, tokens, heads, dim] as FA4 lays them out: (out, lse [B, heads, tokens])."""
-    logits = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(q.shape[-1])
+    logits = torch.einsum("bqhd,bkhd->bhqk", q, k) * (scale or 1 / math.sqrt(q.shape[-1]))
     lse = logits.logsumexp(-1)
     return torch.einsum("bhqk,bkhd->bqhd", (logits - lse[..., None]).exp(), v), lse
 
@@ -40,13 +40,14 @@ class StandIn:
         return (out, lse) if return_lse else out
 
     def sage(self, q, k, v, tensor_layout="HND", is_causal=False, sm_scale=None, smooth_k=True):
-        """sageattention 1.0.6's contract: with smooth_k it subtracts the keys' mean IN PLACE."""
+        """sageattention 1.0.6's contract: heads of 64, 96 or 128; with smooth_k it subtracts the keys' mean IN PLACE."""
         torch._dynamo.graph_break()
+        assert q.shape[-1] in (64, 96, 128), "headdim should be in [64, 96, 128]."
         self.calls += 1
         if smooth_k:
             k -= k.mean(dim=1 if tensor_layout == "NHD" else 2, keepdim=True)
         t = (lambda x: x) if tensor_layout == "NHD" else (lambda x: x.transpose(1, 2))
-        return t(_exact(t(q), t(k), t(v))[0])
+        return t(_exact(t(q), t(k), t(v), sm_scale)[0])
 
 
 @pytest.mark.parametrize("strength", [0.05, 0.3, 1.0, 2.5])
@@ -121,12 +122,13 @@ def test_auto_picks_fa4_only_where_it_is_installed_and_runs(monkeypatch, device,
         ("sage", "cuda", 9, False, 'needs sageattention: pip install -e ".[sage]"'),
         ("fa4", "cuda", 7, True, "does not run on compute capability 7.0 (a GPU of sm70)"),
         ("sage", "cpu", 9, True, "needs an NVIDIA GPU; on cpu use --attention sdpa"),
+        ("fa4", "cuda", 9, True, "runs in bf16 or fp16, not float32"),
     ],
 )
 def test_a_kernel_that_cannot_run_is_one_line_with_the_fix(monkeypatch, kernel, device, major, installed, expected):
     _capability(monkeypatch, major, installed)
     with pytest.raises(engine.SettingsError, match="^--attention .*") as err:
-        choose_kernel(kernel, device, torch.bfloat16)
+        choose_kernel(kernel, device, torch.float32 if "fp16" in expected else torch.bfloat16)
     assert expected in str(err.value) and "\n" not in str(err.value)
     assert choose_kernel("sdpa", device, torch.bfloat16) == "sdpa"
 
@@ -165,3 +167,9 @@ def test_the_kernel_benchmark_runs_every_kernel_through_the_engine(stand_in):
     for name in ("self/fa4", "self/sage", "injected/fa4", "injected/sage", "injected/fa4-joined", "self/flash"):
         assert rows[name]["max_abs_err_vs_fp32"] < 2e-2, (name, rows[name])
     assert stand_in.calls > 0
+
+
+def test_sage_takes_fp32(monkeypatch):
+    """Sage quantizes q and k to INT8 and v to fp16 whatever comes in: the fp32 shapes proxy can measure it."""
+    _capability(monkeypatch, 9)
+    assert choose_kernel("sage", "cuda", torch.float32) == "sage"

@@ -67,14 +67,24 @@ def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, 
     return q.new_empty(b, n, h, v.shape[-1]), q.new_empty(b, h, n, dtype=torch.float32)
 
 
+SAGE_HEAD_DIMS = (64, 96, 128)  # what sageattention 1 has kernels for
+
+
 @torch.library.custom_op("cogedit::sage", mutates_args=())
 def sage(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """SageAttention over q, k, v [B, tokens, heads, dim], as [B, tokens, heads, dim].
 
     Sage subtracts the keys' mean from k in place (softmax does not change, INT8 rounds better);
     the caller's k is read again (a row group's reference keys serve the edit rows after), so the
-    mean is taken off here into a new tensor and Sage is told not to."""
-    return sage_function()(q, k - k.mean(dim=1, keepdim=True), v, tensor_layout="NHD", smooth_k=False)
+    mean is taken off here into a new tensor and Sage is told not to. A smaller head (the proxies'
+    32) is zero-padded to Sage's next one: zeros add nothing to q.k, the scale stays the head's own."""
+    dim = q.shape[-1]
+    padded = next((d for d in SAGE_HEAD_DIMS if d >= dim), None)
+    if padded is None:
+        raise ValueError(f"sageattention has no kernel for heads of {dim}: use --attention sdpa")
+    q, k, v = (F.pad(x, (0, padded - dim)) for x in (q, k - k.mean(dim=1, keepdim=True), v))
+    out = sage_function()(q, k, v, tensor_layout="NHD", sm_scale=dim**-0.5, smooth_k=False)
+    return out if padded == dim else out[..., :dim].contiguous()
 
 
 @sage.register_fake
@@ -129,7 +139,7 @@ def _problem(kernel: str, device: str, dtype: torch.dtype) -> str | None:
     module, extra = PACKAGES[kernel]
     if not device.startswith("cuda"):
         return f"--attention {kernel} needs an NVIDIA GPU; on {device} use --attention sdpa (or auto)"
-    if dtype not in (torch.bfloat16, torch.float16):
+    if kernel == "fa4" and dtype not in (torch.bfloat16, torch.float16):
         return f"--attention {kernel} runs in bf16 or fp16, not {str(dtype).removeprefix('torch.')}: drop --dtype or use --attention sdpa"
     major, minor = torch.cuda.get_device_capability(torch.device(device))
     if major not in (FA4_RUNS if kernel == "fa4" else SAGE_RUNS):
