@@ -116,7 +116,9 @@ def merge(own: tuple[torch.Tensor, torch.Tensor], ref: tuple[torch.Tensor, torch
     joined softmax's normalizer, exp(lse) over the sum, which for two is a sigmoid of the LSE difference."""
     (o1, l1), (o2, l2) = own, ref
     w = torch.sigmoid(l1 - l2 - math.log(strength)).transpose(1, 2).unsqueeze(-1)  # own share, [B, tokens, heads, 1]
-    return torch.lerp(o2.to(w.dtype), o1.to(w.dtype), w).to(o1.dtype)  # in the LSEs' float32, rounded once
+    # o2 + w (o1 - o2) in the LSEs' float32, rounded once; in place, one float32 temporary when eager
+    out = o1.to(w.dtype, copy=True)
+    return out.sub_(o2).mul_(w).add_(o2).to(o1.dtype)
 
 
 def merges(kernel: str) -> bool:
