@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import engine
+from cache.store import settings_flags
 from engine.hooks import attention
 from engine.hooks.attention import choose_kernel, merge
 from engine.hooks.injection import CogVideoXAttnProcessor, InjectionState
@@ -156,6 +157,7 @@ def test_the_kernel_is_keyed_and_sdpa_keeps_the_earlier_keys(tiny_model):
     (sdpa_id, sdpa_stem), *others = (keys(k) for k in attention.KERNELS)
     assert "attention" not in sdpa_id  # ids made before the kernel was a choice still match
     assert len({str(i) for i, _ in others} | {str(sdpa_id)}) == 3 and len({s for _, s in others} | {sdpa_stem}) == 3
+    assert settings_flags({"identity": others[0][0]})[0]["--attention"] == "fa4" and "--attention" not in settings_flags({"identity": sdpa_id})[0]
 
 
 def test_the_kernel_benchmark_runs_every_kernel_through_the_engine(stand_in):
