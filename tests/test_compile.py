@@ -52,7 +52,7 @@ def test_compiled_blocks_are_one_graph_per_feature_not_per_block(deep_model, wid
     # One graph per distinct block computation, whatever the number of blocks: the inversion's
     # plain and capturing blocks; the edit's injecting and plain blocks, the injecting block on
     # another batch (per-half: a reference row per edit row) and on replayed K/V (stored); the
-    # injecting block with FA4 (without its custom op, its graph breaks added 20). The
+    # injecting block with FA4 (called without its custom op, its graph breaks made 19 graphs). The
     # lean plan's row groups run eagerly. At main each block was a graph of its own, and the
     # 9th block hit dynamo's recompile limit (the fixture raises on it).
     assert after_invert == 2, dict(counters["stats"])
