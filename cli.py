@@ -86,6 +86,11 @@ def cache_option(f):
 
 
 def runtime_options(f):
+    f = click.option(
+        "--attention", type=click.Choice(["auto", "sdpa", "fa4", "sage"]), default="auto", show_default=True,
+        help='Attention kernel: auto = FlashAttention-4 where installed (pip install -e ".[fast]") on Hopper/Blackwell, else torch SDPA; '
+        'sage = SageAttention (pip install -e ".[sage]"): lossy, opt-in (docs/attention.md).',
+    )(f)
     f = click.option("--fp8", is_flag=True, help='FP8 matmuls in the transformer blocks (torchao; RTX 40xx/L4/H100): faster, a small accuracy cost. pip install -e ".[fp8]" in cogedit\'s folder.')(f)
     f = click.option(
         "--compile/--no-compile", "compile_blocks", default=None,
@@ -289,7 +294,7 @@ def tiny_model_write(directory: str, random_weights: bool, seed: int, world: str
 @cache_option
 @runtime_options
 @json_option
-def invert_cmd(video: str, cache_dir, device, plan, vram, compile_blocks: bool | None, fp8: bool, as_json: bool, model: str, dtype, **params) -> None:
+def invert_cmd(video: str, cache_dir, device, plan, vram, compile_blocks: bool | None, fp8: bool, attention: str, as_json: bool, model: str, dtype, **params) -> None:
     """Invert VIDEO into the cache and print its id (a cache hit loads no model).
 
     \b
@@ -298,7 +303,10 @@ def invert_cmd(video: str, cache_dir, device, plan, vram, compile_blocks: bool |
     import engine
 
     reporter = _reporter(device)
-    inv = engine.invert(video, model, cache_dir=cache_dir, device=device, dtype=dtype, plan=plan, vram=vram, compile=compile_blocks, fp8=fp8, reporter=reporter, **_invert_kwargs(params))
+    inv = engine.invert(
+        video, model, cache_dir=cache_dir, device=device, dtype=dtype, plan=plan, vram=vram, compile=compile_blocks, fp8=fp8, attention=attention, reporter=reporter,
+        **_invert_kwargs(params),
+    )
     _console().print(reporter.table("invert"))
     click.echo(json.dumps(_inversion_json(inv, reporter)) if as_json else inv.id)
 
@@ -316,7 +324,7 @@ def _inversion_json(inv, reporter) -> dict:
 @cache_option
 @runtime_options
 @json_option
-def edit_cmd(inversion_id: str, prompts, prompts_file, cache_dir, device, plan, vram, compile_blocks: bool | None, fp8: bool, as_json: bool, model, **params) -> None:
+def edit_cmd(inversion_id: str, prompts, prompts_file, cache_dir, device, plan, vram, compile_blocks: bool | None, fp8: bool, attention: str, as_json: bool, model, **params) -> None:
     """Render one mp4 per --prompt from a cached inversion (no video is read, nothing is inverted).
 
     \b
@@ -325,7 +333,7 @@ def edit_cmd(inversion_id: str, prompts, prompts_file, cache_dir, device, plan, 
 
     Files are named ID-HASH-NN-PROMPT.mp4 (and ...-side-by-side.mp4): the inversion id's first 8
     characters, a 6-character hash of the settings that change the pixels (--guidance,
-    --negative-prompt, --init/--seed, --inject-*, --reference, --mask/--mask-box, --compile, --fp8;
+    --negative-prompt, --init/--seed, --inject-*, --reference, --mask/--mask-box, --compile, --fp8, --attention fa4/sage;
     one with no effect, such as --seed without --init random, is left out), the prompt's number and
     its first words.
     Edits with other settings never overwrite each other.
@@ -334,7 +342,10 @@ def edit_cmd(inversion_id: str, prompts, prompts_file, cache_dir, device, plan, 
 
     reporter = _reporter(device)
     prompts = _all_prompts(prompts, prompts_file)
-    result = engine.edit(inversion_id, prompts, model=model, cache_dir=cache_dir, device=device, plan=plan, vram=vram, compile=compile_blocks, fp8=fp8, reporter=reporter, **_edit_kwargs(params))
+    result = engine.edit(
+        inversion_id, prompts, model=model, cache_dir=cache_dir, device=device, plan=plan, vram=vram, compile=compile_blocks, fp8=fp8, attention=attention, reporter=reporter,
+        **_edit_kwargs(params),
+    )
     _print_edit(reporter, result, as_json)
 
 
@@ -359,7 +370,7 @@ def _print_edit(reporter, result, as_json: bool, title: str = "edit", inversion:
 @cache_option
 @runtime_options
 @json_option
-def run_cmd(video: str, prompts, prompts_file, model, cache_dir, device, plan, vram, compile_blocks: bool | None, fp8: bool, dtype, as_json: bool, **params) -> None:
+def run_cmd(video: str, prompts, prompts_file, model, cache_dir, device, plan, vram, compile_blocks: bool | None, fp8: bool, attention: str, dtype, as_json: bool, **params) -> None:
     """Invert VIDEO when needed, then edit it: the one-shot path.
 
     \b
@@ -370,7 +381,7 @@ def run_cmd(video: str, prompts, prompts_file, model, cache_dir, device, plan, v
     reporter = _reporter(device)
     inv, result = engine.run(
         video, model, _all_prompts(prompts, prompts_file), **_invert_kwargs(params, "invert_"), reporter=reporter,
-        cache_dir=cache_dir, device=device, dtype=dtype, plan=plan, vram=vram, compile=compile_blocks, fp8=fp8, **_edit_kwargs(params),
+        cache_dir=cache_dir, device=device, dtype=dtype, plan=plan, vram=vram, compile=compile_blocks, fp8=fp8, attention=attention, **_edit_kwargs(params),
     )
     _print_edit(reporter, result, as_json, "run", _inversion_json(inv, reporter))
 
@@ -383,7 +394,7 @@ def run_cmd(video: str, prompts, prompts_file, model, cache_dir, device, plan, v
 @cache_option
 @runtime_options
 @json_option
-def batch_cmd(jobs_file: str, model, out_dir: str, nproc: int, cache_dir, device, plan, vram, compile_blocks: bool | None, fp8: bool, as_json: bool) -> None:
+def batch_cmd(jobs_file: str, model, out_dir: str, nproc: int, cache_dir, device, plan, vram, compile_blocks: bool | None, fp8: bool, attention: str, as_json: bool) -> None:
     """Run every [[job]] of JOBS_FILE (TOML): each video inverted once, then its prompts edited.
 
     A re-run skips what is done; a failed job is a row of the table and the others go on (exit 1
@@ -399,7 +410,7 @@ def batch_cmd(jobs_file: str, model, out_dir: str, nproc: int, cache_dir, device
     reporter = _reporter(device)
     result = engine.batch(
         jobs_file, model, out_dir=out_dir, nproc=nproc, cache_dir=cache_dir, reporter=reporter,
-        device=device, plan=plan, vram=vram, compile=compile_blocks, fp8=fp8,
+        device=device, plan=plan, vram=vram, compile=compile_blocks, fp8=fp8, attention=attention,
     )
     if not _worker_zero():
         return

@@ -23,6 +23,7 @@ class RuntimeOptions:
     vram: str | int | None = None  # pick the fastest plan predicted to fit (e.g. "12GB")
     compile: bool | None = None  # None: on where it pays (engine.models.components.compile_by_default)
     fp8: bool = False
+    attention: str = "auto"  # auto | sdpa | fa4 | sage (engine.hooks.attention)
     device: str | None = None
     dtype: str | torch.dtype | None = None
 

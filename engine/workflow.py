@@ -110,7 +110,14 @@ def inversion_identity(video_sha: str, frames: FrameSettings, selected: list[int
         fields["compiled"] = True
     if runtime.fp8:
         fields["fp8"] = True
+    fields.update(attention_fields(runtime))
     return fields
+
+
+def attention_fields(runtime: Runtime) -> dict[str, str]:
+    """The attention kernel, for ids and edit names: FA4 rounds differently (as compiled kernels do)
+    and Sage is lossy, so each is a key field; SDPA adds nothing, so earlier ids and names stay."""
+    return {} if runtime.attention == "sdpa" else {"attention": runtime.attention}
 
 
 def _runtime(opts: RuntimeOptions, dtype: str | torch.dtype | None, phase: str) -> Runtime:
@@ -119,7 +126,7 @@ def _runtime(opts: RuntimeOptions, dtype: str | torch.dtype | None, phase: str) 
     if opts.plan and opts.vram:
         raise SettingsError("give --plan or --vram, not both (--vram picks a plan)")
     _vram_bytes(opts)
-    return Runtime.default(opts.device, dtype, opts.plan, opts.compile, opts.fp8, phase)
+    return Runtime.default(opts.device, dtype, opts.plan, opts.compile, opts.fp8, phase, opts.attention)
 
 
 def _vram_bytes(opts: RuntimeOptions) -> int | None:
@@ -138,7 +145,7 @@ def _with_plan(runtime: Runtime, opts: RuntimeOptions, info: ModelInfo, workload
     with reporter.phase("plan") as ph:
         peak = max(predict_peaks(chosen, info, workload).values())
         ph.record.detail = f"--vram {format_size(budget)}: plan {chosen.name}, predicted peak {format_size(peak)}"
-    return Runtime.default(runtime.device, runtime.dtype, chosen.name, opts.compile, runtime.fp8, phase)
+    return Runtime.default(runtime.device, runtime.dtype, chosen.name, opts.compile, runtime.fp8, phase, runtime.attention)
 
 
 def _probe(video: str | Path, frames: FrameSettings, reporter: Reporter) -> Source:
@@ -275,7 +282,7 @@ def edit_stem(inversion_id: str, settings: EditSettings, runtime: Runtime) -> st
     """The start of an edit's file names: the inversion and a short hash of every setting that
     changes the pixels, so edits with other settings never overwrite each other. 8/4-bit weights
     count as for the inversion's id; bf16 adds nothing, so earlier edits keep their names."""
-    fields = {**settings.key_fields(), "compiled": runtime.compile, "fp8": runtime.fp8}
+    fields = {**settings.key_fields(), "compiled": runtime.compile, "fp8": runtime.fp8, **attention_fields(runtime)}
     if runtime.plan.transformer_weights != "bf16":
         fields["weights"] = runtime.plan.transformer_weights
     tag = stable_hash(fields, length=6)

@@ -43,6 +43,20 @@ def _isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return cache
 
 
+@pytest.fixture
+def stand_in(monkeypatch: pytest.MonkeyPatch):
+    """FA4 and Sage 'installed' on this CPU: the availability check passes, and the kernels' custom
+    ops call CPU stand-ins (tests/test_attention.py's StandIn, which counts its calls)."""
+    from engine.hooks import attention
+    from tests.test_attention import StandIn
+
+    fake = StandIn()
+    monkeypatch.setattr(attention, "fa4_function", lambda: fake.fa4)
+    monkeypatch.setattr(attention, "sage_function", lambda: fake.sage)
+    monkeypatch.setattr(attention, "_problem", lambda kernel, device, dtype: None)
+    return fake
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from engine.models.tiny import build_tiny_model

@@ -127,12 +127,12 @@ class Actions:
         return str(path), str(path), f"bundled {clip.name}: {info.num_frames} frames, {info.width}x{info.height}, {info.fps:g} fps", clip.captions[0]
 
     # ------------------------------------------------------------------ jobs
-    def do_invert(self, source, source_prompt, frames, height, width, fit, steps, plan, method, guidance, verify, request: gr.Request, progress=gr.Progress()):  # noqa: B008
+    def do_invert(self, source, source_prompt, frames, height, width, fit, steps, plan, method, guidance, verify, attention, request: gr.Request, progress=gr.Progress()):  # noqa: B008
         def job(reporter):
             if not source:
                 raise SettingsError("no clip yet: upload one, or pick a bundled clip")
             sizes = {name: int(_number(value, name)) for name, value in (("frames", frames), ("height", height), ("width", width), ("steps", steps))}
-            opts = dict(**sizes, fit=fit, inversion=method, guidance=_number(guidance, "inversion guidance"), verify=bool(verify), source_prompt=source_prompt)
+            opts = dict(**sizes, fit=fit, inversion=method, guidance=_number(guidance, "inversion guidance"), verify=bool(verify), source_prompt=source_prompt, attention=attention)
             return engine.invert(self.folders.check(source), self.cfg.model, cache_dir=self.folders.cache, reporter=reporter, plan=None if plan == "auto" else plan, **opts)
 
         inv = self.runner.run(job, progress, request.session_hash)
@@ -140,7 +140,7 @@ class Actions:
         return inversion_md(shown), str(shown.thumbnails) if shown.thumbnails else None, self.inversion_choices(inv.id)
 
     def do_render(self, inv_id, prompts_text, inject_steps, inject_layers, strength, guidance, negative, negative_source, init, seed, reference, mask_box,
-                  request: gr.Request, progress=gr.Progress()):  # noqa: B008
+                  attention, request: gr.Request, progress=gr.Progress()):  # noqa: B008
         prompts = [p.strip() for p in (prompts_text or "").splitlines() if p.strip()]
 
         def job(reporter):
@@ -158,6 +158,8 @@ class Actions:
                 options["negative_prompt"] = negative
             if (mask_box or "").strip():  # a local edit: only the box may change
                 options["mask_box"] = mask_box.strip()
+            if attention != "auto":
+                options["attention"] = attention
             return inv.id, render_edits(inv, prompts, cache_dir=self.folders.cache, reporter=reporter, **options)
 
         inv_id, records = self.runner.run(job, progress, request.session_hash)

@@ -286,7 +286,7 @@ def batch(
 ) -> BatchResult:
     """Run every job of the jobs file `jobs`: inversions first, then edits, into `out_dir/<job>/`.
 
-    `options` are runtime options for every job (plan, vram, compile, fp8, device, dtype); a
+    `options` are runtime options for every job (plan, vram, compile, fp8, attention, device, dtype); a
     job's own [job.invert] / [job.edit] tables win. `nproc` > 1 starts that many workers through
     torchrun (one GPU each, LOCAL_RANK; the CPU where there is none); a process that torchrun
     started (by hand, across machines) is one worker of the batch whatever `nproc` says. Returns
@@ -296,7 +296,7 @@ def batch(
     plan = read_jobs(jobs, model)  # refuse a bad file before anything starts
     bad = sorted(set(options) - names(RuntimeOptions))
     if bad:
-        raise SettingsError(f"batch() got unknown option(s) {', '.join(bad)}; it takes plan, vram, compile, fp8, device, dtype (the rest go in the jobs file)")
+        raise SettingsError(f"batch() got unknown option(s) {', '.join(bad)}; it takes plan, vram, compile, fp8, attention, device, dtype (the rest go in the jobs file)")
     if output not in ("mp4", "frames"):
         raise SettingsError(f"batch output must be mp4 or frames, got {output!r}")
     if nproc > 1:

@@ -168,7 +168,7 @@ def edit_stage(
     chunks = settings.chunks()
     out = []
     with ctx.reporter.phase("edit", total=steps * len(chunks)) as ph:
-        ph.record.detail = f"from inversion {entry.id[:12]}: {len(settings.prompts)} prompt(s) in {len(chunks)} pass(es), reference {settings.inject.reference}"
+        ph.record.detail = f"from inversion {entry.id[:12]}: {len(settings.prompts)} prompt(s) in {len(chunks)} pass(es), reference {settings.inject.reference}, attention {runtime.attention}"
         if split is not None:
             ph.record.detail += f", {'unconditional' if split.rank == 0 else 'conditional'} rows here, the others on rank {1 - split.rank}"
         if mask is not None:
