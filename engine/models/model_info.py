@@ -26,11 +26,12 @@ _HASH_WINDOW = 1 << 20  # bytes hashed from each end of a weight file for the mo
 
 
 # What each model was made for, when its files don't say (the folders cogedit writes do, in
-# model_index.json's "cogedit" entry, which is not part of the model's identity). CogVideoX-5B:
+# model_index.json's "_cogedit_defaults" entry, which is not part of the model's identity). CogVideoX-5B:
 # 49 frames of 480x720 at 8 fps (its transformer config's sample_* agree). CogVideoX1.5-5B: 81
 # frames (5 s) or 161 (10 s) at 16 fps, 768x1360 (THUDM's CogVideo inference/cli_demo.py: its
 # RESOLUTION_MAP and its num_frames and fps help); 1.5's config sample_height/width (300 latent
 # rows and columns) is the largest rotary grid, not a working size, so it can't give the size.
+DEFAULTS_KEY = "_cogedit_defaults"
 _NATIVE_FPS = {1: 8.0, 2: 16.0}  # by patch_size_t
 _NATIVE_15 = (768, 1360)
 
@@ -97,7 +98,7 @@ class ModelInfo:
         tcfg, scale = self.transformer_config, self.vae_scale_spatial
         height, width = (tcfg["sample_height"] * scale, tcfg["sample_width"] * scale) if self.patch_size_t == 1 else _NATIVE_15
         native = {"frames": int(tcfg.get("sample_frames", 49)), "height": height, "width": width, "fps": _NATIVE_FPS.get(self.patch_size_t, 8.0)}
-        written = self.pipeline_config.get("cogedit", {})
+        written = self.pipeline_config.get(DEFAULTS_KEY, {})
         return ModelDefaults(**{k: type(v)(written.get(k, v)) for k, v in native.items()})
 
 
