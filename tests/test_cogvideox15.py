@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+from pathlib import Path
 
 import decord
 import pytest
@@ -18,7 +19,7 @@ from engine.errors import ModelError
 from engine.models.configs import PARAMS_15, TRANSFORMER_15
 from engine.models.denoiser import predict, rotary_embeddings
 from engine.models.model_info import builtin_15, check_supported, inspect_model
-from engine.models.plans import PLANS, GiB, Workload, choose_plan, param_counts, predict_peaks, sequence_tokens
+from engine.models.plans import PLANS, GiB, Workload, card_sizes, choose_plan, param_counts, predict_peaks, sequence_tokens
 
 STEPS = ["--steps", "2"]
 
@@ -164,3 +165,17 @@ def test_plan_command_knows_15_without_a_download(tiny_15):
     text = " ".join(invoke("plan", "--model", "THUDM/CogVideoX1.5-5b", "--frames", "161", "--vram", "24GB").stdout.split())
     assert "CogVideoX1.5-5B (built-in shape), 161 frames 768x1360" in text and text.endswith("lean")
     assert "9 frames 96x160" in " ".join(invoke("plan", "--model", tiny_15).stdout.split())  # a folder: its own size
+
+
+def test_docs_plan_tables_are_the_predictions():
+    """docs/cogvideox-1.5.md's tables: card_sizes and predict_peaks (what `cogedit plan` prints) for 81 and 161 frames."""
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "cogvideox-1.5.md").read_text()
+    tables = [part.split("\n\n")[0] for part in doc.split("| plan | cards (--vram) |")[1:]]
+    info = builtin_15()
+    for frames, table in zip((81, 161), tables, strict=True):
+        w = Workload(frames, 768, 1360)
+        cards = card_sizes(info, w)
+        for name, plan in PLANS.items():
+            peaks = predict_peaks(plan, info, w)
+            cells = [cards[name], *(f"{peaks[k] / GiB:.1f}" for k in ("encode", "embed", "invert", "edit", "decode")), f"{max(peaks.values()) / GiB:.1f}"]
+            assert f"| `{name}` | " + " | ".join(cells) + " |" in table, f"{frames} frames, {name}: " + " | ".join(cells)
