@@ -18,7 +18,8 @@ noise. Variants (`--variants`, run in the order given, each result written as it
   1.5 rotary tables; it fails at the patch embedding (CogVideo #728), and the error is the result
 - staged, lean, offload: cogedit's plans through benchmarks/bench.py's run_plan (invert, edit,
   edit again from the cache, `--steps` steps each) under the allocator cap of the card each is
-  meant for here (lean 24 GB, offload 12 GB, staged none): peaks and step times per phase
+  meant for here (lean 24 GB, offload 12 GB, staged none): peaks and step times per phase;
+  staged-fp8-compiled (and bench.py's other names) the same with FP8 matmuls, compiled
 - invert50, edit50, further50: the first edit (invert then edit, defaults, `--edit-steps`
   steps, empty caches) and a further edit from the cache, wall clock of the real engine calls
   (benchmarks/e2e.py's _timed_call); split in three so each fits a 10-minute call
@@ -140,17 +141,19 @@ def upstream(info: ModelInfo, clip: Path, size: dict, device: str) -> dict:
 
 
 def plan_row(name: str, model: Path, clip: Path, size: dict, steps: int, workdir: Path, tiny: bool) -> dict:
-    """One cogedit plan through bench.run_plan under its card's cap."""
+    """One cogedit plan (bench.run_plan's names: staged, lean, offload, staged-fp8-compiled, ...)
+    under its card's cap."""
     plan = name.removesuffix("161")
+    limit = None if tiny else CAPS[plan.split("-")[0]]
     args = SimpleNamespace(steps=steps, batch=4, **size)
-    cap(None if tiny else CAPS[plan])
+    cap(limit)
     cache_dir = workdir / f"cache-{name}"
     try:
         row = run_plan(plan, model, clip, args, cache_dir)
     finally:
         cap(None)
         shutil.rmtree(cache_dir, ignore_errors=True)
-    row["cap_gb"] = None if tiny else CAPS[plan]
+    row["cap_gb"] = limit
     row["measured_peak_gib"] = max(p["peak_alloc"] or 0 for p in row["phases"].values()) / GiB
     row["predicted_peak_gib"] = max(row["predicted"].values()) / GiB
     return row
@@ -183,9 +186,9 @@ def run_variant(name: str, args: argparse.Namespace, model: Path, workdir: Path)
     clip = clip_path(workdir, **size)
     if name == "upstream":
         return upstream(inspect_model(model), clip, size, device)
-    if name in ("staged", "lean", "offload", "lean161"):
-        if name == "offload" and device == "cpu":
-            return {"skipped": "offload streams to a CUDA GPU"}
+    if name.split("-")[0] in ("staged", "lean", "offload", "lean161"):
+        if (name == "offload" or "fp8" in name) and device == "cpu":
+            return {"skipped": f"{name} needs a CUDA GPU"}
         return plan_row(name, model, clip, size, args.steps, workdir, args.tiny)
     if name in ("invert50", "edit50", "further50"):
         return timed(name, model, clip, size, args.edit_steps, workdir)
