@@ -8,31 +8,18 @@ import json
 import logging
 from pathlib import Path
 
-import decord
 import pytest
 import torch
-from click.testing import CliRunner
 
 import engine
-from cli import cli
 from engine.errors import ModelError
 from engine.models.configs import PARAMS_15, TRANSFORMER_15
 from engine.models.denoiser import predict, rotary_embeddings
 from engine.models.model_info import builtin_15, check_supported, inspect_model
 from engine.models.plans import PLANS, GiB, Workload, card_sizes, choose_plan, param_counts, predict_peaks, sequence_tokens
+from tests.test_cli import _frames, invoke
 
 STEPS = ["--steps", "2"]
-
-
-def invoke(*args: object):
-    result = CliRunner().invoke(cli, [str(a) for a in args])
-    assert result.exit_code == 0, result.output
-    return result
-
-
-def _frames(path) -> tuple[int, tuple[int, ...]]:
-    reader = decord.VideoReader(str(path))
-    return len(reader), reader[0].shape
 
 
 @pytest.fixture(scope="module")
