@@ -496,7 +496,7 @@ def plan_cmd(vram, model, frames, height, width, prompts) -> None:
 
     info = plan_model(model)
     own = info.defaults
-    frames, height, width = frames or own.frames, height or own.height, width or own.width
+    frames, height, width = (own.frames if frames is None else frames), (own.height if height is None else height), (own.width if width is None else width)
     workload = Workload(frames, height, width, prompts)
     chosen = choose_plan(vram, info, workload).name if vram is not None else None
     phases = list(predict_peaks(PLANS["staged"], info, workload))

@@ -61,34 +61,28 @@ def test_rotary_tables_are_diffusers_15_pipelines(transformer):
         torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
 
 
-def test_run_and_batch_use_the_models_size_and_keep_the_frames(tiny_15, small_clip, tmp_path):
-    """No --frames/--height/--width: the model's own 9 frames of 96x160 (3 latent frames, padded),
-    and the edit has as many frames, as large, as the frames inverted; a batch job the same."""
-    args = ["--prompt", "snow", "--reference", "per-half", "--out", tmp_path, "--json"]
-    printed = json.loads(invoke("run", small_clip, "--model", tiny_15, *STEPS, *args).stdout)
+def test_every_cli_path_keeps_the_frames_and_size(tiny_15, small_clip, tmp_path):
+    """One inversion on the model's own size (no --frames/--height/--width: 9 frames of 96x160,
+    3 latent frames, padded at every call), fixed-point, verified, with a disk attention store;
+    run's edit (per-half), then `edit` with the stored reference, a window, layers, strength and a
+    box mask over two prompts in row groups (lean), then `batch` on the cached inversion: every
+    video has the inverted frames' count and size."""
+    invert_flags = ["--steps", "2", "--inversion", "fixed-point", "--verify", "--attention-store", "disk"]
+    printed = json.loads(invoke("run", small_clip, "--model", tiny_15, *invert_flags, "--prompt", "snow", "--reference", "per-half", "--out", tmp_path, "--json").stdout)
     inv = engine.open_inversion(printed["id"])
     assert (inv.entry.frames, inv.entry.frame_settings["height"], inv.entry.frame_settings["width"]) == (9, 96, 160)
-    assert _frames(printed["edits"][0]["video"]) == (9, (96, 160, 3))
-    jobs = tmp_path / "jobs.toml"  # the same inversion (cached), another prompt
-    jobs.write_text(f'[[job]]\nname = "one"\nvideo = "{small_clip}"\nprompts = ["a cat"]\n[job.invert]\nsteps = 2\n')
+    assert inv.verify is not None
+    edited = json.loads(invoke(
+        "edit", printed["id"], "--prompt", "a cat", "--prompt", "snow", "--reference", "stored", "--inject-steps", "0:0.5", "--inject-layers", "1",
+        "--inject-strength", "0.5", "--mask-box", "0.1,0.1,0.6,0.6", "--plan", "lean", "--out", tmp_path, "--json",
+    ).stdout)
+    jobs = tmp_path / "jobs.toml"
+    jobs.write_text(f'[[job]]\nname = "one"\nvideo = "{small_clip}"\nprompts = ["a dog"]\n[job.invert]\nsteps = 2\ninversion = "fixed-point"\n')
     out = invoke("batch", jobs, "--model", tiny_15, "--out", tmp_path / "out", "--device", "cpu", "--json").output
     rows = json.loads(next(line for line in out.splitlines() if line.startswith("[{")))
     assert [r["status"] for r in rows] == ["cached", "done"], rows
-    assert _frames(tmp_path / "out" / rows[1]["output"]) == (9, (96, 160, 3))
-
-
-def test_every_inversion_and_edit_feature(tiny_15, wide_clip, tmp_path):
-    """Fixed-point inversion, --verify and a disk attention store; then the stored reference with
-    a window, layers, strength and a box mask over two prompts, in row groups (lean)."""
-    out = json.loads(invoke(
-        "invert", wide_clip, "--model", tiny_15, *STEPS, "--inversion", "fixed-point", "--verify", "--attention-store", "disk", "--json",
-    ).stdout)
-    assert engine.open_inversion(out["id"]).verify is not None
-    edited = json.loads(invoke(
-        "edit", out["id"], "--prompt", "a cat", "--prompt", "snow", "--reference", "stored", "--inject-steps", "0:0.5", "--inject-layers", "1",
-        "--inject-strength", "0.5", "--mask-box", "0.1,0.1,0.6,0.6", "--plan", "lean", "--out", tmp_path, "--json",
-    ).stdout)
-    assert [_frames(e["video"]) for e in edited["edits"]] == [(9, (96, 160, 3))] * 2
+    videos = [e["video"] for e in printed["edits"] + edited["edits"]] + [tmp_path / "out" / rows[1]["output"]]
+    assert [_frames(v) for v in videos] == [(9, (96, 160, 3))] * 4
 
 
 def test_defaults_follow_the_model(tiny_15, tmp_path):
