@@ -119,14 +119,14 @@ def invert_options(cfg_prefix: str):
 def _invert_options(f, cfg_prefix: str):
     for opt in reversed(
         [
-            click.option("--model", required=True, help="CogVideoX-5b folder or hub id (THUDM/CogVideoX-5b)."),
+            click.option("--model", required=True, help="CogVideoX-5b or CogVideoX1.5-5b folder or hub id (THUDM/CogVideoX-5b, THUDM/CogVideoX1.5-5b)."),
             click.option("--steps", default=50, show_default=True, help="DDIM steps (inversion and edit use the same)."),
-            click.option("--frames", default=49, show_default=True, help="Most frames to use (kept to 4k+1)."),
+            click.option("--frames", default=None, type=int, help="Most frames to use (kept to 4k+1; default: the model's, 49 for 5B, 81 for 1.5)."),
             click.option("--skip-start", default=0, show_default=True, help="Frames to drop at the start."),
             click.option("--skip-end", default=0, show_default=True, help="Frames to drop at the end."),
             click.option("--stride", default=None, type=int, help="Take every N-th frame (default: spread evenly)."),
-            click.option("--height", default=480, show_default=True),
-            click.option("--width", default=720, show_default=True),
+            click.option("--height", default=None, type=int, help="Frame height (default: the model's, 480 for 5B, 768 for 1.5)."),
+            click.option("--width", default=None, type=int, help="Frame width (default: the model's, 720 for 5B, 1360 for 1.5)."),
             click.option(
                 "--fit", type=click.Choice(["stretch", "crop", "pad"]), default="stretch", show_default=True,
                 help="A source of another shape: stretch it (upstream), crop it to fill the frame, or pad it with black bars.",
@@ -268,7 +268,9 @@ def _edit_json(result) -> dict:
 @click.option("--seed", default=0, show_default=True, help="Seed of the --random weights.")
 @click.option("--world", type=click.Choice(["bunny", "shapes"]), default="bunny", show_default=True,
               help="Which trained proxy: Big Buck Bunny footage, or the synthetic shapes world.")
-def tiny_model_write(directory: str, random_weights: bool, seed: int, world: str) -> None:
+@click.option("--arch", type=click.Choice(["1.0", "1.5"]), default="1.0", show_default=True,
+              help="With --random: the CogVideoX-5B layout, or CogVideoX1.5-5B's (time patched by 2).")
+def tiny_model_write(directory: str, random_weights: bool, seed: int, world: str, arch: str) -> None:
     """Write a small CogVideoX checkpoint in the CogVideoX-5b folder layout.
 
     By default the trained proxy (7M parameters, 14 MB, trained on Big Buck Bunny at
@@ -280,12 +282,15 @@ def tiny_model_write(directory: str, random_weights: bool, seed: int, world: str
     cogedit tiny-model proxy/ && cogedit run clip.mp4 --model proxy/ --frames 17 --height 96 --width 144 --prompt "..."
     cogedit tiny-model shapes/ --world shapes
     cogedit tiny-model tiny/ --random --seed 1
+    cogedit tiny-model tiny15/ --random --arch 1.5
     """
     from engine import SettingsError, build_tiny_model, write_proxy_model
 
     if random_weights and world != "bunny":
         raise SettingsError("--random writes the random tiny model, which belongs to no world: drop --random or --world")
-    click.echo(build_tiny_model(directory, seed=seed) if random_weights else write_proxy_model(directory, world))
+    if arch != "1.0" and not random_weights:
+        raise SettingsError("the trained proxies are CogVideoX-5B-shaped: --arch 1.5 needs --random")
+    click.echo(build_tiny_model(directory, seed=seed, arch=arch) if random_weights else write_proxy_model(directory, world))
 
 
 @cli.command(name="invert")
@@ -471,21 +476,25 @@ def ui_cmd(model, host: str, port: int, cache_dir, uploads_dir) -> None:
 
 @cli.command(name="plan")
 @click.option("--vram", default=None, callback=_vram_bytes, help=VRAM_HELP)
-@click.option("--model", default=None, help="Model folder or hub id (default: the built-in CogVideoX-5B shape, no download).")
-@click.option("--frames", default=49, show_default=True)
-@click.option("--height", default=480, show_default=True)
-@click.option("--width", default=720, show_default=True)
+@click.option(
+    "--model", default=None,
+    help="Model folder or hub id (default: the built-in CogVideoX-5B shape; THUDM/CogVideoX-5b and THUDM/CogVideoX1.5-5b need no download).",
+)
+@click.option("--frames", default=None, type=int, help="Frames (default: the model's, 49 for 5B, 81 for 1.5).")
+@click.option("--height", default=None, type=int, help="Frame height (default: the model's).")
+@click.option("--width", default=None, type=int, help="Frame width (default: the model's).")
 @click.option("--prompts", default=1, show_default=True, help="Prompts rendered in one pass.")
 def plan_cmd(vram, model, frames, height, width, prompts) -> None:
     """Print each memory plan's predicted peak per phase, without running anything.
 
     \b
     cogedit plan --vram 12GB
+    cogedit plan --model THUDM/CogVideoX1.5-5b --frames 161 --vram 24GB
     """
     from rich.console import Console, Group
     from rich.table import Table
 
-    from engine.models.model_info import builtin_5b, inspect_model
+    from engine.models.model_info import plan_model
     from engine.models.plans import (
         CUDA_CONTEXT,
         PLANS,
@@ -496,7 +505,9 @@ def plan_cmd(vram, model, frames, height, width, prompts) -> None:
         predict_peaks,
     )
 
-    info = inspect_model(model) if model else builtin_5b()
+    info = plan_model(model)
+    own = info.defaults
+    frames, height, width = (own.frames if frames is None else frames), (own.height if height is None else height), (own.width if width is None else width)
     workload = Workload(frames, height, width, prompts)
     chosen = choose_plan(vram, info, workload).name if vram is not None else None
     phases = list(predict_peaks(PLANS["staged"], info, workload))

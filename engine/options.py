@@ -33,12 +33,12 @@ class InvertOptions(RuntimeOptions):
     """`engine.invert`'s options (the CLI flags of the same names)."""
 
     steps: int = 50
-    frames: int = 49
+    frames: int | None = None  # None: the model's own (ModelInfo.defaults): 49 for 5B, 81 for 1.5
     skip_start: int = 0
     skip_end: int = 0
     stride: int | None = None
-    height: int = 480
-    width: int = 720
+    height: int | None = None  # None: the model's own, 480x720 for 5B, 768x1360 for 1.5
+    width: int | None = None
     fit: str = "stretch"  # stretch | crop | pad, when the source's shape is not the model's
     source_prompt: str = ""
     negative_prompt: str = ""

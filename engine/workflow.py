@@ -175,10 +175,29 @@ def _check_sizes(entry: InversionEntry) -> None:
         )
 
 
-def _invert_settings(opts: InvertOptions) -> tuple[FrameSettings, InvertSettings]:
+def _invert_settings(opts: InvertOptions, info: ModelInfo | None = None) -> tuple[FrameSettings, InvertSettings]:
+    """The frames and inversion settings; frames, height and width not given are the model's
+    (`info.defaults`; with no `info` yet, FrameSettings' own, which only checks the given ones)."""
     iters = opts.inversion_iters if opts.inversion_iters is not None else (FIXED_POINT_ITERS if opts.inversion == "fixed-point" else 0)
-    frames = FrameSettings(opts.frames, opts.skip_start, opts.skip_end, opts.stride, opts.height, opts.width, opts.fit)
+    own = {} if info is None else dict(max_frames=info.defaults.frames, height=info.defaults.height, width=info.defaults.width)
+    given = {k: v for k, v in dict(max_frames=opts.frames, height=opts.height, width=opts.width).items() if v is not None}
+    frames = FrameSettings(skip_start=opts.skip_start, skip_end=opts.skip_end, stride=opts.stride, fit=opts.fit, **{**own, **given})
     return frames, InvertSettings(opts.steps, opts.source_prompt, opts.negative_prompt, opts.guidance, opts.inversion, iters)
+
+
+# A frame size this far (either way, in pixels) from the model's own is worth a warning: the
+# model has seen few such grids, and a larger one costs memory and time as the square of it.
+FAR_FROM_NATIVE = 2.0
+
+
+def _warn_size(info: ModelInfo, frames: FrameSettings) -> None:
+    native = info.defaults
+    ratio = frames.height * frames.width / (native.height * native.width)
+    if not 1 / FAR_FROM_NATIVE <= ratio <= FAR_FROM_NATIVE:
+        log.warning(
+            "%dx%d is %.3gx the pixels of %s's own %dx%d: expect poor edits%s; leave out --height/--width to use the model's size",
+            frames.height, frames.width, ratio, info.source, native.height, native.width, " and a long, memory-hungry run" if ratio > 1 else "",
+        )
 
 
 def invert(video: str | Path, model: str | Path, *, cache_dir: str | Path | None = None, reporter: Reporter | None = None, callback: Callback | None = None, **options: Any) -> Inversion:
@@ -190,17 +209,19 @@ def invert(video: str | Path, model: str | Path, *, cache_dir: str | Path | None
     stored-attention request over its budget is refused before anything is written.
     """
     opts = parse(InvertOptions, options, "invert")
-    frames, settings = _invert_settings(opts)
+    _invert_settings(opts)  # the sizes given are checked before anything else
     runtime = _runtime(opts, opts.dtype, "invert")
     reporter = reporter or Reporter(device=runtime.device)
     # Every argument is checked before any work or output: a wrong --model is reported before
     # the video is read (or a frames warning printed) and before the cache folder is made.
     check_video_file(video)
     info = inspect_model(model)
+    frames, settings = _invert_settings(opts, info)
+    _warn_size(info, frames)
     store = store_settings(opts.attention_store, opts.attention_steps, opts.attention_layers, opts.attention_dtype, info.transformer_config["num_layers"])
     layout = _layout(cache_dir)
     source = _probe(video, frames, reporter)
-    workload = Workload(len(source.selected), opts.height, opts.width, invert_rows=2 if settings.uses_cfg else 1)
+    workload = Workload(len(source.selected), frames.height, frames.width, invert_rows=2 if settings.uses_cfg else 1)
     ctx = StageContext(info, _with_plan(runtime, opts, info, workload, reporter, "invert"), layout, reporter, callback=callback)
     if store.where != "none":
         check_budget(ctx, store, settings.steps, workload, opts.attention_budget)

@@ -65,6 +65,19 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_15(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny CogVideoX1.5-5B-shaped checkpoint, written the way a user writes one: through the CLI."""
+    from click.testing import CliRunner
+
+    from cli import cli
+
+    path = tmp_path_factory.mktemp("models") / "tiny-cogvideox1.5-5b"
+    result = CliRunner().invoke(cli, ["tiny-model", str(path), "--random", "--arch", "1.5"])
+    assert result.exit_code == 0, result.output
+    return path
+
+
+@pytest.fixture(scope="session")
 def wide_clip() -> Path:
     """131 frames, 636x270 at 25 fps: no side a multiple of 8, a length that is not 4k+1."""
     return CLIPS / "bunny_wide.mp4"

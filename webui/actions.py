@@ -38,12 +38,13 @@ class AppConfig:
 
 def app_config(model: str | None, folders: Folders) -> AppConfig:
     """With no model, the shipped proxy at its own size (a CPU renders an edit in about a minute);
-    a model given is checked now, so that a wrong path fails before the page opens."""
+    a model given is checked now, so that a wrong path fails before the page opens, and the
+    page's frames and size start at the model's own (81 at 768x1360 for CogVideoX1.5-5B)."""
     if model is None:
         return AppConfig(str(demo_model(folders.cache)), folders, dict(DEMO_SETTINGS, source_prompt=HELD_OUT.captions[0]), DEMO_PROMPTS)
-    inspect_model(model)
+    own = inspect_model(model).defaults
     d = InvertOptions()
-    return AppConfig(str(model), folders, dict(steps=d.steps, frames=d.frames, height=d.height, width=d.width, source_prompt=d.source_prompt), ())
+    return AppConfig(str(model), folders, dict(steps=d.steps, frames=own.frames, height=own.height, width=own.width, source_prompt=d.source_prompt), ())
 
 
 def _with_errors(fn):
