@@ -203,15 +203,61 @@ def run_variant(name: str, args: argparse.Namespace, model: Path, workdir: Path)
     raise SystemExit(f"unknown variant {name!r}")
 
 
+def _plan_rows(results: dict) -> list[tuple[str, float, float, float | None, float, float]]:
+    """(plan, measured peak, predicted peak, card cap, median invert step, median edit step) per plan run."""
+    import statistics
+
+    rows = []
+    for name, row in results["variants"].items():
+        if not row.get("ok") or "measured_peak_gib" not in row:
+            continue
+        phases = row["phases"]
+        rows.append((name, row["measured_peak_gib"], row["predicted_peak_gib"], row.get("cap_gb"),
+                     statistics.median(phases["invert"]["step_times"]), statistics.median(phases["edit"]["step_times"])))
+    return rows
+
+
+def report(paths: list[str], results_dir: Path) -> None:
+    """The GPU JSON(s) -> results_dir/cogvideox15.json, cogvideox15_measured.md (a table) and cogvideox15.png."""
+    from benchmarks.plots import bar_chart
+
+    merged: dict = {}
+    for path in paths:
+        data = json.loads(Path(path).read_text())
+        merged = {**data, "variants": {**merged.get("variants", {}), **data["variants"]}}
+    for row in merged["variants"].values():
+        row.pop("trace", None)
+    (results_dir / "cogvideox15.json").write_text(json.dumps(merged, indent=1))
+    rows = _plan_rows(merged)
+    lines = [f"Measured on {merged['device']}, torch {merged['torch']}, {merged['date']}: `{merged['command']}`",
+             "(full-size CogVideoX1.5-5B architecture, random bf16 weights, 81x768x1360, eager, each plan under the allocator cap of its card).", "",
+             "| plan | card cap | measured peak | predicted peak | invert step (median) | edit step (median, 1 prompt) |", "|---|---|---|---|---|---|"]
+    lines += [f"| {n} | {f'{c} GB' if c else 'none'} | {m:.2f} GiB | {p:.2f} GiB | {i:.2f} s | {e:.2f} s |" for n, m, p, c, i, e in rows]
+    up = merged["variants"].get("upstream")
+    if up:
+        lines += ["", f"upstream's method on the same model and clip ({up.get('latent_frames')} latent frames, unpadded): `{up.get('error')}` (at `{up.get('where')}`)."]
+    (results_dir / "cogvideox15_measured.md").write_text("\n".join(lines) + "\n")
+    labels = [f"{n} {kind}" for n, *_ in rows for kind in ("measured", "predicted")]
+    values = [v for _, m, p, *_ in rows for v in (m, p)]
+    bar_chart(labels, values, "peak GiB", f"CogVideoX1.5-5B 81x768x1360 peaks, {merged['device']}", results_dir / "cogvideox15.png",
+              highlight=[i % 2 == 0 for i in range(len(values))])
+    print("\n".join(lines))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", required=True)
+    ap.add_argument("--out", help="the JSON to write (GPU runs)")
+    ap.add_argument("--report", nargs="+", metavar="JSON", help="here: GPU JSON(s) -> benchmarks/results/cogvideox15*.{json,md,png}")
     ap.add_argument("--variants", default="plans,upstream,staged,lean,offload")
     ap.add_argument("--steps", type=int, default=3, help="steps of each plan's invert and edits (peaks, step times)")
     ap.add_argument("--edit-steps", type=int, default=50, help="steps of invert50/edit50/further50")
     ap.add_argument("--tiny", action="store_true", help="the tiny 1.5 model on the CPU: checks the harness only")
     ap.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "cogedit-v15"))
     args = ap.parse_args()
+    if args.report:
+        return report(args.report, Path(__file__).with_name("results"))
+    if not args.out:
+        ap.error("--out is required to run variants")
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(workdir / "inductor"))
