@@ -33,7 +33,7 @@ from cache.manifest import FORMAT_VERSION
 from cache.sizes import format_size
 from engine.errors import ModelError, SettingsError
 from engine.models.components import Runtime
-from engine.models.model_info import ModelInfo, inspect_model
+from engine.models.model_info import ModelInfo, inspect_model, is_hub_id
 from engine.models.plans import Workload, choose_plan, parse_vram, predict_peaks
 from engine.options import EditOptions, InvertOptions, RuntimeOptions, parse, split_run_options
 from engine.report import Reporter
@@ -243,11 +243,11 @@ def _new_entry(paths: EntryPaths, identity: dict, source: Source, frames: FrameS
     settings_record = {
         "video": dataclasses.asdict(source.info),
         "frames": dataclasses.asdict(frames),
-        "model": {"source": ctx.info.source, "key": ctx.info.key},
+        "model": {"source": ctx.info.stored_source, "key": ctx.info.key},
         "dtype": str(ctx.runtime.dtype),
         "invert": dataclasses.asdict(settings),
     }
-    summary = {"video": Path(source.video).name, "model": ctx.info.source, "steps": settings.steps, "fps": source.fps}
+    summary = {"video": Path(source.video).name, "model": ctx.info.stored_source, "steps": settings.steps, "fps": source.fps}
     return InversionEntry.new(paths, identity, settings_record, summary)
 
 
@@ -282,8 +282,17 @@ def edit_stem(inversion_id: str, settings: EditSettings, runtime: Runtime) -> st
     return f"{inversion_id[:8]}-{tag}"
 
 
+def _stored_model(inv: Inversion) -> str:
+    """The model the inversion recorded; a folder that is not there (moved, or recorded relative to
+    another working directory by an older cogedit) is named with the fix."""
+    stored = inv.entry.model_source
+    if not is_hub_id(stored) and not Path(stored).expanduser().is_dir():
+        raise ModelError(f"inversion {inv.id[:12]} was made with the model folder {stored}, which is not there from here: pass the model's folder with edit --model")
+    return stored
+
+
 def _edit_model(inv: Inversion, model: str | Path | None) -> ModelInfo:
-    info = inspect_model(model or inv.entry.model_source)
+    info = inspect_model(model or _stored_model(inv))
     if info.key != inv.entry.model_key:
         raise ModelError(
             f"inversion {inv.id[:12]} was made with another model than {info.source}; "
