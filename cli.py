@@ -277,10 +277,13 @@ def tiny_model_write(directory: str, random_weights: bool, seed: int, world: str
     cogedit tiny-model tiny/ --random --seed 1
     """
     from engine import SettingsError, build_tiny_model, write_proxy_model
+    from engine.models.proxy import describe
 
     if random_weights and world != "bunny":
         raise SettingsError("--random writes the random tiny model, which belongs to no world: drop --random or --world")
-    click.echo(build_tiny_model(directory, seed=seed) if random_weights else write_proxy_model(directory, world))
+    path = build_tiny_model(directory, seed=seed) if random_weights else write_proxy_model(directory, world)
+    click.echo(describe(path, None if random_weights else world), err=True)
+    click.echo(path)  # alone on stdout, for scripts
 
 
 @cli.command(name="invert")
@@ -528,10 +531,9 @@ def cache_path(cache_dir) -> None:
 @cache_option
 @json_option
 def cache_ls(cache_dir, as_json: bool) -> None:
-    """List cached inversions."""
-    from rich.console import Console
-    from rich.markup import escape
-    from rich.table import Table
+    """List cached inversions, one a line."""
+    import shutil
+    from pathlib import Path
 
     from cache.layout import CacheLayout
     from cache.sizes import format_size
@@ -541,22 +543,22 @@ def cache_ls(cache_dir, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps([{"id": e.id, "complete": e.complete, "size": e.size_bytes, "summary": e.summary, "inversion": e.inversion, "last_used": e.last_used} for e in entries]))
         return
-    # The whole id, whatever the width (users copy it); the video and model under it, folded.
-    table = Table(title=f"{len(entries)} cached inversion(s)", title_justify="left", box=None, pad_edge=False)
-    table.add_column("id / video, model", min_width=max((len(e.id) for e in entries), default=0), overflow="fold")
-    # Two lines a row: the inversion's method over its steps, its size over when it was last used.
-    table.add_column("state")
-    table.add_column("inversion", no_wrap=True)
-    table.add_column("size, last used", justify="right", no_wrap=True)
-    # Under each id, the settings that tell entries apart besides the columns (a prompt, a size).
+    # One line an entry: a 12-character id prefix (every command takes it; `cache show` gives the
+    # whole id), the fixed columns, then what tells entries apart, cut to the terminal's width.
     shown = {"--model", "--steps", "--inversion", "--inversion-iters"}
     differ = [k for k in dict.fromkeys(k for e in entries for k in e.flags) if k not in shown and len({repr(e.flags.get(k)) for e in entries}) > 1]
+    rows = [("id", "steps", "inversion", "size", "last used", "video · model · settings")]
     for e in entries:
         s = e.summary
-        source = ", ".join([*(str(s[k]) for k in ("video", "model") if s.get(k)), *(f"{k} {_short(e.flags[k])}" for k in differ if k in e.flags)])
-        steps = f"{s['steps']} steps" if s.get("steps") else ""
-        table.add_row(f"{e.id}\n[dim]{escape(source)}", e.state, f"{e.inversion}\n{steps}", f"{format_size(e.size_bytes)}\n{_when(e.last_used)}")
-    Console().print(table)
+        model = [Path(str(s["model"])).name] if s.get("model") else []
+        rest = [*([] if e.complete else [e.state]), *([s["video"]] if s.get("video") else []), *model, *(f"{k} {_short(e.flags[k])}" for k in differ if k in e.flags)]
+        rows.append((e.id[:12], str(s.get("steps", "")), e.inversion, format_size(e.size_bytes), _when(e.last_used)[5:], " · ".join(rest)))
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    width = shutil.get_terminal_size().columns
+    click.echo(f"{len(entries)} cached inversion(s)")
+    for r in rows:
+        line = "  ".join([r[0].ljust(widths[0]), r[1].rjust(widths[1]), r[2].ljust(widths[2]), r[3].rjust(widths[3]), r[4].ljust(widths[4]), r[5]])
+        click.echo(line if len(line) <= width else line[: width - 1] + "…")
 
 
 def _when(timestamp: str | None) -> str:
