@@ -418,23 +418,29 @@ def batch_cmd(jobs_file: str, model, out_dir: str, nproc: int, cache_dir, device
 @click.option("--out", "out_dir", default="cogedit-demo", type=click.Path(file_okay=False), show_default=True)
 @cache_option
 def demo_cmd(out_dir: str, cache_dir) -> None:
-    """The whole job on the trained proxies and clips they never saw: invert once, then edits
-    from the cache; a second run reuses the inversions and rewrites the demo's own files.
+    """The whole job on a CPU in about a minute, on the shipped proxies and clips they never saw:
+    invert once, then edits from the cache.
 
-    First a Big Buck Bunny clip: a reconstruction and an edit. Then a shapes clip (a yellow
-    triangle, a pair the shapes proxy never saw) edited towards red everywhere, and only inside a
-    mask around the object, with source | edit | masked edit side by side (that proxy barely
-    follows color words: the mask keeping the rest is what it shows).
-    The proxies are 7M-parameter CogVideoX models, not CogVideoX-5B;
-    `cogedit run --model THUDM/CogVideoX-5b` is the same job with the real model.
+    First a shapes clip (a yellow triangle, a pair the shapes proxy never saw) recolored red,
+    everywhere and inside a mask around the triangle: one labelled mp4, source | edit | edit in a
+    mask. Then a Big Buck Bunny clip: a reconstruction and an edit towards another caption the
+    proxy was trained on (it knows no other words; its edits stay close to the reconstruction).
+    A second run reuses the inversions and rewrites the demo's own files. The proxies are
+    7M-parameter CogVideoX models, not CogVideoX-5B: `cogedit run clip.mp4 --model
+    THUDM/CogVideoX-5b --prompt TEXT` is the same job with the real model.
     """
     import engine
 
     reporter = _reporter("cpu")
-    result = engine.demo(out_dir, cache_dir=cache_dir, reporter=reporter)
     shapes = engine.shapes_demo(out_dir, cache_dir=cache_dir, reporter=reporter)
-    _print_edit(reporter, result, False, title="demo")
-    click.echo(shapes.comparison)
+    result = engine.demo(out_dir, cache_dir=cache_dir, reporter=reporter)
+    _console().print(reporter.table("demo"))
+    click.echo(f"{shapes.comparison}\n{result.side_by_side[0]}\n{result.side_by_side[1]}")
+    click.echo(
+        f"first {shapes.comparison.name}: source | edit | edit in a mask (the triangle turns red, the rest stays); then the rabbit's "
+        "reconstruction and an edit towards another of the proxy's captions (a 7M-parameter model of one shot: both stay close to the source)",
+        err=True,
+    )
 
 
 @cli.command(name="ui")

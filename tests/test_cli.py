@@ -54,7 +54,9 @@ def test_invert_then_edit_from_the_cache(tiny_model, wide_clip, tmp_path, monkey
     assert [e["prompt"] for e in edits] == ["a watercolor painting", "a charcoal sketch"]
     for e in edits:
         assert _frames(e["video"]) == (9, (96, 160, 3))
-        assert _frames(e["side_by_side"]) == (9, (96, 320, 3))  # source | edit
+        assert _frames(e["side_by_side"]) == (9, (112, 320, 3))  # source | edit, over a band with the prompt
+        band = decord.VideoReader(e["side_by_side"])[0].asnumpy()[96:]
+        assert band.mean() < 50 and (band > 200).sum() > 100  # white text on black
 
     listing = invoke("cache", "ls", "--json").stdout
     assert json.loads(listing)[0]["id"] == inversion_id and json.loads(listing)[0]["complete"]
@@ -103,7 +105,9 @@ def test_demo_writes_both_halves(tmp_path):
     assert "decode" in result.stderr and "total" in result.stderr and titles == ["demo"]  # its table's title
     for v in videos:
         assert _frames(v)[0] == 17
-    assert _frames(tmp_path / "demo" / "shapes-red-source-edit-masked.mp4") == (17, (96, 3 * 144, 3))  # source | edit | masked
+    comparison = tmp_path / "demo" / "shapes-red-source-edit-masked.mp4"
+    assert _frames(comparison) == (17, (112, 3 * 144, 3))  # source | edit | masked, over the prompt's band
+    assert result.stdout.splitlines()[0] == str(comparison)  # what works comes first
     again = invoke("demo", "--out", tmp_path / "demo")  # a second run reuses the inversions and rewrites its own files
     assert sorted((tmp_path / "demo").glob("*.mp4")) == videos and "hit" in again.stderr
 

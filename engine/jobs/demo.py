@@ -1,10 +1,12 @@
 """`cogedit demo`: the whole job on the trained proxies and clips they never saw, on a CPU.
 
-First half: the Big Buck Bunny proxy inverts a held-out clip and renders a reconstruction and an
-edit. Second half: the shapes proxy inverts a held-out shapes clip (a color x shape pair it never
+First, what works: the shapes proxy inverts a held-out shapes clip (a color x shape pair it never
 saw) and edits it towards another color, once everywhere and once with a mask around the object,
-written as one mp4 side by side (source | edit | masked edit): with the mask the object turns the
-new color and the rest of the frame stays; without it the object drifts (README, "cogedit demo").
+written as one labelled mp4 (source | edit | edit in a mask): with the mask the object turns the
+new color and the rest of the frame stays; without it the object drifts. Then the Big Buck Bunny
+proxy inverts a held-out clip and renders a reconstruction and an edit towards another of its
+training captions: a 7M-parameter model that saw one shot, so both come out close to its blurry
+reconstruction (docs/quality.md).
 """
 
 from __future__ import annotations
@@ -12,14 +14,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from cache.layout import cache_root
 from engine.models.proxy import PROXY_FRAMES, PROXY_HEIGHT, PROXY_WIDTH, write_proxy_model
 from engine.report import Reporter
 from engine.stages.decode import write_video
 from engine.video import shapes
 from engine.video.clips import CLIPS, DEMO_VIDEO, HELD_OUT
+from engine.video.labels import labelled
 from engine.workflow import EditResult, edit, invert
 
 # The proxy knows only its captions' words: the first prompt reconstructs the clip (it is the
@@ -79,5 +80,6 @@ def shapes_demo(out_dir: str | Path = "cogedit-demo", *, cache_dir: str | Path |
     masked = edit(inv, prompt, mask=shapes.around(spec, SHAPES_MARGIN), **common)
     comparison = Path(out_dir) / f"shapes-{SHAPES_COLOR}-source-edit-masked.mp4"
     comparison.parent.mkdir(parents=True, exist_ok=True)
-    write_video(np.concatenate([inv.frames().numpy(), whole.frames[0], masked.frames[0]], axis=2), comparison, inv.entry.fps)
+    panels = [inv.frames().numpy(), whole.frames[0], masked.frames[0]]
+    write_video(labelled(panels, ["source", "edit", "edit in a mask"], prompt[0]), comparison, inv.entry.fps)
     return ShapesDemo(whole, masked, comparison)
