@@ -449,13 +449,16 @@ def demo_cmd(out_dir: str, cache_dir) -> None:
 @click.option("--port", default=7860, show_default=True, type=click.IntRange(0, 65535))
 @cache_option
 @click.option("--uploads-dir", type=click.Path(file_okay=False), default=None, help="Folder for uploaded clips (default: <cache>/uploads).")
-def ui_cmd(model, host: str, port: int, cache_dir, uploads_dir) -> None:
+@click.option("--world", type=click.Choice(["shapes", "bunny"]), default="shapes", show_default=True,
+              help="Without --model: the shipped proxy of moving shapes (its color edits show), or of Big Buck Bunny's opening shot.")
+def ui_cmd(model, host: str, port: int, cache_dir, uploads_dir, world: str) -> None:
     """Open the web app: invert a clip, render many edits from the cache, compare them side by side.
 
     Serves on 127.0.0.1 only, unless --host says otherwise; it never makes a public link.
 
     \b
-    cogedit ui                                   # the shipped proxy: an edit within a minute on a CPU
+    cogedit ui                                   # the shipped shapes proxy: an edit within a minute on a CPU
+    cogedit ui --world bunny                     # the proxy trained on Big Buck Bunny
     cogedit ui --model THUDM/CogVideoX-5b --port 8080
     """
     try:
@@ -464,7 +467,7 @@ def ui_cmd(model, host: str, port: int, cache_dir, uploads_dir) -> None:
         raise click.ClickException('the web app needs the ui extra: pip install -e ".[ui]" in the cogedit source folder') from None
     import webui
 
-    webui.serve(model, host, port, cache_dir, uploads_dir)
+    webui.serve(model, host, port, cache_dir, uploads_dir, world)
 
 
 @cli.command(name="plan")

@@ -147,6 +147,8 @@ def _probe(video: str | Path, frames: FrameSettings, reporter: Reporter) -> Sour
         selected = select_frame_indices(info.num_frames, frames)  # fails early on too few frames
         ph.record.detail = f"{Path(video).name}: {info.num_frames} frames {info.width}x{info.height}"
     asked = (frames.max_frames - 1) // 4 * 4 + 1
+    if frames.max_frames != asked and len(selected) == asked:
+        log.warning("--frames %d: using %d, as the model takes 4k+1 frames (1, 5, 9, 13, 17, ...)", frames.max_frames, asked)
     if len(selected) < asked:
         skips = " after --skip-start/--skip-end" if frames.skip_start or frames.skip_end else ""
         stride = f", every {frames.stride}th" if frames.stride else ""

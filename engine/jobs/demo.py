@@ -30,6 +30,8 @@ DEMO_PROMPTS = (HELD_OUT.captions[0], CLIPS[0].captions[1])
 DEMO_SETTINGS = dict(steps=10, frames=PROXY_FRAMES, height=PROXY_HEIGHT, width=PROXY_WIDTH)
 # "a yellow triangle moving right on a gray background": held out, the proxy never saw a yellow triangle.
 SHAPES_SEED = 4
+# Held-out shapes clips offered beside the Big Buck Bunny ones (the web app's bundled clips), the demo's first.
+SHAPES_SEEDS = (SHAPES_SEED, 1, 5)
 SHAPES_COLOR = "red"
 SHAPES_MARGIN = 4  # px: the mask is the object drawn this much larger, frame by frame
 
@@ -52,6 +54,15 @@ def demo_model(cache_dir: str | Path | None = None, world: str = "bunny") -> Pat
     return path
 
 
+def shapes_clip(seed: int, folder: Path) -> Path:
+    """The held-out shapes clip of `seed` as an mp4 in `folder`, drawn once (not shipped: the seed is the clip)."""
+    video = folder / f"shapes_heldout_{seed}.mp4"
+    if not video.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        write_video(shapes.render(shapes.clip_spec(seed, "heldout"))[0], video, fps=8.0)
+    return video
+
+
 def demo(out_dir: str | Path = "cogedit-demo", *, cache_dir: str | Path | None = None, reporter: Reporter | None = None) -> EditResult:
     """Invert the held-out clip with the proxy, then render a reconstruction and an edit from the
     cache. A second run reuses the inversion and overwrites the demo's own mp4 files."""
@@ -69,10 +80,7 @@ def shapes_demo(out_dir: str | Path = "cogedit-demo", *, cache_dir: str | Path |
     reporter = reporter or Reporter(device="cpu")
     model = demo_model(cache_dir, "shapes")
     spec = shapes.clip_spec(SHAPES_SEED, "heldout")
-    video = cache_root(cache_dir) / "demo-clips" / f"shapes_heldout_{SHAPES_SEED}.mp4"
-    if not video.exists():  # drawn, not shipped: the seed is the clip
-        video.parent.mkdir(parents=True, exist_ok=True)
-        write_video(shapes.render(spec)[0], video, fps=8.0)
+    video = shapes_clip(SHAPES_SEED, cache_root(cache_dir) / "demo-clips")
     inv = invert(video, model, cache_dir=cache_dir, device="cpu", reporter=reporter, source_prompt=spec.caption, **DEMO_SETTINGS)
     prompt = [shapes.with_change(spec, color=SHAPES_COLOR).caption]
     common = dict(output="frames", cache_dir=cache_dir, device="cpu", reporter=reporter)
