@@ -23,6 +23,7 @@ from engine.models.components import Runtime
 from engine.models.model_info import inspect_model
 from engine.models.proxy import example_prompts
 from engine.options import InvertOptions
+from engine.stages.verify import verdict
 from engine.video import shapes
 from engine.video.reader import probe_video
 from webui.folders import Folders, bundled_names
@@ -89,7 +90,7 @@ def inversion_md(card: InversionCard) -> str:
     ]
     if card.verify:
         v = card.verify
-        lines.append(f"round trip (verify): **{v.get('verdict', '?')}**, latent error {v['latent_rel_error']:.3g}, PSNR {v['psnr_db']:.1f} dB")
+        lines.append(f"round trip (verify): **{verdict(v['latent_rel_error'])}**, latent error {v['latent_rel_error']:.3g}, PSNR {v['psnr_db']:.1f} dB")
     return "  \n".join(lines)
 
 
