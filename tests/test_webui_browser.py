@@ -108,14 +108,15 @@ def test_invert_render_two_edits_find_it_in_the_gallery_and_survive_a_bad_upload
             page.type("#mask-box textarea, #mask-box input", ",0.45", delay=20)
             page.wait_for_function("() => document.querySelector('#mask-preview img')?.naturalWidth > 0", timeout=30_000)
             assert page.inner_text("#box-hint").strip() == "" and page.evaluate(BADGES) == 0
+            page.fill("#mask-box textarea, #mask-box input", "")
 
-            # Two prompts, one render, inside the box (the rest of the frame is kept); both results must load and play.
+            # Two prompts, one render, around the moving object (the page's default for a bundled shapes clip); both results must load and play.
             page.fill("#prompts textarea", "\n".join(PROMPTS))
             page.click("#render-button")
             page.wait_for_function(PLAYABLE, arg=2, timeout=120_000)
             assert page.evaluate("() => Promise.all([...document.querySelectorAll('.edit-result video')].map(v => v.play().then(() => true)))") == [True, True]
             results = page.inner_text("#results")
-            assert all(f"source | {prompt}" in results or prompt in results for prompt in PROMPTS)
+            assert all(f"source | {prompt}" in results or prompt in results for prompt in PROMPTS) and results.count("around the object") == 2
             assert page.evaluate(BADGES) == 0
             page.screenshot(path=str(tmp_path / "edit-tab.png"), full_page=True)  # to look at (the README's is benchmarks/ui_first_edit.py's)
 

@@ -96,7 +96,7 @@ def inversion_md(card: InversionCard) -> str:
 
 def edit_label(r: EditRecord) -> str:
     o = r.settings
-    local = f", box {o['mask_box']}" if o.get("mask_box") else ""
+    local = f", box {o['mask_box']}" if o.get("mask_box") else ", around the object" if o.get("mask") else ""
     negative = ", negative: the source prompt" if o.get("negative_from_source") else f", negative '{o['negative_prompt']}'" if o.get("negative_prompt") else ""
     return f"{r.prompt} · window {o.get('inject_steps')}, strength {o.get('inject_strength')}, guidance {o.get('guidance')}{negative}{local} · {r.created[:16].replace('T', ' ')}"
 
@@ -155,8 +155,8 @@ class Actions:
         card_md = "  \n".join([inversion_md(shown), *(f"⚠ {n}" for n in notes)])
         return card_md, str(shown.thumbnails) if shown.thumbnails else None, self.inversion_choices(inv.id), gr.update(visible=True)
 
-    def do_render(self, inv_id, prompts_text, inject_steps, inject_layers, strength, guidance, negative, negative_source, init, seed, reference, mask_box,
-                  request: gr.Request, progress=gr.Progress()):  # noqa: B008
+    def do_render(self, inv_id, prompts_text, inject_steps, inject_layers, strength, guidance, negative, negative_source, init, seed, reference, mask_box, object_mask=False,
+                  request: gr.Request = None, progress=gr.Progress()):  # noqa: B008
         prompts = [p.strip() for p in (prompts_text or "").splitlines() if p.strip()]
 
         def job(reporter):
@@ -176,6 +176,8 @@ class Actions:
                 options["negative_prompt"] = negative
             if (mask_box or "").strip():  # a local edit: only the box may change
                 options["mask_box"] = mask_box.strip()
+            if object_mask:  # only around the moving object, which a bundled shapes clip knows frame by frame
+                options["mask"] = str(self.folders.object_mask(inv.manifest["summary"].get("video", "")))
             return inv.id, render_edits(inv, prompts, cache_dir=self.folders.cache, reporter=reporter, **options)
 
         done, _ = self.runner.run(job, progress, request.session_hash)

@@ -56,7 +56,7 @@ def _known(examples: tuple[str, ...]) -> str:
     return f"This proxy knows only the words of its training captions; prompts like these (change a word: a color, a shape):\n{listed}"
 
 
-def _edit_tab(prompts: tuple[str, ...], examples: tuple[str, ...]) -> SimpleNamespace:
+def _edit_tab(prompts: tuple[str, ...], examples: tuple[str, ...], world: str) -> SimpleNamespace:
     e, c = EditOptions(), SimpleNamespace(shown=gr.State([]))
     with gr.Row():
         c.pick = gr.Dropdown([], label="inversion", elem_id="edit-inversion", scale=2)
@@ -81,6 +81,7 @@ def _edit_tab(prompts: tuple[str, ...], examples: tuple[str, ...]) -> SimpleName
         with gr.Column(scale=2):
             c.mask_box = gr.Textbox("", label="local edit: a box X0,Y0,X1,Y1 in fractions of the frame (empty: the whole frame)", placeholder="0.25,0.2,0.75,0.8", elem_id="mask-box")
             c.box_hint = gr.Markdown(elem_id="box-hint")
+            c.object_mask = gr.Checkbox(world == "shapes", label="or only around the moving object (bundled shapes clips know where it is, frame by frame)", elem_id="object-mask")
         c.box_preview = gr.Image(label="first frame: the box may change, the dimmed rest is kept", interactive=False, height=160, elem_id="mask-preview")
     with gr.Row():
         c.run = gr.Button("Render all prompts", variant="primary", elem_id="render-button")
@@ -144,7 +145,7 @@ def build(cfg: AppConfig) -> gr.Blocks:
             with gr.Tab("Invert", id="invert"):
                 inv = _invert_tab(cfg.invert_defaults, cfg.world)
             with gr.Tab("Edit", id="edit"):
-                ed = _edit_tab(cfg.prompts, cfg.examples)
+                ed = _edit_tab(cfg.prompts, cfg.examples, cfg.world)
             with gr.Tab("Inversions", id="inversions") as inversions_tab:
                 gal = _inversions_tab(act, tabs, ed.pick)
 
@@ -156,7 +157,7 @@ def build(cfg: AppConfig) -> gr.Blocks:
         invert_inputs = [inv.source, inv.source_prompt, inv.frames, inv.height, inv.width, inv.fit, inv.steps, inv.plan, inv.method, inv.guidance, inv.verify]
         inv.run.click(act.do_invert, invert_inputs, [inv.card, inv.strip, ed.pick, inv.to_edit], **gpu)
         inv.to_edit.click(lambda: gr.Tabs(selected="edit"), None, tabs)
-        render_inputs = [ed.pick, ed.prompts, ed.inject_steps, ed.inject_layers, ed.strength, ed.guidance, ed.negative, ed.negative_source, ed.init, ed.seed, ed.reference, ed.mask_box]
+        render_inputs = [ed.pick, ed.prompts, ed.inject_steps, ed.inject_layers, ed.strength, ed.guidance, ed.negative, ed.negative_source, ed.init, ed.seed, ed.reference, ed.mask_box, ed.object_mask]
         ed.run.click(act.do_render, render_inputs, [ed.shown, ed.earlier, ed.pick_info], **gpu)
         for cancel in (inv.cancel, ed.cancel):
             cancel.click(act.do_cancel, None, None, queue=False)

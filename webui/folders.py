@@ -13,7 +13,7 @@ from pathlib import Path
 
 from cache.layout import CacheLayout
 from engine.errors import SettingsError
-from engine.jobs.demo import SHAPES_SEEDS, shapes_clip
+from engine.jobs.demo import SHAPES_SEEDS, shapes_clip, shapes_object_mask
 from engine.video import shapes
 from engine.video.clips import CLIPS
 
@@ -54,6 +54,15 @@ class Folders:
             copy.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(clip.path, copy)
         return copy, clip.captions[0]
+
+
+    def object_mask(self, video_name: str) -> Path:
+        """The mask around the moving object of the bundled shapes clip `video_name` (a drawn clip
+        knows where its object is), in the uploads folder."""
+        seeds = {f"shapes_heldout_{seed}.mp4": seed for seed in SHAPES_SEEDS}
+        if video_name not in seeds:
+            raise SettingsError(f"{video_name} is not a bundled shapes clip, so where its object is is not known: draw a box around it instead")
+        return shapes_object_mask(seeds[video_name], self.uploads / "clips")
 
 
 def bundled_names(world: str = "shapes") -> list[str]:

@@ -14,6 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from cache.layout import cache_root
 from engine.models.proxy import PROXY_FRAMES, PROXY_HEIGHT, PROXY_WIDTH, write_proxy_model
 from engine.report import Reporter
@@ -61,6 +63,17 @@ def shapes_clip(seed: int, folder: Path) -> Path:
         folder.mkdir(parents=True, exist_ok=True)
         write_video(shapes.render(shapes.clip_spec(seed, "heldout"))[0], video, fps=8.0)
     return video
+
+
+def shapes_object_mask(seed: int, folder: Path) -> Path:
+    """A mask video of the clip of `seed`: white around its objects (the demo's margin), frame by
+    frame; the drawn world knows where they are, so a local edit needs no box."""
+    path = folder / f"shapes_heldout_{seed}-object-mask.mp4"
+    if not path.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        around = shapes.around(shapes.clip_spec(seed, "heldout"), SHAPES_MARGIN)
+        write_video(np.repeat(around[..., None] * np.uint8(255), 3, axis=-1), path, fps=8.0)
+    return path
 
 
 def demo(out_dir: str | Path = "cogedit-demo", *, cache_dir: str | Path | None = None, reporter: Reporter | None = None) -> EditResult:
