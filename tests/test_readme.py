@@ -10,6 +10,7 @@ from pathlib import Path
 
 import click
 import pytest
+from click.testing import CliRunner
 
 from cli import cli
 
@@ -59,7 +60,7 @@ def test_every_command_the_readme_shows_exists_with_its_flags():
         assert command is not cli, f"README: {' '.join(words)}: no such command"
         unknown = {w.split("=")[0] for w in rest if w.startswith("--")} - _flags(command)
         assert not unknown, f"README: {' '.join(words)}: {command.name} has no {', '.join(sorted(unknown))}"
-        help_text = click.testing.CliRunner().invoke(cli, [*words[1 : len(words) - len(rest)], "--help"])
+        help_text = CliRunner().invoke(cli, [*words[1 : len(words) - len(rest)], "--help"])
         assert help_text.exit_code == 0, help_text.output
 
 
