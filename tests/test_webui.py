@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import socket
 import sys
-from pathlib import Path
 from types import SimpleNamespace
 from urllib.parse import quote
 
@@ -264,20 +263,15 @@ def test_a_local_edit_box_is_drawn_on_the_first_frame_and_reaches_the_edit(tmp_p
     assert act.do_render(inv.id, **edit, mask_box="", object_mask=True, request=me, progress=quiet) == (gr.skip(),) * 3
 
 
-def test_a_bundled_shapes_clip_edits_around_its_object(tmp_path, tiny_model, notices):
-    from webui.actions import Actions, app_config, edit_label
-
-    act = Actions(app_config(str(tiny_model), Folders.make(tmp_path / "cache", tmp_path / "uploads")))
-    clip, _ = act.folders.bundled_clip("shapes_heldout_4")
-    inv = engine.invert(clip, tiny_model, cache_dir=act.folders.cache, device="cpu", frames=5, height=96, width=144, steps=2)
-    me, quiet = SimpleNamespace(session_hash="me"), (lambda *a, **k: None)
-    edit = dict(prompts_text="a red triangle", inject_steps="0:1", inject_layers="all", strength=1.0, guidance=1.0, negative="", negative_source=False, init="inverted",
-                seed=0, reference="shared", mask_box="")
-    (around,), _, _ = act.do_render(inv.id, **edit, object_mask=True, request=me, progress=quiet)
-    assert Path(around.settings["mask"]) == act.folders.object_mask("shapes_heldout_4.mp4") and "around the object" in edit_label(around)
-    mask = decord.VideoReader(around.settings["mask"]).get_batch(list(range(17))).asnumpy().mean(-1) > 127
+def test_a_bundled_shapes_clip_knows_where_its_object_is(tmp_path):
+    """The mask 'only around the moving object' uses (the render with it: the browser test)."""
+    folders = Folders.make(tmp_path / "cache", tmp_path / "uploads")
+    path = folders.object_mask("shapes_heldout_4.mp4")
+    assert path.parent.parent == folders.uploads
+    mask = decord.VideoReader(str(path)).get_batch(list(range(17))).asnumpy().mean(-1) > 127
     assert (mask == shapes.around(shapes.clip_spec(4, "heldout"), SHAPES_MARGIN)).mean() > 0.99  # the object's own place, frame by frame
-    assert notices == []
+    with pytest.raises(SettingsError, match="clip.mp4 is not a bundled shapes clip, so where its object is is not known: draw a box around it instead"):
+        folders.object_mask("clip.mp4")
 
 
 def test_negative_prompt_inversion_from_the_web_app(tmp_path, tiny_model, wide_clip, notices):
