@@ -109,6 +109,7 @@ def test_invert_render_two_edits_find_it_in_the_gallery_and_survive_a_bad_upload
             page.wait_for_function("() => document.querySelector('#mask-preview img')?.naturalWidth > 0", timeout=30_000)
             assert page.inner_text("#box-hint").strip() == "" and page.evaluate(BADGES) == 0
             page.fill("#mask-box textarea, #mask-box input", "")
+            page.wait_for_function("() => !document.querySelector('#mask-preview img')", timeout=30_000)  # an empty box: no preview
 
             # Two prompts, one render, around the moving object (the page's default for a bundled shapes clip); both results must load and play.
             page.fill("#prompts textarea", "\n".join(PROMPTS))

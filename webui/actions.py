@@ -43,16 +43,17 @@ class AppConfig:
 def app_config(model: str | None, folders: Folders, world: str = "shapes") -> AppConfig:
     """With no model, the shipped proxy of `world` at its own size (a CPU renders an edit in about
     a minute), starting on its first bundled clip, verified; a model given is checked now, so that
-    a wrong path fails before the page opens."""
+    a wrong path fails before the page opens, and the page's frames and size start at the model's
+    own (81 at 768x1360 for CogVideoX1.5-5B)."""
     if model is None:
         clip = bundled_names(world)[0]
         caption = folders.bundled_clip(clip)[1]
         prompts = tuple(shapes.with_change(shapes.clip_spec(SHAPES_SEED, "heldout"), color=c).caption for c in ("red", "green")) if world == "shapes" else DEMO_PROMPTS
         defaults = dict(DEMO_SETTINGS, source_prompt=caption, verify=True, clip=clip)
         return AppConfig(str(demo_model(folders.cache, world)), folders, defaults, prompts, world, example_prompts(world))
-    inspect_model(model)
+    own = inspect_model(model).defaults
     d = InvertOptions()
-    return AppConfig(str(model), folders, dict(steps=d.steps, frames=d.frames, height=d.height, width=d.width, source_prompt=d.source_prompt, verify=d.verify, clip=None), (), "")
+    return AppConfig(str(model), folders, dict(steps=d.steps, frames=own.frames, height=own.height, width=own.width, source_prompt=d.source_prompt, verify=d.verify, clip=None), (), "")
 
 
 def _with_errors(outputs: int):
@@ -140,12 +141,12 @@ class Actions:
         return str(path), str(path), f"bundled {name}: {info.num_frames} frames, {info.width}x{info.height}, {info.fps:g} fps", caption
 
     # ------------------------------------------------------------------ jobs
-    def do_invert(self, source, source_prompt, frames, height, width, fit, steps, plan, method, guidance, verify, request: gr.Request, progress=gr.Progress()):  # noqa: B008
+    def do_invert(self, source, source_prompt, frames, height, width, fit, steps, plan, method, guidance, verify, attention, request: gr.Request, progress=gr.Progress()):  # noqa: B008
         def job(reporter):
             if not source:
                 raise SettingsError("no clip yet: upload one, or pick a bundled clip")
             sizes = {name: int(_number(value, name)) for name, value in (("frames", frames), ("height", height), ("width", width), ("steps", steps))}
-            opts = dict(**sizes, fit=fit, inversion=method, guidance=_number(guidance, "inversion guidance"), verify=bool(verify), source_prompt=source_prompt)
+            opts = dict(**sizes, fit=fit, inversion=method, guidance=_number(guidance, "inversion guidance"), verify=bool(verify), source_prompt=source_prompt, attention=attention)
             return engine.invert(self.folders.check(source), self.cfg.model, cache_dir=self.folders.cache, reporter=reporter, plan=None if plan == "auto" else plan, **opts)
 
         inv, notes = self.runner.run(job, progress, request.session_hash)
@@ -155,8 +156,8 @@ class Actions:
         card_md = "  \n".join([inversion_md(shown), *(f"⚠ {n}" for n in notes)])
         return card_md, str(shown.thumbnails) if shown.thumbnails else None, self.inversion_choices(inv.id), gr.update(visible=True)
 
-    def do_render(self, inv_id, prompts_text, inject_steps, inject_layers, strength, guidance, negative, negative_source, init, seed, reference, mask_box, object_mask=False,
-                  request: gr.Request = None, progress=gr.Progress()):  # noqa: B008
+    def do_render(self, inv_id, prompts_text, inject_steps, inject_layers, strength, guidance, negative, negative_source, init, seed, reference, mask_box,
+                  attention, object_mask=False, request: gr.Request = None, progress=gr.Progress()):  # noqa: B008
         prompts = [p.strip() for p in (prompts_text or "").splitlines() if p.strip()]
 
         def job(reporter):
@@ -178,6 +179,8 @@ class Actions:
                 options["mask_box"] = mask_box.strip()
             if object_mask:  # only around the moving object, which a bundled shapes clip knows frame by frame
                 options["mask"] = str(self.folders.object_mask(inv.manifest["summary"].get("video", "")))
+            if attention != "auto":
+                options["attention"] = attention
             return inv.id, render_edits(inv, prompts, cache_dir=self.folders.cache, reporter=reporter, **options)
 
         done, _ = self.runner.run(job, progress, request.session_hash)

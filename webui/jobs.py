@@ -35,9 +35,9 @@ PAGE_LABELS = {
     "inject-steps": "injection window", "inject-layers": "injection layers", "inject-strength": "injection strength",
     "guidance": "guidance", "negative-prompt": "negative prompt", "negative-from-source": "'negative prompt = the source prompt'",
     "init": "start from", "seed": "seed", "reference": "reference", "mask-box": "local edit box", "mask": "'only around the moving object'",
-    "prompt": "prompts", "model": "the app's --model",
+    "prompt": "prompts", "model": "the app's --model", "attention": "attention kernel",
 }
-_FLAG = re.compile(r"--([a-z][a-z0-9-]*)(?: (crop|pad|stretch|random|inverted|fixed-point|ddim|shared|per-half|stored|staged|lean|int8|nf4|offload)\b)?")
+_FLAG = re.compile(r"--([a-z][a-z0-9-]*)(?: (crop|pad|stretch|random|inverted|fixed-point|ddim|shared|per-half|stored|staged|lean|int8|nf4|offload|auto|sdpa|fa4|sage)\b)?")
 _PATH = re.compile(r"(?<![\w.])/[^\s'\"]+")
 
 
