@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import socket
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 from urllib.parse import quote
 
@@ -303,3 +304,15 @@ def test_negative_prompt_inversion_from_the_web_app(tmp_path, tiny_model, wide_c
     notices.clear()  # the kernel reaches the engine (its refusal in the page's words)
     assert act.do_render(inv.id, **{**edit, "attention": "sage"}, negative_source=False, request=me, progress=quiet) == (gr.skip(),) * 3
     assert notices[0][0] == "Error" and notices[0][1].startswith('attention kernel "sage" needs an NVIDIA GPU')
+
+
+@pytest.mark.parametrize("world", ["shapes", "bunny"])
+def test_the_page_starts_on_a_clip_its_proxy_never_saw_with_the_prompts_it_knows(tmp_path, world):
+    from webui.actions import app_config
+
+    cfg = app_config(None, Folders.make(tmp_path / "cache", tmp_path / "uploads"), world)
+    clip = {"shapes": "shapes_heldout_4", "bunny": "bunny_heldout"}[world]
+    assert cfg.invert_defaults["clip"] == clip and cfg.invert_defaults["verify"] and cfg.world == world
+    assert cfg.invert_defaults["source_prompt"] == cfg.folders.bundled_clip(clip)[1]
+    known = {"shapes": "a red circle moving left on a gray background", "bunny": "a big grey rabbit climbs out of a burrow in a grassy hill"}[world]
+    assert known in cfg.examples and Path(cfg.model).name == ("demo-model-shapes" if world == "shapes" else "demo-model")

@@ -95,21 +95,7 @@ def test_invert_render_two_edits_find_it_in_the_gallery_and_survive_a_bad_upload
             assert len(inversion_id) == 12 and "17 frames at 96x144" in card and "4 steps" in card
             assert "frames 18: using 17" in card and re.search(r"round trip \(verify\): (good|poor|failed), latent error", card)
 
-            # The button goes to Edit with the inversion chosen; Render with no prompt says so, once, in a notice.
-            page.click("#to-edit")
-            page.fill("#prompts textarea", "")
-            page.click("#render-button")
-            page.wait_for_function("() => [...document.querySelectorAll('[data-testid=toast-body]')].some(t => t.innerText.includes('write at least one prompt'))", timeout=30_000)
-            assert page.evaluate(BADGES) == 0  # no panel marked failed
-
-            # The box preview follows the box as it is typed (no Enter); a half-typed box is a hint, not an error.
-            page.type("#mask-box textarea, #mask-box input", "0.3,0.0,0.9", delay=20)
-            wait_text(page, "#box-hint", "local edit box takes four fractions", 30)
-            page.type("#mask-box textarea, #mask-box input", ",0.45", delay=20)
-            page.wait_for_function("() => document.querySelector('#mask-preview img')?.naturalWidth > 0", timeout=30_000)
-            assert page.inner_text("#box-hint").strip() == "" and page.evaluate(BADGES) == 0
-            page.fill("#mask-box textarea, #mask-box input", "")
-            page.wait_for_function("() => !document.querySelector('#mask-preview img')", timeout=30_000)  # an empty box: no preview
+            _edit_tab_guides_a_newcomer(page)
 
             # Two prompts, one render, around the moving object (the page's default for a bundled shapes clip); both results must load and play.
             page.fill("#prompts textarea", "\n".join(PROMPTS))
@@ -132,19 +118,43 @@ def test_invert_render_two_edits_find_it_in_the_gallery_and_survive_a_bad_upload
             assert "2 edit(s)" in gallery
             page.wait_for_function("() => [...document.querySelectorAll('#gallery img')].some(i => i.complete && i.naturalWidth > 0)", timeout=30_000)
 
-            # A text file named .mp4: one line that names the problem and the fix, no traceback.
-            page.get_by_role("tab", name="Invert").click()
-            page.set_input_files("#upload input[type=file]", str(fake))
-            page.wait_for_function("() => [...document.querySelectorAll('[data-testid=toast-body]')].some(t => t.innerText.includes('is not a readable video'))", timeout=60_000)
-            toast = page.inner_text("[data-testid=toast-body]")
-            message = toast.strip().splitlines()[-1]
-            assert message.endswith("fixed.mp4") and "notes.mp4 is not a readable video" in message and "re-encode it" in message
-            assert str(tmp_path) not in toast and page.evaluate(BADGES) == 0  # file names, not the upload's hashed path
-            assert "Traceback" not in page.content()
-
-            # ... and the app still answers.
-            page.click("#upload button[aria-label='Clear']")
-            page.set_input_files("#upload input[type=file]", str(small_clip))
-            assert "47 frames" in wait_text(page, "#source-info", "47 frames", 60)
+            _a_bad_upload_is_one_line(page, fake, small_clip, tmp_path)
         finally:
             browser.close()
+
+
+def _edit_tab_guides_a_newcomer(page: Any) -> None:
+    """The button goes to Edit; Render with no prompt is one notice and marks no panel failed; the
+    box preview follows the box as it is typed, a half-typed box is a hint, an empty one no preview."""
+    page.click("#to-edit")
+    page.fill("#prompts textarea", "")
+    page.click("#render-button")
+    page.wait_for_function("() => [...document.querySelectorAll('[data-testid=toast-body]')].some(t => t.innerText.includes('write at least one prompt'))", timeout=30_000)
+    assert page.evaluate(BADGES) == 0  # no panel marked failed
+
+    # The box preview follows the box as it is typed (no Enter); a half-typed box is a hint, not an error.
+    page.type("#mask-box textarea, #mask-box input", "0.3,0.0,0.9", delay=20)
+    wait_text(page, "#box-hint", "local edit box takes four fractions", 30)
+    page.type("#mask-box textarea, #mask-box input", ",0.45", delay=20)
+    page.wait_for_function("() => document.querySelector('#mask-preview img')?.naturalWidth > 0", timeout=30_000)
+    assert page.inner_text("#box-hint").strip() == "" and page.evaluate(BADGES) == 0
+    page.fill("#mask-box textarea, #mask-box input", "")
+    page.wait_for_function("() => !document.querySelector('#mask-preview img')", timeout=30_000)  # an empty box: no preview
+
+
+def _a_bad_upload_is_one_line(page: Any, fake: Path, small_clip: Path, tmp_path: Path) -> None:
+    """A text file named .mp4: one line that names the problem and the fix, in file names, no
+    traceback, no panel marked failed; and the app still answers."""
+    page.get_by_role("tab", name="Invert").click()
+    page.set_input_files("#upload input[type=file]", str(fake))
+    page.wait_for_function("() => [...document.querySelectorAll('[data-testid=toast-body]')].some(t => t.innerText.includes('is not a readable video'))", timeout=60_000)
+    toast = page.locator("[data-testid=toast-body]", has_text="is not a readable video").first.inner_text()
+    message = toast.strip().splitlines()[-1]
+    assert message.endswith("fixed.mp4") and "notes.mp4 is not a readable video" in message and "re-encode it" in message
+    assert str(tmp_path) not in toast and page.evaluate(BADGES) == 0  # file names, not the upload's hashed path
+    assert "Traceback" not in page.content()
+
+    # ... and the app still answers.
+    page.click("#upload button[aria-label='Clear']")
+    page.set_input_files("#upload input[type=file]", str(small_clip))
+    assert "47 frames" in wait_text(page, "#source-info", "47 frames", 60)
