@@ -285,12 +285,15 @@ def tiny_model_write(directory: str, random_weights: bool, seed: int, world: str
     cogedit tiny-model tiny15/ --random --arch 1.5
     """
     from engine import SettingsError, build_tiny_model, write_proxy_model
+    from engine.models.proxy import describe
 
     if random_weights and world != "bunny":
         raise SettingsError("--random writes the random tiny model, which belongs to no world: drop --random or --world")
     if arch != "1.0" and not random_weights:
         raise SettingsError("the trained proxies are CogVideoX-5B-shaped: --arch 1.5 needs --random")
-    click.echo(build_tiny_model(directory, seed=seed, arch=arch) if random_weights else write_proxy_model(directory, world))
+    path = build_tiny_model(directory, seed=seed, arch=arch) if random_weights else write_proxy_model(directory, world)
+    click.echo(describe(path, None if random_weights else world), err=True)
+    click.echo(path)  # alone on stdout, for scripts
 
 
 @cli.command(name="invert")
@@ -431,23 +434,29 @@ def batch_cmd(jobs_file: str, model, out_dir: str, nproc: int, cache_dir, device
 @click.option("--out", "out_dir", default="cogedit-demo", type=click.Path(file_okay=False), show_default=True)
 @cache_option
 def demo_cmd(out_dir: str, cache_dir) -> None:
-    """The whole job on the trained proxies and clips they never saw: invert once, then edits
-    from the cache; a second run reuses the inversions and rewrites the demo's own files.
+    """The whole job on a CPU in about a minute, on the shipped proxies and clips they never saw:
+    invert once, then edits from the cache.
 
-    First a Big Buck Bunny clip: a reconstruction and an edit. Then a shapes clip (a yellow
-    triangle, a pair the shapes proxy never saw) edited towards red everywhere, and only inside a
-    mask around the object, with source | edit | masked edit side by side (that proxy barely
-    follows color words: the mask keeping the rest is what it shows).
-    The proxies are 7M-parameter CogVideoX models, not CogVideoX-5B;
-    `cogedit run --model THUDM/CogVideoX-5b` is the same job with the real model.
+    First a shapes clip (a yellow triangle, a pair the shapes proxy never saw) recolored red,
+    everywhere and inside a mask around the triangle: one labelled mp4, source | edit | edit in a
+    mask. Then a Big Buck Bunny clip: a reconstruction and an edit towards another caption the
+    proxy was trained on (it knows no other words; its edits stay close to the reconstruction).
+    A second run reuses the inversions and rewrites the demo's own files. The proxies are
+    7M-parameter CogVideoX models, not CogVideoX-5B: `cogedit run clip.mp4 --model
+    THUDM/CogVideoX-5b --prompt TEXT` is the same job with the real model.
     """
     import engine
 
     reporter = _reporter("cpu")
-    result = engine.demo(out_dir, cache_dir=cache_dir, reporter=reporter)
     shapes = engine.shapes_demo(out_dir, cache_dir=cache_dir, reporter=reporter)
-    _print_edit(reporter, result, False, title="demo")
-    click.echo(shapes.comparison)
+    result = engine.demo(out_dir, cache_dir=cache_dir, reporter=reporter)
+    _console().print(reporter.table("demo"))
+    click.echo(f"{shapes.comparison}\n{result.side_by_side[0]}\n{result.side_by_side[1]}")
+    click.echo(
+        f"first {shapes.comparison.name}: source | edit | edit in a mask (the triangle turns red, the rest stays); then the rabbit's "
+        "reconstruction and an edit towards another of the proxy's captions (a 7M-parameter model of one shot: both stay close to the source)",
+        err=True,
+    )
 
 
 @cli.command(name="ui")
@@ -456,13 +465,16 @@ def demo_cmd(out_dir: str, cache_dir) -> None:
 @click.option("--port", default=7860, show_default=True, type=click.IntRange(0, 65535))
 @cache_option
 @click.option("--uploads-dir", type=click.Path(file_okay=False), default=None, help="Folder for uploaded clips (default: <cache>/uploads).")
-def ui_cmd(model, host: str, port: int, cache_dir, uploads_dir) -> None:
+@click.option("--world", type=click.Choice(["shapes", "bunny"]), default="shapes", show_default=True,
+              help="Without --model: the shipped proxy of moving shapes (its color edits show), or of Big Buck Bunny's opening shot.")
+def ui_cmd(model, host: str, port: int, cache_dir, uploads_dir, world: str) -> None:
     """Open the web app: invert a clip, render many edits from the cache, compare them side by side.
 
     Serves on 127.0.0.1 only, unless --host says otherwise; it never makes a public link.
 
     \b
-    cogedit ui                                   # the shipped proxy: an edit within a minute on a CPU
+    cogedit ui                                   # the shipped shapes proxy: an edit within a minute on a CPU
+    cogedit ui --world bunny                     # the proxy trained on Big Buck Bunny
     cogedit ui --model THUDM/CogVideoX-5b --port 8080
     """
     try:
@@ -471,7 +483,7 @@ def ui_cmd(model, host: str, port: int, cache_dir, uploads_dir) -> None:
         raise click.ClickException('the web app needs the ui extra: pip install -e ".[ui]" in the cogedit source folder') from None
     import webui
 
-    webui.serve(model, host, port, cache_dir, uploads_dir)
+    webui.serve(model, host, port, cache_dir, uploads_dir, world)
 
 
 @cli.command(name="plan")
@@ -550,10 +562,9 @@ def cache_path(cache_dir) -> None:
 @cache_option
 @json_option
 def cache_ls(cache_dir, as_json: bool) -> None:
-    """List cached inversions."""
-    from rich.console import Console
-    from rich.markup import escape
-    from rich.table import Table
+    """List cached inversions, one a line."""
+    import shutil
+    from pathlib import Path
 
     from cache.layout import CacheLayout
     from cache.sizes import format_size
@@ -563,22 +574,22 @@ def cache_ls(cache_dir, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps([{"id": e.id, "complete": e.complete, "size": e.size_bytes, "summary": e.summary, "inversion": e.inversion, "last_used": e.last_used} for e in entries]))
         return
-    # The whole id, whatever the width (users copy it); the video and model under it, folded.
-    table = Table(title=f"{len(entries)} cached inversion(s)", title_justify="left", box=None, pad_edge=False)
-    table.add_column("id / video, model", min_width=max((len(e.id) for e in entries), default=0), overflow="fold")
-    # Two lines a row: the inversion's method over its steps, its size over when it was last used.
-    table.add_column("state")
-    table.add_column("inversion", no_wrap=True)
-    table.add_column("size, last used", justify="right", no_wrap=True)
-    # Under each id, the settings that tell entries apart besides the columns (a prompt, a size).
+    # One line an entry: a 12-character id prefix (every command takes it; `cache show` gives the
+    # whole id), the fixed columns, then what tells entries apart, cut to the terminal's width.
     shown = {"--model", "--steps", "--inversion", "--inversion-iters"}
     differ = [k for k in dict.fromkeys(k for e in entries for k in e.flags) if k not in shown and len({repr(e.flags.get(k)) for e in entries}) > 1]
+    rows = [("id", "steps", "inversion", "size", "last used", "video · model · settings")]
     for e in entries:
         s = e.summary
-        source = ", ".join([*(str(s[k]) for k in ("video", "model") if s.get(k)), *(f"{k} {_short(e.flags[k])}" for k in differ if k in e.flags)])
-        steps = f"{s['steps']} steps" if s.get("steps") else ""
-        table.add_row(f"{e.id}\n[dim]{escape(source)}", e.state, f"{e.inversion}\n{steps}", f"{format_size(e.size_bytes)}\n{_when(e.last_used)}")
-    Console().print(table)
+        model = [Path(str(s["model"])).name] if s.get("model") else []
+        rest = [*([] if e.complete else [e.state]), *([s["video"]] if s.get("video") else []), *model, *(f"{k} {_short(e.flags[k])}" for k in differ if k in e.flags)]
+        rows.append((e.id[:12], str(s.get("steps", "")), e.inversion, format_size(e.size_bytes), _when(e.last_used)[5:], " · ".join(rest)))
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    width = shutil.get_terminal_size().columns
+    click.echo(f"{len(entries)} cached inversion(s)")
+    for r in rows:
+        line = "  ".join([r[0].ljust(widths[0]), r[1].rjust(widths[1]), r[2].ljust(widths[2]), r[3].rjust(widths[3]), r[4].ljust(widths[4]), r[5]])
+        click.echo(line if len(line) <= width else line[: width - 1] + "…")
 
 
 def _when(timestamp: str | None) -> str:

@@ -33,7 +33,7 @@ from cache.manifest import FORMAT_VERSION
 from cache.sizes import format_size
 from engine.errors import ModelError, SettingsError
 from engine.models.components import Runtime
-from engine.models.model_info import ModelInfo, inspect_model
+from engine.models.model_info import ModelInfo, inspect_model, is_hub_id
 from engine.models.plans import Workload, choose_plan, parse_vram, predict_peaks
 from engine.options import EditOptions, InvertOptions, RuntimeOptions, parse, split_run_options
 from engine.report import Reporter
@@ -154,6 +154,8 @@ def _probe(video: str | Path, frames: FrameSettings, reporter: Reporter) -> Sour
         selected = select_frame_indices(info.num_frames, frames)  # fails early on too few frames
         ph.record.detail = f"{Path(video).name}: {info.num_frames} frames {info.width}x{info.height}"
     asked = (frames.max_frames - 1) // 4 * 4 + 1
+    if frames.max_frames != asked and len(selected) == asked:
+        log.warning("--frames %d: using %d, as the model takes 4k+1 frames (1, 5, 9, 13, 17, ...)", frames.max_frames, asked)
     if len(selected) < asked:
         skips = " after --skip-start/--skip-end" if frames.skip_start or frames.skip_end else ""
         stride = f", every {frames.stride}th" if frames.stride else ""
@@ -271,11 +273,11 @@ def _new_entry(paths: EntryPaths, identity: dict, source: Source, frames: FrameS
     settings_record = {
         "video": dataclasses.asdict(source.info),
         "frames": dataclasses.asdict(frames),
-        "model": {"source": ctx.info.source, "key": ctx.info.key},
+        "model": {"source": ctx.info.stored_source, "key": ctx.info.key},
         "dtype": str(ctx.runtime.dtype),
         "invert": dataclasses.asdict(settings),
     }
-    summary = {"video": Path(source.video).name, "model": ctx.info.source, "steps": settings.steps, "fps": source.fps}
+    summary = {"video": Path(source.video).name, "model": ctx.info.stored_source, "steps": settings.steps, "fps": source.fps}
     return InversionEntry.new(paths, identity, settings_record, summary)
 
 
@@ -310,8 +312,17 @@ def edit_stem(inversion_id: str, settings: EditSettings, runtime: Runtime) -> st
     return f"{inversion_id[:8]}-{tag}"
 
 
+def _stored_model(inv: Inversion) -> str:
+    """The model the inversion recorded; a folder that is not there (moved, or recorded relative to
+    another working directory by an older cogedit) is named with the fix."""
+    stored = inv.entry.model_source
+    if not is_hub_id(stored) and not Path(stored).expanduser().is_dir():
+        raise ModelError(f"inversion {inv.id[:12]} was made with the model folder {stored}, which is not there from here: pass the model's folder with edit --model")
+    return stored
+
+
 def _edit_model(inv: Inversion, model: str | Path | None) -> ModelInfo:
-    info = inspect_model(model or inv.entry.model_source)
+    info = inspect_model(model or _stored_model(inv))
     if info.key != inv.entry.model_key:
         raise ModelError(
             f"inversion {inv.id[:12]} was made with another model than {info.source}; "
@@ -379,7 +390,7 @@ def edit(inversion: Inversion | str, prompts: Prompts, *, cache_dir: str | Path 
     if latents is None or opts.output == "latents":  # None: the other half of a split edit
         return EditResult(inv.id, prompts, (), (), latents, skipped=skipped)
     mine = ([outputs[0][k] for k in todo], [outputs[1][k] for k in todo]) if outputs else None
-    frames = decode_stage(ctx, latents, mine, opts.fps or inv.entry.fps)
+    frames = decode_stage(ctx, latents, mine, opts.fps or inv.entry.fps, settings.prompts)
     videos, pairs = outputs or ((), ())
     return EditResult(inv.id, prompts, tuple(videos), tuple(pairs), latents, frames, skipped)
 

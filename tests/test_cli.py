@@ -31,8 +31,9 @@ def _frames(path) -> tuple[int, tuple[int, ...]]:
     return len(reader), reader[0].shape
 
 
-def test_invert_then_edit_from_the_cache(tiny_model, wide_clip, tmp_path):
-    first = invoke("invert", wide_clip, "--model", tiny_model, *SMALL_ARGS)
+def test_invert_then_edit_from_the_cache(tiny_model, wide_clip, tmp_path, monkeypatch):
+    monkeypatch.chdir(tiny_model.parent)  # the model as a relative folder, as `cogedit invert clip --model proxy`
+    first = invoke("invert", wide_clip, "--model", tiny_model.name, *SMALL_ARGS)
     inversion_id = first.stdout.strip().splitlines()[-1]
     assert len(inversion_id) == 32 and "invert" in first.stderr  # the summary table
 
@@ -42,6 +43,7 @@ def test_invert_then_edit_from_the_cache(tiny_model, wide_clip, tmp_path):
     assert components.LOAD_EVENTS == []  # a cache hit loads no model
 
     components.LOAD_EVENTS.clear()
+    monkeypatch.chdir(tmp_path)  # editing from another folder finds the model: the inversion holds its absolute path
     out = tmp_path / "edits"
     result = invoke(
         "edit", inversion_id[:8], "--prompt", "a watercolor painting", "--prompt", "a charcoal sketch",
@@ -52,10 +54,13 @@ def test_invert_then_edit_from_the_cache(tiny_model, wide_clip, tmp_path):
     assert [e["prompt"] for e in edits] == ["a watercolor painting", "a charcoal sketch"]
     for e in edits:
         assert _frames(e["video"]) == (9, (96, 160, 3))
-        assert _frames(e["side_by_side"]) == (9, (96, 320, 3))  # source | edit
+        assert _frames(e["side_by_side"]) == (9, (112, 320, 3))  # source | edit, over a band with the prompt
+        band = decord.VideoReader(e["side_by_side"])[0].asnumpy()[96:]
+        assert band.mean() < 50 and (band > 200).sum() > 100  # white text on black
 
     listing = invoke("cache", "ls", "--json").stdout
     assert json.loads(listing)[0]["id"] == inversion_id and json.loads(listing)[0]["complete"]
+    _old_relative_model_names_the_fix(inversion_id, tiny_model, out)
     assert "all cached files verified" in invoke("cache", "verify").stdout
     assert inversion_id in invoke("cache", "show", inversion_id[:6]).stdout
     dry = invoke("cache", "gc", "--max-size", "0", "--dry-run").stdout
@@ -63,6 +68,17 @@ def test_invert_then_edit_from_the_cache(tiny_model, wide_clip, tmp_path):
 
     assert "removed" in invoke("cache", "rm", inversion_id[:6]).stdout
     assert json.loads(invoke("cache", "ls", "--json").stdout) == []
+
+
+def _old_relative_model_names_the_fix(inversion_id: str, model: Path, out: Path) -> None:
+    """An older cogedit recorded the folder as typed: from another folder, the edit says how to name it."""
+    manifest = Path(os.environ["COGEDIT_CACHE"]) / "inversions" / inversion_id / "manifest.json"
+    m = json.loads(manifest.read_text())
+    m["settings"]["model"]["source"] = model.name
+    manifest.write_text(json.dumps(m))
+    failed = CliRunner().invoke(cli, ["edit", inversion_id[:8], "--prompt", "snow", "--out", str(out)])
+    assert failed.exit_code == 1 and f"model folder {model.name}, which is not there from here: pass the model's folder with edit --model" in failed.output
+    invoke("edit", inversion_id[:8], "--prompt", "snow", "--out", out, "--model", model)
 
 
 def test_run_is_invert_plus_edit(tiny_model, wide_clip, tmp_path):
@@ -89,7 +105,9 @@ def test_demo_writes_both_halves(tmp_path):
     assert "decode" in result.stderr and "total" in result.stderr and titles == ["demo"]  # its table's title
     for v in videos:
         assert _frames(v)[0] == 17
-    assert _frames(tmp_path / "demo" / "shapes-red-source-edit-masked.mp4") == (17, (96, 3 * 144, 3))  # source | edit | masked
+    comparison = tmp_path / "demo" / "shapes-red-source-edit-masked.mp4"
+    assert _frames(comparison) == (17, (112, 3 * 144, 3))  # source | edit | masked, over the prompt's band
+    assert result.stdout.splitlines()[0] == str(comparison)  # what works comes first
     again = invoke("demo", "--out", tmp_path / "demo")  # a second run reuses the inversions and rewrites its own files
     assert sorted((tmp_path / "demo").glob("*.mp4")) == videos and "hit" in again.stderr
 

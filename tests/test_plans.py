@@ -60,7 +60,7 @@ def test_readme_plan_table_is_the_plans_own_description():
     """One source: each plan's description and the cards --vram gives it, in the README's table,
     are PLANS' summaries and card_sizes (what `cogedit plan` prints)."""
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    section = readme.split("### Memory plans")[1].split("\n## ")[0]
+    section = readme.split("## Memory plans")[1].split("\n## ")[0]
     rows = {}
     for line in section.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]

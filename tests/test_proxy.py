@@ -46,7 +46,10 @@ def test_proxy_is_small_and_says_how_it_was_trained(folder):
 def test_tiny_model_writes_a_loadable_folder(tmp_path, flags):
     out = tmp_path / "model"
     result = CliRunner().invoke(cli, ["tiny-model", str(out), *flags], catch_exceptions=False)
-    assert result.exit_code == 0 and result.stdout.strip() == str(out)
+    assert result.exit_code == 0 and result.stdout.strip() == str(out)  # the path alone on stdout, for scripts
+    # what it wrote and how to use it, on stderr
+    assert f"to {out.resolve()}" in result.stderr and f"use it: cogedit ui --model {out.resolve()}" in result.stderr
+    assert ('"a red circle moving left' in result.stderr) == (flags == ["--world", "shapes"])
     info = inspect_model(out)
     assert (out / "TRAINING.json").exists() != (flags == ["--random"])
     assert info.transformer_config["use_rotary_positional_embeddings"]

@@ -7,9 +7,11 @@ from __future__ import annotations
 import json
 import socket
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 from urllib.parse import quote
 
+import decord
 import gradio as gr
 import httpx
 import pytest
@@ -22,11 +24,22 @@ from cache.layout import CacheLayout
 from cache.store import remove_entry
 from cli import cli
 from engine.errors import SettingsError, VideoError
+from engine.jobs.demo import SHAPES_MARGIN
 from engine.jobs.gallery import THUMBNAILS, inversions, render_edits
 from engine.models import components
+from engine.video import shapes
+from engine.video.clips import HELD_OUT
 from tests.conftest import SMALL, free_port
 from webui.folders import Folders
-from webui.jobs import JobRunner
+from webui.jobs import JobRunner, page_words
+
+
+@pytest.fixture
+def notices(monkeypatch) -> list[tuple[str, str]]:
+    """The notices the page would show, (title, message)."""
+    shown: list[tuple[str, str]] = []
+    monkeypatch.setattr("webui.jobs.notify", lambda title, message: shown.append((title, message)))
+    return shown
 
 
 def test_edits_are_kept_beside_their_inversion_and_listed_in_the_gallery(tiny_model, wide_clip):
@@ -66,7 +79,7 @@ def test_edits_are_kept_beside_their_inversion_and_listed_in_the_gallery(tiny_mo
     assert inversions() == [] and not inv.paths.edits_dir.exists()
 
 
-def test_cancel_stops_a_job_at_its_next_step_and_it_resumes_there(tiny_model, wide_clip):
+def test_cancel_stops_a_job_at_its_next_step_and_it_resumes_there(tiny_model, wide_clip, notices):
     runner = JobRunner("cpu")
     shown: list[str] = []
 
@@ -79,9 +92,8 @@ def test_cancel_stops_a_job_at_its_next_step_and_it_resumes_there(tiny_model, wi
     def job(reporter):
         return engine.invert(wide_clip, tiny_model, device="cpu", reporter=reporter, **SMALL)
 
-    with pytest.raises(gr.Error) as err:
-        runner.run(job, show, "me")
-    assert err.value.message == "cancelled: the steps already finished are cached; run it again to resume" and err.value.title == "Cancelled"
+    assert runner.run(job, show, "me")[0] is None
+    assert notices[0] == ("Cancelled", "cancelled: the steps already finished are cached; run it again to resume")  # news, not an error
     assert shown[:2] == ["video", "encode"] and "invert: step 0/4" in shown
     assert any(d.startswith("invert: step 1/4, ") and d.endswith(" s left") for d in shown)
     # Cancelled after step 1's report, it stops once step 2 is on disk; the rerun resumes there.
@@ -90,22 +102,31 @@ def test_cancel_stops_a_job_at_its_next_step_and_it_resumes_there(tiny_model, wi
     assert [r.detail for r in reporter.records if r.name == "invert"] == ["resumed at step 2, attention sdpa"]
 
 
-def test_a_failed_job_is_one_line_and_the_runner_takes_the_next(caplog):
+def test_a_failed_job_is_one_line_and_the_runner_takes_the_next(caplog, notices):
     runner = JobRunner("cpu")
 
     def fails(exc):
         def job(reporter):
             raise exc
 
-        with pytest.raises(gr.Error) as err:
-            runner.run(job, lambda *a, **k: None, "me")
-        return err.value.message
+        assert runner.run(job, lambda *a, **k: None, "me") == (None, [])  # no panel is filled, or marked failed
+        title, message = notices.pop()
+        assert title == "Error"
+        return message
 
     assert fails(VideoError("clip.mp4 is not a readable video — re-encode it")) == "clip.mp4 is not a readable video — re-encode it"
     unexpected = fails(RuntimeError("boom\n  at line 3"))
     assert unexpected == "unexpected RuntimeError: boom at line 3 — the server's log has the traceback; please report it"
     assert "Traceback" in caplog.text  # for the server's log only
-    assert runner.run(lambda reporter: 42, lambda *a, **k: None, "me") == 42
+    assert runner.run(lambda reporter: 42, lambda *a, **k: None, "me") == (42, []) and notices == []
+
+
+def test_messages_use_the_pages_labels_and_file_names(tmp_path):
+    uploads = tmp_path / "uploads"
+    text = f"{uploads}/3f9a0c2e/notes.mp4 is not a readable video; --inject-steps 0:2 is outside 0-1; pass --fit crop or --fit pad; /etc/passwd."
+    assert page_words(text, (uploads,)) == (
+        'notes.mp4 is not a readable video; injection window 0:2 is outside 0-1; pass fit "crop" or fit "pad"; /etc/passwd.'
+    )
 
 
 def test_only_the_cache_and_the_uploads_folder_are_reachable(tmp_path):
@@ -120,11 +141,13 @@ def test_only_the_cache_and_the_uploads_folder_are_reachable(tmp_path):
             folders.check(bad)
     with pytest.raises(SettingsError, match="no bundled clip is named '../secret'"):
         folders.bundled_clip("../secret")
-    copy, clip = folders.bundled_clip("bunny_heldout")
-    assert copy.parent.parent == folders.uploads and copy.read_bytes() == clip.path.read_bytes()
+    copy, caption = folders.bundled_clip("bunny_heldout")
+    assert copy.parent.parent == folders.uploads and copy.read_bytes() == HELD_OUT.path.read_bytes() and caption == HELD_OUT.captions[0]
+    drawn, caption = folders.bundled_clip("shapes_heldout_4")  # a held-out shapes clip, drawn into the uploads folder
+    assert drawn.parent.parent == folders.uploads and caption == "a yellow triangle moving right on a gray background"
 
 
-def test_handlers_refuse_bad_requests_in_one_line(tmp_path, small_clip):
+def test_handlers_refuse_bad_requests_in_one_line(tmp_path, small_clip, notices):
     from webui.actions import Actions, app_config
 
     act = Actions(app_config(None, Folders.make(tmp_path / "cache", tmp_path / "uploads")))
@@ -134,10 +157,12 @@ def test_handlers_refuse_bad_requests_in_one_line(tmp_path, small_clip):
     invert_defaults = dict(source_prompt="", frames=9, height=96, width=144, fit="stretch", steps=2, plan="auto", method="ddim", guidance=6.0, verify=False, attention="auto")
 
     def refused(handler, *args, **kwargs) -> str:
-        with pytest.raises(gr.Error) as err:
-            handler(*args, **kwargs)
-        assert "\n" not in err.value.message
-        return err.value.message
+        returned = handler(*args, **kwargs)
+        assert all(r == gr.skip() for r in returned)  # every panel stays as it was
+        ((title, message),) = notices
+        notices.clear()
+        assert title == "Error" and "\n" not in message
+        return message
 
     assert refused(act.do_invert, None, **invert_defaults, request=me, progress=quiet) == "no clip yet: upload one, or pick a bundled clip"
     assert refused(act.do_invert, str(clip), **{**invert_defaults, "frames": None}, request=me, progress=quiet) == "frames is empty: enter a number"
@@ -147,6 +172,7 @@ def test_handlers_refuse_bad_requests_in_one_line(tmp_path, small_clip):
                 reference="shared", mask_box="", attention="auto")
     assert refused(act.do_render, "", **edit, request=me, progress=quiet) == "no inversion chosen: invert a clip first, or open one from the Inversions tab"
     assert refused(act.do_render, "../../etc", **edit, request=me, progress=quiet).startswith("'../../etc' is not an id prefix")
+    assert refused(act.do_render, "abc", **{**edit, "prompts_text": " \n"}, request=me, progress=quiet) == "write at least one prompt, one per line"
     assert "gc size: cannot read size 'lots'" in refused(act.run_gc, "lots")
     assert act.on_upload(str(clip))[2] == "clip.mp4: 47 frames, 430x242, 25 fps"
 
@@ -177,7 +203,7 @@ def test_requests_cannot_read_outside_the_cache_and_uploads(served, tmp_path):
         return httpx.get(f"{url}/gradio_api/file={quote(str(path), safe='')}")
 
     assert get(folders.uploads / "mine.txt").status_code == 200
-    assert get(folders.cache / "demo-model" / "model_index.json").status_code == 200  # the proxy, copied into the cache
+    assert get(folders.cache / "demo-model-shapes" / "model_index.json").status_code == 200  # the proxy, copied into the cache
     for outside in (tmp_path / "secret.txt", f"{folders.uploads}/../secret.txt", folders.uploads / "link.txt", "/etc/passwd"):
         response = get(outside)
         assert response.status_code == 403 and "the-secret-content" not in response.text, outside
@@ -218,12 +244,13 @@ def test_a_local_edit_box_is_drawn_on_the_first_frame_and_reaches_the_edit(tmp_p
     frame = inv.frames()[0].numpy()
     h, w = frame.shape[:2]
     shown = act.on_box(inv.id, "0.25,0.25,0.75,0.75")
-    assert shown.shape == frame.shape
+    shown, hint = shown
+    assert shown.shape == frame.shape and hint == ""
     assert (shown[2, 2] == frame[2, 2] // 3).all()  # outside: kept, shown dimmed
     assert (shown[h // 2, w // 2] == frame[h // 2, w // 2]).all()  # inside: may change, shown as it is
-    assert act.on_box(inv.id, "") is None and act.on_box(None, "0,0,1,1") is None
-    with pytest.raises(gr.Error, match="is empty: it needs X0 < X1"):
-        act.on_box(inv.id, "0.5,0.5,0.2,0.9")
+    assert act.on_box(inv.id, "") == (None, "") and act.on_box(None, "0,0,1,1") == (None, "")
+    # a box being typed: the last preview stays, a line under it says what is wrong, in the page's words
+    assert act.on_box(inv.id, "0.5,0.5,0.2,0.9") == (gr.skip(), "local edit box '0.5,0.5,0.2,0.9' is empty: it needs X0 < X1 and Y0 < Y1")
 
     me, quiet = SimpleNamespace(session_hash="me"), (lambda *a, **k: None)
     edit = dict(prompts_text="snow", inject_steps="0:1", inject_layers="all", strength=1.0, guidance=1.0, negative="", negative_source=False, init="inverted", seed=0,
@@ -233,9 +260,22 @@ def test_a_local_edit_box_is_drawn_on_the_first_frame_and_reaches_the_edit(tmp_p
     assert local.settings["mask_box"] == "0.25,0.25,0.75,0.75" and "mask_box" not in whole.settings
     assert local.video != whole.video  # a local edit is its own edit, with its own name
     assert "negative_prompt" not in whole.settings  # none given: recorded as before
+    # Only around the moving object: a clip that is not a bundled shapes clip has no known object.
+    assert act.do_render(inv.id, **edit, mask_box="", object_mask=True, request=me, progress=quiet) == (gr.skip(),) * 3
 
 
-def test_negative_prompt_inversion_from_the_web_app(tmp_path, tiny_model, wide_clip):
+def test_a_bundled_shapes_clip_knows_where_its_object_is(tmp_path):
+    """The mask 'only around the moving object' uses (the render with it: the browser test)."""
+    folders = Folders.make(tmp_path / "cache", tmp_path / "uploads")
+    path = folders.object_mask("shapes_heldout_4.mp4")
+    assert path.parent.parent == folders.uploads
+    mask = decord.VideoReader(str(path)).get_batch(list(range(17))).asnumpy().mean(-1) > 127
+    assert (mask == shapes.around(shapes.clip_spec(4, "heldout"), SHAPES_MARGIN)).mean() > 0.99  # the object's own place, frame by frame
+    with pytest.raises(SettingsError, match="clip.mp4 is not a bundled shapes clip, so where its object is is not known: draw a box around it instead"):
+        folders.object_mask("clip.mp4")
+
+
+def test_negative_prompt_inversion_from_the_web_app(tmp_path, tiny_model, wide_clip, notices):
     """Invert with guidance 1 and a source prompt, then edit with "negative prompt = the source
     prompt": the edit's negative prompt is the inversion's own source prompt, whatever the box says."""
     from engine.jobs.gallery import inversions
@@ -245,8 +285,12 @@ def test_negative_prompt_inversion_from_the_web_app(tmp_path, tiny_model, wide_c
     clip = act.folders.uploads / "clip.mp4"
     clip.write_bytes(wide_clip.read_bytes())
     me, quiet = SimpleNamespace(session_hash="me"), (lambda *a, **k: None)
-    act.do_invert(str(clip), "a street at night", SMALL["frames"], SMALL["height"], SMALL["width"], "stretch", SMALL["steps"], "auto", "ddim", 1.0, False, "auto",
-                  request=me, progress=quiet)
+    card = act.do_invert(str(clip), "a street at night", SMALL["frames"] + 1, SMALL["height"], SMALL["width"], "stretch", SMALL["steps"], "auto", "ddim", 1.0, False, "auto",
+                         request=me, progress=quiet)[0]
+    # what the engine changed on its own is on the page: on the card and as a notice
+    changed = f"frames {SMALL['frames'] + 1}: using {SMALL['frames']}, as the model takes 4k+1 frames"
+    stretched = "clip.mp4 is 636x270 and is stretched to 160x96"
+    assert changed in card and stretched in card and [t for t, m in notices if changed in m or stretched in m] == ["Note", "Note"]
     inv = engine.open_inversion(inversions(act.folders.cache)[0].id, act.folders.cache)
     assert inv.entry.source_prompt == "a street at night" and inv.manifest["settings"]["invert"]["guidance"] == 1.0
     edit = dict(prompts_text="snow", inject_steps="0:1", inject_layers="all", strength=1.0, guidance=6.0, negative="ignored", init="inverted", seed=0,
@@ -257,6 +301,18 @@ def test_negative_prompt_inversion_from_the_web_app(tmp_path, tiny_model, wide_c
     assert npi.settings["negative_from_source"] is True and "negative_prompt" not in npi.settings and other.settings["negative_prompt"] == "ignored"
     assert npi.video == typed.video != other.video  # the same edit as typing the source prompt: the same file
     assert "negative: the source prompt" in edit_label(npi)
-    with pytest.raises(gr.Error) as err:  # the kernel reaches the engine
-        act.do_render(inv.id, **{**edit, "attention": "sage"}, negative_source=False, request=me, progress=quiet)
-    assert err.value.message.startswith("--attention sage needs an NVIDIA GPU")
+    notices.clear()  # the kernel reaches the engine (its refusal in the page's words)
+    assert act.do_render(inv.id, **{**edit, "attention": "sage"}, negative_source=False, request=me, progress=quiet) == (gr.skip(),) * 3
+    assert notices[0][0] == "Error" and notices[0][1].startswith('attention kernel "sage" needs an NVIDIA GPU')
+
+
+@pytest.mark.parametrize("world", ["shapes", "bunny"])
+def test_the_page_starts_on_a_clip_its_proxy_never_saw_with_the_prompts_it_knows(tmp_path, world):
+    from webui.actions import app_config
+
+    cfg = app_config(None, Folders.make(tmp_path / "cache", tmp_path / "uploads"), world)
+    clip = {"shapes": "shapes_heldout_4", "bunny": "bunny_heldout"}[world]
+    assert cfg.invert_defaults["clip"] == clip and cfg.invert_defaults["verify"] and cfg.world == world
+    assert cfg.invert_defaults["source_prompt"] == cfg.folders.bundled_clip(clip)[1]
+    known = {"shapes": "a red circle moving left on a gray background", "bunny": "a big grey rabbit climbs out of a burrow in a grassy hill"}[world]
+    assert known in cfg.examples and Path(cfg.model).name == ("demo-model-shapes" if world == "shapes" else "demo-model")

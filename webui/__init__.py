@@ -20,10 +20,10 @@ from engine.errors import SettingsError
 from webui.folders import Folders
 
 
-def start(model: str | None = None, host: str = "127.0.0.1", port: int = 7860, cache_dir: str | Path | None = None, uploads_dir: str | Path | None = None) -> Any:
+def start(model: str | None = None, host: str = "127.0.0.1", port: int = 7860, cache_dir: str | Path | None = None, uploads_dir: str | Path | None = None, world: str = "shapes") -> Any:
     """Start serving in the background and return the running `gr.Blocks` (`.local_url`, `.close()`).
 
-    Requests can read and write only the cache and the uploads folder (default `<cache>/uploads`):
+    With no `model`, the shipped proxy of `world` ("shapes" or "bunny"). Requests can read and write only the cache and the uploads folder (default `<cache>/uploads`):
     Gradio serves the cache (`allowed_paths`) and its own temp dir, which is made the uploads
     folder. There is never a public share link."""
     folders = Folders.make(cache_dir, uploads_dir)
@@ -34,7 +34,7 @@ def start(model: str | None = None, host: str = "127.0.0.1", port: int = 7860, c
     from webui.actions import app_config
     from webui.app import build
 
-    app = build(app_config(model, folders))
+    app = build(app_config(model, folders, world))
     app.queue()
     try:
         app.launch(
@@ -46,6 +46,6 @@ def start(model: str | None = None, host: str = "127.0.0.1", port: int = 7860, c
     return app
 
 
-def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 7860, cache_dir: str | Path | None = None, uploads_dir: str | Path | None = None) -> None:
+def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 7860, cache_dir: str | Path | None = None, uploads_dir: str | Path | None = None, world: str = "shapes") -> None:
     """`start`, then serve until interrupted."""
-    start(model, host, port, cache_dir, uploads_dir).block_thread()
+    start(model, host, port, cache_dir, uploads_dir, world).block_thread()

@@ -17,49 +17,61 @@ from cache.layout import CacheLayout
 from cache.sizes import format_size, parse_size
 from cache.store import gc, list_entries, loose_size, remove_entry
 from engine.errors import SettingsError
-from engine.jobs.demo import DEMO_PROMPTS, DEMO_SETTINGS, demo_model
+from engine.jobs.demo import DEMO_PROMPTS, DEMO_SETTINGS, SHAPES_SEED, demo_model
 from engine.jobs.gallery import InversionCard, box_preview, card, inversions, render_edits
 from engine.models.components import Runtime
 from engine.models.model_info import inspect_model
+from engine.models.proxy import example_prompts
 from engine.options import InvertOptions
-from engine.video.clips import HELD_OUT
+from engine.stages.verify import verdict
+from engine.video import shapes
 from engine.video.reader import probe_video
-from webui.folders import Folders
-from webui.jobs import JobRunner, one_line
+from webui.folders import Folders, bundled_names
+from webui.jobs import JobRunner, one_line, page_words
 
 
 @dataclass(frozen=True)
 class AppConfig:
     model: str  # folder or hub id
     folders: Folders
-    invert_defaults: dict[str, Any]  # steps, frames, height, width, source_prompt
+    invert_defaults: dict[str, Any]  # steps, frames, height, width, source_prompt, verify
     prompts: tuple[str, ...]  # the edit prompts the page starts with
+    world: str = "shapes"  # the proxy's world: its bundled clips come first; "" for a model given
+    examples: tuple[str, ...] = ()  # prompts the model can follow (a proxy knows only its captions)
 
 
-def app_config(model: str | None, folders: Folders) -> AppConfig:
-    """With no model, the shipped proxy at its own size (a CPU renders an edit in about a minute);
-    a model given is checked now, so that a wrong path fails before the page opens, and the
-    page's frames and size start at the model's own (81 at 768x1360 for CogVideoX1.5-5B)."""
+def app_config(model: str | None, folders: Folders, world: str = "shapes") -> AppConfig:
+    """With no model, the shipped proxy of `world` at its own size (a CPU renders an edit in about
+    a minute), starting on its first bundled clip, verified; a model given is checked now, so that
+    a wrong path fails before the page opens, and the page's frames and size start at the model's
+    own (81 at 768x1360 for CogVideoX1.5-5B)."""
     if model is None:
-        return AppConfig(str(demo_model(folders.cache)), folders, dict(DEMO_SETTINGS, source_prompt=HELD_OUT.captions[0]), DEMO_PROMPTS)
+        clip = bundled_names(world)[0]
+        caption = folders.bundled_clip(clip)[1]
+        prompts = tuple(shapes.with_change(shapes.clip_spec(SHAPES_SEED, "heldout"), color=c).caption for c in ("red", "green")) if world == "shapes" else DEMO_PROMPTS
+        defaults = dict(DEMO_SETTINGS, source_prompt=caption, verify=True, clip=clip)
+        return AppConfig(str(demo_model(folders.cache, world)), folders, defaults, prompts, world, example_prompts(world))
     own = inspect_model(model).defaults
     d = InvertOptions()
-    return AppConfig(str(model), folders, dict(steps=d.steps, frames=own.frames, height=own.height, width=own.width, source_prompt=d.source_prompt), ())
+    return AppConfig(str(model), folders, dict(steps=d.steps, frames=own.frames, height=own.height, width=own.width, source_prompt=d.source_prompt, verify=d.verify, clip=None), (), "")
 
 
-def _with_errors(fn):
-    """For the quick handlers (no job): a failure shows as one line, never a traceback."""
+def _with_errors(outputs: int):
+    """For the quick handlers (no job): a failure is a one-line notice in the page's words, never
+    a traceback, and leaves the handler's `outputs` as they were (gr.Error would mark them failed)."""
 
-    @functools.wraps(fn)
-    def wrapped(*args: Any) -> Any:
-        try:
-            return fn(*args)
-        except gr.Error:
-            raise
-        except Exception as exc:
-            raise gr.Error(one_line(exc), print_exception=False) from None
+    def decorate(fn):
+        @functools.wraps(fn)
+        def wrapped(self: Actions, *args: Any) -> Any:
+            try:
+                return fn(self, *args)
+            except Exception as exc:
+                self.runner.notify("Error", one_line(exc))
+                return gr.skip() if outputs == 1 else tuple(gr.skip() for _ in range(outputs))
 
-    return wrapped
+        return wrapped
+
+    return decorate
 
 
 def _number(value: float | None, name: str) -> float:
@@ -78,13 +90,14 @@ def inversion_md(card: InversionCard) -> str:
         f"model: {Path(str(s.get('model', '?'))).name} · {len(card.edits)} edit(s)",
     ]
     if card.verify:
-        lines.append(f"round trip: latent error {card.verify['latent_rel_error']:.3g}, PSNR {card.verify['psnr_db']:.1f} dB")
+        v = card.verify
+        lines.append(f"round trip (verify): **{verdict(v['latent_rel_error'])}**, latent error {v['latent_rel_error']:.3g}, PSNR {v['psnr_db']:.1f} dB")
     return "  \n".join(lines)
 
 
 def edit_label(r: EditRecord) -> str:
     o = r.settings
-    local = f", box {o['mask_box']}" if o.get("mask_box") else ""
+    local = f", box {o['mask_box']}" if o.get("mask_box") else ", around the object" if o.get("mask") else ""
     negative = ", negative: the source prompt" if o.get("negative_from_source") else f", negative '{o['negative_prompt']}'" if o.get("negative_prompt") else ""
     return f"{r.prompt} · window {o.get('inject_steps')}, strength {o.get('inject_strength')}, guidance {o.get('guidance')}{negative}{local} · {r.created[:16].replace('T', ' ')}"
 
@@ -95,7 +108,7 @@ class Actions:
     def __init__(self, cfg: AppConfig) -> None:
         self.cfg, self.folders = cfg, cfg.folders
         self.layout = CacheLayout(cfg.folders.cache)
-        self.runner = JobRunner(Runtime.default().device)
+        self.runner = JobRunner(Runtime.default().device, (cfg.folders.uploads, cfg.folders.cache))
 
     def cards(self) -> list[InversionCard]:
         return inversions(self.folders.cache)
@@ -111,7 +124,7 @@ class Actions:
         return gr.update(choices=choices, value=chosen if chosen in {c.id for c in done} else None)
 
     # ------------------------------------------------------------------ source clip
-    @_with_errors
+    @_with_errors(3)
     def on_upload(self, file: str | None) -> tuple:
         if not file:
             return None, None, ""
@@ -119,13 +132,13 @@ class Actions:
         info = probe_video(path)
         return str(path), str(path), f"{path.name}: {info.num_frames} frames, {info.width}x{info.height}, {info.fps:g} fps"
 
-    @_with_errors
+    @_with_errors(4)
     def on_clip(self, name: str | None) -> tuple:
         if not name:
             return gr.update(), gr.update(), gr.update(), gr.update()
-        path, clip = self.folders.bundled_clip(name)
+        path, caption = self.folders.bundled_clip(name)
         info = probe_video(path)
-        return str(path), str(path), f"bundled {clip.name}: {info.num_frames} frames, {info.width}x{info.height}, {info.fps:g} fps", clip.captions[0]
+        return str(path), str(path), f"bundled {name}: {info.num_frames} frames, {info.width}x{info.height}, {info.fps:g} fps", caption
 
     # ------------------------------------------------------------------ jobs
     def do_invert(self, source, source_prompt, frames, height, width, fit, steps, plan, method, guidance, verify, attention, request: gr.Request, progress=gr.Progress()):  # noqa: B008
@@ -136,17 +149,22 @@ class Actions:
             opts = dict(**sizes, fit=fit, inversion=method, guidance=_number(guidance, "inversion guidance"), verify=bool(verify), source_prompt=source_prompt, attention=attention)
             return engine.invert(self.folders.check(source), self.cfg.model, cache_dir=self.folders.cache, reporter=reporter, plan=None if plan == "auto" else plan, **opts)
 
-        inv = self.runner.run(job, progress, request.session_hash)
+        inv, notes = self.runner.run(job, progress, request.session_hash)
+        if inv is None:
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip()
         shown = self.card(inv.id)  # its strip is made here, with the card
-        return inversion_md(shown), str(shown.thumbnails) if shown.thumbnails else None, self.inversion_choices(inv.id)
+        card_md = "  \n".join([inversion_md(shown), *(f"⚠ {n}" for n in notes)])
+        return card_md, str(shown.thumbnails) if shown.thumbnails else None, self.inversion_choices(inv.id), gr.update(visible=True)
 
     def do_render(self, inv_id, prompts_text, inject_steps, inject_layers, strength, guidance, negative, negative_source, init, seed, reference, mask_box,
-                  attention, request: gr.Request, progress=gr.Progress()):  # noqa: B008
+                  attention, object_mask=False, request: gr.Request = None, progress=gr.Progress()):  # noqa: B008
         prompts = [p.strip() for p in (prompts_text or "").splitlines() if p.strip()]
 
         def job(reporter):
             if not inv_id:
                 raise SettingsError("no inversion chosen: invert a clip first, or open one from the Inversions tab")
+            if not prompts:
+                raise SettingsError("write at least one prompt, one per line")
             inv = engine.open_inversion(inv_id, self.folders.cache)
             options = dict(
                 inject_steps=inject_steps, inject_layers=inject_layers, inject_strength=_number(strength, "injection strength"),
@@ -159,19 +177,27 @@ class Actions:
                 options["negative_prompt"] = negative
             if (mask_box or "").strip():  # a local edit: only the box may change
                 options["mask_box"] = mask_box.strip()
+            if object_mask:  # only around the moving object, which a bundled shapes clip knows frame by frame
+                options["mask"] = str(self.folders.object_mask(inv.manifest["summary"].get("video", "")))
             if attention != "auto":
                 options["attention"] = attention
             return inv.id, render_edits(inv, prompts, cache_dir=self.folders.cache, reporter=reporter, **options)
 
-        inv_id, records = self.runner.run(job, progress, request.session_hash)
+        done, _ = self.runner.run(job, progress, request.session_hash)
+        if done is None:
+            return gr.skip(), gr.skip(), gr.skip()
+        inv_id, records = done
         return records, self.earlier_choices(inv_id), inversion_md(self.card(inv_id))
 
-    @_with_errors
-    def on_box(self, inv_id: str | None, box: str | None) -> Any:
-        """The first frame with the local-edit box drawn on it (None: no inversion or no box)."""
+    def on_box(self, inv_id: str | None, box: str | None) -> tuple:
+        """The first frame with the local-edit box drawn on it, and a line under it: what is wrong
+        with the box while it is being typed (no notice: a half-typed box is not a mistake yet)."""
         if not inv_id or not (box or "").strip():
-            return None
-        return box_preview(engine.open_inversion(inv_id, self.folders.cache), box.strip())
+            return None, ""
+        try:
+            return box_preview(engine.open_inversion(inv_id, self.folders.cache), box.strip()), ""
+        except Exception as exc:
+            return gr.skip(), page_words(one_line(exc), self.runner.folders)
 
     def do_cancel(self, request: gr.Request) -> None:
         gr.Info(self.runner.cancel(request.session_hash))
@@ -181,7 +207,7 @@ class Actions:
         edits = list_edits(self.layout.entry(inv_id)) if inv_id else []
         return gr.update(choices=[(edit_label(r), r.video.name) for r in edits], value=[])
 
-    @_with_errors
+    @_with_errors(3)
     def on_pick(self, inv_id: str | None) -> tuple:
         if not inv_id:
             return "", self.earlier_choices(None), []
@@ -191,7 +217,7 @@ class Actions:
             raise SettingsError(f"inversion {inv_id[:12]} is no longer in the cache; pick another") from None
         return inversion_md(shown), self.earlier_choices(inv_id), []
 
-    @_with_errors
+    @_with_errors(1)
     def show_earlier(self, inv_id: str | None, names: list[str]) -> list[EditRecord]:
         # Names from the browser only select among the recorded edits: none becomes a path.
         edits = list_edits(self.layout.entry(inv_id)) if inv_id else []
@@ -206,13 +232,13 @@ class Actions:
         total = f"{len(all_cards)} inversion(s); the cache holds {format_size(size)} in `{self.folders.cache}`"
         return views, total
 
-    @_with_errors
+    @_with_errors(3)
     def delete(self, inv_id: str) -> tuple:
         freed = remove_entry(self.layout, inv_id)
         gr.Info(f"removed {inv_id[:12]} ({format_size(freed)})")
         return (*self.gallery_view(), self.inversion_choices())
 
-    @_with_errors
+    @_with_errors(3)
     def run_gc(self, max_size: str) -> tuple:
         try:
             limit = parse_size(max_size)

@@ -13,7 +13,9 @@ from pathlib import Path
 
 from cache.layout import CacheLayout
 from engine.errors import SettingsError
-from engine.video.clips import CLIPS, Clip
+from engine.jobs.demo import SHAPES_SEEDS, shapes_clip, shapes_object_mask
+from engine.video import shapes
+from engine.video.clips import CLIPS
 
 
 @dataclass(frozen=True)
@@ -37,13 +39,34 @@ class Folders:
             raise SettingsError(f"{path} is outside the cache and uploads folders; upload the clip, or pick a bundled one")
         return resolved
 
-    def bundled_clip(self, name: str) -> tuple[Path, Clip]:
-        """The bundled clip `name`, copied into the uploads folder (so that it can be served)."""
+    def bundled_clip(self, name: str) -> tuple[Path, str]:
+        """The bundled clip `name` (a Big Buck Bunny cut, or a held-out shapes clip drawn now) in
+        the uploads folder, so that it can be served, and its caption."""
+        shapes_seeds = {f"shapes_heldout_{seed}": seed for seed in SHAPES_SEEDS}
+        if name in shapes_seeds:
+            seed = shapes_seeds[name]
+            return shapes_clip(seed, self.uploads / "clips"), shapes.clip_spec(seed, "heldout").caption
         clip = next((c for c in CLIPS if c.name == name), None)
         if clip is None:
-            raise SettingsError(f"no bundled clip is named {name!r}; pick one of {', '.join(c.name for c in CLIPS)}")
+            raise SettingsError(f"no bundled clip is named {name!r}; pick one of {', '.join(bundled_names())}")
         copy = self.uploads / "clips" / clip.path.name
         if not copy.is_file():
             copy.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(clip.path, copy)
-        return copy, clip
+        return copy, clip.captions[0]
+
+
+    def object_mask(self, video_name: str) -> Path:
+        """The mask around the moving object of the bundled shapes clip `video_name` (a drawn clip
+        knows where its object is), in the uploads folder."""
+        seeds = {f"shapes_heldout_{seed}.mp4": seed for seed in SHAPES_SEEDS}
+        if video_name not in seeds:
+            raise SettingsError(f"{video_name} is not a bundled shapes clip, so where its object is is not known: draw a box around it instead")
+        return shapes_object_mask(seeds[video_name], self.uploads / "clips")
+
+
+def bundled_names(world: str = "shapes") -> list[str]:
+    """The bundled clips' names, those of `world` (the proxy's) first."""
+    drawn = [f"shapes_heldout_{seed}" for seed in SHAPES_SEEDS]
+    cut = [c.name for c in sorted(CLIPS, key=lambda c: not c.held_out)]  # the clip the proxy never saw first
+    return drawn + cut if world == "shapes" else cut + drawn

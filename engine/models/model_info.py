@@ -65,6 +65,13 @@ class ModelInfo:
     pipeline_config: dict[str, Any] = field(default_factory=dict)  # model_index.json: not in the key
 
     @property
+    def stored_source(self) -> str:
+        """What an inversion records to find the model again: a folder as an absolute path (an edit
+        from another working directory still finds it), a hub id as given."""
+        local = self.path == Path(self.source).expanduser()
+        return str(self.path.resolve()) if local else self.source
+
+    @property
     def vae_scale_spatial(self) -> int:
         return 2 ** (len(self.vae_config.get("block_out_channels", [0] * 4)) - 1)
 
@@ -102,13 +109,18 @@ class ModelInfo:
         return ModelDefaults(**{k: type(v)(written.get(k, v)) for k, v in native.items()})
 
 
+def is_hub_id(model: str) -> bool:
+    """Whether `model`, where no folder of that name exists, is read as a hub id (owner/name)."""
+    return model.count("/") == 1 and not model.startswith((".", "/", "~"))
+
+
 def _resolve(model: str) -> Path:
     path = Path(model).expanduser()
     if path.exists():
         if not path.is_dir():
             raise ModelError(f"--model {model} is a file; pass the checkpoint folder (the one with model_index.json)")
         return path
-    if model.count("/") != 1 or model.startswith((".", "/", "~")):
+    if not is_hub_id(model):
         raise ModelError(f"model folder {model} does not exist: pass a CogVideoX-5b folder or a hub id like THUDM/CogVideoX-5b")
     from huggingface_hub import snapshot_download
 

@@ -50,3 +50,31 @@ def write_proxy_model(path: str | Path, world: str = "bunny") -> Path:
     path = Path(path)
     shutil.copytree(source, path, dirs_exist_ok=True)
     return path
+
+
+def example_prompts(world: str) -> tuple[str, ...]:
+    """Prompts a proxy can follow: it knows only the words of its training captions, so these are
+    those captions (Big Buck Bunny) or sentences of the one grammar it was trained on (shapes)."""
+    if world == "bunny":
+        from engine.video.clips import CLIPS
+
+        return tuple(c for clip in CLIPS if not clip.held_out for c in clip.captions)
+    from engine.video.shapes import BACKGROUNDS, COLORS, DIRECTIONS, SHAPES
+
+    rows = zip(COLORS, SHAPES * 2, DIRECTIONS, BACKGROUNDS, strict=False)
+    return tuple(f"a {c} {s} moving {d} on a {b} background" for c, s, d, b in rows)
+
+
+def describe(path: str | Path, world: str | None) -> str:
+    """What `cogedit tiny-model` wrote and how to use it (world None: the random tiny model)."""
+    path = Path(path).resolve()
+    size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 1e6
+    use = f"use it: cogedit ui --model {path}, or cogedit run clip.mp4 --model {path} --frames {PROXY_FRAMES} --height {PROXY_HEIGHT} --width {PROXY_WIDTH} --prompt TEXT"
+    if world is None:
+        return f"wrote a tiny CogVideoX with random weights ({size:.1f} MB, the CogVideoX-5b layout) to {path}: it runs the workflow, its edits are noise\n{use}"
+    what = "Big Buck Bunny's opening shot" if world == "bunny" else "moving circles, squares and triangles"
+    known = "; ".join(f'"{p}"' for p in example_prompts(world)[:2])
+    return (
+        f"wrote the trained {world} proxy ({size:.0f} MB, the CogVideoX-5b layout) to {path}: a 7M-parameter CogVideoX trained on {what}, "
+        f"at {PROXY_FRAMES} frames of {PROXY_HEIGHT}x{PROXY_WIDTH}\nit knows only its training captions' words, e.g. {known}\n{use}"
+    )

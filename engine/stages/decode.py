@@ -12,6 +12,7 @@ import torch
 from engine.errors import OutputExistsError, SettingsError
 from engine.models.components import loaded
 from engine.stages.context import StageContext
+from engine.video.labels import labelled
 
 _MAX_NAME = 60
 
@@ -53,14 +54,15 @@ def write_video(frames: np.ndarray, path: Path, fps: float) -> Path:
     return path
 
 
-def side_by_side(source: np.ndarray, edited: np.ndarray) -> np.ndarray:
-    """Source | edit, frame by frame (source cut to the edit's length and size)."""
+def side_by_side(source: np.ndarray, edited: np.ndarray, prompt: str) -> np.ndarray:
+    """Source | edit, frame by frame (source cut to the edit's length and size), labelled, with
+    the prompt in a band below."""
     n = min(len(source), len(edited))
     src = torch.from_numpy(source[:n]).permute(0, 3, 1, 2).float()
     if src.shape[-2:] != edited.shape[1:3]:
         src = torch.nn.functional.interpolate(src, size=edited.shape[1:3], mode="bilinear", antialias=True)
     src = src.round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
-    return np.concatenate([src, edited[:n]], axis=2)
+    return labelled([src, edited[:n]], ["source", "edit"], prompt)
 
 
 def output_paths(stem: str, prompts: tuple[str, ...], out_dir: Path, force: bool) -> tuple[list[Path], list[Path]]:
@@ -77,9 +79,9 @@ def output_paths(stem: str, prompts: tuple[str, ...], out_dir: Path, force: bool
     return videos, pairs
 
 
-def decode_stage(ctx: StageContext, latents: torch.Tensor, outputs: tuple[list[Path], list[Path]] | None, fps: float) -> np.ndarray | None:
-    """Decode each edit; with `outputs` (videos, side-by-sides) write them as mp4 and return
-    None, else return the uint8 frames [K, F, H, W, 3]."""
+def decode_stage(ctx: StageContext, latents: torch.Tensor, outputs: tuple[list[Path], list[Path]] | None, fps: float, prompts: tuple[str, ...]) -> np.ndarray | None:
+    """Decode each edit (of `prompts`); with `outputs` (videos, side-by-sides) write them as mp4
+    and return None, else return the uint8 frames [K, F, H, W, 3]."""
     source = ctx.entry.load(ctx.entry.paths.frames, "frames").numpy() if outputs else None
     decoded = []
     with ctx.reporter.phase("decode", total=latents.shape[0]) as ph:
@@ -88,7 +90,7 @@ def decode_stage(ctx: StageContext, latents: torch.Tensor, outputs: tuple[list[P
                 frames = decode_latents(vae, latents[k : k + 1])[0]
                 if outputs:
                     write_video(frames, outputs[0][k], fps)
-                    write_video(side_by_side(source, frames), outputs[1][k], fps)
+                    write_video(side_by_side(source, frames, prompts[k]), outputs[1][k], fps)
                 else:
                     decoded.append(frames)
                 ph.advance()
