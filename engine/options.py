@@ -32,7 +32,9 @@ class InvertOptions(RuntimeOptions):
     """`engine.invert`'s options (the CLI flags of the same names)."""
 
     steps: int = 50
-    frames: int = 49
+    frames: int | str = 49  # a most, or "all": every frame at `fps`
+    fps: float | None = None  # read at this rate (default: the source's; the model's with frames="all")
+    window_overlap: int | None = None  # latent frames neighbouring windows share (engine.stages.windows)
     skip_start: int = 0
     skip_end: int = 0
     stride: int | None = None
@@ -97,7 +99,8 @@ def split_run_options(options: dict[str, Any]) -> tuple[InvertOptions, EditOptio
     both; `invert_guidance`/`invert_negative_prompt` name the inversion's own CFG settings (the
     plain names belong to the edit, as on the `cogedit run` command line)."""
     renamed = {"invert_guidance": "guidance", "invert_negative_prompt": "negative_prompt"}
-    shared = names(RuntimeOptions)
+    # fps: the rate the inversion reads at is the rate the edit plays at.
+    shared = names(RuntimeOptions) | {"fps"}
     edit_names = names(EditOptions)
     invert_only = (names(InvertOptions) - edit_names) | set(renamed)
     unknown = sorted(set(options) - edit_names - invert_only)

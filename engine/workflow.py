@@ -48,8 +48,9 @@ from engine.stages.encode import encode_stage
 from engine.stages.inversion import invert_stage
 from engine.stages.settings import EditSettings, InjectSettings, InvertSettings, StoreSettings, layers_of, window_of
 from engine.stages.verify import verify_stage
+from engine.stages.windows import Windowing, default_overlap
 from engine.video.masks import Mask, load_mask, mask_spec
-from engine.video.reader import FrameSettings, VideoInfo, check_video_file, probe_video, select_frame_indices
+from engine.video.reader import FrameSettings, VideoInfo, check_video_file, output_frames, probe_video, select_frame_indices
 
 # Default refinements per step: with its check, 1 iteration is 3 transformer forwards per inversion
 # step (benchmarks/results/inversion_cost.md), the issue's cap.
@@ -69,7 +70,7 @@ class Source:
     @property
     def fps(self) -> float:
         """The frame rate that keeps the source's speed after frame selection."""
-        idx = self.selected
+        idx = self.selected[: output_frames(self.selected)]  # without the repeats that pad to 4k+1
         if len(idx) < 2 or not self.info.fps:
             return self.info.fps or 8.0
         return round(self.info.fps * (len(idx) - 1) / (idx[-1] - idx[0]), 3)
@@ -88,7 +89,7 @@ def _layout(cache_dir: str | Path | None) -> CacheLayout:
 
 # Frame settings that only ask for a selection: the key holds the selected indices instead, so
 # two requests that pick the same frames share one entry.
-_SELECTION_REQUEST = ("max_frames", "skip_start", "skip_end", "stride")
+_SELECTION_REQUEST = ("max_frames", "skip_start", "skip_end", "stride", "fps")
 
 
 def inversion_identity(video_sha: str, frames: FrameSettings, selected: list[int], model: ModelInfo, runtime: Runtime, settings: InvertSettings) -> dict[str, Any]:
@@ -144,9 +145,9 @@ def _with_plan(runtime: Runtime, opts: RuntimeOptions, info: ModelInfo, workload
 def _probe(video: str | Path, frames: FrameSettings, reporter: Reporter) -> Source:
     with reporter.phase("video") as ph:
         info = probe_video(video)
-        selected = select_frame_indices(info.num_frames, frames)  # fails early on too few frames
+        selected = select_frame_indices(info.num_frames, frames, info.fps)  # fails early on too few frames
         ph.record.detail = f"{Path(video).name}: {info.num_frames} frames {info.width}x{info.height}"
-    asked = (frames.max_frames - 1) // 4 * 4 + 1
+    asked = (frames.max_frames - 1) // 4 * 4 + 1 if frames.max_frames is not None else 0
     if len(selected) < asked:
         skips = " after --skip-start/--skip-end" if frames.skip_start or frames.skip_end else ""
         stride = f", every {frames.stride}th" if frames.stride else ""
@@ -155,6 +156,52 @@ def _probe(video: str | Path, frames: FrameSettings, reporter: Reporter) -> Sour
             Path(video).name, len(selected), asked, info.num_frames, skips, stride,
         )
     return Source(video, info, selected)
+
+
+def latent_frames(frames: int) -> int:
+    """Latent frames of a 4k+1 clip (CogVideoX's causal VAE: the first frame alone, then 4 a frame)."""
+    return (frames - 1) // 4 + 1
+
+
+def window_frames(info: ModelInfo) -> int:
+    """Video frames of one window (49 for CogVideoX-5B)."""
+    return (info.latent_window - 1) * info.vae_scale_temporal + 1
+
+
+def _windowed(settings: InvertSettings, info: ModelInfo, source: Source, overlap: int | None, store: StoreSettings) -> InvertSettings:
+    """The inversion's windows over a clip longer than the model's window, said in one line
+    before any work; a clip of one window keeps its settings (and its cache id) as they were."""
+    n = latent_frames(len(source.selected))
+    if n <= info.latent_window:
+        return settings
+    if store.where != "none":
+        raise SettingsError(
+            f"stored attention holds one window's keys and values, and this clip needs {window_frames(info)}-frame windows: "
+            "drop --attention-store (the shared reference serves every window)"
+        )
+    windowed = dataclasses.replace(settings, window=info.latent_window, overlap=default_overlap(info.latent_window) if overlap is None else overlap)
+    count = len(windowed.spans(n))
+    shown = output_frames(source.selected)
+    log.warning(
+        "%s: %d frames at %.3g fps (%.1f s) in %d overlapping windows of %d frames (%d latent frames shared): predicted %dx the time of one window",
+        Path(source.video).name, shown, source.fps, shown / source.fps, count, window_frames(info), windowed.overlap, count,
+    )
+    return windowed
+
+
+def _say_spread(source: Source, frames: FrameSettings, info: ModelInfo) -> None:
+    """One line when `--frames N` spreads a clip longer than one window at the model's rate over
+    its length (the edit keeps its speed at a lower frame rate): what `--frames all` would do."""
+    if frames.max_frames is None or frames.stride is not None or frames.fps is not None:
+        return
+    every = select_frame_indices(source.info.num_frames, dataclasses.replace(frames, max_frames=None, fps=info.default_fps), source.info.fps)
+    if len(every) <= window_frames(info) or len(every) <= len(source.selected):
+        return
+    count = Windowing(info.latent_window, default_overlap(info.latent_window)).count(latent_frames(len(every)))
+    log.warning(
+        "%s: %d frames spread over %.1f s (%.3g fps; the edit plays at normal speed); --frames all reads all %d frames at %g fps, in %d windows (predicted %dx the time)",
+        Path(source.video).name, len(source.selected), (every[-1] - every[0] + 1) / source.info.fps, source.fps, output_frames(every), info.default_fps, count, count,
+    )
 
 
 def _check_sizes(entry: InversionEntry) -> None:
@@ -168,9 +215,13 @@ def _check_sizes(entry: InversionEntry) -> None:
         )
 
 
-def _invert_settings(opts: InvertOptions) -> tuple[FrameSettings, InvertSettings]:
+def _invert_settings(opts: InvertOptions, info: ModelInfo) -> tuple[FrameSettings, InvertSettings]:
     iters = opts.inversion_iters if opts.inversion_iters is not None else (FIXED_POINT_ITERS if opts.inversion == "fixed-point" else 0)
-    frames = FrameSettings(opts.frames, opts.skip_start, opts.skip_end, opts.stride, opts.height, opts.width, opts.fit)
+    every = isinstance(opts.frames, str)
+    if every and opts.frames != "all":
+        raise SettingsError(f"--frames takes a number or 'all', got {opts.frames!r}")
+    fps = opts.fps if opts.fps is not None or not every else info.default_fps
+    frames = FrameSettings(None if every else opts.frames, opts.skip_start, opts.skip_end, opts.stride, opts.height, opts.width, opts.fit, fps)
     return frames, InvertSettings(opts.steps, opts.source_prompt, opts.negative_prompt, opts.guidance, opts.inversion, iters)
 
 
@@ -183,17 +234,19 @@ def invert(video: str | Path, model: str | Path, *, cache_dir: str | Path | None
     stored-attention request over its budget is refused before anything is written.
     """
     opts = parse(InvertOptions, options, "invert")
-    frames, settings = _invert_settings(opts)
     runtime = _runtime(opts, opts.dtype, "invert")
     reporter = reporter or Reporter(device=runtime.device)
     # Every argument is checked before any work or output: a wrong --model is reported before
     # the video is read (or a frames warning printed) and before the cache folder is made.
     check_video_file(video)
     info = inspect_model(model)
+    frames, settings = _invert_settings(opts, info)
     store = store_settings(opts.attention_store, opts.attention_steps, opts.attention_layers, opts.attention_dtype, info.transformer_config["num_layers"])
     layout = _layout(cache_dir)
     source = _probe(video, frames, reporter)
-    workload = Workload(len(source.selected), opts.height, opts.width, invert_rows=2 if settings.uses_cfg else 1)
+    _say_spread(source, frames, info)
+    settings = _windowed(settings, info, source, opts.window_overlap, store)
+    workload = Workload(min(len(source.selected), window_frames(info)), opts.height, opts.width, invert_rows=2 if settings.uses_cfg else 1)
     ctx = StageContext(info, _with_plan(runtime, opts, info, workload, reporter, "invert"), layout, reporter, callback=callback)
     if store.where != "none":
         check_budget(ctx, store, settings.steps, workload, opts.attention_budget)
@@ -248,6 +301,10 @@ def _new_entry(paths: EntryPaths, identity: dict, source: Source, frames: FrameS
         "invert": dataclasses.asdict(settings),
     }
     summary = {"video": Path(source.video).name, "model": ctx.info.source, "steps": settings.steps, "fps": source.fps}
+    if settings.window:  # a long clip: `cache show` lists its windows
+        summary["windows"] = settings.spans(latent_frames(len(source.selected)))
+    if output_frames(source.selected) < len(source.selected):  # padded to 4k+1: the output drops the repeats
+        summary["output_frames"] = output_frames(source.selected)
     return InversionEntry.new(paths, identity, settings_record, summary)
 
 

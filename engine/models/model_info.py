@@ -46,6 +46,18 @@ class ModelInfo:
         return int(self.vae_config.get("temporal_compression_ratio", 4))
 
     @property
+    def latent_window(self) -> int:
+        """Latent frames the transformer was trained on: one window of a long clip (13 for 5B).
+        CogVideoX 1.5 pads latent frames to an even count (patch_size_t 2): its window must be
+        that padded length, set here once 1.5 is supported."""
+        return (int(self.transformer_config.get("sample_frames", 49)) - 1) // self.vae_scale_temporal + 1
+
+    @property
+    def default_fps(self) -> float:
+        """The frame rate the model was trained at (CogVideoX-5B: 8; 1.5: 16): `--frames all` reads at it."""
+        return 8.0
+
+    @property
     def text_length(self) -> int:
         return int(self.transformer_config.get("max_text_seq_length", 226))
 

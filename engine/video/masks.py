@@ -93,7 +93,7 @@ def _video(path: Path, settings: FrameSettings, source_frames: int, frames: int)
     if count == source_frames:  # a mask per source frame: the source's frame selection applies
         chosen = settings
     elif count == frames:  # a mask per edited frame
-        chosen = dataclasses.replace(settings, max_frames=frames, skip_start=0, skip_end=0, stride=None)
+        chosen = dataclasses.replace(settings, max_frames=frames, skip_start=0, skip_end=0, stride=None, fps=None)
     else:
         raise SettingsError(
             f"--mask {path} has {count} frames; give one mask per frame of the source video ({source_frames}) "
