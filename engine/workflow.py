@@ -302,7 +302,7 @@ def _new_entry(paths: EntryPaths, identity: dict, source: Source, frames: FrameS
     }
     summary = {"video": Path(source.video).name, "model": ctx.info.source, "steps": settings.steps, "fps": source.fps}
     if settings.window:  # a long clip: `cache show` lists its windows
-        summary["windows"] = settings.spans(latent_frames(len(source.selected)))
+        summary["windows"] = [list(span) for span in settings.spans(latent_frames(len(source.selected)))]
     if output_frames(source.selected) < len(source.selected):  # padded to 4k+1: the output drops the repeats
         summary["output_frames"] = output_frames(source.selected)
     return InversionEntry.new(paths, identity, settings_record, summary)

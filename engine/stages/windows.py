@@ -50,12 +50,14 @@ def default_overlap(length: int) -> int:
 
 
 def window_spans(frames: int, length: int, overlap: int) -> list[tuple[int, int]]:
-    """Windows of `length` frames stepping by `length - overlap`, the last one moved back to end
-    on the last frame (it may overlap its neighbour by more); one window when `frames <= length`."""
+    """The fewest windows of `length` frames whose neighbours share at least `overlap`, spread
+    evenly from the first frame to the last (the last window ends on the clip's last frame); one
+    window when `frames <= length`."""
     if frames <= length:
         return [(0, frames)]
-    stride = length - overlap
-    starts = list(range(0, frames - length, stride)) + [frames - length]
+    count = -(-(frames - overlap) // (length - overlap))  # ceil: (count - 1) strides of <= length - overlap
+    room, gaps = frames - length, count - 1
+    starts = [(2 * k * room + gaps) // (2 * gaps) for k in range(count)]  # round(k * room / gaps), half up
     return [(s, s + length) for s in starts]
 
 
