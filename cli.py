@@ -111,12 +111,28 @@ def invert_options(cfg_prefix: str):
     return decorate
 
 
+def _frames(ctx: click.Context, param: click.Parameter, value: str) -> int | str:
+    if value == "all":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is neither a number nor 'all'") from None
+
+
 def _invert_options(f, cfg_prefix: str):
+    # run's --fps is the edit's, and sets the rate the clip is read at as well (engine.options.split_run_options)
+    read_fps = [click.option("--fps", default=None, type=float, help="Read the clip at this frame rate (default: the source's; the model's, 8, with --frames all).")] if cfg_prefix == "--" else []
     for opt in reversed(
         [
             click.option("--model", required=True, help="CogVideoX-5b folder or hub id (THUDM/CogVideoX-5b)."),
             click.option("--steps", default=50, show_default=True, help="DDIM steps (inversion and edit use the same)."),
-            click.option("--frames", default=49, show_default=True, help="Most frames to use (kept to 4k+1)."),
+            click.option(
+                "--frames", default="49", show_default=True, callback=_frames,
+                help="Most frames to use, spread over the clip (kept to 4k+1), or 'all': every frame at --fps, in overlapping windows when longer than the model's.",
+            ),
+            *read_fps,
+            click.option("--window-overlap", default=None, type=int, help="Latent frames that neighbouring windows of a long clip share (default: 4 for CogVideoX-5B)."),
             click.option("--skip-start", default=0, show_default=True, help="Frames to drop at the start."),
             click.option("--skip-end", default=0, show_default=True, help="Frames to drop at the end."),
             click.option("--stride", default=None, type=int, help="Take every N-th frame (default: spread evenly)."),
@@ -197,7 +213,7 @@ def edit_options(f):
                 help="Local edit: an image (all frames) or a video (one mask per frame), white where the edit may change; the rest keeps the source.",
             ),
             click.option("--mask-box", default=None, help="Local edit inside a box X0,Y0,X1,Y1 in fractions of the frame, e.g. 0.25,0.2,0.75,0.8."),
-            click.option("--fps", default=None, type=float, help="Output frame rate (default: the source's, adjusted for frame selection)."),
+            click.option("--fps", default=None, type=float, help="Output frame rate (default: the source's, adjusted for frame selection); with run, the rate the clip is read at too."),
             click.option("--out", "out_dir", default=".", type=click.Path(file_okay=False), show_default=True, help="Folder for the mp4 files."),
             click.option("--force", is_flag=True, help="Overwrite existing output files."),
             click.option(
@@ -221,7 +237,8 @@ def _invert_kwargs(p: dict, cfg_prefix: str = "") -> dict:
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--attention-budget") from None
     return dict(
-        steps=p["steps"], frames=p["frames"], skip_start=p["skip_start"], skip_end=p["skip_end"], stride=p["stride"],
+        steps=p["steps"], frames=p["frames"], window_overlap=p["window_overlap"], **({"fps": p["fps"]} if not cfg_prefix else {}),
+        skip_start=p["skip_start"], skip_end=p["skip_end"], stride=p["stride"],
         height=p["height"], width=p["width"], fit=p["fit"], source_prompt=p["source_prompt"],
         **{f"{cfg_prefix}guidance": p["invert_guidance"], f"{cfg_prefix}negative_prompt": p["invert_negative_prompt"]},
         attention_store=p["attention_store"], attention_steps=p["attention_steps"], attention_layers=p["attention_layers"],
