@@ -501,8 +501,14 @@ def plan_cmd(vram, model, frames, height, width, prompts) -> None:
         choose_plan,
         predict_peaks,
     )
+    from engine.stages.windows import Windowing, default_overlap
 
     info = inspect_model(model) if model else builtin_5b()
+    window = (info.latent_window - 1) * info.vae_scale_temporal + 1
+    if frames > window:  # a long clip runs one window at a time: its peak is one window's
+        count = Windowing(info.latent_window, default_overlap(info.latent_window)).count((frames - 1) // info.vae_scale_temporal + 1)
+        click.echo(f"{frames} frames: {count} overlapping windows of {window} frames, each step predicted {count}x one window's time; memory below is one window's")
+        frames = window
     workload = Workload(frames, height, width, prompts)
     chosen = choose_plan(vram, info, workload).name if vram is not None else None
     phases = list(predict_peaks(PLANS["staged"], info, workload))

@@ -17,10 +17,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from engine.errors import SettingsError
+
+if TYPE_CHECKING:  # torch is imported where tensors are made: `cogedit plan` counts windows without it
+    import torch
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,8 @@ def blend_weights(spans: list[tuple[int, int]], frames: int) -> torch.Tensor:
     """[windows, frames] float32: each window's share of each frame. Inside a window a frame j of
     n weighs min(j + 1, n - j) (a tent: largest in the middle, smallest at the ends, where the
     window's view of the motion is one-sided); the shares of each frame sum to 1."""
+    import torch
+
     raw = torch.zeros(len(spans), frames, dtype=torch.float64)
     for w, (start, stop) in enumerate(spans):
         n = stop - start
@@ -95,5 +99,7 @@ def blended(predict_window: Callable[[slice], torch.Tensor], frames: int, spans:
 
 def window_shape(shape: torch.Size, spans: list[tuple[int, int]]) -> torch.Size:
     """The latent shape one window's call sees (its rotary tables are built for it)."""
+    import torch
+
     start, stop = spans[0]
     return torch.Size((shape[0], stop - start, *shape[2:]))
