@@ -31,7 +31,7 @@ from cache.layout import CacheLayout, EntryPaths, cache_root
 from cache.lock import entry_lock
 from cache.manifest import FORMAT_VERSION
 from cache.sizes import format_size
-from engine.errors import ModelError, SettingsError
+from engine.errors import ModelError, SettingsError, VideoError
 from engine.models.components import Runtime
 from engine.models.model_info import ModelInfo, inspect_model
 from engine.models.plans import Workload, choose_plan, parse_vram, predict_peaks
@@ -194,7 +194,10 @@ def _say_spread(source: Source, frames: FrameSettings, info: ModelInfo) -> None:
     its length (the edit keeps its speed at a lower frame rate): what `--frames all` would do."""
     if frames.max_frames is None or frames.stride is not None or frames.fps is not None:
         return
-    every = select_frame_indices(source.info.num_frames, dataclasses.replace(frames, max_frames=None, fps=info.default_fps), source.info.fps)
+    try:
+        every = select_frame_indices(source.info.num_frames, dataclasses.replace(frames, max_frames=None, fps=info.default_fps), source.info.fps)
+    except VideoError:  # too short at the model's rate: nothing to say
+        return
     if len(every) <= window_frames(info) or len(every) <= len(source.selected):
         return
     count = Windowing(info.latent_window, default_overlap(info.latent_window)).count(latent_frames(len(every)))
