@@ -75,16 +75,12 @@ def ddim_edit(
     `mask` [F', 1, h, w] in 0-1 makes the edit local: after every step, where the mask is 0 the
     latent is the inversion's own at that noise level (`reference.replayed(i)`), so only the
     masked region changes (blended latent diffusion, Avrahami et al. 2023).
-    `spans` (`engine.stages.windows`, the inversion's) cut a long clip into windows: every step
-    predicts each window, its reference row fed that window's slice of the trajectory, and blends
-    the overlapping frames before the one scheduler step on the whole clip.
+    `spans` (the inversion's, `engine.stages.windows`): each step predicts every window, with that
+    window's slice of the trajectory as its reference, and blends them before the one scheduler step.
     """
     if mask is not None and reference is None:
         raise ValueError("a mask keeps the inversion's latents outside it: pass the reference too")
-    frames = init.shape[1]
-    spans = spans or [(0, frames)]
-    if len(spans) > 1 and inject.reference == "stored" and reference is not None:
-        raise ValueError("stored attention holds one window's keys and values: use the shared reference over windows")
+    spans = spans or [(0, init.shape[1])]
     scheduler = edit_scheduler(scheduler_config, steps)
     k = init.shape[0]
     cfg = uncond is not None
@@ -108,20 +104,32 @@ def ddim_edit(
                 upcoming = [j for j in range(i + 1 if state.active else i, steps) if active[j]]
                 if upcoming:
                     reference.stored.prefetch(int(scheduler.timesteps[upcoming[0]]))
-
-            def window(sl: slice, rows: torch.Tensor = rows, i: int = i, t: torch.Tensor = t) -> torch.Tensor:
-                whole = sl == slice(0, frames)
-                part = rows if whole else rows[:, sl].contiguous()
-                part, row_embeds = _with_reference(part, embeds, i, int(t), state, reference, inject.reference, sl) if state.active else (part, embeds)
-                v = predict(transformer, part, row_embeds, t, rotary)[:n_edit]
-                return guided(split.combine(v) if split is not None else v, guidance, cfg)
-
-            x = scheduler.step(blended(window, frames, spans), t, x, return_dict=False)[0].to(init.dtype)
+            v = _guided_v(transformer, rows, embeds, i, t, rotary, state, reference, inject.reference, split, guidance, cfg, spans)
+            x = scheduler.step(v, t, x, return_dict=False)[0].to(init.dtype)
             if mask is not None:
                 x = torch.lerp(reference.replayed(i).to(x.dtype), x, mask)
             if callback is not None:
                 callback({"i": i, "t": t, "x": x})
     return x
+
+
+def _guided_v(
+    transformer: torch.nn.Module, rows: torch.Tensor, embeds: torch.Tensor, i: int, t: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor],
+    state: InjectionState, reference: Reference | None, kind: str, split: GuidanceSplit | None, guidance: float, cfg: bool, spans: list[tuple[int, int]],
+) -> torch.Tensor:
+    """Edit step i's guided v over the whole clip: one transformer call per window (with that
+    window's reference row when injecting), the windows blended (`engine.stages.windows`)."""
+    frames = rows.shape[1]
+    if kind == "stored" and len(spans) > 1 and state.active:
+        raise ValueError("stored attention holds one window's keys and values: use the shared reference over windows")
+
+    def window(sl: slice) -> torch.Tensor:
+        part = rows if sl == slice(0, frames) else rows[:, sl].contiguous()
+        part, row_embeds = _with_reference(part, embeds, i, int(t), state, reference, kind, sl) if state.active else (part, embeds)
+        v = predict(transformer, part, row_embeds, t, rotary)[: state.n_edit]
+        return guided(split.combine(v) if split is not None else v, guidance, cfg)
+
+    return blended(window, frames, spans)
 
 
 def _with_reference(
@@ -165,8 +173,7 @@ def edit_stage(
     """Edited latents [K, F', C, h, w] (CPU) from the cached inversion `ctx.entry`; `store` is the
     key of the stored attention to replay (`--reference stored`), else None; `split`: this process
     runs one CFG half (`--gpus 2`); `mask` (whose digest is `settings.mask`) keeps the source outside it."""
-    entry, runtime = ctx.entry, ctx.runtime
-    steps = entry.steps
+    entry, runtime, steps = ctx.entry, ctx.runtime, ctx.entry.steps
     trajectory = [entry.load(entry.paths.step_file(i), "latent") for i in range(steps)]
     clean = entry.load(entry.paths.latents, "latents")
     chunks = settings.chunks()
