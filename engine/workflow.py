@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from cache.atomic import remove_temp_files
+from cache.atomic import ensure_free_space, remove_temp_files
 from cache.entry import InversionEntry
 from cache.errors import CacheCorruptError, ReadOnlyCacheError
 from cache.keys import stable_hash
@@ -189,21 +189,27 @@ def _windowed(settings: InvertSettings, info: ModelInfo, source: Source, overlap
     return windowed
 
 
+def every_frame(video: VideoInfo, info: ModelInfo, frames: FrameSettings = FrameSettings()) -> tuple[int, int]:
+    """(frames, windows) of `--frames all` on `video` at the model's rate: what a long clip costs
+    before any work (the window count is the time in windows; (0, 0) when too short)."""
+    try:
+        every = select_frame_indices(video.num_frames, dataclasses.replace(frames, max_frames=None, stride=None, fps=info.default_fps), video.fps)
+    except VideoError:
+        return 0, 0
+    return output_frames(every), Windowing(info.latent_window, default_overlap(info.latent_window)).count(latent_frames(len(every)))
+
+
 def _say_spread(source: Source, frames: FrameSettings, info: ModelInfo) -> None:
     """One line when `--frames N` spreads a clip longer than one window at the model's rate over
     its length (the edit keeps its speed at a lower frame rate): what `--frames all` would do."""
     if frames.max_frames is None or frames.stride is not None or frames.fps is not None:
         return
-    try:
-        every = select_frame_indices(source.info.num_frames, dataclasses.replace(frames, max_frames=None, fps=info.default_fps), source.info.fps)
-    except VideoError:  # too short at the model's rate: nothing to say
+    count, windows = every_frame(source.info, info, frames)
+    if windows < 2 or count <= len(source.selected):
         return
-    if len(every) <= window_frames(info) or len(every) <= len(source.selected):
-        return
-    count = Windowing(info.latent_window, default_overlap(info.latent_window)).count(latent_frames(len(every)))
     log.warning(
         "%s: %d frames spread over %.1f s (%.3g fps; the edit plays at normal speed); --frames all reads all %d frames at %g fps, in %d windows (predicted %dx the time)",
-        Path(source.video).name, len(source.selected), (every[-1] - every[0] + 1) / source.info.fps, source.fps, output_frames(every), info.default_fps, count, count,
+        Path(source.video).name, len(source.selected), count / info.default_fps, source.fps, count, info.default_fps, windows, windows,
     )
 
 
@@ -263,10 +269,22 @@ def invert(video: str | Path, model: str | Path, *, cache_dir: str | Path | None
         with reporter.phase("invert") as ph:
             ph.hit(True, f"{paths.id[:12]} cached")
     else:
+        # A clip too long for the disk is refused before any work, with the space it needs.
+        ensure_free_space(layout.entries_dir, _entry_bytes(ctx, source, frames, settings.steps, entry))
         entry = _make(ctx, paths, identity, source, frames, settings, store, memory)
     if opts.verify:
         verify_stage(dataclasses.replace(ctx, entry=entry))
     return Inversion(entry, layout, memory)
+
+
+def _entry_bytes(ctx: StageContext, source: Source, frames: FrameSettings, steps: int, entry: InversionEntry | None) -> int:
+    """The bytes an inversion still writes: the frames and latents unless encoded, and a latent per step left."""
+    scale = ctx.info.vae_scale_spatial
+    latent = latent_frames(len(source.selected)) * ctx.info.transformer_config["in_channels"] * (frames.height // scale) * (frames.width // scale)
+    latent *= torch.empty(0, dtype=ctx.runtime.dtype).element_size()
+    encoded = entry is not None and entry.encoded
+    pixels = 0 if encoded else len(source.selected) * frames.height * frames.width * 3 + latent
+    return pixels + (steps - (entry.steps_done if entry is not None else 0)) * latent
 
 
 def _make(ctx: StageContext, paths: EntryPaths, identity: dict, source: Source, frames: FrameSettings, settings: InvertSettings, store: StoreSettings, memory: MemoryStores) -> InversionEntry:

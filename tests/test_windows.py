@@ -125,3 +125,28 @@ def test_frames_all_reads_every_frame_at_the_models_rate_and_gives_them_all_back
         engine.invert(wide_clip, tiny_model, device="cpu", frames="most", **SIZE)
     with pytest.raises(SettingsError, match="stored attention holds one window's"):
         engine.invert(wide_clip, tiny_model, device="cpu", attention_store="cpu", **LONG)
+
+
+def test_a_clip_too_long_for_the_disk_is_refused_before_any_work(tiny_model, wide_clip, tmp_path, monkeypatch):
+    import cache.atomic
+    from cache.errors import DiskFullError
+    from engine.models import components
+
+    usage = type("U", (), {"total": 10**9, "used": 10**9 - 10**6, "free": 10**6})
+    monkeypatch.setattr(cache.atomic.shutil, "disk_usage", lambda p: usage)
+    components.LOAD_EVENTS.clear()
+    with pytest.raises(DiskFullError, match=r"need \d+\.\d MiB .*976.6 KiB free"):
+        engine.invert(wide_clip, tiny_model, device="cpu", cache_dir=tmp_path, **dict(LONG, steps=50))
+    assert components.LOAD_EVENTS == [] and not any((tmp_path / "inversions").iterdir())
+
+
+def test_the_web_app_tells_a_long_clips_windows_before_inverting(tiny_model, wide_clip, tmp_path):
+    from webui.actions import Actions, app_config
+    from webui.folders import Folders
+
+    act = Actions(app_config(str(tiny_model), Folders.make(tmp_path / "cache", tmp_path / "uploads")))
+    clip = act.folders.uploads / "clip.mp4"
+    clip.write_bytes(wide_clip.read_bytes())
+    assert act.on_upload(str(clip))[2] == (
+        "clip.mp4: 131 frames, 636x270, 25 fps · every frame at 8 fps: 42 frames in 6 overlapping windows, predicted 6x one window's time"
+    )

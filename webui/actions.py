@@ -20,10 +20,10 @@ from engine.errors import SettingsError
 from engine.jobs.demo import DEMO_PROMPTS, DEMO_SETTINGS, demo_model
 from engine.jobs.gallery import InversionCard, box_preview, card, inversions, render_edits
 from engine.models.components import Runtime
-from engine.models.model_info import inspect_model
+from engine.models.model_info import ModelInfo, inspect_model
 from engine.options import InvertOptions
 from engine.video.clips import HELD_OUT
-from engine.video.reader import probe_video
+from engine.video.reader import VideoInfo, probe_video
 from webui.folders import Folders
 from webui.jobs import JobRunner, one_line
 
@@ -76,6 +76,8 @@ def inversion_md(card: InversionCard) -> str:
         f"{inv.get('steps', '?')} steps {inv.get('method', '')}, source prompt: “{inv.get('source_prompt', '')}”",
         f"model: {Path(str(s.get('model', '?'))).name} · {len(card.edits)} edit(s)",
     ]
+    if s.get("windows"):
+        lines[1] += f", {len(s['windows'])} overlapping windows"
     if card.verify:
         lines.append(f"round trip: latent error {card.verify['latent_rel_error']:.3g}, PSNR {card.verify['psnr_db']:.1f} dB")
     return "  \n".join(lines)
@@ -95,6 +97,18 @@ class Actions:
         self.cfg, self.folders = cfg, cfg.folders
         self.layout = CacheLayout(cfg.folders.cache)
         self.runner = JobRunner(Runtime.default().device)
+
+    @functools.cached_property
+    def model_info(self) -> ModelInfo:
+        return inspect_model(self.cfg.model)
+
+    def _clip_info(self, name: str, info: VideoInfo) -> str:
+        """The clip's facts, and for a clip longer than one window what every frame would cost."""
+        text = f"{name}: {info.num_frames} frames, {info.width}x{info.height}, {info.fps:g} fps"
+        frames, windows = engine.every_frame(info, self.model_info)
+        if windows > 1:
+            text += f" · every frame at {self.model_info.default_fps:g} fps: {frames} frames in {windows} overlapping windows, predicted {windows}x one window's time"
+        return text
 
     def cards(self) -> list[InversionCard]:
         return inversions(self.folders.cache)
@@ -116,7 +130,7 @@ class Actions:
             return None, None, ""
         path = self.folders.check(file)
         info = probe_video(path)
-        return str(path), str(path), f"{path.name}: {info.num_frames} frames, {info.width}x{info.height}, {info.fps:g} fps"
+        return str(path), str(path), self._clip_info(path.name, info)
 
     @_with_errors
     def on_clip(self, name: str | None) -> tuple:
@@ -124,14 +138,18 @@ class Actions:
             return gr.update(), gr.update(), gr.update(), gr.update()
         path, clip = self.folders.bundled_clip(name)
         info = probe_video(path)
-        return str(path), str(path), f"bundled {clip.name}: {info.num_frames} frames, {info.width}x{info.height}, {info.fps:g} fps", clip.captions[0]
+        return str(path), str(path), self._clip_info(f"bundled {clip.name}", info), clip.captions[0]
 
     # ------------------------------------------------------------------ jobs
-    def do_invert(self, source, source_prompt, frames, height, width, fit, steps, plan, method, guidance, verify, request: gr.Request, progress=gr.Progress()):  # noqa: B008
+    def do_invert(self, source, source_prompt, frames, height, width, fit, steps, plan, method, guidance, verify, every=False,
+                  request: gr.Request = None, progress=gr.Progress()):  # noqa: B008
+        """`every`: every frame at the model's rate, a long clip in overlapping windows (frames is then unused)."""
+
         def job(reporter):
             if not source:
                 raise SettingsError("no clip yet: upload one, or pick a bundled clip")
-            sizes = {name: int(_number(value, name)) for name, value in (("frames", frames), ("height", height), ("width", width), ("steps", steps))}
+            sizes = {name: int(_number(value, name)) for name, value in (("height", height), ("width", width), ("steps", steps))}
+            sizes["frames"] = "all" if every else int(_number(frames, "frames"))
             opts = dict(**sizes, fit=fit, inversion=method, guidance=_number(guidance, "inversion guidance"), verify=bool(verify), source_prompt=source_prompt)
             return engine.invert(self.folders.check(source), self.cfg.model, cache_dir=self.folders.cache, reporter=reporter, plan=None if plan == "auto" else plan, **opts)
 
