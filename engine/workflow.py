@@ -346,7 +346,7 @@ def _edit_mask(opts: EditOptions, inv: Inversion) -> Mask | None:
     if spec is None:
         return None
     source_frames = int(inv.entry.manifest["settings"]["video"]["num_frames"])
-    return load_mask(spec, FrameSettings(**inv.entry.frame_settings), source_frames, inv.entry.frames)
+    return load_mask(spec, FrameSettings(**inv.entry.frame_settings), source_frames, inv.entry.frames, inv.entry.output_frames)
 
 
 def edit_stem(inversion_id: str, settings: EditSettings, runtime: Runtime) -> str:

@@ -121,6 +121,10 @@ def test_frames_all_reads_every_frame_at_the_models_rate_and_gives_them_all_back
     inv = engine.invert(wide_clip, tiny_model, device="cpu", frames="all", skip_start=100, **dict(SIZE, steps=1))
     assert inv.entry.frames == 13 and inv.entry.output_frames == 10 and abs(inv.entry.fps - 8.0) < 0.1
     assert engine.edit(inv, ["a cat"], device="cpu", output="frames").frames.shape[1] == 10
+    half = torch.zeros(10, 96, 160)
+    half[:, :, :80] = 1  # a mask per frame of the edit: its last frame's mask serves the repeats
+    masked = engine.edit(inv, ["a cat"], device="cpu", output="latents", mask=half.numpy())
+    assert masked.latents[..., 12:].equal(inv.entry.load(inv.paths.latents, "latents")[..., 12:].to(masked.latents.dtype))
     with pytest.raises(SettingsError, match="--frames takes a number or 'all'"):
         engine.invert(wide_clip, tiny_model, device="cpu", frames="most", **SIZE)
     with pytest.raises(SettingsError, match="stored attention holds one window's"):
