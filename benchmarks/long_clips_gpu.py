@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -34,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import engine  # noqa: E402
 from benchmarks.bench import model_path  # noqa: E402
+from benchmarks.e2e import _timed_call  # noqa: E402
 from engine.video.reader import VideoInfo  # noqa: E402
 
 FULL = dict(height=480, width=720)
@@ -66,21 +65,11 @@ def served(name: str, video: np.ndarray):
 
 
 def timed(fn, reporter: engine.Reporter, cuda: bool) -> dict[str, Any]:
-    marks: list[float] = []
-
-    def callback(state: dict) -> None:
-        if cuda:
-            torch.cuda.synchronize()
-        marks.append(time.perf_counter())
-
-    first = len(reporter.records)
-    start = time.perf_counter()
-    fn(callback)
-    wall = time.perf_counter() - start
-    steps = [b - a for a, b in zip(marks, marks[1:], strict=False)]
-    phases = {r.name: {"seconds": round(r.seconds, 2), "peak_gib": (r.peak_bytes or 0) / 2**30} for r in reporter.records[first:]}
-    median = statistics.median(steps) if steps else 0.0
-    return {"wall_s": wall, "steps": len(marks), "median_step_s": median, "wall_at_50_s": wall + (SCHEDULE - len(marks)) * median, "phases": phases}
+    """e2e.py's timing of one call, with each phase's peak in GiB and the 50-step wall clock derived."""
+    out = _timed_call(fn, reporter, cuda)
+    out["phases"] = {name: {"seconds": round(p["seconds"], 2), "peak_gib": (p["peak_bytes"] or 0) / 2**30} for name, p in out["phases"].items()}
+    out["wall_at_50_s"] = out["wall_s"] + (SCHEDULE - out["steps"]) * out["median_step_s"]
+    return out
 
 
 def one_clip(frames: int, model: Path, size: dict, args: argparse.Namespace, cuda: bool) -> dict[str, Any]:
