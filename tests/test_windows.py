@@ -154,3 +154,14 @@ def test_the_web_app_tells_a_long_clips_windows_before_inverting(tiny_model, wid
     assert act.on_upload(str(clip))[2] == (
         "clip.mp4: 131 frames, 636x270, 25 fps · every frame at 8 fps: 42 frames in 6 overlapping windows, predicted 6x one window's time"
     )
+
+
+def test_the_command_line_takes_frames_all_and_refuses_other_words(wide_clip, tmp_path):
+    from click.testing import CliRunner
+
+    from cli import cli
+
+    result = CliRunner().invoke(cli, ["invert", str(wide_clip), "--model", str(tmp_path / "none"), "--frames", "most"])
+    assert result.exit_code == 2 and "Invalid value for '--frames': 'most' is neither a number nor 'all'" in result.output
+    result = CliRunner().invoke(cli, ["plan", "--frames", "97"])
+    assert result.exit_code == 0 and "97 frames: 3 overlapping windows of 49 frames" in result.output
