@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -110,6 +111,7 @@ def main() -> None:
     args = ap.parse_args()
     cuda = torch.cuda.is_available()
     model = model_path(Path(args.workdir), args.tiny)
+    shutil.rmtree(Path(args.workdir) / "cache", ignore_errors=True)  # every call inverts: no hit from an earlier run
     size = TINY if args.tiny else FULL
     window = engine.inspect_model(model).latent_window * 4 - 3
     result: dict[str, Any] = {"device": torch.cuda.get_device_name(0) if cuda else "cpu", "torch": torch.__version__, "steps": args.steps,
