@@ -113,37 +113,65 @@ def object_track(frames: np.ndarray, near: np.ndarray) -> list[np.ndarray | None
     return [centroid(found[f]) for f in range(len(frames))]
 
 
-def shapes_clip(seed: int, steps: int, device: str, cache: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+def invert_and_edit(name: str, video: np.ndarray, spec: shapes.ClipSpec, target: shapes.ClipSpec, mask: np.ndarray, steps: int, device: str, cache: Path):
+    """The clip's inversion (every frame, no CFG), its round trip and its masked color edit."""
+    frames = len(video)
+    info = VideoInfo(f"/served/{name}.mp4", f"{name}-{frames}", frames, FPS, shapes.WIDTH, shapes.HEIGHT)
+    served = FrameSettings(max_frames=None, height=shapes.HEIGHT, width=shapes.WIDTH, fps=FPS)
+    common = dict(device=device, cache_dir=cache, output="frames")
+    with serving({name: torch.from_numpy(video)}, {name: info}, served):
+        inv = engine.invert(info.path, SHAPES_DIR, frames="all", steps=steps, source_prompt=spec.caption, guidance=1.0, inversion=INVERSION[0], **SIZE, device=device, cache_dir=cache)
+    recon = engine.edit(inv, [spec.caption], guidance=1.0, inject_strength=0.0, **common).frames[0]
+    edit = engine.edit(inv, [target.caption], negative_from_source=True, inject_strength=0.0, mask=mask.astype(np.float32), **common).frames[0]
+    return inv, recon, edit
+
+
+def color_shares(edit: np.ndarray, masks: np.ndarray, color: str) -> list[float]:
+    """Per frame: the share of the object's pixels (away from its rim) nearest `color`."""
+    labels, core = nearest(edit), erode(masks[0], EDGE)
+    return [float((labels[f][core[f]] == color_index(color)).mean()) for f in range(len(edit))]
+
+
+def shapes_clip(seed: int, steps: int, device: str, cache: Path, independent: bool) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     spec = crossing_clip(seed)
     video, masks = shapes.render(spec, FRAMES)
     name = f"long_shapes_{seed:03d}"
-    info = VideoInfo(f"/served/{name}.mp4", f"{name}-{FRAMES}", FRAMES, FPS, shapes.WIDTH, shapes.HEIGHT)
-    served = FrameSettings(max_frames=None, height=shapes.HEIGHT, width=shapes.WIDTH, fps=FPS)
     target = shapes.with_change(spec, color=list(shapes.COLORS)[(list(shapes.COLORS).index(spec.things[0].color) + 1) % len(shapes.COLORS)])
-    common = dict(device=device, cache_dir=cache, output="frames")
+    mask = shapes.around(spec, MASK_MARGIN, FRAMES)
     start = time.perf_counter()
-    with serving({name: torch.from_numpy(video)}, {name: info}, served):
-        inv = engine.invert(info.path, SHAPES_DIR, frames="all", steps=steps, source_prompt=spec.caption, guidance=1.0, inversion=INVERSION[0], **SIZE, device=device, cache_dir=cache)
-    invert_s = time.perf_counter() - start
-    recon = engine.edit(inv, [spec.caption], guidance=1.0, inject_strength=0.0, **common).frames[0]
-    mask = shapes.around(spec, MASK_MARGIN, FRAMES).astype(np.float32)
-    edit = engine.edit(inv, [target.caption], negative_from_source=True, inject_strength=0.0, mask=mask, **common).frames[0]
+    inv, recon, edit = invert_and_edit(name, video, spec, target, mask, steps, device, cache)
     spans = inv.entry.manifest["summary"]["windows"]
     joins = join_frames(spans, FRAMES)
     near = dilate(masks[0], 6)
-    core = erode(masks[0], EDGE)
-    labels = nearest(edit)
-    share = [float((labels[f][core[f]] == color_index(target.things[0].color)).mean()) for f in range(FRAMES)]
+    share = color_shares(edit, masks, target.things[0].color)
     per_window = [float(np.mean([share[f] for f in np.flatnonzero(w)])) for w in window_frames(spans, FRAMES)]
     recon_psnr = per_frame_psnr(torch.from_numpy(recon), torch.from_numpy(video))
     record = {
-        "clip": name, "caption": spec.caption, "edit": target.caption, "windows": spans, "steps": steps,
-        "invert_s": round(invert_s, 1), "seconds": round(time.perf_counter() - start, 1),
+        "clip": name, "caption": spec.caption, "edit": target.caption, "windows": spans, "steps": steps, "seconds": round(time.perf_counter() - start, 1),
         "reconstruction": {**seam_summary(recon_psnr, moves(object_track(recon, near)), joins), "psnr_db": recon_psnr},
         "edit_motion": seam_summary(per_frame_psnr(torch.from_numpy(edit), torch.from_numpy(video)), moves(object_track(edit, near)), joins),
-        "color_share_per_window": per_window, "color_spread": max(per_window) - min(per_window),
+        "color_share": share, "color_share_per_window": per_window, "color_spread": max(per_window) - min(per_window),
     }
+    if independent:
+        record["independent"] = independent_windows(name, video, masks, spec, target, mask, (share, recon_psnr), steps, device, cache)
     return record, {"source": video, "edit": edit, "joins": joins}
+
+
+def independent_windows(name, video, masks, spec, target, mask, blended, steps, device, cache) -> dict[str, Any]:
+    """The alternative: each window's frames inverted and edited as a clip of their own (17 frames
+    from frame 0, 12 and 24), against the same frames of the blended run."""
+    one = (shapes.FRAMES - 1) // 4 * 4 + 1
+    share, recon_psnr = blended
+    out: dict[str, list] = {"first_frames": [], "color_share": [], "blended_color_share": [], "recon_psnr_db": [], "blended_recon_psnr_db": []}
+    for a in range(0, FRAMES - one + 1, (FRAMES - one) // 2):
+        part = slice(a, a + one)
+        _, recon, edit = invert_and_edit(f"{name}_from{a:02d}", video[part], spec, target, mask[part], steps, device, cache)
+        out["first_frames"].append(a)
+        out["color_share"].append(float(np.mean(color_shares(edit, masks[:, part], target.things[0].color))))
+        out["blended_color_share"].append(float(np.mean(share[part])))
+        out["recon_psnr_db"].append(float(np.mean(per_frame_psnr(torch.from_numpy(recon), torch.from_numpy(video[part])))))
+        out["blended_recon_psnr_db"].append(float(np.mean(recon_psnr[part])))
+    return out
 
 
 def bunny_clip(steps: int, device: str, cache: Path) -> dict[str, Any]:
@@ -199,6 +227,20 @@ def verdicts(records: list[dict[str, Any]], bunny: dict[str, Any]) -> list[tuple
     ]
 
 
+def independent_md(records: list[dict[str, Any]]) -> list[str]:
+    """The alternative (each window a clip of its own) against the blended windows, on the same frames."""
+    done = [r for r in records if "independent" in r]
+    if not done:
+        return []
+    r = done[0]
+    d = r["independent"]
+    rows = [{"frames": f"{a}-{a + 16}", **{k: d[k][i] for k in d if k != "first_frames"}} for i, a in enumerate(d["first_frames"])]
+    columns = [("frames", "frames", ""), ("color share, blended windows", "blended_color_share", ".3f"), ("color share, window alone", "color_share", ".3f"),
+               ("recon PSNR dB, blended", "blended_recon_psnr_db", ".2f"), ("recon PSNR dB, window alone", "recon_psnr_db", ".2f")]
+    return [f"{r['clip']}: each window's 17 frames inverted and edited as a clip of their own, against the same frames of the blended run:", "",
+            table(rows, columns), ""]
+
+
 def markdown(result: dict[str, Any]) -> str:
     rows = [{"clip": r["clip"], **{k: v for k, v in r["reconstruction"].items() if k != "psnr_db"},
              "edit_join": r["edit_motion"]["move_join_max_px"], "edit_inside": r["edit_motion"]["move_inside_max_px"], "edit_lost": r["edit_motion"]["lost_frames"],
@@ -223,6 +265,7 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         table(rows, columns),
         "",
+        *independent_md(result["shapes"]),
         "| target | met |",
         "| --- | --- |",
         *[f"| {name} | {ok} |" for name, ok in verdicts(result["shapes"], result["bunny"])],
@@ -237,6 +280,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--clips", type=int, default=3)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--independent", action="store_true", help="on the first clip, also each window inverted and edited on its own")
     ap.add_argument("--inversion", default="fixed-point", choices=["ddim", "fixed-point"])
     ap.add_argument("--cache", type=Path, default=None, help="cache folder (default: a fresh one under --out)")
     args = ap.parse_args()
@@ -245,7 +289,7 @@ def main() -> None:
     INVERSION[0] = args.inversion
     records, shown = [], None
     for seed in shapes.one_object_seeds(args.clips, "heldout"):
-        record, frames = shapes_clip(seed, args.steps, args.device, cache)
+        record, frames = shapes_clip(seed, args.steps, args.device, cache, args.independent and not records)
         records.append(record)
         shown = shown or frames
         print(json.dumps({k: v for k, v in record.items() if k != "reconstruction"}), flush=True)
