@@ -410,7 +410,7 @@ def edit(inversion: Inversion | str, prompts: Prompts, *, cache_dir: str | Path 
     if opts.seed and settings.init == "inverted":
         log.warning("--seed %d has no effect: edits start from the inverted noise; add --init random to start from seeded noise", opts.seed)
     fs = inv.entry.frame_settings
-    workload = Workload(inv.entry.frames, fs["height"], fs["width"], min(settings.batch, len(prompts)), settings.uses_cfg, reference=settings.inject.reference)
+    workload = Workload(min(inv.entry.frames, window_frames(info)), fs["height"], fs["width"], min(settings.batch, len(prompts)), settings.uses_cfg, reference=settings.inject.reference)
     ctx = StageContext(info, _with_plan(runtime, opts, info, workload, reporter, "edit"), inv.layout, reporter, inv.entry, callback)
     outputs = None
     if opts.output == "mp4":  # refuse first
