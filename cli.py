@@ -86,6 +86,11 @@ def cache_option(f):
 
 
 def runtime_options(f):
+    f = click.option(
+        "--attention", type=click.Choice(["auto", "sdpa", "fa4", "sage"]), default="auto", show_default=True,
+        help='Attention kernel: auto = FlashAttention-4 where installed (pip install -e ".[fast]") on Hopper/Blackwell, else torch SDPA; '
+        'sage = SageAttention (pip install -e ".[sage]"): lossy, opt-in (docs/attention.md).',
+    )(f)
     f = click.option("--fp8", is_flag=True, help='FP8 matmuls in the transformer blocks (torchao; RTX 40xx/L4/H100): faster, a small accuracy cost. pip install -e ".[fp8]" in cogedit\'s folder.')(f)
     f = click.option(
         "--compile/--no-compile", "compile_blocks", default=None,
@@ -111,8 +116,8 @@ def invert_options(cfg_prefix: str):
     return decorate
 
 
-def _frames(ctx: click.Context, param: click.Parameter, value: str) -> int | str:
-    if value == "all":
+def _frames(ctx: click.Context, param: click.Parameter, value: str | None) -> int | str | None:
+    if value is None or value == "all":
         return value
     try:
         return int(value)
@@ -122,22 +127,25 @@ def _frames(ctx: click.Context, param: click.Parameter, value: str) -> int | str
 
 def _invert_options(f, cfg_prefix: str):
     # run's --fps is the edit's, and sets the rate the clip is read at as well (engine.options.split_run_options)
-    read_fps = [click.option("--fps", default=None, type=float, help="Read the clip at this frame rate (default: the source's; the model's, 8, with --frames all).")] if cfg_prefix == "--" else []
+    read_fps = [
+        click.option("--fps", default=None, type=float, help="Read the clip at this frame rate (default: the source's; with --frames all the model's: 8 for 5B, 16 for 1.5).")
+    ] if cfg_prefix == "--" else []
     for opt in reversed(
         [
-            click.option("--model", required=True, help="CogVideoX-5b folder or hub id (THUDM/CogVideoX-5b)."),
+            click.option("--model", required=True, help="CogVideoX-5b or CogVideoX1.5-5b folder or hub id (THUDM/CogVideoX-5b, THUDM/CogVideoX1.5-5b)."),
             click.option("--steps", default=50, show_default=True, help="DDIM steps (inversion and edit use the same)."),
             click.option(
-                "--frames", default="49", show_default=True, callback=_frames,
-                help="Most frames to use, spread over the clip (kept to 4k+1), or 'all': every frame at --fps, in overlapping windows when longer than the model's.",
+                "--frames", default=None, callback=_frames,
+                help="Most frames to use, spread over the clip (kept to 4k+1; default: the model's, 49 for 5B, 81 for 1.5), "
+                "or 'all': every frame at --fps, in overlapping windows when longer than the model's.",
             ),
             *read_fps,
             click.option("--window-overlap", default=None, type=int, help="Latent frames that neighbouring windows of a long clip share (default: 4 for CogVideoX-5B)."),
             click.option("--skip-start", default=0, show_default=True, help="Frames to drop at the start."),
             click.option("--skip-end", default=0, show_default=True, help="Frames to drop at the end."),
             click.option("--stride", default=None, type=int, help="Take every N-th frame (default: spread evenly)."),
-            click.option("--height", default=480, show_default=True),
-            click.option("--width", default=720, show_default=True),
+            click.option("--height", default=None, type=int, help="Frame height (default: the model's, 480 for 5B, 768 for 1.5)."),
+            click.option("--width", default=None, type=int, help="Frame width (default: the model's, 720 for 5B, 1360 for 1.5)."),
             click.option(
                 "--fit", type=click.Choice(["stretch", "crop", "pad"]), default="stretch", show_default=True,
                 help="A source of another shape: stretch it (upstream), crop it to fill the frame, or pad it with black bars.",
@@ -280,7 +288,9 @@ def _edit_json(result) -> dict:
 @click.option("--seed", default=0, show_default=True, help="Seed of the --random weights.")
 @click.option("--world", type=click.Choice(["bunny", "shapes"]), default="bunny", show_default=True,
               help="Which trained proxy: Big Buck Bunny footage, or the synthetic shapes world.")
-def tiny_model_write(directory: str, random_weights: bool, seed: int, world: str) -> None:
+@click.option("--arch", type=click.Choice(["1.0", "1.5"]), default="1.0", show_default=True,
+              help="With --random: the CogVideoX-5B layout, or CogVideoX1.5-5B's (time patched by 2).")
+def tiny_model_write(directory: str, random_weights: bool, seed: int, world: str, arch: str) -> None:
     """Write a small CogVideoX checkpoint in the CogVideoX-5b folder layout.
 
     By default the trained proxy (7M parameters, 14 MB, trained on Big Buck Bunny at
@@ -292,12 +302,15 @@ def tiny_model_write(directory: str, random_weights: bool, seed: int, world: str
     cogedit tiny-model proxy/ && cogedit run clip.mp4 --model proxy/ --frames 17 --height 96 --width 144 --prompt "..."
     cogedit tiny-model shapes/ --world shapes
     cogedit tiny-model tiny/ --random --seed 1
+    cogedit tiny-model tiny15/ --random --arch 1.5
     """
     from engine import SettingsError, build_tiny_model, write_proxy_model
 
     if random_weights and world != "bunny":
         raise SettingsError("--random writes the random tiny model, which belongs to no world: drop --random or --world")
-    click.echo(build_tiny_model(directory, seed=seed) if random_weights else write_proxy_model(directory, world))
+    if arch != "1.0" and not random_weights:
+        raise SettingsError("the trained proxies are CogVideoX-5B-shaped: --arch 1.5 needs --random")
+    click.echo(build_tiny_model(directory, seed=seed, arch=arch) if random_weights else write_proxy_model(directory, world))
 
 
 @cli.command(name="invert")
@@ -306,7 +319,7 @@ def tiny_model_write(directory: str, random_weights: bool, seed: int, world: str
 @cache_option
 @runtime_options
 @json_option
-def invert_cmd(video: str, cache_dir, device, plan, vram, compile_blocks: bool | None, fp8: bool, as_json: bool, model: str, dtype, **params) -> None:
+def invert_cmd(video: str, cache_dir, device, plan, vram, compile_blocks: bool | None, fp8: bool, attention: str, as_json: bool, model: str, dtype, **params) -> None:
     """Invert VIDEO into the cache and print its id (a cache hit loads no model).
 
     \b
@@ -315,7 +328,10 @@ def invert_cmd(video: str, cache_dir, device, plan, vram, compile_blocks: bool |
     import engine
 
     reporter = _reporter(device)
-    inv = engine.invert(video, model, cache_dir=cache_dir, device=device, dtype=dtype, plan=plan, vram=vram, compile=compile_blocks, fp8=fp8, reporter=reporter, **_invert_kwargs(params))
+    inv = engine.invert(
+        video, model, cache_dir=cache_dir, device=device, dtype=dtype, plan=plan, vram=vram, compile=compile_blocks, fp8=fp8, attention=attention, reporter=reporter,
+        **_invert_kwargs(params),
+    )
     _console().print(reporter.table("invert"))
     click.echo(json.dumps(_inversion_json(inv, reporter)) if as_json else inv.id)
 
@@ -333,7 +349,7 @@ def _inversion_json(inv, reporter) -> dict:
 @cache_option
 @runtime_options
 @json_option
-def edit_cmd(inversion_id: str, prompts, prompts_file, cache_dir, device, plan, vram, compile_blocks: bool | None, fp8: bool, as_json: bool, model, **params) -> None:
+def edit_cmd(inversion_id: str, prompts, prompts_file, cache_dir, device, plan, vram, compile_blocks: bool | None, fp8: bool, attention: str, as_json: bool, model, **params) -> None:
     """Render one mp4 per --prompt from a cached inversion (no video is read, nothing is inverted).
 
     \b
@@ -342,7 +358,7 @@ def edit_cmd(inversion_id: str, prompts, prompts_file, cache_dir, device, plan, 
 
     Files are named ID-HASH-NN-PROMPT.mp4 (and ...-side-by-side.mp4): the inversion id's first 8
     characters, a 6-character hash of the settings that change the pixels (--guidance,
-    --negative-prompt, --init/--seed, --inject-*, --reference, --mask/--mask-box, --compile, --fp8;
+    --negative-prompt, --init/--seed, --inject-*, --reference, --mask/--mask-box, --compile, --fp8, --attention fa4/sage;
     one with no effect, such as --seed without --init random, is left out), the prompt's number and
     its first words.
     Edits with other settings never overwrite each other.
@@ -351,7 +367,10 @@ def edit_cmd(inversion_id: str, prompts, prompts_file, cache_dir, device, plan, 
 
     reporter = _reporter(device)
     prompts = _all_prompts(prompts, prompts_file)
-    result = engine.edit(inversion_id, prompts, model=model, cache_dir=cache_dir, device=device, plan=plan, vram=vram, compile=compile_blocks, fp8=fp8, reporter=reporter, **_edit_kwargs(params))
+    result = engine.edit(
+        inversion_id, prompts, model=model, cache_dir=cache_dir, device=device, plan=plan, vram=vram, compile=compile_blocks, fp8=fp8, attention=attention, reporter=reporter,
+        **_edit_kwargs(params),
+    )
     _print_edit(reporter, result, as_json)
 
 
@@ -376,7 +395,7 @@ def _print_edit(reporter, result, as_json: bool, title: str = "edit", inversion:
 @cache_option
 @runtime_options
 @json_option
-def run_cmd(video: str, prompts, prompts_file, model, cache_dir, device, plan, vram, compile_blocks: bool | None, fp8: bool, dtype, as_json: bool, **params) -> None:
+def run_cmd(video: str, prompts, prompts_file, model, cache_dir, device, plan, vram, compile_blocks: bool | None, fp8: bool, attention: str, dtype, as_json: bool, **params) -> None:
     """Invert VIDEO when needed, then edit it: the one-shot path.
 
     \b
@@ -387,7 +406,7 @@ def run_cmd(video: str, prompts, prompts_file, model, cache_dir, device, plan, v
     reporter = _reporter(device)
     inv, result = engine.run(
         video, model, _all_prompts(prompts, prompts_file), **_invert_kwargs(params, "invert_"), reporter=reporter,
-        cache_dir=cache_dir, device=device, dtype=dtype, plan=plan, vram=vram, compile=compile_blocks, fp8=fp8, **_edit_kwargs(params),
+        cache_dir=cache_dir, device=device, dtype=dtype, plan=plan, vram=vram, compile=compile_blocks, fp8=fp8, attention=attention, **_edit_kwargs(params),
     )
     _print_edit(reporter, result, as_json, "run", _inversion_json(inv, reporter))
 
@@ -400,7 +419,7 @@ def run_cmd(video: str, prompts, prompts_file, model, cache_dir, device, plan, v
 @cache_option
 @runtime_options
 @json_option
-def batch_cmd(jobs_file: str, model, out_dir: str, nproc: int, cache_dir, device, plan, vram, compile_blocks: bool | None, fp8: bool, as_json: bool) -> None:
+def batch_cmd(jobs_file: str, model, out_dir: str, nproc: int, cache_dir, device, plan, vram, compile_blocks: bool | None, fp8: bool, attention: str, as_json: bool) -> None:
     """Run every [[job]] of JOBS_FILE (TOML): each video inverted once, then its prompts edited.
 
     A re-run skips what is done; a failed job is a row of the table and the others go on (exit 1
@@ -416,7 +435,7 @@ def batch_cmd(jobs_file: str, model, out_dir: str, nproc: int, cache_dir, device
     reporter = _reporter(device)
     result = engine.batch(
         jobs_file, model, out_dir=out_dir, nproc=nproc, cache_dir=cache_dir, reporter=reporter,
-        device=device, plan=plan, vram=vram, compile=compile_blocks, fp8=fp8,
+        device=device, plan=plan, vram=vram, compile=compile_blocks, fp8=fp8, attention=attention,
     )
     if not _worker_zero():
         return
@@ -477,21 +496,25 @@ def ui_cmd(model, host: str, port: int, cache_dir, uploads_dir) -> None:
 
 @cli.command(name="plan")
 @click.option("--vram", default=None, callback=_vram_bytes, help=VRAM_HELP)
-@click.option("--model", default=None, help="Model folder or hub id (default: the built-in CogVideoX-5B shape, no download).")
-@click.option("--frames", default=49, show_default=True)
-@click.option("--height", default=480, show_default=True)
-@click.option("--width", default=720, show_default=True)
+@click.option(
+    "--model", default=None,
+    help="Model folder or hub id (default: the built-in CogVideoX-5B shape; THUDM/CogVideoX-5b and THUDM/CogVideoX1.5-5b need no download).",
+)
+@click.option("--frames", default=None, type=int, help="Frames (default: the model's, 49 for 5B, 81 for 1.5).")
+@click.option("--height", default=None, type=int, help="Frame height (default: the model's).")
+@click.option("--width", default=None, type=int, help="Frame width (default: the model's).")
 @click.option("--prompts", default=1, show_default=True, help="Prompts rendered in one pass.")
 def plan_cmd(vram, model, frames, height, width, prompts) -> None:
     """Print each memory plan's predicted peak per phase, without running anything.
 
     \b
     cogedit plan --vram 12GB
+    cogedit plan --model THUDM/CogVideoX1.5-5b --frames 161 --vram 24GB
     """
     from rich.console import Console, Group
     from rich.table import Table
 
-    from engine.models.model_info import builtin_5b, inspect_model
+    from engine.models.model_info import plan_model
     from engine.models.plans import (
         CUDA_CONTEXT,
         PLANS,
@@ -503,7 +526,9 @@ def plan_cmd(vram, model, frames, height, width, prompts) -> None:
     )
     from engine.stages.windows import Windowing, default_overlap
 
-    info = inspect_model(model) if model else builtin_5b()
+    info = plan_model(model)
+    own = info.defaults
+    frames, height, width = (own.frames if frames is None else frames), (own.height if height is None else height), (own.width if width is None else width)
     window = (info.latent_window - 1) * info.vae_scale_temporal + 1
     if frames > window:  # a long clip runs one window at a time: its peak is one window's
         count = Windowing(info.latent_window, default_overlap(info.latent_window)).count((frames - 1) // info.vae_scale_temporal + 1)

@@ -17,6 +17,8 @@ Variants (`--variants`, comma-separated, run in the order given):
 - cold: the defaults, empty kernel and cogedit caches; invert, edit, then a further edit from the cache
 - warm: the defaults in a second process with cold's cache folders and a new inversion (run cold first)
 - nocompile: --no-compile; fp8: --fp8 (cold kernel cache); 4prompts: 4 prompts in one pass
+- sdpa, fa4, sage: cold with that --attention kernel (cold = the default, auto: fa4 where flash_attn.cute
+  imports on Hopper/Blackwell, else sdpa); every row records the kernel each phase ran
 Each cogedit call runs `--steps` steps; with fewer than 50 the report gives the measured wall clock
 and, labelled derived, the same call with 50 steps (the measured wall clock + the missing steps x the median step).
 A variant whose estimated time does not fit what is left of `--budget` is not started, and is
@@ -53,12 +55,16 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "fp8": {"cache": "fp8", "fresh": True, "options": {"fp8": True}, "prompts": 1, "further": True},
     "fp8-warm": {"cache": "fp8", "fresh": False, "options": {"fp8": True}, "prompts": 1, "further": True, "new_inversion": True},
     "4prompts": {"cache": "4prompts", "fresh": True, "options": {}, "prompts": 4, "further": False},
+    **{k: {"cache": k, "fresh": True, "options": {"attention": k}, "prompts": 1, "further": True} for k in ("sdpa", "fa4", "sage")},
 }
 # Seconds a variant is expected to take on an H200, (fixed, per step of --steps), what the time
 # guard compares with what is left. From issue 17's runs at main (eager: invert 58.5 s = ~15 s
 # fixed + 50 x 0.9 s, edit 187.6 s = ~27 s fixed + 50 x 3.2 s), plus ~15 s to start a process
 # and ~50 s of compiling in a cold cache; fp8 steps ~10% faster, 4 prompts ~8.5 s per edit step.
-ESTIMATE = {"upstream": (100, 0), "cold": (135, 7.3), "warm": (100, 7.3), "nocompile": (60, 4.1), "fp8": (145, 6.6), "fp8-warm": (105, 6.6), "4prompts": (110, 9.4)}
+# fa4: issue 29's eager 10-step edits, 0.5 s less per edit step, plus ~40 s for its CuTe kernels' JIT
+# (a guess, not measured); sage: Triton's JIT, and its calls slower than cuDNN's on Hopper.
+ESTIMATE = {"upstream": (100, 0), "cold": (135, 7.3), "warm": (100, 7.3), "nocompile": (60, 4.1), "fp8": (145, 6.6), "fp8-warm": (105, 6.6), "4prompts": (110, 9.4),
+            "sdpa": (135, 7.3), "fa4": (175, 6.3), "sage": (160, 7.6)}
 RECOMPILE_MARK = "recompile_limit"
 
 
@@ -119,9 +125,10 @@ def child(args: argparse.Namespace) -> dict:
     reporter = engine.Reporter(device="cuda" if cuda else "cpu")
     options = {**spec["options"], "cache_dir": cache_dir, "reporter": reporter}
     invert_kw = dict(steps=args.steps, **size, **({"fit": "crop"} if spec.get("new_inversion") else {}))
-    compiled = {phase: Runtime.default(**spec["options"], phase=phase).compile for phase in ("invert", "edit")}
+    runtimes = {phase: Runtime.default(**spec["options"], phase=phase) for phase in ("invert", "edit")}
     prompts = list(PROMPTS[: spec["prompts"]])
-    row = {"calls": {}, "prompts": len(prompts), "compiled": compiled, "fp8": spec["options"].get("fp8", False), "steps": args.steps}
+    row = {"calls": {}, "prompts": len(prompts), "compiled": {p: r.compile for p, r in runtimes.items()}, "fp8": spec["options"].get("fp8", False),
+           "attention": {p: r.attention for p, r in runtimes.items()}, "steps": args.steps}
     inv: list = []
     calls = {"invert": lambda cb: inv.append(engine.invert(clip, args.model, callback=cb, **invert_kw, **options)),
              "edit": lambda cb: engine.edit(inv[0], prompts, output="frames", callback=cb, **options)}
@@ -280,7 +287,7 @@ def summarize(results: dict) -> dict:
         further = at_schedule(calls["further_edit"], steps) if "further_edit" in calls else None
         rows[name] = {
             "invert_s": invert, "edit_s": edit, "first_edit_s": first, "further_edit_s": further, "prompts": prompts,
-            "steps": steps, "basis": basis(steps), "compiled": row.get("compiled"),
+            "steps": steps, "basis": basis(steps), "compiled": row.get("compiled"), "attention": row.get("attention"),
             "first_vs_upstream": first / upstream if upstream else None,
             "further_vs_upstream": further / upstream if upstream and further else None,
             "peak_vram_gib": max(call_peak(c) for c in calls.values()) / 2**30,
@@ -378,15 +385,16 @@ def report(paths: list[Path], out_dir: Path) -> None:
         )
     lines += [
         "",
-        "| variant | steps run | compiled | invert s | first edit (invert + edit) s | further edit s | first vs upstream | further vs upstream | peak VRAM GiB | recompile_limit hits |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| variant | steps run | compiled | attention | invert s | first edit (invert + edit) s | further edit s | first vs upstream | further vs upstream | peak VRAM GiB | recompile_limit hits |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in summary["rows"].items():
         label = f"{name} (per prompt, {r['prompts']} in one pass)" if r["prompts"] > 1 else name
         n = r["steps"]
         compiled = ", ".join(p for p, on in (r["compiled"] or {}).items() if on) or "none"
+        kernels = ", ".join(sorted(set((r["attention"] or {"-": "sdpa"}).values())))  # runs before the choice were all sdpa
         lines.append(
-            f"| {label} | {n} | {compiled} | {_cell(r['invert_s'], n)} | {_cell(r['first_edit_s'], n)} | {_cell(r['further_edit_s'], n)} | "
+            f"| {label} | {n} | {compiled} | {kernels} | {_cell(r['invert_s'], n)} | {_cell(r['first_edit_s'], n)} | {_cell(r['further_edit_s'], n)} | "
             f"{_cell(r['first_vs_upstream'], n, '{:.2f}x')} | {_cell(r['further_vs_upstream'], n, '{:.2f}x')} | {_f(r['peak_vram_gib'])} | {r['recompile_limit_hits']} |"
         )
     lines += ["", "Measured: the wall clock of each call at the steps it ran, and its phases. Before step 1: everything in the call up to its first",

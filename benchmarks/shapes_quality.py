@@ -5,6 +5,8 @@
     # the settings chosen on the first 10 clips, measured on the next 30, joined into the first run's SHAPES.md
     python benchmarks/shapes_quality.py --model SHAPES_PROXY_DIR --out $OUT/c --skip-clips 10 --clips 30 --only "A;B"
     python benchmarks/shapes_quality.py --report $OUT/shapes_quality.json --confirm $OUT/c/shapes_quality.json
+    # what a lossy attention kernel costs: the same clips and setting, inverted and edited with it
+    python benchmarks/shapes_quality.py --model SHAPES_PROXY_DIR --out $OUT/sage --device cuda --attention sage --only "default (window 0:1, all layers, strength 1, CFG 6, DDIM)"
 
 Held-out clips (engine/video/shapes.py, split "heldout": one object whose color x shape pair the
 proxy never saw) are served to `engine.invert` from memory (no video file, no decoder), inverted
@@ -210,7 +212,7 @@ def inversion(name: str, steps: int, common: dict[str, Any], **options: Any) -> 
     """The clip's inversion under its caption with `options` (from the cache once inverted)."""
     spec = _WORKER["specs"][name]
     return engine.invert(f"{name}.mp4", common["model"], steps=steps, source_prompt=spec.caption, device=common["device"],
-                         cache_dir=common["cache_dir"], compile=False, **INVERT, **options)
+                         cache_dir=common["cache_dir"], compile=False, attention=common["attention"], **INVERT, **options)
 
 
 def invert_task(name: str, options: dict[str, Any], steps: int, common: dict[str, Any]) -> None:
@@ -410,7 +412,7 @@ def run(args: argparse.Namespace) -> None:
     specs = held_out_clips(args.clips, args.skip_clips)
     steps = args.steps
     # eager: no compile time (a tiny model gains nothing from it)
-    common = dict(model=str(args.model), device=args.device, cache_dir=tempfile.mkdtemp(prefix="cogedit-shapes-"), compile=False)
+    common = dict(model=str(args.model), device=args.device, cache_dir=tempfile.mkdtemp(prefix="cogedit-shapes-"), compile=False, attention=args.attention)
     training = json.loads((Path(args.model) / "TRAINING.json").read_text())
     result: dict[str, Any] = {
         "device": device_name(args.device or ("cuda" if torch.cuda.is_available() else "cpu")), "torch": torch.__version__,
@@ -423,8 +425,9 @@ def run(args: argparse.Namespace) -> None:
                   f"invert without CFG and edit with the source caption as the negative prompt), edited with {steps} steps towards "
                   "the next color, a triangle (a square from a triangle) and the next background, one setting changed at a time. "
                   f"Masks, per frame: the object drawn {MASK_MARGIN} px larger, or (box) a square {MASK_MARGIN} px larger than any shape of "
-                  "the object's size at its place."),
+                  f"the object's size at its place. Attention kernel: {args.attention}."),
         "steps": steps,
+        "attention": args.attention,
         "clips": [{"name": clip_name(s.seed), "caption": s.caption} for s in specs],
         "grid_clips": [s.seed for s in specs[:2]],
         "rows": {}, "summary": [],
@@ -511,6 +514,7 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=7.5, help="no (setting, clip) starts after this")
     ap.add_argument("--workers", type=int, default=8, help="processes sharing the device (each holds its own CUDA context)")
     ap.add_argument("--quick", action="store_true", help="three settings: a small grid to try it out")
+    ap.add_argument("--attention", default="sdpa", choices=["sdpa", "fa4", "sage"], help="the attention kernel of every inversion and edit")
     args = ap.parse_args()
     if args.report:
         report(args.report, args.add, args.confirm)

@@ -34,7 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine.models.configs import SCHEDULER_5B, T5_XXL, TRANSFORMER_5B  # noqa: E402
-from engine.models.proxy import PROXY_FRAMES, PROXY_HEIGHT, PROXY_WIDTH  # noqa: E402
+from engine.models.proxy import PROXY_FRAMES, PROXY_HEIGHT, PROXY_WIDTH, proxy_defaults  # noqa: E402
 from engine.models.tiny import TINY_TEXT_LEN, build_tiny_model, train_tokenizer, write_model_index  # noqa: E402
 from engine.stages.encode import encode_frames  # noqa: E402
 from engine.stages.vloss import heldout_loss, v_prediction_loss  # noqa: E402
@@ -300,7 +300,7 @@ def train(args: argparse.Namespace) -> None:
     transformer.half().save_pretrained(out / "transformer", safe_serialization=True)
     vae.half().save_pretrained(out / "vae", safe_serialization=True)
     CogVideoXDDIMScheduler(**SCHEDULER_5B).save_pretrained(out / "scheduler")
-    write_model_index(out)
+    write_model_index(out, proxy_defaults("bunny"))
     minutes = (time.monotonic() - began) / 60
 
     # What it learned: held-out v-loss against the random tiny model's, and samples from noise.

@@ -52,7 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.shape_measures import EDGE, color_index, erode, nearest, sample_adherence  # noqa: E402
 from benchmarks.train_proxy import CAPTION_DROPOUT, T5_CONFIG, embed_captions, encode, sample, save_grid, train_transformer, train_vae  # noqa: E402
 from engine.models.configs import SCHEDULER_5B  # noqa: E402
-from engine.models.proxy import PROXY_DIR  # noqa: E402
+from engine.models.proxy import PROXY_DIR, proxy_defaults  # noqa: E402
 from engine.models.tiny import build_tiny_model, train_tokenizer, write_model_index  # noqa: E402
 from engine.stages.verify import psnr_db  # noqa: E402
 from engine.stages.vloss import heldout_loss  # noqa: E402
@@ -200,7 +200,7 @@ def train(args: argparse.Namespace) -> None:
     transformer.half().save_pretrained(model / "transformer", safe_serialization=True)
     vae.half().save_pretrained(model / "vae", safe_serialization=True)
     CogVideoXDDIMScheduler(**SCHEDULER_5B).save_pretrained(model / "scheduler")
-    write_model_index(model)
+    write_model_index(model, proxy_defaults("shapes"))
     minutes = (time.monotonic() - began) / 60
     params = {
         part: sum(p.numel() for p in m.parameters())

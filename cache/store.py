@@ -179,6 +179,7 @@ def settings_flags(settings: dict) -> tuple[dict, list[str]]:
         "--plan": plan,
         "--compile": True if identity.get("compiled") else None,
         "--fp8": True if identity.get("fp8") else None,
+        "--attention": identity.get("attention"),
         "--frames": frames.get("max_frames") or "all",
         "--fps": frames.get("fps"),
         "--window-overlap": invert.get("overlap") if invert.get("window") else None,

@@ -23,6 +23,7 @@ class RuntimeOptions:
     vram: str | int | None = None  # pick the fastest plan predicted to fit (e.g. "12GB")
     compile: bool | None = None  # None: on where it pays (engine.models.components.compile_by_default)
     fp8: bool = False
+    attention: str = "auto"  # auto | sdpa | fa4 | sage (engine.hooks.attention)
     device: str | None = None
     dtype: str | torch.dtype | None = None
 
@@ -32,14 +33,14 @@ class InvertOptions(RuntimeOptions):
     """`engine.invert`'s options (the CLI flags of the same names)."""
 
     steps: int = 50
-    frames: int | str = 49  # a most, or "all": every frame at `fps`
+    frames: int | str | None = None  # None: the model's own (ModelInfo.defaults): 49 for 5B, 81 for 1.5; "all": every frame at `fps`
     fps: float | None = None  # read at this rate (default: the source's; the model's with frames="all")
     window_overlap: int | None = None  # latent frames neighbouring windows share (engine.stages.windows)
     skip_start: int = 0
     skip_end: int = 0
     stride: int | None = None
-    height: int = 480
-    width: int = 720
+    height: int | None = None  # None: the model's own, 480x720 for 5B, 768x1360 for 1.5
+    width: int | None = None
     fit: str = "stretch"  # stretch | crop | pad, when the source's shape is not the model's
     source_prompt: str = ""
     negative_prompt: str = ""

@@ -111,7 +111,14 @@ def inversion_identity(video_sha: str, frames: FrameSettings, selected: list[int
         fields["compiled"] = True
     if runtime.fp8:
         fields["fp8"] = True
+    fields.update(attention_fields(runtime))
     return fields
+
+
+def attention_fields(runtime: Runtime) -> dict[str, str]:
+    """The attention kernel, for ids and edit names: FA4 rounds differently (as compiled kernels do)
+    and Sage is lossy, so each is a key field; SDPA adds nothing, so earlier ids and names stay."""
+    return {} if runtime.attention == "sdpa" else {"attention": runtime.attention}
 
 
 def _runtime(opts: RuntimeOptions, dtype: str | torch.dtype | None, phase: str) -> Runtime:
@@ -120,7 +127,7 @@ def _runtime(opts: RuntimeOptions, dtype: str | torch.dtype | None, phase: str) 
     if opts.plan and opts.vram:
         raise SettingsError("give --plan or --vram, not both (--vram picks a plan)")
     _vram_bytes(opts)
-    return Runtime.default(opts.device, dtype, opts.plan, opts.compile, opts.fp8, phase)
+    return Runtime.default(opts.device, dtype, opts.plan, opts.compile, opts.fp8, phase, opts.attention)
 
 
 def _vram_bytes(opts: RuntimeOptions) -> int | None:
@@ -139,7 +146,7 @@ def _with_plan(runtime: Runtime, opts: RuntimeOptions, info: ModelInfo, workload
     with reporter.phase("plan") as ph:
         peak = max(predict_peaks(chosen, info, workload).values())
         ph.record.detail = f"--vram {format_size(budget)}: plan {chosen.name}, predicted peak {format_size(peak)}"
-    return Runtime.default(runtime.device, runtime.dtype, chosen.name, opts.compile, runtime.fp8, phase)
+    return Runtime.default(runtime.device, runtime.dtype, chosen.name, opts.compile, runtime.fp8, phase, runtime.attention)
 
 
 def _probe(video: str | Path, frames: FrameSettings, reporter: Reporter) -> Source:
@@ -193,7 +200,7 @@ def every_frame(video: VideoInfo, info: ModelInfo, frames: FrameSettings = Frame
     """(frames, windows) of `--frames all` on `video` at the model's rate: what a long clip costs
     before any work (the window count is the time in windows; (0, 0) when too short)."""
     try:
-        every = select_frame_indices(video.num_frames, dataclasses.replace(frames, max_frames=None, stride=None, fps=info.default_fps), video.fps)
+        every = select_frame_indices(video.num_frames, dataclasses.replace(frames, max_frames=None, stride=None, fps=info.defaults.fps), video.fps)
     except VideoError:
         return 0, 0
     return output_frames(every), Windowing(info.latent_window, default_overlap(info.latent_window)).count(latent_frames(len(every)))
@@ -209,7 +216,7 @@ def _say_spread(source: Source, frames: FrameSettings, info: ModelInfo) -> None:
         return
     log.warning(
         "%s: %d frames spread over %.1f s (%.3g fps; the edit plays at normal speed); --frames all reads all %d frames at %g fps, in %d windows (predicted %dx the time)",
-        Path(source.video).name, len(source.selected), count / info.default_fps, source.fps, count, info.default_fps, windows, windows,
+        Path(source.video).name, len(source.selected), count / info.defaults.fps, source.fps, count, info.defaults.fps, windows, windows,
     )
 
 
@@ -224,14 +231,35 @@ def _check_sizes(entry: InversionEntry) -> None:
         )
 
 
-def _invert_settings(opts: InvertOptions, info: ModelInfo) -> tuple[FrameSettings, InvertSettings]:
+def _invert_settings(opts: InvertOptions, info: ModelInfo | None = None) -> tuple[FrameSettings, InvertSettings]:
+    """The frames and inversion settings; frames, height and width not given are the model's
+    (`info.defaults`; with no `info` yet, FrameSettings' own, which only checks the given ones).
+    frames="all" reads every frame at `fps`, by default the model's."""
     iters = opts.inversion_iters if opts.inversion_iters is not None else (FIXED_POINT_ITERS if opts.inversion == "fixed-point" else 0)
-    every = isinstance(opts.frames, str)
-    if every and opts.frames != "all":
+    every = opts.frames == "all"
+    if isinstance(opts.frames, str) and not every:
         raise SettingsError(f"--frames takes a number or 'all', got {opts.frames!r}")
-    fps = opts.fps if opts.fps is not None or not every else info.default_fps
-    frames = FrameSettings(None if every else opts.frames, opts.skip_start, opts.skip_end, opts.stride, opts.height, opts.width, opts.fit, fps)
+    own = {} if info is None else dict(max_frames=info.defaults.frames, height=info.defaults.height, width=info.defaults.width)
+    given = {k: v for k, v in dict(max_frames=None if every else opts.frames, height=opts.height, width=opts.width).items() if v is not None}
+    fps = opts.fps if opts.fps is not None or not every or info is None else info.defaults.fps
+    frames = FrameSettings(skip_start=opts.skip_start, skip_end=opts.skip_end, stride=opts.stride, fit=opts.fit, fps=fps, **{**own, **given})
+    frames = dataclasses.replace(frames, max_frames=None) if every else frames
     return frames, InvertSettings(opts.steps, opts.source_prompt, opts.negative_prompt, opts.guidance, opts.inversion, iters)
+
+
+# A frame size this far (either way, in pixels) from the model's own is worth a warning: the
+# model has seen few such grids, and a larger one costs memory and time as the square of it.
+FAR_FROM_NATIVE = 2.0
+
+
+def _warn_size(info: ModelInfo, frames: FrameSettings) -> None:
+    native = info.defaults
+    ratio = frames.height * frames.width / (native.height * native.width)
+    if not 1 / FAR_FROM_NATIVE <= ratio <= FAR_FROM_NATIVE:
+        log.warning(
+            "%dx%d is %.3gx the pixels of %s's own %dx%d: expect poor edits%s; leave out --height/--width to use the model's size",
+            frames.height, frames.width, ratio, info.source, native.height, native.width, " and a long, memory-hungry run" if ratio > 1 else "",
+        )
 
 
 def invert(video: str | Path, model: str | Path, *, cache_dir: str | Path | None = None, reporter: Reporter | None = None, callback: Callback | None = None, **options: Any) -> Inversion:
@@ -243,6 +271,7 @@ def invert(video: str | Path, model: str | Path, *, cache_dir: str | Path | None
     stored-attention request over its budget is refused before anything is written.
     """
     opts = parse(InvertOptions, options, "invert")
+    _invert_settings(opts)  # the sizes given are checked before anything else
     runtime = _runtime(opts, opts.dtype, "invert")
     reporter = reporter or Reporter(device=runtime.device)
     # Every argument is checked before any work or output: a wrong --model is reported before
@@ -250,12 +279,13 @@ def invert(video: str | Path, model: str | Path, *, cache_dir: str | Path | None
     check_video_file(video)
     info = inspect_model(model)
     frames, settings = _invert_settings(opts, info)
+    _warn_size(info, frames)
     store = store_settings(opts.attention_store, opts.attention_steps, opts.attention_layers, opts.attention_dtype, info.transformer_config["num_layers"])
     layout = _layout(cache_dir)
     source = _probe(video, frames, reporter)
     _say_spread(source, frames, info)
     settings = _windowed(settings, info, source, opts.window_overlap, store)
-    workload = Workload(min(len(source.selected), window_frames(info)), opts.height, opts.width, invert_rows=2 if settings.uses_cfg else 1)
+    workload = Workload(min(len(source.selected), window_frames(info)), frames.height, frames.width, invert_rows=2 if settings.uses_cfg else 1)
     ctx = StageContext(info, _with_plan(runtime, opts, info, workload, reporter, "invert"), layout, reporter, callback=callback)
     if store.where != "none":
         check_budget(ctx, store, settings.steps, workload, opts.attention_budget)
@@ -353,7 +383,7 @@ def edit_stem(inversion_id: str, settings: EditSettings, runtime: Runtime) -> st
     """The start of an edit's file names: the inversion and a short hash of every setting that
     changes the pixels, so edits with other settings never overwrite each other. 8/4-bit weights
     count as for the inversion's id; bf16 adds nothing, so earlier edits keep their names."""
-    fields = {**settings.key_fields(), "compiled": runtime.compile, "fp8": runtime.fp8}
+    fields = {**settings.key_fields(), "compiled": runtime.compile, "fp8": runtime.fp8, **attention_fields(runtime)}
     if runtime.plan.transformer_weights != "bf16":
         fields["weights"] = runtime.plan.transformer_weights
     tag = stable_hash(fields, length=6)

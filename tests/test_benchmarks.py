@@ -46,6 +46,7 @@ def test_e2e_runs_every_variant_in_its_own_process_and_reports(tmp_path):
     assert warm["invert"]["phases"]["invert"]["cache_hit"] is False, "warm inverts anew"
     assert list((tmp_path / "work" / "caches" / "default" / "cogedit").glob("*")), "warm and cold share a cache folder"
     assert variants["4prompts"]["prompts"] == 4 and "further_edit" not in variants["4prompts"]["calls"]
+    assert variants["cold"]["attention"] == {"invert": "sdpa", "edit": "sdpa"}  # auto, on a CPU
     assert variants["upstream"]["extrapolated_total_s"] > variants["upstream"]["fixed_s"] > 0
     assert all(v["recompile_limit_hits"] == 0 for v in variants.values())
     assert (out.parent / "e2e-logs" / "cold.log").exists()
@@ -99,9 +100,9 @@ def test_e2e_report_keeps_a_row_killed_after_its_calls_and_labels_derived_figure
     rows: dict[str, str] = {}
     for line in text.splitlines():  # the first table's row of each variant
         rows.setdefault(line.split(" | ")[0].strip("| "), line)
-    assert "| 50 | invert, edit | 78.9 measured |" in rows["cold"] and "0.51x measured" in rows["cold"]
+    assert "| 50 | invert, edit | sdpa | 78.9 measured |" in rows["cold"] and "0.51x measured" in rows["cold"]
     assert rows["cold"].endswith("| 13.0 | 0 |"), "peak VRAM: the edit phase's 13 GiB"
-    assert "| 10 | none | 63.8 derived |" in rows["nocompile"], "10-step calls: + 40 median steps, labelled derived"
+    assert "| 10 | none | sdpa | 63.8 derived |" in rows["nocompile"], "10-step calls: + 40 median steps, labelled derived"
     assert "killed by the time guard" in text and "fp8: estimated" in text
     costs = json.loads((tmp_path / "out" / "e2e.json").read_text())["summary"]["compile"]
     assert round(costs["invert"]["cold"]["cost_s"], 1) == 23.1 and round(costs["edit"]["cold"]["saved_s"], 1) == 28.0

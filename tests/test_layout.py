@@ -123,3 +123,15 @@ def test_engine_top_level_is_small_and_every_folder_says_its_role():
     for folder in (p for p in (ROOT / "engine").iterdir() if p.is_dir() and p.name not in ("assets", "__pycache__")):
         doc = ast.get_docstring(ast.parse((folder / "__init__.py").read_text(encoding="utf-8")))
         assert doc and "May import" in doc, f"engine/{folder.name}/__init__.py must say what lives there and what it may import"
+
+
+def test_no_function_is_over_60_lines():
+    """The product's code and the test reference: a longer function is several jobs in one."""
+    files = [ROOT / "cli.py", *(p for d in ("engine", "cache", "webui", "tests/reference") for p in (ROOT / d).rglob("*.py"))]
+    long = [
+        f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)"
+        for path in files
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.end_lineno - node.lineno + 1 > 60
+    ]
+    assert not long, long

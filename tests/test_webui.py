@@ -87,7 +87,7 @@ def test_cancel_stops_a_job_at_its_next_step_and_it_resumes_there(tiny_model, wi
     # Cancelled after step 1's report, it stops once step 2 is on disk; the rerun resumes there.
     reporter = engine.Reporter()
     engine.invert(wide_clip, tiny_model, device="cpu", reporter=reporter, **SMALL)
-    assert [r.detail for r in reporter.records if r.name == "invert"] == ["resumed at step 2"]
+    assert [r.detail for r in reporter.records if r.name == "invert"] == ["resumed at step 2, attention sdpa"]
 
 
 def test_a_failed_job_is_one_line_and_the_runner_takes_the_next(caplog):
@@ -131,7 +131,7 @@ def test_handlers_refuse_bad_requests_in_one_line(tmp_path, small_clip):
     clip = act.folders.uploads / "clip.mp4"
     clip.write_bytes(small_clip.read_bytes())
     me, quiet = SimpleNamespace(session_hash="me"), (lambda *a, **k: None)
-    invert_defaults = dict(source_prompt="", frames=9, height=96, width=144, fit="stretch", steps=2, plan="auto", method="ddim", guidance=6.0, verify=False)
+    invert_defaults = dict(source_prompt="", frames=9, height=96, width=144, fit="stretch", steps=2, plan="auto", method="ddim", guidance=6.0, verify=False, attention="auto")
 
     def refused(handler, *args, **kwargs) -> str:
         with pytest.raises(gr.Error) as err:
@@ -144,7 +144,7 @@ def test_handlers_refuse_bad_requests_in_one_line(tmp_path, small_clip):
     assert "/etc/passwd is outside the cache and uploads folders" in refused(act.do_invert, "/etc/passwd", **invert_defaults, request=me, progress=quiet)
     assert "is outside the cache and uploads folders" in refused(act.on_upload, str(tmp_path / "elsewhere.mp4"))
     edit = dict(prompts_text="snow", inject_steps="0:1", inject_layers="all", strength=1.0, guidance=6.0, negative="", negative_source=False, init="inverted", seed=0,
-                reference="shared", mask_box="")
+                reference="shared", mask_box="", attention="auto")
     assert refused(act.do_render, "", **edit, request=me, progress=quiet) == "no inversion chosen: invert a clip first, or open one from the Inversions tab"
     assert refused(act.do_render, "../../etc", **edit, request=me, progress=quiet).startswith("'../../etc' is not an id prefix")
     assert "gc size: cannot read size 'lots'" in refused(act.run_gc, "lots")
@@ -227,7 +227,7 @@ def test_a_local_edit_box_is_drawn_on_the_first_frame_and_reaches_the_edit(tmp_p
 
     me, quiet = SimpleNamespace(session_hash="me"), (lambda *a, **k: None)
     edit = dict(prompts_text="snow", inject_steps="0:1", inject_layers="all", strength=1.0, guidance=1.0, negative="", negative_source=False, init="inverted", seed=0,
-                reference="shared")
+                reference="shared", attention="auto")
     (local,), _, _ = act.do_render(inv.id, **edit, mask_box="0.25,0.25,0.75,0.75", request=me, progress=quiet)
     (whole,), _, _ = act.do_render(inv.id, **edit, mask_box="", request=me, progress=quiet)
     assert local.settings["mask_box"] == "0.25,0.25,0.75,0.75" and "mask_box" not in whole.settings
@@ -245,15 +245,18 @@ def test_negative_prompt_inversion_from_the_web_app(tmp_path, tiny_model, wide_c
     clip = act.folders.uploads / "clip.mp4"
     clip.write_bytes(wide_clip.read_bytes())
     me, quiet = SimpleNamespace(session_hash="me"), (lambda *a, **k: None)
-    act.do_invert(str(clip), "a street at night", SMALL["frames"], SMALL["height"], SMALL["width"], "stretch", SMALL["steps"], "auto", "ddim", 1.0, False,
+    act.do_invert(str(clip), "a street at night", SMALL["frames"], SMALL["height"], SMALL["width"], "stretch", SMALL["steps"], "auto", "ddim", 1.0, False, "auto",
                   request=me, progress=quiet)
     inv = engine.open_inversion(inversions(act.folders.cache)[0].id, act.folders.cache)
     assert inv.entry.source_prompt == "a street at night" and inv.manifest["settings"]["invert"]["guidance"] == 1.0
     edit = dict(prompts_text="snow", inject_steps="0:1", inject_layers="all", strength=1.0, guidance=6.0, negative="ignored", init="inverted", seed=0,
-                reference="shared", mask_box="")
+                reference="shared", mask_box="", attention="auto")
     (npi,), _, _ = act.do_render(inv.id, **edit, negative_source=True, request=me, progress=quiet)
     (other,), _, _ = act.do_render(inv.id, **edit, negative_source=False, request=me, progress=quiet)
     (typed,), _, _ = act.do_render(inv.id, **{**edit, "negative": "a street at night"}, negative_source=False, request=me, progress=quiet)
     assert npi.settings["negative_from_source"] is True and "negative_prompt" not in npi.settings and other.settings["negative_prompt"] == "ignored"
     assert npi.video == typed.video != other.video  # the same edit as typing the source prompt: the same file
     assert "negative: the source prompt" in edit_label(npi)
+    with pytest.raises(gr.Error) as err:  # the kernel reaches the engine
+        act.do_render(inv.id, **{**edit, "attention": "sage"}, negative_source=False, request=me, progress=quiet)
+    assert err.value.message.startswith("--attention sage needs an NVIDIA GPU")

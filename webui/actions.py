@@ -38,12 +38,13 @@ class AppConfig:
 
 def app_config(model: str | None, folders: Folders) -> AppConfig:
     """With no model, the shipped proxy at its own size (a CPU renders an edit in about a minute);
-    a model given is checked now, so that a wrong path fails before the page opens."""
+    a model given is checked now, so that a wrong path fails before the page opens, and the
+    page's frames and size start at the model's own (81 at 768x1360 for CogVideoX1.5-5B)."""
     if model is None:
         return AppConfig(str(demo_model(folders.cache)), folders, dict(DEMO_SETTINGS, source_prompt=HELD_OUT.captions[0]), DEMO_PROMPTS)
-    inspect_model(model)
+    own = inspect_model(model).defaults
     d = InvertOptions()
-    return AppConfig(str(model), folders, dict(steps=d.steps, frames=d.frames, height=d.height, width=d.width, source_prompt=d.source_prompt), ())
+    return AppConfig(str(model), folders, dict(steps=d.steps, frames=own.frames, height=own.height, width=own.width, source_prompt=d.source_prompt), ())
 
 
 def _with_errors(fn):
@@ -107,7 +108,7 @@ class Actions:
         text = f"{name}: {info.num_frames} frames, {info.width}x{info.height}, {info.fps:g} fps"
         frames, windows = engine.every_frame(info, self.model_info)
         if windows > 1:
-            text += f" · every frame at {self.model_info.default_fps:g} fps: {frames} frames in {windows} overlapping windows, predicted {windows}x one window's time"
+            text += f" · every frame at {self.model_info.defaults.fps:g} fps: {frames} frames in {windows} overlapping windows, predicted {windows}x one window's time"
         return text
 
     def cards(self) -> list[InversionCard]:
@@ -141,7 +142,7 @@ class Actions:
         return str(path), str(path), self._clip_info(f"bundled {clip.name}", info), clip.captions[0]
 
     # ------------------------------------------------------------------ jobs
-    def do_invert(self, source, source_prompt, frames, height, width, fit, steps, plan, method, guidance, verify, every=False,
+    def do_invert(self, source, source_prompt, frames, height, width, fit, steps, plan, method, guidance, verify, attention, every=False,
                   request: gr.Request = None, progress=gr.Progress()):  # noqa: B008
         """`every`: every frame at the model's rate, a long clip in overlapping windows (frames is then unused)."""
 
@@ -150,7 +151,7 @@ class Actions:
                 raise SettingsError("no clip yet: upload one, or pick a bundled clip")
             sizes = {name: int(_number(value, name)) for name, value in (("height", height), ("width", width), ("steps", steps))}
             sizes["frames"] = "all" if every else int(_number(frames, "frames"))
-            opts = dict(**sizes, fit=fit, inversion=method, guidance=_number(guidance, "inversion guidance"), verify=bool(verify), source_prompt=source_prompt)
+            opts = dict(**sizes, fit=fit, inversion=method, guidance=_number(guidance, "inversion guidance"), verify=bool(verify), source_prompt=source_prompt, attention=attention)
             return engine.invert(self.folders.check(source), self.cfg.model, cache_dir=self.folders.cache, reporter=reporter, plan=None if plan == "auto" else plan, **opts)
 
         inv = self.runner.run(job, progress, request.session_hash)
@@ -158,7 +159,7 @@ class Actions:
         return inversion_md(shown), str(shown.thumbnails) if shown.thumbnails else None, self.inversion_choices(inv.id)
 
     def do_render(self, inv_id, prompts_text, inject_steps, inject_layers, strength, guidance, negative, negative_source, init, seed, reference, mask_box,
-                  request: gr.Request, progress=gr.Progress()):  # noqa: B008
+                  attention, request: gr.Request, progress=gr.Progress()):  # noqa: B008
         prompts = [p.strip() for p in (prompts_text or "").splitlines() if p.strip()]
 
         def job(reporter):
@@ -176,6 +177,8 @@ class Actions:
                 options["negative_prompt"] = negative
             if (mask_box or "").strip():  # a local edit: only the box may change
                 options["mask_box"] = mask_box.strip()
+            if attention != "auto":
+                options["attention"] = attention
             return inv.id, render_edits(inv, prompts, cache_dir=self.folders.cache, reporter=reporter, **options)
 
         inv_id, records = self.runner.run(job, progress, request.session_hash)

@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import gradio as gr
 
 from cache.edits import EditRecord
+from engine.hooks.attention import CHOICES as ATTENTION
 from engine.models.plans import PLANS as ENGINE_PLANS
 from engine.options import EditOptions, InvertOptions
 from engine.stages.settings import INVERSIONS
@@ -36,6 +37,7 @@ def _invert_tab(d: dict) -> SimpleNamespace:
             with gr.Row():
                 c.steps = gr.Number(d["steps"], label="steps", precision=0, minimum=1, elem_id="steps")
                 c.plan = gr.Dropdown(PLANS, value=o.plan or "auto", label="memory plan")
+                c.attention = gr.Dropdown(list(ATTENTION), value=o.attention, label="attention kernel (sage: lossy)", elem_id="invert-attention")
             c.fit = gr.Radio(list(FITS), value=o.fit, label="fit another shape")
             c.method = gr.Radio(list(INVERSIONS), value=o.inversion, label="inversion")
             c.guidance = gr.Number(o.guidance, label="inversion guidance (CFG; 1 = none, for negative-prompt inversion)", minimum=1.0, elem_id="invert-guidance")
@@ -67,6 +69,7 @@ def _edit_tab(prompts: tuple[str, ...]) -> SimpleNamespace:
             c.init = gr.Radio(["inverted", "random"], value=e.init, label="start from")
             c.seed = gr.Number(e.seed, label="seed (start from random)", precision=0)
             c.reference = gr.Radio(["shared", "per-half", "stored"], value=e.reference, label="reference")
+            c.attention = gr.Dropdown(list(ATTENTION), value=e.attention, label="attention kernel (sage: lossy)", elem_id="edit-attention")
     with gr.Row():
         with gr.Column(scale=2):
             c.mask_box = gr.Textbox("", label="local edit: a box X0,Y0,X1,Y1 in fractions of the frame (empty: the whole frame)", placeholder="0.25,0.2,0.75,0.8", elem_id="mask-box")
@@ -140,9 +143,9 @@ def build(cfg: AppConfig) -> gr.Blocks:
         inv.upload.upload(act.on_upload, inv.upload, [inv.source, inv.preview, inv.source_info])
         inv.upload.clear(lambda: (None, None, ""), None, [inv.source, inv.preview, inv.source_info])
         inv.clip.change(act.on_clip, inv.clip, [inv.source, inv.preview, inv.source_info, inv.source_prompt])
-        invert_inputs = [inv.source, inv.source_prompt, inv.frames, inv.height, inv.width, inv.fit, inv.steps, inv.plan, inv.method, inv.guidance, inv.verify, inv.every]
+        invert_inputs = [inv.source, inv.source_prompt, inv.frames, inv.height, inv.width, inv.fit, inv.steps, inv.plan, inv.method, inv.guidance, inv.verify, inv.attention, inv.every]
         inv.run.click(act.do_invert, invert_inputs, [inv.card, inv.strip, ed.pick], **gpu)
-        render_inputs = [ed.pick, ed.prompts, ed.inject_steps, ed.inject_layers, ed.strength, ed.guidance, ed.negative, ed.negative_source, ed.init, ed.seed, ed.reference, ed.mask_box]
+        render_inputs = [ed.pick, ed.prompts, ed.inject_steps, ed.inject_layers, ed.strength, ed.guidance, ed.negative, ed.negative_source, ed.init, ed.seed, ed.reference, ed.mask_box, ed.attention]
         ed.run.click(act.do_render, render_inputs, [ed.shown, ed.earlier, ed.pick_info], **gpu)
         for cancel in (inv.cancel, ed.cancel):
             cancel.click(act.do_cancel, None, None, queue=False)

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.hooks import registry as hooks
+from engine.hooks.attention import attend, attend_lse, merge, merges
 from engine.hooks.registry import ModelHook
 
 
@@ -112,21 +113,28 @@ def _head_slices(attn) -> list[slice]:
     return [slice(h, min(h + INJECT_HEADS, attn.heads)) for h in range(0, attn.heads, INJECT_HEADS)]
 
 
-def _attend(qkv: list[torch.Tensor]) -> torch.Tensor:
+def _attend(qkv: list[torch.Tensor], kernel: str) -> torch.Tensor:
     """Self-attention as [B, tokens, heads, head_dim]. Empties `qkv`, so that q, k and v are
     freed before the heads are copied back together."""
-    out = F.scaled_dot_product_attention(*qkv)
+    out = attend(*qkv, kernel)
     qkv.clear()
-    return out.transpose(1, 2)
+    return out
 
 
-def _inject(out: torch.Tensor, heads: slice, q, k, v, ref_k, ref_v, index: torch.Tensor, mask) -> None:
-    """Attention of q over its own keys joined with its reference's, for `heads`, written into
-    `out` [B, tokens, heads, head_dim]. The joined keys and values are the largest tensors of an
-    injected block, hence a few heads at a time."""
-    keys = torch.cat([k, ref_k[index, heads]], dim=2)
-    values = torch.cat([v, ref_v[index, heads]], dim=2)
-    out[:, :, heads] = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask).transpose(1, 2)
+def _inject(out: torch.Tensor, heads: slice, q, k, v, ref_k, ref_v, index: torch.Tensor, strength: float, kernel: str) -> None:
+    """Attention of q over its own keys joined with its reference's, the reference's logits
+    raised by log(strength), for `heads`, written into `out` [B, tokens, heads, head_dim]. A
+    kernel with LSEs runs the two key sets apart and merges them; else the joined keys and values,
+    the largest tensors of an injected block, hence a few heads at a time."""
+    ref_k, ref_v = ref_k[index, heads], ref_v[index, heads]
+    if merges(kernel):
+        out[:, :, heads] = merge(attend_lse(q, k, v, kernel), attend_lse(q, ref_k, ref_v, kernel), strength)
+        return
+    mask = _strength_mask(strength, k.shape[2], q.dtype, q.device)
+    keys, values = torch.cat([k, ref_k], dim=2), torch.cat([v, ref_v], dim=2)
+    del ref_k, ref_v
+    # Sage takes no mask and returns no LSE: its biased calls are SDPA's.
+    out[:, :, heads] = attend(q, keys, values, kernel if mask is None else "sdpa", mask)
 
 
 def _output(attn, out: torch.Tensor) -> torch.Tensor:
@@ -149,11 +157,12 @@ class CogVideoXAttnProcessor:
     attention steer it through `injection` and `capture`, shared objects, never per block.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, kernel: str = "sdpa") -> None:
         # Idle objects rather than None when a feature is off: dynamo guards an attribute's type,
         # so None and an object would be two graphs more.
         self.injection = InjectionState()
         self.capture = CaptureSlot()
+        self.kernel = kernel  # engine.hooks.attention.KERNELS: fixed for the model's life, one guard
 
     def __call__(self, attn, hidden_states, encoder_hidden_states, attention_mask=None, image_rotary_emb=None):
         text_len = encoder_hidden_states.shape[1]
@@ -165,7 +174,7 @@ class CogVideoXAttnProcessor:
         the input is freed once projected. The result is [B, tokens, width], text first."""
         st = self.injection
         if st.here:
-            return _injected(st, attn, x, text_len, rotary)
+            return _injected(st, attn, x, text_len, rotary, self.kernel)
         cap = self.capture
         if cap.on:
             x = x.pop()
@@ -175,8 +184,8 @@ class CogVideoXAttnProcessor:
                 _rope_(k, text_len, rotary)
             v = _projected(attn, x, "v", text_len, rotary)
             cap.v = v[cap.row]
-            return _output(attn, _attend([_projected(attn, x, "q", text_len, rotary), k, v]))
-        return _output(attn, _attend(list(_project(attn, x.pop(), text_len, rotary))))
+            return _output(attn, _attend([_projected(attn, x, "q", text_len, rotary), k, v], self.kernel))
+        return _output(attn, _attend(list(_project(attn, x.pop(), text_len, rotary)), self.kernel))
 
 
 def shared_processor(transformer: torch.nn.Module) -> CogVideoXAttnProcessor:
@@ -219,11 +228,11 @@ class KVInjectionHook(ModelHook):
         return output
 
 
-def _injected(st: InjectionState, attn, x: list[torch.Tensor], text_len: int, rotary) -> torch.Tensor:
+def _injected(st: InjectionState, attn, x: list[torch.Tensor], text_len: int, rotary, kernel: str) -> torch.Tensor:
     """As `CogVideoXAttnProcessor.joined`, with the reference K/V injected."""
     if st.rows is not None and st.layer_kv is None:
         group = _edit_group if st.rows.start < st.n_edit else _reference_group
-        return group(st, attn, x, text_len, rotary)
+        return group(st, attn, x, text_len, rotary, kernel)
     q, k, v = _project(attn, x.pop(), text_len, rotary)
     rows = q.shape[0]
     if st.layer_kv is not None:  # replayed K/V: every row in the call is an edit row
@@ -232,18 +241,17 @@ def _injected(st: InjectionState, attn, x: list[torch.Tensor], text_len: int, ro
     else:  # the batch is [edit rows..., reference rows...]
         n, ref_k, ref_v = st.n_edit, k[st.n_edit :], v[st.n_edit :]
         index = st.ref_of
-    mask = _strength_mask(st.strength, k.shape[2], q.dtype, q.device)
     # Each slice's output goes straight to its place in `out`, with no list of parts to join.
     out = q.new_empty(rows, q.shape[2], q.shape[1], q.shape[3])
     for heads in _head_slices(attn):
-        _inject(out[:n], heads, q[:n, heads], k[:n, heads], v[:n, heads], ref_k, ref_v, index, mask)
+        _inject(out[:n], heads, q[:n, heads], k[:n, heads], v[:n, heads], ref_k, ref_v, index, st.strength, kernel)
     if n < rows:  # the reference rows in the batch attend to themselves only
-        out[n:] = F.scaled_dot_product_attention(q[n:], ref_k, ref_v).transpose(1, 2)
+        out[n:] = attend(q[n:], ref_k, ref_v, kernel)
     del q, k, v, ref_k, ref_v
     return _output(attn, out)
 
 
-def _reference_group(st: InjectionState, attn, x: list[torch.Tensor], text_len: int, rotary) -> torch.Tensor:
+def _reference_group(st: InjectionState, attn, x: list[torch.Tensor], text_len: int, rotary, kernel: str) -> torch.Tensor:
     """A row group's reference rows: they keep their whole K/V for the block's edit groups
     and attend to themselves, their queries a few heads at a time (the full q would add
     one more row-sized tensor to the lean plan's peak)."""
@@ -254,21 +262,20 @@ def _reference_group(st: InjectionState, attn, x: list[torch.Tensor], text_len: 
     out = _heads_buffer(attn, x)
     for heads in _head_slices(attn):
         q = _projected(attn, x, "q", text_len, rotary, heads)
-        out[:, :, heads] = F.scaled_dot_product_attention(q, k[:, heads], v[:, heads]).transpose(1, 2)
+        out[:, :, heads] = attend(q, k[:, heads], v[:, heads], kernel)
     del x, q
     return _output(attn, out)
 
 
-def _edit_group(st: InjectionState, attn, x: list[torch.Tensor], text_len: int, rotary) -> torch.Tensor:
+def _edit_group(st: InjectionState, attn, x: list[torch.Tensor], text_len: int, rotary, kernel: str) -> torch.Tensor:
     """Edit rows of a row group against the held reference K/V, projecting a few heads at a
     time: rows run apart to save memory, and their full q/k/v would be the peak."""
     x = x.pop()
     ref_k, ref_v = st.held
     index = st.ref_of[st.rows.start : st.rows.stop]
-    mask = _strength_mask(st.strength, x.shape[1], x.dtype, x.device)
     out = _heads_buffer(attn, x)
     for heads in _head_slices(attn):
-        _inject(out, heads, *_project(attn, x, text_len, rotary, heads), ref_k, ref_v, index, mask)
+        _inject(out, heads, *_project(attn, x, text_len, rotary, heads), ref_k, ref_v, index, st.strength, kernel)
     del x
     return _output(attn, out)
 

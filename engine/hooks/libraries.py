@@ -21,6 +21,11 @@ _NOISY_LOGGERS = (
     "torchao",  # "Failed to load .../_C_mxfp8...so", "Detected no triton"
     "torch.utils._pytree",  # torchao's enums registered the deprecated way
     "diffusers.quantizers.torchao.torchao_quantizer",  # "Unable to import `torchao` Tensor objects"
+    # With the quant extra on a CPU, bitsandbytes asks the hub's `kernels` for a 4-bit CPU kernel at
+    # import: offline that is two warnings ("Skipping publisher trust check", "Failed to load CPU
+    # gemm_4bit_forward"), and bitsandbytes falls back to its own code either way.
+    "kernels",
+    "bitsandbytes.backends.cpu.ops",
 )
 
 

@@ -21,6 +21,7 @@ rewrites nothing, and a worker killed mid-run loses only the step it was in.
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 import time
@@ -31,6 +32,7 @@ from typing import Any
 
 from engine.errors import USER_ERRORS, SettingsError
 from engine.models.components import Runtime
+from engine.models.model_info import ModelDefaults, inspect_model
 from engine.options import EditOptions, InvertOptions, RuntimeOptions, names, parse
 from engine.report import Reporter, progress_view
 from engine.stages.distributed import check_worker_device, process_group, rank, under_torchrun, worker_device, world_size
@@ -172,11 +174,20 @@ def read_jobs(path: str | Path, model: str | Path | None = None) -> list[Job]:
 # ---------------------------------------------------------------------------- the split
 
 
+@functools.lru_cache(maxsize=16)
+def _model_defaults(model: str) -> ModelDefaults:
+    return inspect_model(model).defaults
+
+
 def _costs(job: Job) -> tuple[float, float]:
     """Expected (inversion, edit) cost in transformer row-steps x pixels: a row's forward grows
     with its tokens, and the steps and rows multiply it."""
     inv, ed = InvertOptions(**job.invert), EditOptions(**job.edit)
-    pixels = inv.frames * inv.height * inv.width
+    sizes = (inv.frames, inv.height, inv.width)
+    if None in sizes:  # left to the model
+        own = _model_defaults(job.model)
+        sizes = (inv.frames or own.frames, inv.height or own.height, inv.width or own.width)
+    pixels = sizes[0] * sizes[1] * sizes[2]
     inv_rows = 2 if inv.source_prompt != inv.negative_prompt and inv.guidance != 1.0 else 1
     forwards = 3 if inv.inversion == "fixed-point" else 1
     k = len(job.prompts)
@@ -286,7 +297,7 @@ def batch(
 ) -> BatchResult:
     """Run every job of the jobs file `jobs`: inversions first, then edits, into `out_dir/<job>/`.
 
-    `options` are runtime options for every job (plan, vram, compile, fp8, device, dtype); a
+    `options` are runtime options for every job (plan, vram, compile, fp8, attention, device, dtype); a
     job's own [job.invert] / [job.edit] tables win. `nproc` > 1 starts that many workers through
     torchrun (one GPU each, LOCAL_RANK; the CPU where there is none); a process that torchrun
     started (by hand, across machines) is one worker of the batch whatever `nproc` says. Returns
@@ -296,7 +307,7 @@ def batch(
     plan = read_jobs(jobs, model)  # refuse a bad file before anything starts
     bad = sorted(set(options) - names(RuntimeOptions))
     if bad:
-        raise SettingsError(f"batch() got unknown option(s) {', '.join(bad)}; it takes plan, vram, compile, fp8, device, dtype (the rest go in the jobs file)")
+        raise SettingsError(f"batch() got unknown option(s) {', '.join(bad)}; it takes plan, vram, compile, fp8, attention, device, dtype (the rest go in the jobs file)")
     if output not in ("mp4", "frames"):
         raise SettingsError(f"batch output must be mp4 or frames, got {output!r}")
     if nproc > 1:

@@ -6,7 +6,7 @@ and `cogedit cache gc` cannot see it. cogedit saves torch's portable cache artif
 compiled phase, one file per torch version, GPU and settings, and loads them before the next
 compiled phase's first forward:
 
-    <cache>/compile/<key>.bin        key = hash of torch, GPU, dtype, fp8, plan, transformer config
+    <cache>/compile/<key>.bin        key = hash of torch, GPU, dtype, fp8, attention kernel, plan, transformer config
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ def artifacts_path(compile_dir: Path, runtime: Any, transformer_config: dict[str
         "gpu": gpu,
         "dtype": str(runtime.dtype),
         "fp8": runtime.fp8,
+        **({"attention": runtime.attention} if runtime.attention != "sdpa" else {}),  # sdpa: the keys before kernels were a choice
         "plan": runtime.plan.name,
         "transformer": transformer_config,
     }

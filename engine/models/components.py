@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from engine.errors import DeviceError, ModelError, SettingsError
+from engine.hooks.attention import choose_kernel
 from engine.hooks.libraries import import_model_libraries, import_torchao
 from engine.models.model_info import ModelInfo
 from engine.models.plans import PLANS, Plan, get_plan
@@ -38,6 +39,7 @@ class Runtime:
     plan: Plan = PLANS["staged"]
     compile: bool = False  # torch.compile each transformer block (regional compilation)
     fp8: bool = False  # FP8 matmuls in the transformer blocks (torchao), an accuracy cost for speed
+    attention: str = "sdpa"  # the attention kernel (engine.hooks.attention.KERNELS)
 
     @staticmethod
     def default(
@@ -47,8 +49,10 @@ class Runtime:
         compile: bool | None = None,
         fp8: bool = False,
         phase: str = "edit",
+        attention: str = "auto",
     ) -> Runtime:
-        """`compile=None` compiles where it pays (`compile_by_default`) for `phase` (invert | edit)."""
+        """`compile=None` compiles where it pays (`compile_by_default`) for `phase` (invert | edit);
+        `attention="auto"` picks the kernel (`engine.hooks.attention.choose_kernel`)."""
         device = check_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         plan = get_plan(plan) if isinstance(plan, str) else (plan or PLANS["staged"])
         if plan.needs_cuda and not device.startswith("cuda"):
@@ -70,7 +74,8 @@ class Runtime:
         if fp8 and dtype != torch.bfloat16:
             raise SettingsError("--fp8 scales bf16 weights: use it with --dtype bf16 (the default on a GPU)")
         compile = compile_by_default(device, plan, phase=phase) if compile is None else compile
-        return Runtime(device=device, dtype=dtype, plan=plan, compile=compile, fp8=fp8)
+        kernel = choose_kernel(attention, device, dtype)
+        return Runtime(device=device, dtype=dtype, plan=plan, compile=compile, fp8=fp8, attention=kernel)
 
 
 # Whether each phase compiles when --compile is not given, where compiling can pay at all
@@ -172,12 +177,12 @@ def quantize_float8(transformer: torch.nn.Module) -> None:
 
 
 def place_component(module: torch.nn.Module, name: str, runtime: Runtime, quantized: bool = False) -> torch.nn.Module:
-    """Make a loaded component ready to run under `runtime`: cogedit's attention processor,
-    FP8, regional compilation, FF chunking, offloading, and the device."""
+    """Make a loaded component ready to run under `runtime`: cogedit's attention processor (with
+    the runtime's kernel), FP8, regional compilation, FF chunking, offloading, and the device."""
     if name == "transformer":
         from engine.hooks.injection import CogVideoXAttnProcessor
 
-        module.set_attn_processor(CogVideoXAttnProcessor())
+        module.set_attn_processor(CogVideoXAttnProcessor(runtime.attention))
     if name == "transformer" and runtime.fp8:
         module = module.to(runtime.device)  # quantized where it will run
         quantize_float8(module)

@@ -1,4 +1,4 @@
-"""The full-size CogVideoX-5B configuration (DESIGN.md), for planning and benchmarks without a download."""
+"""The full-size CogVideoX-5B and CogVideoX1.5-5B configurations (DESIGN.md), for planning and benchmarks without a download."""
 
 from __future__ import annotations
 
@@ -54,3 +54,20 @@ VAE_5B = dict(scaling_factor=0.7)  # diffusers' AutoencoderKLCogVideoX defaults 
 # Parameters of the configs above, as counted on the meta device (tests/test_plans.py recounts
 # them): `cogedit plan` needs them, and building the models to count them takes diffusers' import.
 PARAMS_5B = dict(transformer=5_570_283_072, text_encoder=4_762_310_656, vae=215_583_907)
+
+# CogVideoX1.5-5B's transformer as diffusers' release of it configures it (the config.json of
+# THUDM/CogVideoX1.5-5B/transformer, also in diffusers' scripts/convert_cogvideox_to_diffusers.py
+# for version 1.5): the 5B's blocks, with time patched by 2, no patch-embedding bias, and a rotary
+# grid of up to 300x300 latent cells ("slice" grid, engine.models.denoiser). Its text length in
+# that config is 226 tokens, as for 5B. Its VAE, T5 and scheduler are 5B's.
+TRANSFORMER_15 = dict(
+    TRANSFORMER_5B,
+    patch_size_t=2,
+    patch_bias=False,
+    sample_height=300,
+    sample_width=300,
+    sample_frames=81,
+    temporal_compression_ratio=4,
+    use_learned_positional_embeddings=False,
+)
+PARAMS_15 = dict(PARAMS_5B, transformer=5_570_676_352)

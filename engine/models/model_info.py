@@ -5,9 +5,10 @@ run before any work stay quick.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,32 @@ _CONFIG_FILES = {
 _HASH_WINDOW = 1 << 20  # bytes hashed from each end of a weight file for the model identity
 
 
+# What each model was made for, when its files don't say (the folders cogedit writes do, in
+# model_index.json's "_cogedit_defaults" entry, which is not part of the model's identity). CogVideoX-5B:
+# 49 frames of 480x720 at 8 fps (its transformer config's sample_* agree). CogVideoX1.5-5B: 81
+# frames (5 s) or 161 (10 s) at 16 fps, 768x1360 (THUDM's CogVideo inference/cli_demo.py: its
+# RESOLUTION_MAP and its num_frames and fps help); 1.5's config sample_height/width (300 latent
+# rows and columns) is the largest rotary grid, not a working size, so it can't give the size.
+DEFAULTS_KEY = "_cogedit_defaults"
+_NATIVE_FPS = {1: 8.0, 2: 16.0}  # by patch_size_t
+_NATIVE_15 = (768, 1360)
+_WINDOW_FRAMES_15 = 161  # 1.5's longest native clip (cli_demo.py's num_frames help): its window
+
+
+@dataclass(frozen=True)
+class ModelDefaults:
+    """The frames, size and frame rate a run uses when none are given: the model's own."""
+
+    frames: int
+    height: int
+    width: int
+    fps: float
+
+    @property
+    def size(self) -> str:
+        return f"{self.frames} frames of {self.height}x{self.width} at {self.fps:g} fps"
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     """A checked model folder and its identity (what goes into cache keys)."""
@@ -36,6 +63,7 @@ class ModelInfo:
     scheduler_config: dict[str, Any]
     text_encoder_config: dict[str, Any]
     known_params: dict[str, int] | None = None  # parameter counts, when known without building the models
+    pipeline_config: dict[str, Any] = field(default_factory=dict)  # model_index.json: not in the key
 
     @property
     def vae_scale_spatial(self) -> int:
@@ -47,19 +75,40 @@ class ModelInfo:
 
     @property
     def latent_window(self) -> int:
-        """Latent frames the transformer was trained on: one window of a long clip (13 for 5B).
-        CogVideoX 1.5 pads latent frames to an even count (patch_size_t 2): its window must be
-        that padded length, set here once 1.5 is supported."""
-        return (int(self.transformer_config.get("sample_frames", 49)) - 1) // self.vae_scale_temporal + 1
-
-    @property
-    def default_fps(self) -> float:
-        """The frame rate the model was trained at (CogVideoX-5B: 8; 1.5: 16): `--frames all` reads at it."""
-        return 8.0
+        """Latent frames of one window of a long clip: the longest clip the model was made for
+        (CogVideoX-5B: its sample_frames, 49 -> 13; 1.5: 161 frames, 10 s at 16 fps -> 41, which
+        `predict` pads to an even count at every call, as for any 1.5 clip)."""
+        frames = int(self.transformer_config.get("sample_frames", 49)) if self.patch_size_t == 1 else _WINDOW_FRAMES_15
+        return (frames - 1) // self.vae_scale_temporal + 1
 
     @property
     def text_length(self) -> int:
         return int(self.transformer_config.get("max_text_seq_length", 226))
+
+    @property
+    def patch_size_t(self) -> int:
+        """Latent frames per token: 1 for CogVideoX 1.0, 2 for 1.5 (whose latent frames are padded
+        to an even count, engine.models.denoiser.pad_frames)."""
+        return int(self.transformer_config.get("patch_size_t") or 1)
+
+    @property
+    def version(self) -> str:
+        return "1.5" if self.patch_size_t > 1 else "1.0"
+
+    def latent_frames(self, frames: int) -> int:
+        """Latent frames of `frames` video frames (4k+1) as the transformer sees them: the VAE's
+        causal 4x compression, padded to a multiple of patch_size_t."""
+        latent = (frames - 1) // self.vae_scale_temporal + 1
+        return -(-latent // self.patch_size_t) * self.patch_size_t
+
+    @property
+    def defaults(self) -> ModelDefaults:
+        """The model's own frames, size and fps: what invert, plan and the web app use unless told."""
+        tcfg, scale = self.transformer_config, self.vae_scale_spatial
+        height, width = (tcfg["sample_height"] * scale, tcfg["sample_width"] * scale) if self.patch_size_t == 1 else _NATIVE_15
+        native = {"frames": int(tcfg.get("sample_frames", 49)), "height": height, "width": width, "fps": _NATIVE_FPS.get(self.patch_size_t, 8.0)}
+        written = self.pipeline_config.get(DEFAULTS_KEY, {})
+        return ModelDefaults(**{k: type(v)(written.get(k, v)) for k, v in native.items()})
 
 
 def _resolve(model: str) -> Path:
@@ -137,13 +186,7 @@ def inspect_model(model: str | os.PathLike) -> ModelInfo:
             "download the complete CogVideoX-5b repository (all five subfolders)"
         )
     tcfg = _read_json(path / "transformer" / "config.json")
-    if not tcfg.get("use_rotary_positional_embeddings", False):
-        raise ModelError(
-            f"{source} looks like CogVideoX-2B (no rotary position embeddings, "
-            f"{tcfg.get('num_layers')} layers); cogedit supports CogVideoX-5B: pass --model THUDM/CogVideoX-5b"
-        )
-    if tcfg.get("patch_size_t") or tcfg.get("ofs_embed_dim"):
-        raise ModelError(f"{source} is a CogVideoX 1.5 or image-to-video model; cogedit supports CogVideoX-5B text-to-video")
+    check_supported(source, tcfg)
     vcfg = _read_json(path / "vae" / "config.json")
     scfg = _read_json(path / "scheduler" / "scheduler_config.json")
     identity = {
@@ -153,6 +196,7 @@ def inspect_model(model: str | os.PathLike) -> ModelInfo:
     identity["tokenizer"] = sorted(
         [f.name, f.stat().st_size] for f in (path / "tokenizer").iterdir() if f.is_file()
     )
+    index = path / "model_index.json"
     return ModelInfo(
         source=source,
         path=path,
@@ -161,7 +205,27 @@ def inspect_model(model: str | os.PathLike) -> ModelInfo:
         vae_config=vcfg,
         scheduler_config=scfg,
         text_encoder_config=identity["text_encoder"]["config"],
+        pipeline_config=_read_json(index) if index.exists() else {},
     )
+
+
+SUPPORTED = "pass THUDM/CogVideoX-5b or THUDM/CogVideoX1.5-5b"
+
+
+def check_supported(source: str, tcfg: dict[str, Any]) -> None:
+    """Refuse the CogVideoX variants cogedit can't edit with, saying why."""
+    if not tcfg.get("use_rotary_positional_embeddings", False):
+        raise ModelError(
+            f"{source} looks like CogVideoX-2B (sinusoidal positions, no rotary embeddings, {tcfg.get('num_layers')} layers): "
+            f"cogedit's inversion, attention injection and memory plans are made and measured for the 5B models; {SUPPORTED}"
+        )
+    if tcfg.get("ofs_embed_dim") or tcfg.get("in_channels", 16) != tcfg.get("out_channels", 16):
+        raise ModelError(
+            f"{source} is an image-to-video model (it takes {tcfg.get('in_channels')} latent channels: the noise and an image's): "
+            f"inverting a video needs a text-to-video model; {SUPPORTED}"
+        )
+    if (tcfg.get("patch_size_t") or 1) not in (1, 2):
+        raise ModelError(f"{source} patches time by {tcfg['patch_size_t']}, which no CogVideoX release does; {SUPPORTED}")
 
 
 def builtin_5b() -> ModelInfo:
@@ -170,3 +234,25 @@ def builtin_5b() -> ModelInfo:
 
     vae = {"block_out_channels": [128, 256, 256, 512], "temporal_compression_ratio": 4, **VAE_5B}
     return ModelInfo("CogVideoX-5B (built-in shape)", Path("."), "0" * 32, TRANSFORMER_5B, vae, SCHEDULER_5B, T5_XXL, PARAMS_5B)
+
+
+def builtin_15() -> ModelInfo:
+    """The CogVideoX1.5-5B shape with no files behind it (see builtin_5b)."""
+    from engine.models.configs import PARAMS_15, TRANSFORMER_15
+
+    return dataclasses.replace(builtin_5b(), source="CogVideoX1.5-5B (built-in shape)", transformer_config=TRANSFORMER_15, known_params=PARAMS_15)
+
+
+# Hub ids `cogedit plan` answers for from the built-in shapes, with no download.
+_BUILTIN = {"cogvideox-5b": builtin_5b, "cogvideox1.5-5b": builtin_15}
+
+
+def plan_model(model: str | None) -> ModelInfo:
+    """The model `cogedit plan` describes: a folder, a known hub id (built in, no download) or
+    by default the CogVideoX-5B shape."""
+    if model is None:
+        return builtin_5b()
+    name = model.lower().split("/")[-1]
+    if not Path(model).expanduser().exists() and model.count("/") == 1 and name in _BUILTIN:
+        return _BUILTIN[name]()
+    return inspect_model(model)

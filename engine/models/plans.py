@@ -74,6 +74,18 @@ VAE_ENCODE_TILED = 2.45 * GiB
 INT8_BUFFERS = int(2.1 * GiB)
 CUDA_CONTEXT = GiB // 2  # what the CUDA context takes on a card, outside the allocator
 VAE_DECODE_TILED = 4.22 * GiB
+# The tiles are a fixed size, so a longer or larger clip adds only whole-video tensors to those
+# peaks: the bf16 video itself, the tiles' decoded rows before blending (overlapping, ~1.2x) and
+# the blended result; counted as 3 copies of the video beyond the 49x480x720 one measured above
+# (an estimate until benchmarks/cogvideox15.py measures 81x768x1360).
+VAE_VIDEO_COPIES = 3
+_MEASURED_VIDEO = 49 * 480 * 720
+
+
+def vae_peak(measured: float, w: Workload) -> int:
+    """A VAE phase's peak for workload `w`, from its peak measured at 49x480x720."""
+    extra = max(0, w.frames * w.height * w.width - _MEASURED_VIDEO) * 3 * 2  # RGB, bf16
+    return int(measured + VAE_VIDEO_COPIES * extra)
 
 
 def get_plan(name: str) -> Plan:
@@ -137,9 +149,10 @@ class Workload:
 
 
 def sequence_tokens(info: ModelInfo, frames: int, height: int, width: int) -> int:
-    """Text + image tokens the transformer sees for `frames` frames at height x width."""
+    """Text + image tokens the transformer sees for `frames` frames at height x width (for 1.5,
+    its latent frames padded to even, two to a token)."""
     p = info.transformer_config["patch_size"]
-    latent_frames = (frames - 1) // info.vae_scale_temporal + 1
+    latent_frames = info.latent_frames(frames) // info.patch_size_t
     return info.text_length + latent_frames * (height // info.vae_scale_spatial // p) * (width // info.vae_scale_spatial // p)
 
 
@@ -170,11 +183,11 @@ def predict_peaks(plan: Plan, info: ModelInfo, w: Workload = Workload()) -> dict
     ref_rows = {"shared": 1, "per-half": edit_rows, "stored": 0}[w.reference]
     t5 = 3 * weights("text_encoder", "bf16") / 24 if plan.offload == "block" else weights("text_encoder", plan.text_encoder_weights)
     return {
-        "encode": int(VAE_ENCODE_TILED),
+        "encode": vae_peak(VAE_ENCODE_TILED, w),
         "embed": int(t5 + 0.1 * GiB),
         "invert": int(transformer(w.invert_rows)),
         "edit": int(transformer(edit_rows + ref_rows, ref_rows)),
-        "decode": int(VAE_DECODE_TILED),
+        "decode": vae_peak(VAE_DECODE_TILED, w),
     }
 
 

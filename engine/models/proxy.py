@@ -26,8 +26,17 @@ PROXY_DIR = Path(__file__).resolve().parents[1] / "assets" / "proxy"
 SHAPES_DIR = Path(__file__).resolve().parents[1] / "assets" / "shapes"
 WORLDS = {"bunny": (PROXY_DIR, "benchmarks/train_proxy.py"), "shapes": (SHAPES_DIR, "benchmarks/train_shapes.py")}
 
-# The size the proxies were trained at (17 frames = 5 latent frames of 12x18).
+# The size the proxies were trained at (17 frames = 5 latent frames of 12x18), and their frame
+# rates: the bunny proxy learned runs of consecutive frames of the 25 fps clips; the shapes world
+# moves at its speed per frame and its clips are written at 8 fps. Both folders carry these in
+# model_index.json, so a run without --frames/--height/--width uses them.
 PROXY_FRAMES, PROXY_HEIGHT, PROXY_WIDTH = 17, 96, 144
+WORLD_FPS = {"bunny": 25.0, "shapes": 8.0}
+
+
+def proxy_defaults(world: str) -> dict[str, float]:
+    """The model_index.json defaults of the proxy of `world`."""
+    return {"frames": PROXY_FRAMES, "height": PROXY_HEIGHT, "width": PROXY_WIDTH, "fps": WORLD_FPS[world]}
 
 
 def write_proxy_model(path: str | Path, world: str = "bunny") -> Path:

@@ -1,9 +1,10 @@
-"""Tiny random CogVideoX checkpoints in the real `CogVideoX-5b` folder layout.
+"""Tiny random CogVideoX checkpoints in the real `CogVideoX-5b` (or `CogVideoX1.5-5b`) folder layout.
 
 Tests and the demo need a model without a hub: these are built on the spot and written with
 `save_pretrained`, so the same `from_pretrained(..., subfolder=...)` code that loads the real
 model loads them. The architecture keeps what matters to the engine (rotary embeddings, 8x
-spatial and 4x temporal VAE compression, a T5 encoder, the 5B scheduler config) at toy widths.
+spatial and 4x temporal VAE compression, a T5 encoder, the 5B scheduler config; for 1.5, time
+patched by 2 and its rotary grid) at toy widths.
 """
 
 from __future__ import annotations
@@ -16,10 +17,16 @@ from pathlib import Path
 
 import torch
 
-from engine.models.configs import SCHEDULER_5B, T5_XXL, TRANSFORMER_5B, VAE_5B
+from engine.errors import SettingsError
+from engine.models.configs import SCHEDULER_5B, T5_XXL, TRANSFORMER_5B, TRANSFORMER_15, VAE_5B
+from engine.models.model_info import DEFAULTS_KEY
 from engine.video.clips import CLIPS
 
 TINY_TEXT_LEN = 226  # same max length as the real model: the prompt path is the real one
+ARCHS = {"1.0": TRANSFORMER_5B, "1.5": TRANSFORMER_15}
+# The tiny models' own size (12x20 latents); written into model_index.json so that a run without
+# --frames/--height/--width uses it. 9 frames are 3 latent frames: odd, so 1.5 pads them.
+TINY_DEFAULTS = {"frames": 9, "height": 96, "width": 160}
 
 
 def train_tokenizer(save_dir: Path, extra: tuple[str, ...] | list[str] = ()) -> None:
@@ -67,12 +74,15 @@ def train_tokenizer(save_dir: Path, extra: tuple[str, ...] | list[str] = ()) -> 
     fast.save_pretrained(save_dir)
 
 
-def build_tiny_model(path: str | Path, seed: int = 0, rotary: bool = True, layers: int = 2) -> Path:
+def build_tiny_model(path: str | Path, seed: int = 0, rotary: bool = True, layers: int = 2, arch: str = "1.0") -> Path:
     """Write a tiny random CogVideoX checkpoint to `path` and return it.
 
     `rotary=False` writes a 2B-like model (learned-free sincos positions), which the engine refuses;
-    `layers` more blocks show what repeats per block (compiled graphs).
+    `layers` more blocks show what repeats per block (compiled graphs); `arch` "1.5" a
+    CogVideoX1.5-5B-like one (time patched by 2, a rotary grid of up to 40x40 latent cells).
     """
+    if arch not in ARCHS:
+        raise SettingsError(f"--arch {arch!r}: choose {' or '.join(ARCHS)} (CogVideoX-5B or CogVideoX1.5-5B)")
     from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXTransformer3DModel
     from diffusers.utils import logging as diffusers_logging
     from transformers import T5Config, T5EncoderModel
@@ -85,17 +95,18 @@ def build_tiny_model(path: str | Path, seed: int = 0, rotary: bool = True, layer
     torch.manual_seed(seed)
 
     # The 5B configuration at toy widths: rotary embeddings, patching and interpolation as in 5B.
+    # 1.5's sample size is its rotary grid's limit, not its working size (engine.models.model_info).
+    sample = {"sample_width": 20, "sample_height": 12} if arch == "1.0" else {"sample_width": 40, "sample_height": 40}
     transformer = CogVideoXTransformer3DModel(
         **{
-            **TRANSFORMER_5B,
+            **ARCHS[arch],
             "num_attention_heads": 2,
             "attention_head_dim": 16,
             "time_embed_dim": 16,
             "text_embed_dim": 32,
             "num_layers": layers,
-            "sample_width": 20,
-            "sample_height": 12,
-            "sample_frames": 9,
+            **sample,
+            "sample_frames": TINY_DEFAULTS["frames"],
             "max_text_seq_length": TINY_TEXT_LEN,
             "use_rotary_positional_embeddings": rotary,
         }
@@ -120,12 +131,15 @@ def build_tiny_model(path: str | Path, seed: int = 0, rotary: bool = True, layer
     text_encoder.save_pretrained(path / "text_encoder", safe_serialization=True)
     scheduler.save_pretrained(path / "scheduler")
     train_tokenizer(path / "tokenizer")
-    write_model_index(path)
+    write_model_index(path, {**TINY_DEFAULTS, "fps": 16.0 if arch == "1.5" else 8.0})
     return path
 
 
-def write_model_index(path: Path) -> None:
-    """model_index.json as the hub repository has it, so a diffusers pipeline can load the folder too."""
+def write_model_index(path: Path, defaults: dict | None = None) -> None:
+    """model_index.json as the hub repository has it, so a diffusers pipeline can load the folder too.
+
+    `defaults` (frames, height, width, fps) are the size and rate the model works at, for runs
+    that name none (engine.models.model_info.ModelInfo.defaults); diffusers skips "_" keys."""
     index = {
         "_class_name": "CogVideoXPipeline",
         "_diffusers_version": "0.30.0",
@@ -134,6 +148,7 @@ def write_model_index(path: Path) -> None:
         "tokenizer": ["transformers", "T5Tokenizer"],
         "transformer": ["diffusers", "CogVideoXTransformer3DModel"],
         "vae": ["diffusers", "AutoencoderKLCogVideoX"],
+        **({DEFAULTS_KEY: defaults} if defaults else {}),
     }
     (path / "model_index.json").write_text(json.dumps(index, indent=2))
 
@@ -157,8 +172,9 @@ def random_transformer(device: str, dtype: torch.dtype = torch.bfloat16, **overr
     return small_init(model).eval().requires_grad_(False)
 
 
-def write_random_5b(path, device: str = "cuda", dtype=None, seed: int = 0):
-    """Write a CogVideoX-5B-shaped checkpoint with random weights (benchmarks: real sizes, noise pixels).
+def write_random_5b(path, device: str = "cuda", dtype=None, seed: int = 0, arch: str = "1.0"):
+    """Write a CogVideoX-5B-shaped (`arch` "1.5": CogVideoX1.5-5B) checkpoint with random weights
+    (benchmarks: real sizes, noise pixels).
 
     Weights are drawn on `device` (fast) and saved with `save_pretrained` in the hub layout, so
     the engine loads them through the same code as the real model.
@@ -170,7 +186,7 @@ def write_random_5b(path, device: str = "cuda", dtype=None, seed: int = 0):
     path = Path(path)
     torch.manual_seed(seed)
 
-    transformer = random_transformer(device, dtype)
+    transformer = random_transformer(device, dtype, **ARCHS[arch])
     transformer.save_pretrained(path / "transformer", safe_serialization=True, max_shard_size="5GB")
     del transformer
     with torch.device(device):

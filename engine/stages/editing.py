@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -82,28 +82,19 @@ def ddim_edit(
         raise ValueError("a mask keeps the inversion's latents outside it: pass the reference too")
     spans = spans or [(0, init.shape[1])]
     scheduler = edit_scheduler(scheduler_config, steps)
-    k = init.shape[0]
     cfg = uncond is not None
-    if split is not None:
-        embeds = split.own(uncond.expand(k, -1, -1), cond)
-    else:
-        embeds = torch.cat([uncond.expand(k, -1, -1), cond]) if cfg else cond
+    embeds = _edit_embeds(cond, uncond, split)
     n_edit = embeds.shape[0]
     rotary = rotary_embeddings(transformer, window_shape(init.shape, spans), vae_scale_spatial, init.device)
     state = InjectionState(n_edit=n_edit, strength=inject.strength)
     active = [reference is not None and inject.is_active(i, steps) for i in range(steps)]
     x = init
-    injected = hooks.applied(transformer, apply_kv_injection, KVInjectionConfig(inject.layers, state), remove_kv_injection)
-    grouped = hooks.applied(transformer, apply_row_groups, RowGroupConfig(row_group, state), remove_row_groups) if row_group else contextlib.nullcontext()
-    with grouped, injected:  # injection's hook outermost: it runs before the groups do
+    with _edit_features(transformer, inject, state, row_group):
         for i, t in enumerate(scheduler.timesteps):
             rows = torch.cat([x, x]) if cfg and split is None else x
             state.active, state.stored = active[i], None
             if inject.reference == "stored" and reference is not None:
-                # Read the next injected step's files while this step computes.
-                upcoming = [j for j in range(i + 1 if state.active else i, steps) if active[j]]
-                if upcoming:
-                    reference.stored.prefetch(int(scheduler.timesteps[upcoming[0]]))
+                _read_ahead(reference.stored, scheduler.timesteps, active, i)
             v = _guided_v(transformer, rows, embeds, i, t, rotary, state, reference, inject.reference, split, guidance, cfg, spans)
             x = scheduler.step(v, t, x, return_dict=False)[0].to(init.dtype)
             if mask is not None:
@@ -111,6 +102,32 @@ def ddim_edit(
             if callback is not None:
                 callback({"i": i, "t": t, "x": x})
     return x
+
+
+def _edit_embeds(cond: torch.Tensor, uncond: torch.Tensor | None, split: GuidanceSplit | None) -> torch.Tensor:
+    """The edit rows' embeddings: [uncond x K, cond x K] with CFG (this process's half of them
+    with `split`), else the K prompts' own."""
+    if uncond is None:
+        return cond
+    uncond = uncond.expand(cond.shape[0], -1, -1)
+    return split.own(uncond, cond) if split is not None else torch.cat([uncond, cond])
+
+
+@contextlib.contextmanager
+def _edit_features(transformer: torch.nn.Module, inject: InjectSettings, state: InjectionState, row_group: int) -> Iterator[None]:
+    """K/V injection, and row groups when `row_group` > 0, on `transformer` for the edit."""
+    injected = hooks.applied(transformer, apply_kv_injection, KVInjectionConfig(inject.layers, state), remove_kv_injection)
+    grouped = hooks.applied(transformer, apply_row_groups, RowGroupConfig(row_group, state), remove_row_groups) if row_group else contextlib.nullcontext()
+    with grouped, injected:  # injection's hook outermost: it runs before the groups do
+        yield
+
+
+def _read_ahead(stored: StoredAttention, timesteps: torch.Tensor, active: list[bool], i: int) -> None:
+    """Start reading the stored K/V of the next injected step (this one's, if not read yet)
+    while step i computes."""
+    upcoming = [j for j in range(i + 1 if active[i] else i, len(active)) if active[j]]
+    if upcoming:
+        stored.prefetch(int(timesteps[upcoming[0]]))
 
 
 def _guided_v(
@@ -179,7 +196,7 @@ def edit_stage(
     chunks = settings.chunks()
     out = []
     with ctx.reporter.phase("edit", total=steps * len(chunks)) as ph:
-        ph.record.detail = f"from inversion {entry.id[:12]}: {len(settings.prompts)} prompt(s) in {len(chunks)} pass(es), reference {settings.inject.reference}"
+        ph.record.detail = f"from inversion {entry.id[:12]}: {len(settings.prompts)} prompt(s) in {len(chunks)} pass(es), reference {settings.inject.reference}, attention {runtime.attention}"
         if split is not None:
             ph.record.detail += f", {'unconditional' if split.rank == 0 else 'conditional'} rows here, the others on rank {1 - split.rank}"
         if mask is not None:

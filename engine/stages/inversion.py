@@ -83,7 +83,7 @@ def invert_stage(ctx: StageContext, settings: InvertSettings, latents: torch.Ten
     start = entry.steps_done
     with ctx.reporter.phase("invert", total=settings.steps) as ph:
         ph.total(settings.steps, start)
-        ph.hit(False, f"resumed at step {start}" if start else f"{2 if settings.uses_cfg else 1} row(s)")
+        ph.hit(False, (f"resumed at step {start}" if start else f"{2 if settings.uses_cfg else 1} row(s)") + f", attention {runtime.attention}")
         x = entry.load(entry.paths.step_file(start - 1), "latent") if start else latents
 
         forwards: list[int] = []
