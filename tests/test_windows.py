@@ -151,9 +151,8 @@ def test_the_web_app_tells_a_long_clips_windows_before_inverting(tiny_model, wid
     act = Actions(app_config(str(tiny_model), Folders.make(tmp_path / "cache", tmp_path / "uploads")))
     clip = act.folders.uploads / "clip.mp4"
     clip.write_bytes(wide_clip.read_bytes())
-    assert act.on_upload(str(clip))[2] == (
-        "clip.mp4: 131 frames, 636x270, 25 fps · every frame at 8 fps: 42 frames in 6 overlapping windows, predicted 6x one window's time"
-    )
+    assert act.on_every(str(clip), False) == ""
+    assert act.on_every(str(clip), True) == "every frame at 8 fps: 42 frames in 6 overlapping windows, predicted 6x one window's time"
 
 
 def test_the_command_line_takes_frames_all_and_refuses_other_words(wide_clip, tmp_path):

@@ -23,7 +23,7 @@ from engine.models.components import Runtime
 from engine.models.model_info import ModelInfo, inspect_model
 from engine.options import InvertOptions
 from engine.video.clips import HELD_OUT
-from engine.video.reader import VideoInfo, probe_video
+from engine.video.reader import probe_video
 from webui.folders import Folders
 from webui.jobs import JobRunner, one_line
 
@@ -103,13 +103,16 @@ class Actions:
     def model_info(self) -> ModelInfo:
         return inspect_model(self.cfg.model)
 
-    def _clip_info(self, name: str, info: VideoInfo) -> str:
-        """The clip's facts, and for a clip longer than one window what every frame would cost."""
-        text = f"{name}: {info.num_frames} frames, {info.width}x{info.height}, {info.fps:g} fps"
-        frames, windows = engine.every_frame(info, self.model_info)
-        if windows > 1:
-            text += f" · every frame at {self.model_info.defaults.fps:g} fps: {frames} frames in {windows} overlapping windows, predicted {windows}x one window's time"
-        return text
+    @_with_errors
+    def on_every(self, source: str | None, every: bool) -> str:
+        """With "every frame" ticked and a clip chosen: its frames at the model's rate, their windows and the predicted time."""
+        if not every or not source:
+            return ""
+        frames, windows = engine.every_frame(probe_video(self.folders.check(source)), self.model_info)
+        fps = f"{self.model_info.defaults.fps:g} fps"
+        if windows < 2:
+            return f"every frame at {fps}: {frames} frames, one window"
+        return f"every frame at {fps}: {frames} frames in {windows} overlapping windows, predicted {windows}x one window's time"
 
     def cards(self) -> list[InversionCard]:
         return inversions(self.folders.cache)
@@ -131,7 +134,7 @@ class Actions:
             return None, None, ""
         path = self.folders.check(file)
         info = probe_video(path)
-        return str(path), str(path), self._clip_info(path.name, info)
+        return str(path), str(path), f"{path.name}: {info.num_frames} frames, {info.width}x{info.height}, {info.fps:g} fps"
 
     @_with_errors
     def on_clip(self, name: str | None) -> tuple:
@@ -139,7 +142,7 @@ class Actions:
             return gr.update(), gr.update(), gr.update(), gr.update()
         path, clip = self.folders.bundled_clip(name)
         info = probe_video(path)
-        return str(path), str(path), self._clip_info(f"bundled {clip.name}", info), clip.captions[0]
+        return str(path), str(path), f"bundled {clip.name}: {info.num_frames} frames, {info.width}x{info.height}, {info.fps:g} fps", clip.captions[0]
 
     # ------------------------------------------------------------------ jobs
     def do_invert(self, source, source_prompt, frames, height, width, fit, steps, plan, method, guidance, verify, attention, every=False,
