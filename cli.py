@@ -116,30 +116,34 @@ def invert_options(cfg_prefix: str):
     return decorate
 
 
-def _frames(ctx: click.Context, param: click.Parameter, value: str | None) -> int | str | None:
-    if value is None or value == "all":
-        return value
-    try:
-        return int(value)
-    except ValueError:
-        raise click.BadParameter(f"{value!r} is neither a number nor 'all'") from None
+class FramesType(click.types.IntParamType):
+    """--frames: a number, or "all"."""
+
+    name = "frames"
+
+    def convert(self, value, param, ctx):
+        if value == "all":
+            return value
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is neither a number nor 'all'", param, ctx)
 
 
 def _invert_options(f, cfg_prefix: str):
-    # run's --fps is the edit's, and sets the rate the clip is read at as well (engine.options.split_run_options)
-    read_fps = [
-        click.option("--fps", default=None, type=float, help="Read the clip at this frame rate (default: the source's; with --frames all the model's: 8 for 5B, 16 for 1.5).")
-    ] if cfg_prefix == "--" else []
     for opt in reversed(
         [
             click.option("--model", required=True, help="CogVideoX-5b or CogVideoX1.5-5b folder or hub id (THUDM/CogVideoX-5b, THUDM/CogVideoX1.5-5b)."),
             click.option("--steps", default=50, show_default=True, help="DDIM steps (inversion and edit use the same)."),
             click.option(
-                "--frames", default=None, callback=_frames,
+                "--frames", default=None, type=FramesType(),
                 help="Most frames to use, spread over the clip (kept to 4k+1; default: the model's, 49 for 5B, 81 for 1.5), "
-                "or 'all': every frame at --fps, in overlapping windows when longer than the model's.",
+                "or 'all': every frame (at --fps; run: --invert-fps), in overlapping windows when longer than the model's.",
             ),
-            *read_fps,
+            click.option(
+                f"{cfg_prefix}fps", "invert_fps", default=None, type=float,
+                help="Read the clip at this frame rate (default: the source's; with --frames all the model's: 8 for 5B, 16 for 1.5).",
+            ),
             click.option("--window-overlap", default=None, type=int, help="Latent frames that neighbouring windows of a long clip share (default: 4 for CogVideoX-5B)."),
             click.option("--skip-start", default=0, show_default=True, help="Frames to drop at the start."),
             click.option("--skip-end", default=0, show_default=True, help="Frames to drop at the end."),
@@ -221,7 +225,7 @@ def edit_options(f):
                 help="Local edit: an image (all frames) or a video (one mask per frame), white where the edit may change; the rest keeps the source.",
             ),
             click.option("--mask-box", default=None, help="Local edit inside a box X0,Y0,X1,Y1 in fractions of the frame, e.g. 0.25,0.2,0.75,0.8."),
-            click.option("--fps", default=None, type=float, help="Output frame rate (default: the source's, adjusted for frame selection); with run, the rate the clip is read at too."),
+            click.option("--fps", default=None, type=float, help="Output frame rate (default: the source's, adjusted for frame selection)."),
             click.option("--out", "out_dir", default=".", type=click.Path(file_okay=False), show_default=True, help="Folder for the mp4 files."),
             click.option("--force", is_flag=True, help="Overwrite existing output files."),
             click.option(
@@ -245,7 +249,7 @@ def _invert_kwargs(p: dict, cfg_prefix: str = "") -> dict:
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--attention-budget") from None
     return dict(
-        steps=p["steps"], frames=p["frames"], window_overlap=p["window_overlap"], **({"fps": p["fps"]} if not cfg_prefix else {}),
+        steps=p["steps"], frames=p["frames"], window_overlap=p["window_overlap"], **{f"{cfg_prefix}fps": p["invert_fps"]},
         skip_start=p["skip_start"], skip_end=p["skip_end"], stride=p["stride"],
         height=p["height"], width=p["width"], fit=p["fit"], source_prompt=p["source_prompt"],
         **{f"{cfg_prefix}guidance": p["invert_guidance"], f"{cfg_prefix}negative_prompt": p["invert_negative_prompt"]},

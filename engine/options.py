@@ -97,11 +97,11 @@ def parse(cls: type, options: dict[str, Any], call: str) -> Any:
 
 def split_run_options(options: dict[str, Any]) -> tuple[InvertOptions, EditOptions]:
     """`engine.run`'s keywords, split between its invert and its edit: the runtime options go to
-    both; `invert_guidance`/`invert_negative_prompt` name the inversion's own CFG settings (the
-    plain names belong to the edit, as on the `cogedit run` command line)."""
-    renamed = {"invert_guidance": "guidance", "invert_negative_prompt": "negative_prompt"}
-    # fps: the rate the inversion reads at is the rate the edit plays at.
-    shared = names(RuntimeOptions) | {"fps"}
+    both; `invert_guidance`/`invert_negative_prompt` name the inversion's own CFG settings and
+    `invert_fps` the rate it reads at (the plain names belong to the edit, as on the `cogedit run`
+    command line)."""
+    renamed = {"invert_guidance": "guidance", "invert_negative_prompt": "negative_prompt", "invert_fps": "fps"}
+    shared = names(RuntimeOptions)
     edit_names = names(EditOptions)
     invert_only = (names(InvertOptions) - edit_names) | set(renamed)
     unknown = sorted(set(options) - edit_names - invert_only)

@@ -207,8 +207,8 @@ def every_frame(video: VideoInfo, info: ModelInfo, frames: FrameSettings = Frame
 
 
 def _say_spread(source: Source, frames: FrameSettings, info: ModelInfo) -> None:
-    """One line when `--frames N` spreads a clip longer than one window at the model's rate over
-    its length (the edit keeps its speed at a lower frame rate): what `--frames all` would do."""
+    """One line when the default frame count spreads a clip longer than one window at the model's
+    rate over its length (the edit keeps its speed at a lower frame rate): what `--frames all` would do."""
     if frames.max_frames is None or frames.stride is not None or frames.fps is not None:
         return
     count, windows = every_frame(source.info, info, frames)
@@ -283,7 +283,8 @@ def invert(video: str | Path, model: str | Path, *, cache_dir: str | Path | None
     store = store_settings(opts.attention_store, opts.attention_steps, opts.attention_layers, opts.attention_dtype, info.transformer_config["num_layers"])
     layout = _layout(cache_dir)
     source = _probe(video, frames, reporter)
-    _say_spread(source, frames, info)
+    if opts.frames is None:  # by default; --frames N is the user's choice
+        _say_spread(source, frames, info)
     settings = _windowed(settings, info, source, opts.window_overlap, store)
     workload = Workload(min(len(source.selected), window_frames(info)), frames.height, frames.width, invert_rows=2 if settings.uses_cfg else 1)
     ctx = StageContext(info, _with_plan(runtime, opts, info, workload, reporter, "invert"), layout, reporter, callback=callback)
