@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 import engine
 from engine.errors import SettingsError
+from engine.models.denoiser import predict as inversion_predict
 from engine.stages.windows import Windowing, blend_weights, blended, default_overlap, window_spans
 from tests.conftest import SMALL
 
@@ -80,8 +81,13 @@ def test_each_windows_reference_row_is_its_own_slice_of_the_trajectory(tiny_mode
         assert rows.shape[1] == 3 and rows[-1:].equal(replayed[:, s:e])
 
 
-def test_a_long_clip_inverts_and_edits_in_windows_to_its_own_frame_count(tiny_model, wide_clip, caplog):
+def test_a_long_clip_inverts_and_edits_in_windows_to_its_own_frame_count(tiny_model, wide_clip, caplog, monkeypatch):
+    import engine.stages.inversion as inversion
+
+    frames_seen = []
+    monkeypatch.setattr(inversion, "predict", lambda model, rows, *args: frames_seen.append(rows.shape[1]) or inversion_predict(model, rows, *args))
     inv = engine.invert(wide_clip, tiny_model, device="cpu", **LONG)
+    assert frames_seen == [3, 3] * LONG["steps"]  # every inversion step: one call per window of 3 latent frames
     assert inv.entry.manifest["summary"]["windows"] == [[0, 3], [2, 5]]
     assert "17 frames at" in caplog.text and "in 2 overlapping windows of 9 frames (1 latent frames shared)" in caplog.text
     # K prompts in one pass, and each alone: the same rows (windows change nothing about batching)
