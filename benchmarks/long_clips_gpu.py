@@ -76,7 +76,7 @@ def timed(fn, reporter: engine.Reporter, cuda: bool) -> dict[str, Any]:
 def one_clip(frames: int, model: Path, size: dict, args: argparse.Namespace, cuda: bool) -> dict[str, Any]:
     patches, path = served(f"long{frames}", synthetic(frames, **size))
     reporter = engine.Reporter(device="cuda" if cuda else "cpu")
-    common = dict(cache_dir=Path(args.workdir) / "cache", reporter=reporter, compile=False)
+    common = dict(cache_dir=Path(args.workdir) / "long-clips-cache", reporter=reporter, compile=False)
     inv: list = []
     with patches[0], patches[1], patches[2]:
         invert = timed(lambda cb: inv.append(engine.invert(path, model, frames=frames, steps=args.steps, guidance=args.invert_guidance, callback=cb, **size, **common)), reporter, cuda)
@@ -111,7 +111,7 @@ def main() -> None:
     args = ap.parse_args()
     cuda = torch.cuda.is_available()
     model = model_path(Path(args.workdir), args.tiny)
-    shutil.rmtree(Path(args.workdir) / "cache", ignore_errors=True)  # every call inverts: no hit from an earlier run
+    shutil.rmtree(Path(args.workdir) / "long-clips-cache", ignore_errors=True)  # every call inverts: no hit from an earlier run
     size = TINY if args.tiny else FULL
     window = engine.inspect_model(model).latent_window * 4 - 3
     result: dict[str, Any] = {"device": torch.cuda.get_device_name(0) if cuda else "cpu", "torch": torch.__version__, "steps": args.steps,
