@@ -100,15 +100,46 @@ def verdict(one: dict[str, Any], long: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def report(path: Path, results_dir: Path) -> None:
+    """A GPU run's JSON -> results_dir/long_clips_gpu.{json,md,png}: per call, peak and median step
+    of one window against the long clip."""
+    from benchmarks.plots import bar_chart
+
+    data = json.loads(path.read_text())
+    (results_dir / "long_clips_gpu.json").write_text(json.dumps(data, indent=1))
+    one, long, v = data["one_window"], data["long"], data["verdict"]
+    lines = [f"{data['device']}, torch {data['torch']}, `{data['command']}`: {data['size']['height']}x{data['size']['width']}, "
+             f"{one['frames']} frames (one window) against {long['frames']} ({v['windows']} windows), {data['steps']} steps a call.", "",
+             "| call | peak, one window | peak, long clip | ratio | median step, one window | median step, long clip | long / (windows x one) |",
+             "|---|---|---|---|---|---|---|"]
+    for call in ("invert", "edit"):
+        a, b = one[call], long[call]
+        lines.append(f"| {call} | {a['phases'][call]['peak_gib']:.2f} GiB | {b['phases'][call]['peak_gib']:.2f} GiB | {v[f'{call}_peak_ratio']:.4f} | "
+                     f"{a['median_step_s']:.2f} s | {b['median_step_s']:.2f} s | {v[f'{call}_step_ratio']:.4f} |")
+    lines += ["", f"Peak within 5%: {'met' if v['peak_met'] else 'not met'}; steps within 1.1x: {'met' if v['time_met'] else 'not met'}. "
+              f"Wall clock at 50 steps (derived from the median step): edit {long['edit']['wall_at_50_s']:.0f} s against "
+              f"{v['windows']} x {one['edit']['wall_at_50_s']:.0f} s ({v['edit_wall_at_50_ratio']:.2f}x)."]
+    (results_dir / "long_clips_gpu.md").write_text("\n".join(lines) + "\n")
+    labels = [f"{call} {clip}" for call in ("invert", "edit") for clip in ("1 window", f"{v['windows']} windows")]
+    values = [r[call]["phases"][call]["peak_gib"] for call in ("invert", "edit") for r in (one, long)]
+    bar_chart(labels, values, "peak GiB", f"{long['frames']} frames vs one window, {data['device']}", results_dir / "long_clips_gpu.png")
+    print("\n".join(lines))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--out", type=Path, help="the JSON to write (a run)")
+    ap.add_argument("--report", type=Path, metavar="JSON", help="here: a GPU run's JSON -> benchmarks/results/long_clips_gpu.{json,md,png}")
     ap.add_argument("--steps", type=int, default=10, help="steps run per call (50-step figures are derived from the median step)")
     ap.add_argument("--frames", type=int, default=97)
     ap.add_argument("--invert-guidance", type=float, default=1.0)
     ap.add_argument("--tiny", action="store_true", help="the tiny model at tiny sizes: checks the harness on a CPU")
     ap.add_argument("--workdir", default="/tmp/cogedit-long")
     args = ap.parse_args()
+    if args.report:
+        return report(args.report, Path(__file__).with_name("results"))
+    if not args.out:
+        ap.error("--out is required for a run")
     cuda = torch.cuda.is_available()
     model = model_path(Path(args.workdir), args.tiny)
     shutil.rmtree(Path(args.workdir) / "long-clips-cache", ignore_errors=True)  # every call inverts: no hit from an earlier run
