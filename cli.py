@@ -116,12 +116,35 @@ def invert_options(cfg_prefix: str):
     return decorate
 
 
+class FramesType(click.types.IntParamType):
+    """--frames: a number, or "all"."""
+
+    name = "frames"
+
+    def convert(self, value, param, ctx):
+        if value == "all":
+            return value
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is neither a number nor 'all'", param, ctx)
+
+
 def _invert_options(f, cfg_prefix: str):
     for opt in reversed(
         [
             click.option("--model", required=True, help="CogVideoX-5b or CogVideoX1.5-5b folder or hub id (THUDM/CogVideoX-5b, THUDM/CogVideoX1.5-5b)."),
             click.option("--steps", default=50, show_default=True, help="DDIM steps (inversion and edit use the same)."),
-            click.option("--frames", default=None, type=int, help="Most frames to use (kept to 4k+1; default: the model's, 49 for 5B, 81 for 1.5)."),
+            click.option(
+                "--frames", default=None, type=FramesType(),
+                help="Most frames to use, spread over the clip (kept to 4k+1; default: the model's, 49 for 5B, 81 for 1.5), "
+                "or 'all': every frame (at --fps; run: --invert-fps), in overlapping windows when longer than the model's.",
+            ),
+            click.option(
+                f"{cfg_prefix}fps", "invert_fps", default=None, type=float,
+                help="Read the clip at this frame rate (default: the source's; with --frames all the model's: 8 for 5B, 16 for 1.5).",
+            ),
+            click.option("--window-overlap", default=None, type=int, help="Latent frames that neighbouring windows of a long clip share (default: 4 for CogVideoX-5B)."),
             click.option("--skip-start", default=0, show_default=True, help="Frames to drop at the start."),
             click.option("--skip-end", default=0, show_default=True, help="Frames to drop at the end."),
             click.option("--stride", default=None, type=int, help="Take every N-th frame (default: spread evenly)."),
@@ -226,7 +249,8 @@ def _invert_kwargs(p: dict, cfg_prefix: str = "") -> dict:
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--attention-budget") from None
     return dict(
-        steps=p["steps"], frames=p["frames"], skip_start=p["skip_start"], skip_end=p["skip_end"], stride=p["stride"],
+        steps=p["steps"], frames=p["frames"], window_overlap=p["window_overlap"], **{f"{cfg_prefix}fps": p["invert_fps"]},
+        skip_start=p["skip_start"], skip_end=p["skip_end"], stride=p["stride"],
         height=p["height"], width=p["width"], fit=p["fit"], source_prompt=p["source_prompt"],
         **{f"{cfg_prefix}guidance": p["invert_guidance"], f"{cfg_prefix}negative_prompt": p["invert_negative_prompt"]},
         attention_store=p["attention_store"], attention_steps=p["attention_steps"], attention_layers=p["attention_layers"],
@@ -516,10 +540,16 @@ def plan_cmd(vram, model, frames, height, width, prompts) -> None:
         choose_plan,
         predict_peaks,
     )
+    from engine.stages.windows import Windowing, default_overlap
 
     info = plan_model(model)
     own = info.defaults
     frames, height, width = (own.frames if frames is None else frames), (own.height if height is None else height), (own.width if width is None else width)
+    window = (info.latent_window - 1) * info.vae_scale_temporal + 1
+    if frames > window:  # a long clip runs one window at a time: its peak is one window's
+        count = Windowing(info.latent_window, default_overlap(info.latent_window)).count((frames - 1) // info.vae_scale_temporal + 1)
+        click.echo(f"{frames} frames: {count} overlapping windows of {window} frames, each step predicted {count}x one window's time; memory below is one window's")
+        frames = window
     workload = Workload(frames, height, width, prompts)
     chosen = choose_plan(vram, info, workload).name if vram is not None else None
     phases = list(predict_peaks(PLANS["staged"], info, workload))

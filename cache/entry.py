@@ -89,7 +89,12 @@ class InversionEntry:
     @property
     def frames(self) -> int:
         """How many frames were selected (known once encoded)."""
-        return int(self._m["summary"].get("frames", self.frame_settings["max_frames"]))
+        return int(self._m["summary"].get("frames", self.frame_settings["max_frames"] or 0))
+
+    @property
+    def output_frames(self) -> int:
+        """The frames an edit has: the selected ones less the repeats that padded them to 4k+1."""
+        return int(self._m["summary"].get("output_frames", self.frames))
 
     @property
     def fps(self) -> float:

@@ -48,6 +48,7 @@ _EXPORTS = {
     "Inversion": "engine.results",
     "open_inversion": "engine.results",
     "edit": "engine.workflow",
+    "every_frame": "engine.workflow",
     "invert": "engine.workflow",
     "run": "engine.workflow",
 }

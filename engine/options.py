@@ -33,7 +33,9 @@ class InvertOptions(RuntimeOptions):
     """`engine.invert`'s options (the CLI flags of the same names)."""
 
     steps: int = 50
-    frames: int | None = None  # None: the model's own (ModelInfo.defaults): 49 for 5B, 81 for 1.5
+    frames: int | str | None = None  # None: the model's own (ModelInfo.defaults): 49 for 5B, 81 for 1.5; "all": every frame at `fps`
+    fps: float | None = None  # read at this rate (default: the source's; the model's with frames="all")
+    window_overlap: int | None = None  # latent frames neighbouring windows share (engine.stages.windows)
     skip_start: int = 0
     skip_end: int = 0
     stride: int | None = None
@@ -95,9 +97,10 @@ def parse(cls: type, options: dict[str, Any], call: str) -> Any:
 
 def split_run_options(options: dict[str, Any]) -> tuple[InvertOptions, EditOptions]:
     """`engine.run`'s keywords, split between its invert and its edit: the runtime options go to
-    both; `invert_guidance`/`invert_negative_prompt` name the inversion's own CFG settings (the
-    plain names belong to the edit, as on the `cogedit run` command line)."""
-    renamed = {"invert_guidance": "guidance", "invert_negative_prompt": "negative_prompt"}
+    both; `invert_guidance`/`invert_negative_prompt` name the inversion's own CFG settings and
+    `invert_fps` the rate it reads at (the plain names belong to the edit, as on the `cogedit run`
+    command line)."""
+    renamed = {"invert_guidance": "guidance", "invert_negative_prompt": "negative_prompt", "invert_fps": "fps"}
     shared = names(RuntimeOptions)
     edit_names = names(EditOptions)
     invert_only = (names(InvertOptions) - edit_names) | set(renamed)

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from cache.atomic import remove_temp_files
+from cache.atomic import ensure_free_space, remove_temp_files
 from cache.entry import InversionEntry
 from cache.errors import CacheCorruptError, ReadOnlyCacheError
 from cache.keys import stable_hash
@@ -31,7 +31,7 @@ from cache.layout import CacheLayout, EntryPaths, cache_root
 from cache.lock import entry_lock
 from cache.manifest import FORMAT_VERSION
 from cache.sizes import format_size
-from engine.errors import ModelError, SettingsError
+from engine.errors import ModelError, SettingsError, VideoError
 from engine.models.components import Runtime
 from engine.models.model_info import ModelInfo, inspect_model, is_hub_id
 from engine.models.plans import Workload, choose_plan, parse_vram, predict_peaks
@@ -48,8 +48,9 @@ from engine.stages.encode import encode_stage
 from engine.stages.inversion import invert_stage
 from engine.stages.settings import EditSettings, InjectSettings, InvertSettings, StoreSettings, layers_of, window_of
 from engine.stages.verify import verify_stage
+from engine.stages.windows import Windowing, default_overlap
 from engine.video.masks import Mask, load_mask, mask_spec
-from engine.video.reader import FrameSettings, VideoInfo, check_video_file, probe_video, select_frame_indices
+from engine.video.reader import FrameSettings, VideoInfo, check_video_file, output_frames, probe_video, select_frame_indices
 
 # Default refinements per step: with its check, 1 iteration is 3 transformer forwards per inversion
 # step (benchmarks/results/inversion_cost.md), the issue's cap.
@@ -69,7 +70,7 @@ class Source:
     @property
     def fps(self) -> float:
         """The frame rate that keeps the source's speed after frame selection."""
-        idx = self.selected
+        idx = self.selected[: output_frames(self.selected)]  # without the repeats that pad to 4k+1
         if len(idx) < 2 or not self.info.fps:
             return self.info.fps or 8.0
         return round(self.info.fps * (len(idx) - 1) / (idx[-1] - idx[0]), 3)
@@ -88,7 +89,7 @@ def _layout(cache_dir: str | Path | None) -> CacheLayout:
 
 # Frame settings that only ask for a selection: the key holds the selected indices instead, so
 # two requests that pick the same frames share one entry.
-_SELECTION_REQUEST = ("max_frames", "skip_start", "skip_end", "stride")
+_SELECTION_REQUEST = ("max_frames", "skip_start", "skip_end", "stride", "fps")
 
 
 def inversion_identity(video_sha: str, frames: FrameSettings, selected: list[int], model: ModelInfo, runtime: Runtime, settings: InvertSettings) -> dict[str, Any]:
@@ -151,10 +152,10 @@ def _with_plan(runtime: Runtime, opts: RuntimeOptions, info: ModelInfo, workload
 def _probe(video: str | Path, frames: FrameSettings, reporter: Reporter) -> Source:
     with reporter.phase("video") as ph:
         info = probe_video(video)
-        selected = select_frame_indices(info.num_frames, frames)  # fails early on too few frames
+        selected = select_frame_indices(info.num_frames, frames, info.fps)  # fails early on too few frames
         ph.record.detail = f"{Path(video).name}: {info.num_frames} frames {info.width}x{info.height}"
-    asked = (frames.max_frames - 1) // 4 * 4 + 1
-    if frames.max_frames != asked and len(selected) == asked:
+    asked = (frames.max_frames - 1) // 4 * 4 + 1 if frames.max_frames is not None else 0
+    if frames.max_frames is not None and frames.max_frames != asked and len(selected) == asked:
         log.warning("--frames %d: using %d, as the model takes 4k+1 frames (1, 5, 9, 13, 17, ...)", frames.max_frames, asked)
     if len(selected) < asked:
         skips = " after --skip-start/--skip-end" if frames.skip_start or frames.skip_end else ""
@@ -164,6 +165,61 @@ def _probe(video: str | Path, frames: FrameSettings, reporter: Reporter) -> Sour
             Path(video).name, len(selected), asked, info.num_frames, skips, stride,
         )
     return Source(video, info, selected)
+
+
+def latent_frames(frames: int) -> int:
+    """Latent frames of a 4k+1 clip (CogVideoX's causal VAE: the first frame alone, then 4 a frame)."""
+    return (frames - 1) // 4 + 1
+
+
+def window_frames(info: ModelInfo) -> int:
+    """Video frames of one window (49 for CogVideoX-5B)."""
+    return (info.latent_window - 1) * info.vae_scale_temporal + 1
+
+
+def _windowed(settings: InvertSettings, info: ModelInfo, source: Source, overlap: int | None, store: StoreSettings) -> InvertSettings:
+    """The inversion's windows over a clip longer than the model's window, said in one line
+    before any work; a clip of one window keeps its settings (and its cache id) as they were."""
+    n = latent_frames(len(source.selected))
+    if n <= info.latent_window:
+        return settings
+    if store.where != "none":
+        raise SettingsError(
+            f"stored attention holds one window's keys and values, and this clip needs {window_frames(info)}-frame windows: "
+            "drop --attention-store (the shared reference serves every window)"
+        )
+    windowed = dataclasses.replace(settings, window=info.latent_window, overlap=default_overlap(info.latent_window) if overlap is None else overlap)
+    count = len(windowed.spans(n))
+    shown = output_frames(source.selected)
+    log.warning(
+        "%s: %d frames at %.3g fps (%.1f s) in %d overlapping windows of %d frames (%d latent frames shared): predicted %dx the time of one window",
+        Path(source.video).name, shown, source.fps, shown / source.fps, count, window_frames(info), windowed.overlap, count,
+    )
+    return windowed
+
+
+def every_frame(video: VideoInfo, info: ModelInfo, frames: FrameSettings = FrameSettings()) -> tuple[int, int]:
+    """(frames, windows) of `--frames all` on `video` at the model's rate: what a long clip costs
+    before any work (the window count is the time in windows; (0, 0) when too short)."""
+    try:
+        every = select_frame_indices(video.num_frames, dataclasses.replace(frames, max_frames=None, stride=None, fps=info.defaults.fps), video.fps)
+    except VideoError:
+        return 0, 0
+    return output_frames(every), Windowing(info.latent_window, default_overlap(info.latent_window)).count(latent_frames(len(every)))
+
+
+def _say_spread(source: Source, frames: FrameSettings, info: ModelInfo) -> None:
+    """One line when the default frame count spreads a clip longer than one window at the model's
+    rate over its length (the edit keeps its speed at a lower frame rate): what `--frames all` would do."""
+    if frames.max_frames is None or frames.stride is not None or frames.fps is not None:
+        return
+    count, windows = every_frame(source.info, info, frames)
+    if windows < 2 or count <= len(source.selected):
+        return
+    log.warning(
+        "%s: %d frames spread over %.1f s (%.3g fps; the edit plays at normal speed); --frames all reads all %d frames at %g fps, in %d windows (predicted %dx the time)",
+        Path(source.video).name, len(source.selected), count / info.defaults.fps, source.fps, count, info.defaults.fps, windows, windows,
+    )
 
 
 def _check_sizes(entry: InversionEntry) -> None:
@@ -179,11 +235,17 @@ def _check_sizes(entry: InversionEntry) -> None:
 
 def _invert_settings(opts: InvertOptions, info: ModelInfo | None = None) -> tuple[FrameSettings, InvertSettings]:
     """The frames and inversion settings; frames, height and width not given are the model's
-    (`info.defaults`; with no `info` yet, FrameSettings' own, which only checks the given ones)."""
+    (`info.defaults`; with no `info` yet, FrameSettings' own, which only checks the given ones).
+    frames="all" reads every frame at `fps`, by default the model's."""
     iters = opts.inversion_iters if opts.inversion_iters is not None else (FIXED_POINT_ITERS if opts.inversion == "fixed-point" else 0)
+    every = opts.frames == "all"
+    if isinstance(opts.frames, str) and not every:
+        raise SettingsError(f"--frames takes a number or 'all', got {opts.frames!r}")
     own = {} if info is None else dict(max_frames=info.defaults.frames, height=info.defaults.height, width=info.defaults.width)
-    given = {k: v for k, v in dict(max_frames=opts.frames, height=opts.height, width=opts.width).items() if v is not None}
-    frames = FrameSettings(skip_start=opts.skip_start, skip_end=opts.skip_end, stride=opts.stride, fit=opts.fit, **{**own, **given})
+    given = {k: v for k, v in dict(max_frames=None if every else opts.frames, height=opts.height, width=opts.width).items() if v is not None}
+    fps = opts.fps if opts.fps is not None or not every or info is None else info.defaults.fps
+    frames = FrameSettings(skip_start=opts.skip_start, skip_end=opts.skip_end, stride=opts.stride, fit=opts.fit, fps=fps, **{**own, **given})
+    frames = dataclasses.replace(frames, max_frames=None) if every else frames
     return frames, InvertSettings(opts.steps, opts.source_prompt, opts.negative_prompt, opts.guidance, opts.inversion, iters)
 
 
@@ -223,7 +285,10 @@ def invert(video: str | Path, model: str | Path, *, cache_dir: str | Path | None
     store = store_settings(opts.attention_store, opts.attention_steps, opts.attention_layers, opts.attention_dtype, info.transformer_config["num_layers"])
     layout = _layout(cache_dir)
     source = _probe(video, frames, reporter)
-    workload = Workload(len(source.selected), frames.height, frames.width, invert_rows=2 if settings.uses_cfg else 1)
+    if opts.frames is None:  # by default; --frames N is the user's choice
+        _say_spread(source, frames, info)
+    settings = _windowed(settings, info, source, opts.window_overlap, store)
+    workload = Workload(min(len(source.selected), window_frames(info)), frames.height, frames.width, invert_rows=2 if settings.uses_cfg else 1)
     ctx = StageContext(info, _with_plan(runtime, opts, info, workload, reporter, "invert"), layout, reporter, callback=callback)
     if store.where != "none":
         check_budget(ctx, store, settings.steps, workload, opts.attention_budget)
@@ -237,10 +302,22 @@ def invert(video: str | Path, model: str | Path, *, cache_dir: str | Path | None
         with reporter.phase("invert") as ph:
             ph.hit(True, f"{paths.id[:12]} cached")
     else:
+        # A clip too long for the disk is refused before any work, with the space it needs.
+        ensure_free_space(layout.entries_dir, _entry_bytes(ctx, source, frames, settings.steps, entry))
         entry = _make(ctx, paths, identity, source, frames, settings, store, memory)
     if opts.verify:
         verify_stage(dataclasses.replace(ctx, entry=entry))
     return Inversion(entry, layout, memory)
+
+
+def _entry_bytes(ctx: StageContext, source: Source, frames: FrameSettings, steps: int, entry: InversionEntry | None) -> int:
+    """The bytes an inversion still writes: the frames and latents unless encoded, and a latent per step left."""
+    scale = ctx.info.vae_scale_spatial
+    latent = latent_frames(len(source.selected)) * ctx.info.transformer_config["in_channels"] * (frames.height // scale) * (frames.width // scale)
+    latent *= torch.empty(0, dtype=ctx.runtime.dtype).element_size()
+    encoded = entry is not None and entry.encoded
+    pixels = 0 if encoded else len(source.selected) * frames.height * frames.width * 3 + latent
+    return pixels + (steps - (entry.steps_done if entry is not None else 0)) * latent
 
 
 def _make(ctx: StageContext, paths: EntryPaths, identity: dict, source: Source, frames: FrameSettings, settings: InvertSettings, store: StoreSettings, memory: MemoryStores) -> InversionEntry:
@@ -278,6 +355,10 @@ def _new_entry(paths: EntryPaths, identity: dict, source: Source, frames: FrameS
         "invert": dataclasses.asdict(settings),
     }
     summary = {"video": Path(source.video).name, "model": ctx.info.stored_source, "steps": settings.steps, "fps": source.fps}
+    if settings.window:  # a long clip: `cache show` lists its windows
+        summary["windows"] = [list(span) for span in settings.spans(latent_frames(len(source.selected)))]
+    if output_frames(source.selected) < len(source.selected):  # padded to 4k+1: the output drops the repeats
+        summary["output_frames"] = output_frames(source.selected)
     return InversionEntry.new(paths, identity, settings_record, summary)
 
 
@@ -298,7 +379,7 @@ def _edit_mask(opts: EditOptions, inv: Inversion) -> Mask | None:
     if spec is None:
         return None
     source_frames = int(inv.entry.manifest["settings"]["video"]["num_frames"])
-    return load_mask(spec, FrameSettings(**inv.entry.frame_settings), source_frames, inv.entry.frames)
+    return load_mask(spec, FrameSettings(**inv.entry.frame_settings), source_frames, inv.entry.frames, inv.entry.output_frames)
 
 
 def edit_stem(inversion_id: str, settings: EditSettings, runtime: Runtime) -> str:
@@ -371,7 +452,7 @@ def edit(inversion: Inversion | str, prompts: Prompts, *, cache_dir: str | Path 
     if opts.seed and settings.init == "inverted":
         log.warning("--seed %d has no effect: edits start from the inverted noise; add --init random to start from seeded noise", opts.seed)
     fs = inv.entry.frame_settings
-    workload = Workload(inv.entry.frames, fs["height"], fs["width"], min(settings.batch, len(prompts)), settings.uses_cfg, reference=settings.inject.reference)
+    workload = Workload(min(inv.entry.frames, window_frames(info)), fs["height"], fs["width"], min(settings.batch, len(prompts)), settings.uses_cfg, reference=settings.inject.reference)
     ctx = StageContext(info, _with_plan(runtime, opts, info, workload, reporter, "edit"), inv.layout, reporter, inv.entry, callback)
     outputs = None
     if opts.output == "mp4":  # refuse first

@@ -144,7 +144,7 @@ CLI_ONLY = {
     "prompts_file": "the CLI reads it into the prompts it passes (test_cli_errors.py::test_prompts_file)",
 }
 # The engine option a flag sets, where the names differ (run's --invert-* go to its inversion).
-OPTION_OF = {"compile_blocks": "compile", "invert_guidance": "guidance", "invert_negative_prompt": "negative_prompt"}
+OPTION_OF = {"compile_blocks": "compile", "invert_guidance": "guidance", "invert_negative_prompt": "negative_prompt", "invert_fps": "fps"}
 # Flags the CLI checks or converts before calling the engine: the text typed and the value the engine gets.
 TYPED = {"device": ("cpu", "cpu"), "vram": ("12GB", 12 * 2**30), "attention_budget": ("5GB", 5 * 10**9), "gpus": ("2", 2)}
 # Engine options no flag sets, and why.

@@ -20,7 +20,7 @@ from engine.errors import SettingsError
 from engine.jobs.demo import DEMO_PROMPTS, DEMO_SETTINGS, SHAPES_SEED, demo_model
 from engine.jobs.gallery import InversionCard, box_preview, card, inversions, render_edits
 from engine.models.components import Runtime
-from engine.models.model_info import inspect_model
+from engine.models.model_info import ModelInfo, inspect_model
 from engine.models.proxy import example_prompts
 from engine.options import InvertOptions
 from engine.stages.verify import verdict
@@ -89,6 +89,8 @@ def inversion_md(card: InversionCard) -> str:
         f"{inv.get('steps', '?')} steps {inv.get('method', '')}, source prompt: “{inv.get('source_prompt', '')}”",
         f"model: {Path(str(s.get('model', '?'))).name} · {len(card.edits)} edit(s)",
     ]
+    if s.get("windows"):
+        lines[1] += f", {len(s['windows'])} overlapping windows"
     if card.verify:
         v = card.verify
         lines.append(f"round trip (verify): **{verdict(v['latent_rel_error'])}**, latent error {v['latent_rel_error']:.3g}, PSNR {v['psnr_db']:.1f} dB")
@@ -109,6 +111,21 @@ class Actions:
         self.cfg, self.folders = cfg, cfg.folders
         self.layout = CacheLayout(cfg.folders.cache)
         self.runner = JobRunner(Runtime.default().device, (cfg.folders.uploads, cfg.folders.cache))
+
+    @functools.cached_property
+    def model_info(self) -> ModelInfo:
+        return inspect_model(self.cfg.model)
+
+    @_with_errors
+    def on_every(self, source: str | None, every: bool) -> str:
+        """With "every frame" ticked and a clip chosen: its frames at the model's rate, their windows and the predicted time."""
+        if not every or not source:
+            return ""
+        frames, windows = engine.every_frame(probe_video(self.folders.check(source)), self.model_info)
+        fps = f"{self.model_info.defaults.fps:g} fps"
+        if windows < 2:
+            return f"every frame at {fps}: {frames} frames, one window"
+        return f"every frame at {fps}: {frames} frames in {windows} overlapping windows, predicted {windows}x one window's time"
 
     def cards(self) -> list[InversionCard]:
         return inversions(self.folders.cache)
@@ -141,11 +158,15 @@ class Actions:
         return str(path), str(path), f"bundled {name}: {info.num_frames} frames, {info.width}x{info.height}, {info.fps:g} fps", caption
 
     # ------------------------------------------------------------------ jobs
-    def do_invert(self, source, source_prompt, frames, height, width, fit, steps, plan, method, guidance, verify, attention, request: gr.Request, progress=gr.Progress()):  # noqa: B008
+    def do_invert(self, source, source_prompt, frames, height, width, fit, steps, plan, method, guidance, verify, attention, every=False,
+                  request: gr.Request = None, progress=gr.Progress()):  # noqa: B008
+        """`every`: every frame at the model's rate, a long clip in overlapping windows (frames is then unused)."""
+
         def job(reporter):
             if not source:
                 raise SettingsError("no clip yet: upload one, or pick a bundled clip")
-            sizes = {name: int(_number(value, name)) for name, value in (("frames", frames), ("height", height), ("width", width), ("steps", steps))}
+            sizes = {name: int(_number(value, name)) for name, value in (("height", height), ("width", width), ("steps", steps))}
+            sizes["frames"] = "all" if every else int(_number(frames, "frames"))
             opts = dict(**sizes, fit=fit, inversion=method, guidance=_number(guidance, "inversion guidance"), verify=bool(verify), source_prompt=source_prompt, attention=attention)
             return engine.invert(self.folders.check(source), self.cfg.model, cache_dir=self.folders.cache, reporter=reporter, plan=None if plan == "auto" else plan, **opts)
 

@@ -42,6 +42,8 @@ def _invert_tab(d: dict, world: str) -> SimpleNamespace:
             c.method = gr.Radio(list(INVERSIONS), value=o.inversion, label="inversion")
             c.guidance = gr.Number(o.guidance, label="inversion guidance (CFG; 1 = none, for negative-prompt inversion)", minimum=1.0, elem_id="invert-guidance")
             c.verify = gr.Checkbox(d["verify"], label="verify: measure the round trip's error (good, poor or failed)")
+            c.every = gr.Checkbox(False, label="every frame at the model's rate (a clip longer than the model's window runs in overlapping windows)", elem_id="every-frame")
+            c.every_info = gr.Markdown(elem_id="every-info")
             with gr.Row():
                 c.run = gr.Button("Invert", variant="primary", elem_id="invert-button")
                 c.cancel = gr.Button("Cancel", elem_id="cancel-invert")
@@ -157,7 +159,9 @@ def build(cfg: AppConfig) -> gr.Blocks:
         inv.upload.upload(act.on_upload, inv.upload, [inv.source, inv.preview, inv.source_info])
         inv.upload.clear(lambda: (None, None, ""), None, [inv.source, inv.preview, inv.source_info])
         inv.clip.change(act.on_clip, inv.clip, [inv.source, inv.preview, inv.source_info, inv.source_prompt])
-        invert_inputs = [inv.source, inv.source_prompt, inv.frames, inv.height, inv.width, inv.fit, inv.steps, inv.plan, inv.method, inv.guidance, inv.verify, inv.attention]
+        for changed in (inv.source, inv.every):  # the windows and predicted time of every frame, while it is ticked
+            changed.change(act.on_every, [inv.source, inv.every], inv.every_info)
+        invert_inputs = [inv.source, inv.source_prompt, inv.frames, inv.height, inv.width, inv.fit, inv.steps, inv.plan, inv.method, inv.guidance, inv.verify, inv.attention, inv.every]
         inv.run.click(act.do_invert, invert_inputs, [inv.card, inv.strip, ed.pick, inv.to_edit], **gpu)
         inv.to_edit.click(lambda: gr.Tabs(selected="edit"), None, tabs)
         render_inputs = [ed.pick, ed.prompts, ed.inject_steps, ed.inject_layers, ed.strength, ed.guidance, ed.negative, ed.negative_source, ed.init, ed.seed, ed.reference, ed.mask_box, ed.attention,

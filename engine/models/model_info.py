@@ -34,6 +34,7 @@ _HASH_WINDOW = 1 << 20  # bytes hashed from each end of a weight file for the mo
 DEFAULTS_KEY = "_cogedit_defaults"
 _NATIVE_FPS = {1: 8.0, 2: 16.0}  # by patch_size_t
 _NATIVE_15 = (768, 1360)
+_WINDOW_FRAMES_15 = 161  # 1.5's longest native clip (cli_demo.py's num_frames help): its window
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,14 @@ class ModelInfo:
     @property
     def vae_scale_temporal(self) -> int:
         return int(self.vae_config.get("temporal_compression_ratio", 4))
+
+    @property
+    def latent_window(self) -> int:
+        """Latent frames of one window of a long clip: the longest clip the model was made for
+        (CogVideoX-5B: its sample_frames, 49 -> 13; 1.5: 161 frames, 10 s at 16 fps -> 41, which
+        `predict` pads to an even count at every call, as for any 1.5 clip)."""
+        frames = int(self.transformer_config.get("sample_frames", 49)) if self.patch_size_t == 1 else _WINDOW_FRAMES_15
+        return (frames - 1) // self.vae_scale_temporal + 1
 
     @property
     def text_length(self) -> int:

@@ -87,7 +87,7 @@ def decode_stage(ctx: StageContext, latents: torch.Tensor, outputs: tuple[list[P
     with ctx.reporter.phase("decode", total=latents.shape[0]) as ph:
         with loaded("vae", ctx.info, ctx.runtime) as vae:
             for k in range(latents.shape[0]):
-                frames = decode_latents(vae, latents[k : k + 1])[0]
+                frames = decode_latents(vae, latents[k : k + 1])[0][: ctx.entry.output_frames]
                 if outputs:
                     write_video(frames, outputs[0][k], fps)
                     write_video(side_by_side(source, frames, prompts[k]), outputs[1][k], fps)

@@ -20,7 +20,8 @@ from engine.stages.attention_store import MemoryStores, open_stored
 from engine.stages.context import StageContext
 from engine.stages.distributed import GuidanceSplit
 from engine.stages.schedulers import edit_scheduler
-from engine.stages.settings import EditSettings, InjectSettings
+from engine.stages.settings import EditSettings, InjectSettings, inverted_spans
+from engine.stages.windows import blended, window_shape
 from engine.video.masks import Mask, latent_mask
 
 
@@ -58,6 +59,7 @@ def ddim_edit(
     row_group: int = 0,
     split: GuidanceSplit | None = None,
     mask: torch.Tensor | None = None,
+    spans: list[tuple[int, int]] | None = None,
     callback: Callable[[dict[str, Any]], None] | None = None,
 ) -> torch.Tensor:
     """DDIM sampling (Song et al. 2021) of K rows at once, with reference attention injection.
@@ -73,14 +75,17 @@ def ddim_edit(
     `mask` [F', 1, h, w] in 0-1 makes the edit local: after every step, where the mask is 0 the
     latent is the inversion's own at that noise level (`reference.replayed(i)`), so only the
     masked region changes (blended latent diffusion, Avrahami et al. 2023).
+    `spans` (the inversion's, `engine.stages.windows`): each step predicts every window, with that
+    window's slice of the trajectory as its reference, and blends them before the one scheduler step.
     """
     if mask is not None and reference is None:
         raise ValueError("a mask keeps the inversion's latents outside it: pass the reference too")
+    spans = spans or [(0, init.shape[1])]
     scheduler = edit_scheduler(scheduler_config, steps)
     cfg = uncond is not None
     embeds = _edit_embeds(cond, uncond, split)
     n_edit = embeds.shape[0]
-    rotary = rotary_embeddings(transformer, init.shape, vae_scale_spatial, init.device)
+    rotary = rotary_embeddings(transformer, window_shape(init.shape, spans), vae_scale_spatial, init.device)
     state = InjectionState(n_edit=n_edit, strength=inject.strength)
     active = [reference is not None and inject.is_active(i, steps) for i in range(steps)]
     x = init
@@ -90,11 +95,8 @@ def ddim_edit(
             state.active, state.stored = active[i], None
             if inject.reference == "stored" and reference is not None:
                 _read_ahead(reference.stored, scheduler.timesteps, active, i)
-            rows, row_embeds = _with_reference(rows, embeds, i, int(t), state, reference, inject.reference) if state.active else (rows, embeds)
-            v = predict(transformer, rows, row_embeds, t, rotary)[:n_edit]
-            if split is not None:
-                v = split.combine(v)
-            x = scheduler.step(guided(v, guidance, cfg), t, x, return_dict=False)[0].to(init.dtype)
+            v = _guided_v(transformer, rows, embeds, i, t, rotary, state, reference, inject.reference, split, guidance, cfg, spans)
+            x = scheduler.step(v, t, x, return_dict=False)[0].to(init.dtype)
             if mask is not None:
                 x = torch.lerp(reference.replayed(i).to(x.dtype), x, mask)
             if callback is not None:
@@ -128,19 +130,46 @@ def _read_ahead(stored: StoredAttention, timesteps: torch.Tensor, active: list[b
         stored.prefetch(int(timesteps[upcoming[0]]))
 
 
-def _with_reference(rows: torch.Tensor, embeds: torch.Tensor, i: int, t: int, state: InjectionState, reference: Reference, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _guided_v(
+    transformer: torch.nn.Module, rows: torch.Tensor, embeds: torch.Tensor, i: int, t: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor],
+    state: InjectionState, reference: Reference | None, kind: str, split: GuidanceSplit | None, guidance: float, cfg: bool, spans: list[tuple[int, int]],
+) -> torch.Tensor:
+    """Edit step i's guided v over the whole clip: one transformer call per window (with that
+    window's reference row when injecting), the windows blended (`engine.stages.windows`)."""
+    frames = rows.shape[1]
+    if kind == "stored" and len(spans) > 1 and state.active:
+        raise ValueError("stored attention holds one window's keys and values: use the shared reference over windows")
+
+    def window(sl: slice) -> torch.Tensor:
+        part = rows if sl == slice(0, frames) else rows[:, sl].contiguous()
+        part, row_embeds = _with_reference(part, embeds, i, int(t), state, reference, kind, sl) if state.active else (part, embeds)
+        v = predict(transformer, part, row_embeds, t, rotary)[: state.n_edit]
+        return guided(split.combine(v) if split is not None else v, guidance, cfg)
+
+    return blended(window, frames, spans)
+
+
+def _with_reference(
+    rows: torch.Tensor, embeds: torch.Tensor, i: int, t: int, state: InjectionState, reference: Reference, kind: str, frames: slice
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The batch of an injected step and the state that describes it: replayed K/V (stored),
-    one reference row per edit row (per-half), or one shared reference row."""
+    one reference row per edit row (per-half), or one shared reference row; a reference row is
+    the trajectory's `frames` (the window `rows` hold)."""
     n_edit = state.n_edit
     if kind == "stored":
         state.stored = reference.stored.at(t)
         return rows, embeds
     if kind == "per-half":
         state.ref_of = torch.arange(n_edit, device=rows.device)
-        ref = reference.reached(i).to(rows.dtype)
+        ref = _window_of(reference.reached(i), frames).to(rows.dtype)
         return torch.cat([rows, ref.expand(n_edit, -1, -1, -1, -1)]), torch.cat([embeds, embeds])
     state.ref_of = torch.zeros(n_edit, dtype=torch.long, device=rows.device)
-    return torch.cat([rows, reference.replayed(i).to(rows.dtype)]), torch.cat([embeds, reference.source_embeds.to(embeds.dtype)])
+    return torch.cat([rows, _window_of(reference.replayed(i), frames).to(rows.dtype)]), torch.cat([embeds, reference.source_embeds.to(embeds.dtype)])
+
+
+def _window_of(latent: torch.Tensor, frames: slice) -> torch.Tensor:
+    """A window's frames of a whole-clip latent (the latent itself when the window is all of it)."""
+    return latent if frames == slice(0, latent.shape[1]) else latent[:, frames].contiguous()
 
 
 def first_injected(scheduler_config: dict[str, Any], steps: int, inject: InjectSettings) -> int | None:
@@ -161,8 +190,7 @@ def edit_stage(
     """Edited latents [K, F', C, h, w] (CPU) from the cached inversion `ctx.entry`; `store` is the
     key of the stored attention to replay (`--reference stored`), else None; `split`: this process
     runs one CFG half (`--gpus 2`); `mask` (whose digest is `settings.mask`) keeps the source outside it."""
-    entry, runtime = ctx.entry, ctx.runtime
-    steps = entry.steps
+    entry, runtime, steps = ctx.entry, ctx.runtime, ctx.entry.steps
     trajectory = [entry.load(entry.paths.step_file(i), "latent") for i in range(steps)]
     clean = entry.load(entry.paths.latents, "latents")
     chunks = settings.chunks()
@@ -202,6 +230,7 @@ def edit_stage(
                         row_group=runtime.plan.row_group,
                         split=split,
                         mask=grid,
+                        spans=inverted_spans(entry.manifest["settings"]["invert"], clean.shape[1]),
                         callback=on_step,
                     )
                     out.append(x.cpu())

@@ -16,6 +16,7 @@ from engine.stages.context import StageContext
 from engine.stages.fixed_point import refine, step_coefficients
 from engine.stages.schedulers import edit_scheduler, inverse_scheduler
 from engine.stages.settings import InvertSettings, StoreSettings
+from engine.stages.windows import blended, window_shape
 
 
 @torch.no_grad()
@@ -31,18 +32,23 @@ def ddim_invert(
     guidance: float = 1.0,
     start: int = 0,
     refine_iters: int = 0,
+    spans: list[tuple[int, int]] | None = None,
     callback: Callable[[dict[str, Any]], None] | None = None,
 ) -> torch.Tensor:
     """DDIM inversion (Song et al. 2021, eq. 12 run from t=0 up). Returns the final noise.
 
     `latents` is the clean latent, or with `start=k` the latent after step k-1 (resume).
     `uncond` set means classifier-free guidance with rows [uncond, cond]. `refine_iters` > 0
-    refines each step towards the exact inverse of the edit step (`engine.stages.fixed_point`). The
+    refines each step towards the exact inverse of the edit step (`engine.stages.fixed_point`).
+    `spans` (`engine.stages.windows`) cut a long latent sequence into windows whose predictions are
+    blended before each step: the trajectory stays one sequence, the mirror of the edit's. The
     callback gets {"i", "t", "x", "forwards"} after every step, x being the latent after step i.
     """
     scheduler = inverse_scheduler(scheduler_config, steps)
     edit = edit_scheduler(scheduler_config, steps) if refine_iters else None
-    rotary = rotary_embeddings(transformer, latents.shape, vae_scale_spatial, latents.device)
+    frames = latents.shape[1]
+    spans = spans or [(0, frames)]
+    rotary = rotary_embeddings(transformer, window_shape(latents.shape, spans), vae_scale_spatial, latents.device)
     cfg = uncond is not None
     embeds = torch.cat([uncond, cond]) if cfg else cond
     x = latents
@@ -52,7 +58,12 @@ def ddim_invert(
 
         def v_at(y: torch.Tensor, t: torch.Tensor = t) -> torch.Tensor:
             y = y.to(latents.dtype)
-            return guided(predict(transformer, torch.cat([y, y]) if cfg else y, embeds, t, rotary), guidance, cfg)
+
+            def window(sl: slice) -> torch.Tensor:
+                part = y if sl == slice(0, frames) else y[:, sl].contiguous()
+                return guided(predict(transformer, torch.cat([part, part]) if cfg else part, embeds, t, rotary), guidance, cfg)
+
+            return blended(window, frames, spans)
 
         plain = scheduler.step(v_at(x), t, x, return_dict=False)[0]
         forwards = 1
@@ -98,6 +109,7 @@ def invert_stage(ctx: StageContext, settings: InvertSettings, latents: torch.Ten
                 guidance=settings.guidance,
                 start=start,
                 refine_iters=settings.iters,
+                spans=settings.spans(latents.shape[1]),
                 callback=on_step,
             )
         if settings.method != "ddim" and forwards:

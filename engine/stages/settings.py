@@ -10,6 +10,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from engine.errors import PromptError, SettingsError
+from engine.stages.windows import Windowing
 
 INVERSIONS = ("ddim", "fixed-point")
 
@@ -67,8 +68,14 @@ class InvertSettings:
     guidance: float = 6.0
     method: str = "ddim"  # ddim | fixed-point (engine.stages.fixed_point)
     iters: int = 0  # fixed-point refinements per step
+    # Clips longer than the model's window (engine.stages.windows): latent frames per transformer
+    # call and the frames neighbours share; window 0 = the whole clip in one call (one window).
+    window: int = 0
+    overlap: int = 0
 
     def __post_init__(self) -> None:
+        if self.window:
+            Windowing(self.window, self.overlap)  # checks the overlap
         if not 1 <= self.steps <= 1000:
             raise SettingsError(f"--steps must be between 1 and 1000, got {self.steps}")
         if self.guidance < 1.0:
@@ -85,6 +92,10 @@ class InvertSettings:
         # u + w(c - u) = u when c = u: with equal prompts guidance changes nothing, so skip the row.
         return self.guidance > 1.0 and self.source_prompt != self.negative_prompt
 
+    def spans(self, frames: int) -> list[tuple[int, int]]:
+        """The windows over a clip of `frames` latent frames."""
+        return Windowing(self.window, self.overlap).spans(frames) if self.window else [(0, frames)]
+
     def key_fields(self) -> dict:
         """What changes the trajectory; guidance only counts when it is in effect."""
         fields = {
@@ -95,7 +106,15 @@ class InvertSettings:
         }
         if self.method != "ddim":  # plain DDIM keeps the ids it always had
             fields.update(method=self.method, iters=self.iters)
+        if self.window:  # so do clips of one window
+            fields.update(window=self.window, overlap=self.overlap)
         return fields
+
+
+def inverted_spans(record: dict, frames: int) -> list[tuple[int, int]]:
+    """The windows an inversion (its manifest's `invert` settings) ran over `frames` latent frames:
+    an edit or a round trip from it blends the same windows."""
+    return InvertSettings(**record).spans(frames)
 
 
 @dataclass(frozen=True)

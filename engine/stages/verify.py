@@ -14,6 +14,7 @@ from engine.stages.context import StageContext
 from engine.stages.decode import decode_latents
 from engine.stages.editing import ddim_edit
 from engine.stages.embed import embed_stage
+from engine.stages.settings import inverted_spans
 
 log = logging.getLogger("cogedit")
 
@@ -59,7 +60,8 @@ def verify_stage(ctx: StageContext) -> None:
         with loaded("transformer", ctx.info, ctx.runtime, ctx.layout.compile_dir) as transformer:
             back = ddim_edit(
                 transformer, noise.to(ctx.runtime.device, ctx.runtime.dtype), cond, ctx.info.scheduler_config, entry.steps,
-                vae_scale_spatial=ctx.info.vae_scale_spatial, callback=lambda state: ph.advance(),
+                vae_scale_spatial=ctx.info.vae_scale_spatial, spans=inverted_spans(entry.manifest["settings"]["invert"], noise.shape[1]),
+                callback=lambda state: ph.advance(),
             ).cpu()
         clean = entry.load(entry.paths.latents, "latents")
         with loaded("vae", ctx.info, ctx.runtime) as vae:

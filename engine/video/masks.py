@@ -88,12 +88,12 @@ def _image(path: Path, settings: FrameSettings) -> torch.Tensor:
     return _gray(fit_frames(resized, settings))[0]
 
 
-def _video(path: Path, settings: FrameSettings, source_frames: int, frames: int) -> torch.Tensor:
+def _video(path: Path, settings: FrameSettings, source_frames: int, frames: int, shown: int) -> torch.Tensor:
     count = probe_video(path).num_frames
     if count == source_frames:  # a mask per source frame: the source's frame selection applies
         chosen = settings
-    elif count == frames:  # a mask per edited frame
-        chosen = dataclasses.replace(settings, max_frames=frames, skip_start=0, skip_end=0, stride=None)
+    elif count in (frames, shown):  # a mask per edited frame (padded below like the frames)
+        chosen = dataclasses.replace(settings, max_frames=None if count == shown < frames else frames, skip_start=0, skip_end=0, stride=None, fps=None)
     else:
         raise SettingsError(
             f"--mask {path} has {count} frames; give one mask per frame of the source video ({source_frames}) "
@@ -115,9 +115,11 @@ def mask_spec(mask: Any, box: str | tuple | list | None) -> Any:
     return mask
 
 
-def load_mask(mask: Any, settings: FrameSettings, source_frames: int, frames: int) -> Mask:
+def load_mask(mask: Any, settings: FrameSettings, source_frames: int, frames: int, shown: int | None = None) -> Mask:
     """The mask of an edit of `frames` frames at settings' size, from a file path, a box (4-tuple)
-    or an array (module docstring); `source_frames` is the source video's frame count."""
+    or an array (module docstring); `source_frames` is the source video's frame count; `shown`
+    the edit's frames without the repeats that padded them to 4k+1 (a mask of that many is padded alike)."""
+    shown = shown or frames
     size = (settings.height, settings.width)
     if isinstance(mask, tuple | list) and len(mask) == 4 and all(isinstance(v, int | float) for v in mask):
         return box_mask(parse_box(mask), frames, *size)
@@ -126,11 +128,13 @@ def load_mask(mask: Any, settings: FrameSettings, source_frames: int, frames: in
         if path.suffix.lower() in IMAGE_SUFFIXES:
             pixels = _image(path, settings).expand(frames, -1, -1).clone()
         else:
-            pixels = _video(path, settings, source_frames, frames)
+            pixels = _video(path, settings, source_frames, frames, shown)
         return _checked(pixels, f"file {path.name}")
     pixels = torch.as_tensor(np.asarray(mask), dtype=torch.float32)
     if pixels.ndim == 2:
         pixels = pixels.expand(frames, -1, -1).clone()
+    elif pixels.ndim == 3 and len(pixels) == shown < frames:  # the last frame's mask for the repeats
+        pixels = torch.cat([pixels, pixels[-1:].expand(frames - shown, -1, -1)])
     if pixels.ndim != 3 or tuple(pixels.shape[1:]) != size or len(pixels) != frames:
         raise SettingsError(f"mask array is shaped {list(pixels.shape)}; give [{size[0]}, {size[1]}] or [{frames}, {size[0]}, {size[1]}] (the edit's frames, height, width)")
     if pixels.min() < 0 or pixels.max() > 1:

@@ -55,7 +55,7 @@ _HASH_BLOCK = 1 << 20
 class FrameSettings:
     """Which frames of the source to use and the size they are decoded at (the model's)."""
 
-    max_frames: int = 49  # upstream's max_num_frames is 81; the CLI defaults to 49
+    max_frames: int | None = 49  # upstream's max_num_frames is 81; the CLI defaults to 49; None: all
     skip_start: int = 0
     skip_end: int = 0
     stride: int | None = None  # None = spread evenly over the kept range
@@ -64,12 +64,15 @@ class FrameSettings:
     # How a source of another aspect ratio meets height x width: stretch it (upstream's way),
     # crop it to fill the frame, or pad it with black bars.
     fit: str = "stretch"
+    # Frames per second to read at (every (source fps / fps)-th frame); None: the source's rate.
+    # `engine.workflow` sets the model's rate for --frames all.
+    fps: float | None = None
 
     def __post_init__(self) -> None:
         def is_int(value: object) -> bool:
             return isinstance(value, int) and not isinstance(value, bool)
 
-        if not is_int(self.max_frames) or self.max_frames < MIN_FRAMES:
+        if self.max_frames is not None and (not is_int(self.max_frames) or self.max_frames < MIN_FRAMES):
             raise SettingsError(
                 f"--frames {self.max_frames!r} is too small — use at least {MIN_FRAMES} "
                 f"(a 4k+1 count such as 49)"
@@ -90,6 +93,10 @@ class FrameSettings:
                 )
         if self.fit not in FITS:
             raise SettingsError(f"--fit {self.fit!r} is invalid — use {', '.join(FITS)}")
+        if self.fps is not None and not (isinstance(self.fps, int | float) and 0 < self.fps <= 240):
+            raise SettingsError(f"--fps {self.fps!r} is invalid — use a frame rate above 0, such as 8")
+        if self.fps is not None and self.stride is not None:
+            raise SettingsError("give --fps or --stride, not both (each sets which frames are read)")
 
 
 @dataclass(frozen=True)
@@ -109,27 +116,49 @@ def _largest_4k1(count: int) -> int:
     return (count - 1) // 4 * 4 + 1 if count >= 1 else 0
 
 
-def select_frame_indices(num_frames: int, settings: FrameSettings) -> list[int]:
-    """Pure function: which source frames to use, in order."""
+def _at_rate(start: int, end: int, fps: float | None, source_fps: float | None) -> range | list[int]:
+    """The frames of [start, end) read at `fps` (every source_fps/fps-th, rounded); all of them
+    when no rate is asked for or the source is slower."""
+    if fps is None or not source_fps or source_fps <= fps:
+        return range(start, end)
+    step = source_fps / fps
+    return [start + round(k * step) for k in range(math.ceil((end - start) / step)) if start + round(k * step) < end]
+
+
+def output_frames(indices: list[int]) -> int:
+    """The real frames of a selection: the repeats `select_frame_indices` pads with are not."""
+    n = len(indices)
+    while n > 1 and indices[n - 1] == indices[n - 2]:
+        n -= 1
+    return n
+
+
+def select_frame_indices(num_frames: int, settings: FrameSettings, source_fps: float | None = None) -> list[int]:
+    """Pure function: which source frames to use, in order. With `settings.fps` (and the source's
+    `source_fps`) the frames are first taken at that rate; `max_frames` None keeps them all,
+    the last one repeated up to a 4k+1 count (`output_frames` says how many are real)."""
     if num_frames < 1:
         raise VideoError(
             f"the video has {num_frames} frames — use a video with at least {MIN_FRAMES} frames"
         )
     start = min(settings.skip_start, num_frames)
     end = max(start, num_frames - settings.skip_end)
-    kept = end - start
+    candidates = _at_rate(start, end, settings.fps, source_fps)
+    kept = len(candidates)
     # Aim straight at a 4k+1 cap so an even spread still reaches the end of the kept range
     # (spreading max_frames and then trimming to 4k+1 would cut off the tail instead).
-    cap = _largest_4k1(settings.max_frames)
+    cap = _largest_4k1(settings.max_frames) if settings.max_frames is not None else None
 
     if settings.stride is not None:
         indices = list(range(start, end, settings.stride))[:cap]
-    elif kept > cap:
-        # round(linspace(start, end - 1, cap)) in exact integer arithmetic (round half up).
+    elif cap is not None and kept > cap:
+        # round(linspace(0, kept - 1, cap)) in exact integer arithmetic (round half up).
         span, steps = kept - 1, cap - 1
-        indices = [start + (2 * i * span + steps) // (2 * steps) for i in range(cap)]
+        indices = [candidates[(2 * i * span + steps) // (2 * steps)] for i in range(cap)]
     else:
-        indices = list(range(start, end))
+        indices = list(candidates)
+    if cap is None and len(indices) >= MIN_FRAMES:
+        return indices + indices[-1:] * ((1 - len(indices)) % 4)
 
     usable = _largest_4k1(len(indices))
     if usable < MIN_FRAMES:
@@ -438,7 +467,7 @@ def read_frames(path: str | os.PathLike, settings: FrameSettings) -> tuple[torch
     with _Worker(shown) as worker, tempfile.TemporaryDirectory(prefix="cogedit-frames-") as tmp:
         info = _probe(worker, file, shown)
         try:
-            indices = select_frame_indices(info.num_frames, settings)
+            indices = select_frame_indices(info.num_frames, settings, info.fps)
         except VideoError as exc:
             raise VideoError(f"{shown}: {exc}") from None
 
