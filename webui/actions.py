@@ -116,7 +116,7 @@ class Actions:
     def model_info(self) -> ModelInfo:
         return inspect_model(self.cfg.model)
 
-    @_with_errors
+    @_with_errors(1)
     def on_every(self, source: str | None, every: bool) -> str:
         """With "every frame" ticked and a clip chosen: its frames at the model's rate, their windows and the predicted time."""
         if not every or not source:
