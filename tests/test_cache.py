@@ -314,6 +314,30 @@ def test_atomic_write_syncs_the_file_before_the_rename_and_the_folder_after(tmp_
     assert events == [("fsync", inode, False), ("replace", inode, target), ("fsync", folder, True)]
 
 
+def test_a_write_in_progress_lies_beside_its_target_where_verify_and_cleanup_look(layout, monkeypatch):
+    """What a kill -9 mid-write leaves: a hidden temp file in the target's own folder (the rename
+    is atomic only within one filesystem: across two it fails with EXDEV), which `cache verify`
+    reports and the next run's cleanup removes; one left anywhere else neither would find."""
+    from cache.atomic import TMP_MARK, remove_temp_files
+
+    _make_entry(layout, ID_A)
+    target = layout.entry(ID_A).step_file(1)
+    seen = {}
+
+    def at_the_kill_point(point: str) -> None:
+        seen["temps"] = [p for p in layout.root.rglob("*") if TMP_MARK in p.name]
+        seen["problems"] = verify(layout)
+
+    monkeypatch.setattr(cache.atomic, "maybe_die", at_the_kill_point)
+    save_tensors(target, {"latent": torch.zeros(64)})
+    [temp] = seen["temps"]
+    assert temp.parent == target.parent and temp.name.startswith(f".{target.name}")
+    assert [(p.file, "leftover temporary file" in p.reason) for p in seen["problems"]] == [(f"trajectory/{temp.name}", True)]
+    temp.write_bytes(b"half")  # the killed writer's leftover, at the same place
+    remove_temp_files(layout.entry(ID_A).dir)
+    assert not temp.exists() and target.is_file()
+
+
 @pytest.mark.parametrize("code", sorted({errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}))
 def test_disk_full_during_write(tmp_path, monkeypatch, code):
     target = tmp_path / "f.bin"

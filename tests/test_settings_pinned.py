@@ -1,0 +1,359 @@
+"""Every setting pinned by property: two settings share an inversion id, an edit's file names, a
+batch's inversion, exactly when they give the same result; every CLI and web-app default is the
+engine's; the web app's folder check holds for any path. No model runs: ids and names are pure
+functions of the settings.
+
+"The same result" is written here from the documented rules, not read from the code:
+- inversion: guidance counts only with CFG in effect (guidance > 1 and a negative prompt other
+  than the source prompt: u + w(c - u) = u when c = u); fixed-point's refinements count (default
+  1); frame requests count by the frames they pick; offloading and sliced MLPs do not, 8/4-bit
+  weights, the dtype, compiling and fp8 do.
+- edit: the negative prompt counts only with CFG (guidance > 1), the seed only with --init random,
+  the injection's window, layers and reference only at strength > 0; the batch size, output
+  folder, fps and the other file options never.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+
+from cache.keys import stable_hash
+from engine.models.components import Runtime
+from engine.models.model_info import inspect_model
+from engine.models.plans import PLANS
+from engine.options import EditOptions, InvertOptions, names
+from engine.stages.decode import output_paths
+from engine.stages.settings import parse_layers, parse_window
+from engine.video.reader import FrameSettings, select_frame_indices
+from engine.workflow import _edit_settings, _invert_settings, edit_stem, inversion_identity
+
+PROPERTY = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+CLIP_FRAMES = 250  # a long clip: frame requests pick different frames
+SOURCE = "a rabbit in a meadow"  # the inversion's source prompt, for --negative-from-source
+# What each plan does to the weights (the rest is where they live, which changes no number).
+WEIGHTS = {"staged": "bf16", "lean": "bf16", "offload": "bf16", "int8": "int8", "nf4": "nf4"}
+
+
+@pytest.fixture(scope="module")
+def info(tiny_model):
+    return inspect_model(tiny_model)
+
+
+def _runtime(r: dict) -> Runtime:
+    # Built directly: the int8 and nf4 plans need a CUDA GPU to run, not to be named.
+    return Runtime("cpu", r["dtype"], PLANS[r["plan"]], compile=r["compile"], fp8=r["fp8"])
+
+
+runtimes = st.fixed_dictionaries({
+    "dtype": st.sampled_from([torch.float32, torch.bfloat16]),
+    "plan": st.sampled_from(list(WEIGHTS)),
+    "compile": st.booleans(),
+    "fp8": st.booleans(),
+})
+
+
+def _effective_runtime(r: dict) -> tuple:
+    return r["dtype"], WEIGHTS[r["plan"]], r["compile"], r["fp8"]
+
+
+@st.composite
+def near(draw, options: st.SearchStrategy[dict], fix=lambda o: o) -> tuple[dict, dict]:
+    """Two settings, the second the first with one to three fields changed or left out: random
+    pairs alone would almost never differ only in a setting without effect."""
+    a, other = draw(options), draw(options)
+    changed = draw(st.sets(st.sampled_from(sorted(set(a) | set(other) | {"guidance"})), min_size=1, max_size=3))
+    b = {k: v for k, v in a.items() if k not in changed} | {k: v for k, v in other.items() if k in changed}
+    return fix(a), fix(b)
+
+
+# ------------------------------------------------------------------------------ inversions
+
+prompts = st.sampled_from(["", SOURCE, "blurry, low quality"])
+invert_options = st.fixed_dictionaries({}, optional={
+    "steps": st.sampled_from([4, 5]),
+    "source_prompt": prompts,
+    "negative_prompt": prompts,
+    "guidance": st.sampled_from([1.0, 4.5, 6.0]),
+    "frames": st.sampled_from([9, 12, 13]),
+    "skip_start": st.sampled_from([0, 1]),
+    "skip_end": st.sampled_from([0, 2]),
+    "stride": st.sampled_from([None, 1, 2]),
+    "height": st.sampled_from([96, 112]),
+    "width": st.sampled_from([160, 176]),
+    "fit": st.sampled_from(["stretch", "crop", "pad"]),
+}).flatmap(lambda o: st.sampled_from([{}, {"inversion": "ddim"}, {"inversion": "fixed-point"}, *({"inversion": "fixed-point", "inversion_iters": n} for n in (1, 2, 3))]).map(lambda m: {**o, **m}))
+
+
+def _refined_only_by_fixed_point(o: dict) -> dict:
+    return {**o, "inversion": "fixed-point"} if o.get("inversion_iters") else o  # iterations with ddim are refused
+
+
+def inversion_id(info, options: dict, runtime: dict, video: str = "a" * 64) -> str:
+    frames, invert = _invert_settings(InvertOptions(**options))
+    return stable_hash(inversion_identity(video, frames, select_frame_indices(CLIP_FRAMES, frames), info, _runtime(runtime), invert))
+
+
+def effective_inversion(options: dict, runtime: dict) -> tuple:
+    o = InvertOptions(**options)
+    cfg = o.guidance > 1 and o.negative_prompt != o.source_prompt
+    iters = (o.inversion_iters or 1) if o.inversion == "fixed-point" else 0
+    picked = tuple(select_frame_indices(CLIP_FRAMES, FrameSettings(o.frames, o.skip_start, o.skip_end, o.stride, o.height, o.width, o.fit)))
+    return (picked, o.height, o.width, o.fit, o.steps, o.source_prompt, (o.negative_prompt, o.guidance) if cfg else None, o.inversion, iters, *_effective_runtime(runtime))
+
+
+@PROPERTY
+@given(pair=st.one_of(near(invert_options, _refined_only_by_fixed_point), st.tuples(invert_options, invert_options)), runtime=near(runtimes))
+def test_two_inversions_share_an_id_exactly_when_they_give_the_same_trajectory(info, pair, runtime):
+    (a, b), (ra, rb) = pair, runtime
+    same = effective_inversion(a, ra) == effective_inversion(b, rb)
+    event(f"same trajectory: {same}")  # --hypothesis-show-statistics: both kinds of pair come up
+    assert (inversion_id(info, a, ra) == inversion_id(info, b, rb)) == same, (a, ra, b, rb)
+
+
+@pytest.mark.parametrize("iters", [(None, 2), (1, 3), (2, 3)])
+def test_fixed_point_refinements_count_in_the_id(info, iters):
+    runtime = {"dtype": torch.float32, "plan": "staged", "compile": False, "fp8": False}
+    a, b = ({"inversion": "fixed-point", "inversion_iters": n} for n in iters)
+    assert inversion_id(info, a, runtime) != inversion_id(info, b, runtime)
+
+
+# ------------------------------------------------------------------------------ edits
+
+windows = st.sampled_from(["0:1", (0.0, 1.0), "0:0.6", (0.0, 0.6), "0.2:0.8"])
+layer_sets = st.sampled_from([None, "all", "0", (0,), "0-1", (0, 1), "1"])
+edit_options = st.fixed_dictionaries({}, optional={
+    "negative_prompt": st.sampled_from(["", "blurry", SOURCE]),
+    "negative_from_source": st.booleans(),
+    "guidance": st.sampled_from([1.0, 4.5, 6.0]),
+    "init": st.sampled_from(["inverted", "random"]),
+    "seed": st.sampled_from([0, 1, 7]),
+    "inject_steps": windows,
+    "inject_layers": layer_sets,
+    "inject_strength": st.sampled_from([0.0, 0.5, 1.0]),
+    "reference": st.sampled_from(["shared", "per-half", "stored"]),
+    "batch": st.sampled_from([1, 4]),
+    "fps": st.sampled_from([None, 8.0]),
+    "out_dir": st.sampled_from([".", "elsewhere"]),
+    "force": st.booleans(),
+    "gpus": st.sampled_from([1, 2]),
+})
+
+
+def _one_negative(o: dict) -> dict:
+    return {**o, "negative_prompt": ""} if o.get("negative_from_source") else o  # the two together are refused
+
+
+
+masks = st.sampled_from([None, "a" * 16, "b" * 16])  # a mask's digest (engine.video.masks.Mask.digest)
+
+
+def _layers(value) -> tuple | None:
+    layers = parse_layers(value) if isinstance(value, str) else value
+    return None if layers is None else tuple(sorted(layers))
+
+
+def effective_edit(options: dict, mask: str | None, runtime: dict) -> tuple:
+    o = EditOptions(**options)
+    negative = (SOURCE if o.negative_from_source else o.negative_prompt) if o.guidance > 1 else None
+    window = parse_window(o.inject_steps) if isinstance(o.inject_steps, str) else tuple(o.inject_steps)
+    inject = (window, _layers(o.inject_layers), o.inject_strength, o.reference) if o.inject_strength > 0 else None
+    # The dtype is the inversion's (an edit refuses another), so its id, the names' first part, holds it.
+    return o.guidance, negative, o.init, o.seed if o.init == "random" else None, inject, mask, *_effective_runtime(runtime)[1:]
+
+
+def edit_names(info, options: dict, mask: str | None, runtime: dict, out: Path) -> list[str]:
+    settings = dataclasses.replace(_edit_settings(EditOptions(**options), ("a watercolor painting",), info, SOURCE), mask=mask)
+    videos, pairs = output_paths(edit_stem("f" * 32, settings, _runtime(runtime)), settings.prompts, out, force=True)
+    return [p.name for p in videos + pairs]
+
+
+@PROPERTY
+@given(pair=st.one_of(near(edit_options, _one_negative), st.tuples(edit_options, edit_options).map(lambda p: tuple(map(_one_negative, p)))),
+       mask=st.one_of(masks.map(lambda m: (m, m)), st.tuples(masks, masks)), runtime=near(runtimes))
+def test_two_edits_share_file_names_exactly_when_they_render_the_same_pixels(info, tmp_path, pair, mask, runtime):
+    (a, b), (ma, mb), (ra, rb) = pair, mask, runtime
+    same = effective_edit(a, ma, ra) == effective_edit(b, mb, rb)
+    event(f"same pixels: {same}")
+    named_a, named_b = edit_names(info, a, ma, ra, tmp_path), edit_names(info, b, mb, rb, tmp_path)
+    assert (named_a == named_b) == same, (a, ma, ra, b, mb, rb)
+    assert all(x != y for x, y in zip(named_a, named_b)) or same  # every file of the two is renamed, not only the first
+
+
+# ------------------------------------------------------------------------------ batches
+
+job_invert = st.fixed_dictionaries({}, optional={
+    "steps": st.sampled_from([4, 50]),  # 50: the default, typed out
+    "source_prompt": st.sampled_from(["", SOURCE]),
+    "inversion": st.sampled_from(["ddim", "fixed-point"]),
+    "frames": st.sampled_from([9, 49]),
+})
+
+
+@settings(max_examples=60, deadline=None)
+@given(tables=st.lists(st.tuples(st.sampled_from(["a.mp4", "b.mp4"]), st.sampled_from(["m1", "m2"]), job_invert), min_size=1, max_size=6))
+def test_a_batch_inverts_once_per_distinct_inversion(tables):
+    from engine.jobs.batch import Job, plan_units
+
+    jobs = [Job(f"job{n}", video, ("a watercolor painting",), model, invert) for n, (video, model, invert) in enumerate(tables)]
+    inversions = [u for u in plan_units(jobs) if u.kind == "invert"]
+    which = {job.name: n for n, u in enumerate(inversions) for job in u.jobs}
+    assert sorted(which) == sorted(j.name for j in jobs)  # every job's inversion is planned, once
+
+    def same(x: Job, y: Job) -> bool:
+        return (x.video, x.model, InvertOptions(**x.invert)) == (y.video, y.model, InvertOptions(**y.invert))
+
+    for x in jobs:
+        for y in jobs:
+            assert (which[x.name] == which[y.name]) == same(x, y), (x, y)
+
+
+# ------------------------------------------------------------------------------ defaults
+
+# The engine option a CLI parameter sets, where the names differ.
+OPTION_OF = {"compile_blocks": "compile", "invert_guidance": "guidance", "invert_negative_prompt": "negative_prompt"}
+# Options with no flag of that command, and why.
+NOT_A_FLAG = {
+    "invert": {},
+    "edit": {"output": "a Python return value", "skip_existing": "the batch's", "dtype": "the inversion's"},
+    "run": {"output": "a Python return value", "skip_existing": "the batch's"},
+}
+
+
+def _normal(option: str, value):
+    """A default as the engine reads it: windows and layers typed as text are parsed."""
+    if option in ("inject_steps", "attention_steps") and isinstance(value, str):
+        return parse_window(value)
+    if option in ("inject_layers", "attention_layers") and isinstance(value, str):
+        return parse_layers(value)
+    return value
+
+
+def _engine_default(command: str, param: str) -> tuple[str | None, object]:
+    """The engine option `param` of `cogedit command` sets, and its default there (None, None: no option)."""
+    option = OPTION_OF.get(param, param)
+    classes = {"invert": [InvertOptions], "edit": [EditOptions], "run": [EditOptions, InvertOptions]}[command]
+    if command == "run" and param.startswith("invert_"):
+        classes = [InvertOptions]
+    for cls in classes:
+        if option in names(cls):
+            return option, {f.name: f.default for f in dataclasses.fields(cls)}[option]
+    return None, None
+
+
+# What each command needs typed for click to parse it; every option is then at its default.
+REQUIRED = {"invert": ["clip.mp4", "--model", "m"], "edit": ["abc"], "run": ["clip.mp4", "--model", "m"]}
+
+
+@pytest.mark.parametrize("command", ["invert", "edit", "run"])
+def test_every_cli_default_is_the_engines(command):
+    from cli import cli
+
+    cmd = cli.commands[command]
+    parsed = cmd.make_context(command, list(REQUIRED[command])).params  # the values the command's function gets
+    seen = set()
+    for param in cmd.params:
+        option, default = _engine_default(command, param.name)
+        if option is None or param.required:
+            continue
+        seen.add(option)
+        assert _normal(option, parsed[param.name]) == _normal(option, default), f"cogedit {command} {param.opts[0]}: {parsed[param.name]!r}, engine {default!r}"
+    options = names(InvertOptions) if command == "invert" else names(EditOptions) | (names(InvertOptions) if command == "run" else set())
+    required = {OPTION_OF.get(p.name, p.name) for p in cmd.params if p.required}
+    assert options - seen - required == set(NOT_A_FLAG[command]), options - seen
+
+
+def test_the_plan_commands_sizes_are_the_engines():
+    from cli import cli
+
+    defaults = {p.name: p.default for p in cli.commands["plan"].params}
+    o = InvertOptions()
+    assert (defaults["frames"], defaults["height"], defaults["width"]) == (o.frames, o.height, o.width)
+
+
+# The option each web-app widget sets, and how the handler turns the widget's value into it.
+WEB_INVERT = {
+    "source_prompt": "source_prompt", "frames": "frames", "height": "height", "width": "width", "steps": "steps", "fit": "fit", "method": "inversion",
+    "guidance": "guidance", "verify": "verify",
+}
+WEB_EDIT = {
+    "inject_steps": "inject_steps", "inject_layers": "inject_layers", "strength": "inject_strength", "guidance": "guidance", "negative": "negative_prompt",
+    "negative_source": "negative_from_source", "init": "init", "seed": "seed", "reference": "reference",
+}
+
+
+def test_every_web_app_default_is_the_engines(tiny_model, tmp_path):
+    import gradio as gr
+
+    from webui.actions import app_config
+    from webui.app import _edit_tab, _invert_tab
+    from webui.folders import Folders
+
+    cfg = app_config(str(tiny_model), Folders.make(tmp_path / "cache", tmp_path / "uploads"))
+    with gr.Blocks():
+        inv, ed = _invert_tab(cfg.invert_defaults), _edit_tab(cfg.prompts)
+    o, e = InvertOptions(), EditOptions()
+    for widgets, opts, table in ((inv, o, WEB_INVERT), (ed, e, WEB_EDIT)):
+        for widget, option in table.items():
+            assert _normal(option, getattr(widgets, widget).value) == _normal(option, getattr(opts, option)), f"{widget}: {getattr(widgets, widget).value!r}, engine {getattr(opts, option)!r}"
+    assert inv.plan.value == "auto" and o.plan is None  # auto: no plan given, the engine picks
+    assert ed.mask_box.value == "" and e.mask_box is None  # empty: the handler passes no box
+
+
+# ------------------------------------------------------------------------------ the web app's folders
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory):
+    """root/{cache, cache-old, uploads, uploads2, outside}, with links in and out of the two folders."""
+    from webui.folders import Folders
+
+    root = tmp_path_factory.mktemp("tree")
+    folders = Folders.make(root / "cache", root / "uploads")
+    for d in ("cache-old", "uploads2", "outside", "cache/inversions"):
+        (root / d).mkdir(parents=True, exist_ok=True)
+    for d in ("cache", "cache-old", "uploads", "uploads2", "outside"):
+        (root / d / "x.mp4").write_bytes(b"x")
+        (root / d / "out").symlink_to(root / "outside")  # a link leaving the folder
+        (root / d / "in").symlink_to(root / "uploads")  # a link into an allowed folder
+    return root, folders
+
+
+segments = st.lists(st.sampled_from(["cache", "cache-old", "uploads", "uploads2", "outside", "inversions", "out", "in", "..", ".", "x.mp4"]), min_size=1, max_size=5)
+
+
+def _inside(path: str, root: Path) -> bool:
+    """Independently of webui.folders: the real path, compared component by component."""
+    real = Path(os.path.realpath(path)).parts
+    return any(real[: len(allowed.parts)] == allowed.parts for allowed in (Path(os.path.realpath(root / "cache")), Path(os.path.realpath(root / "uploads"))))
+
+
+@settings(max_examples=300, deadline=None)
+@given(parts=segments)
+def test_the_folder_check_accepts_exactly_the_paths_inside_the_two_folders(tree, parts):
+    from engine.errors import SettingsError
+
+    root, folders = tree
+    path = os.path.join(root, *parts)
+    if _inside(path, root):
+        assert folders.check(path) == Path(os.path.realpath(path))
+    else:
+        with pytest.raises(SettingsError, match="is outside the cache and uploads folders"):
+            folders.check(path)
+
+
+def test_a_sibling_folder_whose_name_starts_like_the_cache_is_outside(tree):
+    from engine.errors import SettingsError
+
+    root, folders = tree
+    for sibling in ("cache-old/x.mp4", "uploads2/x.mp4", "cache/../cache-old/x.mp4", "cache/out/x.mp4"):
+        with pytest.raises(SettingsError, match="is outside"):
+            folders.check(root / sibling)
+    assert folders.check(root / "cache" / "in" / "x.mp4") == root.resolve() / "uploads" / "x.mp4"
+
