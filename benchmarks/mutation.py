@@ -1,0 +1,160 @@
+"""Mutation testing of the modules where a wrong line is a wrong result a user sees: the cache, the
+web app's folder check, masks, hooks and stages. Long (hours for all of them on 2 cores): not in CI.
+
+    python benchmarks/mutation.py                 # every module, then benchmarks/results/MUTATION.md
+    python benchmarks/mutation.py cache folders   # some modules (the others keep their last results)
+    python benchmarks/mutation.py --report        # MUTATION.md from the results on disk
+
+Each module runs mutmut 3 (configured in pyproject.toml's [tool.mutmut]) in a scratch copy of the
+working tree, `.mutation/<module>/`, mutating that module only and running only the tests that
+exercise it (below; mutmut then runs, per mutant, those of them that call the mutated function).
+Results land in benchmarks/results/mutation/<module>.json: every mutant's status and each
+survivor's diff. A survivor is either killed by a new test or listed in EQUIVALENT with the reason
+it cannot change behaviour; MUTATION.md counts both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+SCRATCH = ROOT / ".mutation"
+
+# module -> (the files mutated, as only_mutate globs; the tests that exercise them)
+MODULES: dict[str, tuple[list[str], list[str]]] = {
+    "folders": (["webui/folders.py"], ["tests/test_settings_pinned.py", "tests/test_webui.py::test_only_the_cache_and_the_uploads_folder_are_reachable"]),
+    "cache": (["cache/*"], ["tests/test_cache.py", "tests/test_settings_pinned.py"]),
+    "masks": (["engine/video/masks.py"], ["tests/test_masks.py"]),
+    "hooks": (["engine/hooks/*"], ["tests/test_injection.py", "tests/test_row_groups.py", "tests/test_attention_store.py"]),
+    "stages": (
+        ["engine/stages/*"],
+        ["tests/test_settings_pinned.py", "tests/test_structure.py", "tests/test_inversion.py", "tests/test_fixed_point.py", "tests/test_verify.py", "tests/test_injection.py"],
+    ),
+}
+
+# Survivors that cannot change behaviour: mutant name -> why. Checked against each run: an entry
+# whose mutant no longer survives is reported as stale.
+EQUIVALENT: dict[str, str] = {}
+
+
+def _tree_files() -> list[str]:
+    out = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, check=True, capture_output=True, text=True).stdout
+    return [f for f in out.splitlines() if (ROOT / f).is_file()]
+
+
+def _scratch(module: str) -> Path:
+    """A copy of the working tree whose pyproject mutates `module` only, with its tests."""
+    where = SCRATCH / module
+    shutil.rmtree(where, ignore_errors=True)
+    for f in _tree_files():
+        (where / f).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / f, where / f)
+    globs, tests = MODULES[module]
+    text = (where / "pyproject.toml").read_text()
+    own = "\n".join([f"only_mutate = {json.dumps(globs)}", f"pytest_add_cli_args_test_selection = {json.dumps(tests)}"])
+    (where / "pyproject.toml").write_text(re.sub(r"^only_mutate = .*$\n^pytest_add_cli_args_test_selection = .*$", lambda _: own, text, flags=re.M))
+    if own not in (where / "pyproject.toml").read_text():
+        raise SystemExit("pyproject.toml's [tool.mutmut] must keep only_mutate and pytest_add_cli_args_test_selection on one line each, in that order")
+    return where
+
+
+def _mutmut(where: Path, *args: str, check: bool = True) -> str:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
+    done = subprocess.run(["nice", "-n", "10", sys.executable, "-m", "mutmut", *args], cwd=where, env=env, capture_output=True, text=True)
+    if check and done.returncode != 0:
+        raise SystemExit(f"mutmut {' '.join(args)} failed in {where}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    return done.stdout
+
+
+def run_module(module: str, children: int) -> dict:
+    where = _scratch(module)
+    start = time.perf_counter()
+    _mutmut(where, "run", "--max-children", str(children), check=False)
+    seconds = time.perf_counter() - start
+    statuses = dict(re.findall(r"^\s+(\S+): (.+)$", _mutmut(where, "results", "--all", "true"), flags=re.M))
+    if not statuses:
+        raise SystemExit(f"mutmut ran no mutant of {module}: see {where}/mutants")
+    survivors = {name: _mutmut(where, "show", name) for name, status in statuses.items() if status != "killed"}
+    result = {"module": module, "files": MODULES[module][0], "tests": MODULES[module][1], "seconds": round(seconds), "statuses": statuses, "survivors": survivors}
+    out = RESULTS / "mutation" / f"{module}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+def _versions() -> str:
+    import hypothesis
+    import mutmut
+    import pytest
+
+    return f"mutmut {mutmut.__version__}, pytest {pytest.__version__}, hypothesis {hypothesis.__version__}, Python {platform.python_version()}"
+
+
+def report() -> str:
+    """MUTATION.md from every module's results on disk."""
+    lines = [
+        "# Mutation testing",
+        "",
+        f"`python benchmarks/mutation.py` (mutmut, [tool.mutmut] in pyproject.toml), {datetime.now(timezone.utc):%Y-%m-%d}; {_versions()};",
+        f"{platform.machine()} {platform.system()}, {os.cpu_count()} cores (shared), `nice -n 10`. Killed = a selected test failed or timed out;",
+        "survived includes mutants no selected test reaches (mutmut's 'no tests').",
+        "",
+        "| module | files | mutants | killed | survived | equivalent | killed or equivalent | minutes |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    details = []
+    totals = [0, 0, 0, 0]
+    for module in MODULES:
+        path = RESULTS / "mutation" / f"{module}.json"
+        if not path.exists():
+            lines.append(f"| {module} | {', '.join(MODULES[module][0])} | not run | | | | | |")
+            continue
+        r = json.loads(path.read_text())
+        n = len(r["statuses"])
+        killed = sum(s == "killed" for s in r["statuses"].values())
+        equivalent = [m for m in r["survivors"] if m in EQUIVALENT]
+        survived = n - killed
+        share = (killed + len(equivalent)) / n
+        totals = [totals[0] + n, totals[1] + killed, totals[2] + survived, totals[3] + len(equivalent)]
+        lines.append(f"| {module} | {', '.join(r['files'])} | {n} | {killed} | {survived} | {len(equivalent)} | {share:.1%} | {r['seconds'] / 60:.0f} |")
+        for name, diff in r["survivors"].items():
+            why = EQUIVALENT.get(name, f"**not killed** ({r['statuses'][name]})")
+            details += [f"### {name}", "", why, "", "```diff", diff.strip(), "```", ""]
+    if totals[0]:
+        lines.append(f"| all | | {totals[0]} | {totals[1]} | {totals[2]} | {totals[3]} | {(totals[1] + totals[3]) / totals[0]:.1%} | |")
+    stale = sorted(set(EQUIVALENT) - {m for p in (RESULTS / "mutation").glob("*.json") for m in json.loads(p.read_text())["survivors"]})
+    if stale:
+        lines += ["", f"Stale EQUIVALENT entries (their mutants no longer survive): {', '.join(stale)}"]
+    return "\n".join(lines + ["", "## Survivors", "", *details]) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("modules", nargs="*", help=f"modules to run: {', '.join(MODULES)} (default: all)")
+    parser.add_argument("--report", action="store_true", help="only write MUTATION.md from the results on disk")
+    parser.add_argument("--children", type=int, default=2, help="mutants tested at once")
+    args = parser.parse_args()
+    unknown = sorted(set(args.modules) - set(MODULES))
+    if unknown:
+        parser.error(f"unknown module(s) {', '.join(unknown)}; the modules are {', '.join(MODULES)}")
+    if not args.report:
+        for module in args.modules or MODULES:
+            r = run_module(module, args.children)
+            print(f"{module}: {len(r['statuses'])} mutants, {len(r['survivors'])} not killed, {r['seconds']} s", flush=True)
+    (RESULTS / "MUTATION.md").write_text(report())
+    print(RESULTS / "MUTATION.md")
+
+
+if __name__ == "__main__":
+    main()
