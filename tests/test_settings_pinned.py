@@ -16,7 +16,9 @@ functions of the settings.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -85,22 +87,35 @@ def pairs(fields: dict[str, st.SearchStrategy], fix=lambda o: o) -> st.SearchStr
 
 # ------------------------------------------------------------------------------ inversions
 
-prompts = st.sampled_from(["", SOURCE, "blurry, low quality"])
-INVERT = {
-    "steps": st.sampled_from([4, 5]),
-    "source_prompt": prompts,
-    "negative_prompt": prompts,
-    "guidance": st.sampled_from([1.0, 4.5, 6.0]),
-    "frames": st.sampled_from([9, 12, 13]),
-    "skip_start": st.sampled_from([0, 1]),
-    "skip_end": st.sampled_from([0, 2]),
-    "stride": st.sampled_from([None, 1, 2]),
-    "height": st.sampled_from([96, 112]),
-    "width": st.sampled_from([160, 176]),
-    "fit": st.sampled_from(["stretch", "crop", "pad"]),
-    "inversion": st.sampled_from(["ddim", "fixed-point"]),
-    "inversion_iters": st.sampled_from([None, 1, 2, 3]),
+PROMPTS = ["", SOURCE, "blurry, low quality"]
+INVERT_VALUES = {
+    "steps": [4, 5],
+    "source_prompt": PROMPTS,
+    "negative_prompt": PROMPTS,
+    "guidance": [1.0, 4.5, 6.0],
+    "frames": [9, 12, 13],
+    "skip_start": [0, 1],
+    "skip_end": [0, 2],
+    "stride": [None, 1, 2],
+    "height": [96, 112],
+    "width": [160, 176],
+    "fit": ["stretch", "crop", "pad"],
+    "inversion": ["ddim", "fixed-point"],
+    "inversion_iters": [None, 1, 2, 3],
 }
+INVERT = {k: st.sampled_from(v) for k, v in INVERT_VALUES.items()}
+# The settings that decide whether another one counts.
+INVERT_CONTEXTS = [
+    dict(guidance=g, source_prompt=s, negative_prompt=n, inversion=m, inversion_iters=i)
+    for g, s, n, m, i in itertools.product([1.0, 6.0], ["", SOURCE], PROMPTS, ["ddim", "fixed-point"], [None, 2])
+]
+DEFAULT_RUNTIME = {"dtype": torch.float32, "plan": "staged", "compile": False, "fp8": False}
+
+
+def one_change(values: dict[str, list], contexts: list[dict], fix) -> list[tuple[dict, dict]]:
+    """Every setting changed alone to every value, from every context: the pairs a random search
+    reaches least often (a setting changed where it has no effect), swept whole."""
+    return [(fix(base), fix({**base, field: v})) for base in contexts for field, vals in values.items() for v in vals]
 
 
 def _refined_only_by_fixed_point(o: dict) -> dict:
@@ -129,38 +144,46 @@ def test_two_inversions_share_an_id_exactly_when_they_give_the_same_trajectory(i
     assert (inversion_id(info, a, ra) == inversion_id(info, b, rb)) == same, (a, ra, b, rb)
 
 
+def test_each_inversion_setting_changed_alone_changes_the_id_exactly_when_it_counts(info):
+    rt = DEFAULT_RUNTIME
+    wrong = [(a, b) for a, b in one_change(INVERT_VALUES, INVERT_CONTEXTS, _refined_only_by_fixed_point)
+             if (inversion_id(info, a, rt) == inversion_id(info, b, rt)) != (effective_inversion(a, rt) == effective_inversion(b, rt))]
+    assert not wrong, wrong[:3]
+
+
 @pytest.mark.parametrize("iters", [(None, 2), (1, 3), (2, 3)])
 def test_fixed_point_refinements_count_in_the_id(info, iters):
-    runtime = {"dtype": torch.float32, "plan": "staged", "compile": False, "fp8": False}
     a, b = ({"inversion": "fixed-point", "inversion_iters": n} for n in iters)
-    assert inversion_id(info, a, runtime) != inversion_id(info, b, runtime)
+    assert inversion_id(info, a, DEFAULT_RUNTIME) != inversion_id(info, b, DEFAULT_RUNTIME)
 
 
 # ------------------------------------------------------------------------------ edits
 
-windows = st.sampled_from(["0:1", (0.0, 1.0), "0:0.6", (0.0, 0.6), "0.2:0.8"])
-layer_sets = st.sampled_from([None, "all", "0", (0,), "0-1", (0, 1), "1"])
-EDIT = {
-    "negative_prompt": st.sampled_from(["", "blurry", SOURCE]),
-    "negative_from_source": st.booleans(),
-    "guidance": st.sampled_from([1.0, 4.5, 6.0]),
-    "init": st.sampled_from(["inverted", "random"]),
-    "seed": st.sampled_from([0, 1, 7]),
-    "inject_steps": windows,
-    "inject_layers": layer_sets,
-    "inject_strength": st.sampled_from([0.0, 0.5, 1.0]),
-    "reference": st.sampled_from(["shared", "per-half", "stored"]),
-    "batch": st.sampled_from([1, 4]),
-    "fps": st.sampled_from([None, 8.0]),
-    "out_dir": st.sampled_from([".", "elsewhere"]),
-    "force": st.booleans(),
-    "gpus": st.sampled_from([1, 2]),
+EDIT_VALUES = {
+    "negative_prompt": ["", "blurry", SOURCE],
+    "negative_from_source": [False, True],
+    "guidance": [1.0, 4.5, 6.0],
+    "init": ["inverted", "random"],
+    "seed": [0, 1, 7],
+    "inject_steps": ["0:1", (0.0, 1.0), "0:0.6", (0.0, 0.6), "0.2:0.8"],
+    "inject_layers": [None, "all", "0", (0,), "0-1", (0, 1), "1"],
+    "inject_strength": [0.0, 0.5, 1.0],
+    "reference": ["shared", "per-half", "stored"],
+    "batch": [1, 4],
+    "fps": [None, 8.0],
+    "out_dir": [".", "elsewhere"],
+    "force": [False, True],
+    "gpus": [1, 2],
 }
+EDIT = {k: st.sampled_from(v) for k, v in EDIT_VALUES.items()}
+EDIT_CONTEXTS = [
+    dict(guidance=g, init=i, inject_strength=s, negative_from_source=nfs, negative_prompt=n)
+    for g, i, s, (nfs, n) in itertools.product([1.0, 6.0], ["inverted", "random"], [0.0, 1.0], [(False, ""), (False, "blurry"), (True, "")])
+]
 
 
 def _one_negative(o: dict) -> dict:
     return {**o, "negative_prompt": ""} if o.get("negative_from_source") else o  # the two together are refused
-
 
 
 masks = st.sampled_from([None, "a" * 16, "b" * 16])  # a mask's digest (engine.video.masks.Mask.digest)
@@ -180,9 +203,13 @@ def effective_edit(options: dict, mask: str | None, runtime: dict) -> tuple:
     return o.guidance, negative, o.init, o.seed if o.init == "random" else None, inject, mask, *_effective_runtime(runtime)[1:]
 
 
-def edit_names(info, options: dict, mask: str | None, runtime: dict, out: Path) -> list[str]:
+def _stem(info, options: dict, mask: str | None, runtime: dict) -> tuple[str, tuple[str, ...]]:
     settings = dataclasses.replace(_edit_settings(EditOptions(**options), ("a watercolor painting",), info, SOURCE), mask=mask)
-    videos, pairs = output_paths(edit_stem("f" * 32, settings, _runtime(runtime)), settings.prompts, out, force=True)
+    return edit_stem("f" * 32, settings, _runtime(runtime)), settings.prompts
+
+
+def edit_names(info, options: dict, mask: str | None, runtime: dict, out: Path) -> list[str]:
+    videos, pairs = output_paths(*_stem(info, options, mask, runtime), out, force=True)
     return [p.name for p in videos + pairs]
 
 
@@ -195,6 +222,13 @@ def test_two_edits_share_file_names_exactly_when_they_render_the_same_pixels(inf
     named_a, named_b = edit_names(info, a, ma, ra, tmp_path), edit_names(info, b, mb, rb, tmp_path)
     assert (named_a == named_b) == same, (a, ma, ra, b, mb, rb)
     assert all(x != y for x, y in zip(named_a, named_b)) or same  # every file of the two is renamed, not only the first
+
+
+def test_each_edit_setting_changed_alone_changes_the_names_exactly_when_it_counts(info):
+    rt = DEFAULT_RUNTIME
+    wrong = [(a, b) for a, b in one_change(EDIT_VALUES, EDIT_CONTEXTS, _one_negative)
+             if (_stem(info, a, None, rt) == _stem(info, b, None, rt)) != (effective_edit(a, None, rt) == effective_edit(b, None, rt))]
+    assert not wrong, wrong[:3]
 
 
 # ------------------------------------------------------------------------------ batches
@@ -368,3 +402,21 @@ def test_a_sibling_folder_whose_name_starts_like_the_cache_is_outside(tree):
             folders.check(root / sibling)
     assert folders.check(root / "cache" / "in" / "x.mp4") == root.resolve() / "uploads" / "x.mp4"
 
+
+
+def test_the_folders_are_made_where_asked_and_bundled_clips_copied_into_the_uploads(tmp_path):
+    from engine.errors import SettingsError
+    from engine.video.clips import CLIPS
+    from webui.folders import Folders
+
+    default = Folders.make(tmp_path / "c")
+    assert default.uploads == (tmp_path / "c" / "uploads").resolve() and default.uploads.is_dir()
+    nested = Folders.make(tmp_path / "c", tmp_path / "new" / "deep" / "uploads")  # again: both exist now for the cache
+    assert nested.uploads == (tmp_path / "new" / "deep" / "uploads").resolve() and nested.uploads.is_dir()
+    assert Folders.make(tmp_path / "c", tmp_path / "new" / "deep" / "uploads") == nested  # a second start finds them
+    shutil.rmtree(nested.uploads)  # removed while the app runs: a bundled clip still lands in place
+    first, second = (nested.bundled_clip(c.name) for c in CLIPS[:2])
+    assert [copy for copy, _ in (first, second)] == [nested.uploads / "clips" / c.path.name for c in CLIPS[:2]]
+    with pytest.raises(SettingsError) as err:
+        nested.bundled_clip("nope")
+    assert str(err.value) == f"no bundled clip is named 'nope'; pick one of {', '.join(c.name for c in CLIPS)}"
