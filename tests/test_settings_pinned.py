@@ -36,7 +36,9 @@ from engine.stages.settings import parse_layers, parse_window
 from engine.video.reader import FrameSettings, select_frame_indices
 from engine.workflow import _edit_settings, _invert_settings, edit_stem, inversion_identity
 
-PROPERTY = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+# benchmarks/mutation.py runs fewer examples: every mutant reruns them.
+SCALE = float(os.environ.get("COGEDIT_PROPERTY_SCALE", "1"))
+PROPERTY = settings(max_examples=int(400 * SCALE), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 CLIP_FRAMES = 250  # a long clip: frame requests pick different frames
 SOURCE = "a rabbit in a meadow"  # the inversion's source prompt, for --negative-from-source
 # What each plan does to the weights (the rest is where they live, which changes no number).
@@ -241,7 +243,7 @@ job_invert = st.fixed_dictionaries({}, optional={
 })
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=int(60 * SCALE), deadline=None)
 @given(tables=st.lists(st.tuples(st.sampled_from(["a.mp4", "b.mp4"]), st.sampled_from(["m1", "m2"]), job_invert), min_size=1, max_size=6))
 def test_a_batch_inverts_once_per_distinct_inversion(tables):
     from engine.jobs.batch import Job, plan_units
@@ -379,7 +381,7 @@ def _inside(path: str, root: Path) -> bool:
     return any(real[: len(allowed.parts)] == allowed.parts for allowed in (Path(os.path.realpath(root / "cache")), Path(os.path.realpath(root / "uploads"))))
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=int(300 * SCALE), deadline=None)
 @given(parts=segments)
 def test_the_folder_check_accepts_exactly_the_paths_inside_the_two_folders(tree, parts):
     from engine.errors import SettingsError
