@@ -44,6 +44,9 @@ MODULES: dict[str, tuple[list[str], list[str]]] = {
     ),
 }
 
+# A test failed, or ran past mutmut's time limit (an endless loop is caught so too).
+KILLED = ("killed", "timeout")
+
 # Survivors that cannot change behaviour: mutant name -> why. Checked against each run: an entry
 # whose mutant no longer survives is reported as stale.
 EQUIVALENT: dict[str, str] = {}
@@ -90,8 +93,11 @@ def run_module(module: str, children: int, minutes: float | None) -> dict:
     statuses = dict(re.findall(r"^\s+(\S+): (.+)$", _mutmut(where, "results", "--all", "true"), flags=re.M))
     if not statuses or all(s == "not checked" for s in statuses.values()):
         raise SystemExit(f"mutmut checked no mutant of {module}: run `python -m mutmut run` in {where} to see why")
-    survivors = {name: _mutmut(where, "show", name) for name, status in statuses.items() if status not in ("killed", "not checked")}
-    result = {"module": module, "files": MODULES[module][0], "tests": MODULES[module][1], "seconds": round(seconds), "statuses": statuses, "survivors": survivors}
+    survivors = {name: _mutmut(where, "show", name) for name, status in statuses.items() if status not in (*KILLED, "not checked")}
+    result = {
+        "module": module, "date": f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC", "files": MODULES[module][0], "tests": MODULES[module][1],
+        "seconds": round(seconds), "statuses": statuses, "survivors": survivors,
+    }
     out = RESULTS / "mutation" / f"{module}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
@@ -112,7 +118,7 @@ def report() -> str:
         "# Mutation testing",
         "",
         f"`python benchmarks/mutation.py` (mutmut, [tool.mutmut] in pyproject.toml), {datetime.now(timezone.utc):%Y-%m-%d}; {_versions()};",
-        f"{platform.machine()} {platform.system()}, {os.cpu_count()} cores (shared), `nice -n 10`. Killed = a selected test failed or timed out;",
+        f"{platform.machine()} {platform.system()}, {os.cpu_count()} cores (shared), `nice -n 10`. Killed: a selected test failed, or timed out;",
         "survived includes mutants no selected test reaches (mutmut's 'no tests').",
         "",
         "| module | files | mutants | not checked (time) | killed | survived | equivalent | killed or equivalent, of those checked | minutes |",
@@ -128,7 +134,7 @@ def report() -> str:
         r = json.loads(path.read_text())
         n = len(r["statuses"])
         unchecked = sum(s == "not checked" for s in r["statuses"].values())
-        killed = sum(s == "killed" for s in r["statuses"].values())
+        killed = sum(s in KILLED for s in r["statuses"].values())
         equivalent = [m for m in r["survivors"] if m in EQUIVALENT]
         survived = n - unchecked - killed
         share = (killed + len(equivalent)) / max(1, n - unchecked)
