@@ -112,8 +112,26 @@ def _versions() -> str:
     return f"mutmut {mutmut.__version__}, pytest {pytest.__version__}, hypothesis {hypothesis.__version__}, Python {platform.python_version()}"
 
 
+def _counts(statuses: dict[str, str], survivors: list[str]) -> tuple[int, int, int, int, int]:
+    """(mutants, not checked, killed, survived, equivalent)."""
+    n = len(statuses)
+    unchecked = sum(s == "not checked" for s in statuses.values())
+    killed = sum(s in KILLED for s in statuses.values())
+    return n, unchecked, killed, n - unchecked - killed, sum(m in EQUIVALENT for m in survivors)
+
+
+def _row(label: str, files: str, counts: tuple[int, ...], minutes: str = "") -> str:
+    n, unchecked, killed, survived, equivalent = counts
+    share = f"{(killed + equivalent) / (n - unchecked):.1%}" if n > unchecked else ""
+    return f"| {label} | {files} | {n} | {unchecked} | {killed} | {survived} | {equivalent} | {share} | {minutes} |"
+
+
+def _changed_lines(diff: str) -> str:
+    return " / ".join(" ".join(line.split()) for line in diff.splitlines() if line[:1] in "-+" and line[:3] not in ("---", "+++"))
+
+
 def report() -> str:
-    """MUTATION.md from every module's results on disk."""
+    """MUTATION.md from every module's results on disk: a row per module and per file, and every survivor."""
     lines = [
         "# Mutation testing",
         "",
@@ -124,32 +142,29 @@ def report() -> str:
         "| module | files | mutants | not checked (time) | killed | survived | equivalent | killed or equivalent, of those checked | minutes |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    details = []
-    totals = [0, 0, 0, 0, 0]
+    details, totals = [], [0] * 5
     for module in MODULES:
         path = RESULTS / "mutation" / f"{module}.json"
         if not path.exists():
             lines.append(f"| {module} | {', '.join(MODULES[module][0])} | not run | | | | | | |")
             continue
         r = json.loads(path.read_text())
-        n = len(r["statuses"])
-        unchecked = sum(s == "not checked" for s in r["statuses"].values())
-        killed = sum(s in KILLED for s in r["statuses"].values())
-        equivalent = [m for m in r["survivors"] if m in EQUIVALENT]
-        survived = n - unchecked - killed
-        share = (killed + len(equivalent)) / max(1, n - unchecked)
-        totals = [totals[0] + n, totals[1] + killed, totals[2] + survived, totals[3] + len(equivalent), totals[4] + unchecked]
-        lines.append(f"| {module} | {', '.join(r['files'])} | {n} | {unchecked} | {killed} | {survived} | {len(equivalent)} | {share:.1%} | {r['seconds'] / 60:.0f} |")
-        for name, diff in r["survivors"].items():
-            why = EQUIVALENT.get(name, f"**not killed** ({r['statuses'][name]})")
-            details += [f"### {name}", "", why, "", "```diff", diff.strip(), "```", ""]
+        counts = _counts(r["statuses"], list(r["survivors"]))
+        totals = [a + b for a, b in zip(totals, counts)]
+        date = r.get("date") or f"{datetime.fromtimestamp(path.stat().st_mtime, timezone.utc):%Y-%m-%d %H:%M} UTC"
+        lines.append(_row(f"**{module}**", ", ".join(r["files"]), counts, f"{r['seconds'] / 60:.0f} ({date})"))
+        by_file: dict[str, list[str]] = {}
+        for name in r["statuses"]:
+            by_file.setdefault(name[: name.index(".x")], []).append(name)
+        for file, names in sorted(by_file.items()):
+            lines.append(_row("", file.replace(".", "/") + ".py", _counts({m: r["statuses"][m] for m in names}, [m for m in names if m in r["survivors"]])))
+        details += [f"- `{name}` ({EQUIVALENT.get(name, r['statuses'][name])}): `{_changed_lines(diff)}`" for name, diff in r["survivors"].items()]
     if totals[0]:
-        checked = max(1, totals[0] - totals[4])
-        lines.append(f"| all | | {totals[0]} | {totals[4]} | {totals[1]} | {totals[2]} | {totals[3]} | {(totals[1] + totals[3]) / checked:.1%} | |")
+        lines.append(_row("all", "", tuple(totals)))
     stale = sorted(set(EQUIVALENT) - {m for p in (RESULTS / "mutation").glob("*.json") for m in json.loads(p.read_text())["survivors"]})
     if stale:
         lines += ["", f"Stale EQUIVALENT entries (their mutants no longer survive): {', '.join(stale)}"]
-    return "\n".join(lines + ["", "## Survivors", "", *details]) + "\n"
+    return "\n".join(lines + ["", "## Survivors", "", "Each with its status, or why it is equivalent, and the changed line.", "", *details]) + "\n"
 
 
 def main() -> None:

@@ -272,6 +272,38 @@ def test_stable_hash_canonical_form():
         stable_hash({"x": object()})
 
 
+def test_canonical_json_follows_every_documented_rule():
+    """The conversion table of cache/keys.py, value by value: a key that changed its text would
+    orphan every cache entry (or, worse, merge two)."""
+    from pathlib import PurePosixPath
+
+    from cache.keys import canonical_json
+
+    class Color(enum.Enum):
+        RED = "red"
+
+    class Level(enum.IntEnum):
+        HIGH = 3
+
+    cases = [
+        (1.5, "1.5"), (float("nan"), '"NaN"'), (float("inf"), '"Infinity"'), (float("-inf"), '"-Infinity"'),
+        (Color.RED, '"red"'), (Level.HIGH, "3"), (b"\x00\xff", '"00ff"'), ("é ü", '"é ü"'),
+        (torch.device("cpu"), '"cpu"'), (PurePosixPath("a/b"), '"a/b"'), ((1, [2]), "[1,[2]]"),
+        ({"b", 10, "a"}, '["a","b",10]'),  # mixed types: sorted by each one's JSON text
+        ({2: "a", None: 1, True: 0, 1.5: 2, Color.RED: 3, "z": 4}, '{"1.5":2,"2":"a","null":1,"red":3,"true":0,"z":4}'),
+    ]
+    for value, text in cases:
+        assert canonical_json(value) == text, value
+    with pytest.raises(TypeError, match=r"dict key \[1, 2\] is not a str, number, bool, None or enum"):
+        canonical_json({(1, 2): 0})
+    with pytest.raises(TypeError, match="convert it to str/int/float/bool/None, a list, a dict or a dataclass first"):
+        canonical_json(object())
+    assert [len(stable_hash("x", length=n)) for n in (1, 64)] == [1, 64]
+    for bad in (0, 65):
+        with pytest.raises(ValueError, match=r"length must be in 1..64 \(a sha256 has 64 hex characters\), got"):
+            stable_hash("x", length=bad)
+
+
 def test_sha256_file(tmp_path):
     data = os.urandom(100_000)
     (tmp_path / "f").write_bytes(data)
@@ -791,6 +823,11 @@ def test_format_size():
     assert format_size(2_300_000) == "2.2 MiB"
     assert format_size(9_200_000_000) == "8.6 GiB"
     assert format_size(-2048) == "-2.0 KiB"
+    # the unit changes exactly at 1024 of the smaller one; PiB is the last
+    assert [format_size(n) for n in (1024, 1024**2 - 1, 1024**2)] == ["1.0 KiB", "1024.0 KiB", "1.0 MiB"]
+    assert [format_size(3 * 1024**4), format_size(3 * 1024**5), format_size(2048 * 1024**5)] == ["3.0 TiB", "3.0 PiB", "2048.0 PiB"]
+    with pytest.raises(ValueError, match=r"e.g. 0, 500MiB, 10GB or 1.5G \(G = GiB = 2\^30 bytes, GB = 10\^9 bytes\)$"):
+        parse_size(10)  # not text: a one-line error, not a TypeError
 
 
 def test_gc_counts_and_removes_compiled_kernels_with_the_prompts(layout):
