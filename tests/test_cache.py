@@ -500,6 +500,86 @@ def test_pinned_load_gives_views_of_one_buffer_and_checks_the_record(tmp_path):
         load_tensors_pinned(path, rec, pin=False)
 
 
+def test_every_safetensors_dtype_loads_pinned(tmp_path):
+    from cache.atomic import load_tensors_pinned
+
+    dtypes = [torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2,
+              torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool]
+    tensors = {str(d): torch.arange(6).reshape(2, 3).to(d) for d in dtypes}
+    rec = save_tensors(tmp_path / "x.safetensors", tensors)
+    loaded = load_tensors_pinned(tmp_path / "x.safetensors", rec, pin=False)
+    assert {k: (v.dtype, v.float().tolist()) for k, v in loaded.items()} == {k: (v.dtype, v.float().tolist()) for k, v in tensors.items()}
+
+
+def _corrupt_message(path: Path) -> str:
+    with pytest.raises(CacheCorruptError) as err:
+        read_metadata(path)
+    return str(err.value)
+
+
+def test_each_kind_of_header_damage_is_named(tmp_path):
+    """The message says what is wrong with which file and what to do, whatever the damage."""
+    path = tmp_path / "x.safetensors"
+    fix = "— delete it and run again to recompute it"
+
+    def header(n: int, body: bytes) -> bytes:
+        return n.to_bytes(8, "little") + body
+
+    cases = {
+        b"1234567": "is truncated (no safetensors header)",
+        header(0, b""): "has a damaged safetensors header",  # 8 bytes: a header length, then no JSON
+        header(10**9, b"{}"): "is truncated or has a damaged safetensors header",
+        header(3, b"{}"): "is truncated or has a damaged safetensors header",  # one byte short
+        header(2, b"[1"): "has a damaged safetensors header",
+        header(2, b"[]"): "has a damaged safetensors header",  # JSON, not an object
+        header(24, b'{"__metadata__":{"a":1}}'): "has a damaged safetensors header",
+    }
+    for data, problem in cases.items():
+        path.write_bytes(data)
+        assert _corrupt_message(path) == f"cache file {path} {problem} {fix}", data
+    ok = json.dumps({"__metadata__": {"k": "v"}}).encode()
+    path.write_bytes(header(len(ok), ok))  # the header ends exactly at the end of the file
+    assert read_metadata(path) == {"k": "v"}
+
+
+def test_json_is_written_indented_sorted_and_unescaped(tmp_path):
+    write_json_atomic(tmp_path / "m.json", {"b": "é", "a": [1]})
+    assert (tmp_path / "m.json").read_bytes() == '{\n  "a": [\n    1\n  ],\n  "b": "é"\n}\n'.encode()
+
+
+def test_written_files_get_the_usual_permissions_and_name_their_kill_point(tmp_path, monkeypatch):
+    points = []
+    monkeypatch.setattr(cache.atomic, "maybe_die", points.append)
+    umask = os.umask(0o022)
+    try:
+        write_bytes_atomic(tmp_path / "f.bin", b"x")
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE((tmp_path / "f.bin").stat().st_mode) == 0o644 and points == ["write:f.bin"]
+
+
+@pytest.mark.parametrize(
+    ("code", "problem"),
+    [
+        (errno.ENOSPC, "disk full while writing {path} — free some space, run `cogedit cache gc --max-size SIZE`, or pass --cache-dir on a bigger disk"),
+        (errno.EFBIG, "{path} is larger than this filesystem or the process's file-size limit (ulimit -f) allows — raise the limit, or pass --cache-dir on another filesystem"),
+        (errno.EROFS, "cannot write {path}: Read-only file system — pass --cache-dir to a writable folder or set COGEDIT_CACHE"),
+    ],
+)
+def test_a_failed_folder_or_file_write_says_what_to_do(tmp_path, monkeypatch, code, problem):
+    target = tmp_path / "sub" / "f.bin"
+
+    def fails(*args, **kwargs):
+        raise OSError(code, os.strerror(code))
+
+    for where in ("mkdir", "write"):
+        with monkeypatch.context() as m:
+            m.setattr(Path, "mkdir", fails) if where == "mkdir" else m.setattr(cache.atomic, "_write_fully", fails)
+            with pytest.raises((DiskFullError, ReadOnlyCacheError)) as err:
+                write_bytes_atomic(target, b"x")
+        assert str(err.value) == problem.format(path=target), where
+
+
 def test_missing_and_foreign_files(tmp_path):
     with pytest.raises(CacheCorruptError, match="is missing"):
         load_tensors(tmp_path / "nope.safetensors")
