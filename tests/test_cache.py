@@ -592,6 +592,34 @@ def test_missing_and_foreign_files(tmp_path):
         load_tensors(tmp_path / "foreign.safetensors")
 
 
+def test_an_inversions_settings_read_back_as_the_flags_that_made_them():
+    """`cache show` and `cache ls` print these: every flag, one value each, in the units typed."""
+    from cache.store import settings_flags
+
+    settings = {
+        "model": {"source": "/m/CogVideoX-5b"}, "dtype": "torch.float16",
+        "frames": {"max_frames": 17, "skip_start": 2, "skip_end": 3, "stride": 2, "height": 96, "width": 160, "fit": "crop"},
+        "invert": {"steps": 4, "source_prompt": "a rabbit", "negative_prompt": "blurry", "guidance": 6.0, "method": "fixed-point", "iters": 2},
+        "identity": {"weights": "nf4", "compiled": True, "fp8": True, "invert": {"guidance": 6.0}, "frames": {"indices": [0, 2, 4, 6, 8]}},
+    }
+    flags, notes = settings_flags(settings)
+    assert flags == {
+        "--model": "/m/CogVideoX-5b", "--dtype": "fp16", "--plan": "nf4", "--compile": True, "--fp8": True, "--frames": 17, "--skip-start": 2, "--skip-end": 3,
+        "--stride": 2, "--height": 96, "--width": 160, "--fit": "crop", "--steps": 4, "--source-prompt": "a rabbit", "--negative-prompt": "blurry",
+        "--guidance": 6.0, "--inversion": "fixed-point", "--inversion-iters": 2,
+    }
+    assert notes == ["5 frames used: 0, 2, 4 … 8"]
+    plain = {
+        "dtype": "torch.bfloat16", "frames": {"max_frames": 9, "skip_start": 0, "skip_end": 0, "stride": None}, "invert": {"steps": 4, "negative_prompt": "", "guidance": 6.0, "iters": 0},
+        "identity": {"invert": {"guidance": 1.0}, "frames": {"indices": [0, 1, 2, 3]}},
+    }
+    flags, notes = settings_flags(plain)
+    assert flags == {"--dtype": "bf16", "--frames": 9, "--steps": 4, "--guidance": 6.0, "--inversion": "ddim"}
+    assert notes == ["the id records guidance 1.0: with the source prompt equal to the negative prompt, guidance changes nothing", "4 frames used: 0, 1, 2, 3"]
+    assert settings_flags({"dtype": "torch.float32"})[0] == {"--dtype": "fp32", "--inversion": "ddim"} and settings_flags({"dtype": "x"})[0]["--dtype"] == "x"
+    assert settings_flags({}) == ({"--inversion": "ddim"}, [])
+
+
 # ---------------------------------------------------------------------------- manifest
 
 
