@@ -759,6 +759,32 @@ def test_list_entries_shows_broken_ones(layout):
         entry_info(layout, "c" * 32)
 
 
+def test_an_entrys_details_and_each_kind_of_broken_manifest(layout):
+    from cache.store import entry_details
+
+    _make_entry(layout, ID_A)
+    paths = layout.entry(ID_A)
+    m = read_manifest(paths.manifest)
+    details = entry_details(layout, ID_A)
+    rec = m["files"]["trajectory/step_0000.safetensors"]
+    assert details == {
+        "id": ID_A, "state": "complete", "problem": None, "dir": str(paths.dir), "size": entry_info(layout, ID_A).size_bytes,
+        "created": m["created"], "last_used": "2024-01-01T00:00:00+00:00", "summary": {"video": "v.mp4"}, "settings": {"steps": 1},
+        "flags": {"--inversion": "ddim"}, "notes": [], "stages": {}, "files": [{"file": "trajectory/step_0000.safetensors", **rec}], "attention": {},
+    }
+    paths.manifest.write_text("{not json")
+    info = entry_info(layout, ID_A)
+    assert (info.manifest_ok, info.kind, info.created, info.summary) == (False, None, None, {})
+    assert info.problem == f"manifest.json is unreadable (an interrupted or damaged entry) — run `cogedit cache rm {ID_A}`"
+    paths.manifest.unlink()
+    assert entry_info(layout, ID_A).problem == f"manifest.json is missing (an interrupted or damaged entry) — run `cogedit cache rm {ID_A}`"
+    newer = {**m, "format_version": FORMAT_VERSION + 1, "summary": {"video": "new.mp4"}}
+    paths.manifest.write_text(json.dumps(newer))
+    info = entry_info(layout, ID_A)
+    assert not info.manifest_ok and "newer" in info.problem and info.summary == {"video": "new.mp4"} and info.kind == "inversion" and info.complete
+    assert entry_details(layout, ID_A)["settings"] == {} and entry_details(layout, ID_A)["problem"] == info.problem
+
+
 def test_remove_entry(layout):
     _make_entry(layout, ID_A)
     size = entry_info(layout, ID_A).size_bytes
