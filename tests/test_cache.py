@@ -346,6 +346,30 @@ def test_atomic_write_syncs_the_file_before_the_rename_and_the_folder_after(tmp_
     assert events == [("fsync", inode, False), ("replace", inode, target), ("fsync", folder, True)]
 
 
+def test_the_fault_hook_signals_at_the_nth_call_of_its_point_only(monkeypatch):
+    """The crash tests rely on it: one signal, at the named point's n-th call, in the named rank."""
+    import signal
+
+    import cache.faults as faults
+
+    sent = []
+    monkeypatch.setattr(faults, "_calls", {})
+    monkeypatch.setattr(faults.os, "kill", lambda pid, sig: sent.append((pid, sig)))
+    faults.maybe_die("write:a")  # unset: nothing
+    monkeypatch.setenv(faults.KILL_AT_ENV, "write:a.bin:2")
+    for point in ("write:a.bin", "write:b.bin", "step", "write:a.bin", "write:a.bin"):
+        faults.maybe_die(point)
+    assert sent == [(os.getpid(), signal.SIGKILL)]
+    monkeypatch.setattr(faults, "_calls", {})
+    monkeypatch.setenv(faults.KILL_SIGNAL_ENV, "SIGINT")
+    monkeypatch.setenv(faults.KILL_RANK_ENV, "1")
+    monkeypatch.setenv("RANK", "0")
+    faults.maybe_die("write:a.bin"), faults.maybe_die("write:a.bin")
+    monkeypatch.setenv("RANK", "1")
+    faults.maybe_die("write:a.bin"), faults.maybe_die("write:a.bin")
+    assert sent[1:] == [(os.getpid(), signal.SIGINT)]
+
+
 def test_a_write_in_progress_lies_beside_its_target_where_verify_and_cleanup_look(layout, monkeypatch):
     """What a kill -9 mid-write leaves: a hidden temp file in the target's own folder (the rename
     is atomic only within one filesystem: across two it fails with EXDEV), which `cache verify`
