@@ -809,6 +809,48 @@ def test_an_entrys_details_and_each_kind_of_broken_manifest(layout):
     assert entry_details(layout, ID_A)["settings"] == {} and entry_details(layout, ID_A)["problem"] == info.problem
 
 
+def test_verify_names_every_kind_of_damage_in_one_line_each(layout):
+    ids = [c * 32 for c in "abcdef"]
+    for i in ids:
+        _make_entry(layout, i, payload=400)
+    step = "trajectory/step_0000.safetensors"
+    size = read_manifest(layout.entry(ids[0]).manifest)["files"][step]["bytes"]
+    p = layout.entry(ids[0]).step_file(0)
+    p.write_bytes(p.read_bytes() + b"x")  # a byte longer
+    p = layout.entry(ids[1]).step_file(0)
+    data = bytearray(p.read_bytes())
+    data[-1] ^= 1  # the same size, another checksum
+    p.write_bytes(bytes(data))
+    layout.entry(ids[2]).manifest.unlink()
+    layout.entry(ids[3]).manifest.write_text("{x")
+    m = read_manifest(layout.entry(ids[4]).manifest)
+    m["files"]["../x.safetensors"] = m["files"][step]
+    m["files"]["trajectory/z.safetensors"] = {"sha256": 1}
+    write_manifest(layout.entry(ids[4]).manifest, m)
+    trajectory = layout.entry(ids[5]).dir / "trajectory"
+    (trajectory / ".step_0001.safetensors.tmp-1-ab").write_bytes(b"x")
+    (trajectory / "step_0009.safetensors").write_bytes(b"garbage!")  # not in the manifest, and damaged
+
+    def rm(i: str) -> str:
+        return f"run `cogedit cache rm {i}`"
+
+    def corrupt(i: str, rel: str, problem: str) -> str:
+        return f"cache entry {i} is corrupt: {rel} {problem} — {rm(i)}, then invert again to recompute it"
+
+    a, b, c, d, e, f = ids
+    assert [(p.entry_id, p.file, p.reason) for p in verify(layout)] == [
+        (a, step, corrupt(a, step, f"is {size + 1} bytes but the manifest records {size}")),
+        (b, step, corrupt(b, step, "fails its checksum")),
+        (c, "manifest.json", f"is missing — {rm(c)}"),
+        (d, "manifest.json", f"is unreadable (not valid manifest JSON) — {rm(d)}"),
+        (e, "../x.safetensors", f"the manifest lists a path outside the entry — {rm(e)}"),
+        (e, "trajectory/z.safetensors", f"its manifest record is damaged — {rm(e)}"),
+        (f, "trajectory/.step_0001.safetensors.tmp-1-ab", f"leftover temporary file from an interrupted write — delete it (safe) or {rm(f)}"),
+        (f, "trajectory/step_0009.safetensors", corrupt(f, "trajectory/step_0009.safetensors", "is truncated or has a damaged safetensors header")),
+    ]
+    assert verify(layout, [a]) == verify(layout)[:1]
+
+
 def test_remove_entry(layout):
     _make_entry(layout, ID_A)
     size = entry_info(layout, ID_A).size_bytes
