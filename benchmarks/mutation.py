@@ -85,6 +85,19 @@ def _mutmut(where: Path, *args: str, check: bool = True, minutes: float | None =
     return done.stdout
 
 
+# Each survivor's diff, in one process (`mutmut show` per mutant starts mutmut hundreds of times).
+_SHOW = """
+import json, sys
+from mutmut.mutation.diff_apply import get_diff_for_mutant
+print(json.dumps({name: get_diff_for_mutant(name) for name in json.load(sys.stdin)}))
+"""
+
+
+def _diffs(where: Path, names: list[str]) -> dict[str, str]:
+    done = subprocess.run([sys.executable, "-c", _SHOW], cwd=where, input=json.dumps(names), capture_output=True, text=True, check=True)
+    return json.loads(done.stdout)
+
+
 def run_module(module: str, children: int, minutes: float | None) -> dict:
     where = _scratch(module)
     start = time.perf_counter()
@@ -93,7 +106,7 @@ def run_module(module: str, children: int, minutes: float | None) -> dict:
     statuses = dict(re.findall(r"^\s+(\S+): (.+)$", _mutmut(where, "results", "--all", "true"), flags=re.M))
     if not statuses or all(s == "not checked" for s in statuses.values()):
         raise SystemExit(f"mutmut checked no mutant of {module}: run `python -m mutmut run` in {where} to see why")
-    survivors = {name: _mutmut(where, "show", name) for name, status in statuses.items() if status not in (*KILLED, "not checked")}
+    survivors = _diffs(where, [name for name, status in statuses.items() if status not in (*KILLED, "not checked")])
     result = {
         "module": module, "date": f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC", "files": MODULES[module][0], "tests": MODULES[module][1],
         "seconds": round(seconds), "statuses": statuses, "survivors": survivors,
