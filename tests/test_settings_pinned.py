@@ -1,7 +1,9 @@
 """Every setting pinned by property: two settings share an inversion id, an edit's file names, a
 batch's inversion, exactly when they give the same result; every CLI and web-app default is the
 engine's; the web app's folder check holds for any path. No model runs: ids and names are pure
-functions of the settings.
+functions of the settings. Pairs come from Hypothesis (random, and near: one or two fields
+changed), and every setting is also changed alone from every context that decides whether it
+counts (the pairs a random search reaches least often).
 
 "The same result" is written here from the documented rules, not read from the code:
 - inversion: guidance counts only with CFG in effect (guidance > 1 and a negative prompt other
