@@ -851,6 +851,33 @@ def test_verify_names_every_kind_of_damage_in_one_line_each(layout):
     assert verify(layout, [a]) == verify(layout)[:1]
 
 
+def test_recorded_edits_list_newest_first_and_skip_what_cannot_play(layout, monkeypatch):
+    import cache.edits
+    from cache.edits import EditRecord, list_edits, record_edit
+
+    paths = layout.entry(ID_A)
+    paths.edits_dir.mkdir(parents=True)
+    times = iter(["2024-01-01T00:00:00+00:00", "2024-02-01T00:00:00+00:00", "2024-03-01T00:00:00+00:00"])
+    monkeypatch.setattr(cache.edits, "utc_now", lambda: next(times))
+    made = []
+    for n in range(3):
+        video, pair = paths.edits_dir / f"e{n}.mp4", paths.edits_dir / f"e{n}-side-by-side.mp4"
+        video.write_bytes(b"v"), pair.write_bytes(b"p")
+        made.append(record_edit(paths, video, pair, f"prompt {n}", {"guidance": n}))
+    assert made[0] == EditRecord("prompt 0", {"guidance": 0}, paths.edits_dir / "e0.mp4", paths.edits_dir / "e0-side-by-side.mp4", "2024-01-01T00:00:00+00:00")
+    assert json.loads((paths.edits_dir / "e0.json").read_text()) == {
+        "prompt": "prompt 0", "settings": {"guidance": 0}, "video": "e0.mp4", "side_by_side": "e0-side-by-side.mp4", "created": "2024-01-01T00:00:00+00:00",
+    }
+    assert list_edits(paths) == made[::-1]
+    (paths.edits_dir / "e2-side-by-side.mp4").unlink()  # a video gone: not listed
+    (paths.edits_dir / "bad.json").write_text("{")  # unreadable
+    (paths.edits_dir / "out.json").write_text(json.dumps({**json.loads((paths.edits_dir / "e0.json").read_text()), "video": "../e0.mp4"}))
+    (paths.edits_dir / "keyless.json").write_text(json.dumps({"prompt": "x"}))
+    assert list_edits(paths) == [made[1], made[0]]
+    with pytest.raises(ValueError, match="is not in"):
+        record_edit(paths, layout.root / "e.mp4", paths.edits_dir / "e0-side-by-side.mp4", "p", {})
+
+
 def test_remove_entry(layout):
     _make_entry(layout, ID_A)
     size = entry_info(layout, ID_A).size_bytes
