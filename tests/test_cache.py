@@ -878,6 +878,49 @@ def test_recorded_edits_list_newest_first_and_skip_what_cannot_play(layout, monk
         record_edit(paths, layout.root / "e.mp4", paths.edits_dir / "e0-side-by-side.mp4", "p", {})
 
 
+def test_an_inversion_entry_from_new_to_complete(layout):
+    """InversionEntry's life as the engine drives it, read back from disk at each stage."""
+    from cache.entry import InversionEntry
+
+    paths = layout.entry(ID_A)
+    assert InversionEntry.read(paths) is None  # no manifest yet: a miss
+    settings = {"invert": {"steps": 3, "source_prompt": "a rabbit"}, "dtype": "torch.float32", "model": {"key": "k", "source": "/m"},
+                "frames": {"max_frames": 9}}
+    entry = InversionEntry.new(paths, {"video": "v"}, settings, {"video": "v.mp4", "fps": 12.5})
+    entry.write()
+
+    def again() -> InversionEntry:
+        return InversionEntry.read(paths)
+
+    e = again()
+    assert e.manifest["settings"] == {**settings, "format": FORMAT_VERSION, "identity": {"video": "v"}} and e.manifest["kind"] == "inversion"
+    assert (e.id, e.complete, e.steps, e.source_prompt, e.dtype_name, e.model_key, e.model_source) == (ID_A, False, 3, "a rabbit", "torch.float32", "k", "/m")
+    assert (e.frames, e.fps, e.encoded, e.steps_done, e.verify, e.stores()) == (9, 12.5, False, 0, None, {})
+    entry.mark_encoded(5, [1, 2, 3])
+    e = again()
+    assert (e.encoded, e.frames, e.manifest["summary"]["latent_shape"]) == (True, 5, [1, 2, 3])
+    step = paths.step_file(0)
+    entry.save(step, {"x": torch.arange(4.0)}, t=999)
+    entry.mark_step(0)
+    e = again()
+    assert e.steps_done == 1 and e.manifest["stages"]["invert"] == {"done": 1, "total": 3}
+    assert e.has_file(step) and e.record_of(step) == FileRecord(**e.manifest["files"]["trajectory/step_0000.safetensors"])
+    assert read_metadata(step)["t"] == "999" and torch.equal(e.load(step, "x"), torch.arange(4.0))
+    assert e.files_under(paths.dir / "trajectory") == [step] and e.files_under(paths.dir / "traj") == []
+    assert e.size_of([step]) == step.stat().st_size and e.missing_files() == []
+    entry.set_verify({"psnr_db": 40.0})
+    entry.set_store("s1", {"steps": [1]})
+    entry.mark_complete()
+    e = again()
+    assert e.complete and e.verify == {"psnr_db": 40.0} and e.stores() == {"s1": {"steps": [1]}}
+    step.write_bytes(step.read_bytes() + b"x")
+    assert e.missing_files() == ["trajectory/step_0000.safetensors"]
+    step.unlink()
+    assert e.missing_files() == ["trajectory/step_0000.safetensors"]
+    e.forget(step)
+    assert not e.has_file(step) and e.record_of(step) is None and e.missing_files() == []
+
+
 def test_remove_entry(layout):
     _make_entry(layout, ID_A)
     size = entry_info(layout, ID_A).size_bytes
