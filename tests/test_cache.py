@@ -921,6 +921,25 @@ def test_an_inversion_entry_from_new_to_complete(layout):
     assert not e.has_file(step) and e.record_of(step) is None and e.missing_files() == []
 
 
+def test_an_unusable_manifest_is_a_miss_with_a_warning_naming_it(tmp_path, caplog):
+    path = tmp_path / "manifest.json"
+    cases = {
+        b"\xff\xfe": f"ignoring unreadable cache manifest {path} (",
+        b"{x": f"ignoring corrupt cache manifest {path} (Expecting property name",
+        b"[1]": f"ignoring cache manifest {path}: not a cogedit manifest; the entry will be recomputed",
+        b'{"format_version": "1"}': f"ignoring cache manifest {path}: not a cogedit manifest; the entry will be recomputed",
+    }
+    for data, message in cases.items():
+        path.write_bytes(data)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="cogedit"):
+            assert read_manifest(path) is None
+        assert [r.getMessage()[: len(message)] for r in caplog.records] == [message], data
+    path.write_text(json.dumps({"format_version": FORMAT_VERSION + 1}))
+    with pytest.raises(CacheFormatError, match=str(path)):
+        read_manifest(path)
+
+
 def test_remove_entry(layout):
     _make_entry(layout, ID_A)
     size = entry_info(layout, ID_A).size_bytes
