@@ -37,7 +37,7 @@ MODULES: dict[str, tuple[list[str], list[str]]] = {
     # The two tests of another process are left out: a child importing the mutated code fails in mutmut's trampoline.
     "cache": (["cache/*"], ["tests/test_cache.py", "tests/test_settings_pinned.py", "-k", "not read_only_cache_dir_chmod and not two_processes_contend"]),
     "masks": (["engine/video/masks.py"], ["tests/test_masks.py"]),
-    "hooks": (["engine/hooks/*"], ["tests/test_injection.py", "tests/test_row_groups.py", "tests/test_attention_store.py"]),
+    "hooks": (["engine/hooks/*"], ["tests/test_injection.py", "tests/test_row_groups.py", "tests/test_attention_store.py", "tests/test_plans.py", "tests/test_structure.py"]),
     "stages": (
         ["engine/stages/*"],
         ["tests/test_settings_pinned.py", "tests/test_structure.py", "tests/test_inversion.py", "tests/test_fixed_point.py", "tests/test_verify.py", "tests/test_injection.py"],
