@@ -272,6 +272,38 @@ def test_stable_hash_canonical_form():
         stable_hash({"x": object()})
 
 
+def test_canonical_json_follows_every_documented_rule():
+    """The conversion table of cache/keys.py, value by value: a key that changed its text would
+    orphan every cache entry (or, worse, merge two)."""
+    from pathlib import PurePosixPath
+
+    from cache.keys import canonical_json
+
+    class Color(enum.Enum):
+        RED = "red"
+
+    class Level(enum.IntEnum):
+        HIGH = 3
+
+    cases = [
+        (1.5, "1.5"), (float("nan"), '"NaN"'), (float("inf"), '"Infinity"'), (float("-inf"), '"-Infinity"'),
+        (Color.RED, '"red"'), (Level.HIGH, "3"), (b"\x00\xff", '"00ff"'), ("é ü", '"é ü"'),
+        (torch.device("cpu"), '"cpu"'), (PurePosixPath("a/b"), '"a/b"'), ((1, [2]), "[1,[2]]"),
+        ({"b", 10, "a"}, '["a","b",10]'),  # mixed types: sorted by each one's JSON text
+        ({2: "a", None: 1, True: 0, 1.5: 2, Color.RED: 3, "z": 4}, '{"1.5":2,"2":"a","null":1,"red":3,"true":0,"z":4}'),
+    ]
+    for value, text in cases:
+        assert canonical_json(value) == text, value
+    with pytest.raises(TypeError, match=r"dict key \[1, 2\] is not a str, number, bool, None or enum"):
+        canonical_json({(1, 2): 0})
+    with pytest.raises(TypeError, match="convert it to str/int/float/bool/None, a list, a dict or a dataclass first"):
+        canonical_json(object())
+    assert [len(stable_hash("x", length=n)) for n in (1, 64)] == [1, 64]
+    for bad in (0, 65):
+        with pytest.raises(ValueError, match=r"length must be in 1..64 \(a sha256 has 64 hex characters\), got"):
+            stable_hash("x", length=bad)
+
+
 def test_sha256_file(tmp_path):
     data = os.urandom(100_000)
     (tmp_path / "f").write_bytes(data)
@@ -312,6 +344,54 @@ def test_atomic_write_syncs_the_file_before_the_rename_and_the_folder_after(tmp_
     write_bytes_atomic(target, b"contents")
     inode, folder = target.stat().st_ino, tmp_path.stat().st_ino
     assert events == [("fsync", inode, False), ("replace", inode, target), ("fsync", folder, True)]
+
+
+def test_the_fault_hook_signals_at_the_nth_call_of_its_point_only(monkeypatch):
+    """The crash tests rely on it: one signal, at the named point's n-th call, in the named rank."""
+    import signal
+
+    import cache.faults as faults
+
+    sent = []
+    monkeypatch.setattr(faults, "_calls", {})
+    monkeypatch.setattr(faults.os, "kill", lambda pid, sig: sent.append((pid, sig)))
+    faults.maybe_die("write:a")  # unset: nothing
+    monkeypatch.setenv(faults.KILL_AT_ENV, "write:a.bin:2")
+    for point in ("write:a.bin", "write:b.bin", "step", "write:a.bin", "write:a.bin"):
+        faults.maybe_die(point)
+    assert sent == [(os.getpid(), signal.SIGKILL)]
+    monkeypatch.setattr(faults, "_calls", {})
+    monkeypatch.setenv(faults.KILL_SIGNAL_ENV, "SIGINT")
+    monkeypatch.setenv(faults.KILL_RANK_ENV, "1")
+    monkeypatch.setenv("RANK", "0")
+    faults.maybe_die("write:a.bin"), faults.maybe_die("write:a.bin")
+    monkeypatch.setenv("RANK", "1")
+    faults.maybe_die("write:a.bin"), faults.maybe_die("write:a.bin")
+    assert sent[1:] == [(os.getpid(), signal.SIGINT)]
+
+
+def test_a_write_in_progress_lies_beside_its_target_where_verify_and_cleanup_look(layout, monkeypatch):
+    """What a kill -9 mid-write leaves: a hidden temp file in the target's own folder (the rename
+    is atomic only within one filesystem: across two it fails with EXDEV), which `cache verify`
+    reports and the next run's cleanup removes; one left anywhere else neither would find."""
+    from cache.atomic import TMP_MARK, remove_temp_files
+
+    _make_entry(layout, ID_A)
+    target = layout.entry(ID_A).step_file(1)
+    seen = {}
+
+    def at_the_kill_point(point: str) -> None:
+        seen["temps"] = [p for p in layout.root.rglob("*") if TMP_MARK in p.name]
+        seen["problems"] = verify(layout)
+
+    monkeypatch.setattr(cache.atomic, "maybe_die", at_the_kill_point)
+    save_tensors(target, {"latent": torch.zeros(64)})
+    [temp] = seen["temps"]
+    assert temp.parent == target.parent and temp.name.startswith(f".{target.name}")
+    assert [(p.file, "leftover temporary file" in p.reason) for p in seen["problems"]] == [(f"trajectory/{temp.name}", True)]
+    temp.write_bytes(b"half")  # the killed writer's leftover, at the same place
+    remove_temp_files(layout.entry(ID_A).dir)
+    assert not temp.exists() and target.is_file()
 
 
 @pytest.mark.parametrize("code", sorted({errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}))
@@ -444,6 +524,86 @@ def test_pinned_load_gives_views_of_one_buffer_and_checks_the_record(tmp_path):
         load_tensors_pinned(path, rec, pin=False)
 
 
+def test_every_safetensors_dtype_loads_pinned(tmp_path):
+    from cache.atomic import load_tensors_pinned
+
+    dtypes = [torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2,
+              torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool]
+    tensors = {str(d): torch.arange(6).reshape(2, 3).to(d) for d in dtypes}
+    rec = save_tensors(tmp_path / "x.safetensors", tensors)
+    loaded = load_tensors_pinned(tmp_path / "x.safetensors", rec, pin=False)
+    assert {k: (v.dtype, v.float().tolist()) for k, v in loaded.items()} == {k: (v.dtype, v.float().tolist()) for k, v in tensors.items()}
+
+
+def _corrupt_message(path: Path) -> str:
+    with pytest.raises(CacheCorruptError) as err:
+        read_metadata(path)
+    return str(err.value)
+
+
+def test_each_kind_of_header_damage_is_named(tmp_path):
+    """The message says what is wrong with which file and what to do, whatever the damage."""
+    path = tmp_path / "x.safetensors"
+    fix = "— delete it and run again to recompute it"
+
+    def header(n: int, body: bytes) -> bytes:
+        return n.to_bytes(8, "little") + body
+
+    cases = {
+        b"1234567": "is truncated (no safetensors header)",
+        header(0, b""): "has a damaged safetensors header",  # 8 bytes: a header length, then no JSON
+        header(10**9, b"{}"): "is truncated or has a damaged safetensors header",
+        header(3, b"{}"): "is truncated or has a damaged safetensors header",  # one byte short
+        header(2, b"[1"): "has a damaged safetensors header",
+        header(2, b"[]"): "has a damaged safetensors header",  # JSON, not an object
+        header(24, b'{"__metadata__":{"a":1}}'): "has a damaged safetensors header",
+    }
+    for data, problem in cases.items():
+        path.write_bytes(data)
+        assert _corrupt_message(path) == f"cache file {path} {problem} {fix}", data
+    ok = json.dumps({"__metadata__": {"k": "v"}}).encode()
+    path.write_bytes(header(len(ok), ok))  # the header ends exactly at the end of the file
+    assert read_metadata(path) == {"k": "v"}
+
+
+def test_json_is_written_indented_sorted_and_unescaped(tmp_path):
+    write_json_atomic(tmp_path / "m.json", {"b": "é", "a": [1]})
+    assert (tmp_path / "m.json").read_bytes() == '{\n  "a": [\n    1\n  ],\n  "b": "é"\n}\n'.encode()
+
+
+def test_written_files_get_the_usual_permissions_and_name_their_kill_point(tmp_path, monkeypatch):
+    points = []
+    monkeypatch.setattr(cache.atomic, "maybe_die", points.append)
+    umask = os.umask(0o022)
+    try:
+        write_bytes_atomic(tmp_path / "f.bin", b"x")
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE((tmp_path / "f.bin").stat().st_mode) == 0o644 and points == ["write:f.bin"]
+
+
+@pytest.mark.parametrize(
+    ("code", "problem"),
+    [
+        (errno.ENOSPC, "disk full while writing {path} — free some space, run `cogedit cache gc --max-size SIZE`, or pass --cache-dir on a bigger disk"),
+        (errno.EFBIG, "{path} is larger than this filesystem or the process's file-size limit (ulimit -f) allows — raise the limit, or pass --cache-dir on another filesystem"),
+        (errno.EROFS, "cannot write {path}: Read-only file system — pass --cache-dir to a writable folder or set COGEDIT_CACHE"),
+    ],
+)
+def test_a_failed_folder_or_file_write_says_what_to_do(tmp_path, monkeypatch, code, problem):
+    target = tmp_path / "sub" / "f.bin"
+
+    def fails(*args, **kwargs):
+        raise OSError(code, os.strerror(code))
+
+    for where in ("mkdir", "write"):
+        with monkeypatch.context() as m:
+            m.setattr(Path, "mkdir", fails) if where == "mkdir" else m.setattr(cache.atomic, "_write_fully", fails)
+            with pytest.raises((DiskFullError, ReadOnlyCacheError)) as err:
+                write_bytes_atomic(target, b"x")
+        assert str(err.value) == problem.format(path=target), where
+
+
 def test_missing_and_foreign_files(tmp_path):
     with pytest.raises(CacheCorruptError, match="is missing"):
         load_tensors(tmp_path / "nope.safetensors")
@@ -454,6 +614,34 @@ def test_missing_and_foreign_files(tmp_path):
     safetensors.torch.save_file({"a": torch.ones(2)}, str(tmp_path / "foreign.safetensors"))
     with pytest.raises(CacheCorruptError, match=f"has no {PAYLOAD_KEY}"):
         load_tensors(tmp_path / "foreign.safetensors")
+
+
+def test_an_inversions_settings_read_back_as_the_flags_that_made_them():
+    """`cache show` and `cache ls` print these: every flag, one value each, in the units typed."""
+    from cache.store import settings_flags
+
+    settings = {
+        "model": {"source": "/m/CogVideoX-5b"}, "dtype": "torch.float16",
+        "frames": {"max_frames": 17, "skip_start": 2, "skip_end": 3, "stride": 2, "height": 96, "width": 160, "fit": "crop"},
+        "invert": {"steps": 4, "source_prompt": "a rabbit", "negative_prompt": "blurry", "guidance": 6.0, "method": "fixed-point", "iters": 2},
+        "identity": {"weights": "nf4", "compiled": True, "fp8": True, "invert": {"guidance": 6.0}, "frames": {"indices": [0, 2, 4, 6, 8]}},
+    }
+    flags, notes = settings_flags(settings)
+    assert flags == {
+        "--model": "/m/CogVideoX-5b", "--dtype": "fp16", "--plan": "nf4", "--compile": True, "--fp8": True, "--frames": 17, "--skip-start": 2, "--skip-end": 3,
+        "--stride": 2, "--height": 96, "--width": 160, "--fit": "crop", "--steps": 4, "--source-prompt": "a rabbit", "--negative-prompt": "blurry",
+        "--guidance": 6.0, "--inversion": "fixed-point", "--inversion-iters": 2,
+    }
+    assert notes == ["5 frames used: 0, 2, 4 … 8"]
+    plain = {
+        "dtype": "torch.bfloat16", "frames": {"max_frames": 9, "skip_start": 0, "skip_end": 0, "stride": None}, "invert": {"steps": 4, "negative_prompt": "", "guidance": 6.0, "iters": 0},
+        "identity": {"invert": {"guidance": 1.0}, "frames": {"indices": [0, 1, 2, 3]}},
+    }
+    flags, notes = settings_flags(plain)
+    assert flags == {"--dtype": "bf16", "--frames": 9, "--steps": 4, "--guidance": 6.0, "--inversion": "ddim"}
+    assert notes == ["the id records guidance 1.0: with the source prompt equal to the negative prompt, guidance changes nothing", "4 frames used: 0, 1, 2, 3"]
+    assert settings_flags({"dtype": "torch.float32"})[0] == {"--dtype": "fp32", "--inversion": "ddim"} and settings_flags({"dtype": "x"})[0]["--dtype"] == "x"
+    assert settings_flags({}) == ({"--inversion": "ddim"}, [])
 
 
 # ---------------------------------------------------------------------------- manifest
@@ -593,6 +781,163 @@ def test_list_entries_shows_broken_ones(layout):
     assert entry_info(layout, ID_A) == a
     with pytest.raises(InvalidEntryIdError, match="no cache entry"):
         entry_info(layout, "c" * 32)
+
+
+def test_an_entrys_details_and_each_kind_of_broken_manifest(layout):
+    from cache.store import entry_details
+
+    _make_entry(layout, ID_A)
+    paths = layout.entry(ID_A)
+    m = read_manifest(paths.manifest)
+    details = entry_details(layout, ID_A)
+    rec = m["files"]["trajectory/step_0000.safetensors"]
+    assert details == {
+        "id": ID_A, "state": "complete", "problem": None, "dir": str(paths.dir), "size": entry_info(layout, ID_A).size_bytes,
+        "created": m["created"], "last_used": "2024-01-01T00:00:00+00:00", "summary": {"video": "v.mp4"}, "settings": {"steps": 1},
+        "flags": {"--inversion": "ddim"}, "notes": [], "stages": {}, "files": [{"file": "trajectory/step_0000.safetensors", **rec}], "attention": {},
+    }
+    paths.manifest.write_text("{not json")
+    info = entry_info(layout, ID_A)
+    assert (info.manifest_ok, info.kind, info.created, info.summary) == (False, None, None, {})
+    assert info.problem == f"manifest.json is unreadable (an interrupted or damaged entry) — run `cogedit cache rm {ID_A}`"
+    paths.manifest.unlink()
+    assert entry_info(layout, ID_A).problem == f"manifest.json is missing (an interrupted or damaged entry) — run `cogedit cache rm {ID_A}`"
+    newer = {**m, "format_version": FORMAT_VERSION + 1, "summary": {"video": "new.mp4"}}
+    paths.manifest.write_text(json.dumps(newer))
+    info = entry_info(layout, ID_A)
+    assert not info.manifest_ok and "newer" in info.problem and info.summary == {"video": "new.mp4"} and info.kind == "inversion" and info.complete
+    assert entry_details(layout, ID_A)["settings"] == {} and entry_details(layout, ID_A)["problem"] == info.problem
+
+
+def test_verify_names_every_kind_of_damage_in_one_line_each(layout):
+    ids = [c * 32 for c in "abcdef"]
+    for i in ids:
+        _make_entry(layout, i, payload=400)
+    step = "trajectory/step_0000.safetensors"
+    size = read_manifest(layout.entry(ids[0]).manifest)["files"][step]["bytes"]
+    p = layout.entry(ids[0]).step_file(0)
+    p.write_bytes(p.read_bytes() + b"x")  # a byte longer
+    p = layout.entry(ids[1]).step_file(0)
+    data = bytearray(p.read_bytes())
+    data[-1] ^= 1  # the same size, another checksum
+    p.write_bytes(bytes(data))
+    layout.entry(ids[2]).manifest.unlink()
+    layout.entry(ids[3]).manifest.write_text("{x")
+    m = read_manifest(layout.entry(ids[4]).manifest)
+    m["files"]["../x.safetensors"] = m["files"][step]
+    m["files"]["trajectory/z.safetensors"] = {"sha256": 1}
+    write_manifest(layout.entry(ids[4]).manifest, m)
+    trajectory = layout.entry(ids[5]).dir / "trajectory"
+    (trajectory / ".step_0001.safetensors.tmp-1-ab").write_bytes(b"x")
+    (trajectory / "step_0009.safetensors").write_bytes(b"garbage!")  # not in the manifest, and damaged
+
+    def rm(i: str) -> str:
+        return f"run `cogedit cache rm {i}`"
+
+    def corrupt(i: str, rel: str, problem: str) -> str:
+        return f"cache entry {i} is corrupt: {rel} {problem} — {rm(i)}, then invert again to recompute it"
+
+    a, b, c, d, e, f = ids
+    assert [(p.entry_id, p.file, p.reason) for p in verify(layout)] == [
+        (a, step, corrupt(a, step, f"is {size + 1} bytes but the manifest records {size}")),
+        (b, step, corrupt(b, step, "fails its checksum")),
+        (c, "manifest.json", f"is missing — {rm(c)}"),
+        (d, "manifest.json", f"is unreadable (not valid manifest JSON) — {rm(d)}"),
+        (e, "../x.safetensors", f"the manifest lists a path outside the entry — {rm(e)}"),
+        (e, "trajectory/z.safetensors", f"its manifest record is damaged — {rm(e)}"),
+        (f, "trajectory/.step_0001.safetensors.tmp-1-ab", f"leftover temporary file from an interrupted write — delete it (safe) or {rm(f)}"),
+        (f, "trajectory/step_0009.safetensors", corrupt(f, "trajectory/step_0009.safetensors", "is truncated or has a damaged safetensors header")),
+    ]
+    assert verify(layout, [a]) == verify(layout)[:1]
+
+
+def test_recorded_edits_list_newest_first_and_skip_what_cannot_play(layout, monkeypatch):
+    import cache.edits
+    from cache.edits import EditRecord, list_edits, record_edit
+
+    paths = layout.entry(ID_A)
+    paths.edits_dir.mkdir(parents=True)
+    times = iter(["2024-01-01T00:00:00+00:00", "2024-02-01T00:00:00+00:00", "2024-03-01T00:00:00+00:00"])
+    monkeypatch.setattr(cache.edits, "utc_now", lambda: next(times))
+    made = []
+    for n in range(3):
+        video, pair = paths.edits_dir / f"e{n}.mp4", paths.edits_dir / f"e{n}-side-by-side.mp4"
+        video.write_bytes(b"v"), pair.write_bytes(b"p")
+        made.append(record_edit(paths, video, pair, f"prompt {n}", {"guidance": n}))
+    assert made[0] == EditRecord("prompt 0", {"guidance": 0}, paths.edits_dir / "e0.mp4", paths.edits_dir / "e0-side-by-side.mp4", "2024-01-01T00:00:00+00:00")
+    assert json.loads((paths.edits_dir / "e0.json").read_text()) == {
+        "prompt": "prompt 0", "settings": {"guidance": 0}, "video": "e0.mp4", "side_by_side": "e0-side-by-side.mp4", "created": "2024-01-01T00:00:00+00:00",
+    }
+    assert list_edits(paths) == made[::-1]
+    (paths.edits_dir / "e2-side-by-side.mp4").unlink()  # a video gone: not listed
+    (paths.edits_dir / "bad.json").write_text("{")  # unreadable
+    (paths.edits_dir / "out.json").write_text(json.dumps({**json.loads((paths.edits_dir / "e0.json").read_text()), "video": "../e0.mp4"}))
+    (paths.edits_dir / "keyless.json").write_text(json.dumps({"prompt": "x"}))
+    assert list_edits(paths) == [made[1], made[0]]
+    with pytest.raises(ValueError, match="is not in"):
+        record_edit(paths, layout.root / "e.mp4", paths.edits_dir / "e0-side-by-side.mp4", "p", {})
+
+
+def test_an_inversion_entry_from_new_to_complete(layout):
+    """InversionEntry's life as the engine drives it, read back from disk at each stage."""
+    from cache.entry import InversionEntry
+
+    paths = layout.entry(ID_A)
+    assert InversionEntry.read(paths) is None  # no manifest yet: a miss
+    settings = {"invert": {"steps": 3, "source_prompt": "a rabbit"}, "dtype": "torch.float32", "model": {"key": "k", "source": "/m"},
+                "frames": {"max_frames": 9}}
+    entry = InversionEntry.new(paths, {"video": "v"}, settings, {"video": "v.mp4", "fps": 12.5})
+    entry.write()
+
+    def again() -> InversionEntry:
+        return InversionEntry.read(paths)
+
+    e = again()
+    assert e.manifest["settings"] == {**settings, "format": FORMAT_VERSION, "identity": {"video": "v"}} and e.manifest["kind"] == "inversion"
+    assert (e.id, e.complete, e.steps, e.source_prompt, e.dtype_name, e.model_key, e.model_source) == (ID_A, False, 3, "a rabbit", "torch.float32", "k", "/m")
+    assert (e.frames, e.fps, e.encoded, e.steps_done, e.verify, e.stores()) == (9, 12.5, False, 0, None, {})
+    entry.mark_encoded(5, [1, 2, 3])
+    e = again()
+    assert (e.encoded, e.frames, e.manifest["summary"]["latent_shape"]) == (True, 5, [1, 2, 3])
+    step = paths.step_file(0)
+    entry.save(step, {"x": torch.arange(4.0)}, t=999)
+    entry.mark_step(0)
+    e = again()
+    assert e.steps_done == 1 and e.manifest["stages"]["invert"] == {"done": 1, "total": 3}
+    assert e.has_file(step) and e.record_of(step) == FileRecord(**e.manifest["files"]["trajectory/step_0000.safetensors"])
+    assert read_metadata(step)["t"] == "999" and torch.equal(e.load(step, "x"), torch.arange(4.0))
+    assert e.files_under(paths.dir / "trajectory") == [step] and e.files_under(paths.dir / "traj") == []
+    assert e.size_of([step]) == step.stat().st_size and e.missing_files() == []
+    entry.set_verify({"psnr_db": 40.0})
+    entry.set_store("s1", {"steps": [1]})
+    entry.mark_complete()
+    e = again()
+    assert e.complete and e.verify == {"psnr_db": 40.0} and e.stores() == {"s1": {"steps": [1]}}
+    step.write_bytes(step.read_bytes() + b"x")
+    assert e.missing_files() == ["trajectory/step_0000.safetensors"]
+    step.unlink()
+    assert e.missing_files() == ["trajectory/step_0000.safetensors"]
+    e.forget(step)
+    assert not e.has_file(step) and e.record_of(step) is None and e.missing_files() == []
+
+
+def test_an_unusable_manifest_is_a_miss_with_a_warning_naming_it(tmp_path, caplog):
+    path = tmp_path / "manifest.json"
+    cases = {
+        b"\xff\xfe": f"ignoring unreadable cache manifest {path} (",
+        b"{x": f"ignoring corrupt cache manifest {path} (Expecting property name",
+        b"[1]": f"ignoring cache manifest {path}: not a cogedit manifest; the entry will be recomputed",
+        b'{"format_version": "1"}': f"ignoring cache manifest {path}: not a cogedit manifest; the entry will be recomputed",
+    }
+    for data, message in cases.items():
+        path.write_bytes(data)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="cogedit"):
+            assert read_manifest(path) is None
+        assert [r.getMessage()[: len(message)] for r in caplog.records] == [message], data
+    path.write_text(json.dumps({"format_version": FORMAT_VERSION + 1}))
+    with pytest.raises(CacheFormatError, match=str(path)):
+        read_manifest(path)
 
 
 def test_remove_entry(layout):
@@ -767,6 +1112,11 @@ def test_format_size():
     assert format_size(2_300_000) == "2.2 MiB"
     assert format_size(9_200_000_000) == "8.6 GiB"
     assert format_size(-2048) == "-2.0 KiB"
+    # the unit changes exactly at 1024 of the smaller one; PiB is the last
+    assert [format_size(n) for n in (1024, 1024**2 - 1, 1024**2)] == ["1.0 KiB", "1024.0 KiB", "1.0 MiB"]
+    assert [format_size(3 * 1024**4), format_size(3 * 1024**5), format_size(2048 * 1024**5)] == ["3.0 TiB", "3.0 PiB", "2048.0 PiB"]
+    with pytest.raises(ValueError, match=r"e.g. 0, 500MiB, 10GB or 1.5G \(G = GiB = 2\^30 bytes, GB = 10\^9 bytes\)$"):
+        parse_size(10)  # not text: a one-line error, not a TypeError
 
 
 def test_gc_counts_and_removes_compiled_kernels_with_the_prompts(layout):

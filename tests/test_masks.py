@@ -36,6 +36,7 @@ def inversion(tiny_model, tmp_path_factory):
         ("-0.1,0.2,0.5,0.9", "outside the frame"),
         ("0.5,0.2,0.5,0.9", "is empty"),
         ("0.1,0.9,0.5,0.2", "is empty"),
+        ("0.1,0.5,0.5,0.5", "is empty"),
     ],
 )
 def test_bad_boxes_are_refused(box, expected):
@@ -49,6 +50,12 @@ def test_box_covers_its_fraction_of_the_frame():
     assert mask[:, 48:, 40:120].all() and mask.sum() == 9 * 48 * 80
 
 
+def test_a_pixel_whose_center_lies_on_the_boxs_edge_is_inside():
+    # centers at 1/8, 3/8, 5/8, 7/8 of the side: exact in binary, so the edges hit them exactly
+    mask = box_mask((0.125, 0.375, 0.625, 0.875), 1, 4, 4)
+    assert mask.pixels[0].tolist() == [[0, 0, 0, 0], [1, 1, 1, 0], [1, 1, 1, 0], [1, 1, 1, 0]] and mask.label == "box 0.125,0.375,0.625,0.875"
+
+
 def test_latent_mask_takes_the_union_of_each_latent_frames_frames_and_a_soft_edge():
     pixels = torch.zeros(9, 96, 160)
     pixels[3, 32:64, 48:96] = 1.0  # one frame only: latent frame 1 encodes frames 1-4
@@ -59,6 +66,19 @@ def test_latent_mask_takes_the_union_of_each_latent_frames_frames_and_a_soft_edg
     ring = grid[1, 0, 3, 6:12]  # one cell outside: soft, not 0 or 1
     assert ((ring > 0) & (ring < 1)).all()
     assert grid[1, 0, :2].max() == 0 and grid[1, 0, :, :5].max() == 0  # two cells out: untouched
+
+
+def test_each_pixel_frame_lands_in_its_own_latent_frame():
+    """The causal VAE encodes frame 0 alone, then frames 4k-3..4k in latent frame k: a mask one
+    frame off edits a latent frame the user did not mark."""
+    for j in range(9):
+        pixels = torch.zeros(9, 8, 8)
+        pixels[j] = 1.0
+        grid = latent_mask(Mask(pixels, "test"), 3, 2, 2)
+        assert [int(grid[k].max() > 0) for k in range(3)] == [int(k == (j + 3) // 4) for k in range(3)], j
+    with pytest.raises(engine.SettingsError) as err:
+        latent_mask(Mask(torch.zeros(8, 8, 8), "test"), 3, 2, 2)
+    assert str(err.value) == "the mask has 8 frames, the edit 9"
 
 
 def test_image_mask_and_its_errors(tmp_path):

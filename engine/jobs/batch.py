@@ -21,6 +21,7 @@ rewrites nothing, and a worker killed mid-run loses only the step it was in.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import sys
@@ -63,8 +64,10 @@ class Job:
 
     @property
     def inversion_key(self) -> str:
-        """Jobs with equal keys share one inversion (the cache's id is only known after probing)."""
-        return json.dumps([str(Path(self.video).resolve()), self.model, self.invert], sort_keys=True, default=str)
+        """Jobs with equal keys share one inversion (the cache's id is only known after probing):
+        the same video, model and invert options, a default typed out or left out alike."""
+        options = dataclasses.asdict(InvertOptions(**self.invert))
+        return json.dumps([str(Path(self.video).resolve()), self.model, options], sort_keys=True, default=str)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,225 @@
+"""Mutation testing of the modules where a wrong line is a wrong result a user sees: the cache, the
+web app's folder check, masks, hooks and stages. Long (hours for all of them on 2 cores): not in CI.
+
+    python benchmarks/mutation.py                 # every module, then benchmarks/results/MUTATION.md
+    python benchmarks/mutation.py cache folders   # some modules (the others keep their last results)
+    python benchmarks/mutation.py --report        # MUTATION.md from the results on disk
+
+Each module runs mutmut 3 (configured in pyproject.toml's [tool.mutmut]) in a scratch copy of the
+working tree, `.mutation/<module>/`, mutating that module only and running only the tests that
+exercise it (below; mutmut then runs, per mutant, those of them that call the mutated function).
+Results land in benchmarks/results/mutation/<module>.json: every mutant's status and each
+survivor's diff. A survivor is either killed by a new test or listed in EQUIVALENT with the reason
+it cannot change behaviour; MUTATION.md counts both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+SCRATCH = ROOT / ".mutation"
+
+# module -> (the files mutated, as only_mutate globs; the tests that exercise them)
+MODULES: dict[str, tuple[list[str], list[str]]] = {
+    "folders": (["webui/folders.py"], ["tests/test_settings_pinned.py", "tests/test_webui.py::test_only_the_cache_and_the_uploads_folder_are_reachable"]),
+    # The two tests of another process are left out: a child importing the mutated code fails in mutmut's trampoline.
+    "cache": (["cache/*"], ["tests/test_cache.py", "tests/test_settings_pinned.py", "-k", "not read_only_cache_dir_chmod and not two_processes_contend"]),
+    "masks": (["engine/video/masks.py"], ["tests/test_masks.py"]),
+    "hooks": (["engine/hooks/*"], ["tests/test_injection.py", "tests/test_row_groups.py", "tests/test_attention_store.py", "tests/test_plans.py", "tests/test_structure.py"]),
+    "stages": (
+        ["engine/stages/*"],
+        ["tests/test_settings_pinned.py", "tests/test_structure.py", "tests/test_inversion.py", "tests/test_fixed_point.py", "tests/test_verify.py", "tests/test_injection.py"],
+    ),
+}
+
+# A test failed, or ran past mutmut's time limit (an endless loop is caught so too).
+KILLED = ("killed", "timeout")
+
+# Survivors that cannot change behaviour: mutant name -> why. Checked against each run: an entry
+# whose mutant no longer survives is reported as stale.
+EQUIVALENT: dict[str, str] = {
+    **dict.fromkeys(
+        ("cache.keys.x__dumps__mutmut_5", "cache.keys.x__dumps__mutmut_10", "cache.keys.x__dumps__mutmut_15"),
+        "allow_nan changed: _canonical turns NaN and infinities into strings first, so json.dumps never meets one",
+    ),
+    **dict.fromkeys(
+        (f"engine.video.masks.x_latent_mask__mutmut_{n}" for n in (60, 61, 63, 69)),
+        "the clamp loosened: cells average 0-1 pixels and the blur's kernel sums to 1, so both terms of the maximum already lie in 0-1",
+    ),
+}
+# The same by the line a mutant writes: (regular expression, why).
+EQUIVALENT_LINES = [
+    (r'(read_text|encode)\(.*"UTF-8"', "codec names are case-insensitive: 'UTF-8' is 'utf-8'"),
+    (r"fromtimestamp\([^,()]+, (None)?\)", "None is fromtimestamp's default time zone"),
+    (r'getattr\(os, "(XXO_BINARYXX|o_binary)", 0\)', "POSIX has no O_BINARY: getattr gives its default, 0, for this name too"),
+    (r"f\.read\(None\)", "reads the file in one piece: the same digest, more memory"),
+    (r"ensure_ascii=None", "None is as false as False: json escapes nothing either way"),
+]
+
+
+def equivalent(name: str, diff: str) -> str | None:
+    """Why a surviving mutant cannot change behaviour, or None."""
+    added = "\n".join(line for line in diff.splitlines() if line.startswith("+") and not line.startswith("+++"))
+    return EQUIVALENT.get(name) or next((why for pattern, why in EQUIVALENT_LINES if re.search(pattern, added)), None)
+
+
+def _tree_files() -> list[str]:
+    out = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, check=True, capture_output=True, text=True).stdout
+    return [f for f in out.splitlines() if (ROOT / f).is_file()]
+
+
+def _scratch(module: str) -> Path:
+    """A copy of the working tree whose pyproject mutates `module` only, with its tests."""
+    where = SCRATCH / module
+    shutil.rmtree(where, ignore_errors=True)
+    for f in _tree_files():
+        (where / f).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / f, where / f)
+    globs, tests = MODULES[module]
+    text = (where / "pyproject.toml").read_text()
+    own = "\n".join([f"only_mutate = {json.dumps(globs)}", f"pytest_add_cli_args_test_selection = {json.dumps(tests)}"])
+    (where / "pyproject.toml").write_text(re.sub(r"^only_mutate = .*$\n^pytest_add_cli_args_test_selection = .*$", lambda _: own, text, flags=re.M))
+    if own not in (where / "pyproject.toml").read_text():
+        raise SystemExit("pyproject.toml's [tool.mutmut] must keep only_mutate and pytest_add_cli_args_test_selection on one line each, in that order")
+    return where
+
+
+def _mutmut(where: Path, *args: str, check: bool = True, minutes: float | None = None) -> str:
+    # Fewer examples per property (tests/test_settings_pinned.py): each mutant reruns them.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0", "COGEDIT_PROPERTY_SCALE": "0.25"}
+    try:
+        done = subprocess.run(["nice", "-n", "10", sys.executable, "-m", "mutmut", *args], cwd=where, env=env, capture_output=True, text=True, timeout=minutes and minutes * 60)
+    except subprocess.TimeoutExpired:  # what was checked so far is saved; the rest reads "not checked"
+        return ""
+    if check and done.returncode != 0:
+        raise SystemExit(f"mutmut {' '.join(args)} failed in {where}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    return done.stdout
+
+
+# Each survivor's diff, in one process (`mutmut show` per mutant starts mutmut hundreds of times).
+_SHOW = """
+import json, sys
+from mutmut.mutation.diff_apply import get_diff_for_mutant
+print(json.dumps({name: get_diff_for_mutant(name) for name in json.load(sys.stdin)}))
+"""
+
+
+def _diffs(where: Path, names: list[str]) -> dict[str, str]:
+    done = subprocess.run([sys.executable, "-c", _SHOW], cwd=where, input=json.dumps(names), capture_output=True, text=True, check=True)
+    return json.loads(done.stdout)
+
+
+def run_module(module: str, children: int, minutes: float | None) -> dict:
+    where = _scratch(module)
+    start = time.perf_counter()
+    _mutmut(where, "run", "--max-children", str(children), check=False, minutes=minutes)
+    seconds = time.perf_counter() - start
+    statuses = dict(re.findall(r"^\s+(\S+): (.+)$", _mutmut(where, "results", "--all", "true"), flags=re.M))
+    if not statuses or all(s == "not checked" for s in statuses.values()):
+        raise SystemExit(f"mutmut checked no mutant of {module}: run `python -m mutmut run` in {where} to see why")
+    survivors = _diffs(where, [name for name, status in statuses.items() if status not in (*KILLED, "not checked")])
+    result = {
+        "module": module, "date": f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC", "files": MODULES[module][0], "tests": MODULES[module][1],
+        "seconds": round(seconds), "statuses": statuses, "survivors": survivors,
+    }
+    out = RESULTS / "mutation" / f"{module}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+def _versions() -> str:
+    import hypothesis
+    import mutmut
+    import pytest
+
+    return f"mutmut {mutmut.__version__}, pytest {pytest.__version__}, hypothesis {hypothesis.__version__}, Python {platform.python_version()}"
+
+
+def _counts(statuses: dict[str, str], survivors: dict[str, str]) -> tuple[int, int, int, int, int]:
+    """(mutants, not checked, killed, survived, equivalent)."""
+    n = len(statuses)
+    unchecked = sum(s == "not checked" for s in statuses.values())
+    killed = sum(s in KILLED for s in statuses.values())
+    return n, unchecked, killed, n - unchecked - killed, sum(equivalent(m, d) is not None for m, d in survivors.items())
+
+
+def _row(label: str, files: str, counts: tuple[int, ...], minutes: str = "") -> str:
+    n, unchecked, killed, survived, equivalent = counts
+    share = f"{(killed + equivalent) / (n - unchecked):.1%}" if n > unchecked else ""
+    return f"| {label} | {files} | {n} | {unchecked} | {killed} | {survived} | {equivalent} | {share} | {minutes} |"
+
+
+def _changed_lines(diff: str) -> str:
+    return " / ".join(" ".join(line.split()) for line in diff.splitlines() if line[:1] in "-+" and line[:3] not in ("---", "+++"))
+
+
+def report() -> str:
+    """MUTATION.md from every module's results on disk: a row per module and per file, and every survivor."""
+    lines = [
+        "# Mutation testing",
+        "",
+        f"`python benchmarks/mutation.py` (mutmut, [tool.mutmut] in pyproject.toml), {datetime.now(timezone.utc):%Y-%m-%d}; {_versions()};",
+        f"{platform.machine()} {platform.system()}, {os.cpu_count()} cores (shared), `nice -n 10`. Killed: a selected test failed, or timed out;",
+        "survived includes mutants no selected test reaches (mutmut's 'no tests').",
+        "",
+        "| module | files | mutants | not checked (time) | killed | survived | equivalent | killed or equivalent, of those checked | minutes |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    details, totals = [], [0] * 5
+    for module in MODULES:
+        path = RESULTS / "mutation" / f"{module}.json"
+        if not path.exists():
+            lines.append(f"| {module} | {', '.join(MODULES[module][0])} | not run | | | | | | |")
+            continue
+        r = json.loads(path.read_text())
+        counts = _counts(r["statuses"], r["survivors"])
+        totals = [a + b for a, b in zip(totals, counts)]
+        date = r.get("date") or f"{datetime.fromtimestamp(path.stat().st_mtime, timezone.utc):%Y-%m-%d %H:%M} UTC"
+        lines.append(_row(f"**{module}**", ", ".join(r["files"]), counts, f"{r['seconds'] / 60:.0f} ({date})"))
+        by_file: dict[str, list[str]] = {}
+        for name in r["statuses"]:
+            by_file.setdefault(name[: name.index(".x")], []).append(name)
+        for file, names in sorted(by_file.items()):
+            lines.append(_row("", file.replace(".", "/") + ".py", _counts({m: r["statuses"][m] for m in names}, {m: r["survivors"][m] for m in names if m in r["survivors"]})))
+        details += [f"- `{name}` ({equivalent(name, diff) or r['statuses'][name]}): `{_changed_lines(diff)}`" for name, diff in r["survivors"].items()]
+    if totals[0]:
+        lines.append(_row("all", "", tuple(totals)))
+    stale = sorted(set(EQUIVALENT) - {m for p in (RESULTS / "mutation").glob("*.json") for m in json.loads(p.read_text())["survivors"]})
+    if stale:
+        lines += ["", f"Stale EQUIVALENT entries (their mutants no longer survive): {', '.join(stale)}"]
+    return "\n".join(lines + ["", "## Survivors", "", "Each with its status, or why it is equivalent, and the changed line.", "", *details]) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("modules", nargs="*", help=f"modules to run: {', '.join(MODULES)} (default: all)")
+    parser.add_argument("--report", action="store_true", help="only write MUTATION.md from the results on disk")
+    parser.add_argument("--children", type=int, default=2, help="mutants tested at once")
+    parser.add_argument("--minutes", type=float, default=None, help="stop each module after this long (the rest is reported as not checked)")
+    args = parser.parse_args()
+    unknown = sorted(set(args.modules) - set(MODULES))
+    if unknown:
+        parser.error(f"unknown module(s) {', '.join(unknown)}; the modules are {', '.join(MODULES)}")
+    if not args.report:
+        for module in args.modules or MODULES:
+            r = run_module(module, args.children, args.minutes)
+            print(f"{module}: {len(r['statuses'])} mutants, {len(r['survivors'])} not killed, {r['seconds']} s", flush=True)
+    (RESULTS / "MUTATION.md").write_text(report())
+    print(RESULTS / "MUTATION.md")
+
+
+if __name__ == "__main__":
+    main()
