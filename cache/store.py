@@ -180,7 +180,7 @@ def settings_flags(settings: dict) -> tuple[dict, list[str]]:
         "--compile": True if identity.get("compiled") else None,
         "--fp8": True if identity.get("fp8") else None,
         "--attention": identity.get("attention"),
-        "--frames": frames.get("max_frames") or "all",
+        "--frames": "all" if "max_frames" in frames and frames["max_frames"] is None else frames.get("max_frames"),  # None recorded: every frame
         "--fps": frames.get("fps"),
         "--window-overlap": invert.get("overlap") if invert.get("window") else None,
         "--skip-start": frames.get("skip_start") or None,

@@ -127,12 +127,13 @@ def _refined_only_by_fixed_point(o: dict) -> dict:
 
 
 def inversion_id(info, options: dict, runtime: dict, video: str = "a" * 64) -> str:
-    frames, invert = _invert_settings(InvertOptions(**options))
+    frames, invert = _invert_settings(InvertOptions(**options), info)
     return stable_hash(inversion_identity(video, frames, select_frame_indices(CLIP_FRAMES, frames), info, _runtime(runtime), invert))
 
 
-def effective_inversion(options: dict, runtime: dict) -> tuple:
-    o = InvertOptions(**options)
+def effective_inversion(info, options: dict, runtime: dict) -> tuple:
+    own = info.defaults  # frames and size left out are the model's own
+    o = dataclasses.replace(InvertOptions(**options), **{k: getattr(own, k) for k in ("frames", "height", "width") if options.get(k) is None})
     cfg = o.guidance > 1 and o.negative_prompt != o.source_prompt
     iters = (o.inversion_iters or 1) if o.inversion == "fixed-point" else 0
     picked = tuple(select_frame_indices(CLIP_FRAMES, FrameSettings(o.frames, o.skip_start, o.skip_end, o.stride, o.height, o.width, o.fit)))
@@ -143,7 +144,7 @@ def effective_inversion(options: dict, runtime: dict) -> tuple:
 @given(pair=pairs(INVERT, _refined_only_by_fixed_point), runtime=near(RUNTIME, required=True))
 def test_two_inversions_share_an_id_exactly_when_they_give_the_same_trajectory(info, pair, runtime):
     (a, b), (ra, rb) = pair, runtime
-    same = effective_inversion(a, ra) == effective_inversion(b, rb)
+    same = effective_inversion(info, a, ra) == effective_inversion(info, b, rb)
     event(f"same trajectory: {same}")  # --hypothesis-show-statistics: both kinds of pair come up
     assert (inversion_id(info, a, ra) == inversion_id(info, b, rb)) == same, (a, ra, b, rb)
 
@@ -151,7 +152,7 @@ def test_two_inversions_share_an_id_exactly_when_they_give_the_same_trajectory(i
 def test_each_inversion_setting_changed_alone_changes_the_id_exactly_when_it_counts(info):
     rt = DEFAULT_RUNTIME
     wrong = [(a, b) for a, b in one_change(INVERT_VALUES, INVERT_CONTEXTS, _refined_only_by_fixed_point)
-             if (inversion_id(info, a, rt) == inversion_id(info, b, rt)) != (effective_inversion(a, rt) == effective_inversion(b, rt))]
+             if (inversion_id(info, a, rt) == inversion_id(info, b, rt)) != (effective_inversion(info, a, rt) == effective_inversion(info, b, rt))]
     assert not wrong, wrong[:3]
 
 
@@ -248,10 +249,15 @@ job_invert = st.fixed_dictionaries({}, optional={
 @settings(max_examples=int(60 * SCALE), deadline=None)
 @given(tables=st.lists(st.tuples(st.sampled_from(["a.mp4", "b.mp4"]), st.sampled_from(["m1", "m2"]), job_invert), min_size=1, max_size=6))
 def test_a_batch_inverts_once_per_distinct_inversion(tables):
+    from unittest import mock
+
     from engine.jobs.batch import Job, plan_units
+    from engine.models.model_info import ModelDefaults
 
     jobs = [Job(f"job{n}", video, ("a watercolor painting",), model, invert) for n, (video, model, invert) in enumerate(tables)]
-    inversions = [u for u in plan_units(jobs) if u.kind == "invert"]
+    # m1 and m2 are names, not folders: only the split's cost estimate reads a model's own sizes
+    with mock.patch("engine.jobs.batch._model_defaults", return_value=ModelDefaults(49, 480, 720, 8.0)):
+        inversions = [u for u in plan_units(jobs) if u.kind == "invert"]
     which = {job.name: n for n, u in enumerate(inversions) for job in u.jobs}
     assert sorted(which) == sorted(j.name for j in jobs)  # every job's inversion is planned, once
 
@@ -266,7 +272,7 @@ def test_a_batch_inverts_once_per_distinct_inversion(tables):
 # ------------------------------------------------------------------------------ defaults
 
 # The engine option a CLI parameter sets, where the names differ.
-OPTION_OF = {"compile_blocks": "compile", "invert_guidance": "guidance", "invert_negative_prompt": "negative_prompt"}
+OPTION_OF = {"compile_blocks": "compile", "invert_guidance": "guidance", "invert_negative_prompt": "negative_prompt", "invert_fps": "fps"}
 # Options with no flag of that command, and why.
 NOT_A_FLAG = {
     "invert": {},
@@ -329,28 +335,34 @@ def test_the_plan_commands_sizes_are_the_engines():
 # The option each web-app widget sets, and how the handler turns the widget's value into it.
 WEB_INVERT = {
     "source_prompt": "source_prompt", "frames": "frames", "height": "height", "width": "width", "steps": "steps", "fit": "fit", "method": "inversion",
-    "guidance": "guidance", "verify": "verify",
+    "guidance": "guidance", "verify": "verify", "attention": "attention",
 }
 WEB_EDIT = {
     "inject_steps": "inject_steps", "inject_layers": "inject_layers", "strength": "inject_strength", "guidance": "guidance", "negative": "negative_prompt",
-    "negative_source": "negative_from_source", "init": "init", "seed": "seed", "reference": "reference",
+    "negative_source": "negative_from_source", "init": "init", "seed": "seed", "reference": "reference", "attention": "attention",
 }
 
 
 def test_every_web_app_default_is_the_engines(tiny_model, tmp_path):
     import gradio as gr
 
+    from engine.models.model_info import inspect_model
     from webui.actions import app_config
     from webui.app import _edit_tab, _invert_tab
     from webui.folders import Folders
 
     cfg = app_config(str(tiny_model), Folders.make(tmp_path / "cache", tmp_path / "uploads"))
     with gr.Blocks():
-        inv, ed = _invert_tab(cfg.invert_defaults), _edit_tab(cfg.prompts)
+        inv, ed = _invert_tab(cfg.invert_defaults, cfg.world), _edit_tab(cfg.prompts, cfg.examples, cfg.world)
     o, e = InvertOptions(), EditOptions()
+    own = inspect_model(tiny_model).defaults  # what the engine's None means for frames and size: the model's own
     for widgets, opts, table in ((inv, o, WEB_INVERT), (ed, e, WEB_EDIT)):
         for widget, option in table.items():
-            assert _normal(option, getattr(widgets, widget).value) == _normal(option, getattr(opts, option)), f"{widget}: {getattr(widgets, widget).value!r}, engine {getattr(opts, option)!r}"
+            engine_value = getattr(opts, option)
+            if engine_value is None and option in ("frames", "height", "width"):
+                engine_value = getattr(own, option)
+            assert _normal(option, getattr(widgets, widget).value) == _normal(option, engine_value), f"{widget}: {getattr(widgets, widget).value!r}, engine {engine_value!r}"
+    assert inv.every.value is False and o.frames != "all"  # every frame: off, as the engine's default
     assert inv.plan.value == "auto" and o.plan is None  # auto: no plan given, the engine picks
     assert ed.mask_box.value == "" and e.mask_box is None  # empty: the handler passes no box
 
@@ -411,7 +423,7 @@ def test_a_sibling_folder_whose_name_starts_like_the_cache_is_outside(tree):
 def test_the_folders_are_made_where_asked_and_bundled_clips_copied_into_the_uploads(tmp_path):
     from engine.errors import SettingsError
     from engine.video.clips import CLIPS
-    from webui.folders import Folders
+    from webui.folders import Folders, bundled_names
 
     default = Folders.make(tmp_path / "c")
     assert default.uploads == (tmp_path / "c" / "uploads").resolve() and default.uploads.is_dir()
@@ -423,4 +435,4 @@ def test_the_folders_are_made_where_asked_and_bundled_clips_copied_into_the_uplo
     assert [copy for copy, _ in (first, second)] == [nested.uploads / "clips" / c.path.name for c in CLIPS[:2]]
     with pytest.raises(SettingsError) as err:
         nested.bundled_clip("nope")
-    assert str(err.value) == f"no bundled clip is named 'nope'; pick one of {', '.join(c.name for c in CLIPS)}"
+    assert str(err.value) == f"no bundled clip is named 'nope'; pick one of {', '.join(bundled_names())}"
