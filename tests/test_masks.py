@@ -13,7 +13,7 @@ import engine
 from cli import cli
 from engine.models.components import Runtime
 from engine.stages.settings import EditSettings
-from engine.video.masks import Mask, box_mask, latent_mask, load_mask, parse_box
+from engine.video.masks import Mask, box_mask, latent_mask, load_mask, mask_spec, parse_box
 from engine.video.reader import FrameSettings
 from engine.workflow import edit_stem
 from tests.conftest import CLIPS, SMALL
@@ -104,6 +104,87 @@ def test_video_mask_needs_one_frame_per_source_or_edited_frame():
         load_mask(CLIPS / "bunny_small.mp4", FRAMES, 131, 9)
     # ... and as a mask of a 47-frame source it goes through the same frame selection
     assert load_mask(CLIPS / "bunny_small.mp4", FRAMES, 47, 9).pixels.shape == (9, 96, 160)
+
+
+def test_a_mask_of_the_edits_frames_ignores_the_sources_skips_and_stride(tmp_path):
+    """A mask video with one frame per edited frame is read whole, frame for frame: the source's
+    --skip-start/--skip-end/--stride picked the edit's frames and must not pick among the mask's."""
+    from engine.stages.decode import write_video
+
+    ramp = np.stack([np.full((48, 80, 3), 20 * i + 40, np.uint8) for i in range(9)])  # frame i: gray level 20i + 40
+    write_video(ramp, tmp_path / "ramp.mp4", fps=8.0)
+    plain = load_mask(tmp_path / "ramp.mp4", FRAMES, 131, 9).pixels
+    picky = FrameSettings(9, skip_start=3, skip_end=5, stride=2, height=96, width=160)
+    assert torch.equal(load_mask(tmp_path / "ramp.mp4", picky, 131, 9).pixels, plain)
+    levels = plain.mean((1, 2))
+    assert torch.allclose(levels, (20 * torch.arange(9) + 40) / 255, atol=0.03)  # in order, gray levels / 255
+
+
+def test_a_gray_mask_is_its_gray_level_over_255(tmp_path):
+    Image.fromarray(np.full((48, 80), 128, np.uint8)).save(tmp_path / "half.png")
+    Image.fromarray(np.full((48, 80), 255, np.uint8)).save(tmp_path / "white.png")
+    half = load_mask(tmp_path / "half.png", FRAMES, 131, 9)
+    assert torch.allclose(half.pixels, torch.full((9, 96, 160), 128 / 255), atol=1e-6) and half.label == "file half.png"
+    assert torch.equal(load_mask(tmp_path / "white.png", FRAMES, 131, 9).pixels, torch.ones(9, 96, 160))
+
+
+def test_a_mask_image_of_another_shape_meets_the_frame_as_the_source_did(tmp_path):
+    wide = np.zeros((30, 120), np.uint8)
+    wide[:, 60:] = 255  # right half white, in a 4:1 image
+    Image.fromarray(wide).save(tmp_path / "wide.png")
+    for fit in ("stretch", "crop", "pad"):
+        pixels = load_mask(tmp_path / "wide.png", FrameSettings(9, height=96, width=160, fit=fit), 131, 9).pixels
+        assert pixels.shape == (9, 96, 160)
+        assert pixels[:, 48, 84:].min() > 0.9 and pixels[:, 48, :76].max() < 0.1, fit  # the right half, left and right of the middle
+    assert load_mask(tmp_path / "wide.png", FrameSettings(9, height=96, width=160, fit="pad"), 131, 9).pixels[:, :10].max() == 0  # bars above
+
+
+def test_array_mask_errors_name_the_edits_shape_exactly():
+    tall = FrameSettings(9, height=96, width=160)
+    with pytest.raises(engine.SettingsError) as err:
+        load_mask(np.ones((96, 96)), tall, 131, 9)
+    assert str(err.value) == "mask array is shaped [9, 96, 96]; give [96, 160] or [9, 96, 160] (the edit's frames, height, width)"
+    with pytest.raises(engine.SettingsError) as err:
+        load_mask(np.ones((4, 96, 160)), tall, 131, 9)  # right size, wrong frame count
+    assert "shaped [4, 96, 160]" in str(err.value)
+    with pytest.raises(engine.SettingsError) as err:
+        load_mask(np.full((96, 160), -0.5), tall, 131, 9)
+    assert str(err.value) == "mask array values must lie in 0-1 (1 = may change)"
+    with pytest.raises(engine.SettingsError) as err:
+        load_mask(np.full((96, 160), 0.49), tall, 131, 9)
+    assert str(err.value) == "the mask (array) is black everywhere: nothing could change; paint white where the edit may change"
+    mask = load_mask(np.full((96, 160), 0.5, np.float64), tall, 131, 9)  # exactly half passes the black check
+    assert mask.label == "array" and mask.pixels.dtype == torch.float32
+    with pytest.raises(engine.SettingsError) as err:
+        mask_spec("a.png", "0,0,1,1")
+    assert str(err.value) == "give --mask or --mask-box, not both"
+
+
+def test_a_mask_per_shown_frame_is_padded_with_its_last_frame(tmp_path):
+    """A clip padded to 4k+1 by repeating its last frame (6 shown, 9 edited) takes a mask of its 6
+    shown frames, the last one repeated for the padding, as an array or as a video."""
+    from engine.stages.decode import write_video
+
+    arr = np.zeros((6, 96, 160), np.float32)
+    for i in range(6):
+        arr[i, :, 20 * i : 20 * i + 40] = 1  # a band that moves right
+    pixels = load_mask(arr, FRAMES, 131, 9, shown=6).pixels
+    assert pixels.shape == (9, 96, 160) and torch.equal(pixels[:6], torch.from_numpy(arr))
+    assert all(torch.equal(pixels[i], pixels[5]) for i in range(6, 9))
+    with pytest.raises(engine.SettingsError, match="shaped \\[6, 96, 160\\]"):
+        load_mask(arr, FRAMES, 131, 9)  # 6 frames are not the edit's 9 when none is padded
+    write_video(np.stack([np.full((48, 80, 3), 40 * i + 40, np.uint8) for i in range(6)]), tmp_path / "six.mp4", fps=8.0)
+    video = load_mask(tmp_path / "six.mp4", FRAMES, 131, 9, shown=6).pixels
+    assert video.shape == (9, 96, 160) and torch.allclose(video.mean((1, 2)), torch.tensor([40 * min(i, 5) + 40 for i in range(9)]) / 255, atol=0.03)
+
+
+def test_the_soft_edge_continues_the_mask_past_the_frames_border():
+    """The blur pads by repeating the border cells: a strip along the left edge gets the same
+    ramp beside it from top to bottom (zero padding would fade it at the corners)."""
+    pixels = torch.zeros(1, 96, 160)
+    pixels[:, :, :8] = 1  # the left latent column (cells of 8 pixels)
+    grid = latent_mask(Mask(pixels, "strip"), 1, 12, 20)[0, 0]
+    assert torch.all(grid[:, 0] == 1) and torch.allclose(grid[:, 1], torch.full((12,), 0.25)) and torch.all(grid[:, 2:] == 0)
 
 
 def test_array_masks_are_checked():
