@@ -1129,3 +1129,62 @@ def test_gc_counts_and_removes_compiled_kernels_with_the_prompts(layout):
     removed = gc(layout, 1500)
     assert [(e.kind, e.id) for e in removed] == [("compiled kernels", "a")]
     assert not old.exists() and new.exists()
+
+
+# ---------------------------------------------------------------------------- layout's paths and one-line errors
+
+
+def test_layout_names_every_path_and_refuses_what_is_not_an_id_in_one_exact_line(tmp_path, monkeypatch):
+    """The folder tree of the module docstring, and each refusal's text (what is wrong, then the fix)."""
+    layout = CacheLayout(tmp_path)
+    eid = "ab" * 16
+    p = layout.entry(eid)
+    d = tmp_path / "inversions" / eid
+    assert (p.edits_dir, p.thumbnails, p.lock) == (d / "edits", d / "thumbnails.png", layout.locks_dir / f"{eid}.lock")
+    assert p.step_file(0).name == "step_0000.safetensors" and p.step_file(9999).name == "step_9999.safetensors"
+    for bad in (-1, 10000, 1.0, True):
+        with pytest.raises(ValueError) as err:
+            p.step_file(bad)
+        assert str(err.value) == f"step index must be an int in 0..9999, got {bad!r}"
+    assert p.attention_block("cd" * 8, 999, 3) == d / "attention" / ("cd" * 8) / "t_0999" / "b_03.safetensors"
+    with pytest.raises(InvalidEntryIdError) as err:
+        validate_entry_id("../x")
+    assert str(err.value) == "'../x' is not a cache id (ids are 16-64 lowercase hex characters) — copy one from `cogedit cache ls`"
+    for what, args in (("model key", ("xyz", "ef" * 8)), ("prompt key", ("ef" * 8, "xyz"))):
+        with pytest.raises(InvalidEntryIdError) as err:
+            layout.prompt_file(*args)
+        assert str(err.value) == f"{what} 'xyz' is not a cache key (16-64 lowercase hex characters) — build it with cache.keys.stable_hash"
+    monkeypatch.setenv("COGEDIT_CACHE", str(tmp_path / "env"))
+    assert cache_root("") == tmp_path / "env" and cache_root(tmp_path / "given") == tmp_path / "given"
+
+
+def test_an_id_prefix_resolves_to_one_entry_or_says_why_not_in_one_exact_line(tmp_path):
+    layout = CacheLayout(tmp_path)
+    ids = ["abcd" + f"{n:02x}" * 14 for n in range(7)] + ["ef" * 16]
+    for i in ids:
+        layout.entry(i).dir.mkdir(parents=True)
+    (layout.entries_dir / ("01" * 16)).write_text("a file, not an entry")
+    assert layout.entry_ids() == sorted(ids)
+    assert resolve_entry_id(layout, " EFEF ") == "ef" * 16
+    with pytest.raises(InvalidEntryIdError) as err:
+        resolve_entry_id(layout, "ab")
+    assert str(err.value) == "'ab' is not an id prefix (use at least 4 hex characters of an id) — run `cogedit cache ls` to see ids"
+    with pytest.raises(InvalidEntryIdError) as err:
+        resolve_entry_id(layout, "0123")
+    assert str(err.value) == f"no cache entry in {tmp_path} has an id starting with '0123' — run `cogedit cache ls` to see ids"
+    with pytest.raises(InvalidEntryIdError) as err:
+        resolve_entry_id(layout, "abcd")
+    shown = ", ".join(i[:12] + "…" for i in sorted(ids)[:5])
+    assert str(err.value) == f"id prefix 'abcd' matches 7 entries ({shown}) — type more characters; run `cogedit cache ls` to see ids"
+
+
+def test_a_busy_or_unwritable_lock_says_so_in_one_exact_line(tmp_path):
+    from cache.lock import _busy, _read_only
+
+    p = CacheLayout(tmp_path).entry("ab" * 16)
+    assert str(_busy(p, 2.25)) == (
+        f"cache entry {p.id} is busy: another process holds {p.lock} (waited 2.2s) — wait for it to finish, or delete that lock file if no cogedit process is running"
+    )
+    exc = OSError(errno.EROFS, "Read-only file system")
+    assert str(_read_only(p, exc)) == f"cannot create lock file {p.lock}: Read-only file system — pass --cache-dir to a writable folder or set COGEDIT_CACHE"
+    assert str(_read_only(p, OSError("no strerror"))).startswith(f"cannot create lock file {p.lock}: no strerror — ")
