@@ -1188,3 +1188,41 @@ def test_a_busy_or_unwritable_lock_says_so_in_one_exact_line(tmp_path):
     exc = OSError(errno.EROFS, "Read-only file system")
     assert str(_read_only(p, exc)) == f"cannot create lock file {p.lock}: Read-only file system — pass --cache-dir to a writable folder or set COGEDIT_CACHE"
     assert str(_read_only(p, OSError("no strerror"))).startswith(f"cannot create lock file {p.lock}: no strerror — ")
+
+
+def test_a_long_clips_settings_read_back_as_the_flags_that_made_them():
+    """`cache show` of a windowed inversion of every frame with another attention kernel: the flags
+    of the engine's newer options, each only when it was in effect."""
+    from cache.store import settings_flags
+
+    settings = {
+        "frames": {"max_frames": None, "fps": 8.0, "height": 96, "width": 160},
+        "invert": {"steps": 4, "window": 13, "overlap": 4, "iters": 0},
+        "identity": {"attention": "fa4"},
+    }
+    flags, _ = settings_flags(settings)
+    assert {k: flags.get(k) for k in ("--frames", "--fps", "--window-overlap", "--attention")} == {"--frames": "all", "--fps": 8.0, "--window-overlap": 4, "--attention": "fa4"}
+    one_window = {"frames": {"max_frames": 49}, "invert": {"steps": 4, "overlap": 4, "iters": 0}}  # no window: the overlap did nothing
+    assert {k: settings_flags(one_window)[0].get(k) for k in ("--frames", "--window-overlap", "--fps", "--attention")} == {"--frames": 49, "--window-overlap": None, "--fps": None, "--attention": None}
+
+
+def test_removing_a_missing_or_unmovable_entry_says_so_in_one_exact_line(tmp_path, monkeypatch):
+    layout = CacheLayout(tmp_path / "deep" / "cache")  # no trash folder yet, nor its parents
+    eid = "ab" * 16
+    with pytest.raises(InvalidEntryIdError) as err:
+        remove_entry(layout, eid)
+    assert str(err.value) == f"no cache entry {eid} in {layout.root} — run `cogedit cache ls` to see ids"
+    layout.entry(eid).dir.mkdir(parents=True)
+    (layout.entry(eid).dir / "latents.safetensors").write_bytes(b"x" * 10)
+    real_rename = os.rename
+
+    def refuse(src, dst):
+        raise OSError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(os, "rename", refuse)
+    with pytest.raises(ReadOnlyCacheError) as err:
+        remove_entry(layout, eid)
+    assert str(err.value) == f"cannot remove {layout.entry(eid).dir}: Permission denied — check the cache folder's permissions, or pass --cache-dir to a writable cache"
+    monkeypatch.setattr(os, "rename", real_rename)
+    assert remove_entry(layout, eid) == 10 and not layout.entry(eid).dir.exists()
+    assert list(layout.trash_dir.iterdir()) == []  # the renamed folder is deleted at once
