@@ -1226,3 +1226,39 @@ def test_removing_a_missing_or_unmovable_entry_says_so_in_one_exact_line(tmp_pat
     monkeypatch.setattr(os, "rename", real_rename)
     assert remove_entry(layout, eid) == 10 and not layout.entry(eid).dir.exists()
     assert list(layout.trash_dir.iterdir()) == []  # the renamed folder is deleted at once
+
+
+def test_a_listed_plain_file_is_checked_by_size_then_checksum_in_one_exact_line(tmp_path):
+    """Files that are not safetensors (the thumbnails, an edit's mp4) are checked against the
+    manifest's size and sha256, each failure named with the file and the fix."""
+    from cache.atomic import corrupt_error
+    from cache.store import _check_file
+
+    thumbs = CacheLayout(tmp_path).entry("ab" * 16).thumbnails
+    thumbs.parent.mkdir(parents=True)
+    thumbs.write_bytes(b"png!")
+    good = FileRecord(hashlib.sha256(b"png!").hexdigest(), 4)
+    assert _check_file(thumbs, good, False) is None and _check_file(thumbs, None, False) is None
+    assert _check_file(thumbs, FileRecord(good.sha256, 5), False) == str(corrupt_error(thumbs, "is 4 bytes but the manifest records 5"))
+    assert _check_file(thumbs, FileRecord("0" * 64, 4), False) == str(corrupt_error(thumbs, "fails its checksum"))
+    assert _check_file(tmp_path / "gone.png", good, False) == "cannot be read: No such file or directory — check the file's permissions"
+
+
+def test_verify_reports_a_leftover_and_a_damaged_embedding_under_prompts_only(tmp_path):
+    from cache.atomic import TMP_MARK
+    from cache.store import Problem
+
+    layout = CacheLayout(tmp_path)
+    layout.ensure()
+    folder = layout.prompts_dir / ("cd" * 8)
+    folder.mkdir(parents=True)
+    (folder / f"x{TMP_MARK}1").write_bytes(b"half")
+    (folder / ("ef" * 8 + ".safetensors")).write_bytes(b"not a tensor file")
+    (layout.compile_dir).mkdir(parents=True, exist_ok=True)
+    (layout.compile_dir / f"k{TMP_MARK}.bin").write_bytes(b"kernels are not checked here")
+    problems = verify(layout)
+    found = {p.file: p for p in problems}
+    assert sorted(found) == sorted([f"{'cd' * 8}/x{TMP_MARK}1", f"{'cd' * 8}/{'ef' * 8}.safetensors"])  # not the kernels' folder
+    assert all(isinstance(p, Problem) and p.entry_id == "prompts" for p in problems)
+    assert found[f"{'cd' * 8}/x{TMP_MARK}1"].reason == "leftover temporary file from an interrupted write — delete it (safe)"
+    assert found[f"{'cd' * 8}/{'ef' * 8}.safetensors"].reason
