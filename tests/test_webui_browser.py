@@ -137,7 +137,9 @@ def _edit_tab_guides_a_newcomer(page: Any) -> None:
     wait_text(page, "#box-hint", "local edit box takes four fractions", 30)
     page.type("#mask-box textarea, #mask-box input", ",0.45", delay=20)
     page.wait_for_function("() => document.querySelector('#mask-preview img')?.naturalWidth > 0", timeout=30_000)
-    assert page.inner_text("#box-hint").strip() == "" and page.evaluate(BADGES) == 0
+    # the hint clears once the handler has answered (until then Gradio shows its "processing" status there)
+    page.wait_for_function("() => document.querySelector('#box-hint')?.innerText.trim() === ''", timeout=30_000)
+    assert page.evaluate(BADGES) == 0
     page.fill("#mask-box textarea, #mask-box input", "")
     page.wait_for_function("() => !document.querySelector('#mask-preview img')", timeout=30_000)  # an empty box: no preview
 
