@@ -540,14 +540,14 @@ def plan_cmd(vram, model, frames, height, width, prompts) -> None:
         choose_plan,
         predict_peaks,
     )
-    from engine.stages.windows import Windowing, default_overlap
+    from engine.stages.windows import window_count
 
     info = plan_model(model)
     own = info.defaults
     frames, height, width = (own.frames if frames is None else frames), (own.height if height is None else height), (own.width if width is None else width)
-    window = (info.latent_window - 1) * info.vae_scale_temporal + 1
+    window = info.window_frames
     if frames > window:  # a long clip runs one window at a time: its peak is one window's
-        count = Windowing(info.latent_window, default_overlap(info.latent_window)).count((frames - 1) // info.vae_scale_temporal + 1)
+        count = window_count(info, frames)
         click.echo(f"{frames} frames: {count} overlapping windows of {window} frames, each step predicted {count}x one window's time; memory below is one window's")
         frames = window
     workload = Workload(frames, height, width, prompts)

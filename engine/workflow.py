@@ -48,7 +48,7 @@ from engine.stages.encode import encode_stage
 from engine.stages.inversion import invert_stage
 from engine.stages.settings import EditSettings, InjectSettings, InvertSettings, StoreSettings, layers_of, window_of
 from engine.stages.verify import verify_stage
-from engine.stages.windows import Windowing, default_overlap
+from engine.stages.windows import default_overlap, window_count
 from engine.video.masks import Mask, load_mask, mask_spec
 from engine.video.reader import FrameSettings, VideoInfo, check_video_file, output_frames, probe_video, select_frame_indices
 
@@ -167,25 +167,15 @@ def _probe(video: str | Path, frames: FrameSettings, reporter: Reporter) -> Sour
     return Source(video, info, selected)
 
 
-def latent_frames(frames: int) -> int:
-    """Latent frames of a 4k+1 clip (CogVideoX's causal VAE: the first frame alone, then 4 a frame)."""
-    return (frames - 1) // 4 + 1
-
-
-def window_frames(info: ModelInfo) -> int:
-    """Video frames of one window (49 for CogVideoX-5B)."""
-    return (info.latent_window - 1) * info.vae_scale_temporal + 1
-
-
 def _windowed(settings: InvertSettings, info: ModelInfo, source: Source, overlap: int | None, store: StoreSettings) -> InvertSettings:
     """The inversion's windows over a clip longer than the model's window, said in one line
     before any work; a clip of one window keeps its settings (and its cache id) as they were."""
-    n = latent_frames(len(source.selected))
+    n = info.vae_latent_frames(len(source.selected))
     if n <= info.latent_window:
         return settings
     if store.where != "none":
         raise SettingsError(
-            f"stored attention holds one window's keys and values, and this clip needs {window_frames(info)}-frame windows: "
+            f"stored attention holds one window's keys and values, and this clip needs {info.window_frames}-frame windows: "
             "drop --attention-store (the shared reference serves every window)"
         )
     windowed = dataclasses.replace(settings, window=info.latent_window, overlap=default_overlap(info.latent_window) if overlap is None else overlap)
@@ -193,7 +183,7 @@ def _windowed(settings: InvertSettings, info: ModelInfo, source: Source, overlap
     shown = output_frames(source.selected)
     log.warning(
         "%s: %d frames at %.3g fps (%.1f s) in %d overlapping windows of %d frames (%d latent frames shared): predicted %dx the time of one window",
-        Path(source.video).name, shown, source.fps, shown / source.fps, count, window_frames(info), windowed.overlap, count,
+        Path(source.video).name, shown, source.fps, shown / source.fps, count, info.window_frames, windowed.overlap, count,
     )
     return windowed
 
@@ -205,7 +195,7 @@ def every_frame(video: VideoInfo, info: ModelInfo, frames: FrameSettings = Frame
         every = select_frame_indices(video.num_frames, dataclasses.replace(frames, max_frames=None, stride=None, fps=info.defaults.fps), video.fps)
     except VideoError:
         return 0, 0
-    return output_frames(every), Windowing(info.latent_window, default_overlap(info.latent_window)).count(latent_frames(len(every)))
+    return output_frames(every), window_count(info, len(every))
 
 
 def _say_spread(source: Source, frames: FrameSettings, info: ModelInfo) -> None:
@@ -288,7 +278,7 @@ def invert(video: str | Path, model: str | Path, *, cache_dir: str | Path | None
     if opts.frames is None:  # by default; --frames N is the user's choice
         _say_spread(source, frames, info)
     settings = _windowed(settings, info, source, opts.window_overlap, store)
-    workload = Workload(min(len(source.selected), window_frames(info)), frames.height, frames.width, invert_rows=2 if settings.uses_cfg else 1)
+    workload = Workload(min(len(source.selected), info.window_frames), frames.height, frames.width, invert_rows=2 if settings.uses_cfg else 1)
     ctx = StageContext(info, _with_plan(runtime, opts, info, workload, reporter, "invert"), layout, reporter, callback=callback)
     if store.where != "none":
         check_budget(ctx, store, settings.steps, workload, opts.attention_budget)
@@ -313,7 +303,7 @@ def invert(video: str | Path, model: str | Path, *, cache_dir: str | Path | None
 def _entry_bytes(ctx: StageContext, source: Source, frames: FrameSettings, steps: int, entry: InversionEntry | None) -> int:
     """The bytes an inversion still writes: the frames and latents unless encoded, and a latent per step left."""
     scale = ctx.info.vae_scale_spatial
-    latent = latent_frames(len(source.selected)) * ctx.info.transformer_config["in_channels"] * (frames.height // scale) * (frames.width // scale)
+    latent = ctx.info.vae_latent_frames(len(source.selected)) * ctx.info.transformer_config["in_channels"] * (frames.height // scale) * (frames.width // scale)
     latent *= torch.empty(0, dtype=ctx.runtime.dtype).element_size()
     encoded = entry is not None and entry.encoded
     pixels = 0 if encoded else len(source.selected) * frames.height * frames.width * 3 + latent
@@ -356,7 +346,7 @@ def _new_entry(paths: EntryPaths, identity: dict, source: Source, frames: FrameS
     }
     summary = {"video": Path(source.video).name, "model": ctx.info.stored_source, "steps": settings.steps, "fps": source.fps}
     if settings.window:  # a long clip: `cache show` lists its windows
-        summary["windows"] = [list(span) for span in settings.spans(latent_frames(len(source.selected)))]
+        summary["windows"] = [list(span) for span in settings.spans(ctx.info.vae_latent_frames(len(source.selected)))]
     if output_frames(source.selected) < len(source.selected):  # padded to 4k+1: the output drops the repeats
         summary["output_frames"] = output_frames(source.selected)
     return InversionEntry.new(paths, identity, settings_record, summary)
@@ -452,7 +442,7 @@ def edit(inversion: Inversion | str, prompts: Prompts, *, cache_dir: str | Path 
     if opts.seed and settings.init == "inverted":
         log.warning("--seed %d has no effect: edits start from the inverted noise; add --init random to start from seeded noise", opts.seed)
     fs = inv.entry.frame_settings
-    workload = Workload(min(inv.entry.frames, window_frames(info)), fs["height"], fs["width"], min(settings.batch, len(prompts)), settings.uses_cfg, reference=settings.inject.reference)
+    workload = Workload(min(inv.entry.frames, info.window_frames), fs["height"], fs["width"], min(settings.batch, len(prompts)), settings.uses_cfg, reference=settings.inject.reference)
     ctx = StageContext(info, _with_plan(runtime, opts, info, workload, reporter, "edit"), inv.layout, reporter, inv.entry, callback)
     outputs = None
     if opts.output == "mp4":  # refuse first

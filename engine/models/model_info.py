@@ -86,6 +86,15 @@ class ModelInfo:
         (CogVideoX-5B: its sample_frames, 49 -> 13; 1.5: 161 frames, 10 s at 16 fps -> 41, which
         `predict` pads to an even count at every call, as for any 1.5 clip)."""
         frames = int(self.transformer_config.get("sample_frames", 49)) if self.patch_size_t == 1 else _WINDOW_FRAMES_15
+        return self.vae_latent_frames(frames)
+
+    @property
+    def window_frames(self) -> int:
+        """Video frames of one window (49 for CogVideoX-5B)."""
+        return (self.latent_window - 1) * self.vae_scale_temporal + 1
+
+    def vae_latent_frames(self, frames: int) -> int:
+        """Latent frames the VAE makes of `frames` (4k+1) video frames: the first alone, then 4 a latent frame."""
         return (frames - 1) // self.vae_scale_temporal + 1
 
     @property
@@ -105,8 +114,7 @@ class ModelInfo:
     def latent_frames(self, frames: int) -> int:
         """Latent frames of `frames` video frames (4k+1) as the transformer sees them: the VAE's
         causal 4x compression, padded to a multiple of patch_size_t."""
-        latent = (frames - 1) // self.vae_scale_temporal + 1
-        return -(-latent // self.patch_size_t) * self.patch_size_t
+        return -(-self.vae_latent_frames(frames) // self.patch_size_t) * self.patch_size_t
 
     @property
     def defaults(self) -> ModelDefaults:

@@ -24,6 +24,8 @@ from engine.errors import SettingsError
 if TYPE_CHECKING:  # torch is imported where tensors are made: `cogedit plan` counts windows without it
     import torch
 
+    from engine.models.model_info import ModelInfo
+
 
 @dataclass(frozen=True)
 class Windowing:
@@ -49,6 +51,11 @@ class Windowing:
 def default_overlap(length: int) -> int:
     """About 30% of a window, at least one frame (13 -> 4, 5 -> 2, 3 -> 1)."""
     return max(1, (3 * length + 5) // 10) if length > 1 else 0
+
+
+def window_count(info: ModelInfo, frames: int) -> int:
+    """Windows a clip of `frames` video frames takes on model `info` with the default overlap."""
+    return Windowing(info.latent_window, default_overlap(info.latent_window)).count(info.vae_latent_frames(frames))
 
 
 def window_spans(frames: int, length: int, overlap: int) -> list[tuple[int, int]]:
