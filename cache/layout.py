@@ -101,9 +101,11 @@ class EntryPaths:
         """Folder of one stored-attention store: attention/<store key>/."""
         return self.attention_dir / key
 
-    def attention_block(self, key: str, t: int, block: int) -> Path:
-        """One timestep and block of a store: attention/<key>/t_0999/b_07.safetensors."""
-        return self.attention_store(key) / f"t_{t:04d}" / f"b_{block:02d}.safetensors"
+    def attention_block(self, key: str, t: int, block: int, window: int = 0) -> Path:
+        """One timestep and block of a store: attention/<key>/t_0999/b_07.safetensors; a long clip's
+        later windows each have their own: attention/<key>/t_0999/w_01/b_07.safetensors."""
+        step = self.attention_store(key) / f"t_{t:04d}"
+        return (step / f"w_{window:02d}" if window else step) / f"b_{block:02d}.safetensors"
 
     def relative(self, path: Path) -> str:
         """`path` relative to the entry dir, as the posix name the manifest uses."""

@@ -48,7 +48,7 @@ from engine.stages.encode import encode_stage
 from engine.stages.inversion import invert_stage
 from engine.stages.settings import EditSettings, InjectSettings, InvertSettings, StoreSettings, layers_of, window_of
 from engine.stages.verify import verify_stage
-from engine.stages.windows import default_overlap, window_count
+from engine.stages.windows import anchor_frames, default_overlap, state_frames, window_count
 from engine.video.masks import Mask, load_mask, mask_spec
 from engine.video.reader import FrameSettings, VideoInfo, check_video_file, output_frames, probe_video, select_frame_indices
 
@@ -167,17 +167,12 @@ def _probe(video: str | Path, frames: FrameSettings, reporter: Reporter) -> Sour
     return Source(video, info, selected)
 
 
-def _windowed(settings: InvertSettings, info: ModelInfo, source: Source, overlap: int | None, store: StoreSettings) -> InvertSettings:
+def _windowed(settings: InvertSettings, info: ModelInfo, source: Source, overlap: int | None) -> InvertSettings:
     """The inversion's windows over a clip longer than the model's window, said in one line
     before any work; a clip of one window keeps its settings (and its cache id) as they were."""
     n = info.vae_latent_frames(len(source.selected))
     if n <= info.latent_window:
         return settings
-    if store.where != "none":
-        raise SettingsError(
-            f"stored attention holds one window's keys and values, and this clip needs {info.window_frames}-frame windows: "
-            "drop --attention-store (the shared reference serves every window)"
-        )
     windowed = dataclasses.replace(settings, window=info.latent_window, overlap=default_overlap(info.latent_window) if overlap is None else overlap)
     count = len(windowed.spans(n))
     shown = output_frames(source.selected)
@@ -277,11 +272,11 @@ def invert(video: str | Path, model: str | Path, *, cache_dir: str | Path | None
     source = _probe(video, frames, reporter)
     if opts.frames is None:  # by default; --frames N is the user's choice
         _say_spread(source, frames, info)
-    settings = _windowed(settings, info, source, opts.window_overlap, store)
+    settings = _windowed(settings, info, source, opts.window_overlap)
     workload = Workload(min(len(source.selected), info.window_frames), frames.height, frames.width, invert_rows=2 if settings.uses_cfg else 1)
     ctx = StageContext(info, _with_plan(runtime, opts, info, workload, reporter, "invert"), layout, reporter, callback=callback)
     if store.where != "none":
-        check_budget(ctx, store, settings.steps, workload, opts.attention_budget)
+        check_budget(ctx, store, settings.steps, workload, opts.attention_budget, len(settings.spans(info.vae_latent_frames(len(source.selected)))))
     identity = inversion_identity(source.info.sha256, frames, source.selected, info, ctx.runtime, settings)
     paths = layout.entry(stable_hash(identity))
     memory = MemoryStores()
@@ -293,17 +288,18 @@ def invert(video: str | Path, model: str | Path, *, cache_dir: str | Path | None
             ph.hit(True, f"{paths.id[:12]} cached")
     else:
         # A clip too long for the disk is refused before any work, with the space it needs.
-        ensure_free_space(layout.entries_dir, _entry_bytes(ctx, source, frames, settings.steps, entry))
+        ensure_free_space(layout.entries_dir, _entry_bytes(ctx, source, frames, settings, entry))
         entry = _make(ctx, paths, identity, source, frames, settings, store, memory)
     if opts.verify:
         verify_stage(dataclasses.replace(ctx, entry=entry))
     return Inversion(entry, layout, memory)
 
 
-def _entry_bytes(ctx: StageContext, source: Source, frames: FrameSettings, steps: int, entry: InversionEntry | None) -> int:
+def _entry_bytes(ctx: StageContext, source: Source, frames: FrameSettings, settings: InvertSettings, entry: InversionEntry | None) -> int:
     """The bytes an inversion still writes: the frames and latents unless encoded, and a latent per step left."""
-    scale = ctx.info.vae_scale_spatial
-    latent = ctx.info.vae_latent_frames(len(source.selected)) * ctx.info.transformer_config["in_channels"] * (frames.height // scale) * (frames.width // scale)
+    scale, steps = ctx.info.vae_scale_spatial, settings.steps
+    latent_frames = state_frames(settings.spans(ctx.info.vae_latent_frames(len(source.selected))))  # the anchors too
+    latent = latent_frames * ctx.info.transformer_config["in_channels"] * (frames.height // scale) * (frames.width // scale)
     latent *= torch.empty(0, dtype=ctx.runtime.dtype).element_size()
     encoded = entry is not None and entry.encoded
     pixels = 0 if encoded else len(source.selected) * frames.height * frames.width * 3 + latent
@@ -327,7 +323,8 @@ def _make(ctx: StageContext, paths: EntryPaths, identity: dict, source: Source, 
         paths.dir.mkdir(parents=True, exist_ok=True)
         entry.write()  # first: an interrupted entry reads as partial, never as broken
         ctx = dataclasses.replace(ctx, entry=entry)
-        latents = encode_stage(ctx, frames, source.video)
+        spans = settings.spans(ctx.info.vae_latent_frames(len(source.selected)))
+        latents = encode_stage(ctx, frames, source.video, anchor_frames(spans, ctx.info.vae_scale_temporal))
         embeds = embed_stage(ctx, [settings.source_prompt, settings.negative_prompt] if settings.uses_cfg else [settings.source_prompt])
         invert_stage(ctx, settings, latents, embeds, store, memory)
         entry.mark_complete()

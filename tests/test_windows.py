@@ -11,28 +11,37 @@ from hypothesis import strategies as st
 import engine
 from engine.errors import SettingsError
 from engine.models.denoiser import predict as inversion_predict
-from engine.stages.windows import Windowing, blend_weights, blended, default_overlap, window_spans
+from engine.stages.windows import Windowing, blend_weights, blended, default_overlap, state_frames, window_calls, window_spans
 from tests.conftest import SMALL
 
 SIZE = {k: v for k, v in SMALL.items() if k != "frames"}
 LONG = dict(SIZE, frames=17, steps=2)  # 5 latent frames: windows (0, 3) and (2, 5)
+PROMPT = ["a watercolor painting"]
 
 
 @settings(deadline=None, max_examples=60)
-@given(st.integers(1, 60), st.integers(1, 16), st.data())
+@given(st.integers(1, 60), st.integers(2, 16), st.data())
 def test_windows_cover_every_frame_and_their_weights_fall_off_and_sum_to_one(frames, length, data):
-    overlap = data.draw(st.integers(0, length - 1))
+    overlap = data.draw(st.integers(1, length - 1))
     spans = window_spans(frames, length, overlap)
     assert spans[0][0] == 0 and spans[-1][1] == frames  # the last window aligned to the end
     assert all(e - s == min(length, frames) for s, e in spans)  # every window is one model call of the model's length
     assert all(b[0] - a[0] <= length - overlap for a, b in zip(spans, spans[1:], strict=False))  # neighbours share >= overlap
-    weights = blend_weights(spans, frames)
-    torch.testing.assert_close(weights.sum(0), torch.ones(frames), rtol=0, atol=1e-6)
+    calls = window_calls(spans)
+    anchors = len(spans) - 1
+    assert state_frames(spans) == frames + anchors and all(len(range(frames)[c] if isinstance(c, slice) else c) == min(length, frames) for c in calls)
+    for k, (s, e) in enumerate(spans[1:]):  # a later window: its own anchor, then its span less its first frame
+        assert calls[k + 1] == [frames + k, *range(s + 1, e)]
+    weights = blend_weights(spans)
+    torch.testing.assert_close(weights.sum(0), torch.ones(frames + anchors), rtol=0, atol=1e-6)
     for w, (s, e) in enumerate(spans):
-        assert (weights[w, :s] == 0).all() and (weights[w, e:] == 0).all()
+        clip = weights[w, :frames]
+        assert (clip[: s + (w > 0)] == 0).all() and (clip[e:] == 0).all()
+        assert (weights[w, frames:] > 0).sum() == (w > 0) and (w == 0 or weights[w, frames + w - 1] == 1)  # each anchor is its window's alone
+    weights = weights[:, :frames]
     covered = (weights > 0).sum(0)
     for w in range(len(spans) - 1):  # where two windows meet, the left one fades out and the right one in
-        two = [f for f in range(spans[w + 1][0], spans[w][1]) if covered[f] == 2]
+        two = [f for f in range(spans[w + 1][0] + 1, spans[w][1]) if covered[f] == 2]
         left, right = weights[w, two], weights[w + 1, two]
         assert (left[1:] <= left[:-1]).all() and (right[1:] >= right[:-1]).all()
 
@@ -42,17 +51,19 @@ def test_windows_of_the_5b_and_the_overlap_check():
     assert window_spans(25, 13, 4) == [(0, 13), (6, 19), (12, 25)]  # 97 frames: spread evenly, the last one ending the clip
     assert window_spans(13, 13, 4) == [(0, 13)] and window_spans(7, 13, 4) == [(0, 7)]
     assert Windowing(13, 4).count(49) == 5
-    with pytest.raises(SettingsError, match="--window-overlap must be between 0 and 12"):
+    with pytest.raises(SettingsError, match="--window-overlap must be between 1 and 12"):
         Windowing(13, 13)
+    with pytest.raises(SettingsError, match="--window-overlap must be between 1 and 12"):
+        Windowing(13, 0)  # a later window leaves its first frame to the one before: overlap 0 would leave it uncovered
 
 
 def test_blended_prediction_of_a_linear_model_is_the_model_on_the_whole_clip():
     """Windows that agree (a per-frame function) blend back to the same prediction everywhere;
     one window covering the clip is the call itself, bit for bit."""
-    x = torch.randn(2, 11, 3, 4, 4)
     spans = window_spans(11, 5, 2)
-    torch.testing.assert_close(blended(lambda sl: 3 * x[:, sl], 11, spans), 3 * x, rtol=0, atol=1e-6)
-    assert blended(lambda sl: x[:, sl] * 1.0, 11, [(0, 11)]).equal(x)
+    x = torch.randn(2, state_frames(spans), 3, 4, 4)  # the clip's 11 latent frames and 2 anchors
+    torch.testing.assert_close(blended(lambda w, frames: 3 * x[:, frames], spans), 3 * x, rtol=0, atol=1e-6)
+    assert blended(lambda w, frames: x[:, frames] * 1.0, [(0, 11)]).equal(x[:, :11])
 
 
 def test_each_windows_reference_row_is_its_own_slice_of_the_trajectory(tiny_model):
@@ -67,18 +78,18 @@ def test_each_windows_reference_row_is_its_own_slice_of_the_trajectory(tiny_mode
     model.set_attn_processor(CogVideoXAttnProcessor())
     info = engine.inspect_model(tiny_model)
     g = torch.Generator().manual_seed(0)
-    trajectory = [torch.randn(1, 5, 16, 12, 20, generator=g) for _ in range(2)]
-    clean = torch.randn(1, 5, 16, 12, 20, generator=g)
+    spans = window_spans(5, 3, 1)  # (0, 3), (2, 5): the state is 5 latent frames and one anchor
+    trajectory = [torch.randn(1, 6, 16, 12, 20, generator=g) for _ in range(2)]
+    clean = torch.randn(1, 6, 16, 12, 20, generator=g)
     text = torch.randn(1, 226, 32, generator=g)
     seen: list[torch.Tensor] = []
     model.register_forward_pre_hook(lambda m, args, kw: seen.append(kw["hidden_states"].clone()), with_kwargs=True)
-    spans = window_spans(5, 3, 1)
     ddim_edit(model, trajectory[-1], text, info.scheduler_config, 2, vae_scale_spatial=8, reference=_reference(trajectory, clean, text, None, "cpu"), spans=spans)
     assert len(seen) == 2 * len(spans)
     for call, rows in enumerate(seen):
-        step, (s, e) = call // len(spans), spans[call % len(spans)]
+        step, frames = call // len(spans), [[0, 1, 2], [5, 3, 4]][call % len(spans)]  # the second window: its anchor, then 3 and 4
         replayed = trajectory[0] if step == 0 else clean  # edit step i replays inversion step steps-1-i's input
-        assert rows.shape[1] == 3 and rows[-1:].equal(replayed[:, s:e])
+        assert rows.shape[1] == 3 and rows[-1:].equal(replayed[:, frames])
 
 
 def test_a_long_clip_inverts_and_edits_in_windows_to_its_own_frame_count(tiny_model, wide_clip, caplog, monkeypatch):
@@ -89,6 +100,15 @@ def test_a_long_clip_inverts_and_edits_in_windows_to_its_own_frame_count(tiny_mo
     inv = engine.invert(wide_clip, tiny_model, device="cpu", **LONG)
     assert frames_seen == [3, 3] * LONG["steps"]  # every inversion step: one call per window of 3 latent frames
     assert inv.entry.manifest["summary"]["windows"] == [[0, 3], [2, 5]]
+    # the state: the clip's 5 latent frames, then the second window's anchor, frame 8 encoded alone
+    from diffusers import AutoencoderKLCogVideoX
+
+    from engine.stages.encode import encode_frames
+    from engine.video.reader import to_model_input
+
+    vae = AutoencoderKLCogVideoX.from_pretrained(tiny_model, subfolder="vae").eval()
+    latents = inv.latents()
+    assert latents.shape[1] == 6 and latents[:, 5:].equal(encode_frames(vae, to_model_input(inv.frames()[8:9])).to(latents.dtype))
     assert "17 frames at" in caplog.text and "in 2 overlapping windows of 9 frames (1 latent frames shared)" in caplog.text
     # K prompts in one pass, and each alone: the same rows (windows change nothing about batching)
     both = engine.edit(inv, ["a cat", "a dog"], device="cpu", output="frames")
@@ -98,7 +118,7 @@ def test_a_long_clip_inverts_and_edits_in_windows_to_its_own_frame_count(tiny_mo
     # a mask over the whole long clip: outside it the edit ends on the source's own latents
     masked = engine.edit(inv, ["a cat"], device="cpu", output="latents", mask_box="0,0,0.5,1")
     clean = inv.entry.load(inv.paths.latents, "latents")
-    assert masked.latents[..., 12:].equal(clean[..., 12:].to(masked.latents.dtype))
+    assert masked.latents.shape[1] == 5 and masked.latents[..., 12:].equal(clean[:, :5, ..., 12:].to(masked.latents.dtype))
     # another overlap is another inversion; a clip of one window keeps today's id (no window fields)
     other = engine.invert(wide_clip, tiny_model, device="cpu", window_overlap=2, **LONG)
     assert other.id != inv.id and other.entry.manifest["summary"]["windows"] == [[0, 3], [1, 4], [2, 5]]
@@ -130,11 +150,9 @@ def test_frames_all_reads_every_frame_at_the_models_rate_and_gives_them_all_back
     half = torch.zeros(10, 96, 160)
     half[:, :, :80] = 1  # a mask per frame of the edit: its last frame's mask serves the repeats
     masked = engine.edit(inv, ["a cat"], device="cpu", output="latents", mask=half.numpy())
-    assert masked.latents[..., 12:].equal(inv.entry.load(inv.paths.latents, "latents")[..., 12:].to(masked.latents.dtype))
+    assert masked.latents[..., 12:].equal(inv.latents()[:, :4, ..., 12:].to(masked.latents.dtype))  # 4 latent frames, less the anchor
     with pytest.raises(SettingsError, match="--frames takes a number or 'all'"):
         engine.invert(wide_clip, tiny_model, device="cpu", frames="most", **SIZE)
-    with pytest.raises(SettingsError, match="stored attention holds one window's"):
-        engine.invert(wide_clip, tiny_model, device="cpu", attention_store="cpu", **LONG)
 
 
 def test_a_clip_too_long_for_the_disk_is_refused_before_any_work(tiny_model, wide_clip, tmp_path, monkeypatch):
@@ -170,3 +188,39 @@ def test_the_command_line_takes_frames_all_and_refuses_other_words(wide_clip, tm
     assert result.exit_code == 2 and "Invalid value for '--frames': 'most' is neither a number nor 'all'" in result.output
     result = CliRunner().invoke(cli, ["plan", "--frames", "97"])
     assert result.exit_code == 0 and "97 frames: 3 overlapping windows of 49 frames" in result.output
+
+
+def _shards(inv) -> dict[str, dict[str, torch.Tensor]]:
+    from cache.atomic import load_tensors
+
+    root = inv.paths.attention_dir
+    return {p.relative_to(root).as_posix().split("/", 1)[1]: load_tensors(p) for p in sorted(root.rglob("*.safetensors"))}
+
+
+STORE = dict(attention_steps="0:0.5", inversion="fixed-point")  # the first of LONG's 2 edit steps; refinements run at t again
+
+
+@pytest.mark.parametrize("where", ["disk", "cpu"])
+def test_stored_attention_of_a_long_clip_replays_each_windows_own_reference(tiny_model, wide_clip, where):
+    """Each window's K/V are captured from that window's forward in the inversion and replayed in
+    that window's edit call: the same edit as the shared reference recomputed per window."""
+    reporter = engine.Reporter()
+    inv = engine.invert(wide_clip, tiny_model, device="cpu", attention_store=where, reporter=reporter, **STORE, **LONG)
+    assert "2 blocks x 2 windows" in next(r for r in reporter.records if r.name == "plan").detail  # the budget counts every window
+    recompute = engine.edit(inv, PROMPT, inject_steps="0:0.5", device="cpu", output="latents")
+    stored = engine.edit(inv, PROMPT, inject_steps="0:0.5", reference="stored", device="cpu", output="latents")
+    torch.testing.assert_close(stored.latents, recompute.latents, rtol=0, atol=1e-5)
+    (described,) = (inv.manifest["attention"] if where == "disk" else inv.memory.described(2)).values()
+    assert described["windows"] == 2  # `cache show` prints the manifest's store, windows included
+    inv.release()
+
+
+def test_a_long_clips_store_captured_later_from_the_cache_is_the_one_captured_while_inverting(tiny_model, wide_clip, tmp_path):
+    during = engine.invert(wide_clip, tiny_model, device="cpu", cache_dir=tmp_path / "a", attention_store="disk", **STORE, **LONG)
+    engine.invert(wide_clip, tiny_model, device="cpu", cache_dir=tmp_path / "b", **STORE, **LONG)
+    later = engine.invert(wide_clip, tiny_model, device="cpu", cache_dir=tmp_path / "b", attention_store="disk", **STORE, **LONG)
+    a, b = _shards(during), _shards(later)
+    assert list(a) == list(b) == [f"t_0999/{w}b_{i:02d}.safetensors" for w in ("", "w_01/") for i in (0, 1)]
+    for name in a:
+        for key in a[name]:
+            torch.testing.assert_close(a[name][key], b[name][key], rtol=0, atol=1e-6)

@@ -39,7 +39,7 @@ def _quantize(x: torch.Tensor, dtype: str) -> dict[str, torch.Tensor]:
     return {"": (x.float() / scale).to(torch.float8_e4m3fn), ".scale": scale.reshape(1)}
 
 
-Sink = Callable[[int, int, dict[str, torch.Tensor], "torch.cuda.Event | None"], None]
+Sink = Callable[[int, int, int, dict[str, torch.Tensor], "torch.cuda.Event | None"], None]  # (t, window, block, tensors, ready)
 
 
 class _HostCopies:
@@ -77,10 +77,11 @@ class _HostCopies:
 class _TimestepGate:
     """Open for the stored timesteps; hands each block's K and V on."""
 
-    def __init__(self, timesteps: set[int], sink: Sink, dtype: str) -> None:
-        self.timesteps, self.sink, self.dtype = timesteps, sink, dtype
+    def __init__(self, timesteps: set[int], sink: Sink, dtype: str, windows: int) -> None:
+        self.timesteps, self.sink, self.dtype, self.windows = timesteps, sink, dtype, windows
         self.t: int | None = None
-        self.seen: set[int] = set()
+        self.window = 0
+        self.seen: dict[int, int] = {}  # captured forwards by timestep
         self.host = _HostCopies()
 
     def add(self, block: int, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -88,7 +89,7 @@ class _TimestepGate:
         for kind, x in (("k", k), ("v", v)):
             for suffix, q in _quantize(x, self.dtype).items():
                 tensors[f"{block:02d}.{kind}{suffix}"] = self.host.copy(q)
-        self.sink(self.t, block, tensors, self.host.ready())
+        self.sink(self.t, self.window, block, tensors, self.host.ready())
 
 
 KV_CAPTURE = "cogedit_kv_capture"
@@ -104,14 +105,17 @@ class CaptureGateHook(ModelHook):
     def pre_forward(self, module, *args, **kwargs):
         t = kwargs.get("timestep")
         t = int(t.flatten()[0]) if torch.is_tensor(t) else t
-        # Only the first forward at t: it is the one a shared reference row repeats (the
-        # fixed-point refinements of the same step run at t again, on other latents).
-        self.gate.t = t if t in self.gate.timesteps and t not in self.gate.seen else None
+        # Only the first forward at t, or with windows the first of each (a step predicts its
+        # windows in order before anything else): it is the one a shared reference row repeats
+        # (the fixed-point refinements of the same step run at t again, on other latents).
+        n = self.gate.seen.get(t, 0)
+        self.gate.t = t if t in self.gate.timesteps and n < self.gate.windows else None
+        self.gate.window = n
         return args, kwargs
 
     def post_forward(self, module, output):
         if self.gate.t is not None:
-            self.gate.seen.add(self.gate.t)
+            self.gate.seen[self.gate.t] = self.gate.window + 1
         self.gate.t = None
         return output
 
@@ -138,19 +142,20 @@ class KVCaptureHook(ModelHook):
 
 @dataclass(frozen=True)
 class KVCaptureConfig:
-    """Record K and V of batch row `row` in blocks `layers` at `timesteps`:
-    `sink(t, block, tensors, ready)` per block, with host tensors that may be read once `ready`
-    (an event, or None) has passed."""
+    """Record K and V of batch row `row` in blocks `layers` at `timesteps`, in the first `windows`
+    forwards at each (a long clip's windows, in order): `sink(t, window, block, tensors, ready)`
+    per block, with host tensors that may be read once `ready` (an event, or None) has passed."""
 
     layers: tuple[int, ...]
     timesteps: frozenset[int]
     sink: Sink
     row: int = -1
     dtype: str = "model"
+    windows: int = 1
 
 
 def apply_kv_capture(transformer: torch.nn.Module, config: KVCaptureConfig) -> None:
-    gate = _TimestepGate(set(config.timesteps), config.sink, config.dtype)
+    gate = _TimestepGate(set(config.timesteps), config.sink, config.dtype, config.windows)
     slot = CaptureSlot(row=config.row)
     shared_processor(transformer).capture = slot
     hooks.register(transformer, CaptureGateHook(gate), KV_CAPTURE)
@@ -170,37 +175,40 @@ class StoreWriter:
     disk rather than hoarding host memory.
     """
 
-    def __init__(self, where: str, path_of: Callable[[int, int], Path] | None, memory: dict[int, dict[int, dict[str, torch.Tensor]]] | None, workers: int = 4, depth: int = 8) -> None:
+    def __init__(
+        self, where: str, path_of: Callable[[int, int, int], Path] | None, memory: Callable[[int], dict[int, dict[int, dict[str, torch.Tensor]]]] | None, workers: int = 4, depth: int = 8
+    ) -> None:
+        """`path_of(t, window, block)`: a block's file (disk); `memory(window)`: a window's steps (cpu)."""
         self.path_of, self.memory = path_of, memory
-        self.records: dict[tuple[int, int], FileRecord] = {}
+        self.records: dict[tuple[int, int, int], FileRecord] = {}
         self.error: BaseException | None = None
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="cogedit-attention-writer") if where == "disk" else None
         self._slots = threading.Semaphore(depth)
         self._ready: torch.cuda.Event | None = None  # cpu: the latest block's copies (one stream: it covers all)
 
-    def __call__(self, t: int, block: int, tensors: dict[str, torch.Tensor], ready: torch.cuda.Event | None) -> None:
+    def __call__(self, t: int, window: int, block: int, tensors: dict[str, torch.Tensor], ready: torch.cuda.Event | None) -> None:
         if self._pool is None:
-            self.memory.setdefault(t, {})[block] = tensors
+            self.memory(window).setdefault(t, {})[block] = tensors
             if ready is not None:
                 self._ready = ready
             return
         if self.error is not None:
             raise self.error
         self._slots.acquire()
-        self._pool.submit(self._write, t, block, tensors, ready)
+        self._pool.submit(self._write, t, window, block, tensors, ready)
 
-    def _write(self, t: int, block: int, tensors: dict[str, torch.Tensor], ready: torch.cuda.Event | None) -> None:
+    def _write(self, t: int, window: int, block: int, tensors: dict[str, torch.Tensor], ready: torch.cuda.Event | None) -> None:
         try:
             if ready is not None:
                 ready.synchronize()
-            self.records[(t, block)] = save_tensors(self.path_of(t, block), tensors, {"timestep": str(t), "block": str(block)})
+            self.records[(t, window, block)] = save_tensors(self.path_of(t, window, block), tensors, {"timestep": str(t), "block": str(block), "window": str(window)})
         except BaseException as exc:  # reported to the capture by the next block, or by close()
             self.error = self.error or exc
         finally:
             self._slots.release()
 
-    def close(self) -> dict[tuple[int, int], FileRecord]:
-        """Wait for every block; the written files' records by (timestep, block)."""
+    def close(self) -> dict[tuple[int, int, int], FileRecord]:
+        """Wait for every block; the written files' records by (timestep, window, block)."""
         if self._pool is not None:
             self._pool.shutdown(wait=True)
         elif self._ready is not None:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -21,7 +22,7 @@ from engine.stages.context import StageContext
 from engine.stages.distributed import GuidanceSplit
 from engine.stages.schedulers import edit_scheduler
 from engine.stages.settings import EditSettings, InjectSettings, inverted_spans
-from engine.stages.windows import blended, window_shape
+from engine.stages.windows import anchor_frames, blended, frames_of, window_shape
 from engine.video.masks import Mask, latent_mask
 
 
@@ -34,13 +35,13 @@ class Reference:
     repeats the inversion's own forward pass at t (and stored attention can stand in for it
     exactly); `reached(i)` is the latent inversion step j produced, at t's noise level, which is
     what upstream's per-half rows are fed. `source_embeds` conditions the shared row;
-    `stored` replays captured K/V instead of computing a reference row.
+    `stored` replays captured K/V instead of computing a reference row (one reader per window).
     """
 
     replayed: Callable[[int], torch.Tensor]
     reached: Callable[[int], torch.Tensor]
     source_embeds: torch.Tensor
-    stored: StoredAttention | None = None
+    stored: list[StoredAttention] | None = None
 
 
 @torch.no_grad()
@@ -76,7 +77,8 @@ def ddim_edit(
     latent is the inversion's own at that noise level (`reference.replayed(i)`), so only the
     masked region changes (blended latent diffusion, Avrahami et al. 2023).
     `spans` (the inversion's, `engine.stages.windows`): each step predicts every window, with that
-    window's slice of the trajectory as its reference, and blends them before the one scheduler step.
+    window's frames of the trajectory as its reference, and blends them before the one scheduler
+    step; `init`, the trajectory and `mask` then hold the clip's latent frames and the windows' anchors.
     """
     if mask is not None and reference is None:
         raise ValueError("a mask keeps the inversion's latents outside it: pass the reference too")
@@ -122,12 +124,12 @@ def _edit_features(transformer: torch.nn.Module, inject: InjectSettings, state: 
         yield
 
 
-def _read_ahead(stored: StoredAttention, timesteps: torch.Tensor, active: list[bool], i: int) -> None:
-    """Start reading the stored K/V of the next injected step (this one's, if not read yet)
-    while step i computes."""
+def _read_ahead(stored: list[StoredAttention], timesteps: torch.Tensor, active: list[bool], i: int) -> None:
+    """Start reading the stored K/V of the next injected step (this one's, if not read yet), of
+    every window, while step i computes."""
     upcoming = [j for j in range(i + 1 if active[i] else i, len(active)) if active[j]]
-    if upcoming:
-        stored.prefetch(int(timesteps[upcoming[0]]))
+    for window in stored if upcoming else ():
+        window.prefetch(int(timesteps[upcoming[0]]))
 
 
 def _guided_v(
@@ -136,40 +138,32 @@ def _guided_v(
 ) -> torch.Tensor:
     """Edit step i's guided v over the whole clip: one transformer call per window (with that
     window's reference row when injecting), the windows blended (`engine.stages.windows`)."""
-    frames = rows.shape[1]
-    if kind == "stored" and len(spans) > 1 and state.active:
-        raise ValueError("stored attention holds one window's keys and values: use the shared reference over windows")
 
-    def window(sl: slice) -> torch.Tensor:
-        part = rows if sl == slice(0, frames) else rows[:, sl].contiguous()
-        part, row_embeds = _with_reference(part, embeds, i, int(t), state, reference, kind, sl) if state.active else (part, embeds)
+    def window(w: int, frames: slice | list[int]) -> torch.Tensor:
+        part = frames_of(rows, frames)
+        part, row_embeds = _with_reference(part, embeds, i, int(t), state, reference, kind, w, frames) if state.active else (part, embeds)
         v = predict(transformer, part, row_embeds, t, rotary)[: state.n_edit]
         return guided(split.combine(v) if split is not None else v, guidance, cfg)
 
-    return blended(window, frames, spans)
+    return blended(window, spans)
 
 
 def _with_reference(
-    rows: torch.Tensor, embeds: torch.Tensor, i: int, t: int, state: InjectionState, reference: Reference, kind: str, frames: slice
+    rows: torch.Tensor, embeds: torch.Tensor, i: int, t: int, state: InjectionState, reference: Reference, kind: str, window: int, frames: slice | list[int]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The batch of an injected step and the state that describes it: replayed K/V (stored),
-    one reference row per edit row (per-half), or one shared reference row; a reference row is
-    the trajectory's `frames` (the window `rows` hold)."""
+    """The batch of an injected step and the state that describes it: window `window`'s replayed
+    K/V (stored), one reference row per edit row (per-half), or one shared reference row; a
+    reference row is the trajectory's `frames` (the window `rows` hold)."""
     n_edit = state.n_edit
     if kind == "stored":
-        state.stored = reference.stored.at(t)
+        state.stored = reference.stored[window].at(t)
         return rows, embeds
     if kind == "per-half":
         state.ref_of = torch.arange(n_edit, device=rows.device)
-        ref = _window_of(reference.reached(i), frames).to(rows.dtype)
+        ref = frames_of(reference.reached(i), frames).to(rows.dtype)
         return torch.cat([rows, ref.expand(n_edit, -1, -1, -1, -1)]), torch.cat([embeds, embeds])
     state.ref_of = torch.zeros(n_edit, dtype=torch.long, device=rows.device)
-    return torch.cat([rows, _window_of(reference.replayed(i), frames).to(rows.dtype)]), torch.cat([embeds, reference.source_embeds.to(embeds.dtype)])
-
-
-def _window_of(latent: torch.Tensor, frames: slice) -> torch.Tensor:
-    """A window's frames of a whole-clip latent (the latent itself when the window is all of it)."""
-    return latent if frames == slice(0, latent.shape[1]) else latent[:, frames].contiguous()
+    return torch.cat([rows, frames_of(reference.replayed(i), frames).to(rows.dtype)]), torch.cat([embeds, reference.source_embeds.to(embeds.dtype)])
 
 
 def first_injected(scheduler_config: dict[str, Any], steps: int, inject: InjectSettings) -> int | None:
@@ -206,13 +200,15 @@ def edit_stage(
             ph.advance()
             ctx.notify("edit", state)
 
-        stored = open_stored(ctx, memory, store, settings.inject, clean.shape) if store else None
+        spans = inverted_spans(entry, ctx.info)
+        stored = open_stored(ctx, memory, store, settings.inject, window_shape(clean.shape, spans)) if store else None
         try:
             if stored is not None and (first := first_injected(ctx.info.scheduler_config, steps, settings.inject)) is not None:
                 # Read the first replayed step while the transformer loads (seconds), so that the
                 # step does not start by waiting for its files.
-                stored.prefetch(first)
-            grid = latent_mask(mask, *clean.shape[1:2], *clean.shape[3:]).to(runtime.device, runtime.dtype) if mask is not None else None
+                for window in stored:
+                    window.prefetch(first)
+            grid = _latent_grid(mask, spans, clean.shape, ctx.info.vae_scale_temporal).to(runtime.device, runtime.dtype) if mask is not None else None
             reference = _reference(trajectory, clean, embeds.get(entry.source_prompt, next(iter(embeds.values()))), stored, runtime.device)
             with loaded("transformer", ctx.info, runtime, ctx.layout.compile_dir) as transformer:
                 for chunk in chunks:
@@ -230,14 +226,22 @@ def edit_stage(
                         row_group=runtime.plan.row_group,
                         split=split,
                         mask=grid,
-                        spans=inverted_spans(entry.manifest["settings"]["invert"], clean.shape[1]),
+                        spans=spans,
                         callback=on_step,
                     )
-                    out.append(x.cpu())
+                    out.append(x[:, : spans[-1][1]].cpu())  # the clip's frames, less the anchors
         finally:  # reader threads and pinned buffers go with a failed edit too
-            if stored is not None:
-                stored.close()
+            for window in stored or ():
+                window.close()
     return torch.cat(out)
+
+
+def _latent_grid(mask: Mask, spans: list[tuple[int, int]], shape: torch.Size, temporal: int) -> torch.Tensor:
+    """The mask on the latent grid of the stepped state: the clip's latent frames, then each
+    anchor's own frame (engine.stages.windows)."""
+    h, w = shape[3:]
+    anchors = [latent_mask(dataclasses.replace(mask, pixels=mask.pixels[f : f + 1]), 1, h, w) for f in anchor_frames(spans, temporal)]
+    return torch.cat([latent_mask(mask, spans[-1][1], h, w), *anchors])
 
 
 def _reference(trajectory: list[torch.Tensor], clean: torch.Tensor, source_embeds: torch.Tensor, stored, device) -> Reference:

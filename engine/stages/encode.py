@@ -25,8 +25,10 @@ def encode_frames(vae: torch.nn.Module, frames: torch.Tensor) -> torch.Tensor:
     return (latents * vae.config.scaling_factor).permute(0, 2, 1, 3, 4).contiguous()
 
 
-def encode_stage(ctx: StageContext, frames: FrameSettings, video: str | os.PathLike) -> torch.Tensor:
-    """The selected frames' latents, cached in `ctx.entry` with the frames themselves."""
+def encode_stage(ctx: StageContext, frames: FrameSettings, video: str | os.PathLike, anchors: list[int] = ()) -> torch.Tensor:
+    """The selected frames' latents, cached in `ctx.entry` with the frames themselves; followed by
+    the latent of each of the frames `anchors` encoded alone (a long clip's windows' anchors,
+    `engine.stages.windows.window_calls`)."""
     entry = ctx.entry
     with ctx.reporter.phase("encode") as ph:
         if entry.encoded:
@@ -37,8 +39,11 @@ def encode_stage(ctx: StageContext, frames: FrameSettings, video: str | os.PathL
         entry.save(entry.paths.frames, {"frames": pixels})
         with loaded("vae", ctx.info, ctx.runtime) as vae:
             latents = encode_frames(vae, to_model_input(pixels)).cpu()
+            if anchors:  # a batch of one-frame clips: each is encoded as a clip's first frame
+                alone = encode_frames(vae, to_model_input(pixels[list(anchors)]).unsqueeze(1)).cpu()
+                latents = torch.cat([latents, alone.transpose(0, 1)], dim=1)
         maybe_die("encode")
         entry.save(entry.paths.latents, {"latents": latents})
         entry.mark_encoded(int(pixels.shape[0]), list(latents.shape))
-        ph.record.detail = f"{pixels.shape[0]} frames -> latents {tuple(latents.shape[1:])}"
+        ph.record.detail = f"{pixels.shape[0]} frames -> latents {tuple(latents.shape[1:])}" + (f" ({len(anchors)} anchors)" if anchors else "")
         return latents

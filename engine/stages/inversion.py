@@ -16,7 +16,7 @@ from engine.stages.context import StageContext
 from engine.stages.fixed_point import refine, step_coefficients
 from engine.stages.schedulers import edit_scheduler, inverse_scheduler
 from engine.stages.settings import InvertSettings, StoreSettings
-from engine.stages.windows import blended, window_shape
+from engine.stages.windows import blended, frames_of, window_shape
 
 
 @torch.no_grad()
@@ -37,7 +37,8 @@ def ddim_invert(
 ) -> torch.Tensor:
     """DDIM inversion (Song et al. 2021, eq. 12 run from t=0 up). Returns the final noise.
 
-    `latents` is the clean latent, or with `start=k` the latent after step k-1 (resume).
+    `latents` is the clean latent, or with `start=k` the latent after step k-1 (resume); with
+    `spans` of several windows, the clip's latent frames followed by the windows' anchors.
     `uncond` set means classifier-free guidance with rows [uncond, cond]. `refine_iters` > 0
     refines each step towards the exact inverse of the edit step (`engine.stages.fixed_point`).
     `spans` (`engine.stages.windows`) cut a long latent sequence into windows whose predictions are
@@ -46,8 +47,7 @@ def ddim_invert(
     """
     scheduler = inverse_scheduler(scheduler_config, steps)
     edit = edit_scheduler(scheduler_config, steps) if refine_iters else None
-    frames = latents.shape[1]
-    spans = spans or [(0, frames)]
+    spans = spans or [(0, latents.shape[1])]
     rotary = rotary_embeddings(transformer, window_shape(latents.shape, spans), vae_scale_spatial, latents.device)
     cfg = uncond is not None
     embeds = torch.cat([uncond, cond]) if cfg else cond
@@ -59,11 +59,11 @@ def ddim_invert(
         def v_at(y: torch.Tensor, t: torch.Tensor = t) -> torch.Tensor:
             y = y.to(latents.dtype)
 
-            def window(sl: slice) -> torch.Tensor:
-                part = y if sl == slice(0, frames) else y[:, sl].contiguous()
+            def window(w: int, frames: slice | list[int]) -> torch.Tensor:
+                part = frames_of(y, frames)
                 return guided(predict(transformer, torch.cat([part, part]) if cfg else part, embeds, t, rotary), guidance, cfg)
 
-            return blended(window, frames, spans)
+            return blended(window, spans)
 
         plain = scheduler.step(v_at(x), t, x, return_dict=False)[0]
         forwards = 1
@@ -109,7 +109,7 @@ def invert_stage(ctx: StageContext, settings: InvertSettings, latents: torch.Ten
                 guidance=settings.guidance,
                 start=start,
                 refine_iters=settings.iters,
-                spans=settings.spans(latents.shape[1]),
+                spans=settings.spans(ctx.info.vae_latent_frames(entry.frames)),
                 callback=on_step,
             )
         if settings.method != "ddim" and forwards:

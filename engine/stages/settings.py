@@ -106,15 +106,15 @@ class InvertSettings:
         }
         if self.method != "ddim":  # plain DDIM keeps the ids it always had
             fields.update(method=self.method, iters=self.iters)
-        if self.window:  # so do clips of one window
-            fields.update(window=self.window, overlap=self.overlap)
+        if self.window:  # so do clips of one window; later windows start on an anchor (engine.stages.windows)
+            fields.update(window=self.window, overlap=self.overlap, anchors="single-frame")
         return fields
 
 
-def inverted_spans(record: dict, frames: int) -> list[tuple[int, int]]:
-    """The windows an inversion (its manifest's `invert` settings) ran over `frames` latent frames:
-    an edit or a round trip from it blends the same windows."""
-    return InvertSettings(**record).spans(frames)
+def inverted_spans(entry, info) -> list[tuple[int, int]]:
+    """The windows an inversion (`entry`, a cache entry of model `info`) ran over its clip's latent
+    frames: an edit, a round trip or a capture from it blends the same windows."""
+    return InvertSettings(**entry.manifest["settings"]["invert"]).spans(info.vae_latent_frames(entry.frames))
 
 
 @dataclass(frozen=True)

@@ -55,17 +55,18 @@ def verify_stage(ctx: StageContext) -> None:
         return
     cond = embed_stage(ctx, [entry.source_prompt])[entry.source_prompt]
     noise = entry.load(entry.paths.step_file(entry.steps - 1), "latent")
+    spans = inverted_spans(entry, ctx.info)  # a long clip's latents end with its windows' anchors
     with ctx.reporter.phase("verify", total=entry.steps) as ph:
         ph.hit(False)
         with loaded("transformer", ctx.info, ctx.runtime, ctx.layout.compile_dir) as transformer:
             back = ddim_edit(
                 transformer, noise.to(ctx.runtime.device, ctx.runtime.dtype), cond, ctx.info.scheduler_config, entry.steps,
-                vae_scale_spatial=ctx.info.vae_scale_spatial, spans=inverted_spans(entry.manifest["settings"]["invert"], noise.shape[1]),
+                vae_scale_spatial=ctx.info.vae_scale_spatial, spans=spans,
                 callback=lambda state: ph.advance(),
             ).cpu()
         clean = entry.load(entry.paths.latents, "latents")
         with loaded("vae", ctx.info, ctx.runtime) as vae:
-            pixels = torch.from_numpy(decode_latents(vae, back)[0])
+            pixels = torch.from_numpy(decode_latents(vae, back[:, : spans[-1][1]])[0])
         source = entry.load(entry.paths.frames, "frames")
         n = min(len(source), len(pixels))
         result = {

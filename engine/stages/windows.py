@@ -7,7 +7,8 @@ each denoising (or inversion) step predicts v for every window with its own rota
 window is an ordinary model call) and averages the overlapping frames' predictions with weights
 that fall off toward a window's ends. The scheduler then takes one step on the whole sequence, so
 every window sees the same latent at every noise level and the joins carry no seam of their own.
-A clip of one window or less is one call on the whole sequence, exactly as before.
+A window that starts mid-clip begins with an anchor, its first frame's latent encoded alone
+(`window_calls`). A clip of one window or less is one call on the whole sequence, exactly as before.
 
 Nothing in the ecosystem blends diffusion windows along time for an arbitrary model call, so the
 spans, the weights and the blended prediction are written here.
@@ -35,10 +36,10 @@ class Windowing:
     overlap: int
 
     def __post_init__(self) -> None:
-        if self.length < 1:
-            raise SettingsError(f"a window needs at least one latent frame, got {self.length}")
-        if not 0 <= self.overlap < self.length:
-            raise SettingsError(f"--window-overlap must be between 0 and {self.length - 1} latent frames (the window is {self.length}), got {self.overlap}")
+        if self.length < 2:  # a later window's first frame is its anchor (`window_calls`)
+            raise SettingsError(f"a window needs at least two latent frames, got {self.length}")
+        if not 1 <= self.overlap < self.length:  # a later window leaves its first frame to the one before
+            raise SettingsError(f"--window-overlap must be between 1 and {self.length - 1} latent frames (the window is {self.length}), got {self.overlap}")
 
     def spans(self, frames: int) -> list[tuple[int, int]]:
         """[start, stop) of each window over `frames` latent frames; see `window_spans`."""
@@ -50,7 +51,7 @@ class Windowing:
 
 def default_overlap(length: int) -> int:
     """About 30% of a window, at least one frame (13 -> 4, 5 -> 2, 3 -> 1)."""
-    return max(1, (3 * length + 5) // 10) if length > 1 else 0
+    return max(1, (3 * length + 5) // 10)
 
 
 def window_count(info: ModelInfo, frames: int) -> int:
@@ -70,37 +71,70 @@ def window_spans(frames: int, length: int, overlap: int) -> list[tuple[int, int]
     return [(s, s + length) for s in starts]
 
 
-def blend_weights(spans: list[tuple[int, int]], frames: int) -> torch.Tensor:
-    """[windows, frames] float32: each window's share of each frame. Inside a window a frame j of
-    n weighs min(j + 1, n - j) (a tent: largest in the middle, smallest at the ends, where the
-    window's view of the motion is one-sided); the shares of each frame sum to 1."""
+def window_calls(spans: list[tuple[int, int]]) -> list[list[int]]:
+    """Each window's frames of the stepped state (the clip's latent frames, then one anchor per
+    window that starts mid-clip): the first window is its span; a later window (s, e) is its
+    anchor (state frame `frames + k`) in place of latent frame s, then s+1..e-1.
+
+    Why the anchor: the model always saw a clip's first latent frame encode one video frame alone;
+    a window that starts mid-clip would start on a latent frame of four, and the model edits such
+    a window much more weakly (benchmarks/results/LONG_CLIPS.md). The anchor is the VAE's latent
+    of video frame 4s alone, the frame just before latent s+1's four: the window then starts as
+    every clip the model saw does. Latent frame s itself is left to the window before."""
+    frames = spans[-1][1]
+    return [list(range(*spans[0]))] + [[frames + k, *range(s + 1, e)] for k, (s, e) in enumerate(spans[1:])]
+
+
+def state_frames(spans: list[tuple[int, int]]) -> int:
+    """Frames of the stepped state: the clip's latent frames and the windows' anchors."""
+    return spans[-1][1] + len(spans) - 1
+
+
+def anchor_frames(spans: list[tuple[int, int]], temporal: int) -> list[int]:
+    """The video frame each anchor encodes alone: the last of its window's first latent frame
+    (latent frame s holds video frames temporal*(s-1)+1 .. temporal*s)."""
+    return [temporal * s for s, _ in spans[1:]]
+
+
+def blend_weights(spans: list[tuple[int, int]]) -> torch.Tensor:
+    """[windows, state frames] float32: each window's share of each frame of the state. Inside a
+    call a frame at position j of n weighs min(j + 1, n - j) (a tent: largest in the middle,
+    smallest at the ends, where the window's view of the motion is one-sided); the shares of each
+    frame sum to 1 (an anchor is its own window's alone)."""
     import torch
 
-    raw = torch.zeros(len(spans), frames, dtype=torch.float64)
-    for w, (start, stop) in enumerate(spans):
-        n = stop - start
+    calls = window_calls(spans)
+    raw = torch.zeros(len(spans), state_frames(spans), dtype=torch.float64)
+    for w, frames in enumerate(calls):
+        n = len(frames)
         j = torch.arange(n, dtype=torch.float64)
-        raw[w, start:stop] = torch.minimum(j + 1, n - j)
+        raw[w, frames] = torch.minimum(j + 1, n - j)
     total = raw.sum(0)
     if bool((total == 0).any()):
-        raise ValueError(f"the windows {spans} leave latent frames of {frames} uncovered")
+        raise ValueError(f"the windows {spans} leave latent frames uncovered")
     return (raw / total).float()
 
 
-def blended(predict_window: Callable[[slice], torch.Tensor], frames: int, spans: list[tuple[int, int]]) -> torch.Tensor:
-    """The whole sequence's prediction from one call per window: `predict_window(slice)` returns
-    [B, n, ...] for the frames of the slice (dim 1); overlapping frames are averaged with
-    `blend_weights`. One window covering everything is the call itself, bit for bit."""
-    if spans == [(0, frames)]:
-        return predict_window(slice(0, frames))
-    weights = blend_weights(spans, frames)
+def frames_of(x: torch.Tensor, frames: slice | list[int]) -> torch.Tensor:
+    """A window's frames (dim 1) of a state-shaped tensor; the tensor itself for a whole-clip slice."""
+    return x if frames == slice(0, x.shape[1]) else x[:, frames].contiguous()
+
+
+def blended(predict_window: Callable[[int, slice | list[int]], torch.Tensor], spans: list[tuple[int, int]]) -> torch.Tensor:
+    """The whole state's prediction from one call per window: `predict_window(w, frames)` returns
+    [B, n, ...] for window w's frames of the state (`window_calls`, dim 1); overlapping frames are
+    averaged with `blend_weights`. One window covering everything is the call itself, bit for bit."""
+    if len(spans) == 1:
+        return predict_window(0, slice(*spans[0]))
+    calls = window_calls(spans)
+    weights = blend_weights(spans)
     out = None
-    for w, (start, stop) in enumerate(spans):
-        v = predict_window(slice(start, stop))
+    for w, frames in enumerate(calls):
+        v = predict_window(w, frames)
         if out is None:
-            out = v.new_zeros((v.shape[0], frames, *v.shape[2:]))
-        share = weights[w, start:stop].to(v.device, v.dtype).view(1, -1, *([1] * (v.dim() - 2)))
-        out[:, start:stop] += share * v
+            out = v.new_zeros((v.shape[0], weights.shape[1], *v.shape[2:]))
+        share = weights[w, frames].to(v.device, v.dtype).view(1, -1, *([1] * (v.dim() - 2)))
+        out[:, frames] += share * v
     return out
 
 
