@@ -61,3 +61,17 @@ def test_compiled_blocks_are_one_graph_per_feature_not_per_block(deep_model, wid
     eager = engine.edit(inv, prompts, output="latents", inject_steps="0:0.5", inject_layers="0-5", device="cpu", cache_dir=tmp_path / "cache", compile=False)
     torch.testing.assert_close(edits["shared"].latents, eager.latents, rtol=0, atol=1e-5)
 
+
+
+def test_compiled_windows_of_a_long_clip_share_one_windows_graphs(tiny_model, wide_clip, tmp_path, eager_backend):
+    """Every window (anchored or not) is a call of the same shape: a long clip compiles the graphs
+    one window does, and its compiled edit is the eager one."""
+    run = dict(device="cpu", cache_dir=tmp_path / "cache", compile=True)
+    long = {**SMALL, "frames": 17, "steps": 2}  # 2 windows of 3 latent frames on the tiny model
+    inv = engine.invert(wide_clip, tiny_model, **run, **long)
+    assert len(inv.entry.manifest["summary"]["windows"]) == 2
+    compiled = engine.edit(inv, ["a watercolor painting"], output="latents", inject_steps="0:0.5", **run)
+    # the inversion's plain block; the edit's injecting and plain blocks
+    assert counters["stats"]["unique_graphs"] == 3, dict(counters["stats"])
+    eager = engine.edit(inv, ["a watercolor painting"], output="latents", inject_steps="0:0.5", device="cpu", cache_dir=tmp_path / "cache", compile=False)
+    torch.testing.assert_close(compiled.latents, eager.latents, rtol=0, atol=1e-5)

@@ -224,3 +224,16 @@ def test_a_long_clips_store_captured_later_from_the_cache_is_the_one_captured_wh
     for name in a:
         for key in a[name]:
             torch.testing.assert_close(a[name][key], b[name][key], rtol=0, atol=1e-6)
+
+
+def test_k_prompts_on_the_lean_plan_replay_each_windows_store_as_one_prompt_does(tiny_model, wide_clip):
+    """Row groups (the lean plan) over a long clip's replayed K/V, two prompts in one pass: the same
+    rows as the staged plan, and the second row the same as that prompt alone with the shared reference."""
+    inv = engine.invert(wide_clip, tiny_model, device="cpu", attention_store="cpu", **STORE, **LONG)
+    prompts = ["a watercolor painting", "a charcoal sketch"]
+    staged = engine.edit(inv, prompts, inject_steps="0:0.5", reference="stored", device="cpu", output="latents")
+    lean = engine.edit(inv, prompts, inject_steps="0:0.5", reference="stored", plan="lean", device="cpu", output="latents")
+    alone = engine.edit(inv, prompts[1:], inject_steps="0:0.5", device="cpu", output="latents")
+    torch.testing.assert_close(lean.latents, staged.latents, rtol=0, atol=1e-5)
+    torch.testing.assert_close(staged.latents[1:], alone.latents, rtol=0, atol=1e-5)
+    inv.release()
