@@ -67,7 +67,7 @@ def test_compiled_windows_of_a_long_clip_share_one_windows_graphs(tiny_model, wi
     """Every window (anchored or not) is a call of the same shape: a long clip compiles the graphs
     one window does, and its compiled edit is the eager one."""
     run = dict(device="cpu", cache_dir=tmp_path / "cache", compile=True)
-    long = {**SMALL, "frames": 17, "steps": 2}  # 2 windows of 3 latent frames on the tiny model
+    long = {**SMALL, "frames": 17, "steps": 2, "window_overlap": 1}  # 2 windows of 3 latent frames on the tiny model
     inv = engine.invert(wide_clip, tiny_model, **run, **long)
     assert len(inv.entry.manifest["summary"]["windows"]) == 2
     compiled = engine.edit(inv, ["a watercolor painting"], output="latents", inject_steps="0:0.5", **run)

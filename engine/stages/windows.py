@@ -4,11 +4,13 @@ along time at every step (MultiDiffusion, Bar-Tal et al. 2023, applied to the fr
 The transformer was trained on a fixed number of latent frames (13 for CogVideoX-5B). A longer
 clip's latent sequence is cut into windows of that length, the last one aligned to the end, and
 each denoising (or inversion) step predicts v for every window with its own rotary tables (each
-window is an ordinary model call) and averages the overlapping frames' predictions with weights
-that fall off toward a window's ends. The scheduler then takes one step on the whole sequence, so
-every window sees the same latent at every noise level and the joins carry no seam of their own.
-A window that starts mid-clip begins with an anchor, its first frame's latent encoded alone
-(`window_calls`). A clip of one window or less is one call on the whole sequence, exactly as before.
+window is an ordinary model call) and averages the overlapping frames' predictions, every window
+that covers a frame alike (MultiDiffusion's own average; weights that fell off toward a window's
+ends edited the later windows more weakly, benchmarks/results/LONG_CLIPS.md). The scheduler then
+takes one step on the whole sequence, so every window sees the same latent at every noise level
+and the joins carry no seam of their own. A window that starts mid-clip begins with an anchor,
+the latent of one video frame encoded alone (`window_calls`). A clip of one window or less is one
+call on the whole sequence, exactly as before.
 
 Nothing in the ecosystem blends diffusion windows along time for an arbitrary model call, so the
 spans, the weights and the blended prediction are written here.
@@ -50,8 +52,10 @@ class Windowing:
 
 
 def default_overlap(length: int) -> int:
-    """About 30% of a window, at least one frame (13 -> 4, 5 -> 2, 3 -> 1)."""
-    return max(1, (3 * length + 5) // 10)
+    """About 30% of a window, and at least 3 frames where the window allows (13 -> 4, 5 -> 3,
+    3 -> 2): a later window leaves its first frame to its anchor, so 3 keep two frames blended
+    at every join (with 2, a short window's edit was weaker: benchmarks/results/LONG_CLIPS.md)."""
+    return min(length - 1, max(3, (3 * length + 5) // 10))
 
 
 def window_count(info: ModelInfo, frames: int) -> int:
@@ -97,18 +101,14 @@ def anchor_frames(spans: list[tuple[int, int]], temporal: int) -> list[int]:
 
 
 def blend_weights(spans: list[tuple[int, int]]) -> torch.Tensor:
-    """[windows, state frames] float32: each window's share of each frame of the state. Inside a
-    call a frame at position j of n weighs min(j + 1, n - j) (a tent: largest in the middle,
-    smallest at the ends, where the window's view of the motion is one-sided); the shares of each
-    frame sum to 1 (an anchor is its own window's alone)."""
+    """[windows, state frames] float32: each window's share of each frame of the state, equal
+    among the windows that cover the frame (the shares of each frame sum to 1; an anchor is its
+    own window's alone)."""
     import torch
 
-    calls = window_calls(spans)
     raw = torch.zeros(len(spans), state_frames(spans), dtype=torch.float64)
-    for w, frames in enumerate(calls):
-        n = len(frames)
-        j = torch.arange(n, dtype=torch.float64)
-        raw[w, frames] = torch.minimum(j + 1, n - j)
+    for w, frames in enumerate(window_calls(spans)):
+        raw[w, frames] = 1.0
     total = raw.sum(0)
     if bool((total == 0).any()):
         raise ValueError(f"the windows {spans} leave latent frames uncovered")
