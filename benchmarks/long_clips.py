@@ -113,14 +113,27 @@ def object_track(frames: np.ndarray, near: np.ndarray) -> list[np.ndarray | None
     return [centroid(found[f]) for f in range(len(frames))]
 
 
-def invert_and_edit(name: str, video: np.ndarray, spec: shapes.ClipSpec, target: shapes.ClipSpec, mask: np.ndarray, steps: int, device: str, cache: Path):
-    """The clip's inversion (every frame, no CFG), its round trip and its masked color edit."""
+def clip_inputs(seed: int) -> tuple[str, shapes.ClipSpec, np.ndarray, np.ndarray, shapes.ClipSpec, np.ndarray]:
+    """Held-out clip `seed`: its name, spec, frames, object masks, the color edit's target and mask."""
+    spec = crossing_clip(seed)
+    video, masks = shapes.render(spec, FRAMES)
+    target = shapes.with_change(spec, color=list(shapes.COLORS)[(list(shapes.COLORS).index(spec.things[0].color) + 1) % len(shapes.COLORS)])
+    return f"long_shapes_{seed:03d}", spec, video, masks, target, shapes.around(spec, MASK_MARGIN, FRAMES)
+
+
+def invert_clip(name: str, video: np.ndarray, spec: shapes.ClipSpec, steps: int, device: str, cache: Path) -> engine.Inversion:
+    """The clip's inversion: every frame, no CFG, served from memory."""
     frames = len(video)
     info = VideoInfo(f"/served/{name}.mp4", f"{name}-{frames}", frames, FPS, shapes.WIDTH, shapes.HEIGHT)
     served = FrameSettings(max_frames=None, height=shapes.HEIGHT, width=shapes.WIDTH, fps=FPS)
-    common = dict(device=device, cache_dir=cache, output="frames")
     with serving({name: torch.from_numpy(video)}, {name: info}, served):
-        inv = engine.invert(info.path, SHAPES_DIR, frames="all", steps=steps, source_prompt=spec.caption, guidance=1.0, inversion=INVERSION[0], **SIZE, device=device, cache_dir=cache)
+        return engine.invert(info.path, SHAPES_DIR, frames="all", steps=steps, source_prompt=spec.caption, guidance=1.0, inversion=INVERSION[0], **SIZE, device=device, cache_dir=cache)
+
+
+def invert_and_edit(name: str, video: np.ndarray, spec: shapes.ClipSpec, target: shapes.ClipSpec, mask: np.ndarray, steps: int, device: str, cache: Path):
+    """The clip's inversion, its round trip and its masked color edit."""
+    inv = invert_clip(name, video, spec, steps, device, cache)
+    common = dict(device=device, cache_dir=cache, output="frames")
     recon = engine.edit(inv, [spec.caption], guidance=1.0, inject_strength=0.0, **common).frames[0]
     edit = engine.edit(inv, [target.caption], negative_from_source=True, inject_strength=0.0, mask=mask.astype(np.float32), **common).frames[0]
     return inv, recon, edit
@@ -133,11 +146,7 @@ def color_shares(edit: np.ndarray, masks: np.ndarray, color: str) -> list[float]
 
 
 def shapes_clip(seed: int, steps: int, device: str, cache: Path, independent: bool) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    spec = crossing_clip(seed)
-    video, masks = shapes.render(spec, FRAMES)
-    name = f"long_shapes_{seed:03d}"
-    target = shapes.with_change(spec, color=list(shapes.COLORS)[(list(shapes.COLORS).index(spec.things[0].color) + 1) % len(shapes.COLORS)])
-    mask = shapes.around(spec, MASK_MARGIN, FRAMES)
+    name, spec, video, masks, target, mask = clip_inputs(seed)
     start = time.perf_counter()
     inv, recon, edit = invert_and_edit(name, video, spec, target, mask, steps, device, cache)
     spans = inv.entry.manifest["summary"]["windows"]
