@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from engine.errors import PromptError, SettingsError
-from engine.stages.windows import Windowing
+from engine.stages.windows import Windowing, state_frames
 
 INVERSIONS = ("ddim", "fixed-point")
 
@@ -113,8 +113,16 @@ class InvertSettings:
 
 def inverted_spans(entry, info) -> list[tuple[int, int]]:
     """The windows an inversion (`entry`, a cache entry of model `info`) ran over its clip's latent
-    frames: an edit, a round trip or a capture from it blends the same windows."""
-    return InvertSettings(**entry.manifest["settings"]["invert"]).spans(info.vae_latent_frames(entry.frames))
+    frames: an edit, a round trip or a capture from it blends the same windows. An entry whose
+    latents lack the windows' anchors (made by an earlier cogedit) is refused with the fix."""
+    spans = InvertSettings(**entry.manifest["settings"]["invert"]).spans(info.vae_latent_frames(entry.frames))
+    shape = entry.manifest["summary"].get("latent_shape")
+    if shape is not None and shape[1] != state_frames(spans):
+        raise SettingsError(
+            f"inversion {entry.id[:12]} was made by an earlier cogedit, whose windows started without anchors: "
+            f"invert the clip again (`cogedit cache rm {entry.id[:12]}` frees its space)"
+        )
+    return spans
 
 
 @dataclass(frozen=True)
