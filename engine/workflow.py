@@ -305,9 +305,12 @@ def invert(video: str | Path, model: str | Path, *, cache_dir: str | Path | None
 
 
 def _team_mesh(settings: InvertSettings, store: StoreSettings, info: ModelInfo) -> Mesh:
-    if store.where != "none":
-        raise SettingsError("stored attention is captured by one worker: invert with --attention-store alone (cogedit invert), then edit with --gpus")
+    if store.where != "none":  # run() refuses it before the workers start; here for a worker started by hand
+        raise SettingsError(STORE_ALONE)
     return Mesh.make(settings.uses_cfg, info.transformer_config["num_attention_heads"])
+
+
+STORE_ALONE = "stored attention is captured in one process: invert with --attention-store without --gpus (cogedit invert), then edit with --gpus"
 
 
 def _follow(ctx: StageContext, mesh: Mesh, paths: EntryPaths, memory: MemoryStores) -> Inversion:
@@ -549,6 +552,8 @@ def run(
     _check_gpus(edit_opts.gpus, edit_opts.guidance, callback, edit_opts.device)
     _check_mesh(edit_opts.gpus, settings, info)
     shares(edit_opts.gpus, _invert_settings(inv_opts)[1].uses_cfg, info.transformer_config["num_attention_heads"])  # the inversion's own split
+    if inv_opts.attention_store != "none":
+        raise SettingsError(STORE_ALONE)
     if not under_torchrun():
         inv_id, result = on_workers(edit_opts.gpus, reporter, _run_ids, video, model, prompts, cache_dir=cache_dir, **options)
         return open_inversion(inv_id, cache_dir), result

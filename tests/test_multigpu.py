@@ -1,7 +1,8 @@
-"""Beyond one GPU (issue 20), on the CPU: `cogedit batch` in one process and in two torchrun
-workers (gloo), a worker killed mid-run, and one edit split over two processes.
+"""Beyond one GPU, on the CPU: `cogedit batch` in one process and in two torchrun workers (gloo),
+a worker killed mid-run, and one run (inversion and edit) split over 2 and 4 processes: guidance's
+halves, each splitting the tokens (engine.hooks.token_split).
 
-Each launch of two workers costs their imports (~10 s on 2 cores), so the workers' tests share
+Each launch of workers costs their imports (~10 s on 2 cores), so the workers' tests share
 one jobs file and a tiny workload."""
 
 from __future__ import annotations
@@ -104,14 +105,52 @@ def test_two_workers_killed_then_rerun_lose_nothing_and_match_one_process(one_pr
     assert ours == theirs
 
 
-def test_split_edit_equals_one_process_edit(tiny_model, wide_clip, tmp_path):
-    common = dict(cache_dir=tmp_path, device="cpu", output="latents", guidance=5.0, **TINY)
-    inv, split = engine.run(wide_clip, tiny_model, ["a red car", "snow at night"], gpus=2, **common)
+def _trajectory(inv) -> torch.Tensor:
+    return torch.stack([inv.entry.load(inv.entry.paths.step_file(i), "latent") for i in range(inv.steps)])
+
+
+def _assert_split_run_is_one_process_run(tiny_model, clip, tmp_path, gpus: int, **options):
+    """`run` over `gpus` workers, then the same in this process: the same trajectory and edits up to
+    rounding (the same arithmetic; only how rows and heads are batched into calls differs)."""
+    common = dict(device="cpu", output="latents", guidance=5.0, **TINY, **options)
+    prompts = ["a red car", "snow at night"]
+    inv, split = engine.run(clip, tiny_model, prompts, gpus=gpus, cache_dir=tmp_path / "split", **common)
     assert inv.entry.complete
-    one = engine.edit(inv, ["a red car", "snow at night"], cache_dir=tmp_path, device="cpu", output="latents", guidance=5.0)
+    one_inv, one = engine.run(clip, tiny_model, prompts, cache_dir=tmp_path / "one", **common)
+    torch.testing.assert_close(_trajectory(inv), _trajectory(one_inv), rtol=1e-4, atol=1e-5)
     assert split.latents.shape == one.latents.shape
-    # Same arithmetic; only the batch a row is computed in differs (2+1 rows per process, not 4+1).
     torch.testing.assert_close(split.latents, one.latents, rtol=1e-4, atol=1e-5)
+    return inv
+
+
+def test_split_run_equals_one_process_run(tiny_model, wide_clip, tmp_path):
+    """2 workers: the inversion (no guidance) splits its tokens 2 ways, the edit its guidance halves."""
+    _assert_split_run_is_one_process_run(tiny_model, wide_clip, tmp_path, 2)
+
+
+def test_four_workers_split_halves_and_tokens_and_equal_one_process(tiny_model, small_clip, tmp_path):
+    """4 workers, inversion and edit with guidance: two halves, each splitting its tokens 2 ways (the
+    tiny model's 2 heads, one per worker); injection at strength 0.5 (the bias over the joined keys)
+    and the lean plan (row groups: the reference's K/V held across groups) run on the split tokens."""
+    options = dict(source_prompt="a rabbit in a meadow", invert_guidance=3.0, inject_strength=0.5, plan="lean")
+    _assert_split_run_is_one_process_run(tiny_model, small_clip, tmp_path, 4, **options)
+
+
+def test_a_worker_killed_mid_edit_ends_in_one_line_and_leaves_the_cache(tiny_model, wide_clip, tmp_path, monkeypatch):
+    inv = engine.invert(wide_clip, tiny_model, cache_dir=tmp_path / "cache", device="cpu", **TINY)
+    before = _files(tmp_path / "cache")
+    monkeypatch.setenv("COGEDIT_TEST_KILL_AT", "edit:2")
+    monkeypatch.setenv("COGEDIT_TEST_KILL_RANK", "1")
+    with pytest.raises(WorkerError, match="^worker 1 was killed by SIGKILL; finished work is cached"):
+        engine.edit(inv.id, ["a red car"], cache_dir=tmp_path / "cache", out_dir=tmp_path / "out", device="cpu", guidance=1.0, gpus=2)
+    after = _files(tmp_path / "cache")
+    # The inversion as it was (its manifest records the use), and only whole files added: the
+    # prompt's embedding, written whole before the first edit step.
+    assert {p: v for p, v in after.items() if p in before and not p.endswith("manifest.json")} == {p: v for p, v in before.items() if not p.endswith("manifest.json")}
+    assert set(before) <= set(after) and all(p.startswith("prompts/") for p in set(after) - set(before))
+    assert engine.open_inversion(inv.id, tmp_path / "cache").entry.complete
+    assert not [p for p in (tmp_path / "cache").rglob(".*") if p.is_file()], "no half-written file"
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir()), "no output of a failed edit"
 
 
 def test_work_is_split_by_cost_inversions_first():
@@ -156,8 +195,8 @@ def test_no_model_and_gpus_misuse_are_one_line(tmp_path):
     path.write_text('[[job]]\nvideo = "a.mp4"\nprompts = ["a"]')
     cases = [
         (["batch", str(path)], "names no model — pass --model"),
-        (["edit", "abc", "--prompt", "a", "--gpus", "2", "--guidance", "1"], "--guidance 1 has only one: drop --gpus or raise --guidance"),
-        (["edit", "abc", "--prompt", "a", "--gpus", "3"], "3 is not in the range 1<=x<=2"),
+        (["edit", "abc", "--prompt", "a", "--gpus", "3"], "--gpus takes 1, 2, 4, 8, got 3"),
+        (["edit", "abc", "--prompt", "a", "--gpus", "9"], "9 is not in the range 1<=x<=8"),
     ]
     for args, message in cases:
         result = CliRunner().invoke(cli, args)
@@ -177,6 +216,20 @@ def test_api_misuse_is_refused_before_any_work(tmp_path):
     for call, message in cases:
         with pytest.raises(SettingsError, match=re.escape(message)):
             call()
+
+
+def test_what_gpus_cannot_share_out_is_refused_before_any_worker(tiny_model, wide_clip, tmp_path):
+    cases = [
+        # the tiny model has 2 heads: a call without guidance cannot split its tokens 4 ways
+        (dict(gpus=4, guidance=1.0), "--gpus 4 splits the tokens 4 ways, which the model's 2 attention heads do not divide into: use --gpus 1 or 2"),
+        (dict(gpus=4), "--gpus 4 splits the tokens 4 ways"),  # the edit has guidance, the inversion does not
+        (dict(gpus=2, guidance=1.0, reference="stored"), "stored attention holds every token's keys in one process: use --reference shared"),
+        (dict(gpus=2, attention_store="cpu"), "stored attention is captured in one process"),
+    ]
+    for options, message in cases:
+        with pytest.raises(SettingsError, match=re.escape(message)):
+            engine.run(wide_clip, tiny_model, ["a red car"], cache_dir=tmp_path / "cache", device="cpu", **TINY, **options)
+    assert not (tmp_path / "cache").exists()
 
 
 def test_a_worker_hands_its_own_gpu_on_unrefused(monkeypatch):

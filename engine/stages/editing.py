@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from cache.faults import maybe_die
 from engine.hooks import registry as hooks
 from engine.hooks.injection import InjectionState, KVInjectionConfig, apply_kv_injection, remove_kv_injection
 from engine.hooks.kv_replay import StoredAttention
@@ -206,6 +207,7 @@ def edit_stage(
             ph.record.detail += f", local ({mask.label})"
 
         def on_step(state: dict[str, Any]) -> None:
+            maybe_die("edit")
             ph.advance()
             ctx.notify("edit", state)
 
