@@ -112,7 +112,9 @@ def _trajectory(inv) -> torch.Tensor:
 def _assert_split_run_is_one_process_run(tiny_model, clip, tmp_path, gpus: int, **options):
     """`run` over `gpus` workers, then the same in this process: the same trajectory and edits up to
     rounding (the same arithmetic; only how rows and heads are batched into calls differs)."""
-    common = dict(device="cpu", output="latents", guidance=5.0, **TINY, **options)
+    # 9 frames of 128x224 (one window of the tiny model): 336 image tokens after the 226 text ones,
+    # so that every worker of a 2-way split holds image tokens (their rotary rows matter).
+    common = dict(device="cpu", output="latents", guidance=5.0, **{**TINY, "frames": 9, "height": 128, "width": 224}, **options)
     prompts = ["a red car", "snow at night"]
     inv, split = engine.run(clip, tiny_model, prompts, gpus=gpus, cache_dir=tmp_path / "split", **common)
     assert inv.entry.complete
@@ -134,6 +136,51 @@ def test_four_workers_split_halves_and_tokens_and_equal_one_process(tiny_model, 
     and the lean plan (row groups: the reference's K/V held across groups) run on the split tokens."""
     options = dict(source_prompt="a rabbit in a meadow", invert_guidance=3.0, inject_strength=0.5, plan="lean")
     _assert_split_run_is_one_process_run(tiny_model, small_clip, tmp_path, 4, **options)
+
+
+def _block_call(split_ways: int) -> torch.Tensor:
+    """One injected call (2 edit rows + their shared reference, strength 0.5) of a 4-head transformer
+    through row groups, one head per attention call: tokens split `split_ways` ways over the
+    workers of this process group (1: no group, all here)."""
+    import torch.distributed as dist
+
+    from engine.hooks import injection
+    from engine.hooks.injection import CogVideoXAttnProcessor, InjectionState, KVInjectionConfig, apply_kv_injection
+    from engine.hooks.row_groups import RowGroupConfig, apply_row_groups
+    from engine.hooks.token_split import TokenSplit, tokens_split
+    from engine.models.denoiser import rotary_embeddings
+    from engine.models.tiny import random_transformer
+
+    injection.INJECT_HEADS = 1  # each process's 2 heads in two calls: the projection's head shares
+    torch.manual_seed(0)
+    size = dict(num_attention_heads=4, attention_head_dim=16, time_embed_dim=16, text_embed_dim=32, num_layers=1, sample_width=20, sample_height=12, sample_frames=9)
+    model = random_transformer("cpu", torch.float32, **size)
+    model.set_attn_processor(CogVideoXAttnProcessor())
+    g = torch.Generator().manual_seed(1)
+    x, text = torch.randn(3, 3, 16, 16, 28, generator=g), torch.randn(3, 226, 32, generator=g)
+    state = InjectionState(active=True, n_edit=2, ref_of=torch.zeros(2, dtype=torch.long), strength=0.5)
+    apply_row_groups(model, RowGroupConfig(1, state))
+    apply_kv_injection(model, KVInjectionConfig(None, state))
+    split = TokenSplit(dist.group.WORLD, dist.get_rank(), split_ways) if split_ways > 1 else None
+    with tokens_split(model, split):
+        return model(x, text, torch.tensor([500] * 3), image_rotary_emb=rotary_embeddings(model, x.shape, 8, "cpu"), return_dict=False)[0]
+
+
+def _split_block_call() -> torch.Tensor:
+    from engine.stages.distributed import process_group
+
+    with process_group("gloo"):
+        return _block_call(2)
+
+
+def test_token_split_head_shares_row_groups_and_bias_equal_one_process():
+    """What the tiny model's 2 heads never reach: several heads per process projected a few at a
+    time (on CogVideoX-5B 24 heads per process, 8 per call), the row groups' held reference K/V."""
+    from engine.stages.distributed import launch
+
+    split = launch(_split_block_call, 2)
+    torch.testing.assert_close(split[0], _block_call(1), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(split[1], split[0], rtol=0, atol=0)
 
 
 def test_a_worker_killed_mid_edit_ends_in_one_line_and_leaves_the_cache(tiny_model, wide_clip, tmp_path, monkeypatch):
