@@ -265,6 +265,18 @@ def test_api_misuse_is_refused_before_any_work(tmp_path):
             call()
 
 
+def test_a_worker_killed_mid_inversion_keeps_worker_0s_finished_steps(tiny_model, wide_clip, tmp_path, monkeypatch):
+    """Worker 1 computes its token share of worker 0's inversion and dies after its 2nd step: worker 0,
+    which writes the cache, cannot finish the 3rd; the run ends in one line, the steps before stay."""
+    monkeypatch.setenv("COGEDIT_TEST_KILL_AT", "step:2")
+    monkeypatch.setenv("COGEDIT_TEST_KILL_RANK", "1")
+    with pytest.raises(WorkerError, match="^worker 1 was killed by SIGKILL; finished work is cached"):
+        engine.run(wide_clip, tiny_model, ["a red car"], cache_dir=tmp_path / "cache", out_dir=tmp_path / "out", device="cpu", guidance=1.0, gpus=2, **TINY)
+    steps = sorted(p.name for p in (tmp_path / "cache").rglob("step_*.safetensors"))
+    assert steps[:1] == ["step_0000.safetensors"] and "step_0002.safetensors" not in steps
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
 def test_what_gpus_cannot_share_out_is_refused_before_any_worker(tiny_model, wide_clip, tmp_path):
     cases = [
         # the tiny model has 2 heads: a call without guidance cannot split its tokens 4 ways
