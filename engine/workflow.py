@@ -40,7 +40,7 @@ from engine.results import EditResult, Inversion, open_inversion
 from engine.stages.attention_store import MemoryStores, capture_stage, check_budget, find_store, has_store, store_settings
 from engine.stages.context import Callback, StageContext
 from engine.stages.decode import decode_stage, output_paths
-from engine.stages.distributed import GPUS, Mesh, backend_for, check_worker_device, in_team, inversion_team, launch, process_group, rank, shares, tell_team, under_torchrun, worker_device
+from engine.stages.distributed import GPUS, Mesh, backend_for, check_worker_device, inversion_team, launch, process_group, rank, shares, team_size, tell_team, under_torchrun, worker_device
 from engine.stages.editing import edit_stage
 from engine.stages.embed import embed_stage
 from engine.stages.encode import encode_stage
@@ -284,7 +284,7 @@ def invert(video: str | Path, model: str | Path, *, cache_dir: str | Path | None
     identity = inversion_identity(source.info.sha256, frames, source.selected, info, ctx.runtime, settings)
     paths = layout.entry(stable_hash(identity))
     memory = MemoryStores()
-    mesh = _team_mesh(settings, store, info) if in_team() else None
+    mesh = _team_mesh(team_size(), settings, store, info) if team_size() else None
     if mesh is not None and rank() != 0:
         return _follow(ctx, mesh, paths, memory)
     entry = InversionEntry.read(paths)
@@ -304,10 +304,10 @@ def invert(video: str | Path, model: str | Path, *, cache_dir: str | Path | None
     return Inversion(entry, layout, memory)
 
 
-def _team_mesh(settings: InvertSettings, store: StoreSettings, info: ModelInfo) -> Mesh:
+def _team_mesh(n: int, settings: InvertSettings, store: StoreSettings, info: ModelInfo) -> Mesh:
     if store.where != "none":  # run() refuses it before the workers start; here for a worker started by hand
         raise SettingsError(STORE_ALONE)
-    return Mesh.make(settings.uses_cfg, info.transformer_config["num_attention_heads"])
+    return Mesh.make(n, settings.uses_cfg, info.transformer_config["num_attention_heads"])
 
 
 STORE_ALONE = "stored attention is captured in one process: invert with --attention-store without --gpus (cogedit invert), then edit with --gpus"
@@ -513,7 +513,7 @@ def _render(ctx: StageContext, inv: Inversion, settings: EditSettings, gpus: int
     """The edited latents; with gpus > 1 (inside the process group) only rank 0 returns them."""
     embeds = embed_stage(ctx, _edit_prompts(settings, inv.entry.source_prompt, inv.steps))
     store = find_store(inv.entry, inv.memory, settings.inject, ctx.info) if settings.inject.reference == "stored" else None
-    mesh = Mesh.make(settings.uses_cfg, ctx.info.transformer_config["num_attention_heads"]) if gpus > 1 else None
+    mesh = Mesh.make(gpus, settings.uses_cfg, ctx.info.transformer_config["num_attention_heads"]) if gpus > 1 else None
     latents = edit_stage(ctx, settings, embeds, inv.memory, store, mesh, mask)
     return None if mesh is not None and rank() != 0 else latents
 
@@ -560,7 +560,7 @@ def run(
     device = worker_device(inv_opts.device)
     inv_opts, edit_opts = dataclasses.replace(inv_opts, device=device), dataclasses.replace(edit_opts, device=device)
     # Every worker computes its share of the inversion; worker 0 leads it and writes the cache.
-    with process_group(backend_for(device)), inversion_team():
+    with process_group(backend_for(device)), inversion_team(edit_opts.gpus):
         return _run(video, model, prompts, cache_dir, reporter, callback, inv_opts, edit_opts)
 
 

@@ -19,7 +19,7 @@ import engine
 from cli import cli
 from engine.errors import DeviceError, SettingsError, WorkerError
 from engine.jobs.batch import Job, Unit, assign
-from engine.stages.distributed import worker_device
+from engine.stages.distributed import Mesh, shares, worker_device
 from engine.workflow import _check_gpus
 from tests.conftest import CLIPS
 
@@ -289,6 +289,16 @@ def test_what_gpus_cannot_share_out_is_refused_before_any_worker(tiny_model, wid
         with pytest.raises(SettingsError, match=re.escape(message)):
             engine.run(wide_clip, tiny_model, ["a red car"], cache_dir=tmp_path / "cache", device="cpu", **TINY, **options)
     assert not (tmp_path / "cache").exists()
+
+
+def test_how_gpus_share_a_call_as_docs_multi_gpu_says(monkeypatch):
+    """(guidance halves, token split ways) for CogVideoX-5B's 48 heads: docs/multi-gpu.md's table."""
+    table = {(2, True): (2, 1), (4, True): (2, 2), (8, True): (2, 4), (2, False): (1, 2), (4, False): (1, 4), (8, False): (1, 8)}
+    assert {key: shares(*key, 48) for key in table} == table
+    assert shares(1, True, 48) == (1, 1)
+    monkeypatch.setenv("WORLD_SIZE", "4")  # a group started by hand with another size than --gpus
+    with pytest.raises(SettingsError, match=re.escape("--gpus 2 needs 2 workers, this group has 4; start it with --nproc-per-node 2")):
+        Mesh.make(2, True, 48)
 
 
 def test_a_worker_hands_its_own_gpu_on_unrefused(monkeypatch):

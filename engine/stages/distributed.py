@@ -148,9 +148,11 @@ class Mesh:
     tokens: TokenSplit
 
     @classmethod
-    def make(cls, cfg: bool, heads: int) -> Mesh:
-        """Every worker calls this at the same point: torch.distributed makes groups collectively."""
-        halves, ways = shares(world_size(), cfg, heads)
+    def make(cls, n: int, cfg: bool, heads: int) -> Mesh:
+        """Every worker of `--gpus n` calls this at the same point: torch.distributed makes groups collectively."""
+        if world_size() != n:
+            raise SettingsError(f"--gpus {n} needs {n} workers, this group has {world_size()}; start it with --nproc-per-node {n}")
+        halves, ways = shares(n, cfg, heads)
         half, share = divmod(rank(), ways)
         tokens, guidance = TokenSplit(), None
         if ways > 1:
@@ -167,21 +169,21 @@ class Mesh:
         return ", ".join([*parts, *([f"tokens split {self.tokens.size} ways"] if self.tokens.on else [])])
 
 
-# Whether `invert` runs as one of a team of workers (`run --gpus N`): worker 0 leads and writes the
-# cache, the others compute their shares of its steps (engine.stages.inversion.follow_inversion).
-_TEAM: contextvars.ContextVar[bool] = contextvars.ContextVar("cogedit_inversion_team", default=False)
+# How many workers `invert` runs with (`run --gpus N`; 0: none, it runs alone): worker 0 leads and
+# writes the cache, the others compute their shares of its steps (engine.stages.inversion.follow_inversion).
+_TEAM: contextvars.ContextVar[int] = contextvars.ContextVar("cogedit_inversion_team", default=0)
 
 
 @contextlib.contextmanager
-def inversion_team() -> Iterator[None]:
-    token = _TEAM.set(True)
+def inversion_team(n: int) -> Iterator[None]:
+    token = _TEAM.set(n)
     try:
         yield
     finally:
         _TEAM.reset(token)
 
 
-def in_team() -> bool:
+def team_size() -> int:
     return _TEAM.get()
 
 
