@@ -157,7 +157,8 @@ def _block_call(split_ways: int) -> torch.Tensor:
     model = random_transformer("cpu", torch.float32, **size)
     model.set_attn_processor(CogVideoXAttnProcessor())
     g = torch.Generator().manual_seed(1)
-    x, text = torch.randn(3, 3, 16, 16, 28, generator=g), torch.randn(3, 226, 32, generator=g)
+    # 3 latent frames of 9x13 patches: 351 image tokens, 577 with the text's, split 289 + 288
+    x, text = torch.randn(3, 3, 16, 18, 26, generator=g), torch.randn(3, 226, 32, generator=g)
     state = InjectionState(active=True, n_edit=2, ref_of=torch.zeros(2, dtype=torch.long), strength=0.5)
     apply_row_groups(model, RowGroupConfig(1, state))
     apply_kv_injection(model, KVInjectionConfig(None, state))
@@ -175,7 +176,8 @@ def _split_block_call() -> torch.Tensor:
 
 def test_token_split_head_shares_row_groups_and_bias_equal_one_process():
     """What the tiny model's 2 heads never reach: several heads per process projected a few at a
-    time (on CogVideoX-5B 24 heads per process, 8 per call), the row groups' held reference K/V."""
+    time (on CogVideoX-5B 24 heads per process, 8 per call), the row groups' held reference K/V,
+    and slices of unequal sizes."""
     from engine.stages.distributed import launch
 
     split = launch(_split_block_call, 2)
