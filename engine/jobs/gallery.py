@@ -62,13 +62,26 @@ def thumbnail_strip(inv: Inversion, count: int = THUMBNAILS, height: int = THUMB
     return path
 
 
-def box_preview(inv: Inversion, box: str | tuple[float, float, float, float]) -> np.ndarray:
-    """The inversion's first source frame with a `--mask-box` on it: outside the box (what a local
-    edit keeps) dimmed, the box outlined. uint8 [H, W, 3]; a bad box is a SettingsError."""
-    x0, y0, x1, y1 = parse_box(box)
-    frame = inv.frames()[0].numpy()
+PREVIEW_GAP = 4  # px of white between the first and the last frame in box_preview
+
+
+def box_preview(inv: Inversion, box: str | tuple[float, float, float, float] | None, end: str | tuple[float, float, float, float] | None = None) -> np.ndarray:
+    """The inversion's first and last source frames side by side (PREVIEW_GAP px apart), each with
+    its local-edit box: `box` (`--mask-box`) on the first, `end` (`--mask-box-end`, else `box`) on the
+    last; outside the box (what the edit keeps) dimmed, the box outlined; no box, nothing dimmed.
+    uint8 [H, 2W + PREVIEW_GAP, 3]; a bad box is a SettingsError."""
+    frames = inv.frames()
+    first, last = frames[0].numpy(), frames[inv.entry.output_frames - 1].numpy()
+    end = end if end is not None else box
+    gap = np.full((first.shape[0], PREVIEW_GAP, 3), 255, dtype=np.uint8)
+    return np.concatenate([_boxed(first, box, "--mask-box"), gap, _boxed(last, end, "--mask-box-end" if end is not box else "--mask-box")], axis=1)
+
+
+def _boxed(frame: np.ndarray, box: str | tuple[float, float, float, float] | None, flag: str) -> np.ndarray:
+    if box is None:
+        return frame
     h, w = frame.shape[:2]
-    inside = box_mask((x0, y0, x1, y1), 1, h, w).pixels[0].numpy() > 0
+    inside = box_mask(parse_box(box, flag), 1, h, w).pixels[0].numpy() > 0
     out = np.where(inside[..., None], frame, frame // 3).astype(np.uint8)
     rows, cols = np.nonzero(inside)
     if rows.size:  # the outline, 1 px, on the box's own pixels
