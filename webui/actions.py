@@ -18,7 +18,7 @@ from cache.sizes import format_size, parse_size
 from cache.store import gc, list_entries, loose_size, remove_entry
 from engine.errors import SettingsError
 from engine.jobs.demo import DEMO_PROMPTS, DEMO_SETTINGS, SHAPES_SEED, demo_model
-from engine.jobs.gallery import PREVIEW_GAP, InversionCard, box_preview, card, inversions, render_edits
+from engine.jobs.gallery import InversionCard, box_preview, card, inversions, preview_point, render_edits
 from engine.models.components import Runtime
 from engine.models.model_info import ModelInfo, inspect_model
 from engine.models.proxy import example_prompts
@@ -233,11 +233,7 @@ class Actions:
         Returns the box, the last frame's box (each unchanged unless drawn) and the corner waiting."""
         if not inv_id:
             return gr.skip(), gr.skip(), None
-        size = engine.open_inversion(inv_id, self.folders.cache).entry.frame_settings
-        w, h = size["width"], size["height"]
-        x, y = evt.index
-        side, x = ("first", x) if x < w else ("last", x - w - PREVIEW_GAP)
-        point = (min(max(x / w, 0.0), 1.0), min(max(y / h, 0.0), 1.0))
+        side, *point = preview_point(engine.open_inversion(inv_id, self.folders.cache), *evt.index)
         if not corner or corner[0] != side:  # a first corner (or one on the other frame: start again)
             return gr.skip(), gr.skip(), [side, *point]
         (x0, x1), (y0, y1) = sorted((corner[1], point[0])), sorted((corner[2], point[1]))

@@ -93,7 +93,7 @@ def _edit_tab(prompts: tuple[str, ...], examples: tuple[str, ...], world: str) -
             c.object_mask = gr.Checkbox(world == "shapes", label="or only around the moving object (bundled shapes clips know where it is, frame by frame)", elem_id="object-mask")
         with gr.Column(scale=2):
             c.box_preview = gr.Image(label="first | last frame: the box may change, the dimmed rest is kept; click two corners on a frame to draw its box",
-                                     interactive=False, height=160, elem_id="mask-preview")
+                                     interactive=False, elem_id="mask-preview")
             c.corner = gr.State(None)  # the first corner of a box being drawn: [frame, x, y]
     with gr.Row():
         c.run = gr.Button("Render all prompts", variant="primary", elem_id="render-button")
@@ -182,7 +182,8 @@ def build(cfg: AppConfig) -> gr.Blocks:
         # The preview follows the box as it is typed (.change: .input does not fire when the box is emptied).
         for changed in (ed.mask_box.change, ed.mask_box_end.change, ed.pick.change):
             changed(act.on_box, [ed.pick, ed.mask_box, ed.mask_box_end], [ed.box_preview, ed.box_hint], trigger_mode="always_last", show_progress="hidden")
-        ed.box_preview.select(act.on_draw, [ed.pick, ed.corner], [ed.mask_box, ed.mask_box_end, ed.corner], show_progress="hidden")
+        # "multiple": the second corner's click must not be dropped while the first is being handled
+        ed.box_preview.select(act.on_draw, [ed.pick, ed.corner], [ed.mask_box, ed.mask_box_end, ed.corner], trigger_mode="multiple", show_progress="hidden")
 
         app.load(act.gallery_view, None, [gal.listed, gal.total]).then(act.inversion_choices, chosen, ed.pick)
         if cfg.invert_defaults["clip"]:  # the clip chosen in the list is the source from the start
