@@ -264,6 +264,22 @@ def test_a_masked_edit_keeps_the_source_outside_and_changes_inside(inversion):
     assert torch.equal(same, local)
 
 
+def test_a_moving_box_and_a_fit_box_reach_the_edit_as_their_masks(inversion):
+    """engine.edit's mask_box + mask_box_end is the interpolated mask, mask_fit="object" the box fit to
+    the inversion's own frames: each the same edit as its mask given as an array."""
+    prompt = ["a watercolor painting of a forest"]
+
+    def edit(**options):
+        return engine.edit(inversion, prompt, device="cpu", output="latents", **options).latents[0]
+
+    moving = box_mask(Boxes((0, 0, 0.5, 1), (0.5, 0, 1, 1)), 9, 96, 160).pixels.numpy()
+    assert torch.equal(edit(mask_box="0,0,0.5,1", mask_box_end="0.5,0,1,1"), edit(mask=moving))
+    box = box_mask((0.1, 0.1, 0.9, 0.9), 9, 96, 160)
+    fitted = fit_to_object(box, inversion.frames()).pixels
+    assert not torch.equal(fitted, box.pixels)  # the fit drops part of the box (so an edit that ignored it would differ)
+    assert torch.equal(edit(mask_box="0.1,0.1,0.9,0.9", mask_fit="object"), edit(mask=fitted.numpy()))
+
+
 def test_mask_names_the_outputs_and_bad_masks_are_one_line_errors(inversion, tmp_path):
     runner = CliRunner()
     base = ["edit", inversion.id[:8], "--prompt", "a forest", "--device", "cpu", "--cache-dir", str(inversion.layout.root), "--out", str(tmp_path)]
@@ -271,12 +287,20 @@ def test_mask_names_the_outputs_and_bad_masks_are_one_line_errors(inversion, tmp
     assert local.exit_code == 0, local.output
     plain = edit_stem(inversion.id, EditSettings(("a forest",)), Runtime.default("cpu"))
     assert inversion.id[:8] in local.output and plain not in local.output  # the mask is in the name
+    # a moving box reaches the edit: another mask, another name
+    moving = runner.invoke(cli, [*base, "--mask-box", "0,0,0.5,1", "--mask-box-end", "0.5,0,1,1"])
+    assert moving.exit_code == 0, moving.output
+    videos = [[line for line in r.output.splitlines() if line.endswith(".mp4")] for r in (local, moving)]
+    assert videos[0] and videos[1] and not set(videos[0]) & set(videos[1])
     for args, expected in [
         (["--mask", str(tmp_path / "missing.png")], "does not exist"),
         (["--mask-box", "0,0,1.2,1"], "outside the frame"),
         (["--mask-box", "0.5,0,0.5,1"], "is empty"),
         (["--mask-box", "0,0,1,1", "--mask", str(tmp_path / "missing.png")], "not both"),
         (["--mask", str(CLIPS / "bunny_small.mp4")], "has 47 frames"),
+        (["--mask-box-end", "0,0,0.5,1"], "--mask-box-end is the box on the last frame: give the first frame's box with --mask-box too"),
+        (["--mask-box", "0,0,0.5,1", "--mask-box-end", "0,0,1.5,1"], "--mask-box-end '0,0,1.5,1' reaches outside the frame"),
+        (["--mask-fit", "object"], "--mask-fit object shrinks a mask to the object inside it: give --mask-box (or --mask) too"),
     ]:
         result = runner.invoke(cli, [*base, *args])
         assert result.exit_code == 1, result.output

@@ -208,10 +208,11 @@ def _grow(pixels: torch.Tensor, px: int) -> torch.Tensor:
 
 
 def _surroundings(colors: torch.Tensor) -> torch.Tensor:
-    """The colors of a mask's edge [N, 3] that at least EDGE_SHARE of the edge shares (within FIT_DISTANCE)."""
+    """The colors of a mask's edge [N, 3] that at least EDGE_SHARE of the edge shares (within
+    FIT_DISTANCE); on an edge with no color that common, the most common ones."""
     picked = colors[torch.linspace(0, len(colors) - 1, min(len(colors), EDGE_SAMPLES)).long()]
-    near = (torch.cdist(picked, picked) <= FIT_DISTANCE).float().mean(1)
-    return picked[near >= EDGE_SHARE]
+    share = (torch.cdist(picked, picked) <= FIT_DISTANCE).float().mean(1)
+    return picked[share >= min(EDGE_SHARE, share.max())]
 
 
 def fit_to_object(mask: Mask, frames: torch.Tensor) -> Mask:
