@@ -39,7 +39,7 @@ FITS = ("none", "object")  # --mask-fit
 FIT_DISTANCE = 40.0
 EDGE_SHARE = 0.25
 EDGE_SAMPLES = 64
-FIT_MARGIN = 3
+FIT_MARGIN = 2
 
 
 @dataclass(frozen=True)
