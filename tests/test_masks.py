@@ -103,6 +103,7 @@ def test_fit_to_object_keeps_the_object_and_drops_the_rest_of_the_box():
     cut = fit_to_object(box_mask((path[0], path[1], path[2], y_mid), 1, h, w), torch.from_numpy(frames[:1])).pixels[0] > 0
     inside = box_mask((path[0], path[1], path[2], y_mid), 1, h, w).pixels[0] > 0
     assert (cut >= thing[0] & inside).all() and cut.sum() < 0.6 * inside.sum()
+    assert (cut <= inside).all()  # grown for the rim, but never past the box
 
 
 def test_fit_to_object_refuses_a_box_with_nothing_in_it():
