@@ -234,8 +234,8 @@ def edit_options(f):
             click.option("--out", "out_dir", default=".", type=click.Path(file_okay=False), show_default=True, help="Folder for the mp4 files."),
             click.option("--force", is_flag=True, help="Overwrite existing output files."),
             click.option(
-                "--gpus", default=1, show_default=True, type=click.IntRange(1, 2),
-                help="2: the unconditional and conditional rows of guidance on two GPUs (two processes through torchrun).",
+                "--gpus", default=1, show_default=True, type=click.IntRange(1, 8),
+                help="2, 4 or 8 GPUs (processes through torchrun): guidance's two halves on two groups, each splitting the tokens.",
             ),
         ]
     ):

@@ -177,7 +177,9 @@ def run_variant(name: str, args: argparse.Namespace, model: Path, work: Path, lo
     if spec["fresh"]:
         shutil.rmtree(caches, ignore_errors=True)
     caches.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(caches / "inductor"), "TRITON_CACHE_DIR": str(caches / "triton"), "PYTHONUNBUFFERED": "1"}
+    # FA4's compiled kernels (kept on disk: engine.hooks.attention) live with the variant's other kernels: cold pays their JIT, warm does not
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(caches / "inductor"), "TRITON_CACHE_DIR": str(caches / "triton"),
+           "FLASH_ATTENTION_CUTE_DSL_CACHE_DIR": str(caches / "fa4"), "PYTHONUNBUFFERED": "1"}
     result = work / f"{name}.json"
     result.unlink(missing_ok=True)
     cmd = [sys.executable, str(Path(__file__).resolve()), "child", "--variant", name, "--model", str(model), "--cache", str(caches / "cogedit"),

@@ -1,16 +1,20 @@
-"""Beyond one GPU, measured (issue 20): a batch over two GPUs, and one edit split over two.
+"""Beyond one GPU, measured: a batch over two GPUs, and one edit split over two or four.
 
-    python benchmarks/multigpu.py --out DIR [--steps 4] [--time-limit 540]   # measure (2 GPUs)
-    python benchmarks/multigpu.py --out DIR --tiny                           # the script, on a CPU
-    python benchmarks/multigpu.py --report DIR/multigpu.json                 # -> benchmarks/results/
+    python benchmarks/multigpu.py --out DIR [--steps 50] [--runs a,b] [--time-limit 540]   # measure
+    python benchmarks/multigpu.py --out DIR --tiny --steps 2                              # the script, on a CPU
+    python benchmarks/multigpu.py --report DIR/multigpu.json [DIR2/multigpu.json ...]    # -> benchmarks/results/
 
 Full-size CogVideoX-5B with random weights (engine.models.tiny.write_random_5b), 49x480x720,
 eager (no --compile: each worker would pay its own warm-up), wall clock of the engine's own calls:
 
 - batch: 2 videos x 4 prompts (one pass of 4 each), `engine.batch` in this process (one GPU)
   against `engine.batch(nproc=2)` (two workers started through torchrun, their start included);
-- first edit: invert + one edit, `engine.run` against `engine.run(gpus=2)` (the guidance halves
-  on two GPUs; the latents of the two are compared).
+- first edit: invert + one edit, `engine.run` against `engine.run(gpus=2)` and `gpus=4` (the
+  inversion's tokens split 2 or 4 ways; the edit's guidance halves on two groups, each splitting
+  its tokens 1 or 2 ways; the latents are compared with one GPU's).
+
+Runs too long for one command go in several (`--runs`, the same `--workdir` so the model is built
+once); `--report` merges their JSON files, later runs replacing earlier ones of the same name.
 
 Each run starts from an empty cache. Edits are decoded but not written (`output="frames"`: the
 device has no ffmpeg). Every phase's steps are timed (the reporter's per-step marks, after a CUDA
@@ -39,10 +43,23 @@ from engine.stages.distributed import MULTICAST_OFF  # noqa: E402
 os.environ.update(MULTICAST_OFF)  # before torch starts NCCL anywhere, in this process and its workers
 
 PROMPTS = ["a watercolor painting", "a charcoal sketch at night", "a snowy winter day", "a cyberpunk city in neon light"]
-RUNS = ("first_edit_1gpu", "first_edit_2gpu", "batch_1gpu", "batch_2gpu")
-# Expected cost of a run against the one before it, for the time guard (the 2-GPU runs ~0.6x).
-GUESS = {"first_edit_2gpu": 1.0, "batch_1gpu": 4.0, "batch_2gpu": 0.7}
+RUNS = ("first_edit_1gpu", "first_edit_2gpu", "first_edit_4gpu", "batch_1gpu", "batch_2gpu")
+# Expected cost of a run against the one before it, for the time guard.
+GUESS = {"first_edit_2gpu": 1.0, "first_edit_4gpu": 1.0, "batch_1gpu": 4.0, "batch_2gpu": 0.7}
+FIRST_EDITS = [r for r in RUNS if r.startswith("first_edit")]
+# The issue's targets: one GPU's wall clock over N GPUs', at 50 steps.
+TARGETS = {"first_edit_2gpu": 1.6, "first_edit_4gpu": 2.8, "batch_2gpu": 1.8}
 STEP_PHASES = ("invert", "edit")
+
+
+def gpus_of(run: str) -> int:
+    return int(run.rsplit("_", 1)[1].removesuffix("gpu"))
+
+
+def run_options(tiny: bool) -> dict:
+    """The first edits' inversion: CogVideoX-5B's 48 heads split 4 ways with or without guidance;
+    the tiny model's 2 heads only 2 ways, so there its inversion has guidance (halves x 2 ways)."""
+    return dict(source_prompt="a rabbit in a meadow", invert_guidance=3.0) if tiny else {}
 
 
 def workload(tiny: bool) -> dict:
@@ -102,12 +119,12 @@ def run_one(name: str, args, model: Path, work: Path, jobs: Path) -> dict:
     start = time.perf_counter()
     row: dict = {}
     if name.startswith("batch"):
-        result = engine.batch(jobs, model, out_dir=work / f"out-{name}", output="frames", nproc=2 if name.endswith("2gpu") else 1, **common)
+        result = engine.batch(jobs, model, out_dir=work / f"out-{name}", output="frames", nproc=gpus_of(name), **common)
         row["rows"] = [r.__dict__ for r in result.rows]
         row["failed"] = len(result.failed)
     else:
         _, result = engine.run(
-            video, model, PROMPTS[:1], steps=args.steps, output="frames", gpus=2 if name.endswith("2gpu") else 1, **workload(args.tiny), **extra, **common
+            video, model, PROMPTS[:1], steps=args.steps, output="frames", gpus=gpus_of(name), **workload(args.tiny), **run_options(args.tiny), **extra, **common
         )
         LATENTS[name] = result.latents.float()
     row["wall_s"] = time.perf_counter() - start
@@ -161,9 +178,9 @@ def measure(args) -> None:
                 row = {"error": f"{type(exc).__name__}: {str(exc)[:500]}"}
             result["runs"][name] = row
             print(json.dumps({k: v for k, v in row.items() if k not in ("phases", "rows")}), flush=True)
-        if "first_edit_1gpu" in LATENTS and "first_edit_2gpu" in LATENTS:
-            a, b = LATENTS["first_edit_1gpu"], LATENTS["first_edit_2gpu"]
-            result["split_vs_one"] = {"rel_l2": float((a - b).norm() / a.norm()), "max_abs": float((a - b).abs().max())}
+        if "first_edit_1gpu" in LATENTS:
+            a = LATENTS["first_edit_1gpu"]
+            result["split_vs_one"] = {n: {"rel_l2": float((a - b).norm() / a.norm()), "max_abs": float((a - b).abs().max())} for n, b in LATENTS.items() if n != "first_edit_1gpu"}
         result["total_s"] = time.perf_counter() - begin
         (out / "multigpu.json").write_text(json.dumps(result, indent=1, default=str))
     try:
@@ -173,77 +190,81 @@ def measure(args) -> None:
     print(f"wrote {out / 'multigpu.json'} in {result['total_s']:.0f} s", flush=True)
 
 
-def _ratio(runs: dict, one: str, two: str, key: str) -> str:
-    if key not in runs.get(one, {}) or key not in runs.get(two, {}):
+MARKER = "<!-- multigpu.py --report writes everything above this line; what follows is kept -->"
+
+
+def _ratio(runs: dict, one: str, many: str, key: str) -> str:
+    if key not in runs.get(one, {}) or key not in runs.get(many, {}):
         return "not measured"
-    return f"{runs[one][key] / runs[two][key]:.2f}x"
+    same = runs[one]["device"] == runs[many]["device"]
+    return f"{runs[one][key] / runs[many][key]:.2f}x" + ("" if same else " (different machines)")
 
 
-def report(path: Path, notes: dict[str, str]) -> None:
-    """`notes`: run -> what happened to it since (a run that failed on a bug fixed later)."""
-    result = json.loads(path.read_text())
-    dest = ROOT / "benchmarks/results"
-    shutil.copyfile(path, dest / "multigpu.json")
-    runs = result["runs"]
-    w = result["workload"]
-    model = "The tiny test model (a check of the script)" if result["device"] == "cpu" else "CogVideoX-5B architecture with random weights"
-    lines = [
-        "# Beyond one GPU (issue 20)",
-        "",
-        f"Device: {result['device']}; torch {result['torch']}; {result['date']}. Command: `{result['command']}`.",
-        f"{model}, {w['frames']}x{w['height']}x{w['width']}, eager, {result['steps']} steps measured "
-        f"(the device budget allowed no more); NVLink multicast off ({', '.join(f'{k}={v}' for k, v in result['env'].items())}).",
-        "Wall clock of the engine's calls from an empty cache; the 2-GPU runs include starting their two workers (torchrun's launcher).",
-        "\"50 steps\" is projected from the same runs: wall - measured step time + 50/steps x step time (each phase's median step).",
-        "",
-        "| run | wall s | steps s | projected 50 steps s | note |",
-        "|---|---|---|---|---|",
-    ]
+def merged(paths: list[Path]) -> tuple[list[dict], dict]:
+    """Every file's header, and the runs of all of them (a later file's run replaces an earlier one)."""
+    heads, runs = [], {}
+    for path in paths:
+        result = json.loads(path.read_text())
+        heads.append(result)
+        for name, row in result["runs"].items():
+            if "wall_s" in row or name not in runs:
+                runs[name] = {**row, "device": result["device"], "steps": result["steps"]}
+    return heads, runs
+
+
+def _run_lines(runs: dict, notes: dict[str, str]) -> list[str]:
+    lines = ["| run | GPUs | machine | steps | wall s | steps s | projected 50 steps s | note |", "|---|---|---|---|---|---|---|---|"]
     for name in RUNS:
         r = runs.get(name, {})
+        where = f"{gpus_of(name)} | {r.get('device', '-')} | {r.get('steps', '-')}"
         if "wall_s" in r:
             note = f"{r['failed']} failed rows" if r.get("failed") else ""
-            lines.append(f"| {name} | {r['wall_s']:.1f} | {r['step_s']:.1f} | {r['projected_50_s']:.1f} | {note} |")
-        elif name in notes:
-            said = f" (it said: `{r['error']}`)" if "error" in r else ""
-            lines.append(f"| {name} | - | - | - | {notes[name]}{said} |")
+            lines.append(f"| {name} | {where} | {r['wall_s']:.1f} | {r['step_s']:.1f} | {r['projected_50_s']:.1f} | {note} |")
         else:
-            lines.append(f"| {name} | - | - | - | {r.get('skipped') or r.get('error', 'not run')} |")
+            said = notes.get(name, "") + (f" (it said: `{r['error']}`)" if "error" in r else "")
+            lines.append(f"| {name} | {where} | - | - | - | {said or r.get('skipped', 'not run')} |")
+    return lines
+
+
+def report(paths: list[Path], notes: dict[str, str]) -> None:
+    """Render the JSON files into MULTIGPU.md (above `MARKER`; the rest is kept) and copy the
+    last one beside it. `notes`: run -> what the table says for a run without figures."""
+    heads, runs = merged(paths)
+    dest = ROOT / "benchmarks/results"
+    shutil.copyfile(paths[-1], dest / "multigpu.json")
+    w = heads[-1]["workload"]
+    tiny = all(h["device"] == "cpu" for h in heads)
+    lines = ["# Beyond one GPU", ""]
+    lines += [f"- {h['device']}; torch {h['torch']}; {h['date']}; {h['steps']} steps: `{h['command']}`" for h in heads]
     lines += [
         "",
-        "| speed-up (one GPU / two) | measured | projected at 50 steps | issue's target |",
+        f"{'The tiny test model on the CPU (a check of the script, not a measurement of speed)' if tiny else 'CogVideoX-5B architecture with random weights'}, "
+        f"{w['frames']}x{w['height']}x{w['width']}, eager, NVLink multicast off ({', '.join(f'{k}={v}' for k, v in heads[-1]['env'].items())}). "
+        "Wall clock of the engine's calls from an empty cache; the runs over several GPUs include starting their workers (torchrun's launcher). "
+        '"Projected 50 steps" is wall - measured step time + 50/steps x step time (each phase\'s median step): the wall clock itself when run at 50 steps.',
+        "",
+        *_run_lines(runs, notes),
+        "",
+        "| speed-up (one GPU / N) | measured | projected at 50 steps | target |",
         "|---|---|---|---|",
-        f"| batch, 2 videos x {w['prompts']} prompts | {_ratio(runs, 'batch_1gpu', 'batch_2gpu', 'wall_s')} | {_ratio(runs, 'batch_1gpu', 'batch_2gpu', 'projected_50_s')} | >= 1.8x |",
-        f"| first edit (invert + edit), --gpus 2 | {_ratio(runs, 'first_edit_1gpu', 'first_edit_2gpu', 'wall_s')} | {_ratio(runs, 'first_edit_1gpu', 'first_edit_2gpu', 'projected_50_s')} | >= 1.5x |",
     ]
-    if "wall_s" in runs.get("batch_1gpu", {}) and "wall_s" in runs.get("batch_2gpu", {}):
-        one, two = runs["batch_1gpu"], runs["batch_2gpu"]
-        lines += [
-            "",
-            f"Batch: measured at {result['steps']} steps, {one['wall_s']:.1f} s on one GPU and {two['wall_s']:.1f} s on two "
-            f"({_ratio(runs, 'batch_1gpu', 'batch_2gpu', 'wall_s')}); projected (derived, not measured) to 50 steps from those runs, "
-            f"{one['projected_50_s']:.0f} s and {two['projected_50_s']:.0f} s ({_ratio(runs, 'batch_1gpu', 'batch_2gpu', 'projected_50_s')}): "
-            "the fixed costs (loads, encode, decode, the workers' start) weigh less against 50 steps. The two-GPU projection "
-            "counts worker 0's steps; each worker's share is one video's inversion and its 4 edits (multigpu.json's rows name each row's worker).",
-        ]
-    if "split_vs_one" in result:
-        s = result["split_vs_one"]
-        lines += ["", f"--gpus 2 against one GPU, edited latents: rel. L2 {s['rel_l2']:.2e}, max abs {s['max_abs']:.2e} ({'fp32' if result['device'] == 'cpu' else 'bf16'})."]
-    lines += ["", "Phases of each run (worker 0's for the 2-GPU runs):", ""]
+    compared = {f"first_edit_{n}gpu": f"first edit (invert + edit), --gpus {n}" for n in (2, 4)}
+    compared["batch_2gpu"] = f"batch, 2 videos x {w['prompts']} prompts, 2 workers"
+    for many, what in compared.items():
+        one = "batch_1gpu" if many.startswith("batch") else "first_edit_1gpu"
+        lines.append(f"| {what} | {_ratio(runs, one, many, 'wall_s')} | {_ratio(runs, one, many, 'projected_50_s')} | >= {TARGETS[many]}x |")
+    for h in heads:
+        for name, s in (h.get("split_vs_one") or {}).items():
+            lines += ["", f"{name} against one GPU ({h['device']}), edited latents: rel. L2 {s['rel_l2']:.2e}, max abs {s['max_abs']:.2e} ({'fp32' if h['device'] == 'cpu' else 'bf16'})."]
+    lines += ["", "Phases of each run (worker 0's for the runs over several GPUs):", ""]
     for name in RUNS:
-        for p in runs.get(name, {}).get("phases", []):
-            step = f", median step {median_step(p):.2f} s" if p["name"] in STEP_PHASES and p["step_seconds"] else ""
-            lines.append(f"- {name} / {p['name']}: {p['seconds']:.1f} s{step} — {p['detail']}")
-    (dest / "MULTIGPU.md").write_text("\n".join(lines) + "\n")
-    png = path.with_name("multigpu.png")
-    if png.exists():  # drawn where it was measured: matplotlib is there
-        shutil.copyfile(png, dest / "multigpu.png")
-    else:
-        try:
-            plot(result, dest / "multigpu.png")
-        except ImportError:
-            print("no multigpu.png beside the JSON and no matplotlib here: the report has no plot", flush=True)
-    print(f"wrote {dest / 'MULTIGPU.md'}")
+        for ph in runs.get(name, {}).get("phases", []):
+            step = f", median step {median_step(ph):.2f} s" if ph["name"] in STEP_PHASES and ph["step_seconds"] else ""
+            lines.append(f"- {name} / {ph['name']}: {ph['seconds']:.1f} s{step} — {ph['detail']}")
+    md = dest / "MULTIGPU.md"
+    kept = md.read_text().split(MARKER, 1)[1] if md.exists() and MARKER in md.read_text() else "\n"
+    md.write_text("\n".join(lines) + "\n\n" + MARKER + kept)
+    print(f"wrote {md}")
 
 
 def plot(result: dict, path: Path) -> None:
@@ -251,15 +272,15 @@ def plot(result: dict, path: Path) -> None:
 
     runs = result["runs"]
     shown = [n for n in RUNS if "wall_s" in runs.get(n, {})]
-    bar_chart(shown, [runs[n]["wall_s"] for n in shown], f"wall clock (s), {result['steps']} steps", f"one GPU vs two, {result['device']}", path, [n.endswith("2gpu") for n in shown])
+    bar_chart(shown, [runs[n]["wall_s"] for n in shown], f"wall clock (s), {result['steps']} steps", f"one GPU vs several, {result['device']}", path, [gpus_of(n) > 1 for n in shown])
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", help="folder for multigpu.json")
-    ap.add_argument("--report", type=Path, help="render a multigpu.json into benchmarks/results/MULTIGPU.md, .json and .png")
+    ap.add_argument("--report", type=Path, nargs="+", help="render multigpu.json files (merged, later runs first) into benchmarks/results/MULTIGPU.md and .json")
     ap.add_argument("--note", action="append", default=[], metavar="RUN=TEXT", help="with --report: what the table says for a run that has no figures (repeatable)")
-    ap.add_argument("--steps", type=int, default=3, help="denoising steps of every run (the first of a phase carries its load: 3 leave 2 clean ones)")
+    ap.add_argument("--steps", type=int, default=50, help="denoising steps of every run (the first of a phase carries its load)")
     ap.add_argument("--runs", default=",".join(RUNS), help="which runs, comma-separated")
     ap.add_argument("--time-limit", type=float, default=540, help="seconds; runs that would end later are skipped")
     ap.add_argument("--tiny", action="store_true", help="the tiny model on the CPU: checks the script")

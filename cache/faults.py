@@ -6,7 +6,9 @@ torch.distributed worker of rank r (its RANK). The points:
 
     write:<file name>   half of the file's bytes are in its temporary file (cache/atomic.py)
     encode              the VAE has encoded, the latents are not saved yet (engine/workflow.py)
-    step                an inversion step's file and manifest are written (engine/workflow.py)
+    step                an inversion step's file and manifest are written (engine/stages/inversion.py), or
+                        a worker other than 0 of `run --gpus N` finished its share of one
+    edit                an edit step is finished, nothing of it written (engine/stages/editing.py)
 
 Unset, as everywhere but in tests, it costs one environment lookup per call.
 """

@@ -78,7 +78,7 @@ class EditOptions(RuntimeOptions):
     model: str | None = None  # the model folder, if it moved since the inversion
     output: str = "mp4"  # mp4 | frames | latents
     skip_existing: bool = False  # mp4: render only the prompts whose files are not there yet
-    gpus: int = 1  # 2: the two halves of classifier-free guidance on two GPUs (processes)
+    gpus: int = 1  # 2, 4 or 8 processes (GPUs): guidance's halves, each splitting its tokens (engine.stages.distributed.Mesh)
     mask: Any = None  # local edit: an image or video path, a box (x0, y0, x1, y1) or an array (engine.video.masks)
     mask_box: str | tuple[float, float, float, float] | None = None  # "X0,Y0,X1,Y1" fractions of the frame
     mask_box_end: str | tuple[float, float, float, float] | None = None  # the box on the last frame: it moves from mask_box

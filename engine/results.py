@@ -93,7 +93,7 @@ class EditResult:
     prompts: tuple[str, ...]
     videos: tuple[Path, ...]
     side_by_side: tuple[Path, ...]
-    latents: torch.Tensor | None  # [K, F', C, h, w] on the CPU (None on the second worker of gpus=2)
+    latents: torch.Tensor | None  # [K, F', C, h, w] on the CPU (None on workers other than 0 of gpus=N)
     frames: Any = None  # uint8 [K, F, H, W, 3] with output="frames"
     skipped: tuple[str, ...] = ()
 

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from cache.atomic import ensure_free_space, remove_temp_files
 from cache.entry import InversionEntry
@@ -31,7 +30,7 @@ from cache.layout import CacheLayout, EntryPaths, cache_root
 from cache.lock import entry_lock
 from cache.manifest import FORMAT_VERSION
 from cache.sizes import format_size
-from engine.errors import ModelError, SettingsError, VideoError
+from engine.errors import ModelError, SettingsError, VideoError, WorkerError
 from engine.models.components import Runtime
 from engine.models.model_info import ModelInfo, inspect_model, is_hub_id
 from engine.models.plans import Workload, choose_plan, parse_vram, predict_peaks
@@ -41,11 +40,11 @@ from engine.results import EditResult, Inversion, open_inversion
 from engine.stages.attention_store import MemoryStores, capture_stage, check_budget, find_store, has_store, store_settings
 from engine.stages.context import Callback, StageContext
 from engine.stages.decode import decode_stage, output_paths
-from engine.stages.distributed import GuidanceSplit, backend_for, check_worker_device, launch, process_group, rank, under_torchrun, worker_device
+from engine.stages.distributed import GPUS, Mesh, backend_for, check_worker_device, inversion_team, launch, process_group, rank, shares, team_size, tell_team, under_torchrun, worker_device
 from engine.stages.editing import edit_stage
 from engine.stages.embed import embed_stage
 from engine.stages.encode import encode_stage
-from engine.stages.inversion import invert_stage
+from engine.stages.inversion import follow_inversion, invert_stage
 from engine.stages.settings import EditSettings, InjectSettings, InvertSettings, StoreSettings, layers_of, window_of
 from engine.stages.verify import verify_stage
 from engine.stages.windows import default_overlap, window_count
@@ -285,6 +284,9 @@ def invert(video: str | Path, model: str | Path, *, cache_dir: str | Path | None
     identity = inversion_identity(source.info.sha256, frames, source.selected, info, ctx.runtime, settings)
     paths = layout.entry(stable_hash(identity))
     memory = MemoryStores()
+    mesh = _team_mesh(team_size(), settings, store, info) if team_size() else None
+    if mesh is not None and rank() != 0:
+        return _follow(ctx, mesh, paths, memory)
     entry = InversionEntry.read(paths)
     if entry is not None and entry.complete and has_store(entry, memory, store):
         _check_sizes(entry)
@@ -294,10 +296,30 @@ def invert(video: str | Path, model: str | Path, *, cache_dir: str | Path | None
     else:
         # A clip too long for the disk is refused before any work, with the space it needs.
         ensure_free_space(layout.entries_dir, _entry_bytes(ctx, source, frames, settings.steps, entry))
-        entry = _make(ctx, paths, identity, source, frames, settings, store, memory)
+        entry = _make(ctx, paths, identity, source, frames, settings, store, memory, mesh)
+    if mesh is not None:
+        tell_team(None)  # the entry is complete: the others go on to the edit
     if opts.verify:
         verify_stage(dataclasses.replace(ctx, entry=entry))
     return Inversion(entry, layout, memory)
+
+
+def _team_mesh(n: int, settings: InvertSettings, store: StoreSettings, info: ModelInfo) -> Mesh:
+    if store.where != "none":  # run() refuses it before the workers start; here for a worker started by hand
+        raise SettingsError(STORE_ALONE)
+    return Mesh.make(n, settings.uses_cfg, info.transformer_config["num_attention_heads"])
+
+
+STORE_ALONE = "stored attention is captured in one process: invert with --attention-store without --gpus (cogedit invert), then edit with --gpus"
+
+
+def _follow(ctx: StageContext, mesh: Mesh, paths: EntryPaths, memory: MemoryStores) -> Inversion:
+    """A worker other than 0 of `run --gpus N`: its shares of worker 0's inversion, then the entry worker 0 completed."""
+    follow_inversion(ctx, mesh)
+    entry = InversionEntry.read(paths)
+    if entry is None or not entry.complete:
+        raise WorkerError(f"worker 0 said inversion {paths.id[:12]} was done, and it is not complete in the cache")
+    return Inversion(entry, ctx.layout, memory)
 
 
 def _entry_bytes(ctx: StageContext, source: Source, frames: FrameSettings, steps: int, entry: InversionEntry | None) -> int:
@@ -310,7 +332,9 @@ def _entry_bytes(ctx: StageContext, source: Source, frames: FrameSettings, steps
     return pixels + (steps - (entry.steps_done if entry is not None else 0)) * latent
 
 
-def _make(ctx: StageContext, paths: EntryPaths, identity: dict, source: Source, frames: FrameSettings, settings: InvertSettings, store: StoreSettings, memory: MemoryStores) -> InversionEntry:
+def _make(
+    ctx: StageContext, paths: EntryPaths, identity: dict, source: Source, frames: FrameSettings, settings: InvertSettings, store: StoreSettings, memory: MemoryStores, mesh: Mesh | None
+) -> InversionEntry:
     """Make the entry, or finish it, under its lock: encode, embed, invert, capture what is missing."""
     with entry_lock(paths):
         remove_temp_files(paths.dir)  # left by a process killed mid-write
@@ -329,7 +353,7 @@ def _make(ctx: StageContext, paths: EntryPaths, identity: dict, source: Source, 
         ctx = dataclasses.replace(ctx, entry=entry)
         latents = encode_stage(ctx, frames, source.video)
         embeds = embed_stage(ctx, [settings.source_prompt, settings.negative_prompt] if settings.uses_cfg else [settings.source_prompt])
-        invert_stage(ctx, settings, latents, embeds, store, memory)
+        invert_stage(ctx, settings, latents, embeds, store, memory, mesh)
         entry.mark_complete()
         if not has_store(entry, memory, store):  # steps captured before an interruption are redone
             capture_stage(ctx, memory, store)
@@ -419,9 +443,10 @@ def edit(inversion: Inversion | str, prompts: Prompts, *, cache_dir: str | Path 
     `options` are `engine.options.EditOptions` (guidance, inject_steps, reference, batch, plan,
     out_dir, output, ...). `output`: "mp4" writes an mp4 and a side-by-side per prompt into
     `out_dir`; "frames" decodes and returns the frames without writing; "latents" skips the decoder.
-    `skip_existing` renders only the prompts whose two mp4 files are not there yet. `gpus=2` runs
-    the unconditional and the conditional rows of guidance on two GPUs (two processes, started
-    here unless this one is already a torchrun worker).
+    `skip_existing` renders only the prompts whose two mp4 files are not there yet. `gpus=N` (2, 4
+    or 8) runs the edit in N processes, one per GPU, started here unless this one is already a
+    torchrun worker: guidance's unconditional and conditional rows on two groups, each splitting
+    the tokens of its transformer calls (`engine.stages.distributed.Mesh`).
     """
     opts = parse(EditOptions, options, "edit")
     if opts.output not in ("mp4", "frames", "latents"):
@@ -440,6 +465,7 @@ def edit(inversion: Inversion | str, prompts: Prompts, *, cache_dir: str | Path 
     info = _edit_model(inv, opts.model)
     mask = _edit_mask(opts, inv)
     settings = dataclasses.replace(_edit_settings(opts, prompts, info, inv.entry.source_prompt), mask=mask.digest if mask else None)
+    _check_mesh(opts.gpus, settings, info)
     if opts.seed and settings.init == "inverted":
         log.warning("--seed %d has no effect: edits start from the inverted noise; add --init random to start from seeded noise", opts.seed)
     fs = inv.entry.frame_settings
@@ -468,24 +494,29 @@ def edit(inversion: Inversion | str, prompts: Prompts, *, cache_dir: str | Path 
 
 
 def _check_gpus(gpus: int, guidance: float, callback: Callback | None, device: str | None) -> None:
-    if gpus not in (1, 2):
-        raise SettingsError(f"--gpus takes 1 or 2 (the two halves of classifier-free guidance), got {gpus}")
+    if gpus not in GPUS:
+        raise SettingsError(f"--gpus takes {', '.join(map(str, GPUS))}, got {gpus}")
     if gpus == 1:
         return
-    if guidance == 1.0:
-        raise SettingsError("--gpus 2 splits classifier-free guidance into its two halves, and --guidance 1 has only one: drop --gpus or raise --guidance")
     if callback is not None and not under_torchrun():
-        raise SettingsError("gpus=2 runs the edit in two other processes, where a callback cannot reach: drop the callback, or start the workers with torchrun")
+        raise SettingsError(f"gpus={gpus} runs the edit in other processes, where a callback cannot reach: drop the callback, or start the workers with torchrun")
     check_worker_device(device)
 
 
+def _check_mesh(gpus: int, settings: EditSettings, info: ModelInfo) -> None:
+    """What --gpus N cannot share out, refused before any worker starts."""
+    _, ways = shares(gpus, settings.uses_cfg, info.transformer_config["num_attention_heads"])
+    if ways > 1 and settings.inject.reference == "stored":
+        raise SettingsError(f"--gpus {gpus} splits the tokens, and stored attention holds every token's keys in one process: use --reference shared, or fewer --gpus")
+
+
 def _render(ctx: StageContext, inv: Inversion, settings: EditSettings, gpus: int, mask: Mask | None) -> torch.Tensor | None:
-    """The edited latents; with gpus=2 (inside the process group) only rank 0 returns them."""
+    """The edited latents; with gpus > 1 (inside the process group) only rank 0 returns them."""
     embeds = embed_stage(ctx, _edit_prompts(settings, inv.entry.source_prompt, inv.steps))
     store = find_store(inv.entry, inv.memory, settings.inject, ctx.info) if settings.inject.reference == "stored" else None
-    split = GuidanceSplit.current() if gpus > 1 else None
-    latents = edit_stage(ctx, settings, embeds, inv.memory, store, split, mask)
-    return None if split is not None and split.rank != 0 else latents
+    mesh = Mesh.make(gpus, settings.uses_cfg, ctx.info.transformer_config["num_attention_heads"]) if gpus > 1 else None
+    latents = edit_stage(ctx, settings, embeds, inv.memory, store, mesh, mask)
+    return None if mesh is not None and rank() != 0 else latents
 
 
 def on_workers(nproc: int, reporter: Reporter, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -513,27 +544,29 @@ def run(
     inv_opts, edit_opts = split_run_options(options)
     prompts = (prompts,) if isinstance(prompts, str) else tuple(prompts)
     check_video_file(video)
-    _edit_settings(edit_opts, prompts, inspect_model(edit_opts.model or model))  # bad prompts or edit flags: refused before the inversion
+    info = inspect_model(edit_opts.model or model)
+    settings = _edit_settings(edit_opts, prompts, info)  # bad prompts or edit flags: refused before the inversion
     mask_spec(edit_opts.mask, edit_opts.mask_box, edit_opts.mask_box_end, edit_opts.mask_fit)
     reporter = reporter or Reporter(device=Runtime.default(inv_opts.device).device)
     if edit_opts.gpus == 1:
         return _run(video, model, prompts, cache_dir, reporter, callback, inv_opts, edit_opts)
     _check_gpus(edit_opts.gpus, edit_opts.guidance, callback, edit_opts.device)
+    _check_mesh(edit_opts.gpus, settings, info)
+    shares(edit_opts.gpus, _invert_settings(inv_opts)[1].uses_cfg, info.transformer_config["num_attention_heads"])  # the inversion's own split
+    if inv_opts.attention_store != "none":
+        raise SettingsError(STORE_ALONE)
     if not under_torchrun():
         inv_id, result = on_workers(edit_opts.gpus, reporter, _run_ids, video, model, prompts, cache_dir=cache_dir, **options)
         return open_inversion(inv_id, cache_dir), result
     device = worker_device(inv_opts.device)
     inv_opts, edit_opts = dataclasses.replace(inv_opts, device=device), dataclasses.replace(edit_opts, device=device)
-    with process_group(backend_for(device)):
-        if rank() != 0:  # worker 0 inverts (and shows it); the other then finds the entry in the cache
-            dist.barrier()
-        return _run(video, model, prompts, cache_dir, reporter, callback, inv_opts, edit_opts, before_edit=dist.barrier if rank() == 0 else None)
+    # Every worker computes its share of the inversion; worker 0 leads it and writes the cache.
+    with process_group(backend_for(device)), inversion_team(edit_opts.gpus):
+        return _run(video, model, prompts, cache_dir, reporter, callback, inv_opts, edit_opts)
 
 
-def _run(video, model, prompts, cache_dir, reporter, callback, inv_opts: InvertOptions, edit_opts: EditOptions, before_edit: Callable[[], None] | None = None) -> tuple[Inversion, EditResult]:
+def _run(video, model, prompts, cache_dir, reporter, callback, inv_opts: InvertOptions, edit_opts: EditOptions) -> tuple[Inversion, EditResult]:
     inv = invert(video, model, cache_dir=cache_dir, reporter=reporter, callback=callback, **dataclasses.asdict(inv_opts))
-    if before_edit is not None:
-        before_edit()
     edit_kw = {**dataclasses.asdict(edit_opts), "model": edit_opts.model or model, "dtype": None}
     return inv, edit(inv, prompts, cache_dir=cache_dir, reporter=reporter, callback=callback, **edit_kw)
 

@@ -5,6 +5,7 @@ FA4 and Sage through the shared processor with CPU stand-ins behind the same cus
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -114,6 +115,22 @@ def _capability(monkeypatch, major: int, importable: bool = True) -> None:
 def test_auto_picks_fa4_only_where_it_is_installed_and_runs(monkeypatch, device, major, installed, dtype, expected):
     _capability(monkeypatch, major, installed)
     assert choose_kernel("auto", device, dtype) == expected
+
+
+@pytest.mark.parametrize(("users", "expected"), [(None, "1"), ("0", "0")])
+def test_fa4_keeps_its_compiled_kernels_on_disk_unless_the_user_said_no(monkeypatch, users, expected):
+    """FA4 reads the switch once, at its import: it must be set before `importable` imports it."""
+    imported = {}
+    monkeypatch.delenv(attention.FA4_DISK_CACHE, raising=False)
+    if users is not None:
+        monkeypatch.setenv(attention.FA4_DISK_CACHE, users)
+    monkeypatch.setattr(attention.importlib, "import_module", lambda name: imported.setdefault(name, os.environ.get(attention.FA4_DISK_CACHE)))
+    attention.importable.cache_clear()
+    try:
+        assert attention.importable("fa4")
+    finally:
+        attention.importable.cache_clear()
+    assert imported == {"flash_attn.cute": expected}
 
 
 @pytest.mark.parametrize(

@@ -1,7 +1,8 @@
-"""Beyond one GPU (issue 20), on the CPU: `cogedit batch` in one process and in two torchrun
-workers (gloo), a worker killed mid-run, and one edit split over two processes.
+"""Beyond one GPU, on the CPU: `cogedit batch` in one process and in two torchrun workers (gloo),
+a worker killed mid-run, and one run (inversion and edit) split over 2 and 4 processes: guidance's
+halves, each splitting the tokens (engine.hooks.token_split).
 
-Each launch of two workers costs their imports (~10 s on 2 cores), so the workers' tests share
+Each launch of workers costs their imports (~10 s on 2 cores), so the workers' tests share
 one jobs file and a tiny workload."""
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import engine
 from cli import cli
 from engine.errors import DeviceError, SettingsError, WorkerError
 from engine.jobs.batch import Job, Unit, assign
-from engine.stages.distributed import worker_device
+from engine.stages.distributed import Mesh, shares, worker_device
 from engine.workflow import _check_gpus
 from tests.conftest import CLIPS
 
@@ -104,14 +105,101 @@ def test_two_workers_killed_then_rerun_lose_nothing_and_match_one_process(one_pr
     assert ours == theirs
 
 
-def test_split_edit_equals_one_process_edit(tiny_model, wide_clip, tmp_path):
-    common = dict(cache_dir=tmp_path, device="cpu", output="latents", guidance=5.0, **TINY)
-    inv, split = engine.run(wide_clip, tiny_model, ["a red car", "snow at night"], gpus=2, **common)
+def _trajectory(inv) -> torch.Tensor:
+    return torch.stack([inv.entry.load(inv.entry.paths.step_file(i), "latent") for i in range(inv.steps)])
+
+
+def _assert_split_run_is_one_process_run(tiny_model, clip, tmp_path, gpus: int, **options):
+    """`run` over `gpus` workers, then the same in this process: the same trajectory and edits up to
+    rounding (the same arithmetic; only how rows and heads are batched into calls differs)."""
+    # 9 frames of 128x224 (one window of the tiny model): 336 image tokens after the 226 text ones,
+    # so that every worker of a 2-way split holds image tokens (their rotary rows matter).
+    common = dict(device="cpu", output="latents", guidance=5.0, **{**TINY, "frames": 9, "height": 128, "width": 224}, **options)
+    prompts = ["a red car", "snow at night"]
+    inv, split = engine.run(clip, tiny_model, prompts, gpus=gpus, cache_dir=tmp_path / "split", **common)
     assert inv.entry.complete
-    one = engine.edit(inv, ["a red car", "snow at night"], cache_dir=tmp_path, device="cpu", output="latents", guidance=5.0)
+    one_inv, one = engine.run(clip, tiny_model, prompts, cache_dir=tmp_path / "one", **common)
+    torch.testing.assert_close(_trajectory(inv), _trajectory(one_inv), rtol=1e-4, atol=1e-5)
     assert split.latents.shape == one.latents.shape
-    # Same arithmetic; only the batch a row is computed in differs (2+1 rows per process, not 4+1).
     torch.testing.assert_close(split.latents, one.latents, rtol=1e-4, atol=1e-5)
+    return inv
+
+
+def test_split_run_equals_one_process_run(tiny_model, wide_clip, tmp_path):
+    """2 workers: the inversion (no guidance) splits its tokens 2 ways, the edit its guidance halves."""
+    _assert_split_run_is_one_process_run(tiny_model, wide_clip, tmp_path, 2)
+
+
+def test_four_workers_split_halves_and_tokens_and_equal_one_process(tiny_model, small_clip, tmp_path):
+    """4 workers, inversion and edit with guidance: two halves, each splitting its tokens 2 ways (the
+    tiny model's 2 heads, one per worker); injection at strength 0.5 (the bias over the joined keys)
+    and the lean plan (row groups: the reference's K/V held across groups) run on the split tokens."""
+    options = dict(source_prompt="a rabbit in a meadow", invert_guidance=3.0, inject_strength=0.5, plan="lean")
+    _assert_split_run_is_one_process_run(tiny_model, small_clip, tmp_path, 4, **options)
+
+
+def _block_call(split_ways: int) -> torch.Tensor:
+    """One injected call (2 edit rows + their shared reference, strength 0.5) of a 4-head transformer
+    through row groups, one head per attention call: tokens split `split_ways` ways over the
+    workers of this process group (1: no group, all here)."""
+    import torch.distributed as dist
+
+    from engine.hooks import injection
+    from engine.hooks.injection import CogVideoXAttnProcessor, InjectionState, KVInjectionConfig, apply_kv_injection
+    from engine.hooks.row_groups import RowGroupConfig, apply_row_groups
+    from engine.hooks.token_split import TokenSplit, tokens_split
+    from engine.models.denoiser import rotary_embeddings
+    from engine.models.tiny import random_transformer
+
+    injection.INJECT_HEADS = 1  # each process's 2 heads in two calls: the projection's head shares
+    torch.manual_seed(0)
+    size = dict(num_attention_heads=4, attention_head_dim=16, time_embed_dim=16, text_embed_dim=32, num_layers=1, sample_width=20, sample_height=12, sample_frames=9)
+    model = random_transformer("cpu", torch.float32, **size)
+    model.set_attn_processor(CogVideoXAttnProcessor())
+    g = torch.Generator().manual_seed(1)
+    # 3 latent frames of 9x13 patches: 351 image tokens, 577 with the text's, split 289 + 288
+    x, text = torch.randn(3, 3, 16, 18, 26, generator=g), torch.randn(3, 226, 32, generator=g)
+    state = InjectionState(active=True, n_edit=2, ref_of=torch.zeros(2, dtype=torch.long), strength=0.5)
+    apply_row_groups(model, RowGroupConfig(1, state))
+    apply_kv_injection(model, KVInjectionConfig(None, state))
+    split = TokenSplit(dist.group.WORLD, dist.get_rank(), split_ways) if split_ways > 1 else None
+    with tokens_split(model, split):
+        return model(x, text, torch.tensor([500] * 3), image_rotary_emb=rotary_embeddings(model, x.shape, 8, "cpu"), return_dict=False)[0]
+
+
+def _split_block_call() -> torch.Tensor:
+    from engine.stages.distributed import process_group
+
+    with process_group("gloo"):
+        return _block_call(2)
+
+
+def test_token_split_head_shares_row_groups_and_bias_equal_one_process():
+    """What the tiny model's 2 heads never reach: several heads per process projected a few at a
+    time (on CogVideoX-5B 24 heads per process, 8 per call), the row groups' held reference K/V,
+    and slices of unequal sizes."""
+    from engine.stages.distributed import launch
+
+    split = launch(_split_block_call, 2)
+    torch.testing.assert_close(split[0], _block_call(1), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(split[1], split[0], rtol=0, atol=0)
+
+
+def test_a_worker_killed_mid_edit_ends_in_one_line_and_leaves_the_cache(tiny_model, wide_clip, tmp_path, monkeypatch):
+    inv = engine.invert(wide_clip, tiny_model, cache_dir=tmp_path / "cache", device="cpu", **TINY)
+    before = _files(tmp_path / "cache")
+    monkeypatch.setenv("COGEDIT_TEST_KILL_AT", "edit:2")
+    monkeypatch.setenv("COGEDIT_TEST_KILL_RANK", "1")
+    with pytest.raises(WorkerError, match="^worker 1 was killed by SIGKILL; finished work is cached"):
+        engine.edit(inv.id, ["a red car"], cache_dir=tmp_path / "cache", out_dir=tmp_path / "out", device="cpu", guidance=1.0, gpus=2)
+    after = _files(tmp_path / "cache")
+    # The inversion as it was (its manifest records the use), and only whole files added: the
+    # prompt's embedding, written whole before the first edit step.
+    assert {p: v for p, v in after.items() if p in before and not p.endswith("manifest.json")} == {p: v for p, v in before.items() if not p.endswith("manifest.json")}
+    assert set(before) <= set(after) and all(p.startswith("prompts/") for p in set(after) - set(before))
+    assert engine.open_inversion(inv.id, tmp_path / "cache").entry.complete
+    assert not [p for p in (tmp_path / "cache").rglob(".*") if p.is_file()], "no half-written file"
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir()), "no output of a failed edit"
 
 
 def test_work_is_split_by_cost_inversions_first():
@@ -156,8 +244,8 @@ def test_no_model_and_gpus_misuse_are_one_line(tmp_path):
     path.write_text('[[job]]\nvideo = "a.mp4"\nprompts = ["a"]')
     cases = [
         (["batch", str(path)], "names no model — pass --model"),
-        (["edit", "abc", "--prompt", "a", "--gpus", "2", "--guidance", "1"], "--guidance 1 has only one: drop --gpus or raise --guidance"),
-        (["edit", "abc", "--prompt", "a", "--gpus", "3"], "3 is not in the range 1<=x<=2"),
+        (["edit", "abc", "--prompt", "a", "--gpus", "3"], "--gpus takes 1, 2, 4, 8, got 3"),
+        (["edit", "abc", "--prompt", "a", "--gpus", "9"], "9 is not in the range 1<=x<=8"),
     ]
     for args, message in cases:
         result = CliRunner().invoke(cli, args)
@@ -177,6 +265,42 @@ def test_api_misuse_is_refused_before_any_work(tmp_path):
     for call, message in cases:
         with pytest.raises(SettingsError, match=re.escape(message)):
             call()
+
+
+def test_a_worker_killed_mid_inversion_keeps_worker_0s_finished_steps(tiny_model, wide_clip, tmp_path, monkeypatch):
+    """Worker 1 computes its token share of worker 0's inversion and dies after its 2nd step: worker 0,
+    which writes the cache, cannot finish the 3rd; the run ends in one line, the steps before stay."""
+    monkeypatch.setenv("COGEDIT_TEST_KILL_AT", "step:2")
+    monkeypatch.setenv("COGEDIT_TEST_KILL_RANK", "1")
+    with pytest.raises(WorkerError, match="^worker 1 was killed by SIGKILL; finished work is cached"):
+        engine.run(wide_clip, tiny_model, ["a red car"], cache_dir=tmp_path / "cache", out_dir=tmp_path / "out", device="cpu", guidance=1.0, gpus=2, **TINY)
+    steps = sorted(p.name for p in (tmp_path / "cache").rglob("step_*.safetensors"))
+    assert steps[:1] == ["step_0000.safetensors"] and "step_0002.safetensors" not in steps
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_what_gpus_cannot_share_out_is_refused_before_any_worker(tiny_model, wide_clip, tmp_path):
+    cases = [
+        # the tiny model has 2 heads: a call without guidance cannot split its tokens 4 ways
+        (dict(gpus=4, guidance=1.0), "--gpus 4 splits the tokens 4 ways, which the model's 2 attention heads do not divide into: use --gpus 1 or 2"),
+        (dict(gpus=4), "--gpus 4 splits the tokens 4 ways"),  # the edit has guidance, the inversion does not
+        (dict(gpus=2, guidance=1.0, reference="stored"), "stored attention holds every token's keys in one process: use --reference shared"),
+        (dict(gpus=2, attention_store="cpu"), "stored attention is captured in one process"),
+    ]
+    for options, message in cases:
+        with pytest.raises(SettingsError, match=re.escape(message)):
+            engine.run(wide_clip, tiny_model, ["a red car"], cache_dir=tmp_path / "cache", device="cpu", **TINY, **options)
+    assert not (tmp_path / "cache").exists()
+
+
+def test_how_gpus_share_a_call_as_docs_multi_gpu_says(monkeypatch):
+    """(guidance halves, token split ways) for CogVideoX-5B's 48 heads: docs/multi-gpu.md's table."""
+    table = {(2, True): (2, 1), (4, True): (2, 2), (8, True): (2, 4), (2, False): (1, 2), (4, False): (1, 4), (8, False): (1, 8)}
+    assert {key: shares(*key, 48) for key in table} == table
+    assert shares(1, True, 48) == (1, 1)
+    monkeypatch.setenv("WORLD_SIZE", "4")  # a group started by hand with another size than --gpus
+    with pytest.raises(SettingsError, match=re.escape("--gpus 2 needs 2 workers, this group has 4; start it with --nproc-per-node 2")):
+        Mesh.make(2, True, 48)
 
 
 def test_a_worker_hands_its_own_gpu_on_unrefused(monkeypatch):

@@ -252,7 +252,7 @@ _EDIT_SAME = {
     "out_dir": "where the files go",
     "force": "whether existing files are overwritten",
     "skip_existing": "whether existing files are kept",
-    "gpus": "where guidance's two halves run: one GPU's result up to rounding (test_split_edit_equals_one_process_edit)",
+    "gpus": "how many processes share the work: one GPU's result up to rounding (test_split_run_equals_one_process_run)",
     "output": "what is returned: files, frames or latents",
     "negative_from_source": "engine.edit turns it into negative_prompt (keyed), the inversion's source prompt: the same file as typing it (tests/test_webui.py)",
 }

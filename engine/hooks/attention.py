@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import importlib
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -126,9 +127,18 @@ def merges(kernel: str) -> bool:
     return kernel == "fa4"
 
 
+# FA4 compiles its CuTe kernels at the first call of each process (seconds per shape) and keeps
+# them on disk only when asked: cogedit asks, so that a user's next command starts at once. The
+# cache is keyed by FA4's own source fingerprint, so an upgrade never loads a stale kernel; a user's
+# own setting (0 turns it off, FLASH_ATTENTION_CUTE_DSL_CACHE_DIR moves it) wins.
+FA4_DISK_CACHE = "FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED"
+
+
 @functools.cache
 def importable(kernel: str) -> bool:
     """Whether the package of `kernel` imports here (any failure counts: FA4 needs CUDA libraries too)."""
+    if kernel == "fa4":
+        os.environ.setdefault(FA4_DISK_CACHE, "1")  # read once, when flash_attn.cute is imported
     try:
         importlib.import_module(PACKAGES[kernel][0])
     except Exception:  # ImportError, or a broken CUDA install raising at import

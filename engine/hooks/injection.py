@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from engine.hooks import registry as hooks
 from engine.hooks.attention import attend, attend_lse, merge, merges
 from engine.hooks.registry import ModelHook
+from engine.hooks.token_split import TokenSplit
 
 
 @dataclass
@@ -79,23 +80,27 @@ def _rope_(x: torch.Tensor, text_len: int, rotary) -> None:
     """RoPE on the image tokens of x [B, heads, tokens, dim], in place, a few heads at a time."""
     from diffusers.models.embeddings import apply_rotary_emb
 
+    if x.shape[2] == text_len:  # tokens split over processes: this one may hold text only
+        return
     for h in range(0, x.shape[1], ROPE_HEADS):
         part = x[:, h : h + ROPE_HEADS, text_len:]
         part.copy_(apply_rotary_emb(part, rotary))
 
 
-def _projected(attn, x: torch.Tensor, which: str, text_len: int, rotary, heads: slice | None = None) -> torch.Tensor:
+def _projected(attn, x: torch.Tensor, which: str, text_len: int, rotary, heads: slice | list[slice] | None = None) -> torch.Tensor:
     """q, k or v (`which`) as [B, heads, tokens, head_dim], after its norm and RoPE (q and k).
 
-    With `heads`, only those heads: the rows of the projection's weight that make them.
+    With `heads` (a slice, or several in order), only those heads: the rows of the projection's
+    weight that make them.
     """
     proj = getattr(attn, f"to_{which}")
     head_dim = proj.out_features // attn.heads
     if heads is None:
         y = proj(x)
     else:
-        rows = slice(heads.start * head_dim, heads.stop * head_dim)
-        y = F.linear(x, proj.weight[rows], None if proj.bias is None else proj.bias[rows])
+        rows = [slice(h.start * head_dim, h.stop * head_dim) for h in ([heads] if isinstance(heads, slice) else heads)]
+        weight, bias = (None if p is None else torch.cat([p[r] for r in rows]) if len(rows) > 1 else p[rows[0]] for p in (proj.weight, proj.bias))
+        y = F.linear(x, weight, bias)
     y = y.view(x.shape[0], -1, y.shape[-1] // head_dim, head_dim).transpose(1, 2)
     norm = getattr(attn, f"norm_{which}", None)  # diffusers' Attention has norm_q and norm_k only
     if norm is not None:
@@ -105,12 +110,46 @@ def _projected(attn, x: torch.Tensor, which: str, text_len: int, rotary, heads: 
     return y
 
 
-def _project(attn, x: torch.Tensor, text_len: int, rotary, heads: slice | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return tuple(_projected(attn, x, which, text_len, rotary, heads) for which in "qkv")
+class Projection:
+    """A block's attention input, and its q, k, v made from it: this process's tokens with every
+    head, or with the tokens split over processes (`TokenSplit`) every token with this process's
+    share of the heads, traded for with the others. `release` frees the input once projected."""
 
+    def __init__(self, attn, x: torch.Tensor, text_len: int, rotary, split: TokenSplit) -> None:
+        self.attn, self.x, self.text_len, self.rotary, self.split = attn, x, text_len, rotary, split
+        self.heads = attn.heads // split.size
+        self.head_dim = attn.to_q.out_features // attn.heads
 
-def _head_slices(attn) -> list[slice]:
-    return [slice(h, min(h + INJECT_HEADS, attn.heads)) for h in range(0, attn.heads, INJECT_HEADS)]
+    def __call__(self, which: str, heads: slice | None = None) -> torch.Tensor:
+        """q, k or v of `heads` of this process's share (None: all of it) as [B, heads, tokens, head_dim]."""
+        sp = self.split
+        if not sp.on:
+            return _projected(self.attn, self.x, which, self.text_len, self.rotary, heads)
+        # The same heads of every process's share, for this process's tokens, then traded.
+        whole = heads is None or (heads.start, heads.stop) == (0, self.heads)
+        shares = None if whole else [slice(j * self.heads + heads.start, j * self.heads + heads.stop) for j in range(sp.size)]
+        return sp.to_heads(_projected(self.attn, self.x, which, self.text_len, self.rotary, shares))
+
+    def qkv(self, heads: slice | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self("q", heads), self("k", heads), self("v", heads)
+
+    def slices(self) -> list[slice]:
+        """This process's heads, a few per injected or grouped attention call."""
+        return [slice(h, min(h + INJECT_HEADS, self.heads)) for h in range(0, self.heads, INJECT_HEADS)]
+
+    def buffer(self) -> torch.Tensor:
+        """An empty [B, tokens, heads, head_dim] that head slices are written into: flattening it
+        for the output projection is then a view, not a copy."""
+        tokens = self.split.total if self.split.on else self.x.shape[1]
+        return self.x.new_empty(self.x.shape[0], tokens, self.heads, self.head_dim)
+
+    def output(self, out: torch.Tensor) -> torch.Tensor:
+        """The output projection of [B, tokens, heads, head_dim] (traded back to this process's
+        tokens first), as [B, tokens, width]."""
+        return _output(self.attn, self.split.to_tokens(out) if self.split.on else out)
+
+    def release(self) -> None:
+        self.x = None
 
 
 def _attend(qkv: list[torch.Tensor], kernel: str) -> torch.Tensor:
@@ -142,12 +181,6 @@ def _output(attn, out: torch.Tensor) -> torch.Tensor:
     return attn.to_out[1](attn.to_out[0](out.flatten(2)))
 
 
-def _heads_buffer(attn, x: torch.Tensor) -> torch.Tensor:
-    """An empty [B, tokens, heads, head_dim] that head slices are written into: flattening it
-    for the output projection is then a view, not a copy."""
-    return x.new_empty(x.shape[0], x.shape[1], attn.heads, attn.to_q.out_features // attn.heads)
-
-
 class CogVideoXAttnProcessor:
     """CogVideoX self-attention, the same arithmetic as diffusers' processor with a lower peak.
 
@@ -163,6 +196,7 @@ class CogVideoXAttnProcessor:
         self.injection = InjectionState()
         self.capture = CaptureSlot()
         self.kernel = kernel  # engine.hooks.attention.KERNELS: fixed for the model's life, one guard
+        self.split = TokenSplit()  # set by engine.hooks.token_split while tokens are split
 
     def __call__(self, attn, hidden_states, encoder_hidden_states, attention_mask=None, image_rotary_emb=None):
         text_len = encoder_hidden_states.shape[1]
@@ -174,9 +208,9 @@ class CogVideoXAttnProcessor:
         the input is freed once projected. The result is [B, tokens, width], text first."""
         st = self.injection
         if st.here:
-            return _injected(st, attn, x, text_len, rotary, self.kernel)
+            return _injected(st, Projection(attn, x.pop(), text_len, rotary, self.split), self.kernel)
         cap = self.capture
-        if cap.on:
+        if cap.on:  # never with tokens split (engine.stages.distributed refuses it)
             x = x.pop()
             k = _projected(attn, x, "k", text_len, None)
             cap.k = k[cap.row].clone()  # RoPE below writes into k
@@ -185,7 +219,10 @@ class CogVideoXAttnProcessor:
             v = _projected(attn, x, "v", text_len, rotary)
             cap.v = v[cap.row]
             return _output(attn, _attend([_projected(attn, x, "q", text_len, rotary), k, v], self.kernel))
-        return _output(attn, _attend(list(_project(attn, x.pop(), text_len, rotary)), self.kernel))
+        p = Projection(attn, x.pop(), text_len, rotary, self.split)
+        qkv = list(p.qkv())
+        p.release()
+        return p.output(_attend(qkv, self.kernel))
 
 
 def shared_processor(transformer: torch.nn.Module) -> CogVideoXAttnProcessor:
@@ -228,12 +265,13 @@ class KVInjectionHook(ModelHook):
         return output
 
 
-def _injected(st: InjectionState, attn, x: list[torch.Tensor], text_len: int, rotary, kernel: str) -> torch.Tensor:
+def _injected(st: InjectionState, p: Projection, kernel: str) -> torch.Tensor:
     """As `CogVideoXAttnProcessor.joined`, with the reference K/V injected."""
     if st.rows is not None and st.layer_kv is None:
         group = _edit_group if st.rows.start < st.n_edit else _reference_group
-        return group(st, attn, x, text_len, rotary, kernel)
-    q, k, v = _project(attn, x.pop(), text_len, rotary)
+        return group(st, p, kernel)
+    q, k, v = p.qkv()
+    p.release()
     rows = q.shape[0]
     if st.layer_kv is not None:  # replayed K/V: every row in the call is an edit row
         n, (ref_k, ref_v) = rows, st.layer_kv
@@ -243,41 +281,39 @@ def _injected(st: InjectionState, attn, x: list[torch.Tensor], text_len: int, ro
         index = st.ref_of
     # Each slice's output goes straight to its place in `out`, with no list of parts to join.
     out = q.new_empty(rows, q.shape[2], q.shape[1], q.shape[3])
-    for heads in _head_slices(attn):
+    for heads in p.slices():
         _inject(out[:n], heads, q[:n, heads], k[:n, heads], v[:n, heads], ref_k, ref_v, index, st.strength, kernel)
     if n < rows:  # the reference rows in the batch attend to themselves only
         out[n:] = attend(q[n:], ref_k, ref_v, kernel)
     del q, k, v, ref_k, ref_v
-    return _output(attn, out)
+    return p.output(out)
 
 
-def _reference_group(st: InjectionState, attn, x: list[torch.Tensor], text_len: int, rotary, kernel: str) -> torch.Tensor:
+def _reference_group(st: InjectionState, p: Projection, kernel: str) -> torch.Tensor:
     """A row group's reference rows: they keep their whole K/V for the block's edit groups
     and attend to themselves, their queries a few heads at a time (the full q would add
     one more row-sized tensor to the lean plan's peak)."""
-    x = x.pop()
-    k = _projected(attn, x, "k", text_len, rotary)
-    v = _projected(attn, x, "v", text_len, rotary)
+    k, v = p("k"), p("v")
     st.held = (k, v)
-    out = _heads_buffer(attn, x)
-    for heads in _head_slices(attn):
-        q = _projected(attn, x, "q", text_len, rotary, heads)
+    out = p.buffer()
+    for heads in p.slices():
+        q = p("q", heads)
         out[:, :, heads] = attend(q, k[:, heads], v[:, heads], kernel)
-    del x, q
-    return _output(attn, out)
+    p.release()
+    del q
+    return p.output(out)
 
 
-def _edit_group(st: InjectionState, attn, x: list[torch.Tensor], text_len: int, rotary, kernel: str) -> torch.Tensor:
+def _edit_group(st: InjectionState, p: Projection, kernel: str) -> torch.Tensor:
     """Edit rows of a row group against the held reference K/V, projecting a few heads at a
     time: rows run apart to save memory, and their full q/k/v would be the peak."""
-    x = x.pop()
     ref_k, ref_v = st.held
     index = st.ref_of[st.rows.start : st.rows.stop]
-    out = _heads_buffer(attn, x)
-    for heads in _head_slices(attn):
-        _inject(out, heads, *_project(attn, x, text_len, rotary, heads), ref_k, ref_v, index, st.strength, kernel)
-    del x
-    return _output(attn, out)
+    out = p.buffer()
+    for heads in p.slices():
+        _inject(out, heads, *p.qkv(heads), ref_k, ref_v, index, st.strength, kernel)
+    p.release()
+    return p.output(out)
 
 
 def _strength_mask(strength: float, own: int, dtype: torch.dtype, device) -> torch.Tensor | None:

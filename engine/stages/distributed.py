@@ -1,5 +1,6 @@
 """Several processes through torch.distributed: starting them (torchrun's launcher), giving each
-its device and process group, and the one collective an edit needs (`GuidanceSplit`).
+its device and process group, and how `--gpus N` workers share one transformer call (`Mesh`: the
+guidance halves, `GuidanceSplit`, each over a group splitting the tokens, `TokenSplit`).
 
 `launch(fn, n, *args)` is `torchrun --standalone --nproc-per-node n` called from Python
 (torch.distributed.launcher.elastic_launch, the API torchrun itself runs on): it starts n workers,
@@ -11,6 +12,7 @@ so everything below works the same under either.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import os
 import pickle
@@ -27,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from engine.errors import USER_ERRORS, DeviceError, SettingsError, WorkerError
+from engine.hooks.token_split import TokenSplit
 
 # NVLink multicast (NVLS) off in every process we start: our collectives move a few MB per step,
 # which multicast does not speed up, and on shared hosts a program using it can take the GPUs out
@@ -99,27 +102,96 @@ def backend_for(device: str) -> str:
 
 @dataclass(frozen=True)
 class GuidanceSplit:
-    """Classifier-free guidance over two processes: rank 0 runs the unconditional rows, rank 1 the
-    conditional ones, each with its own reference rows; every step the two halves of the
-    v-prediction are gathered on both, so both take the same guided step."""
+    """Classifier-free guidance over two groups of processes: half 0 runs the unconditional rows,
+    half 1 the conditional ones, each with its own reference rows; every step the two halves of the
+    v-prediction are gathered on both (over `group`, this process and its peer in the other half),
+    so both take the same guided step."""
 
-    rank: int
-
-    @classmethod
-    def current(cls) -> GuidanceSplit:
-        if world_size() != 2:
-            raise SettingsError(f"--gpus 2 needs exactly 2 workers, this group has {world_size()}; start it with --nproc-per-node 2")
-        return cls(rank())
+    rank: int  # which half
+    group: Any = None  # None: the default group (of two)
 
     def own(self, uncond: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """This rank's half of the rows [uncond..., cond...]."""
+        """This half of the rows [uncond..., cond...]."""
         return cond if self.rank else uncond
 
     def combine(self, v: torch.Tensor) -> torch.Tensor:
-        """Both halves, [uncond..., cond...], from this rank's half."""
+        """Both halves, [uncond..., cond...], from this one."""
         parts = [torch.empty_like(v) for _ in range(2)]
-        dist.all_gather(parts, v.contiguous())
+        dist.all_gather(parts, v.contiguous(), group=self.group)
         return torch.cat(parts)
+
+
+GPUS = (1, 2, 4, 8)
+
+
+def shares(n: int, cfg: bool, heads: int) -> tuple[int, int]:
+    """How `--gpus n` workers share a transformer call: (guidance halves, token split ways). The
+    halves take 2 groups when the call has guidance's two halves; each group splits the tokens,
+    heads shared out evenly (Ulysses), so the ways must divide the model's attention heads."""
+    if n not in GPUS:
+        raise SettingsError(f"--gpus takes {', '.join(map(str, GPUS))}, got {n}")
+    halves = 2 if cfg and n > 1 else 1
+    ways = n // halves
+    if heads % ways:
+        fits = [g for g in GPUS if heads % (g // (2 if cfg and g > 1 else 1)) == 0]
+        raise SettingsError(f"--gpus {n} splits the tokens {ways} ways, which the model's {heads} attention heads do not divide into: use --gpus {' or '.join(map(str, fits))}")
+    return halves, ways
+
+
+@dataclass(frozen=True)
+class Mesh:
+    """This worker's part of a call spread over all the workers: its guidance half (None: all the
+    rows here) and its place in its half's token split (idle: all the tokens here). Worker r is
+    half r // ways, token share r % ways."""
+
+    guidance: GuidanceSplit | None
+    tokens: TokenSplit
+
+    @classmethod
+    def make(cls, n: int, cfg: bool, heads: int) -> Mesh:
+        """Every worker of `--gpus n` calls this at the same point: torch.distributed makes groups collectively."""
+        if world_size() != n:
+            raise SettingsError(f"--gpus {n} needs {n} workers, this group has {world_size()}; start it with --nproc-per-node {n}")
+        halves, ways = shares(n, cfg, heads)
+        half, share = divmod(rank(), ways)
+        tokens, guidance = TokenSplit(), None
+        if ways > 1:
+            groups = [dist.new_group(list(range(h * ways, (h + 1) * ways))) for h in range(halves)]
+            tokens = TokenSplit(groups[half], share, ways)
+        if halves > 1:
+            groups = [dist.new_group([w + h * ways for h in range(halves)]) for w in range(ways)]
+            guidance = GuidanceSplit(half, groups[share])
+        return cls(guidance, tokens)
+
+    def describe(self) -> str:
+        """For the phase's detail line."""
+        parts = [f"{'unconditional' if self.guidance.rank == 0 else 'conditional'} rows here"] if self.guidance else []
+        return ", ".join([*parts, *([f"tokens split {self.tokens.size} ways"] if self.tokens.on else [])])
+
+
+# How many workers `invert` runs with (`run --gpus N`; 0: none, it runs alone): worker 0 leads and
+# writes the cache, the others compute their shares of its steps (engine.stages.inversion.follow_inversion).
+_TEAM: contextvars.ContextVar[int] = contextvars.ContextVar("cogedit_inversion_team", default=0)
+
+
+@contextlib.contextmanager
+def inversion_team(n: int) -> Iterator[None]:
+    token = _TEAM.set(n)
+    try:
+        yield
+    finally:
+        _TEAM.reset(token)
+
+
+def team_size() -> int:
+    return _TEAM.get()
+
+
+def tell_team(message: Any) -> Any:
+    """Worker 0's `message` on every worker (None: its inversion is done)."""
+    box = [message]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def _entry(fn: Callable[..., Any], args: tuple, errors: str) -> Any:

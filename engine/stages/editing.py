@@ -10,15 +10,17 @@ from typing import Any
 
 import torch
 
+from cache.faults import maybe_die
 from engine.hooks import registry as hooks
 from engine.hooks.injection import InjectionState, KVInjectionConfig, apply_kv_injection, remove_kv_injection
 from engine.hooks.kv_replay import StoredAttention
 from engine.hooks.row_groups import RowGroupConfig, apply_row_groups, remove_row_groups
+from engine.hooks.token_split import TokenSplit, tokens_split
 from engine.models.components import loaded
 from engine.models.denoiser import guided, predict, rotary_embeddings
 from engine.stages.attention_store import MemoryStores, open_stored
 from engine.stages.context import StageContext
-from engine.stages.distributed import GuidanceSplit
+from engine.stages.distributed import GuidanceSplit, Mesh
 from engine.stages.schedulers import edit_scheduler
 from engine.stages.settings import EditSettings, InjectSettings, inverted_spans
 from engine.stages.windows import blended, window_shape
@@ -58,6 +60,7 @@ def ddim_edit(
     inject: InjectSettings = InjectSettings(),
     row_group: int = 0,
     split: GuidanceSplit | None = None,
+    tokens: TokenSplit | None = None,
     mask: torch.Tensor | None = None,
     spans: list[tuple[int, int]] | None = None,
     callback: Callable[[dict[str, Any]], None] | None = None,
@@ -71,7 +74,8 @@ def ddim_edit(
     `inject.reference == "stored"` no row is added and captured K/V are replayed. `row_group`
     > 0 runs every block over that many rows at a time (less activation memory, same result).
     With `split` (CFG only) this process runs one half of the rows, with its own reference rows,
-    and the halves' predictions are gathered every step.
+    and the halves' predictions are gathered every step; with `tokens` each transformer call's
+    tokens are split over its group (`engine.hooks.token_split`).
     `mask` [F', 1, h, w] in 0-1 makes the edit local: after every step, where the mask is 0 the
     latent is the inversion's own at that noise level (`reference.replayed(i)`), so only the
     masked region changes (blended latent diffusion, Avrahami et al. 2023).
@@ -89,7 +93,7 @@ def ddim_edit(
     state = InjectionState(n_edit=n_edit, strength=inject.strength)
     active = [reference is not None and inject.is_active(i, steps) for i in range(steps)]
     x = init
-    with _edit_features(transformer, inject, state, row_group):
+    with _edit_features(transformer, inject, state, row_group), tokens_split(transformer, tokens):  # tokens_split outermost
         for i, t in enumerate(scheduler.timesteps):
             rows = torch.cat([x, x]) if cfg and split is None else x
             state.active, state.stored = active[i], None
@@ -184,12 +188,12 @@ def edit_stage(
     embeds: dict[str, torch.Tensor],
     memory: MemoryStores,
     store: str | None,
-    split: GuidanceSplit | None = None,
+    mesh: Mesh | None = None,
     mask: Mask | None = None,
 ) -> torch.Tensor:
     """Edited latents [K, F', C, h, w] (CPU) from the cached inversion `ctx.entry`; `store` is the
-    key of the stored attention to replay (`--reference stored`), else None; `split`: this process
-    runs one CFG half (`--gpus 2`); `mask` (whose digest is `settings.mask`) keeps the source outside it."""
+    key of the stored attention to replay (`--reference stored`), else None; `mesh`: this process
+    runs its share of every call (`--gpus N`); `mask` (whose digest is `settings.mask`) keeps the source outside it."""
     entry, runtime, steps = ctx.entry, ctx.runtime, ctx.entry.steps
     trajectory = [entry.load(entry.paths.step_file(i), "latent") for i in range(steps)]
     clean = entry.load(entry.paths.latents, "latents")
@@ -197,12 +201,13 @@ def edit_stage(
     out = []
     with ctx.reporter.phase("edit", total=steps * len(chunks)) as ph:
         ph.record.detail = f"from inversion {entry.id[:12]}: {len(settings.prompts)} prompt(s) in {len(chunks)} pass(es), reference {settings.inject.reference}, attention {runtime.attention}"
-        if split is not None:
-            ph.record.detail += f", {'unconditional' if split.rank == 0 else 'conditional'} rows here, the others on rank {1 - split.rank}"
+        if mesh is not None:
+            ph.record.detail += ", " + mesh.describe()
         if mask is not None:
             ph.record.detail += f", local ({mask.label})"
 
         def on_step(state: dict[str, Any]) -> None:
+            maybe_die("edit")
             ph.advance()
             ctx.notify("edit", state)
 
@@ -228,7 +233,8 @@ def edit_stage(
                         reference=reference,
                         inject=settings.inject,
                         row_group=runtime.plan.row_group,
-                        split=split,
+                        split=mesh.guidance if mesh is not None else None,
+                        tokens=mesh.tokens if mesh is not None else None,
                         mask=grid,
                         spans=inverted_spans(entry.manifest["settings"]["invert"], clean.shape[1]),
                         callback=on_step,
