@@ -225,6 +225,11 @@ def edit_options(f):
                 help="Local edit: an image (all frames) or a video (one mask per frame), white where the edit may change; the rest keeps the source.",
             ),
             click.option("--mask-box", default=None, help="Local edit inside a box X0,Y0,X1,Y1 in fractions of the frame, e.g. 0.25,0.2,0.75,0.8."),
+            click.option("--mask-box-end", default=None, help="The box on the last frame: the box moves from --mask-box (first frame) to it, following a moving object."),
+            click.option(
+                "--mask-fit", type=click.Choice(["none", "object"]), default="none", show_default=True,
+                help="object: shrink the mask, frame by frame, to what stands apart from its edge (the object in the box), so the box is not painted.",
+            ),
             click.option("--fps", default=None, type=float, help="Output frame rate (default: the source's, adjusted for frame selection)."),
             click.option("--out", "out_dir", default=".", type=click.Path(file_okay=False), show_default=True, help="Folder for the mp4 files."),
             click.option("--force", is_flag=True, help="Overwrite existing output files."),
@@ -264,7 +269,7 @@ def _edit_kwargs(p: dict) -> dict:
         negative_prompt=p["negative_prompt"], negative_from_source=p["negative_from_source"], guidance=p["guidance"], init=p["init"], seed=p["seed"],
         inject_steps=p["inject_steps"], inject_layers=p["inject_layers"], inject_strength=p["inject_strength"],
         reference=p["reference"], batch=p["batch"], fps=p["fps"], out_dir=p["out_dir"], force=p["force"], gpus=p["gpus"],
-        mask=p["mask"], mask_box=p["mask_box"],
+        mask=p["mask"], mask_box=p["mask_box"], mask_box_end=p["mask_box_end"], mask_fit=p["mask_fit"],
     )
 
 

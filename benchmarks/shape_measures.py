@@ -11,7 +11,9 @@ object:
 - shape: IoU of the object's pixels with the target shape drawn at the source's centroids and size;
 - background: share of the pixels outside every object nearest the target background, and their mean color;
 - structure kept: the object's centroid track against the source's (px), its size against the source's;
-- what should not change: PSNR outside the object's mask against the source's reconstruction.
+- what should not change: PSNR outside the object's mask against the source's reconstruction;
+- a local color edit that paints more than the object: the target-colored area over the whole
+  frame against the object's, and that region's centroid against the object's.
 
 Each measure can fail: tests/test_shapes.py shows an unedited source, a wrong color or a
 moved object scoring badly.
@@ -188,3 +190,16 @@ def edit_measures(frames, truth: EditTruth, reconstruction=None) -> dict[str, fl
     if reconstruction is not None:
         out["psnr_outside_db"] = psnr_outside(frames, reconstruction, rim)
     return out
+
+
+def painted_region(frames, truth: EditTruth) -> dict[str, float]:
+    """Where a color edit put the target color, over the whole frame: its area over the object's (all
+    frames together; a box painted whole scores the box's area) and the distance of its centroid from
+    the object's, mean over frames (inf when a frame has no such region)."""
+    target = nearest(frames) == color_index(truth.target.things[0].color)
+    mask = truth.masks[0]
+    errors = []
+    for f in range(len(target)):
+        c, o = centroid(target[f]), centroid(mask[f])
+        errors.append(np.inf if c is None or o is None else float(np.linalg.norm(c - o)))
+    return {"area_ratio": float(target.sum() / max(mask.sum(), 1)), "centroid_px": float(np.mean(errors))}

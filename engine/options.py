@@ -81,6 +81,8 @@ class EditOptions(RuntimeOptions):
     gpus: int = 1  # 2, 4 or 8 processes (GPUs): guidance's halves, each splitting its tokens (engine.stages.distributed.Mesh)
     mask: Any = None  # local edit: an image or video path, a box (x0, y0, x1, y1) or an array (engine.video.masks)
     mask_box: str | tuple[float, float, float, float] | None = None  # "X0,Y0,X1,Y1" fractions of the frame
+    mask_box_end: str | tuple[float, float, float, float] | None = None  # the box on the last frame: it moves from mask_box
+    mask_fit: str = "none"  # none | object: shrink the mask to the object inside it (engine.video.masks.fit_to_object)
 
 
 def names(cls: type) -> set[str]:

@@ -48,7 +48,7 @@ from engine.stages.inversion import follow_inversion, invert_stage
 from engine.stages.settings import EditSettings, InjectSettings, InvertSettings, StoreSettings, layers_of, window_of
 from engine.stages.verify import verify_stage
 from engine.stages.windows import anchor_frames, default_overlap, state_frames, window_count
-from engine.video.masks import Mask, load_mask, mask_spec
+from engine.video.masks import Mask, fit_to_object, load_mask, mask_spec
 from engine.video.reader import FrameSettings, VideoInfo, check_video_file, output_frames, probe_video, select_frame_indices
 
 # Default refinements per step: with its check, 1 iteration is 3 transformer forwards per inversion
@@ -386,11 +386,12 @@ def _edit_settings(opts: EditOptions, prompts: tuple[str, ...], info: ModelInfo,
 
 def _edit_mask(opts: EditOptions, inv: Inversion) -> Mask | None:
     """The local edit's mask at the inversion's frames and size, checked before any model loads."""
-    spec = mask_spec(opts.mask, opts.mask_box)
+    spec = mask_spec(opts.mask, opts.mask_box, opts.mask_box_end, opts.mask_fit)
     if spec is None:
         return None
     source_frames = int(inv.entry.manifest["settings"]["video"]["num_frames"])
-    return load_mask(spec, FrameSettings(**inv.entry.frame_settings), source_frames, inv.entry.frames, inv.entry.output_frames)
+    mask = load_mask(spec, FrameSettings(**inv.entry.frame_settings), source_frames, inv.entry.frames, inv.entry.output_frames)
+    return fit_to_object(mask, inv.frames()) if opts.mask_fit == "object" else mask
 
 
 def edit_stem(inversion_id: str, settings: EditSettings, runtime: Runtime) -> str:
@@ -542,7 +543,7 @@ def run(
     check_video_file(video)
     info = inspect_model(edit_opts.model or model)
     settings = _edit_settings(edit_opts, prompts, info)  # bad prompts or edit flags: refused before the inversion
-    mask_spec(edit_opts.mask, edit_opts.mask_box)
+    mask_spec(edit_opts.mask, edit_opts.mask_box, edit_opts.mask_box_end, edit_opts.mask_fit)
     reporter = reporter or Reporter(device=Runtime.default(inv_opts.device).device)
     if edit_opts.gpus == 1:
         return _run(video, model, prompts, cache_dir, reporter, callback, inv_opts, edit_opts)

@@ -13,7 +13,8 @@ import engine
 from cli import cli
 from engine.models.components import Runtime
 from engine.stages.settings import EditSettings
-from engine.video.masks import Mask, box_mask, latent_mask, load_mask, mask_spec, parse_box
+from engine.video import shapes
+from engine.video.masks import FIT_MARGIN, Boxes, Mask, box_mask, fit_to_object, latent_mask, load_mask, mask_spec, parse_box
 from engine.video.reader import FrameSettings
 from engine.workflow import edit_stem
 from tests.conftest import CLIPS, SMALL
@@ -54,6 +55,62 @@ def test_a_pixel_whose_center_lies_on_the_boxs_edge_is_inside():
     # centers at 1/8, 3/8, 5/8, 7/8 of the side: exact in binary, so the edges hit them exactly
     mask = box_mask((0.125, 0.375, 0.625, 0.875), 1, 4, 4)
     assert mask.pixels[0].tolist() == [[0, 0, 0, 0], [1, 1, 1, 0], [1, 1, 1, 0], [1, 1, 1, 0]] and mask.label == "box 0.125,0.375,0.625,0.875"
+
+
+def test_boxes_move_from_the_first_frames_box_to_the_last_frames():
+    # 5 frames of 16x16: the box slides from the top-left quarter to the bottom-right one, 2 px a frame
+    mask = load_mask(mask_spec(None, "0,0,0.5,0.5", "0.5,0.5,1,1"), FrameSettings(max_frames=5, height=16, width=16), 131, 5)
+    for f in range(5):
+        want = torch.zeros(16, 16)
+        want[2 * f : 2 * f + 8, 2 * f : 2 * f + 8] = 1
+        assert torch.equal(mask.pixels[f], want), f
+    assert mask.label == "box 0,0,0.5,0.5 to 0.5,0.5,1,1"
+    # a clip padded to 4k+1 (3 shown frames of 5): the box reaches the end box on the last shown frame, the repeats keep it
+    padded = box_mask(Boxes((0, 0, 0.5, 0.5), (0.5, 0.5, 1, 1)), 5, 16, 16, shown=3).pixels
+    assert torch.equal(padded[1], mask.pixels[2]) and all(torch.equal(padded[f], mask.pixels[4]) for f in (2, 3, 4))
+
+
+@pytest.mark.parametrize(
+    ("box", "end", "fit", "expected"),
+    [
+        (None, "0,0,0.5,0.5", "none", "--mask-box-end is the box on the last frame: give the first frame's box with --mask-box too"),
+        ("0,0,0.5,0.5", "0,0,0.5", "none", "--mask-box-end takes four fractions"),
+        ("0,0,0.5,0.5", "0.6,0,0.5,0.5", "none", "--mask-box-end '0.6,0,0.5,0.5' is empty"),
+        ("0,0,0.5,0.5", None, "tight", "--mask-fit 'tight': choose none or object"),
+        (None, None, "object", "--mask-fit object shrinks a mask to the object inside it: give --mask-box (or --mask) too"),
+    ],
+)
+def test_bad_moving_boxes_and_fits_are_refused(box, end, fit, expected):
+    with pytest.raises(engine.SettingsError) as err:
+        mask_spec(None, box, end, fit)
+    assert str(err.value).startswith(expected)
+
+
+def test_fit_to_object_keeps_the_object_and_drops_the_rest_of_the_box():
+    """A box around a shapes clip's whole path, fit to the object: on every frame the object and at
+    most FIT_MARGIN px around it; a box whose edge cuts through the object keeps it too."""
+    frames, masks = shapes.render(shapes.clip_spec(3, "heldout", objects=1))
+    thing = torch.from_numpy(masks[0])
+    ys, xs = np.nonzero(masks[0].any(0))
+    h, w = thing.shape[1:]
+    path = ((xs.min() - 4) / w, (ys.min() - 4) / h, (xs.max() + 5) / w, (ys.max() + 5) / h)
+    fitted = fit_to_object(box_mask(path, len(frames), h, w), torch.from_numpy(frames)).pixels > 0
+    grown = torch.nn.functional.max_pool2d(thing.float()[:, None], 2 * FIT_MARGIN + 1, 1, FIT_MARGIN)[:, 0] > 0
+    assert torch.equal(fitted, grown)  # the object grown by FIT_MARGIN px, exactly (the box reaches 4 px beyond it)
+    assert fitted.sum() < 0.5 * box_mask(path, len(frames), h, w).pixels.sum()  # far less than the box
+    # the object's first-frame box cut through its middle: the object's color on the edge is not taken for the surroundings
+    y_mid = (ys.min() + ys.max()) / 2 / h
+    cut = fit_to_object(box_mask((path[0], path[1], path[2], y_mid), 1, h, w), torch.from_numpy(frames[:1])).pixels[0] > 0
+    inside = box_mask((path[0], path[1], path[2], y_mid), 1, h, w).pixels[0] > 0
+    assert (cut >= thing[0] & inside).all() and cut.sum() < 0.6 * inside.sum()
+    assert (cut <= inside).all()  # grown for the rim, but never past the box
+
+
+def test_fit_to_object_refuses_a_box_with_nothing_in_it():
+    frames = torch.full((3, 16, 16, 3), 120, dtype=torch.uint8)
+    with pytest.raises(engine.SettingsError) as err:
+        fit_to_object(box_mask((0.25, 0.25, 0.75, 0.75), 3, 16, 16), frames)
+    assert str(err.value).startswith("--mask-fit object found nothing inside the mask (box 0.25,0.25,0.75,0.75) that stands apart from its edge")
 
 
 def test_latent_mask_takes_the_union_of_each_latent_frames_frames_and_a_soft_edge():
@@ -208,6 +265,22 @@ def test_a_masked_edit_keeps_the_source_outside_and_changes_inside(inversion):
     assert torch.equal(same, local)
 
 
+def test_a_moving_box_and_a_fit_box_reach_the_edit_as_their_masks(inversion):
+    """engine.edit's mask_box + mask_box_end is the interpolated mask, mask_fit="object" the box fit to
+    the inversion's own frames: each the same edit as its mask given as an array."""
+    prompt = ["a watercolor painting of a forest"]
+
+    def edit(**options):
+        return engine.edit(inversion, prompt, device="cpu", output="latents", **options).latents[0]
+
+    moving = box_mask(Boxes((0, 0, 0.5, 1), (0.5, 0, 1, 1)), 9, 96, 160).pixels.numpy()
+    assert torch.equal(edit(mask_box="0,0,0.5,1", mask_box_end="0.5,0,1,1"), edit(mask=moving))
+    box = box_mask((0.1, 0.1, 0.9, 0.9), 9, 96, 160)
+    fitted = fit_to_object(box, inversion.frames()).pixels
+    assert not torch.equal(fitted, box.pixels)  # the fit drops part of the box (so an edit that ignored it would differ)
+    assert torch.equal(edit(mask_box="0.1,0.1,0.9,0.9", mask_fit="object"), edit(mask=fitted.numpy()))
+
+
 def test_mask_names_the_outputs_and_bad_masks_are_one_line_errors(inversion, tmp_path):
     runner = CliRunner()
     base = ["edit", inversion.id[:8], "--prompt", "a forest", "--device", "cpu", "--cache-dir", str(inversion.layout.root), "--out", str(tmp_path)]
@@ -215,12 +288,20 @@ def test_mask_names_the_outputs_and_bad_masks_are_one_line_errors(inversion, tmp
     assert local.exit_code == 0, local.output
     plain = edit_stem(inversion.id, EditSettings(("a forest",)), Runtime.default("cpu"))
     assert inversion.id[:8] in local.output and plain not in local.output  # the mask is in the name
+    # a moving box reaches the edit: another mask, another name
+    moving = runner.invoke(cli, [*base, "--mask-box", "0,0,0.5,1", "--mask-box-end", "0.5,0,1,1"])
+    assert moving.exit_code == 0, moving.output
+    videos = [[line for line in r.output.splitlines() if line.endswith(".mp4")] for r in (local, moving)]
+    assert videos[0] and videos[1] and not set(videos[0]) & set(videos[1])
     for args, expected in [
         (["--mask", str(tmp_path / "missing.png")], "does not exist"),
         (["--mask-box", "0,0,1.2,1"], "outside the frame"),
         (["--mask-box", "0.5,0,0.5,1"], "is empty"),
         (["--mask-box", "0,0,1,1", "--mask", str(tmp_path / "missing.png")], "not both"),
         (["--mask", str(CLIPS / "bunny_small.mp4")], "has 47 frames"),
+        (["--mask-box-end", "0,0,0.5,1"], "--mask-box-end is the box on the last frame: give the first frame's box with --mask-box too"),
+        (["--mask-box", "0,0,0.5,1", "--mask-box-end", "0,0,1.5,1"], "--mask-box-end '0,0,1.5,1' reaches outside the frame"),
+        (["--mask-fit", "object"], "--mask-fit object shrinks a mask to the object inside it: give --mask-box (or --mask) too"),
     ]:
         result = runner.invoke(cli, [*base, *args])
         assert result.exit_code == 1, result.output

@@ -339,7 +339,7 @@ WEB_INVERT = {
 }
 WEB_EDIT = {
     "inject_steps": "inject_steps", "inject_layers": "inject_layers", "strength": "inject_strength", "guidance": "guidance", "negative": "negative_prompt",
-    "negative_source": "negative_from_source", "init": "init", "seed": "seed", "reference": "reference", "attention": "attention",
+    "negative_source": "negative_from_source", "init": "init", "seed": "seed", "reference": "reference", "attention": "attention", "mask_fit": "mask_fit",
 }
 
 
@@ -365,6 +365,7 @@ def test_every_web_app_default_is_the_engines(tiny_model, tmp_path):
     assert inv.every.value is False and o.frames != "all"  # every frame: off, as the engine's default
     assert inv.plan.value == "auto" and o.plan is None  # auto: no plan given, the engine picks
     assert ed.mask_box.value == "" and e.mask_box is None  # empty: the handler passes no box
+    assert ed.mask_box_end.value == "" and e.mask_box_end is None
 
 
 # ------------------------------------------------------------------------------ the web app's folders

@@ -9,7 +9,7 @@ import re
 import numpy as np
 import pytest
 
-from benchmarks.shape_measures import EditTruth, classify_shape, dilate, edit_measures, psnr_outside, sample_adherence
+from benchmarks.shape_measures import EditTruth, classify_shape, dilate, edit_measures, painted_region, psnr_outside, sample_adherence
 from engine.video import shapes
 
 GRAMMAR = re.compile(
@@ -128,6 +128,24 @@ def test_structure_measures_catch_a_moved_or_shrunk_object(source):
     assert 4 < edit_measures(shapes.render(moved)[0], truth)["centroid_error_px"] < 6
     small = dataclasses.replace(source, things=(dataclasses.replace(thing, size=thing.size * 0.7),))
     assert edit_measures(shapes.render(small)[0], truth)["size_ratio"] < 0.6
+
+
+def test_painted_region_catches_a_painted_trail_and_a_moved_patch(source):
+    """A color edit that recolors the object scores its area and place; one that paints a box
+    around the whole path, or the object moved, or nothing, scores badly."""
+    target = shapes.with_change(source, color="red")
+    masks = shapes.render(source)[1]
+    truth = EditTruth(source, target, masks)
+    done = painted_region(shapes.render(target)[0], truth)
+    assert abs(done["area_ratio"] - 1) < 0.01 and done["centroid_px"] < 0.5
+    trail = shapes.render(target)[0].copy()
+    trail[:, masks[0].any(0)] = shapes.COLORS["red"]  # every pixel the object ever covers, on every frame
+    painted = painted_region(trail, truth)
+    assert painted["area_ratio"] > 1.5 and painted["centroid_px"] > 3
+    thing = target.things[0]
+    moved = dataclasses.replace(target, things=(dataclasses.replace(thing, x=thing.x + 5, y=thing.y + 2),))
+    assert 4 < painted_region(shapes.render(moved)[0], truth)["centroid_px"] < 6
+    assert painted_region(shapes.render(source)[0], truth) == {"area_ratio": 0.0, "centroid_px": np.inf}  # not recolored
 
 
 def test_psnr_outside_ignores_the_object_and_sees_the_rest(source):

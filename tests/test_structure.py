@@ -276,7 +276,7 @@ def test_every_edit_setting_that_changes_the_pixels_changes_the_file_names(tiny_
 
 
 # Keyed once the inversion's frames are known: engine.edit puts the mask's digest in the settings.
-_EDIT_MASKS = {"mask", "mask_box"}
+_EDIT_MASKS = {"mask", "mask_box", "mask_box_end", "mask_fit"}
 
 
 def test_a_masks_digest_changes_the_file_names(tiny_model):

@@ -236,28 +236,52 @@ def test_ui_without_gradio_says_which_extra_to_install(monkeypatch):
     assert result.exit_code == 1 and result.output == 'Error: the web app needs the ui extra: pip install -e ".[ui]" in the cogedit source folder\n'
 
 
-def test_a_local_edit_box_is_drawn_on_the_first_frame_and_reaches_the_edit(tmp_path, tiny_model, wide_clip):
+def test_a_local_edit_box_is_drawn_on_the_first_and_last_frames_and_reaches_the_edit(tmp_path, tiny_model, wide_clip):
     from webui.actions import Actions, app_config
 
     act = Actions(app_config(str(tiny_model), Folders.make(tmp_path / "cache", tmp_path / "uploads")))
     inv = engine.invert(wide_clip, tiny_model, cache_dir=act.folders.cache, device="cpu", **SMALL)
-    frame = inv.frames()[0].numpy()
+    frame, last = inv.frames()[0].numpy(), inv.frames()[inv.entry.output_frames - 1].numpy()
     h, w = frame.shape[:2]
-    shown = act.on_box(inv.id, "0.25,0.25,0.75,0.75")
-    shown, hint = shown
-    assert shown.shape == frame.shape and hint == ""
-    assert (shown[2, 2] == frame[2, 2] // 3).all()  # outside: kept, shown dimmed
-    assert (shown[h // 2, w // 2] == frame[h // 2, w // 2]).all()  # inside: may change, shown as it is
-    assert act.on_box(inv.id, "") == (None, "") and act.on_box(None, "0,0,1,1") == (None, "")
+    assert (w, h) == (160, 96)  # shown enlarged 2x (to 192 px high), first | last frame 4 px apart
+
+    def at(shown, frame_no, y, x):  # the preview's pixel at a frame's (y, x)
+        return shown[2 * y, frame_no * (2 * w + 4) + 2 * x]
+
+    shown, hint = act.on_box(inv.id, "0.25,0.25,0.75,0.75")
+    assert shown.shape == (2 * h, 2 * (2 * w) + 4, 3) and hint == ""
+    assert (at(shown, 0, 2, 2) == frame[2, 2] // 3).all()  # outside: kept, shown dimmed
+    assert (at(shown, 0, h // 2, w // 2) == frame[h // 2, w // 2]).all()  # inside: may change, shown as it is
+    assert (at(shown, 1, h // 2, w // 2) == last[h // 2, w // 2]).all()  # one box: the same on the last frame
+    # the last frame's box on the last frame: its left third is kept
+    moved, _ = act.on_box(inv.id, "0.25,0.25,0.75,0.75", "0.5,0.25,1,0.75")
+    assert (at(moved, 1, h // 2, w // 3) == last[h // 2, w // 3] // 3).all() and (at(moved, 0, h // 2, w // 3) == frame[h // 2, w // 3]).all()
+    assert act.on_box(None, "0,0,1,1") == (None, "")
+    bare, _ = act.on_box(inv.id, "")  # no box: both frames as they are (the whole frame may change), ready to draw on
+    assert (bare[::2, : 2 * w : 2] == frame).all() and (bare[::2, 2 * w + 4 :: 2] == last).all()
     # a box being typed: the last preview stays, a line under it says what is wrong, in the page's words
     assert act.on_box(inv.id, "0.5,0.5,0.2,0.9") == (gr.skip(), "local edit box '0.5,0.5,0.2,0.9' is empty: it needs X0 < X1 and Y0 < Y1")
+    assert act.on_box(inv.id, "0,0,1,1", "0,0,1") == (gr.skip(), "box on the last frame takes four fractions of the frame X0,Y0,X1,Y1 like 0.25,0.2,0.75,0.8, got '0,0,1'")
+
+    # Two clicks on a frame draw its box (rounded outwards to hundredths); a click on the other frame starts again there.
+    def click(x, y, corner):  # (x, y) on the frame, in the frame's px
+        return act.on_draw(inv.id, corner, gr.SelectData(None, {"index": [2 * x, 2 * y], "value": None}))
+
+    first = click(40, 24, None)[2]
+    assert first == ["first", 0.25, 0.25]
+    assert click(81, 49, first) == ("0.25,0.25,0.51,0.52", gr.skip(), None)  # 81/160 = 0.506, 49/96 = 0.510
+    corner = click(w + 2 + 159, 95, first)[2]  # on the last frame (after the 4 px gap, 2 px at the frame's scale): a new first corner there
+    assert corner[0] == "last"
+    assert click(w + 2 + 80, 0, corner) == (gr.skip(), "0.5,0,1,0.99", None)  # 159/160 = 0.994, 95/96 = 0.990
 
     me, quiet = SimpleNamespace(session_hash="me"), (lambda *a, **k: None)
     edit = dict(prompts_text="snow", inject_steps="0:1", inject_layers="all", strength=1.0, guidance=1.0, negative="", negative_source=False, init="inverted", seed=0,
                 reference="shared", attention="auto")
     (local,), _, _ = act.do_render(inv.id, **edit, mask_box="0.25,0.25,0.75,0.75", request=me, progress=quiet)
     (whole,), _, _ = act.do_render(inv.id, **edit, mask_box="", request=me, progress=quiet)
+    (moving,), _, _ = act.do_render(inv.id, **edit, mask_box="0.25,0.25,0.75,0.75", mask_box_end="0.5,0.25,1,0.75", request=me, progress=quiet)
     assert local.settings["mask_box"] == "0.25,0.25,0.75,0.75" and "mask_box" not in whole.settings
+    assert moving.settings["mask_box_end"] == "0.5,0.25,1,0.75" and "mask_box_end" not in local.settings and moving.video != local.video
     assert local.video != whole.video  # a local edit is its own edit, with its own name
     assert "negative_prompt" not in whole.settings  # none given: recorded as before
     # Only around the moving object: a clip that is not a bundled shapes clip has no known object.

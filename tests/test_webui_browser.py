@@ -4,7 +4,8 @@ download is not reachable from these machines; .ci/run installs the `chromium` p
 A newcomer's walk through the app, on the shipped shapes proxy with few steps: the bundled clip
 already chosen, invert it (the frames asked for changed to 4k+1 on the card, the round trip's
 verdict), go to Edit with the button, Render with no prompt (one notice, no panel marked failed),
-type a box and see its preview, render the two starting prompts, wait until both results are
+type a box and see its preview, draw a box on the first and the last frame by clicking two corners
+on each, render the two starting prompts, wait until both results are
 loaded and play, reload and find the inversion still chosen, find it in the gallery, then upload
 a text file named .mp4 and see the one-line error while the app keeps answering. The page with
 its two results is saved in the test's folder, to look at (docs/webui.png, the README's, comes from
@@ -141,7 +142,37 @@ def _edit_tab_guides_a_newcomer(page: Any) -> None:
     page.wait_for_function("() => document.querySelector('#box-hint')?.innerText.trim() === ''", timeout=30_000)
     assert page.evaluate(BADGES) == 0
     page.fill("#mask-box textarea, #mask-box input", "")
-    page.wait_for_function("() => !document.querySelector('#mask-preview img')", timeout=30_000)  # an empty box: no preview
+    _boxes_are_drawn_by_two_clicks_on_the_first_and_last_frames(page)
+
+
+def _box_value(page: Any, elem_id: str) -> list[float]:
+    text = page.input_value(f"#{elem_id} textarea, #{elem_id} input")
+    return [float(v) for v in text.split(",")] if text else []
+
+
+def _boxes_are_drawn_by_two_clicks_on_the_first_and_last_frames(page: Any) -> None:
+    """The preview shows the first | last frame (96x144 each, enlarged 2x, 4 px apart: 580 px wide);
+    two clicks on a frame draw its box into the box fields. Both are cleared after."""
+    preview = page.locator("#mask-preview img")
+    page.wait_for_function("() => document.querySelector('#mask-preview img')?.naturalWidth === 580", timeout=30_000)  # no box: both frames, nothing dimmed
+
+    def click(frame: int, fx: float, fy: float) -> None:
+        box = preview.bounding_box()  # the image may be shown smaller than its own size (never larger)
+        scale = min(box["width"] / 580, box["height"] / 192, 1.0)
+        left, top = (box["width"] - 580 * scale) / 2, (box["height"] - 192 * scale) / 2
+        preview.click(position={"x": left + (292 * frame + 288 * fx) * scale, "y": top + 192 * fy * scale})
+
+    for frame, field, want in ((0, "mask-box", [0.2, 0.3, 0.5, 0.7]), (1, "mask-box-end", [0.5, 0.1, 0.9, 0.6])):
+        click(frame, want[0], want[1])
+        click(frame, want[2], want[3])
+        page.wait_for_function("(s) => document.querySelector(s)?.value !== ''", arg=f"#{field} textarea, #{field} input", timeout=30_000)
+        drawn = _box_value(page, field)
+        assert len(drawn) == 4 and all(abs(a - b) <= 0.03 for a, b in zip(drawn, want, strict=True)), (field, drawn)
+    assert _box_value(page, "mask-box") and page.evaluate(BADGES) == 0  # the first frame's box stayed while the last one's was drawn
+    page.wait_for_function("() => document.querySelector('#box-hint')?.innerText.trim() === ''", timeout=30_000)
+    for field in ("mask-box", "mask-box-end"):
+        page.fill(f"#{field} textarea, #{field} input", "")
+    page.wait_for_function("() => document.querySelector('#mask-preview img')?.naturalWidth === 580", timeout=30_000)
 
 
 def _a_bad_upload_is_one_line(page: Any, fake: Path, small_clip: Path, tmp_path: Path) -> None:

@@ -18,13 +18,14 @@ from cache.sizes import format_size, parse_size
 from cache.store import gc, list_entries, loose_size, remove_entry
 from engine.errors import SettingsError
 from engine.jobs.demo import DEMO_PROMPTS, DEMO_SETTINGS, SHAPES_SEED, demo_model
-from engine.jobs.gallery import InversionCard, box_preview, card, inversions, render_edits
+from engine.jobs.gallery import InversionCard, box_preview, card, inversions, preview_point, render_edits
 from engine.models.components import Runtime
 from engine.models.model_info import ModelInfo, inspect_model
 from engine.models.proxy import example_prompts
 from engine.options import InvertOptions
 from engine.stages.verify import verdict
 from engine.video import shapes
+from engine.video.masks import box_text
 from engine.video.reader import probe_video
 from webui.folders import Folders, bundled_names
 from webui.jobs import JobRunner, one_line, page_words
@@ -100,6 +101,8 @@ def inversion_md(card: InversionCard) -> str:
 def edit_label(r: EditRecord) -> str:
     o = r.settings
     local = f", box {o['mask_box']}" if o.get("mask_box") else ", around the object" if o.get("mask") else ""
+    local += f" to {o['mask_box_end']}" if o.get("mask_box_end") else ""
+    local += ", fit to the object" if o.get("mask_fit") == "object" else ""
     negative = ", negative: the source prompt" if o.get("negative_from_source") else f", negative '{o['negative_prompt']}'" if o.get("negative_prompt") else ""
     return f"{r.prompt} · window {o.get('inject_steps')}, strength {o.get('inject_strength')}, guidance {o.get('guidance')}{negative}{local} · {r.created[:16].replace('T', ' ')}"
 
@@ -178,7 +181,7 @@ class Actions:
         return card_md, str(shown.thumbnails) if shown.thumbnails else None, self.inversion_choices(inv.id), gr.update(visible=True)
 
     def do_render(self, inv_id, prompts_text, inject_steps, inject_layers, strength, guidance, negative, negative_source, init, seed, reference, mask_box,
-                  attention, object_mask=False, request: gr.Request = None, progress=gr.Progress()):  # noqa: B008
+                  attention, object_mask=False, mask_box_end="", mask_fit="none", request: gr.Request = None, progress=gr.Progress()):  # noqa: B008
         prompts = [p.strip() for p in (prompts_text or "").splitlines() if p.strip()]
 
         def job(reporter):
@@ -198,6 +201,10 @@ class Actions:
                 options["negative_prompt"] = negative
             if (mask_box or "").strip():  # a local edit: only the box may change
                 options["mask_box"] = mask_box.strip()
+            if (mask_box_end or "").strip():  # the box on the last frame: it moves from the first frame's
+                options["mask_box_end"] = mask_box_end.strip()
+            if mask_fit != "none":
+                options["mask_fit"] = mask_fit
             if object_mask:  # only around the moving object, which a bundled shapes clip knows frame by frame
                 options["mask"] = str(self.folders.object_mask(inv.manifest["summary"].get("video", "")))
             if attention != "auto":
@@ -210,15 +217,28 @@ class Actions:
         inv_id, records = done
         return records, self.earlier_choices(inv_id), inversion_md(self.card(inv_id))
 
-    def on_box(self, inv_id: str | None, box: str | None) -> tuple:
-        """The first frame with the local-edit box drawn on it, and a line under it: what is wrong
-        with the box while it is being typed (no notice: a half-typed box is not a mistake yet)."""
-        if not inv_id or not (box or "").strip():
+    def on_box(self, inv_id: str | None, box: str | None, end: str | None = None) -> tuple:
+        """The first and last frames with the local-edit boxes drawn on them, and a line under them:
+        what is wrong with a box while it is being typed (no notice: a half-typed box is not a mistake yet)."""
+        if not inv_id:
             return None, ""
         try:
-            return box_preview(engine.open_inversion(inv_id, self.folders.cache), box.strip()), ""
+            return box_preview(engine.open_inversion(inv_id, self.folders.cache), (box or "").strip() or None, (end or "").strip() or None), ""
         except Exception as exc:
             return gr.skip(), page_words(one_line(exc), self.runner.folders)
+
+    def on_draw(self, inv_id: str | None, corner: list | None, evt: gr.SelectData) -> tuple:
+        """A click on the preview draws a box: the first click marks a corner, the second the opposite
+        one; on the first frame it is the local-edit box, on the last frame the last frame's box.
+        Returns the box, the last frame's box (each unchanged unless drawn) and the corner waiting."""
+        if not inv_id:
+            return gr.skip(), gr.skip(), None
+        side, *point = preview_point(engine.open_inversion(inv_id, self.folders.cache), *evt.index)
+        if not corner or corner[0] != side:  # a first corner (or one on the other frame: start again)
+            return gr.skip(), gr.skip(), [side, *point]
+        (x0, x1), (y0, y1) = sorted((corner[1], point[0])), sorted((corner[2], point[1]))
+        box = box_text(x0, y0, x1, y1)
+        return (box, gr.skip(), None) if side == "first" else (gr.skip(), box, None)
 
     def do_cancel(self, request: gr.Request) -> None:
         gr.Info(self.runner.cancel(request.session_hash))

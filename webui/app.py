@@ -85,9 +85,16 @@ def _edit_tab(prompts: tuple[str, ...], examples: tuple[str, ...], world: str) -
     with gr.Row():
         with gr.Column(scale=2):
             c.mask_box = gr.Textbox("", label="local edit: a box X0,Y0,X1,Y1 in fractions of the frame (empty: the whole frame)", placeholder="0.25,0.2,0.75,0.8", elem_id="mask-box")
+            c.mask_box_end = gr.Textbox("", label="box on the last frame (optional: the box moves from the first frame's to it, following a moving object)",
+                                        placeholder="0.5,0.2,1,0.8", elem_id="mask-box-end")
             c.box_hint = gr.Markdown(elem_id="box-hint")
+            c.mask_fit = gr.Radio([("the whole box", "none"), ("only the object in it", "object")], value=e.mask_fit, label="inside the box, change", elem_id="mask-fit",
+                                  info="the object: the box shrinks, frame by frame, to what stands apart from its edge, so a color edit does not paint the box")
             c.object_mask = gr.Checkbox(world == "shapes", label="or only around the moving object (bundled shapes clips know where it is, frame by frame)", elem_id="object-mask")
-        c.box_preview = gr.Image(label="first frame: the box may change, the dimmed rest is kept", interactive=False, height=160, elem_id="mask-preview")
+        with gr.Column(scale=2):
+            c.box_preview = gr.Image(label="first | last frame: the box may change, the dimmed rest is kept; click two corners on a frame to draw its box",
+                                     interactive=False, elem_id="mask-preview")
+            c.corner = gr.State(None)  # the first corner of a box being drawn: [frame, x, y]
     with gr.Row():
         c.run = gr.Button("Render all prompts", variant="primary", elem_id="render-button")
         c.cancel = gr.Button("Cancel", elem_id="cancel-render")
@@ -165,7 +172,7 @@ def build(cfg: AppConfig) -> gr.Blocks:
         inv.run.click(act.do_invert, invert_inputs, [inv.card, inv.strip, ed.pick, inv.to_edit], **gpu)
         inv.to_edit.click(lambda: gr.Tabs(selected="edit"), None, tabs)
         render_inputs = [ed.pick, ed.prompts, ed.inject_steps, ed.inject_layers, ed.strength, ed.guidance, ed.negative, ed.negative_source, ed.init, ed.seed, ed.reference, ed.mask_box, ed.attention,
-                         ed.object_mask]
+                         ed.object_mask, ed.mask_box_end, ed.mask_fit]
         ed.run.click(act.do_render, render_inputs, [ed.shown, ed.earlier, ed.pick_info], **gpu)
         for cancel in (inv.cancel, ed.cancel):
             cancel.click(act.do_cancel, None, None, queue=False)
@@ -173,8 +180,10 @@ def build(cfg: AppConfig) -> gr.Blocks:
         ed.pick.change(lambda i: i, ed.pick, chosen)
         ed.play.click(act.show_earlier, [ed.pick, ed.earlier], ed.shown)
         # The preview follows the box as it is typed (.change: .input does not fire when the box is emptied).
-        for changed in (ed.mask_box.change, ed.pick.change):
-            changed(act.on_box, [ed.pick, ed.mask_box], [ed.box_preview, ed.box_hint], trigger_mode="always_last", show_progress="hidden")
+        for changed in (ed.mask_box.change, ed.mask_box_end.change, ed.pick.change):
+            changed(act.on_box, [ed.pick, ed.mask_box, ed.mask_box_end], [ed.box_preview, ed.box_hint], trigger_mode="always_last", show_progress="hidden")
+        # "multiple": the second corner's click must not be dropped while the first is being handled
+        ed.box_preview.select(act.on_draw, [ed.pick, ed.corner], [ed.mask_box, ed.mask_box_end, ed.corner], trigger_mode="multiple", show_progress="hidden")
 
         app.load(act.gallery_view, None, [gal.listed, gal.total]).then(act.inversion_choices, chosen, ed.pick)
         if cfg.invert_defaults["clip"]:  # the clip chosen in the list is the source from the start

@@ -34,10 +34,11 @@ PAGE_LABELS = {
     "inversion": "inversion", "inversion-iters": "inversion refinements", "verify": "verify", "plan": "memory plan", "vram": "memory plan",
     "inject-steps": "injection window", "inject-layers": "injection layers", "inject-strength": "injection strength",
     "guidance": "guidance", "negative-prompt": "negative prompt", "negative-from-source": "'negative prompt = the source prompt'",
-    "init": "start from", "seed": "seed", "reference": "reference", "mask-box": "local edit box", "mask": "'only around the moving object'",
+    "init": "start from", "seed": "seed", "reference": "reference", "mask-box": "local edit box", "mask-box-end": "box on the last frame", "mask-fit": "'inside the box, change'",
+    "mask": "'only around the moving object'",
     "prompt": "prompts", "model": "the app's --model", "attention": "attention kernel",
 }
-_FLAG = re.compile(r"--([a-z][a-z0-9-]*)(?: (crop|pad|stretch|random|inverted|fixed-point|ddim|shared|per-half|stored|staged|lean|int8|nf4|offload|auto|sdpa|fa4|sage)\b)?")
+_FLAG = re.compile(r"--([a-z][a-z0-9-]*)(?: (crop|pad|stretch|random|inverted|fixed-point|ddim|shared|per-half|stored|staged|lean|int8|nf4|offload|auto|sdpa|fa4|sage|object)\b)?")
 _PATH = re.compile(r"(?<![\w.])/[^\s'\"]+")
 
 

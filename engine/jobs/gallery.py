@@ -62,13 +62,44 @@ def thumbnail_strip(inv: Inversion, count: int = THUMBNAILS, height: int = THUMB
     return path
 
 
-def box_preview(inv: Inversion, box: str | tuple[float, float, float, float]) -> np.ndarray:
-    """The inversion's first source frame with a `--mask-box` on it: outside the box (what a local
-    edit keeps) dimmed, the box outlined. uint8 [H, W, 3]; a bad box is a SettingsError."""
-    x0, y0, x1, y1 = parse_box(box)
-    frame = inv.frames()[0].numpy()
+PREVIEW_GAP = 4  # px of white between the first and the last frame in box_preview
+PREVIEW_HEIGHT = 192  # a preview of small frames is enlarged (nearest, by a whole factor) to about this height
+
+
+def preview_scale(height: int) -> int:
+    """The whole factor box_preview enlarges frames of `height` px by (1 for frames this tall or taller)."""
+    return max(1, PREVIEW_HEIGHT // height)
+
+
+def box_preview(inv: Inversion, box: str | tuple[float, float, float, float] | None, end: str | tuple[float, float, float, float] | None = None) -> np.ndarray:
+    """The inversion's first and last source frames side by side (PREVIEW_GAP px apart), each with
+    its local-edit box: `box` (`--mask-box`) on the first, `end` (`--mask-box-end`, else `box`) on the
+    last; outside the box (what the edit keeps) dimmed, the box outlined; no box, nothing dimmed.
+    Small frames are enlarged by `preview_scale` (a page shows the image at its own size or smaller,
+    and maps clicks on it only so). uint8 [sH, 2sW + PREVIEW_GAP, 3]; a bad box is a SettingsError."""
+    frames = inv.frames()
+    first, last = frames[0].numpy(), frames[inv.entry.output_frames - 1].numpy()
+    end = end if end is not None else box
+    scale = preview_scale(first.shape[0])
+    shown = [_boxed(first, box, "--mask-box"), _boxed(last, end, "--mask-box-end" if end is not box else "--mask-box")]
+    big = [f.repeat(scale, 0).repeat(scale, 1) for f in shown]
+    gap = np.full((big[0].shape[0], PREVIEW_GAP, 3), 255, dtype=np.uint8)
+    return np.concatenate([big[0], gap, big[1]], axis=1)
+
+
+def preview_point(inv: Inversion, x: float, y: float) -> tuple[str, float, float]:
+    """A point of box_preview's image (px) as ("first" or "last" frame, x and y in fractions of that frame, clipped to 0-1)."""
+    h, w = inv.entry.frame_settings["height"], inv.entry.frame_settings["width"]
+    scale = preview_scale(h)
+    side, x = ("first", x) if x < scale * w else ("last", x - scale * w - PREVIEW_GAP)
+    return side, min(max(x / (scale * w), 0.0), 1.0), min(max(y / (scale * h), 0.0), 1.0)
+
+
+def _boxed(frame: np.ndarray, box: str | tuple[float, float, float, float] | None, flag: str) -> np.ndarray:
+    if box is None:
+        return frame
     h, w = frame.shape[:2]
-    inside = box_mask((x0, y0, x1, y1), 1, h, w).pixels[0].numpy() > 0
+    inside = box_mask(parse_box(box, flag), 1, h, w).pixels[0].numpy() > 0
     out = np.where(inside[..., None], frame, frame // 3).astype(np.uint8)
     rows, cols = np.nonzero(inside)
     if rows.size:  # the outline, 1 px, on the box's own pixels

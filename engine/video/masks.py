@@ -2,8 +2,10 @@
 source (black), on the model's latent grid.
 
 A mask comes as an image (one mask for every frame), a video (one mask per frame), a box in
-fractions of the frame (X0, Y0, X1, Y1), or, from Python, an array [H, W] or [F, H, W] of values in
-0-1 at the edit's frame size. Files meet the frame size the way the source video did (the
+fractions of the frame (X0, Y0, X1, Y1) or two (`Boxes`: the box on the first frame and on the
+last, moving linearly between them, for an object that moves), or, from Python, an array [H, W] or
+[F, H, W] of values in 0-1 at the edit's frame size. `fit_to_object` shrinks a mask to what stands
+apart inside it (the object a box was drawn around), so a local edit does not paint the whole box. Files meet the frame size the way the source video did (the
 inversion's --fit), and a mask video with as many frames as the source video goes through the
 same frame selection. `latent_mask` brings a pixel mask to the latent grid: each latent frame
 takes the union of the frames it encodes (nothing that should change is kept), each latent cell
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +31,15 @@ from engine.video.reader import FrameSettings, decode_size, fit_frames, probe_vi
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 SOFT_EDGE = torch.tensor([1.0, 2.0, 1.0]) / 4  # separable 3x3 blur: a one-cell ramp
+FITS = ("none", "object")  # --mask-fit
+# fit_to_object: a pixel farther than this (RGB, 0-255) from every color of the surroundings is the
+# object's; a color is the surroundings' when at least EDGE_SHARE of the mask's edge has it (so an
+# object that pokes through the edge stays the object); the fit then grows by FIT_MARGIN px, since
+# the VAE blurs an object's rim into what surrounds it.
+FIT_DISTANCE = 40.0
+EDGE_SHARE = 0.25
+EDGE_SAMPLES = 64
+FIT_MARGIN = 2
 
 
 @dataclass(frozen=True)
@@ -45,29 +57,60 @@ class Mask:
         return f"sha256:{hashlib.sha256(values).hexdigest()[:16]}"
 
 
-def parse_box(text: str | tuple | list) -> tuple[float, float, float, float]:
-    """'0.1,0.2,0.6,0.9' or a 4-tuple -> (x0, y0, x1, y1), checked to be a non-empty box in 0..1."""
+Box = tuple[float, float, float, float]
+
+
+@dataclass(frozen=True)
+class Boxes:
+    """A box that moves: `start` on the first frame, `end` on the last, linear in between."""
+
+    start: Box
+    end: Box
+
+
+def parse_box(text: str | tuple | list, flag: str = "--mask-box") -> Box:
+    """'0.1,0.2,0.6,0.9' or a 4-tuple -> (x0, y0, x1, y1), checked to be a non-empty box in 0..1;
+    `flag` names the setting in the errors."""
     try:
         values = [float(v) for v in (text.split(",") if isinstance(text, str) else text)]
     except (TypeError, ValueError):
         values = []
     if len(values) != 4:
-        raise SettingsError(f"--mask-box takes four fractions of the frame X0,Y0,X1,Y1 like 0.25,0.2,0.75,0.8, got {text!r}")
+        raise SettingsError(f"{flag} takes four fractions of the frame X0,Y0,X1,Y1 like 0.25,0.2,0.75,0.8, got {text!r}")
     x0, y0, x1, y1 = values
     if not all(0.0 <= v <= 1.0 for v in values):
-        raise SettingsError(f"--mask-box {text!r} reaches outside the frame: each of X0,Y0,X1,Y1 is a fraction between 0 and 1")
+        raise SettingsError(f"{flag} {text!r} reaches outside the frame: each of X0,Y0,X1,Y1 is a fraction between 0 and 1")
     if not (x0 < x1 and y0 < y1):
-        raise SettingsError(f"--mask-box {text!r} is empty: it needs X0 < X1 and Y0 < Y1")
+        raise SettingsError(f"{flag} {text!r} is empty: it needs X0 < X1 and Y0 < Y1")
     return x0, y0, x1, y1
 
 
-def box_mask(box: tuple[float, float, float, float], frames: int, height: int, width: int) -> Mask:
-    """The box as a pixel mask: a pixel may change when its center lies inside the box."""
+def box_text(x0: float, y0: float, x1: float, y1: float) -> str:
+    """A box as `--mask-box` takes it, rounded outwards to hundredths of the frame (clipped to 0-1):
+    what a box drawn around something says, with that thing still inside."""
+    lo = [max(0.0, math.floor(v * 100 + 1e-6) / 100) for v in (x0, y0)]
+    hi = [min(1.0, math.ceil(v * 100 - 1e-6) / 100) for v in (x1, y1)]
+    return f"{lo[0]:g},{lo[1]:g},{hi[0]:g},{hi[1]:g}"
+
+
+def _box_pixels(box: Box, height: int, width: int) -> torch.Tensor:
+    """bool [H, W]: the pixels whose centers lie inside the box."""
     x0, y0, x1, y1 = box
     ys = (torch.arange(height) + 0.5) / height
     xs = (torch.arange(width) + 0.5) / width
-    inside = ((ys >= y0) & (ys <= y1))[:, None] & ((xs >= x0) & (xs <= x1))[None, :]
-    return Mask(inside.float().expand(frames, -1, -1).clone(), f"box {x0:g},{y0:g},{x1:g},{y1:g}")
+    return ((ys >= y0) & (ys <= y1))[:, None] & ((xs >= x0) & (xs <= x1))[None, :]
+
+
+def box_mask(box: Box | Boxes, frames: int, height: int, width: int, shown: int | None = None) -> Mask:
+    """The box as a pixel mask: a pixel may change when its center lies inside the box. `Boxes`
+    move over the `shown` frames (the rest repeat the last frame, as the clip's padding does)."""
+    if isinstance(box, tuple):
+        return Mask(_box_pixels(box, height, width).float().expand(frames, -1, -1).clone(), f"box {','.join(f'{v:g}' for v in box)}")
+    last = max((shown or frames) - 1, 1)
+    start, end = torch.tensor(box.start, dtype=torch.float64), torch.tensor(box.end, dtype=torch.float64)
+    steps = [torch.lerp(start, end, min(f / last, 1.0)).tolist() for f in range(frames)]
+    pixels = torch.stack([_box_pixels(tuple(b), height, width) for b in steps]).float()
+    return Mask(pixels, f"box {','.join(f'{v:g}' for v in box.start)} to {','.join(f'{v:g}' for v in box.end)}")
 
 
 def _gray(frames: np.ndarray) -> torch.Tensor:
@@ -103,11 +146,20 @@ def _video(path: Path, settings: FrameSettings, source_frames: int, frames: int,
     return _gray(pixels.numpy())
 
 
-def mask_spec(mask: Any, box: str | tuple | list | None) -> Any:
-    """The mask `--mask`/`--mask-box` name (a checked box, a file path or an array), or None:
-    what can be checked before the edit's frames are known, so `run` refuses it before inverting."""
+def mask_spec(mask: Any, box: str | tuple | list | None, box_end: str | tuple | list | None = None, fit: str = "none") -> Any:
+    """The mask `--mask`/`--mask-box`/`--mask-box-end` name (a checked box or `Boxes`, a file path or
+    an array), or None: what can be checked before the edit's frames are known, so `run` refuses it
+    before inverting. `fit` (`--mask-fit`) is checked here too."""
+    if fit not in FITS:
+        raise SettingsError(f"--mask-fit {fit!r}: choose {' or '.join(FITS)}")
     if mask is not None and box is not None:
         raise SettingsError("give --mask or --mask-box, not both")
+    if box_end is not None and box is None:
+        raise SettingsError("--mask-box-end is the box on the last frame: give the first frame's box with --mask-box too")
+    if fit != "none" and mask is None and box is None:
+        raise SettingsError(f"--mask-fit {fit} shrinks a mask to the object inside it: give --mask-box (or --mask) too")
+    if box_end is not None:
+        return Boxes(parse_box(box), parse_box(box_end, "--mask-box-end"))
     if box is not None:
         return parse_box(box)
     if isinstance(mask, str | os.PathLike) and not Path(mask).is_file():
@@ -121,6 +173,8 @@ def load_mask(mask: Any, settings: FrameSettings, source_frames: int, frames: in
     the edit's frames without the repeats that padded them to 4k+1 (a mask of that many is padded alike)."""
     shown = shown or frames
     size = (settings.height, settings.width)
+    if isinstance(mask, Boxes):
+        return box_mask(mask, frames, *size, shown)
     if isinstance(mask, tuple | list) and len(mask) == 4 and all(isinstance(v, int | float) for v in mask):
         return box_mask(parse_box(mask), frames, *size)
     if isinstance(mask, str | os.PathLike):
@@ -146,6 +200,43 @@ def _checked(pixels: torch.Tensor, label: str) -> Mask:
     if pixels.max() < 0.5:
         raise SettingsError(f"the mask ({label}) is black everywhere: nothing could change; paint white where the edit may change")
     return Mask(pixels, label)
+
+
+def _grow(pixels: torch.Tensor, px: int) -> torch.Tensor:
+    """Binary dilation of bool [F, H, W] by a (2px+1)^2 square."""
+    return torch.nn.functional.max_pool2d(pixels.float()[:, None], 2 * px + 1, 1, px)[:, 0] > 0
+
+
+def _surroundings(colors: torch.Tensor) -> torch.Tensor:
+    """The colors of a mask's edge [N, 3] that at least EDGE_SHARE of the edge shares (within
+    FIT_DISTANCE); on an edge with no color that common, the most common ones."""
+    picked = colors[torch.linspace(0, len(colors) - 1, min(len(colors), EDGE_SAMPLES)).long()]
+    share = (torch.cdist(picked, picked) <= FIT_DISTANCE).float().mean(1)
+    return picked[share >= min(EDGE_SHARE, share.max())]
+
+
+def fit_to_object(mask: Mask, frames: torch.Tensor) -> Mask:
+    """`--mask-fit object`: the mask shrunk, frame by frame, to what stands apart inside it: the
+    pixels whose color is far from every common color on the mask's edge (a box drawn around an
+    object has the object's surroundings on its edge), grown by FIT_MARGIN and kept inside the mask.
+    `frames`: the source, uint8 [F, H, W, 3] at the mask's frames and size.
+    Written here: no installed library segments an object from a box (OpenCV's GrabCut or a SAM
+    model would, for a large dependency or model weights), and the edge's colors are enough for
+    an object that differs in color from what is around it."""
+    region = mask.pixels >= 0.5
+    # the mask's edge: its pixels next to the outside (the frame's border counts as outside)
+    outside = torch.nn.functional.pad((~region).float()[:, None], (1, 1, 1, 1), value=1.0)
+    edge = region & (torch.nn.functional.max_pool2d(outside, 3, 1)[:, 0] > 0)
+    rgb = frames.float()
+    fitted = torch.zeros_like(region)
+    for f in range(len(region)):
+        if edge[f].any():  # else the mask is empty on this frame
+            surroundings = _surroundings(rgb[f][edge[f]])
+            fitted[f][region[f]] = torch.cdist(rgb[f][region[f]], surroundings).amin(1) > FIT_DISTANCE
+    if not fitted.any():
+        raise SettingsError(f"--mask-fit object found nothing inside the mask ({mask.label}) that stands apart from its edge: "
+                            "draw the box around the object with some of its surroundings, or leave --mask-fit off")
+    return Mask(mask.pixels * _grow(fitted, FIT_MARGIN).float(), f"{mask.label}, fit to the object")
 
 
 def latent_mask(mask: Mask, latent_frames: int, height: int, width: int) -> torch.Tensor:
