@@ -147,7 +147,8 @@ def _block_call(split_ways: int) -> torch.Tensor:
     from engine.hooks import injection
     from engine.hooks.injection import CogVideoXAttnProcessor, InjectionState, KVInjectionConfig, apply_kv_injection
     from engine.hooks.row_groups import RowGroupConfig, apply_row_groups
-    from engine.hooks.token_split import TokenSplit, tokens_split
+    from engine.hooks.token_exchange import TokenSplit
+    from engine.hooks.token_split import tokens_split
     from engine.models.denoiser import rotary_embeddings
     from engine.models.tiny import random_transformer
 

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from engine.hooks import registry as hooks
 from engine.hooks.attention import attend, attend_lse, merge, merges
 from engine.hooks.registry import ModelHook
-from engine.hooks.token_split import TokenSplit
+from engine.hooks.token_exchange import TokenSplit
 
 
 @dataclass

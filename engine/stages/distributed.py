@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from engine.errors import USER_ERRORS, DeviceError, SettingsError, WorkerError
-from engine.hooks.token_split import TokenSplit
+from engine.hooks.token_exchange import TokenSplit
 
 # NVLink multicast (NVLS) off in every process we start: our collectives move a few MB per step,
 # which multicast does not speed up, and on shared hosts a program using it can take the GPUs out

@@ -16,7 +16,8 @@ from engine.hooks import registry as hooks
 from engine.hooks.injection import InjectionState, KVInjectionConfig, apply_kv_injection, remove_kv_injection
 from engine.hooks.kv_replay import StoredAttention
 from engine.hooks.row_groups import RowGroupConfig, apply_row_groups, remove_row_groups
-from engine.hooks.token_split import TokenSplit, tokens_split
+from engine.hooks.token_exchange import TokenSplit
+from engine.hooks.token_split import tokens_split
 from engine.models.components import loaded
 from engine.models.denoiser import guided, predict, rotary_embeddings
 from engine.stages.attention_store import MemoryStores, open_stored
@@ -74,9 +75,8 @@ def ddim_edit(
     per edit row on that row's own embedding, as upstream's script does; with
     `inject.reference == "stored"` no row is added and captured K/V are replayed. `row_group`
     > 0 runs every block over that many rows at a time (less activation memory, same result).
-    With `split` (CFG only) this process runs one half of the rows, with its own reference rows,
-    and the halves' predictions are gathered every step; with `tokens` each transformer call's
-    tokens are split over its group (`engine.hooks.token_split`).
+    With `split` (CFG only) this process runs one half of the rows, with its own reference rows, and the
+    halves' predictions are gathered every step; with `tokens` each call's tokens are split (`engine.hooks.token_split`).
     `mask` [F', 1, h, w] in 0-1 makes the edit local: after every step, where the mask is 0 the
     latent is the inversion's own at that noise level (`reference.replayed(i)`), so only the
     masked region changes (blended latent diffusion, Avrahami et al. 2023).
@@ -194,11 +194,7 @@ def edit_stage(
     chunks = settings.chunks()
     out = []
     with ctx.reporter.phase("edit", total=steps * len(chunks)) as ph:
-        ph.record.detail = f"from inversion {entry.id[:12]}: {len(settings.prompts)} prompt(s) in {len(chunks)} pass(es), reference {settings.inject.reference}, attention {runtime.attention}"
-        if mesh is not None:
-            ph.record.detail += ", " + mesh.describe()
-        if mask is not None:
-            ph.record.detail += f", local ({mask.label})"
+        ph.record.detail = _edit_detail(settings, len(chunks), ctx, mesh, mask)
 
         def on_step(state: dict[str, Any]) -> None:
             maybe_die("edit")
@@ -240,6 +236,16 @@ def edit_stage(
             for window in stored or ():
                 window.close()
     return torch.cat(out)
+
+
+def _edit_detail(settings: EditSettings, passes: int, ctx: StageContext, mesh: Mesh | None, mask: Mask | None) -> str:
+    """The edit phase's line in the run's table: what ran, on what."""
+    detail = f"from inversion {ctx.entry.id[:12]}: {len(settings.prompts)} prompt(s) in {passes} pass(es), reference {settings.inject.reference}, attention {ctx.runtime.attention}"
+    if mesh is not None:
+        detail += ", " + mesh.describe()
+    if mask is not None:
+        detail += f", local ({mask.label})"
+    return detail
 
 
 def _latent_grid(mask: Mask, spans: list[tuple[int, int]], shape: torch.Size, temporal: int) -> torch.Tensor:
