@@ -16,6 +16,8 @@ it cannot change behaviour; MUTATION.md counts both.
 from __future__ import annotations
 
 import argparse
+import fnmatch
+import hashlib
 import json
 import os
 import platform
@@ -37,7 +39,13 @@ MODULES: dict[str, tuple[list[str], list[str]]] = {
     # The two tests of another process are left out: a child importing the mutated code fails in mutmut's trampoline.
     "cache": (["cache/*"], ["tests/test_cache.py", "tests/test_settings_pinned.py", "-k", "not read_only_cache_dir_chmod and not two_processes_contend"]),
     "masks": (["engine/video/masks.py"], ["tests/test_masks.py"]),
-    "hooks": (["engine/hooks/*"], ["tests/test_injection.py", "tests/test_row_groups.py", "tests/test_attention_store.py", "tests/test_plans.py", "tests/test_structure.py"]),
+    # hooks in three runs (a family: one row in the report), each rerun alone after its tests change.
+    "hooks-injection": (["engine/hooks/injection.py"], ["tests/test_injection.py", "tests/test_row_groups.py", "tests/test_attention_store.py", "tests/test_structure.py"]),
+    "hooks-kv": (["engine/hooks/kv_capture.py", "engine/hooks/kv_replay.py"], ["tests/test_attention_store.py", "tests/test_structure.py"]),
+    "hooks-rest": (
+        ["engine/hooks/attention.py", "engine/hooks/ff_chunking.py", "engine/hooks/libraries.py", "engine/hooks/registry.py", "engine/hooks/row_groups.py"],
+        ["tests/test_attention.py", "tests/test_row_groups.py", "tests/test_plans.py", "tests/test_structure.py"],
+    ),
     "stages": (
         ["engine/stages/*"],
         ["tests/test_settings_pinned.py", "tests/test_structure.py", "tests/test_inversion.py", "tests/test_fixed_point.py", "tests/test_verify.py", "tests/test_injection.py"],
@@ -105,7 +113,7 @@ def _mutmut(where: Path, *args: str, check: bool = True, minutes: float | None =
         return ""
     if check and done.returncode != 0:
         raise SystemExit(f"mutmut {' '.join(args)} failed in {where}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
-    return done.stdout
+    return done.stdout if check else done.stdout + done.stderr
 
 
 # Each survivor's diff, in one process (`mutmut show` per mutant starts mutmut hundreds of times).
@@ -121,23 +129,47 @@ def _diffs(where: Path, names: list[str]) -> dict[str, str]:
     return json.loads(done.stdout)
 
 
-def run_module(module: str, children: int, minutes: float | None) -> dict:
+def _source_digest(module: str) -> str:
+    """The mutated files' content: a rerun of some mutants is only valid on the same code."""
+    h = hashlib.sha256()
+    for f in sorted(f for f in _tree_files() if any(fnmatch.fnmatch(f, g) for g in MODULES[module][0])):
+        h.update(f.encode() + b"\0" + (ROOT / f).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def run_module(module: str, children: int, minutes: float | None, again: bool = False) -> dict:
+    """Run mutmut on `module`; with `again`, only the mutants the last run did not kill (after
+    new tests), keeping the last run's verdicts on the others (tests are only ever added)."""
+    out = RESULTS / "mutation" / f"{module}.json"
+    last = json.loads(out.read_text()) if again and out.exists() else None
+    if again and (last is None or last.get("source") != _source_digest(module)):
+        raise SystemExit(f"{module}: no full run on this code to rerun the survivors of; run it without --again")
+    rerun = [name for name, status in last["statuses"].items() if status not in KILLED] if last else []
     where = _scratch(module)
     start = time.perf_counter()
-    _mutmut(where, "run", "--max-children", str(children), check=False, minutes=minutes)
-    seconds = time.perf_counter() - start
+    (where / "run.log").write_text(_mutmut(where, "run", "--max-children", str(children), *rerun, check=False, minutes=minutes))
+    seconds = time.perf_counter() - start + (last["seconds"] if last else 0)
     statuses = dict(re.findall(r"^\s+(\S+): (.+)$", _mutmut(where, "results", "--all", "true"), flags=re.M))
+    if last:
+        statuses = {name: statuses[name] if name in rerun else status for name, status in last["statuses"].items()}
     if not statuses or all(s == "not checked" for s in statuses.values()):
-        raise SystemExit(f"mutmut checked no mutant of {module}: run `python -m mutmut run` in {where} to see why")
+        raise SystemExit(f"mutmut checked no mutant of {module} ({where / 'run.log'} says why; a selected test failing without a mutant stops it)")
     survivors = _diffs(where, [name for name, status in statuses.items() if status not in (*KILLED, "not checked")])
     result = {
         "module": module, "date": f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC", "files": MODULES[module][0], "tests": MODULES[module][1],
-        "seconds": round(seconds), "statuses": statuses, "survivors": survivors,
+        "source": _source_digest(module), "seconds": round(seconds), "statuses": statuses, "survivors": survivors,
     }
-    out = RESULTS / "mutation" / f"{module}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
     return result
+
+
+def _families() -> dict[str, list[str]]:
+    """Module family (the name before a dash: "hooks" for "hooks-kv") -> its modules, in MODULES' order."""
+    families: dict[str, list[str]] = {}
+    for module in MODULES:
+        families.setdefault(module.split("-")[0], []).append(module)
+    return families
 
 
 def _versions() -> str:
@@ -179,25 +211,28 @@ def report() -> str:
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     details, totals = [], [0] * 5
-    for module in MODULES:
-        path = RESULTS / "mutation" / f"{module}.json"
-        if not path.exists():
-            lines.append(f"| {module} | {', '.join(MODULES[module][0])} | not run | | | | | | |")
+    for family, modules in _families().items():
+        runs = {m: json.loads(path.read_text()) for m in modules if (path := RESULTS / "mutation" / f"{m}.json").exists()}
+        files = ", ".join(f for m in modules for f in MODULES[m][0])
+        if not runs:
+            lines.append(f"| {family} | {files} | not run | | | | | | |")
             continue
-        r = json.loads(path.read_text())
-        counts = _counts(r["statuses"], r["survivors"])
+        statuses = {k: v for r in runs.values() for k, v in r["statuses"].items()}
+        survivors = {k: v for r in runs.values() for k, v in r["survivors"].items()}
+        counts = _counts(statuses, survivors)
         totals = [a + b for a, b in zip(totals, counts)]
-        date = r.get("date") or f"{datetime.fromtimestamp(path.stat().st_mtime, timezone.utc):%Y-%m-%d %H:%M} UTC"
-        lines.append(_row(f"**{module}**", ", ".join(r["files"]), counts, f"{r['seconds'] / 60:.0f} ({date})"))
+        missing = [m for m in modules if m not in runs]
+        when = f"{sum(r['seconds'] for r in runs.values()) / 60:.0f} ({', '.join(sorted({r['date'] for r in runs.values()}))})"
+        lines.append(_row(f"**{family}**", files + "".join(f" ({m} not run)" for m in missing), counts, when))
         by_file: dict[str, list[str]] = {}
-        for name in r["statuses"]:
+        for name in statuses:
             by_file.setdefault(name[: name.index(".x")], []).append(name)
         for file, names in sorted(by_file.items()):
-            lines.append(_row("", file.replace(".", "/") + ".py", _counts({m: r["statuses"][m] for m in names}, {m: r["survivors"][m] for m in names if m in r["survivors"]})))
-        details += [f"- `{name}` ({equivalent(name, diff) or r['statuses'][name]}): `{_changed_lines(diff)}`" for name, diff in r["survivors"].items()]
+            lines.append(_row("", file.replace(".", "/") + ".py", _counts({m: statuses[m] for m in names}, {m: survivors[m] for m in names if m in survivors})))
+        details += [f"- `{name}` ({equivalent(name, diff) or statuses[name]}): `{_changed_lines(diff)}`" for name, diff in survivors.items()]
     if totals[0]:
         lines.append(_row("all", "", tuple(totals)))
-    stale = sorted(set(EQUIVALENT) - {m for p in (RESULTS / "mutation").glob("*.json") for m in json.loads(p.read_text())["survivors"]})
+    stale = sorted(set(EQUIVALENT) - {m for module in MODULES if (p := RESULTS / "mutation" / f"{module}.json").exists() for m in json.loads(p.read_text())["survivors"]})
     if stale:
         lines += ["", f"Stale EQUIVALENT entries (their mutants no longer survive): {', '.join(stale)}"]
     return "\n".join(lines + ["", "## Survivors", "", "Each with its status, or why it is equivalent, and the changed line.", "", *details]) + "\n"
@@ -205,17 +240,19 @@ def report() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("modules", nargs="*", help=f"modules to run: {', '.join(MODULES)} (default: all)")
+    parser.add_argument("modules", nargs="*", help=f"modules to run: {', '.join(MODULES)}, or a family (hooks: every hooks-*) (default: all)")
     parser.add_argument("--report", action="store_true", help="only write MUTATION.md from the results on disk")
     parser.add_argument("--children", type=int, default=2, help="mutants tested at once")
+    parser.add_argument("--again", action="store_true", help="rerun only the mutants the last run left alive (after adding tests); the others keep their verdicts")
     parser.add_argument("--minutes", type=float, default=None, help="stop each module after this long (the rest is reported as not checked)")
     args = parser.parse_args()
-    unknown = sorted(set(args.modules) - set(MODULES))
+    families = _families()
+    unknown = sorted(set(args.modules) - set(MODULES) - set(families))
     if unknown:
-        parser.error(f"unknown module(s) {', '.join(unknown)}; the modules are {', '.join(MODULES)}")
+        parser.error(f"unknown module(s) {', '.join(unknown)}; the modules are {', '.join(MODULES)}, or a family: {', '.join(families)}")
     if not args.report:
-        for module in args.modules or MODULES:
-            r = run_module(module, args.children, args.minutes)
+        for module in [m for name in args.modules for m in families.get(name, [name])] or MODULES:
+            r = run_module(module, args.children, args.minutes, args.again)
             print(f"{module}: {len(r['statuses'])} mutants, {len(r['survivors'])} not killed, {r['seconds']} s", flush=True)
     (RESULTS / "MUTATION.md").write_text(report())
     print(RESULTS / "MUTATION.md")
