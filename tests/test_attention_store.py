@@ -156,6 +156,66 @@ def test_the_step_being_replayed_is_read_before_the_read_ahead():
     assert not any(t == 249 for t, _ in order)
 
 
+def test_read_ahead_reads_each_block_once_and_one_timestep_ahead_only():
+    import threading
+    import time
+
+    from engine.hooks.kv_replay import StoredAttention
+
+    reads, lock = [], threading.Lock()
+
+    def load(t, i):
+        with lock:
+            reads.append((t, i))
+        return _block(i)
+
+    stored = StoredAttention((0, 1), load, "cpu", torch.float32, None, 0, workers=2)
+    try:
+        for t in (999, 999, 749):  # the step about to be replayed (asked twice), and the next
+            stored.prefetch(t)
+        deadline = time.monotonic() + 10
+        while len(reads) < 4 and time.monotonic() < deadline:  # read on the threads, before `at` asks
+            time.sleep(0.005)
+        assert sorted(reads) == [(749, 0), (749, 1), (999, 0), (999, 1)], reads
+        stored.prefetch(499)  # a third timestep: beyond the read-ahead
+        for t in (999, 749):
+            step = stored.at(t)
+            [step[i] for i in (0, 1)]
+    finally:
+        stored.close()
+    assert sorted(reads) == [(749, 0), (749, 1), (999, 0), (999, 1)], reads
+
+
+def test_replay_gives_the_model_dtype_and_moves_the_next_block_in_while_one_computes():
+    """fp8 blocks are scaled back, other precisions cast, to the model's dtype; block i + 1's copy
+    is under way (and no other) when block i is handed out; a block asked for again is the same."""
+    import time
+
+    from engine.hooks.kv_replay import StoredAttention
+
+    def load(t, i):
+        k = torch.full((2, 3, 4), float(i + 1))
+        if i == 0:  # fp8 with its scale, as an fp8 store keeps it
+            return {"00.k": (k / 4).to(torch.float8_e4m3fn), "00.k.scale": torch.tensor(4.0), "00.v": (-k / 4).to(torch.float8_e4m3fn), "00.v.scale": torch.tensor(4.0)}
+        return {f"{i:02d}.k": k, f"{i:02d}.v": -k}  # float32 here, replayed in bf16
+
+    stored = StoredAttention((0, 1, 2), load, "cpu", torch.bfloat16, None, 0, workers=3)
+    try:
+        step = stored.at(999)
+        for i in (0, 1, 2):
+            for _ in range(100):  # every read done, so only the issuing decides what is under way
+                if all(f.done() for f in step._blocks.values()):
+                    break
+                time.sleep(0.01)
+            k, v = step[i]
+            assert k.dtype == v.dtype == torch.bfloat16 and torch.equal(k, torch.full((1, 2, 3, 4), float(i + 1), dtype=torch.bfloat16)) and torch.equal(v, -k)
+            assert set(step._inflight) == ({i + 1} if i < 2 else set()), (i, set(step._inflight))
+            again = step[i]
+            assert len(again) == 2 and again[0] is k and again[1] is v
+    finally:
+        stored.close()
+
+
 def test_edit_reads_ahead_while_loading_and_while_each_step_computes(tiny_model, wide_clip, monkeypatch):
     import engine.stages.editing as editing
     from engine.hooks.kv_replay import StepKV, StoredAttention

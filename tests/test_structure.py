@@ -265,6 +265,7 @@ def _edit_stem(tiny_model, options: dict, runtime: dict) -> str:
 
     settings = _edit_settings(EditOptions(**options), ("a watercolor painting",), inspect_model(tiny_model))
     # Built directly: the int8 and nf4 plans need a CUDA GPU to run, not to be named.
+    runtime = dict(runtime)  # a copy: the parameters are shared by reruns in one process (mutmut's)
     plan = PLANS[runtime.pop("plan", "staged")]
     return edit_stem("f" * 32, settings, Runtime("cpu", torch.float32, plan, **runtime))
 
