@@ -294,3 +294,17 @@ def test_every_edit_option_is_keyed_or_said_not_to_change_the_pixels():
     from engine.options import EditOptions, names
 
     assert names(EditOptions) == {c.split()[0] for c in _EDIT_CHANGES} | set(_EDIT_SAME) | _EDIT_MASKS
+
+
+def test_the_model_libraries_load_with_their_noisy_loggers_quiet():
+    """torchao's and bitsandbytes' import-time lines are nothing a user can act on (engine.hooks.libraries)."""
+    import logging
+
+    from engine.hooks import libraries
+
+    for name in libraries._NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.NOTSET)
+    libraries.import_model_libraries.cache_clear()
+    libraries.import_model_libraries()
+    assert {name: logging.getLogger(name).level for name in libraries._NOISY_LOGGERS} == dict.fromkeys(libraries._NOISY_LOGGERS, logging.ERROR)
+    assert logging.getLogger().level != logging.ERROR, "only those loggers"
