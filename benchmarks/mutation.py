@@ -46,9 +46,14 @@ MODULES: dict[str, tuple[list[str], list[str]]] = {
         ["engine/hooks/attention.py", "engine/hooks/ff_chunking.py", "engine/hooks/libraries.py", "engine/hooks/registry.py", "engine/hooks/row_groups.py"],
         ["tests/test_attention.py", "tests/test_row_groups.py", "tests/test_plans.py", "tests/test_structure.py"],
     ),
-    "stages": (
-        ["engine/stages/*"],
-        ["tests/test_settings_pinned.py", "tests/test_structure.py", "tests/test_inversion.py", "tests/test_fixed_point.py", "tests/test_verify.py", "tests/test_injection.py"],
+    # stages in two runs: the arithmetic against fast unit tests, the model stages against the
+    # fastest tests that run them (the slow clip-length and CLI tests would cost a minute a mutant).
+    "stages-pure": (
+        ["engine/stages/settings.py", "engine/stages/windows.py", "engine/stages/schedulers.py", "engine/stages/fixed_point.py", "engine/stages/context.py"],
+        [
+            "tests/test_stage_units.py", "tests/test_fixed_point.py", "tests/test_settings_pinned.py",
+            *(f"tests/test_windows.py::{t}" for t in ("test_windows_cover_every_frame_and_their_weights_fall_off_and_sum_to_one", "test_windows_of_the_5b_and_the_overlap_check", "test_blended_prediction_of_a_linear_model_is_the_model_on_the_whole_clip")),
+        ],
     ),
 }
 

@@ -1,0 +1,228 @@
+"""The stages' arithmetic without a model: settings and their checks, windows, schedulers, the
+round trip's verdict and advice, output names, stored attention's budget. Each test is a few
+milliseconds (mutation testing reruns them per mutant: benchmarks/mutation.py)."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from engine.errors import OutputExistsError, PromptError, SettingsError
+from engine.models.configs import SCHEDULER_5B
+from engine.stages.settings import EditSettings, InjectSettings, InvertSettings, StoreSettings, inverted_spans, layers_of, parse_layers, parse_window, window_of, window_steps
+
+
+def test_windows_of_edit_steps_round_to_the_nearest_step():
+    assert window_steps((0.0, 0.6), 10) == range(0, 6) and window_steps((0.25, 0.75), 10) == range(2, 8)
+    assert window_steps((0.0, 1.0), 7) == range(7) and window_steps((0.5, 0.5), 4) == range(2, 2)
+    assert parse_window("0:0.6") == (0.0, 0.6) and parse_window(" 0.2 : 1 ") == (0.2, 1.0)
+    for bad, why in (("0.6", "takes START:END"), ("a:b", "takes START:END"), ("0.7:0.6", "needs 0 <= START"), ("-0.1:0.5", "needs 0 <= START"), ("0:1.5", "needs 0 <= START")):
+        with pytest.raises(SettingsError, match=f"--attention-steps {why}"):
+            parse_window(bad, "--attention-steps")
+    assert window_of("0:0.5", "--x") == (0.0, 0.5) and window_of((0.1, 0.2), "--x") == (0.1, 0.2)
+
+
+def test_layers_are_all_or_ranges_inside_the_model():
+    assert parse_layers("all") is None and parse_layers(" ALL ") is None
+    assert parse_layers("3-5, 1,4") == (1, 3, 4, 5) and parse_layers("0-9,20", 42) == (*range(10), 20)
+    assert parse_layers("41", 42) == (41,)
+    with pytest.raises(SettingsError, match=r"--attention-layers '42' names a layer outside 0-41"):
+        parse_layers("42", 42, "--attention-layers")
+    with pytest.raises(SettingsError, match="--inject-layers takes 'all' or a list like 0-9,20, got 'x'"):
+        parse_layers("x")
+    assert layers_of("1-2", 4, "--x") == (1, 2) and layers_of((3,), 4, "--x") == (3,) and layers_of(None, 4, "--x") is None
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        (dict(steps=0), "--steps must be between 1 and 1000, got 0"),
+        (dict(steps=1001), "--steps must be between 1 and 1000"),
+        (dict(guidance=0.99), "--guidance must be >= 1"),
+        (dict(method="euler"), "--inversion must be ddim or fixed-point, got 'euler'"),
+        (dict(iters=2), "--inversion-iters refines fixed-point inversion"),
+        (dict(method="fixed-point"), "--inversion-iters must be between 1 and 10 with --inversion fixed-point, got 0"),
+        (dict(method="fixed-point", iters=11), "got 11"),
+        (dict(window=3, overlap=3), "--window-overlap must be between 0 and 2"),
+    ],
+)
+def test_inversion_settings_refuse_what_cannot_run(fields, message):
+    with pytest.raises(SettingsError, match=message):
+        InvertSettings(**fields)
+
+
+def test_inversion_settings_accept_their_limits_and_key_only_what_is_in_effect():
+    for ok in (dict(steps=1), dict(steps=1000), dict(guidance=1.0), dict(method="fixed-point", iters=1), dict(method="fixed-point", iters=10)):
+        InvertSettings(**ok)
+    assert not InvertSettings(guidance=1.0, negative_prompt="x").uses_cfg and not InvertSettings(guidance=6, source_prompt="a", negative_prompt="a").uses_cfg
+    assert InvertSettings(guidance=1.5, source_prompt="a").uses_cfg
+    plain = InvertSettings(steps=8, source_prompt="a", negative_prompt="b", guidance=1.0).key_fields()
+    assert plain == {"steps": 8, "source_prompt": "a", "negative_prompt": "a", "guidance": 1.0}
+    guided = InvertSettings(source_prompt="a", negative_prompt="b", guidance=3.0, method="fixed-point", iters=2, window=3, overlap=1).key_fields()
+    assert guided == {"steps": 50, "source_prompt": "a", "negative_prompt": "b", "guidance": 3.0, "method": "fixed-point", "iters": 2, "window": 3, "overlap": 1}
+    assert InvertSettings().spans(5) == [(0, 5)] and InvertSettings(window=3, overlap=1).spans(5) == [(0, 3), (2, 5)]
+    assert inverted_spans({"window": 3, "overlap": 1}, 5) == [(0, 3), (2, 5)] and inverted_spans({}, 5) == [(0, 5)]
+
+
+def test_injection_is_active_in_its_window_at_a_positive_strength_on_some_layer():
+    inject = InjectSettings(window=(0.0, 0.5))
+    assert [inject.is_active(i, 4) for i in range(4)] == [True, True, False, False] and inject.active_steps(4) == range(2)
+    assert not InjectSettings(strength=0.0).is_active(0, 4) and not InjectSettings(layers=()).is_active(0, 4)
+    assert InjectSettings(layers=(1,)).is_active(3, 4)
+    InjectSettings(strength=0.0, reference="per-half")
+    with pytest.raises(SettingsError, match="--inject-strength must be >= 0, got -0.1"):
+        InjectSettings(strength=-0.1)
+    with pytest.raises(SettingsError, match="--reference must be shared, per-half or stored, got 'own'"):
+        InjectSettings(reference="own")
+
+
+def test_edit_settings_refuse_bad_input_and_chunk_the_prompts():
+    with pytest.raises(PromptError, match="no prompt given"):
+        EditSettings(prompts=())
+    with pytest.raises(PromptError, match="an edit prompt is empty"):
+        EditSettings(prompts=("a", " "))
+    for fields, message in ((dict(init="noise"), "--init must be inverted or random, got 'noise'"), (dict(guidance=0.5), "--guidance must be >= 1"), (dict(batch=0), "--batch must be >= 1, got 0")):
+        with pytest.raises(SettingsError, match=message):
+            EditSettings(prompts=("a",), **fields)
+    EditSettings(prompts=("a",), guidance=1.0, batch=1, init="random")
+    assert EditSettings(prompts=tuple("abcde"), batch=2).chunks() == [("a", "b"), ("c", "d"), ("e",)]
+    assert EditSettings(prompts=("a",), guidance=1.5).uses_cfg and not EditSettings(prompts=("a",), guidance=1.0).uses_cfg
+
+
+def test_edit_keys_hold_what_changes_pixels_and_the_mask_only_when_there_is_one():
+    fields = EditSettings(prompts=("a",), negative_prompt="n", seed=3, init="random", mask="abc", inject=InjectSettings(strength=0.5, layers=(1,))).key_fields()
+    assert fields == {
+        "negative_prompt": "n", "guidance": 6.0, "init": "random", "seed": 3, "mask": "abc",
+        "inject": {"window": (0.0, 1.0), "layers": (1,), "strength": 0.5, "reference": "shared"},
+    }
+    quiet = EditSettings(prompts=("a",), negative_prompt="n", guidance=1.0, seed=3, inject=InjectSettings(strength=0.0, layers=(1,), reference="stored")).key_fields()
+    assert quiet == {"negative_prompt": "", "guidance": 1.0, "init": "inverted", "seed": 0, "inject": {"window": (0.0, 1.0), "layers": None, "strength": 0.0, "reference": "shared"}}
+
+
+def test_a_store_is_keyed_by_what_it_holds_and_costs_its_blocks_times_steps():
+    with pytest.raises(SettingsError, match="--attention-store must be none, cpu or disk, got 'gpu'"):
+        StoreSettings(where="gpu")
+    with pytest.raises(SettingsError, match="--attention-dtype must be model, bf16 or fp8, got 'fp16'"):
+        StoreSettings(dtype="fp16")
+    base = StoreSettings("disk")
+    assert base.key == StoreSettings("cpu").key and len(base.key) == 16
+    assert len({base.key, StoreSettings("disk", window=(0, 0.5)).key, StoreSettings("disk", layers=(1,)).key, StoreSettings("disk", dtype="fp8").key}) == 4
+    assert StoreSettings(window=(0.0, 0.5)).edit_steps(10) == range(5)
+    assert base.block_ids(3) == (0, 1, 2) and StoreSettings(layers=(2,)).block_ids(3) == (2,)
+    # steps x blocks x (K and V) x tokens x width x bytes per number
+    assert StoreSettings(window=(0.0, 0.5), layers=(0, 1, 2)).bytes_needed(10, 42, 100, 8) == 5 * 3 * 2 * 100 * 8 * 2
+    assert StoreSettings(dtype="fp8").bytes_needed(2, 3, 10, 4) == 2 * 3 * 2 * 10 * 4 * 1
+    assert StoreSettings(dtype="bf16").bytes_needed(2, 3, 10, 4, model_bytes=4) == 2 * 3 * 2 * 10 * 4 * 2
+    assert StoreSettings().bytes_needed(2, 3, 10, 4, model_bytes=4) == 2 * 3 * 2 * 10 * 4 * 4
+
+
+def test_a_store_over_budget_names_a_window_that_fits():
+    from engine.stages.attention_store import budget_refusal
+
+    store = StoreSettings("disk", window=(0.0, 0.5))  # 5 of 10 steps, 4 blocks: 20 block-steps of 2 * 10 * 8 * 2 = 320 bytes
+    assert budget_refusal(store, 10, 4, 10, 8, 20 * 320) is None
+    over = budget_refusal(store, 10, 4, 10, 8, 20 * 320 - 1)
+    assert over.startswith("stored attention needs 6.2 KiB (5 steps x 4 blocks x 320 B) but the budget is")
+    assert over.endswith("try --attention-steps 0:0.40 (first 4 steps, every block)")
+    assert budget_refusal(store, 10, 4, 10, 8, 4 * 320).endswith("try --attention-steps 0:0.10 (first 1 steps, every block)")
+    assert budget_refusal(store, 10, 4, 10, 8, 3 * 320).endswith("try --attention-layers 0-2 with one step (--attention-steps 0:0.10), or --attention-dtype fp8")
+    assert budget_refusal(store, 10, 4, 10, 8, 320).endswith("--attention-layers 0-0 with one step (--attention-steps 0:0.10), or --attention-dtype fp8")
+    assert budget_refusal(store, 10, 4, 10, 8, 319).endswith("try a larger --attention-budget, or --reference shared (recompute, no storage)")
+
+
+def test_memory_stores_list_only_timesteps_that_hold_every_block():
+    from engine.stages.attention_store import MemoryStores, store_settings
+
+    memory = MemoryStores()
+    steps = memory.steps("k")
+    steps[999] = {0: {}, 1: {}}
+    steps[749] = {0: {}}  # a capture stopped mid-step
+    memory.steps("empty")
+    assert memory.whole("k") == [999] and memory.whole("none") == [] and memory.whole("empty") == []
+    assert memory.described() == {"k": {"where": "cpu", "timesteps": [999], "layers": [0, 1]}}
+    memory.release()
+    assert memory.described() == {} and memory.steps("k") == {}
+    assert store_settings("cpu", "0:0.5", "1-2", "fp8", 4) == StoreSettings("cpu", (0.0, 0.5), (1, 2), "fp8")
+    with pytest.raises(SettingsError, match="--attention-layers"):
+        store_settings("cpu", "0:1", "7", "model", 4)
+
+
+def test_edit_step_i_runs_at_the_timestep_inversion_step_steps_minus_1_minus_i_ran_at():
+    from engine.stages.schedulers import edit_scheduler, edit_timesteps, inverse_scheduler
+
+    edit, inverse = edit_scheduler(SCHEDULER_5B, 5).timesteps, inverse_scheduler(SCHEDULER_5B, 5).timesteps
+    assert len(edit) == len(inverse) == 5 and edit.tolist() == inverse.flip(0).tolist() and edit[0] > edit[-1]
+    assert edit_timesteps(SCHEDULER_5B, 5, range(2)) == {int(edit[0]), int(edit[1])} and edit_timesteps(SCHEDULER_5B, 5, [4]) == {int(edit[4])}
+
+
+def test_windows_of_a_clip_and_the_shape_one_window_sees():
+    from engine.models.model_info import builtin_5b
+    from engine.stages.windows import Windowing, default_overlap, window_count, window_shape
+
+    assert [default_overlap(n) for n in (1, 2, 3, 4, 5, 13)] == [0, 1, 1, 1, 2, 4]
+    info = builtin_5b()  # 13 latent frames a window, 4 shared
+    assert [window_count(info, frames) for frames in (49, 53, 85, 97)] == [1, 2, 2, 3]
+    assert window_shape(torch.Size((2, 25, 16, 60, 90)), [(0, 13), (6, 19)]) == torch.Size((2, 13, 16, 60, 90))
+    assert Windowing(1, 0).spans(3) == [(0, 1), (1, 2), (2, 3)]
+    with pytest.raises(SettingsError, match="a window needs at least one latent frame, got 0"):
+        Windowing(0, 0)
+    with pytest.raises(SettingsError, match="--window-overlap must be between 0 and 3 latent frames \\(the window is 4\\), got -1"):
+        Windowing(4, -1)
+
+
+def test_window_weights_are_a_tent_normalised_over_the_windows_of_each_frame():
+    from engine.stages.windows import blend_weights
+
+    weights = blend_weights([(0, 4), (2, 6)], 6)
+    tent = torch.tensor([[1, 2, 2, 1, 0, 0], [0, 0, 1, 2, 2, 1]], dtype=torch.float64)
+    torch.testing.assert_close(weights, (tent / tent.sum(0)).float(), rtol=0, atol=0)
+    assert weights.dtype == torch.float32
+    with pytest.raises(ValueError, match=r"leave latent frames of 6 uncovered"):
+        blend_weights([(0, 2), (4, 6)], 6)
+
+
+def test_round_trip_psnr_verdict_and_advice(caplog):
+    from engine.stages.verify import _advise, _detail, psnr_db, with_verdict
+
+    black = torch.zeros(2, 4, 4, 3, dtype=torch.uint8)
+    assert psnr_db(black, black) == float("inf") and psnr_db(black, black + 255) == 0.0
+    assert psnr_db(black, black + 1) == pytest.approx(48.1308, abs=1e-4)
+    assert with_verdict({"latent_rel_error": 0.2, "psnr_db": 30.0}) == {"latent_rel_error": 0.2, "psnr_db": 30.0, "verdict": "poor"}
+    assert _detail({"latent_rel_error": 0.0412, "psnr_db": 31.26}) == "round trip: latent error 0.0412, PSNR 31.3 dB: good"
+    with caplog.at_level(logging.WARNING, logger="cogedit"):
+        _advise({"latent_rel_error": 0.1}, "ddim")
+        assert not caplog.records
+        _advise({"latent_rel_error": 0.2}, "ddim")
+        _advise({"latent_rel_error": 0.7}, "fixed-point")
+    poor, failed = (r.getMessage() for r in caplog.records)
+    assert poor == "the round trip is poor (latent error 0.2 >= 0.15); invert again with --inversion fixed-point — see docs/verify.md"
+    assert failed.startswith("the round trip is failed (latent error 0.7 >= 0.5: the inverted noise leads back to another picture); invert again with other --steps")
+
+
+def test_output_names_are_bounded_ascii_words_and_never_overwrite(tmp_path):
+    from engine.stages.decode import claim, output_paths, safe_name
+
+    assert safe_name("Café au lait!", 3) == "03-cafe-au-lait" and safe_name("***", 12) == "12-edit"
+    words = "a watercolor painting of a red fox running through deep snow at dusk"  # 69 characters
+    assert safe_name(words, 0) == "00-a-watercolor-painting-of-a-red-fox-running-through-deep-snow"  # 60: cut after a word
+    assert safe_name("x" * 70, 0) == "00-" + "x" * 60 and safe_name("y" * 60, 0) == "00-" + "y" * 60
+    videos, pairs = output_paths("abc-def", ("a fox", "snow"), tmp_path / "out", force=False)
+    assert [p.name for p in videos] == ["abc-def-00-a-fox.mp4", "abc-def-01-snow.mp4"] and [p.name for p in pairs] == ["abc-def-00-a-fox-side-by-side.mp4", "abc-def-01-snow-side-by-side.mp4"]
+    videos[1].write_bytes(b"")
+    with pytest.raises(OutputExistsError, match="abc-def-01-snow.mp4 already exists; pass --force"):
+        output_paths("abc-def", ("a fox", "snow"), tmp_path / "out", force=False)
+    assert claim(videos[1], force=True) == videos[1]
+    (tmp_path / "file").write_bytes(b"")
+    with pytest.raises(SettingsError, match="cannot create --out folder"):
+        output_paths("s", ("a",), tmp_path / "file" / "out", force=False)
+
+
+def test_a_stage_context_tells_its_callback_the_phase():
+    from engine.stages.context import StageContext
+
+    seen = []
+    StageContext(None, None, None, None, callback=seen.append).notify("edit", {"i": 2})
+    StageContext(None, None, None, None).notify("edit", {"i": 3})
+    assert seen == [{"phase": "edit", "i": 2}]
