@@ -52,7 +52,9 @@ MODULES: dict[str, tuple[list[str], list[str]]] = {
         ["engine/stages/settings.py", "engine/stages/windows.py", "engine/stages/schedulers.py", "engine/stages/fixed_point.py", "engine/stages/context.py"],
         [
             "tests/test_stage_units.py", "tests/test_fixed_point.py", "tests/test_settings_pinned.py",
-            *(f"tests/test_windows.py::{t}" for t in ("test_windows_cover_every_frame_and_their_weights_fall_off_and_sum_to_one", "test_windows_of_the_5b_and_the_overlap_check", "test_blended_prediction_of_a_linear_model_is_the_model_on_the_whole_clip")),
+            "tests/test_windows.py::test_windows_cover_every_frame_and_their_weights_fall_off_and_sum_to_one",
+            "tests/test_windows.py::test_windows_of_the_5b_and_the_overlap_check",
+            "tests/test_windows.py::test_blended_prediction_of_a_linear_model_is_the_model_on_the_whole_clip",
         ],
     ),
 }
