@@ -144,15 +144,18 @@ def _source_digest(module: str) -> str:
     return h.hexdigest()[:16]
 
 
-def run_module(module: str, children: int, minutes: float | None, again: bool = False) -> dict:
+def run_module(module: str, children: int, minutes: float | None, again: bool = False, resume: bool = False) -> dict:
     """Run mutmut on `module`; with `again`, only the mutants the last run did not kill (after
-    new tests), keeping the last run's verdicts on the others (tests are only ever added)."""
+    new tests), keeping the last run's verdicts on the others (tests are only ever added); with
+    `resume`, in the scratch copy of a stopped run, where mutmut checks only what it had not."""
     out = RESULTS / "mutation" / f"{module}.json"
     last = json.loads(out.read_text()) if again and out.exists() else None
     if again and (last is None or last.get("source") != _source_digest(module)):
         raise SystemExit(f"{module}: no full run on this code to rerun the survivors of; run it without --again")
     rerun = [name for name, status in last["statuses"].items() if status not in KILLED] if last else []
-    where = _scratch(module)
+    where = SCRATCH / module
+    if not (resume and (where / "mutants").is_dir()):
+        where = _scratch(module)
     start = time.perf_counter()
     (where / "run.log").write_text(_mutmut(where, "run", "--max-children", str(children), *rerun, check=False, minutes=minutes))
     seconds = time.perf_counter() - start + (last["seconds"] if last else 0)
@@ -251,6 +254,7 @@ def main() -> None:
     parser.add_argument("--report", action="store_true", help="only write MUTATION.md from the results on disk")
     parser.add_argument("--children", type=int, default=2, help="mutants tested at once")
     parser.add_argument("--again", action="store_true", help="rerun only the mutants the last run left alive (after adding tests); the others keep their verdicts")
+    parser.add_argument("--resume", action="store_true", help="go on with a stopped run in its scratch copy (.mutation/<module>/, its tests as they were then)")
     parser.add_argument("--minutes", type=float, default=None, help="stop each module after this long (the rest is reported as not checked)")
     args = parser.parse_args()
     families = _families()
@@ -259,7 +263,7 @@ def main() -> None:
         parser.error(f"unknown module(s) {', '.join(unknown)}; the modules are {', '.join(MODULES)}, or a family: {', '.join(families)}")
     if not args.report:
         for module in [m for name in args.modules for m in families.get(name, [name])] or MODULES:
-            r = run_module(module, args.children, args.minutes, args.again)
+            r = run_module(module, args.children, args.minutes, args.again, args.resume)
             print(f"{module}: {len(r['statuses'])} mutants, {len(r['survivors'])} not killed, {r['seconds']} s", flush=True)
     (RESULTS / "MUTATION.md").write_text(report())
     print(RESULTS / "MUTATION.md")

@@ -5,6 +5,7 @@ milliseconds (mutation testing reruns them per mutant: benchmarks/mutation.py)."
 from __future__ import annotations
 
 import logging
+import os
 
 import pytest
 import torch
@@ -226,3 +227,79 @@ def test_a_stage_context_tells_its_callback_the_phase():
     StageContext(None, None, None, None, callback=seen.append).notify("edit", {"i": 2})
     StageContext(None, None, None, None).notify("edit", {"i": 3})
     assert seen == [{"phase": "edit", "i": 2}]
+
+
+@pytest.fixture
+def no_torchrun(monkeypatch):
+    for name in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    return monkeypatch
+
+
+def test_a_worker_reads_its_place_from_torchruns_variables(no_torchrun):
+    from engine.stages.distributed import GuidanceSplit, backend_for, check_worker_device, rank, under_torchrun, worker_device, world_size
+
+    assert not under_torchrun() and rank() == 0 and world_size() == 1
+    with pytest.raises(SettingsError, match="--device cuda:1 with several workers"):
+        check_worker_device("cuda:1")  # the launcher, before any worker starts: one GPU for all of them
+    for name, value in {"LOCAL_RANK": "1", "WORLD_SIZE": "2"}.items():
+        no_torchrun.setenv(name, value)
+        assert not under_torchrun()  # torchrun sets all three
+    no_torchrun.setenv("MASTER_ADDR", "localhost")
+    no_torchrun.setenv("RANK", "1")
+    assert under_torchrun() and rank() == 1 and world_size() == 2
+    for device in (None, "cuda", "cpu", "cuda:1"):
+        check_worker_device(device)
+    with pytest.raises(SettingsError, match="--device cuda:0 with several workers: leave --device out"):
+        check_worker_device("cuda:0")
+    assert worker_device("cpu") == "cpu"
+    assert GuidanceSplit.current() == GuidanceSplit(1)
+    uncond, cond = torch.zeros(1), torch.ones(1)
+    assert GuidanceSplit(0).own(uncond, cond) is uncond and GuidanceSplit(1).own(uncond, cond) is cond
+    no_torchrun.setenv("WORLD_SIZE", "3")
+    with pytest.raises(SettingsError, match="--gpus 2 needs exactly 2 workers, this group has 3"):
+        GuidanceSplit.current()
+    assert backend_for("cuda") == backend_for("cuda:1") == "nccl" and backend_for("cpu") == "gloo"
+
+
+def test_a_process_group_of_one_comes_and_goes_with_multicast_off(no_torchrun):
+    import torch.distributed as dist
+
+    from engine.stages.distributed import MULTICAST_OFF, process_group, world_size
+    from tests.conftest import free_port
+
+    for name, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0", "WORLD_SIZE": "1"}.items():
+        no_torchrun.setenv(name, value)
+    for name in MULTICAST_OFF:
+        no_torchrun.delenv(name, raising=False)
+    with process_group("gloo"):
+        assert dist.is_initialized() and dist.get_backend() == "gloo" and world_size() == 1
+        assert {name: os.environ.get(name) for name in MULTICAST_OFF} == MULTICAST_OFF
+        with process_group("gloo"):  # already up: its owner ends it
+            pass
+        assert dist.is_initialized()
+    assert not dist.is_initialized()
+
+
+def test_a_failed_worker_is_one_line_and_a_users_error_travels_back(tmp_path, no_torchrun):
+    import pickle
+    from types import SimpleNamespace
+
+    from engine.stages.distributed import _entry, _failure_line
+
+    def failure(code, message=None):
+        return SimpleNamespace(exitcode=code, message=message)
+
+    tail = "; finished work is cached — run the same command again to finish the rest (COGEDIT_DEBUG=1 shows the workers' logs)"
+    assert _failure_line(SimpleNamespace(failures={1: failure(1), 0: failure(-9)})) == "worker 0 was killed by SIGKILL" + tail
+    traceback = {"message": "Traceback (most recent call last):\n  ...\nValueError: boom\n\n"}
+    assert _failure_line(SimpleNamespace(failures={2: failure(1, traceback)})) == "worker 2 failed: ValueError: boom" + tail
+    assert _failure_line(SimpleNamespace(failures={0: failure(3, "RuntimeError: x" + "y" * 400)})) == "worker 0 failed: RuntimeError: x" + "y" * 285 + tail
+    assert _failure_line(SimpleNamespace(failures={0: failure(2, {"message": " \n"})})) == "worker 0 exited with status 2" + tail
+    assert _entry(lambda a, b: a + b, (1, 2), str(tmp_path)) == 3
+    no_torchrun.setenv("RANK", "1")
+    with pytest.raises(SettingsError, match="bad"):
+        _entry(lambda: (_ for _ in ()).throw(SettingsError("bad")), (), str(tmp_path))
+    with pytest.raises(ZeroDivisionError):
+        _entry(lambda: 1 / 0, (), str(tmp_path))
+    assert [p.name for p in tmp_path.iterdir()] == ["1.pickle"] and str(pickle.loads((tmp_path / "1.pickle").read_bytes())) == "bad"
