@@ -208,6 +208,7 @@ def test_output_names_are_bounded_ascii_words_and_never_overwrite(tmp_path):
     assert safe_name("Café au lait!", 3) == "03-cafe-au-lait" and safe_name("***", 12) == "12-edit"
     words = "a watercolor painting of a red fox running through deep snow at dusk"  # 69 characters
     assert safe_name(words, 0) == "00-a-watercolor-painting-of-a-red-fox-running-through-deep-snow"  # 60: cut after a word
+    assert safe_name(words[:60], 1) == "01-a-watercolor-painting-of-a-red-fox-running-through-deep-snow"  # 60 fit whole
     assert safe_name("x" * 70, 0) == "00-" + "x" * 60 and safe_name("y" * 60, 0) == "00-" + "y" * 60
     videos, pairs = output_paths("abc-def", ("a fox", "snow"), tmp_path / "out", force=False)
     assert [p.name for p in videos] == ["abc-def-00-a-fox.mp4", "abc-def-01-snow.mp4"] and [p.name for p in pairs] == ["abc-def-00-a-fox-side-by-side.mp4", "abc-def-01-snow-side-by-side.mp4"]
@@ -303,3 +304,31 @@ def test_a_failed_worker_is_one_line_and_a_users_error_travels_back(tmp_path, no
     with pytest.raises(ZeroDivisionError):
         _entry(lambda: 1 / 0, (), str(tmp_path))
     assert [p.name for p in tmp_path.iterdir()] == ["1.pickle"] and str(pickle.loads((tmp_path / "1.pickle").read_bytes())) == "bad"
+
+
+def test_the_v_loss_is_the_squared_error_of_the_velocity_at_each_rows_noise_level():
+    """v = sqrt(a) noise - sqrt(1 - a) x0 at the noisy input sqrt(a) x0 + sqrt(1 - a) noise, one
+    timestep per row (Salimans & Ho 2022), against a one-block CogVideoX transformer; weights make
+    it a weighted mean."""
+    from diffusers import CogVideoXDDIMScheduler, CogVideoXTransformer3DModel
+
+    from benchmarks.train_proxy import TRANSFORMER_CONFIG
+    from engine.models.denoiser import rotary_embeddings
+    from engine.stages.vloss import v_prediction_loss
+
+    torch.manual_seed(0)
+    config = {**TRANSFORMER_CONFIG, "num_layers": 1, "num_attention_heads": 2, "attention_head_dim": 16, "time_embed_dim": 16, "text_embed_dim": 16}
+    transformer = CogVideoXTransformer3DModel(**config).eval()
+    alphas = CogVideoXDDIMScheduler(**SCHEDULER_5B).alphas_cumprod.double()  # float64: cast to the latents' dtype inside
+    x0, noise = torch.randn(2, 2, 16, 12, 18), torch.randn(2, 2, 16, 12, 18)
+    embeds, t = torch.randn(2, config["max_text_seq_length"], 16), torch.tensor([100, 900])
+    weights = torch.rand(2, 2, 1, 12, 18)
+    with torch.no_grad():
+        plain, weighted = (v_prediction_loss(transformer, alphas, x0, embeds, t, noise, w) for w in (None, weights))
+        a = alphas.float()[t].view(-1, 1, 1, 1, 1)
+        noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        v = transformer(hidden_states=noisy, encoder_hidden_states=embeds, timestep=t, image_rotary_emb=rotary_embeddings(transformer, x0.shape, 8, "cpu"), return_dict=False)[0]
+    error = (v - (a.sqrt() * noise - (1 - a).sqrt() * x0)) ** 2
+    assert plain.dtype == torch.float32
+    torch.testing.assert_close(plain, error.mean(), rtol=1e-6, atol=0)
+    torch.testing.assert_close(weighted, (weights * error).sum() / weights.expand_as(error).sum(), rtol=1e-5, atol=0)
