@@ -57,6 +57,15 @@ MODULES: dict[str, tuple[list[str], list[str]]] = {
             "tests/test_windows.py::test_blended_prediction_of_a_linear_model_is_the_model_on_the_whole_clip",
         ],
     ),
+    "stages-model": (
+        [f"engine/stages/{name}.py" for name in ("attention_store", "decode", "distributed", "editing", "embed", "encode", "inversion", "verify", "vloss")],
+        [
+            "tests/test_stage_units.py", "tests/test_reference.py", "tests/test_inversion.py", "tests/test_injection.py", "tests/test_attention_store.py",
+            "tests/test_fixed_point.py::test_refinement_sharpens_the_round_trip", "tests/test_verify.py::test_verify_is_stored_with_the_entry",
+            "tests/test_engine.py::test_second_inversion_is_a_cache_hit_that_loads_nothing", "tests/test_engine.py::test_edit_from_cache_equals_one_shot_run_bit_for_bit",
+            "tests/test_proxy.py::test_shapes_proxy_beats_random_weights_on_a_held_out_pair",
+        ],
+    ),
 }
 
 # A test failed, or ran past mutmut's time limit (an endless loop is caught so too).
