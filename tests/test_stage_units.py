@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 
 import pytest
 import torch
@@ -13,6 +14,11 @@ import torch
 from engine.errors import OutputExistsError, PromptError, SettingsError
 from engine.models.configs import SCHEDULER_5B
 from engine.stages.settings import EditSettings, InjectSettings, InvertSettings, StoreSettings, inverted_spans, layers_of, parse_layers, parse_window, window_of, window_steps
+
+
+def exactly(message: str) -> str:
+    """pytest.raises' `match` for the whole message, word for word."""
+    return "^" + re.escape(message) + "$"
 
 
 def test_windows_of_edit_steps_round_to_the_nearest_step():
@@ -23,6 +29,8 @@ def test_windows_of_edit_steps_round_to_the_nearest_step():
         with pytest.raises(SettingsError, match=f"--attention-steps {why}"):
             parse_window(bad, "--attention-steps")
     assert window_of("0:0.5", "--x") == (0.0, 0.5) and window_of((0.1, 0.2), "--x") == (0.1, 0.2)
+    with pytest.raises(SettingsError, match=exactly("--attention-steps takes START:END fractions like 0:0.6, got '1'")):
+        window_of("1", "--attention-steps")
 
 
 def test_layers_are_all_or_ranges_inside_the_model():
@@ -80,9 +88,9 @@ def test_injection_is_active_in_its_window_at_a_positive_strength_on_some_layer(
 
 
 def test_edit_settings_refuse_bad_input_and_chunk_the_prompts():
-    with pytest.raises(PromptError, match="no prompt given"):
+    with pytest.raises(PromptError, match=exactly("no prompt given: pass --prompt TEXT (repeat it for several edits)")):
         EditSettings(prompts=())
-    with pytest.raises(PromptError, match="an edit prompt is empty"):
+    with pytest.raises(PromptError, match=exactly("an edit prompt is empty: describe the edited video, e.g. --prompt 'a watercolor painting'")):
         EditSettings(prompts=("a", " "))
     for fields, message in ((dict(init="noise"), "--init must be inverted or random, got 'noise'"), (dict(guidance=0.5), "--guidance must be >= 1"), (dict(batch=0), "--batch must be >= 1, got 0")):
         with pytest.raises(SettingsError, match=message):
@@ -162,10 +170,11 @@ def test_windows_of_a_clip_and_the_shape_one_window_sees():
     from engine.models.model_info import builtin_5b
     from engine.stages.windows import Windowing, default_overlap, window_count, window_shape
 
-    assert [default_overlap(n) for n in (1, 2, 3, 4, 5, 13)] == [0, 1, 1, 1, 2, 4]
+    assert [default_overlap(n) for n in (1, 2, 3, 4, 5, 8, 13)] == [0, 1, 1, 1, 2, 2, 4]
     info = builtin_5b()  # 13 latent frames a window, 4 shared
     assert [window_count(info, frames) for frames in (49, 53, 85, 97)] == [1, 2, 2, 3]
     assert window_shape(torch.Size((2, 25, 16, 60, 90)), [(0, 13), (6, 19)]) == torch.Size((2, 13, 16, 60, 90))
+    assert window_shape(torch.Size((1, 5, 16, 60, 90)), [(0, 5)]) == torch.Size((1, 5, 16, 60, 90))
     assert Windowing(1, 0).spans(3) == [(0, 1), (1, 2), (2, 3)]
     with pytest.raises(SettingsError, match="a window needs at least one latent frame, got 0"):
         Windowing(0, 0)
@@ -332,3 +341,23 @@ def test_the_v_loss_is_the_squared_error_of_the_velocity_at_each_rows_noise_leve
     assert plain.dtype == torch.float32
     torch.testing.assert_close(plain, error.mean(), rtol=1e-6, atol=0)
     torch.testing.assert_close(weighted, (weights * error).sum() / weights.expand_as(error).sum(), rtol=1e-5, atol=0)
+
+
+def test_blended_windows_weigh_each_windows_own_prediction_by_the_tent():
+    """A prediction that differs from window to window (each adds its first frame's index) blends
+    to the tent-weighted mean per frame; a clip of one window is one call over all its frames."""
+    from engine.stages.windows import blend_weights, blended
+
+    x, calls = torch.randn(2, 6, 3), []
+
+    def predict(sl: slice) -> torch.Tensor:
+        calls.append(sl)
+        return x[:, sl] + sl.start
+
+    out = blended(predict, 6, [(0, 4), (2, 6)])
+    starts = (blend_weights([(0, 4), (2, 6)], 6) * torch.tensor([[0.0], [2.0]])).sum(0)
+    torch.testing.assert_close(out, x + starts.view(1, 6, 1), rtol=0, atol=1e-6)
+    assert calls == [slice(0, 4), slice(2, 6)]
+    calls.clear()
+    assert blended(predict, 6, [(0, 6)]).equal(x) and calls == [slice(0, 6)]
+    assert blended(lambda sl: x, 6, [(0, 6)]) is x, "the call's own result, no copy"
