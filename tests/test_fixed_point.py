@@ -81,6 +81,20 @@ def test_guard_never_returns_worse_than_the_start(q, iters):
     assert torch.equal(x, start)
 
 
+def test_iters_updates_cost_iters_plus_one_forwards_and_the_default_tolerance_stops_sooner():
+    edit, _ = _schedulers(10)
+    a, b = step_coefficients(edit, 499)
+    v_at, c, d = _linear_v(a, b, 0.5)  # contracting: each update halves the residual
+    x_s = torch.randn(1, 3, 16, 12, 20)
+    start = (x_s - b * d) / (a + b * c) + 0.1 * torch.randn_like(x_s)
+    x, forwards, residuals = refine(v_at, x_s, start, a, b, iters=3, tol=0.0)
+    assert forwards == len(residuals) == 4 and residuals == sorted(residuals, reverse=True)
+    x, forwards, residuals = refine(v_at, x_s, start, a, b, iters=50)  # tol 1e-4
+    assert forwards == len(residuals) < 50 and residuals[-1] < 1e-4 <= residuals[-2]
+    # The tolerance is a strict bound: a residual equal to it is refined further.
+    assert refine(v_at, x_s, start, a, b, iters=3, tol=residuals[0])[1] > 1
+
+
 def test_single_step_from_pure_noise_has_nothing_to_solve():
     edit, _ = _schedulers(1)
     a, b = step_coefficients(edit, edit.timesteps[0])

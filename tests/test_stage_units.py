@@ -58,7 +58,7 @@ def test_layers_are_all_or_ranges_inside_the_model():
     ],
 )
 def test_inversion_settings_refuse_what_cannot_run(fields, message):
-    with pytest.raises(SettingsError, match=message):
+    with pytest.raises(SettingsError, match="^" + re.escape(message)):
         InvertSettings(**fields)
 
 
