@@ -30,6 +30,17 @@ def test_coefficients_are_the_edit_step(steps):
         torch.testing.assert_close(edit.step(v, t, x, return_dict=False)[0], a * x + b * v)
 
 
+def test_coefficients_are_read_off_in_float64():
+    """a = a_t + b_t sqrt(alpha_t) and b = -b_t sqrt(1 - alpha_t) from the scheduler's own (float32)
+    scalars, summed in float64: no float32 rounding for the refinement to inherit."""
+    edit, _ = _schedulers(10)
+    for t in edit.timesteps:
+        alpha, prev = edit.alphas_cumprod[t], edit.alphas_cumprod[t - 100] if t >= 100 else edit.final_alpha_cumprod
+        a_t = ((1 - prev) / (1 - alpha)) ** 0.5
+        b_t = prev**0.5 - alpha**0.5 * a_t
+        assert step_coefficients(edit, t) == (a_t.double().item() + b_t.double().item() * (alpha**0.5).double().item(), -b_t.double().item() * ((1 - alpha) ** 0.5).double().item())
+
+
 @pytest.mark.parametrize("steps", [1, 4, 10, 50])
 def test_inversion_step_j_undoes_edit_step_steps_minus_1_minus_j(steps):
     edit, inverse = _schedulers(steps)

@@ -24,7 +24,9 @@ def exactly(message: str) -> str:
 def test_windows_of_edit_steps_round_to_the_nearest_step():
     assert window_steps((0.0, 0.6), 10) == range(0, 6) and window_steps((0.25, 0.75), 10) == range(2, 8)
     assert window_steps((0.0, 1.0), 7) == range(7) and window_steps((0.5, 0.5), 4) == range(2, 2)
-    assert parse_window("0:0.6") == (0.0, 0.6) and parse_window(" 0.2 : 1 ") == (0.2, 1.0)
+    assert parse_window("0:0.6") == (0.0, 0.6) and parse_window(" 0.2 : 1 ") == (0.2, 1.0) and parse_window("0.3:0.3") == (0.3, 0.3)
+    with pytest.raises(SettingsError, match=exactly("--inject-steps takes START:END fractions like 0:0.6, got '1'")):
+        parse_window("1")
     for bad, why in (("0.6", "takes START:END"), ("a:b", "takes START:END"), ("0.7:0.6", "needs 0 <= START"), ("-0.1:0.5", "needs 0 <= START"), ("0:1.5", "needs 0 <= START")):
         with pytest.raises(SettingsError, match=f"--attention-steps {why}"):
             parse_window(bad, "--attention-steps")
