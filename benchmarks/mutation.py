@@ -40,11 +40,17 @@ MODULES: dict[str, tuple[list[str], list[str]]] = {
     "cache": (["cache/*"], ["tests/test_cache.py", "tests/test_settings_pinned.py", "-k", "not read_only_cache_dir_chmod and not two_processes_contend"]),
     "masks": (["engine/video/masks.py"], ["tests/test_masks.py"]),
     # hooks in three runs (a family: one row in the report), each rerun alone after its tests change.
-    "hooks-injection": (["engine/hooks/injection.py"], ["tests/test_injection.py", "tests/test_row_groups.py", "tests/test_attention_store.py", "tests/test_structure.py"]),
+    "hooks-injection": (
+        ["engine/hooks/injection.py"],
+        ["tests/test_injection.py", "tests/test_row_groups.py", "tests/test_attention_store.py", "tests/test_structure.py::test_features_come_off_cleanly"],
+    ),
     "hooks-kv": (["engine/hooks/kv_capture.py", "engine/hooks/kv_replay.py"], ["tests/test_attention_store.py", "tests/test_structure.py"]),
     "hooks-rest": (
         ["engine/hooks/attention.py", "engine/hooks/ff_chunking.py", "engine/hooks/libraries.py", "engine/hooks/registry.py", "engine/hooks/row_groups.py"],
-        ["tests/test_attention.py", "tests/test_row_groups.py", "tests/test_plans.py", "tests/test_structure.py"],
+        [
+            "tests/test_attention.py", "tests/test_row_groups.py", "tests/test_plans.py",
+            "tests/test_structure.py::test_features_come_off_cleanly", "tests/test_structure.py::test_the_model_libraries_load_with_their_noisy_loggers_quiet",
+        ],
     ),
     # stages in two runs: the arithmetic against fast unit tests, the model stages against the
     # fastest tests that run them (the slow clip-length and CLI tests would cost a minute a mutant).
