@@ -210,6 +210,8 @@ def run_module(module: str, children: int, minutes: float | None, again: bool = 
     seconds = time.perf_counter() - start + (last["seconds"] if last else 0)
     statuses = dict(re.findall(r"^\s+(\S+): (.+)$", _mutmut(where, "results", "--all", "true"), flags=re.M))
     if last:
+        if rerun and all(statuses.get(name, "not checked") == "not checked" for name in rerun):
+            raise SystemExit(f"mutmut checked none of {module}'s survivors again ({where / 'run.log'} says why)")
         statuses = {name: statuses[name] if name in rerun else status for name, status in last["statuses"].items()}
     if not statuses or all(s == "not checked" for s in statuses.values()):
         raise SystemExit(f"mutmut checked no mutant of {module} ({where / 'run.log'} says why; a selected test failing without a mutant stops it)")

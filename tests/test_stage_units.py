@@ -55,7 +55,7 @@ def test_layers_are_all_or_ranges_inside_the_model():
         (dict(method="euler"), "--inversion must be ddim or fixed-point, got 'euler'"),
         (dict(iters=2), "--inversion-iters refines fixed-point inversion"),
         (dict(method="fixed-point"), "--inversion-iters must be between 1 and 10 with --inversion fixed-point, got 0"),
-        (dict(method="fixed-point", iters=11), "got 11"),
+        (dict(method="fixed-point", iters=11), "--inversion-iters must be between 1 and 10 with --inversion fixed-point, got 11"),
         (dict(window=3, overlap=3), "--window-overlap must be between 0 and 2"),
     ],
 )
