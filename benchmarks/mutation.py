@@ -68,6 +68,7 @@ MODULES: dict[str, tuple[list[str], list[str]]] = {
         [
             "tests/test_stage_units.py", "tests/test_reference.py", "tests/test_inversion.py", "tests/test_injection.py", "tests/test_attention_store.py",
             "tests/test_fixed_point.py::test_refinement_sharpens_the_round_trip", "tests/test_verify.py::test_verify_is_stored_with_the_entry",
+            "tests/test_verify.py::test_fixed_point_inverts_more_exactly_than_ddim", "tests/test_multigpu.py::test_a_worker_hands_its_own_gpu_on_unrefused",
             "tests/test_engine.py::test_second_inversion_is_a_cache_hit_that_loads_nothing", "tests/test_engine.py::test_edit_from_cache_equals_one_shot_run_bit_for_bit",
             "tests/test_proxy.py::test_shapes_proxy_beats_random_weights_on_a_held_out_pair",
         ],
@@ -93,6 +94,7 @@ EQUIVALENT: dict[str, str] = {
         "the tent weights in float32 instead of float64: its counts and their sums are small integers, exact in both, and one division "
         "rounded from float64 to float32 equals the float32 division (double rounding is innocuous when 53 >= 2 x 24 + 2, Figueroa 1995)",
     ),
+    "engine.stages.windows.x_blended__mutmut_30": "the weights' view without its leading 1: broadcasting against [B, n, ...] prepends it",
     "engine.stages.windows.x_window_shape__mutmut_5": "stop + start for stop - start of the first window: window_spans' first window always starts at frame 0",
     **dict.fromkeys(
         ("engine.stages.fixed_point.x_refine__mutmut_16", "engine.stages.fixed_point.x_refine__mutmut_36"),
@@ -106,6 +108,7 @@ EQUIVALENT: dict[str, str] = {
         (f"engine.stages.fixed_point.x_step_coefficients__mutmut_{n}" for n in (8, 10)),
         "the zero input in float32: every term it enters is an exact 0, and the float64 one keeps the step in float64",
     ),
+    "engine.stages.distributed.x__failure_line__mutmut_24": "next()'s default None for '': both are false, and the line is used only when true",
 }
 # Survivors that are not equivalent but that no test on this machine can kill: name -> why (they count as survived).
 NOT_KILLED: dict[str, str] = {
@@ -117,6 +120,16 @@ NOT_KILLED: dict[str, str] = {
         (f"engine.stages.windows.x_blended__mutmut_{n}" for n in (34, 36)),
         "rounding only: the weights stay float32 against a bf16/fp16 prediction (one rounding less); no test pins half-precision bits",
     ),
+    **{
+        f"engine.stages.distributed.x_launch__mutmut_{n}": "starts worker processes: its tests (tests/test_multigpu.py) spawn workers, "
+        "which cannot import mutmut's trampolined copy of the code"
+        for n in range(1, 80)
+    },
+    **{
+        f"engine.stages.distributed.xǁGuidanceSplitǁcombine__mutmut_{n}": "gathers from two processes: tested by tests/test_multigpu.py's "
+        "two-worker edit, which mutmut cannot run"
+        for n in range(1, 12)
+    },
 }
 # The same by the line a mutant writes: (regular expression, why).
 EQUIVALENT_LINES = [

@@ -277,7 +277,7 @@ def test_a_worker_reads_its_place_from_torchruns_variables(no_torchrun):
 def test_a_process_group_of_one_comes_and_goes_with_multicast_off(no_torchrun):
     import torch.distributed as dist
 
-    from engine.stages.distributed import MULTICAST_OFF, process_group, world_size
+    from engine.stages.distributed import MULTICAST_OFF, process_group, rank, world_size
     from tests.conftest import free_port
 
     for name, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0", "WORLD_SIZE": "1"}.items():
@@ -286,6 +286,9 @@ def test_a_process_group_of_one_comes_and_goes_with_multicast_off(no_torchrun):
         no_torchrun.delenv(name, raising=False)
     with process_group("gloo"):
         assert dist.is_initialized() and dist.get_backend() == "gloo" and world_size() == 1
+        no_torchrun.setenv("RANK", "3")
+        no_torchrun.setenv("WORLD_SIZE", "5")
+        assert rank() == 0 and world_size() == 1, "the group's, not the variables'"
         assert {name: os.environ.get(name) for name in MULTICAST_OFF} == MULTICAST_OFF
         with process_group("gloo"):  # already up: its owner ends it
             pass
@@ -308,6 +311,9 @@ def test_a_failed_worker_is_one_line_and_a_users_error_travels_back(tmp_path, no
     assert _failure_line(SimpleNamespace(failures={2: failure(1, traceback)})) == "worker 2 failed: ValueError: boom" + tail
     assert _failure_line(SimpleNamespace(failures={0: failure(3, "RuntimeError: x" + "y" * 400)})) == "worker 0 failed: RuntimeError: x" + "y" * 285 + tail
     assert _failure_line(SimpleNamespace(failures={0: failure(2, {"message": " \n"})})) == "worker 0 exited with status 2" + tail
+    assert _failure_line(SimpleNamespace(failures={3: failure(4, {"error": "x"})})) == "worker 3 exited with status 4" + tail
+    assert _failure_line(SimpleNamespace(failures={3: failure(4)})) == "worker 3 exited with status 4" + tail
+    assert _failure_line(SimpleNamespace(failures={0: failure(0)})) == "worker 0 exited with status 0" + tail
     assert _entry(lambda a, b: a + b, (1, 2), str(tmp_path)) == 3
     no_torchrun.setenv("RANK", "1")
     with pytest.raises(SettingsError, match="bad"):
@@ -363,3 +369,27 @@ def test_blended_windows_weigh_each_windows_own_prediction_by_the_tent():
     calls.clear()
     assert blended(predict, 6, [(0, 6)]).equal(x) and calls == [slice(0, 6)]
     assert blended(lambda sl: x, 6, [(0, 6)]) is x, "the call's own result, no copy"
+
+
+def test_a_worker_takes_the_gpu_of_its_local_rank_and_refuses_one_it_has_not(no_torchrun):
+    from engine.errors import DeviceError
+    from engine.stages.distributed import worker_device
+
+    chosen = []
+    no_torchrun.setattr(torch.cuda, "is_available", lambda: True)
+    no_torchrun.setattr(torch.cuda, "device_count", lambda: 2)
+    no_torchrun.setattr(torch.cuda, "set_device", chosen.append)
+    assert worker_device(None) == worker_device("cuda") == "cuda:0" and chosen == [0, 0]  # one process: GPU 0
+    assert worker_device("cpu") == "cpu"
+    for name, value in {"LOCAL_RANK": "1", "RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "localhost"}.items():
+        no_torchrun.setenv(name, value)
+    assert worker_device(None) == "cuda:1" and chosen[-1] == 1
+    with pytest.raises(SettingsError, match="--device cuda:0 with several workers"):
+        worker_device("cuda:0")
+    no_torchrun.setenv("LOCAL_RANK", "2")
+    with pytest.raises(DeviceError, match=exactly("worker 2 of this machine has no GPU of its own (2 visible); start at most that many workers per machine")):
+        worker_device(None)
+    no_torchrun.setattr(torch.cuda, "is_available", lambda: False)
+    assert worker_device(None) == "cpu"
+    with pytest.raises(DeviceError, match=exactly("--device cuda: torch sees no GPU; check the driver (nvidia-smi) and CUDA_VISIBLE_DEVICES, or pass --device cpu")):
+        worker_device("cuda")
