@@ -109,6 +109,11 @@ EQUIVALENT: dict[str, str] = {
         "the zero input in float32: every term it enters is an exact 0, and the float64 one keeps the step in float64",
     ),
     "engine.stages.distributed.x__failure_line__mutmut_24": "next()'s default None for '': both are false, and the line is used only when true",
+    "engine.hooks.kv_replay.xǁStepKVǁ__getitem____mutmut_23": "wait=None is as false as wait=False",
+    "engine.hooks.kv_replay.xǁStepKVǁ__getitem____mutmut_6": "'' for None while the block is fetched: overwritten before the method returns; "
+    "if the read raises, the error ends the edit and the store is closed, so the step is never asked again",
+    "engine.hooks.kv_replay.xǁStepKVǁclose__mutmut_1": "'' for None on close: the last block is let go either way, and a closed step is never asked "
+    "again (StoredAttention.at makes a new one, close ends the replay)",
 }
 # Survivors that are not equivalent but that no test on this machine can kill: name -> why (they count as survived).
 NOT_KILLED: dict[str, str] = {
@@ -119,6 +124,10 @@ NOT_KILLED: dict[str, str] = {
     **dict.fromkeys(
         (f"engine.stages.windows.x_blended__mutmut_{n}" for n in (34, 36)),
         "rounding only: the weights stay float32 against a bf16/fp16 prediction (one rounding less); no test pins half-precision bits",
+    ),
+    **dict.fromkeys(
+        (f"engine.hooks.kv_replay.xǁStepKVǁ__getitem____mutmut_{n}" for n in (15, 16)),
+        "GPU only: the side stream's event and record_stream run only when blocks are copied to a CUDA device",
     ),
     **{
         f"engine.stages.distributed.x_launch__mutmut_{n}": "starts worker processes: its tests (tests/test_multigpu.py) spawn workers, "

@@ -64,6 +64,23 @@ def test_merge_equals_the_joined_keys_with_the_strength_bias(strength, scale):
     torch.testing.assert_close(merge(_exact(q, k, v), _exact(q, rk, rv), strength), to_hnd(joined), rtol=0, atol=1e-12)
 
 
+def test_merge_rounds_once_to_the_outputs_dtype_and_writes_into_no_input():
+    """FA4's outputs are bf16 and its LSEs float32: the merge computes in float32 and rounds once to
+    bf16. An own output already in float32 is copied, not written over."""
+    g = torch.Generator().manual_seed(1)
+    o1, o2 = (torch.randn(2, 5, 3, 8, generator=g) for _ in range(2))
+    l1, l2 = (torch.randn(2, 3, 5, generator=g) for _ in range(2))
+    w = torch.sigmoid(l1 - l2 - math.log(0.5)).transpose(1, 2).unsqueeze(-1)
+    b1, b2 = o1.bfloat16(), o2.bfloat16()
+    got = merge((b1, l1), (b2, l2), 0.5)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, (b2.float() + w * (b1.float() - b2.float())).bfloat16())
+    before = o1.clone()
+    merge((o1, l1), (o2, l2), 0.5)
+    assert torch.equal(o1, before)
+    with pytest.raises(ValueError, match="^the sdpa kernel returns no log-sum-exp$"):
+        attention.attend_lse(o1, o1, o1, "sdpa")
+
+
 @pytest.mark.parametrize("strength", [0.3, 1.0, 2.5])  # 0 never injects (InjectSettings.is_active)
 @pytest.mark.parametrize("kernel", ["sdpa", "fa4", "sage"])
 def test_each_kernel_injects_as_attention_written_out(kernel, strength, stand_in):
