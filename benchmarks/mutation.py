@@ -42,7 +42,7 @@ MODULES: dict[str, tuple[list[str], list[str]]] = {
     # hooks in three runs (a family: one row in the report), each rerun alone after its tests change.
     "hooks-injection": (
         ["engine/hooks/injection.py"],
-        ["tests/test_injection.py", "tests/test_row_groups.py", "tests/test_attention_store.py", "tests/test_structure.py::test_features_come_off_cleanly"],
+        ["tests/test_injection.py", "tests/test_attention.py", "tests/test_row_groups.py", "tests/test_attention_store.py", "tests/test_structure.py::test_features_come_off_cleanly"],
     ),
     "hooks-kv": (["engine/hooks/kv_capture.py", "engine/hooks/kv_replay.py"], ["tests/test_attention_store.py", "tests/test_structure.py"]),
     "hooks-rest": (
@@ -114,6 +114,17 @@ EQUIVALENT: dict[str, str] = {
     "if the read raises, the error ends the edit and the store is closed, so the step is never asked again",
     "engine.hooks.kv_replay.xǁStepKVǁclose__mutmut_1": "'' for None on close: the last block is let go either way, and a closed step is never asked "
     "again (StoredAttention.at makes a new one, close ends the replay)",
+    "engine.hooks.ff_chunking.xǁChunkedFeedForwardǁforward__mutmut_2": "< for <= at exactly `chunk` tokens: one slice of all of them is the unsliced call",
+    "engine.hooks.registry.x_remove__mutmut_4": "recurse=True is diffusers' HookRegistry.remove_hook default",
+    **dict.fromkeys(
+        (f"engine.hooks.attention.x__problem__mutmut_{n}" for n in (20, 21, 22, 23, 24)),
+        "which list of compute capabilities: FA4_RUNS and SAGE_RUNS are the same (8-12)",
+    ),
+    "engine.hooks.injection.x__head_slices__mutmut_15": "head slices at every head instead of every 8th: each head is computed again with the same values (only slower)",
+    **dict.fromkeys(
+        ("engine.hooks.injection.x__reference_group__mutmut_19", "engine.hooks.injection.x__reference_group__mutmut_20"),
+        "v's text length or rotary table: _projected applies RoPE (the only user of both) to q and k, never to v",
+    ),
 }
 # Survivors that are not equivalent but that no test on this machine can kill: name -> why (they count as survived).
 NOT_KILLED: dict[str, str] = {

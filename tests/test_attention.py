@@ -83,7 +83,7 @@ def test_merge_rounds_once_to_the_outputs_dtype_and_writes_into_no_input():
 
 @pytest.mark.parametrize("strength", [0.3, 1.0, 2.5])  # 0 never injects (InjectSettings.is_active)
 @pytest.mark.parametrize("kernel", ["sdpa", "fa4", "sage"])
-def test_each_kernel_injects_as_attention_written_out(kernel, strength, stand_in):
+def test_each_kernel_injects_as_attention_written_out(kernel, strength, stand_in, monkeypatch):
     """The shared processor with each kernel, told by the state that this block injects (what a
     block's KVInjectionHook sets around it), two edit rows reading crossed reference rows, through
     the whole batch and through row groups (the lean plan: the reference group first, whose keys
@@ -91,6 +91,10 @@ def test_each_kernel_injects_as_attention_written_out(kernel, strength, stand_in
     attention written out by hand."""
     from diffusers.models.embeddings import get_3d_rotary_pos_embed
 
+    import engine.hooks.injection as injection
+
+    merged = []  # FA4 runs the two key sets apart and merges them: no joined copy of the keys
+    monkeypatch.setattr(injection, "merge", lambda *a: merged.append(a) or merge(*a))
     attn, text_len = _attention_module(), 4
     rotary = get_3d_rotary_pos_embed(16, ((0, 0), (2, 3)), (2, 3), 2)
     x = torch.randn(4, text_len + 12, 32, generator=torch.Generator().manual_seed(1))
@@ -107,13 +111,17 @@ def test_each_kernel_injects_as_attention_written_out(kernel, strength, stand_in
         grouped.insert(0, processor.joined(attn, [x[rows.start : rows.stop]], text_len, rotary))
     torch.testing.assert_close(torch.cat(grouped), expected, rtol=0, atol=1e-5)
     assert (stand_in.calls > 0) == (kernel != "sdpa")  # the kernel named is the kernel that ran
+    assert bool(merged) == (kernel == "fa4")
 
 
 def _capability(monkeypatch, major: int, importable: bool = True) -> None:
     """A CUDA GPU of compute capability `major`.0 seen from this CPU, the kernel packages importable or not."""
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (major, 0))
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: f"a GPU of sm{major}0")
-    monkeypatch.setattr(attention, "importable", lambda kernel: importable)
+    def named(answer):  # torch's default, None, is the current GPU: the one --device names is asked for
+        return lambda device=None: answer if device is not None else pytest.fail("asked about the current GPU, not the one named")
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", named((major, 0)))
+    monkeypatch.setattr(torch.cuda, "get_device_name", named(f"a GPU of sm{major}0"))
+    monkeypatch.setattr(attention, "importable", lambda kernel: {"fa4": importable, "sage": importable}[kernel])
 
 
 @pytest.mark.parametrize(

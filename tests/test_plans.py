@@ -112,8 +112,12 @@ def test_ff_chunking_leaves_the_output_unchanged(tiny_model):
     with torch.no_grad():
         plain = model(x, text, t, return_dict=False)[0]
         apply_ff_chunking(model, FFChunkingConfig(100))
+        sizes = []  # tokens per MLP call: 226 text + 180 image tokens in slices of 100, the last one 6
+        for block in model.transformer_blocks:
+            block.ff.inner.register_forward_hook(lambda module, args, out: sizes.append(args[0].shape[1]))
         chunked = model(x, text, t, return_dict=False)[0]
     torch.testing.assert_close(chunked, plain, rtol=1e-5, atol=1e-5)
+    assert sizes == [100, 100, 100, 100, 6] * len(model.transformer_blocks)
 
 
 def test_compile_is_on_by_default_only_where_it_was_measured_to_pay(monkeypatch):

@@ -167,6 +167,7 @@ def test_features_come_off_cleanly(tiny_model):
         remove(model)
         assert hooks.find(where, name) is None
     torch.testing.assert_close(on, before, rtol=0, atol=1e-5)  # inactive injection, exact features
+    assert hooks.find(torch.nn.Linear(1, 1), FF_CHUNKING) is None  # a module no hook was ever registered on
     torch.testing.assert_close(model(x, text, t, return_dict=False)[0], before, rtol=0, atol=0)
 
 
