@@ -33,10 +33,12 @@ class StandIn:
 
     def __init__(self) -> None:
         self.calls = 0
+        self.ran: set[str] = set()  # which kernels were called
 
     def fa4(self, q, k, v, return_lse=False):
         torch._dynamo.graph_break()
         self.calls += 1
+        self.ran.add("fa4")
         out, lse = _exact(q, k, v)
         return (out, lse) if return_lse else out
 
@@ -45,6 +47,7 @@ class StandIn:
         torch._dynamo.graph_break()
         assert q.shape[-1] in (64, 96, 128), "headdim should be in [64, 96, 128]."
         self.calls += 1
+        self.ran.add("sage")
         if smooth_k:
             k -= k.mean(dim=1 if tensor_layout == "NHD" else 2, keepdim=True)
         t = (lambda x: x) if tensor_layout == "NHD" else (lambda x: x.transpose(1, 2))
@@ -79,6 +82,10 @@ def test_merge_rounds_once_to_the_outputs_dtype_and_writes_into_no_input():
     assert torch.equal(o1, before)
     with pytest.raises(ValueError, match="^the sdpa kernel returns no log-sum-exp$"):
         attention.attend_lse(o1, o1, o1, "sdpa")
+    with pytest.raises(ValueError, match="^the sage kernel takes no mask$"):
+        attention.attend(o1, o1, o1, "sage", torch.zeros(1))
+    with pytest.raises(engine.SettingsError, match=r"^--attention must be one of auto, sdpa, fa4, sage, got 'flash'$"):
+        choose_kernel("flash", "cpu", torch.float32)
 
 
 @pytest.mark.parametrize("strength", [0.3, 1.0, 2.5])  # 0 never injects (InjectSettings.is_active)
@@ -110,7 +117,7 @@ def test_each_kernel_injects_as_attention_written_out(kernel, strength, stand_in
         state.rows = rows
         grouped.insert(0, processor.joined(attn, [x[rows.start : rows.stop]], text_len, rotary))
     torch.testing.assert_close(torch.cat(grouped), expected, rtol=0, atol=1e-5)
-    assert (stand_in.calls > 0) == (kernel != "sdpa")  # the kernel named is the kernel that ran
+    assert stand_in.ran == {kernel} - {"sdpa"}  # the kernel named is the kernel that ran
     assert bool(merged) == (kernel == "fa4")
 
 
