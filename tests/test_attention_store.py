@@ -115,6 +115,8 @@ def test_blocks_are_read_in_parallel_and_each_waited_for_alone():
         return _block(i)
 
     stored = StoredAttention(tuple(range(8)), load, "cpu", torch.float32, None, 0, workers=4)
+    # Daemons: an edit that dies without closing the store must not keep the process alive.
+    assert all(thread.daemon for thread in stored._reader._threads)
     try:
         step = stored.at(999)
         for i in range(7):  # block 7 is still being read: the others do not wait for it
@@ -125,7 +127,7 @@ def test_blocks_are_read_in_parallel_and_each_waited_for_alone():
         assert step[7][0] is step[7][0], "a block asked for again (row groups) is not copied again"
     finally:
         stored.close()
-    assert len(threads) == 4
+    assert len(threads) == 4 and all(name.startswith("cogedit-attention-reader-") for name in threads)  # named in a stack dump
 
 
 def test_the_step_being_replayed_is_read_before_the_read_ahead():
