@@ -306,7 +306,7 @@ def report() -> str:
         "| module | files | mutants | not checked (time) | killed | survived | equivalent | killed or equivalent, of those checked | minutes |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    details, totals = [], [0] * 5
+    details, totals, unfinished = [], [0] * 5, []
     for family, modules in _families().items():
         runs = {m: json.loads(path.read_text()) for m in modules if (path := RESULTS / "mutation" / f"{m}.json").exists()}
         files = ", ".join(f for m in modules for f in MODULES[m][0])
@@ -318,6 +318,7 @@ def report() -> str:
         counts = _counts(statuses, survivors)
         totals = [a + b for a, b in zip(totals, counts)]
         missing = [m for m in modules if m not in runs]
+        unfinished += [f"{m} ({n} of {len(r['statuses'])} not checked)" for m, r in runs.items() if (n := sum(v == "not checked" for v in r["statuses"].values()))]
         dates = sorted({r.get("date") or f"{datetime.fromtimestamp((RESULTS / 'mutation' / f'{m}.json').stat().st_mtime, timezone.utc):%Y-%m-%d %H:%M} UTC" for m, r in runs.items()})
         when = f"{sum(r['seconds'] for r in runs.values()) / 60:.0f} ({', '.join(dates)})"
         lines.append(_row(f"**{family}**", files + "".join(f" ({m} not run)" for m in missing), counts, when))
@@ -329,6 +330,9 @@ def report() -> str:
         details += [f"- `{name}` ({_why(name, diff, statuses[name])}): `{_changed_lines(diff)}`" for name, diff in survivors.items()]
     if totals[0]:
         lines.append(_row("all", "", tuple(totals)))
+    if unfinished:
+        lines += ["", f"Not run to the end (time): {', '.join(unfinished)}. The share above is of the mutants checked; "
+                  "`python benchmarks/mutation.py MODULE --resume` goes on where a run stopped (its scratch copy kept)."]
     stale = sorted(set(EQUIVALENT) - {m for module in MODULES if (p := RESULTS / "mutation" / f"{module}.json").exists() for m in json.loads(p.read_text())["survivors"]})
     if stale:
         lines += ["", f"Stale EQUIVALENT entries (their mutants no longer survive): {', '.join(stale)}"]
