@@ -49,6 +49,7 @@ MODULES: dict[str, tuple[list[str], list[str]]] = {
         ["engine/hooks/attention.py", "engine/hooks/ff_chunking.py", "engine/hooks/libraries.py", "engine/hooks/registry.py", "engine/hooks/row_groups.py"],
         [
             "tests/test_attention.py", "tests/test_row_groups.py", "tests/test_plans.py::test_ff_chunking_leaves_the_output_unchanged",
+            "tests/test_plans.py::test_a_chunked_feed_forward_hands_every_argument_to_each_slice",
             "tests/test_structure.py::test_features_come_off_cleanly", "tests/test_structure.py::test_the_model_libraries_load_with_their_noisy_loggers_quiet",
         ],
     ),
