@@ -88,7 +88,7 @@ def test_merge_rounds_once_to_the_outputs_dtype_and_writes_into_no_input():
         choose_kernel("flash", "cpu", torch.float32)
 
 
-@pytest.mark.parametrize("strength", [0.3, 1.0, 2.5])  # 0 never injects (InjectSettings.is_active)
+@pytest.mark.parametrize("strength", [0.3, 1.0, 2.0, 2.5])  # 0 never injects (InjectSettings.is_active)
 @pytest.mark.parametrize("kernel", ["sdpa", "fa4", "sage"])
 def test_each_kernel_injects_as_attention_written_out(kernel, strength, stand_in, monkeypatch):
     """The shared processor with each kernel, told by the state that this block injects (what a
