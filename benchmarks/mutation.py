@@ -123,6 +123,11 @@ EQUIVALENT: dict[str, str] = {
         (f"engine.hooks.attention.x__problem__mutmut_{n}" for n in (20, 21, 22, 23, 24)),
         "which list of compute capabilities: FA4_RUNS and SAGE_RUNS are the same (8-12)",
     ),
+    "engine.hooks.injection.x__injected__mutmut_75": "<= for < when every row is an edit row (replayed K/V): the reference rows' call runs on zero rows and writes nothing",
+    **dict.fromkeys(
+        (f"engine.hooks.injection.x__strength_mask__mutmut_{n}" for n in (10, 11, 12)),
+        "the bias as [1, 1, keys] instead of [1, 1, 1, keys]: broadcasting against [B, heads, queries, keys] prepends the 1",
+    ),
     "engine.hooks.injection.x__head_slices__mutmut_15": "head slices at every head instead of every 8th: each head is computed again with the same values (only slower)",
     **dict.fromkeys(
         ("engine.hooks.injection.x__reference_group__mutmut_19", "engine.hooks.injection.x__reference_group__mutmut_20"),
@@ -138,6 +143,15 @@ NOT_KILLED: dict[str, str] = {
     **dict.fromkeys(
         (f"engine.stages.windows.x_blended__mutmut_{n}" for n in (34, 36)),
         "rounding only: the weights stay float32 against a bf16/fp16 prediction (one rounding less); no test pins half-precision bits",
+    ),
+    **dict.fromkeys(
+        ("engine.hooks.injection.x__inject__mutmut_30", "engine.hooks.injection.x__injected__mutmut_36", "engine.hooks.injection.x__injected__mutmut_39",
+         "engine.hooks.injection.x__strength_mask__mutmut_9", "engine.hooks.injection.x__strength_mask__mutmut_15"),
+        "GPU only: a tensor made on the default device (the CPU) instead of the rows' device; on the CPU they are the same",
+    ),
+    **dict.fromkeys(
+        ("engine.hooks.injection.x__inject__mutmut_29", "engine.hooks.injection.x__strength_mask__mutmut_8", "engine.hooks.injection.x__strength_mask__mutmut_14"),
+        "rounding only: the strength bias in float32 instead of the rows' bf16/fp16 (SDPA takes a float32 mask too)",
     ),
     **dict.fromkeys(
         (f"engine.hooks.kv_replay.xǁStepKVǁ__getitem____mutmut_{n}" for n in (15, 16)),

@@ -91,7 +91,7 @@ def test_groups_inject_as_the_whole_batch_does_and_let_go_of_the_reference(dtype
         hooks.register(block, RowGroupsHook(RowGroupConfig(1, state)), ROW_GROUPS)
         hooks.register(block, KVInjectionHook(state, 0), KV_INJECTION + "-outer")  # outermost, as the edit registers them
         grouped = block(hidden.clone(), text.clone(), temb)
-    for a, b in zip(grouped, whole):  # the strength bias is in the rows' dtype (SDPA takes no other)
+    for a, b in zip(grouped, whole):  # bf16: the dtype the lean plan runs in on a GPU
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5 if dtype == torch.float32 else 0.1)
     assert state.rows is None and state.held is None
 
