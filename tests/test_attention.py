@@ -102,6 +102,8 @@ def test_each_kernel_injects_as_attention_written_out(kernel, strength, stand_in
 
     merged = []  # FA4 runs the two key sets apart and merges them: no joined copy of the keys
     monkeypatch.setattr(injection, "merge", lambda *a: merged.append(a) or merge(*a))
+    joined = set()  # kernels the calls over own + reference keys ran on: the named one, SDPA where a bias is needed
+    monkeypatch.setattr(injection, "attend", lambda q, k, v, name, mask=None: (k.shape[2] > q.shape[2] and joined.add(name)) or attention.attend(q, k, v, name, mask))
     attn, text_len = _attention_module(), 4
     rotary = get_3d_rotary_pos_embed(16, ((0, 0), (2, 3)), (2, 3), 2)
     x = torch.randn(4, text_len + 12, 32, generator=torch.Generator().manual_seed(1))
@@ -119,6 +121,7 @@ def test_each_kernel_injects_as_attention_written_out(kernel, strength, stand_in
     torch.testing.assert_close(torch.cat(grouped), expected, rtol=0, atol=1e-5)
     assert stand_in.ran == {kernel} - {"sdpa"}  # the kernel named is the kernel that ran
     assert bool(merged) == (kernel == "fa4")
+    assert joined == (set() if kernel == "fa4" else {kernel if strength == 1.0 else "sdpa"})
 
 
 def _capability(monkeypatch, major: int, importable: bool = True) -> None:
