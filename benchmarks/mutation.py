@@ -111,6 +111,7 @@ EQUIVALENT: dict[str, str] = {
     ),
     "engine.stages.distributed.x__failure_line__mutmut_24": "next()'s default None for '': both are false, and the line is used only when true",
     "engine.hooks.kv_replay.xǁStepKVǁ__getitem____mutmut_23": "wait=None is as false as wait=False",
+    "engine.hooks.kv_replay.xǁStepKVǁ__init____mutmut_7": "wait=None is as false as wait=False",
     "engine.hooks.kv_replay.xǁ_Readerǁ__init____mutmut_3": "'' for None as the timestep to hurry: neither is a timestep in the queue",
     "engine.hooks.kv_replay.xǁ_Readerǁ__init____mutmut_4": "None for False as the closed flag: as false",
     "engine.hooks.kv_replay.xǁStepKVǁ__getitem____mutmut_6": "'' for None while the block is fetched: overwritten before the method returns; "

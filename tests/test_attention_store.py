@@ -182,6 +182,7 @@ def test_read_ahead_reads_each_block_once_and_one_timestep_ahead_only():
         stored.prefetch(499)  # a third timestep: beyond the read-ahead
         for t in (999, 749):
             step = stored.at(t)
+            assert set(step._inflight) == {0}, "a step's first block, read already, starts its copy as the step is made"
             [step[i] for i in (0, 1)]
     finally:
         stored.close()
