@@ -155,8 +155,18 @@ NOT_KILLED: dict[str, str] = {
         "rounding only: the strength bias in float32 instead of the rows' bf16/fp16 (SDPA takes a float32 mask too)",
     ),
     **dict.fromkeys(
-        (f"engine.hooks.kv_replay.xǁStepKVǁ__getitem____mutmut_{n}" for n in (15, 16)),
-        "GPU only: the side stream's event and record_stream run only when blocks are copied to a CUDA device",
+        (
+            *(f"engine.hooks.kv_replay.xǁStepKVǁ__getitem____mutmut_{n}" for n in (15, 16)),
+            *(f"engine.hooks.kv_replay.xǁStepKVǁ_issue__mutmut_{n}" for n in range(11, 21)),
+            *(f"engine.hooks.kv_replay.xǁStoredAttentionǁ__init____mutmut_{n}" for n in (3, 4, 6, 9, 10)),
+            *(f"engine.hooks.kv_replay.xǁStoredAttentionǁat__mutmut_{n}" for n in (16, 20)),
+            *(f"engine.hooks.kv_capture.xǁ_HostCopiesǁcopy__mutmut_{n}" for n in (2, 3, 4)),
+        ),
+        "GPU only: the side stream, its events and the copies to a CUDA device; on the CPU blocks are handed over as they are",
+    ),
+    **dict.fromkeys(
+        (f"engine.hooks.kv_replay.xǁStoredAttentionǁ__init____mutmut_{n}" for n in (21, 22, 23)),
+        "speed only: how many reader threads there are by default (9 or 1 for min(8, cores))",
     ),
     **{
         f"engine.stages.distributed.x_launch__mutmut_{n}": "starts worker processes: its tests (tests/test_multigpu.py) spawn workers, "

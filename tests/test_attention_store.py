@@ -215,6 +215,8 @@ def test_replay_gives_the_model_dtype_and_moves_the_next_block_in_while_one_comp
             assert set(step._inflight) == ({i + 1} if i < 2 else set()), (i, set(step._inflight))
             again = step[i]
             assert len(again) == 2 and again[0] is k and again[1] is v
+        k, v = step[0]  # a second pass over the blocks (a long clip's next window) reads block 0 again
+        assert torch.equal(k, torch.full((1, 2, 3, 4), 1.0, dtype=torch.bfloat16)) and torch.equal(v, -k)
     finally:
         stored.close()
 
@@ -298,3 +300,34 @@ def test_stores_in_two_precisions_are_two_stores(tiny_model, wide_clip):
     assert fp8.id == bf16.id and [r.name for r in reporter.records].count("capture") == 1
     dtypes = [frozenset(t.dtype for f in fp8.store_files(key) for t in load_tensors(f).values()) for key in fp8.stores()]
     assert sorted(dtypes, key=str) == sorted([{torch.bfloat16}, {torch.float32, torch.float8_e4m3fn}], key=str)  # fp8 has its scales
+
+
+def test_a_store_writer_names_each_file_and_reports_the_first_failed_write(tmp_path):
+    from safetensors import safe_open
+
+    from engine.hooks.kv_capture import StoreWriter
+
+    writer = StoreWriter("disk", lambda t, block: tmp_path / f"{t}-{block}.safetensors", None, workers=2)
+    for t, block in ((999, 0), (999, 1), (749, 0)):
+        writer(t, block, {f"{block:02d}.k": torch.ones(2, 3)}, None)
+    records = writer.close()
+    assert sorted(records) == [(749, 0), (999, 0), (999, 1)]
+    with safe_open(tmp_path / "749-0.safetensors", "pt") as f:
+        assert {k: f.metadata()[k] for k in ("timestep", "block")} == {"timestep": "749", "block": "0"}
+    (tmp_path / "blocked").write_text("")  # a file where a folder should be: every write fails
+    writer = StoreWriter("disk", lambda t, block: tmp_path / "blocked" / f"{t}-{block}.safetensors", None, workers=1)
+    with pytest.raises(FileExistsError, match="blocked"):  # said by the next block, or by close
+        writer(999, 0, {"00.k": torch.ones(2)}, None)
+        writer(999, 1, {"01.k": torch.ones(2)}, None)
+        writer.close()
+
+
+def test_fp8_keeps_small_keys_to_its_precision():
+    """One scale per tensor maps its largest value to fp8's largest (448): values of 1e-5 to 1e-4
+    keep fp8's 3-bit mantissa (within 1/16), not the subnormals' few steps."""
+    from engine.hooks.kv_capture import _quantize
+
+    x = torch.tensor([1e-4, -5e-5, 2e-5, 1e-5])
+    q = _quantize(x, "fp8")
+    back = q[""].float() * q[".scale"]
+    assert q[""].dtype == torch.float8_e4m3fn and ((back - x).abs() <= x.abs() / 16).all(), (back, x)
