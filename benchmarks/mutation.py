@@ -160,7 +160,7 @@ NOT_KILLED: dict[str, str] = {
             *(f"engine.hooks.kv_replay.xǁStepKVǁ_issue__mutmut_{n}" for n in range(11, 21)),
             *(f"engine.hooks.kv_replay.xǁStoredAttentionǁ__init____mutmut_{n}" for n in (3, 4, 6, 9, 10)),
             *(f"engine.hooks.kv_replay.xǁStoredAttentionǁat__mutmut_{n}" for n in (16, 20)),
-            *(f"engine.hooks.kv_capture.xǁ_HostCopiesǁcopy__mutmut_{n}" for n in (2, 3, 4)),
+            *(f"engine.hooks.kv_capture.xǁ_HostCopiesǁcopy__mutmut_{n}" for n in (2, 3, 4, 6, *range(11, 26))),
         ),
         "GPU only: the side stream, its events and the copies to a CUDA device; on the CPU blocks are handed over as they are",
     ),

@@ -331,3 +331,13 @@ def test_fp8_keeps_small_keys_to_its_precision():
     q = _quantize(x, "fp8")
     back = q[""].float() * q[".scale"]
     assert q[""].dtype == torch.float8_e4m3fn and ((back - x).abs() <= x.abs() / 16).all(), (back, x)
+
+
+def test_a_captured_row_is_copied_out_of_the_batch():
+    """The processor hands over one row of a batch-sized projection: the capture keeps a copy of
+    that row only, not a view that would hold the whole batch in memory for the store's life."""
+    from engine.hooks.kv_capture import _HostCopies
+
+    batch = torch.randn(4, 2, 5, 3)
+    kept = _HostCopies().copy(batch[1])
+    assert torch.equal(kept, batch[1]) and kept.untyped_storage().nbytes() == 2 * 5 * 3 * 4
