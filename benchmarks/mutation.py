@@ -255,14 +255,16 @@ def _source_digest(module: str) -> str:
 
 
 def run_module(module: str, children: int, minutes: float | None, again: bool = False, resume: bool = False) -> dict:
-    """Run mutmut on `module`; with `again`, only the mutants the last run did not kill (after
-    new tests), keeping the last run's verdicts on the others (tests are only ever added); with
+    """Run mutmut on `module`; with `again`, only the mutants the last run did not kill and that are
+    not explained (after new tests), keeping the last run's verdicts on the others (tests are only ever added); with
     `resume`, in the scratch copy of a stopped run, where mutmut checks only what it had not."""
     out = RESULTS / "mutation" / f"{module}.json"
     last = json.loads(out.read_text()) if again and out.exists() else None
     if again and (last is None or last.get("source") != _source_digest(module)):
         raise SystemExit(f"{module}: no full run on this code to rerun the survivors of; run it without --again")
-    rerun = [name for name, status in last["statuses"].items() if status not in KILLED] if last else []
+    # Survivors already explained (equivalent, or GPU-only) keep their verdict: no test here can kill them.
+    explained = {name for name, diff in last["survivors"].items() if equivalent(name, diff) or name in NOT_KILLED} if last else set()
+    rerun = [name for name, status in last["statuses"].items() if status not in KILLED and name not in explained] if last else []
     where = SCRATCH / module
     if not (resume and (where / "mutants").is_dir()):
         where = _scratch(module)
