@@ -131,9 +131,11 @@ EQUIVALENT: dict[str, str] = {
     ),
     "engine.hooks.injection.x__head_slices__mutmut_15": "head slices at every head instead of every 8th: each head is computed again with the same values (only slower)",
     **dict.fromkeys(
-        ("engine.hooks.injection.x__reference_group__mutmut_19", "engine.hooks.injection.x__reference_group__mutmut_20"),
+        ("engine.hooks.injection.x__reference_group__mutmut_19", "engine.hooks.injection.x__reference_group__mutmut_20",
+         "engine.hooks.injection.xǁCogVideoXAttnProcessorǁjoined__mutmut_40", "engine.hooks.injection.xǁCogVideoXAttnProcessorǁjoined__mutmut_41"),
         "v's text length or rotary table: _projected applies RoPE (the only user of both) to q and k, never to v",
     ),
+    "engine.hooks.injection.xǁCogVideoXAttnProcessorǁjoined__mutmut_20": "the captured k's text length, projected without RoPE: RoPE is its only user",
 }
 # Survivors that are not equivalent but that no test on this machine can kill: name -> why (they count as survived).
 NOT_KILLED: dict[str, str] = {
