@@ -282,7 +282,8 @@ def run_module(module: str, children: int, minutes: float | None, again: bool = 
         raise SystemExit(f"mutmut checked no mutant of {module} ({where / 'run.log'} says why; a selected test failing without a mutant stops it)")
     survivors = _diffs(where, [name for name, status in statuses.items() if status not in (*KILLED, "not checked")])
     result = {
-        "module": module, "date": f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC", "files": MODULES[module][0], "tests": MODULES[module][1],
+        "module": module, "date": f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC", "files": MODULES[module][0],
+        "tests": json.loads(re.search(r"^pytest_add_cli_args_test_selection = (.*)$", (where / "pyproject.toml").read_text(), re.M)[1]),  # as run (--resume: as then)
         "source": _source_digest(module), "seconds": round(seconds), "statuses": statuses, "survivors": survivors,
     }
     out.parent.mkdir(parents=True, exist_ok=True)
