@@ -112,6 +112,7 @@ EQUIVALENT: dict[str, str] = {
     "engine.stages.distributed.x__failure_line__mutmut_24": "next()'s default None for '': both are false, and the line is used only when true",
     "engine.hooks.kv_replay.xǁStepKVǁ__getitem____mutmut_23": "wait=None is as false as wait=False",
     "engine.hooks.kv_replay.xǁStepKVǁ__init____mutmut_7": "wait=None is as false as wait=False",
+    "engine.hooks.kv_capture.xǁ_TimestepGateǁ__init____mutmut_2": "'' for None before the first forward: CaptureGateHook.pre_forward sets t before any block reads it",
     "engine.hooks.kv_replay.xǁ_Readerǁ__init____mutmut_3": "'' for None as the timestep to hurry: neither is a timestep in the queue",
     "engine.hooks.kv_replay.xǁ_Readerǁ__init____mutmut_4": "None for False as the closed flag: as false",
     "engine.hooks.kv_replay.xǁStepKVǁ__getitem____mutmut_6": "'' for None while the block is fetched: overwritten before the method returns; "
@@ -162,13 +163,23 @@ NOT_KILLED: dict[str, str] = {
             *(f"engine.hooks.kv_replay.xǁStepKVǁ_issue__mutmut_{n}" for n in range(11, 21)),
             *(f"engine.hooks.kv_replay.xǁStoredAttentionǁ__init____mutmut_{n}" for n in (3, 4, 6, 9, 10)),
             *(f"engine.hooks.kv_replay.xǁStoredAttentionǁat__mutmut_{n}" for n in (16, 20)),
-            *(f"engine.hooks.kv_capture.xǁ_HostCopiesǁcopy__mutmut_{n}" for n in (2, 3, 4, 6, *range(11, 26))),
+            *(f"engine.hooks.kv_capture.xǁ_HostCopiesǁcopy__mutmut_{n}" for n in (2, 3, 4, 6, *range(11, 31))),
+            *(f"engine.hooks.kv_capture.xǁ_HostCopiesǁready__mutmut_{n}" for n in (2, 3, 4, 5)),
+            "engine.hooks.kv_capture.xǁ_TimestepGateǁadd__mutmut_15",
+            *(f"engine.hooks.kv_capture.xǁStoreWriterǁ__call____mutmut_{n}" for n in (7, 8, 14)),
         ),
         "GPU only: the side stream, its events and the copies to a CUDA device; on the CPU blocks are handed over as they are",
     ),
     **dict.fromkeys(
-        (f"engine.hooks.kv_replay.xǁStoredAttentionǁ__init____mutmut_{n}" for n in (21, 22, 23)),
-        "speed only: how many reader threads there are by default (9 or 1 for min(8, cores))",
+        (
+            *(f"engine.hooks.kv_replay.xǁStoredAttentionǁ__init____mutmut_{n}" for n in (21, 22, 23)),
+            *(f"engine.hooks.kv_capture.xǁStoreWriterǁ__init____mutmut_{n}" for n in (1, 2, 9, 11)),
+        ),
+        "speed only: how many reader or writer threads there are, how many blocks may wait",
+    ),
+    **dict.fromkeys(
+        (f"engine.hooks.kv_capture.xǁStoreWriterǁ__init____mutmut_{n}" for n in (10, 12, 13, 14)),
+        "the writer threads' names only (what a stack dump shows)",
     ),
     **{
         f"engine.stages.distributed.x_launch__mutmut_{n}": "starts worker processes: its tests (tests/test_multigpu.py) spawn workers, "

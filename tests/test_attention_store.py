@@ -341,3 +341,25 @@ def test_a_captured_row_is_copied_out_of_the_batch():
     batch = torch.randn(4, 2, 5, 3)
     kept = _HostCopies().copy(batch[1])
     assert torch.equal(kept, batch[1]) and kept.untyped_storage().nbytes() == 2 * 5 * 3 * 4
+
+
+def test_capture_takes_each_stored_timesteps_first_forward_only_and_switches_off_after_each_block():
+    """A fixed-point step runs the model at t again on other latents: only the first forward at a
+    stored t is recorded, the gate closes after each forward, and a block leaves recording off."""
+    from engine.hooks.injection import CaptureSlot
+    from engine.hooks.kv_capture import CaptureGateHook, KVCaptureHook, _TimestepGate
+
+    sunk = []
+    gate = _TimestepGate({500}, lambda t, block, tensors, ready: sunk.append((t, block)), "model")
+    slot = CaptureSlot(row=0)
+    model_hook, block_hook = CaptureGateHook(gate), KVCaptureHook(gate, 3, slot)
+    for t in (500, 500, 400):
+        model_hook.pre_forward(None, timestep=torch.tensor([t]))
+        block_hook.pre_forward(None)
+        if slot.on:  # what the shared processor records while on
+            slot.k, slot.v = torch.ones(2, 3, 4), torch.zeros(2, 3, 4)
+        block_hook.post_forward(None, None)
+        assert not slot.on and slot.k is None and slot.v is None
+        model_hook.post_forward(None, None)
+        assert gate.t is None
+    assert sunk == [(500, 3)] and gate.seen == {500}

@@ -162,10 +162,12 @@ def test_features_come_off_cleanly(tiny_model):
     for apply, _, config, name, where in features:
         apply(model, config)
         assert hooks.find(where, name) is not None
+    assert hooks.find(model.transformer_blocks[0], KV_CAPTURE) is not None  # capture's block hook, under the same name
     on = model(x.clone(), text.clone(), t, return_dict=False)[0]
     for _, remove, _, name, where in features:
         remove(model)
         assert hooks.find(where, name) is None
+    assert hooks.find(model.transformer_blocks[0], KV_CAPTURE) is None
     torch.testing.assert_close(on, before, rtol=0, atol=1e-5)  # inactive injection, exact features
     assert hooks.find(torch.nn.Linear(1, 1), FF_CHUNKING) is None  # a module no hook was ever registered on
     torch.testing.assert_close(model(x, text, t, return_dict=False)[0], before, rtol=0, atol=0)
