@@ -196,7 +196,10 @@ def test_replay_gives_the_model_dtype_and_moves_the_next_block_in_while_one_comp
 
     from engine.hooks.kv_replay import StoredAttention
 
+    reads = []
+
     def load(t, i):
+        reads.append((t, i))
         k = torch.full((2, 3, 4), float(i + 1))
         if i == 0:  # fp8 with its scale, as an fp8 store keeps it
             return {"00.k": (k / 4).to(torch.float8_e4m3fn), "00.k.scale": torch.tensor(4.0), "00.v": (-k / 4).to(torch.float8_e4m3fn), "00.v.scale": torch.tensor(4.0)}
@@ -216,7 +219,7 @@ def test_replay_gives_the_model_dtype_and_moves_the_next_block_in_while_one_comp
             again = step[i]
             assert len(again) == 2 and again[0] is k and again[1] is v
         k, v = step[0]  # a second pass over the blocks (a long clip's next window) reads block 0 again
-        assert torch.equal(k, torch.full((1, 2, 3, 4), 1.0, dtype=torch.bfloat16)) and torch.equal(v, -k)
+        assert torch.equal(k, torch.full((1, 2, 3, 4), 1.0, dtype=torch.bfloat16)) and torch.equal(v, -k) and reads[-1] == (999, 0)
     finally:
         stored.close()
 
