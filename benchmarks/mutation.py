@@ -284,7 +284,8 @@ def run_module(module: str, children: int, minutes: float | None, again: bool = 
         where = _scratch(module)
     start = time.perf_counter()
     (where / "run.log").write_text(_mutmut(where, "run", "--max-children", str(children), *rerun, check=False, minutes=minutes))
-    seconds = time.perf_counter() - start + (last["seconds"] if last else 0)
+    before = last or (json.loads(out.read_text()) if resume and out.exists() else None)  # the time already spent on these mutants
+    seconds = time.perf_counter() - start + (before["seconds"] if before else 0)
     statuses = dict(re.findall(r"^\s+(\S+): (.+)$", _mutmut(where, "results", "--all", "true"), flags=re.M))
     if last:
         if rerun and all(statuses.get(name, "not checked") == "not checked" for name in rerun):
