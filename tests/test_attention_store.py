@@ -219,7 +219,7 @@ def test_replay_gives_the_model_dtype_and_moves_the_next_block_in_while_one_comp
             again = step[i]
             assert len(again) == 2 and again[0] is k and again[1] is v
         k, v = step[0]  # a second pass over the blocks (a long clip's next window) reads block 0 again
-        assert torch.equal(k, torch.full((1, 2, 3, 4), 1.0, dtype=torch.bfloat16)) and torch.equal(v, -k) and reads[-1] == (999, 0)
+        assert torch.equal(k, torch.full((1, 2, 3, 4), 1.0, dtype=torch.bfloat16)) and torch.equal(v, -k) and reads.count((999, 0)) == 2
     finally:
         stored.close()
 
