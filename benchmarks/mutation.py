@@ -376,7 +376,7 @@ def report() -> str:
         lines.append(_row("all", "", tuple(totals)))
     if unfinished:
         lines += ["", f"Not run to the end (time): {', '.join(unfinished)}. The share above is of the mutants checked; "
-                  "`python benchmarks/mutation.py MODULE --resume` goes on where a run stopped (its scratch copy kept)."]
+                  "`python benchmarks/mutation.py MODULE --resume` goes on right after a stopped run (in its scratch copy); after an --again, run the module whole."]
     stale = sorted(set(EQUIVALENT) - {m for module in MODULES if (p := RESULTS / "mutation" / f"{module}.json").exists() for m in json.loads(p.read_text())["survivors"]})
     if stale:
         lines += ["", f"Stale EQUIVALENT entries (their mutants no longer survive): {', '.join(stale)}"]
