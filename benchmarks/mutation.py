@@ -16,6 +16,8 @@ it cannot change behaviour; MUTATION.md counts both.
 from __future__ import annotations
 
 import argparse
+import fnmatch
+import hashlib
 import json
 import os
 import platform
@@ -37,10 +39,40 @@ MODULES: dict[str, tuple[list[str], list[str]]] = {
     # The two tests of another process are left out: a child importing the mutated code fails in mutmut's trampoline.
     "cache": (["cache/*"], ["tests/test_cache.py", "tests/test_settings_pinned.py", "-k", "not read_only_cache_dir_chmod and not two_processes_contend"]),
     "masks": (["engine/video/masks.py"], ["tests/test_masks.py"]),
-    "hooks": (["engine/hooks/*"], ["tests/test_injection.py", "tests/test_row_groups.py", "tests/test_attention_store.py", "tests/test_plans.py", "tests/test_structure.py"]),
-    "stages": (
-        ["engine/stages/*"],
-        ["tests/test_settings_pinned.py", "tests/test_structure.py", "tests/test_inversion.py", "tests/test_fixed_point.py", "tests/test_verify.py", "tests/test_injection.py"],
+    # hooks in three runs (a family: one row in the report), each rerun alone after its tests change.
+    "hooks-injection": (
+        ["engine/hooks/injection.py"],
+        ["tests/test_injection.py", "tests/test_attention.py", "tests/test_row_groups.py", "tests/test_attention_store.py", "tests/test_structure.py::test_features_come_off_cleanly"],
+    ),
+    "hooks-kv": (["engine/hooks/kv_capture.py", "engine/hooks/kv_replay.py"], ["tests/test_attention_store.py", "tests/test_structure.py"]),
+    "hooks-rest": (
+        ["engine/hooks/attention.py", "engine/hooks/ff_chunking.py", "engine/hooks/libraries.py", "engine/hooks/registry.py", "engine/hooks/row_groups.py"],
+        [
+            "tests/test_attention.py", "tests/test_row_groups.py", "tests/test_plans.py::test_ff_chunking_leaves_the_output_unchanged",
+            "tests/test_plans.py::test_a_chunked_feed_forward_hands_every_argument_to_each_slice",
+            "tests/test_structure.py::test_features_come_off_cleanly", "tests/test_structure.py::test_the_model_libraries_load_with_their_noisy_loggers_quiet",
+        ],
+    ),
+    # stages in two runs: the arithmetic against fast unit tests, the model stages against the
+    # fastest tests that run them (the slow clip-length and CLI tests would cost a minute a mutant).
+    "stages-pure": (
+        ["engine/stages/settings.py", "engine/stages/windows.py", "engine/stages/schedulers.py", "engine/stages/fixed_point.py", "engine/stages/context.py"],
+        [
+            "tests/test_stage_units.py", "tests/test_fixed_point.py", "tests/test_settings_pinned.py",
+            "tests/test_windows.py::test_windows_cover_every_frame_and_their_weights_fall_off_and_sum_to_one",
+            "tests/test_windows.py::test_windows_of_the_5b_and_the_overlap_check",
+            "tests/test_windows.py::test_blended_prediction_of_a_linear_model_is_the_model_on_the_whole_clip",
+        ],
+    ),
+    "stages-model": (
+        [f"engine/stages/{name}.py" for name in ("attention_store", "decode", "distributed", "editing", "embed", "encode", "inversion", "verify", "vloss")],
+        [
+            "tests/test_stage_units.py", "tests/test_reference.py", "tests/test_inversion.py", "tests/test_injection.py", "tests/test_attention_store.py",
+            "tests/test_fixed_point.py::test_refinement_sharpens_the_round_trip", "tests/test_verify.py::test_verify_is_stored_with_the_entry",
+            "tests/test_verify.py::test_fixed_point_inverts_more_exactly_than_ddim", "tests/test_multigpu.py::test_a_worker_hands_its_own_gpu_on_unrefused",
+            "tests/test_engine.py::test_second_inversion_is_a_cache_hit_that_loads_nothing", "tests/test_engine.py::test_edit_from_cache_equals_one_shot_run_bit_for_bit",
+            "tests/test_proxy.py::test_shapes_proxy_beats_random_weights_on_a_held_out_pair",
+        ],
     ),
 }
 
@@ -58,6 +90,107 @@ EQUIVALENT: dict[str, str] = {
         (f"engine.video.masks.x_latent_mask__mutmut_{n}" for n in (60, 61, 63, 69)),
         "the clamp loosened: cells average 0-1 pixels and the blur's kernel sums to 1, so both terms of the maximum already lie in 0-1",
     ),
+    **dict.fromkeys(
+        (f"engine.stages.windows.x_blend_weights__mutmut_{n}" for n in (4, 7, 13, 15)),
+        "the tent weights in float32 instead of float64: its counts and their sums are small integers, exact in both, and one division "
+        "rounded from float64 to float32 equals the float32 division (double rounding is innocuous when 53 >= 2 x 24 + 2, Figueroa 1995)",
+    ),
+    "engine.stages.windows.x_blended__mutmut_30": "the weights' view without its leading 1: broadcasting against [B, n, ...] prepends it",
+    "engine.stages.windows.x_window_shape__mutmut_5": "stop + start for stop - start of the first window: window_spans' first window always starts at frame 0",
+    **dict.fromkeys(
+        ("engine.stages.fixed_point.x_refine__mutmut_16", "engine.stages.fixed_point.x_refine__mutmut_36"),
+        "the loop's end: it leaves at k == iters either way (range(iters + 1) ends there), and the update after the last check is never measured nor returned",
+    ),
+    **dict.fromkeys(
+        (f"engine.stages.fixed_point.x_step_coefficients__mutmut_{n}" for n in (16, 20, 21, 27, 31, 32)),
+        "return_dict=True/None/left out: diffusers' scheduler output indexes like its tuple, so [0] is prev_sample either way",
+    ),
+    **dict.fromkeys(
+        (f"engine.stages.fixed_point.x_step_coefficients__mutmut_{n}" for n in (8, 10)),
+        "the zero input in float32: every term it enters is an exact 0, and the float64 one keeps the step in float64",
+    ),
+    "engine.stages.distributed.x__failure_line__mutmut_24": "next()'s default None for '': both are false, and the line is used only when true",
+    "engine.hooks.kv_replay.xǁStepKVǁ__getitem____mutmut_23": "wait=None is as false as wait=False",
+    "engine.hooks.kv_replay.xǁStepKVǁ__init____mutmut_7": "wait=None is as false as wait=False",
+    "engine.hooks.kv_capture.xǁ_TimestepGateǁ__init____mutmut_2": "'' for None before the first forward: CaptureGateHook.pre_forward sets t before any block reads it",
+    "engine.hooks.kv_replay.xǁ_Readerǁ__init____mutmut_3": "'' for None as the timestep to hurry: neither is a timestep in the queue",
+    "engine.hooks.kv_replay.xǁ_Readerǁ__init____mutmut_4": "None for False as the closed flag: as false",
+    "engine.hooks.kv_replay.xǁStepKVǁ__getitem____mutmut_6": "'' for None while the block is fetched: overwritten before the method returns; "
+    "if the read raises, the error ends the edit and the store is closed, so the step is never asked again",
+    "engine.hooks.kv_replay.xǁStepKVǁclose__mutmut_1": "'' for None on close: the last block is let go either way, and a closed step is never asked "
+    "again (StoredAttention.at makes a new one, close ends the replay)",
+    "engine.hooks.ff_chunking.xǁChunkedFeedForwardǁforward__mutmut_2": "< for <= at exactly `chunk` tokens: one slice of all of them is the unsliced call",
+    "engine.hooks.registry.x_remove__mutmut_4": "recurse=True is diffusers' HookRegistry.remove_hook default",
+    **dict.fromkeys(
+        (f"engine.hooks.attention.x__problem__mutmut_{n}" for n in (20, 21, 22, 23, 24)),
+        "which list of compute capabilities: FA4_RUNS and SAGE_RUNS are the same (8-12)",
+    ),
+    "engine.hooks.injection.x__injected__mutmut_75": "<= for < when every row is an edit row (replayed K/V): the reference rows' call runs on zero rows and writes nothing",
+    **dict.fromkeys(
+        (f"engine.hooks.injection.x__strength_mask__mutmut_{n}" for n in (10, 11, 12)),
+        "the bias as [1, 1, keys] instead of [1, 1, 1, keys]: broadcasting against [B, heads, queries, keys] prepends the 1",
+    ),
+    "engine.hooks.injection.x__head_slices__mutmut_15": "head slices at every head instead of every 8th: each head is computed again with the same values (only slower)",
+    **dict.fromkeys(
+        ("engine.hooks.injection.x__reference_group__mutmut_19", "engine.hooks.injection.x__reference_group__mutmut_20",
+         "engine.hooks.injection.xǁCogVideoXAttnProcessorǁjoined__mutmut_40", "engine.hooks.injection.xǁCogVideoXAttnProcessorǁjoined__mutmut_41"),
+        "v's text length or rotary table: _projected applies RoPE (the only user of both) to q and k, never to v",
+    ),
+    "engine.hooks.injection.xǁCogVideoXAttnProcessorǁjoined__mutmut_20": "the captured k's text length, projected without RoPE: RoPE is its only user",
+}
+# Survivors that are not equivalent but that no test on this machine can kill: name -> why (they count as survived).
+NOT_KILLED: dict[str, str] = {
+    **dict.fromkeys(
+        (f"engine.stages.windows.x_blended__mutmut_{n}" for n in (33, 35)),
+        "GPU only: the window weights must move to the prediction's device; on the CPU they are there already",
+    ),
+    **dict.fromkeys(
+        (f"engine.stages.windows.x_blended__mutmut_{n}" for n in (34, 36)),
+        "rounding only: the weights stay float32 against a bf16/fp16 prediction (one rounding less); no test pins half-precision bits",
+    ),
+    **dict.fromkeys(
+        ("engine.hooks.injection.x__inject__mutmut_30", "engine.hooks.injection.x__injected__mutmut_36", "engine.hooks.injection.x__injected__mutmut_39",
+         "engine.hooks.injection.x__strength_mask__mutmut_9", "engine.hooks.injection.x__strength_mask__mutmut_15"),
+        "GPU only: a tensor made on the default device (the CPU) instead of the rows' device; on the CPU they are the same",
+    ),
+    **dict.fromkeys(
+        ("engine.hooks.injection.x__inject__mutmut_29", "engine.hooks.injection.x__strength_mask__mutmut_8", "engine.hooks.injection.x__strength_mask__mutmut_14"),
+        "rounding only: the strength bias in float32 instead of the rows' bf16/fp16 (SDPA takes a float32 mask too)",
+    ),
+    **dict.fromkeys(
+        (
+            *(f"engine.hooks.kv_replay.xǁStepKVǁ__getitem____mutmut_{n}" for n in (15, 16)),
+            *(f"engine.hooks.kv_replay.xǁStepKVǁ_issue__mutmut_{n}" for n in range(11, 21)),
+            *(f"engine.hooks.kv_replay.xǁStoredAttentionǁ__init____mutmut_{n}" for n in (3, 4, 6, 9, 10)),
+            *(f"engine.hooks.kv_replay.xǁStoredAttentionǁat__mutmut_{n}" for n in (16, 20)),
+            *(f"engine.hooks.kv_capture.xǁ_HostCopiesǁcopy__mutmut_{n}" for n in (2, 3, 4, 6, *range(11, 31))),
+            *(f"engine.hooks.kv_capture.xǁ_HostCopiesǁready__mutmut_{n}" for n in (2, 3, 4, 5)),
+            "engine.hooks.kv_capture.xǁ_TimestepGateǁadd__mutmut_15",
+            *(f"engine.hooks.kv_capture.xǁStoreWriterǁ__call____mutmut_{n}" for n in (7, 8, 14)),
+        ),
+        "GPU only: the side stream, its events and the copies to a CUDA device; on the CPU blocks are handed over as they are",
+    ),
+    **dict.fromkeys(
+        (
+            *(f"engine.hooks.kv_replay.xǁStoredAttentionǁ__init____mutmut_{n}" for n in (21, 22, 23)),
+            *(f"engine.hooks.kv_capture.xǁStoreWriterǁ__init____mutmut_{n}" for n in (1, 2, 9, 11)),
+        ),
+        "speed only: how many reader or writer threads there are, how many blocks may wait",
+    ),
+    **dict.fromkeys(
+        (f"engine.hooks.kv_capture.xǁStoreWriterǁ__init____mutmut_{n}" for n in (10, 12, 13, 14)),
+        "the writer threads' names only (what a stack dump shows)",
+    ),
+    **{
+        f"engine.stages.distributed.x_launch__mutmut_{n}": "starts worker processes: its tests (tests/test_multigpu.py) spawn workers, "
+        "which cannot import mutmut's trampolined copy of the code"
+        for n in range(1, 80)
+    },
+    **{
+        f"engine.stages.distributed.xǁGuidanceSplitǁcombine__mutmut_{n}": "gathers from two processes: tested by tests/test_multigpu.py's "
+        "two-worker edit, which mutmut cannot run"
+        for n in range(1, 12)
+    },
 }
 # The same by the line a mutant writes: (regular expression, why).
 EQUIVALENT_LINES = [
@@ -73,6 +206,11 @@ def equivalent(name: str, diff: str) -> str | None:
     """Why a surviving mutant cannot change behaviour, or None."""
     added = "\n".join(line for line in diff.splitlines() if line.startswith("+") and not line.startswith("+++"))
     return EQUIVALENT.get(name) or next((why for pattern, why in EQUIVALENT_LINES if re.search(pattern, added)), None)
+
+
+def _why(name: str, diff: str, status: str) -> str:
+    """A survivor's line in MUTATION.md: why it is equivalent, or its status and why no test here kills it."""
+    return equivalent(name, diff) or (f"{status}; {NOT_KILLED[name]}" if name in NOT_KILLED else status)
 
 
 def _tree_files() -> list[str]:
@@ -105,7 +243,7 @@ def _mutmut(where: Path, *args: str, check: bool = True, minutes: float | None =
         return ""
     if check and done.returncode != 0:
         raise SystemExit(f"mutmut {' '.join(args)} failed in {where}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
-    return done.stdout
+    return done.stdout if check else done.stdout + done.stderr
 
 
 # Each survivor's diff, in one process (`mutmut show` per mutant starts mutmut hundreds of times).
@@ -121,23 +259,57 @@ def _diffs(where: Path, names: list[str]) -> dict[str, str]:
     return json.loads(done.stdout)
 
 
-def run_module(module: str, children: int, minutes: float | None) -> dict:
-    where = _scratch(module)
+def _source_digest(module: str) -> str:
+    """The mutated files' content: a rerun of some mutants is only valid on the same code."""
+    h = hashlib.sha256()
+    for f in sorted(f for f in _tree_files() if any(fnmatch.fnmatch(f, g) for g in MODULES[module][0])):
+        h.update(f.encode() + b"\0" + (ROOT / f).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def run_module(module: str, children: int, minutes: float | None, again: bool = False, resume: bool = False) -> dict:
+    """Run mutmut on `module`; with `again`, only the mutants the last run did not kill and that are
+    not explained (after new tests), keeping the last run's verdicts on the others (tests are only ever added); with
+    `resume`, in the scratch copy of a stopped run, where mutmut checks only what it had not."""
+    out = RESULTS / "mutation" / f"{module}.json"
+    last = json.loads(out.read_text()) if again and out.exists() else None
+    if again and (last is None or last.get("source") != _source_digest(module)):
+        raise SystemExit(f"{module}: no full run on this code to rerun the survivors of; run it without --again")
+    # Survivors already explained (equivalent, or GPU-only) keep their verdict: no test here can kill them.
+    explained = {name for name, diff in last["survivors"].items() if equivalent(name, diff) or name in NOT_KILLED} if last else set()
+    # Mutants a stopped run did not check stay so: --resume checks them.
+    rerun = [name for name, status in last["statuses"].items() if status not in (*KILLED, "not checked") and name not in explained] if last else []
+    where = SCRATCH / module
+    if not (resume and (where / "mutants").is_dir()):
+        where = _scratch(module)
     start = time.perf_counter()
-    _mutmut(where, "run", "--max-children", str(children), check=False, minutes=minutes)
-    seconds = time.perf_counter() - start
+    (where / "run.log").write_text(_mutmut(where, "run", "--max-children", str(children), *rerun, check=False, minutes=minutes))
+    before = last or (json.loads(out.read_text()) if resume and out.exists() else None)  # the time already spent on these mutants
+    seconds = time.perf_counter() - start + (before["seconds"] if before else 0)
     statuses = dict(re.findall(r"^\s+(\S+): (.+)$", _mutmut(where, "results", "--all", "true"), flags=re.M))
+    if last:
+        if rerun and all(statuses.get(name, "not checked") == "not checked" for name in rerun):
+            raise SystemExit(f"mutmut checked none of {module}'s survivors again ({where / 'run.log'} says why)")
+        statuses = {name: statuses[name] if name in rerun else status for name, status in last["statuses"].items()}
     if not statuses or all(s == "not checked" for s in statuses.values()):
-        raise SystemExit(f"mutmut checked no mutant of {module}: run `python -m mutmut run` in {where} to see why")
+        raise SystemExit(f"mutmut checked no mutant of {module} ({where / 'run.log'} says why; a selected test failing without a mutant stops it)")
     survivors = _diffs(where, [name for name, status in statuses.items() if status not in (*KILLED, "not checked")])
     result = {
-        "module": module, "date": f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC", "files": MODULES[module][0], "tests": MODULES[module][1],
-        "seconds": round(seconds), "statuses": statuses, "survivors": survivors,
+        "module": module, "date": f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC", "files": MODULES[module][0],
+        "tests": json.loads(re.search(r"^pytest_add_cli_args_test_selection = (.*)$", (where / "pyproject.toml").read_text(), re.M)[1]),  # as run (--resume: as then)
+        "source": _source_digest(module), "seconds": round(seconds), "statuses": statuses, "survivors": survivors,
     }
-    out = RESULTS / "mutation" / f"{module}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
     return result
+
+
+def _families() -> dict[str, list[str]]:
+    """Module family (the name before a dash: "hooks" for "hooks-kv") -> its modules, in MODULES' order."""
+    families: dict[str, list[str]] = {}
+    for module in MODULES:
+        families.setdefault(module.split("-")[0], []).append(module)
+    return families
 
 
 def _versions() -> str:
@@ -178,26 +350,34 @@ def report() -> str:
         "| module | files | mutants | not checked (time) | killed | survived | equivalent | killed or equivalent, of those checked | minutes |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    details, totals = [], [0] * 5
-    for module in MODULES:
-        path = RESULTS / "mutation" / f"{module}.json"
-        if not path.exists():
-            lines.append(f"| {module} | {', '.join(MODULES[module][0])} | not run | | | | | | |")
+    details, totals, unfinished = [], [0] * 5, []
+    for family, modules in _families().items():
+        runs = {m: json.loads(path.read_text()) for m in modules if (path := RESULTS / "mutation" / f"{m}.json").exists()}
+        files = ", ".join(f for m in modules for f in MODULES[m][0])
+        if not runs:
+            lines.append(f"| {family} | {files} | not run | | | | | | |")
             continue
-        r = json.loads(path.read_text())
-        counts = _counts(r["statuses"], r["survivors"])
+        statuses = {k: v for r in runs.values() for k, v in r["statuses"].items()}
+        survivors = {k: v for r in runs.values() for k, v in r["survivors"].items()}
+        counts = _counts(statuses, survivors)
         totals = [a + b for a, b in zip(totals, counts)]
-        date = r.get("date") or f"{datetime.fromtimestamp(path.stat().st_mtime, timezone.utc):%Y-%m-%d %H:%M} UTC"
-        lines.append(_row(f"**{module}**", ", ".join(r["files"]), counts, f"{r['seconds'] / 60:.0f} ({date})"))
+        missing = [m for m in modules if m not in runs]
+        unfinished += [f"{m} ({n} of {len(r['statuses'])} not checked)" for m, r in runs.items() if (n := sum(v == "not checked" for v in r["statuses"].values()))]
+        dates = sorted({r.get("date") or f"{datetime.fromtimestamp((RESULTS / 'mutation' / f'{m}.json').stat().st_mtime, timezone.utc):%Y-%m-%d %H:%M} UTC" for m, r in runs.items()})
+        when = f"{sum(r['seconds'] for r in runs.values()) / 60:.0f} ({', '.join(dates)})"
+        lines.append(_row(f"**{family}**", files + "".join(f" ({m} not run)" for m in missing), counts, when))
         by_file: dict[str, list[str]] = {}
-        for name in r["statuses"]:
+        for name in statuses:
             by_file.setdefault(name[: name.index(".x")], []).append(name)
         for file, names in sorted(by_file.items()):
-            lines.append(_row("", file.replace(".", "/") + ".py", _counts({m: r["statuses"][m] for m in names}, {m: r["survivors"][m] for m in names if m in r["survivors"]})))
-        details += [f"- `{name}` ({equivalent(name, diff) or r['statuses'][name]}): `{_changed_lines(diff)}`" for name, diff in r["survivors"].items()]
+            lines.append(_row("", file.replace(".", "/") + ".py", _counts({m: statuses[m] for m in names}, {m: survivors[m] for m in names if m in survivors})))
+        details += [f"- `{name}` ({_why(name, diff, statuses[name])}): `{_changed_lines(diff)}`" for name, diff in survivors.items()]
     if totals[0]:
         lines.append(_row("all", "", tuple(totals)))
-    stale = sorted(set(EQUIVALENT) - {m for p in (RESULTS / "mutation").glob("*.json") for m in json.loads(p.read_text())["survivors"]})
+    if unfinished:
+        lines += ["", f"Not run to the end (time): {', '.join(unfinished)}. The share above is of the mutants checked; "
+                  "`python benchmarks/mutation.py MODULE --resume` goes on right after a stopped run (in its scratch copy); after an --again, run the module whole."]
+    stale = sorted(set(EQUIVALENT) - {m for module in MODULES if (p := RESULTS / "mutation" / f"{module}.json").exists() for m in json.loads(p.read_text())["survivors"]})
     if stale:
         lines += ["", f"Stale EQUIVALENT entries (their mutants no longer survive): {', '.join(stale)}"]
     return "\n".join(lines + ["", "## Survivors", "", "Each with its status, or why it is equivalent, and the changed line.", "", *details]) + "\n"
@@ -205,17 +385,20 @@ def report() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("modules", nargs="*", help=f"modules to run: {', '.join(MODULES)} (default: all)")
+    parser.add_argument("modules", nargs="*", help=f"modules to run: {', '.join(MODULES)}, or a family (hooks: every hooks-*) (default: all)")
     parser.add_argument("--report", action="store_true", help="only write MUTATION.md from the results on disk")
     parser.add_argument("--children", type=int, default=2, help="mutants tested at once")
+    parser.add_argument("--again", action="store_true", help="rerun only the mutants the last run left alive (after adding tests); the others keep their verdicts")
+    parser.add_argument("--resume", action="store_true", help="go on with a stopped run in its scratch copy (.mutation/<module>/, its tests as they were then)")
     parser.add_argument("--minutes", type=float, default=None, help="stop each module after this long (the rest is reported as not checked)")
     args = parser.parse_args()
-    unknown = sorted(set(args.modules) - set(MODULES))
+    families = _families()
+    unknown = sorted(set(args.modules) - set(MODULES) - set(families))
     if unknown:
-        parser.error(f"unknown module(s) {', '.join(unknown)}; the modules are {', '.join(MODULES)}")
+        parser.error(f"unknown module(s) {', '.join(unknown)}; the modules are {', '.join(MODULES)}, or a family: {', '.join(families)}")
     if not args.report:
-        for module in args.modules or MODULES:
-            r = run_module(module, args.children, args.minutes)
+        for module in [m for name in args.modules for m in families.get(name, [name])] or MODULES:
+            r = run_module(module, args.children, args.minutes, args.again, args.resume)
             print(f"{module}: {len(r['statuses'])} mutants, {len(r['survivors'])} not killed, {r['seconds']} s", flush=True)
     (RESULTS / "MUTATION.md").write_text(report())
     print(RESULTS / "MUTATION.md")

@@ -34,10 +34,12 @@ class StandIn:
 
     def __init__(self) -> None:
         self.calls = 0
+        self.ran: set[str] = set()  # which kernels were called
 
     def fa4(self, q, k, v, return_lse=False):
         torch._dynamo.graph_break()
         self.calls += 1
+        self.ran.add("fa4")
         out, lse = _exact(q, k, v)
         return (out, lse) if return_lse else out
 
@@ -46,6 +48,7 @@ class StandIn:
         torch._dynamo.graph_break()
         assert q.shape[-1] in (64, 96, 128), "headdim should be in [64, 96, 128]."
         self.calls += 1
+        self.ran.add("sage")
         if smooth_k:
             k -= k.mean(dim=1 if tensor_layout == "NHD" else 2, keepdim=True)
         t = (lambda x: x) if tensor_layout == "NHD" else (lambda x: x.transpose(1, 2))
@@ -65,9 +68,30 @@ def test_merge_equals_the_joined_keys_with_the_strength_bias(strength, scale):
     torch.testing.assert_close(merge(_exact(q, k, v), _exact(q, rk, rv), strength), to_hnd(joined), rtol=0, atol=1e-12)
 
 
-@pytest.mark.parametrize("strength", [0.3, 1.0, 2.5])  # 0 never injects (InjectSettings.is_active)
+def test_merge_rounds_once_to_the_outputs_dtype_and_writes_into_no_input():
+    """FA4's outputs are bf16 and its LSEs float32: the merge computes in float32 and rounds once to
+    bf16. An own output already in float32 is copied, not written over."""
+    g = torch.Generator().manual_seed(1)
+    o1, o2 = (torch.randn(2, 5, 3, 8, generator=g) for _ in range(2))
+    l1, l2 = (torch.randn(2, 3, 5, generator=g) for _ in range(2))
+    w = torch.sigmoid(l1 - l2 - math.log(0.5)).transpose(1, 2).unsqueeze(-1)
+    b1, b2 = o1.bfloat16(), o2.bfloat16()
+    got = merge((b1, l1), (b2, l2), 0.5)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, (b2.float() + w * (b1.float() - b2.float())).bfloat16())
+    before = o1.clone()
+    merge((o1, l1), (o2, l2), 0.5)
+    assert torch.equal(o1, before)
+    with pytest.raises(ValueError, match="^the sdpa kernel returns no log-sum-exp$"):
+        attention.attend_lse(o1, o1, o1, "sdpa")
+    with pytest.raises(ValueError, match="^the sage kernel takes no mask$"):
+        attention.attend(o1, o1, o1, "sage", torch.zeros(1))
+    with pytest.raises(engine.SettingsError, match=r"^--attention must be one of auto, sdpa, fa4, sage, got 'flash'$"):
+        choose_kernel("flash", "cpu", torch.float32)
+
+
+@pytest.mark.parametrize("strength", [0.3, 1.0, 2.0, 2.5])  # 0 never injects (InjectSettings.is_active)
 @pytest.mark.parametrize("kernel", ["sdpa", "fa4", "sage"])
-def test_each_kernel_injects_as_attention_written_out(kernel, strength, stand_in):
+def test_each_kernel_injects_as_attention_written_out(kernel, strength, stand_in, monkeypatch):
     """The shared processor with each kernel, told by the state that this block injects (what a
     block's KVInjectionHook sets around it), two edit rows reading crossed reference rows, through
     the whole batch and through row groups (the lean plan: the reference group first, whose keys
@@ -75,6 +99,12 @@ def test_each_kernel_injects_as_attention_written_out(kernel, strength, stand_in
     attention written out by hand."""
     from diffusers.models.embeddings import get_3d_rotary_pos_embed
 
+    import engine.hooks.injection as injection
+
+    merged = []  # FA4 runs the two key sets apart and merges them: no joined copy of the keys
+    monkeypatch.setattr(injection, "merge", lambda *a: merged.append(a) or merge(*a))
+    joined = set()  # kernels the calls over own + reference keys ran on: the named one, SDPA where a bias is needed
+    monkeypatch.setattr(injection, "attend", lambda q, k, v, name, mask=None: (k.shape[2] > q.shape[2] and joined.add(name)) or attention.attend(q, k, v, name, mask))
     attn, text_len = _attention_module(), 4
     rotary = get_3d_rotary_pos_embed(16, ((0, 0), (2, 3)), (2, 3), 2)
     x = torch.randn(4, text_len + 12, 32, generator=torch.Generator().manual_seed(1))
@@ -90,14 +120,19 @@ def test_each_kernel_injects_as_attention_written_out(kernel, strength, stand_in
         state.rows = rows
         grouped.insert(0, processor.joined(attn, [x[rows.start : rows.stop]], text_len, rotary))
     torch.testing.assert_close(torch.cat(grouped), expected, rtol=0, atol=1e-5)
-    assert (stand_in.calls > 0) == (kernel != "sdpa")  # the kernel named is the kernel that ran
+    assert stand_in.ran == {kernel} - {"sdpa"}  # the kernel named is the kernel that ran
+    assert bool(merged) == (kernel == "fa4")
+    assert joined == (set() if kernel == "fa4" else {kernel if strength == 1.0 else "sdpa"})
 
 
 def _capability(monkeypatch, major: int, importable: bool = True) -> None:
     """A CUDA GPU of compute capability `major`.0 seen from this CPU, the kernel packages importable or not."""
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (major, 0))
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: f"a GPU of sm{major}0")
-    monkeypatch.setattr(attention, "importable", lambda kernel: importable)
+    def named(answer):  # torch's default, None, is the current GPU: the one --device names is asked for
+        return lambda device=None: answer if device is not None else pytest.fail("asked about the current GPU, not the one named")
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", named((major, 0)))
+    monkeypatch.setattr(torch.cuda, "get_device_name", named(f"a GPU of sm{major}0"))
+    monkeypatch.setattr(attention, "importable", lambda kernel: {"fa4": importable, "sage": importable}[kernel])
 
 
 @pytest.mark.parametrize(

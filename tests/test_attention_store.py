@@ -115,6 +115,8 @@ def test_blocks_are_read_in_parallel_and_each_waited_for_alone():
         return _block(i)
 
     stored = StoredAttention(tuple(range(8)), load, "cpu", torch.float32, None, 0, workers=4)
+    # Daemons: an edit that dies without closing the store must not keep the process alive.
+    assert all(thread.daemon for thread in stored._reader._threads)
     try:
         step = stored.at(999)
         for i in range(7):  # block 7 is still being read: the others do not wait for it
@@ -125,7 +127,7 @@ def test_blocks_are_read_in_parallel_and_each_waited_for_alone():
         assert step[7][0] is step[7][0], "a block asked for again (row groups) is not copied again"
     finally:
         stored.close()
-    assert len(threads) == 4
+    assert len(threads) == 4 and all(name.startswith("cogedit-attention-reader-") for name in threads)  # named in a stack dump
 
 
 def test_the_step_being_replayed_is_read_before_the_read_ahead():
@@ -154,6 +156,72 @@ def test_the_step_being_replayed_is_read_before_the_read_ahead():
     finally:
         stored.close()
     assert not any(t == 249 for t, _ in order)
+
+
+def test_read_ahead_reads_each_block_once_and_one_timestep_ahead_only():
+    import threading
+    import time
+
+    from engine.hooks.kv_replay import StoredAttention
+
+    reads, lock = [], threading.Lock()
+
+    def load(t, i):
+        with lock:
+            reads.append((t, i))
+        return _block(i)
+
+    stored = StoredAttention((0, 1), load, "cpu", torch.float32, None, 0, workers=2)
+    try:
+        for t in (999, 999, 749):  # the step about to be replayed (asked twice), and the next
+            stored.prefetch(t)
+        deadline = time.monotonic() + 10
+        while len(reads) < 4 and time.monotonic() < deadline:  # read on the threads, before `at` asks
+            time.sleep(0.005)
+        assert sorted(reads) == [(749, 0), (749, 1), (999, 0), (999, 1)], reads
+        stored.prefetch(499)  # a third timestep: beyond the read-ahead
+        for t in (999, 749):
+            step = stored.at(t)
+            assert set(step._inflight) == {0}, "a step's first block, read already, starts its copy as the step is made"
+            [step[i] for i in (0, 1)]
+    finally:
+        stored.close()
+    assert sorted(reads) == [(749, 0), (749, 1), (999, 0), (999, 1)], reads
+
+
+def test_replay_gives_the_model_dtype_and_moves_the_next_block_in_while_one_computes():
+    """fp8 blocks are scaled back, other precisions cast, to the model's dtype; block i + 1's copy
+    is under way (and no other) when block i is handed out; a block asked for again is the same."""
+    import time
+
+    from engine.hooks.kv_replay import StoredAttention
+
+    reads = []
+
+    def load(t, i):
+        reads.append((t, i))
+        k = torch.full((2, 3, 4), float(i + 1))
+        if i == 0:  # fp8 with its scale, as an fp8 store keeps it
+            return {"00.k": (k / 4).to(torch.float8_e4m3fn), "00.k.scale": torch.tensor(4.0), "00.v": (-k / 4).to(torch.float8_e4m3fn), "00.v.scale": torch.tensor(4.0)}
+        return {f"{i:02d}.k": k, f"{i:02d}.v": -k}  # float32 here, replayed in bf16
+
+    stored = StoredAttention((0, 1, 2), load, "cpu", torch.bfloat16, None, 0, workers=3)
+    try:
+        step = stored.at(999)
+        for i in (0, 1, 2):
+            for _ in range(100):  # every read done, so only the issuing decides what is under way
+                if all(f.done() for f in step._blocks.values()):
+                    break
+                time.sleep(0.01)
+            k, v = step[i]
+            assert k.dtype == v.dtype == torch.bfloat16 and torch.equal(k, torch.full((1, 2, 3, 4), float(i + 1), dtype=torch.bfloat16)) and torch.equal(v, -k)
+            assert set(step._inflight) == ({i + 1} if i < 2 else set()), (i, set(step._inflight))
+            again = step[i]
+            assert len(again) == 2 and again[0] is k and again[1] is v
+        k, v = step[0]  # a second pass over the blocks (a long clip's next window) reads block 0 again
+        assert torch.equal(k, torch.full((1, 2, 3, 4), 1.0, dtype=torch.bfloat16)) and torch.equal(v, -k) and reads.count((999, 0)) == 2
+    finally:
+        stored.close()
 
 
 def test_edit_reads_ahead_while_loading_and_while_each_step_computes(tiny_model, wide_clip, monkeypatch):
@@ -235,3 +303,66 @@ def test_stores_in_two_precisions_are_two_stores(tiny_model, wide_clip):
     assert fp8.id == bf16.id and [r.name for r in reporter.records].count("capture") == 1
     dtypes = [frozenset(t.dtype for f in fp8.store_files(key) for t in load_tensors(f).values()) for key in fp8.stores()]
     assert sorted(dtypes, key=str) == sorted([{torch.bfloat16}, {torch.float32, torch.float8_e4m3fn}], key=str)  # fp8 has its scales
+
+
+def test_a_store_writer_names_each_file_and_reports_the_first_failed_write(tmp_path):
+    from safetensors import safe_open
+
+    from engine.hooks.kv_capture import StoreWriter
+
+    writer = StoreWriter("disk", lambda t, block: tmp_path / f"{t}-{block}.safetensors", None, workers=2)
+    for t, block in ((999, 0), (999, 1), (749, 0)):
+        writer(t, block, {f"{block:02d}.k": torch.ones(2, 3)}, None)
+    records = writer.close()
+    assert sorted(records) == [(749, 0), (999, 0), (999, 1)]
+    with safe_open(tmp_path / "749-0.safetensors", "pt") as f:
+        assert {k: f.metadata()[k] for k in ("timestep", "block")} == {"timestep": "749", "block": "0"}
+    (tmp_path / "blocked").write_text("")  # a file where a folder should be: every write fails
+    writer = StoreWriter("disk", lambda t, block: tmp_path / "blocked" / f"{t}-{block}.safetensors", None, workers=1)
+    with pytest.raises(FileExistsError, match="blocked"):  # said by the next block, or by close
+        writer(999, 0, {"00.k": torch.ones(2)}, None)
+        writer(999, 1, {"01.k": torch.ones(2)}, None)
+        writer.close()
+
+
+def test_fp8_keeps_small_keys_to_its_precision():
+    """One scale per tensor maps its largest value to fp8's largest (448): values of 1e-5 to 1e-4
+    keep fp8's 3-bit mantissa (within 1/16), not the subnormals' few steps."""
+    from engine.hooks.kv_capture import _quantize
+
+    x = torch.tensor([1e-4, -5e-5, 2e-5, 1e-5])
+    q = _quantize(x, "fp8")
+    back = q[""].float() * q[".scale"]
+    assert q[""].dtype == torch.float8_e4m3fn and ((back - x).abs() <= x.abs() / 16).all(), (back, x)
+
+
+def test_a_captured_row_is_copied_out_of_the_batch():
+    """The processor hands over one row of a batch-sized projection: the capture keeps a copy of
+    that row only, not a view that would hold the whole batch in memory for the store's life."""
+    from engine.hooks.kv_capture import _HostCopies
+
+    batch = torch.randn(4, 2, 5, 3)
+    kept = _HostCopies().copy(batch[1])
+    assert torch.equal(kept, batch[1]) and kept.untyped_storage().nbytes() == 2 * 5 * 3 * 4
+
+
+def test_capture_takes_each_stored_timesteps_first_forward_only_and_switches_off_after_each_block():
+    """A fixed-point step runs the model at t again on other latents: only the first forward at a
+    stored t is recorded, the gate closes after each forward, and a block leaves recording off."""
+    from engine.hooks.injection import CaptureSlot
+    from engine.hooks.kv_capture import CaptureGateHook, KVCaptureHook, _TimestepGate
+
+    sunk = []
+    gate = _TimestepGate({500}, lambda t, block, tensors, ready: sunk.append((t, block)), "model")
+    slot = CaptureSlot(row=0)
+    model_hook, block_hook = CaptureGateHook(gate), KVCaptureHook(gate, 3, slot)
+    for t in (500, 500, 400):
+        model_hook.pre_forward(None, timestep=torch.tensor([t]))
+        block_hook.pre_forward(None)
+        if slot.on:  # what the shared processor records while on
+            slot.k, slot.v = torch.ones(2, 3, 4), torch.zeros(2, 3, 4)
+        block_hook.post_forward(None, None)
+        assert not slot.on and slot.k is None and slot.v is None
+        model_hook.post_forward(None, None)
+        assert gate.t is None
+    assert sunk == [(500, 3)] and gate.seen == {500}

@@ -30,6 +30,17 @@ def test_coefficients_are_the_edit_step(steps):
         torch.testing.assert_close(edit.step(v, t, x, return_dict=False)[0], a * x + b * v)
 
 
+def test_coefficients_are_read_off_in_float64():
+    """a = a_t + b_t sqrt(alpha_t) and b = -b_t sqrt(1 - alpha_t) from the scheduler's own (float32)
+    scalars, summed in float64: no float32 rounding for the refinement to inherit."""
+    edit, _ = _schedulers(10)
+    for t in edit.timesteps:
+        alpha, prev = edit.alphas_cumprod[t], edit.alphas_cumprod[t - 100] if t >= 100 else edit.final_alpha_cumprod
+        a_t = ((1 - prev) / (1 - alpha)) ** 0.5
+        b_t = prev**0.5 - alpha**0.5 * a_t
+        assert step_coefficients(edit, t) == (a_t.double().item() + b_t.double().item() * (alpha**0.5).double().item(), -b_t.double().item() * ((1 - alpha) ** 0.5).double().item())
+
+
 @pytest.mark.parametrize("steps", [1, 4, 10, 50])
 def test_inversion_step_j_undoes_edit_step_steps_minus_1_minus_j(steps):
     edit, inverse = _schedulers(steps)
@@ -79,6 +90,20 @@ def test_guard_never_returns_worse_than_the_start(q, iters):
     # The first update moves away from the exact inverse; its check sees the residual grow.
     assert forwards == 2 and residuals[1] > residuals[0]
     assert torch.equal(x, start)
+
+
+def test_iters_updates_cost_iters_plus_one_forwards_and_the_default_tolerance_stops_sooner():
+    edit, _ = _schedulers(10)
+    a, b = step_coefficients(edit, 499)
+    v_at, c, d = _linear_v(a, b, 0.5)  # contracting: each update halves the residual
+    x_s = torch.randn(1, 3, 16, 12, 20)
+    start = (x_s - b * d) / (a + b * c) + 0.1 * torch.randn_like(x_s)
+    x, forwards, residuals = refine(v_at, x_s, start, a, b, iters=3, tol=0.0)
+    assert forwards == len(residuals) == 4 and residuals == sorted(residuals, reverse=True)
+    x, forwards, residuals = refine(v_at, x_s, start, a, b, iters=50)  # tol 1e-4
+    assert forwards == len(residuals) < 50 and residuals[-1] < 1e-4 <= residuals[-2]
+    # The tolerance is a strict bound: a residual equal to it is refined further.
+    assert refine(v_at, x_s, start, a, b, iters=3, tol=residuals[0])[1] > 1
 
 
 def test_single_step_from_pure_noise_has_nothing_to_solve():

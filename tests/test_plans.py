@@ -112,8 +112,30 @@ def test_ff_chunking_leaves_the_output_unchanged(tiny_model):
     with torch.no_grad():
         plain = model(x, text, t, return_dict=False)[0]
         apply_ff_chunking(model, FFChunkingConfig(100))
+        sizes = []  # tokens per MLP call: 226 text + 180 image tokens in slices of 100, the last one 6
+        for block in model.transformer_blocks:
+            block.ff.inner.register_forward_hook(lambda module, args, out: sizes.append(args[0].shape[1]))
         chunked = model(x, text, t, return_dict=False)[0]
     torch.testing.assert_close(chunked, plain, rtol=1e-5, atol=1e-5)
+    assert sizes == [100, 100, 100, 100, 6] * len(model.transformer_blocks)
+
+
+def test_a_chunked_feed_forward_hands_every_argument_to_each_slice():
+    import torch
+
+    from engine.hooks.ff_chunking import ChunkedFeedForward
+
+    class Scaled(torch.nn.Module):  # a per-token MLP with an extra positional and keyword argument
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = torch.nn.Linear(4, 6)
+
+        def forward(self, x, scale, *, shift=0.0):
+            return self.linear(x) * scale + shift
+
+    mlp, x = Scaled(), torch.randn(2, 7, 4)
+    for chunk in (3, 7):  # sliced (3 + 3 + 1 tokens), and short enough for one call
+        torch.testing.assert_close(ChunkedFeedForward(mlp, chunk)(x, 2.0, shift=1.0), mlp(x, 2.0, shift=1.0), rtol=0, atol=1e-6)
 
 
 def test_compile_is_on_by_default_only_where_it_was_measured_to_pay(monkeypatch):

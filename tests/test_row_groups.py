@@ -21,6 +21,7 @@ def test_groups_put_the_reference_rows_first():
     state.active = False  # outside the window the batch holds edit rows only
     assert row_groups(4, 3, state) == [range(0, 3), range(3, 4)]
     assert row_groups(3, 2, None) == [range(0, 2), range(2, 3)]
+    assert row_groups(3, 2, InjectionState(active=True, n_edit=3)) == [range(0, 2), range(2, 3)], "no reference row in the batch: no group for it"
 
 
 @pytest.mark.parametrize(
@@ -65,3 +66,70 @@ def test_block_in_place_is_diffusers_block_bit_for_bit():
         want_hidden, want_text = block(hidden, text, temb)
         row_groups_module._block_in_place(block, hidden, text, temb, None)
     assert torch.equal(hidden, want_hidden) and torch.equal(text, want_text)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_groups_inject_as_the_whole_batch_does_and_let_go_of_the_reference(dtype):
+    """A block over row groups (reference group first, edit rows one at a time) injects as the
+    block over the whole batch: with more heads than one injected call takes (two head slices,
+    the second partial) and a strength bias. After the block the reference K/V it held is let go."""
+    from diffusers.models.transformers.cogvideox_transformer_3d import CogVideoXBlock
+
+    from engine.hooks import registry as hooks
+    from engine.hooks.injection import INJECT_HEADS, KV_INJECTION, CogVideoXAttnProcessor, KVInjectionHook
+    from engine.hooks.row_groups import ROW_GROUPS, RowGroupConfig, RowGroupsHook
+
+    heads = INJECT_HEADS + 2
+    torch.manual_seed(0)
+    block = CogVideoXBlock(dim=4 * heads, num_attention_heads=heads, attention_head_dim=4, time_embed_dim=8).to(dtype).eval()
+    block.attn1.set_processor(processor := CogVideoXAttnProcessor())
+    hidden, text, temb = (torch.randn(*shape, dtype=dtype) for shape in ((3, 6, 4 * heads), (3, 3, 4 * heads), (3, 8)))
+    state = processor.injection = InjectionState(active=True, n_edit=2, ref_of=torch.tensor([0, 0]), strength=0.5)
+    hooks.register(block, KVInjectionHook(state, 0), KV_INJECTION)
+    with torch.no_grad():
+        whole = block(hidden.clone(), text.clone(), temb)
+        hooks.register(block, RowGroupsHook(RowGroupConfig(1, state)), ROW_GROUPS)
+        hooks.register(block, KVInjectionHook(state, 0), KV_INJECTION + "-outer")  # outermost, as the edit registers them
+        grouped = block(hidden.clone(), text.clone(), temb)
+    for a, b in zip(grouped, whole):  # bf16: the dtype the lean plan runs in on a GPU
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5 if dtype == torch.float32 else 0.1)
+    assert state.rows is None and state.held is None
+
+
+def test_the_blocks_must_share_one_cogedit_processor():
+    from diffusers.models.attention_processor import CogVideoXAttnProcessor2_0
+    from diffusers.models.transformers.cogvideox_transformer_3d import CogVideoXBlock
+
+    from engine.hooks.injection import CogVideoXAttnProcessor, shared_processor
+
+    model = torch.nn.Module()
+    model.transformer_blocks = torch.nn.ModuleList(CogVideoXBlock(dim=8, num_attention_heads=2, attention_head_dim=4, time_embed_dim=8) for _ in range(2))
+    message = r"^the blocks must share one CogVideoXAttnProcessor: transformer\.set_attn_processor\(CogVideoXAttnProcessor\(\)\)$"
+    for processors in ((CogVideoXAttnProcessor(), CogVideoXAttnProcessor()), (CogVideoXAttnProcessor2_0(),) * 2):
+        for block, processor in zip(model.transformer_blocks, processors):
+            block.attn1.set_processor(processor)
+        with pytest.raises(TypeError, match=message):
+            shared_processor(model)
+    one = CogVideoXAttnProcessor()
+    for block in model.transformer_blocks:
+        block.attn1.set_processor(one)
+    assert shared_processor(model) is one
+
+
+def test_final_norms_run_in_groups_with_the_rows_of_every_batch_sized_input():
+    """The final norms' hook slices what has one entry per row, positional or keyword, and hands
+    the rest (weights, numbers, None) over whole: groups of 2 over 3 rows give the plain call's result."""
+    from engine.hooks import registry as hooks
+    from engine.hooks.row_groups import RowsInPlaceHook
+
+    class Norm(torch.nn.Module):  # the shape of diffusers' AdaLayerNorm call, with every kind of input
+        def forward(self, x, scale, weight, eps, shift=None, bias=None):
+            return torch.nn.functional.layer_norm(x, x.shape[-1:], weight, bias, eps) * (1 + scale[:, None]) + (0 if shift is None else shift[:, None])
+
+    x, scale, shift = torch.randn(3, 5, 4), torch.randn(3, 4), torch.randn(3, 4)
+    weight, bias = torch.randn(4), torch.randn(4)
+    norm = Norm()
+    want = norm(x, scale, weight, 1e-3, shift=shift, bias=bias)
+    hooks.register(norm, RowsInPlaceHook(2), "rows")
+    got = norm(x.clone(), scale, weight, 1e-3, shift=shift, bias=bias)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)

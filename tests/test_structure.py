@@ -162,11 +162,14 @@ def test_features_come_off_cleanly(tiny_model):
     for apply, _, config, name, where in features:
         apply(model, config)
         assert hooks.find(where, name) is not None
+    assert hooks.find(model.transformer_blocks[0], KV_CAPTURE) is not None  # capture's block hook, under the same name
     on = model(x.clone(), text.clone(), t, return_dict=False)[0]
     for _, remove, _, name, where in features:
         remove(model)
         assert hooks.find(where, name) is None
+    assert hooks.find(model.transformer_blocks[0], KV_CAPTURE) is None
     torch.testing.assert_close(on, before, rtol=0, atol=1e-5)  # inactive injection, exact features
+    assert hooks.find(torch.nn.Linear(1, 1), FF_CHUNKING) is None  # a module no hook was ever registered on
     torch.testing.assert_close(model(x, text, t, return_dict=False)[0], before, rtol=0, atol=0)
 
 
@@ -265,6 +268,7 @@ def _edit_stem(tiny_model, options: dict, runtime: dict) -> str:
 
     settings = _edit_settings(EditOptions(**options), ("a watercolor painting",), inspect_model(tiny_model))
     # Built directly: the int8 and nf4 plans need a CUDA GPU to run, not to be named.
+    runtime = dict(runtime)  # a copy: the parameters are shared by reruns in one process (mutmut's)
     plan = PLANS[runtime.pop("plan", "staged")]
     return edit_stem("f" * 32, settings, Runtime("cpu", torch.float32, plan, **runtime))
 
@@ -293,3 +297,17 @@ def test_every_edit_option_is_keyed_or_said_not_to_change_the_pixels():
     from engine.options import EditOptions, names
 
     assert names(EditOptions) == {c.split()[0] for c in _EDIT_CHANGES} | set(_EDIT_SAME) | _EDIT_MASKS
+
+
+def test_the_model_libraries_load_with_their_noisy_loggers_quiet():
+    """torchao's and bitsandbytes' import-time lines are nothing a user can act on (engine.hooks.libraries)."""
+    import logging
+
+    from engine.hooks import libraries
+
+    for name in libraries._NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.NOTSET)
+    libraries.import_model_libraries.cache_clear()
+    libraries.import_model_libraries()
+    assert {name: logging.getLogger(name).level for name in libraries._NOISY_LOGGERS} == dict.fromkeys(libraries._NOISY_LOGGERS, logging.ERROR)
+    assert logging.getLogger().level != logging.ERROR, "only those loggers"

@@ -36,11 +36,17 @@ def test_fixed_point_inverts_more_exactly_than_ddim(tiny_model, wide_clip, caplo
 
 
 def test_verify_is_stored_with_the_entry(tiny_model, wide_clip):
-    first = engine.invert(wide_clip, tiny_model, device="cpu", verify=True, **SMALL)
+    told = []
+    reporter = engine.Reporter(listener=lambda name, done, steps: told.append((done, steps)) if name == "verify" else None)
+    first = engine.invert(wide_clip, tiny_model, device="cpu", verify=True, reporter=reporter, **SMALL)
+    (made,) = [r for r in reporter.records if r.name == "verify"]
+    steps = SMALL["steps"]
+    assert made.cache_hit is False and len(made.advances) == steps and told[0] == (0, steps) and told[-1] == (steps, steps)
     reporter = engine.Reporter()
     again = engine.invert(wide_clip, tiny_model, device="cpu", verify=True, reporter=reporter, **SMALL)
     assert again.verify == first.verify and set(first.verify) == {"latent_rel_error", "psnr_db", "verdict"}
-    assert [r.cache_hit for r in reporter.records if r.name == "verify"] == [True]
+    assert [(r.cache_hit, r.detail) for r in reporter.records if r.name == "verify"] == [(True, made.detail)]
+    assert made.detail.startswith("round trip: latent error ") and made.detail.endswith(f"dB: {first.verify['verdict']}")
     assert engine.open_inversion(first.id).verify == first.verify
 
 
