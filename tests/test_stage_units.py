@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -56,7 +57,7 @@ def test_layers_are_all_or_ranges_inside_the_model():
         (dict(iters=2), "--inversion-iters refines fixed-point inversion"),
         (dict(method="fixed-point"), "--inversion-iters must be between 1 and 10 with --inversion fixed-point, got 0"),
         (dict(method="fixed-point", iters=11), "--inversion-iters must be between 1 and 10 with --inversion fixed-point, got 11"),
-        (dict(window=3, overlap=3), "--window-overlap must be between 0 and 2"),
+        (dict(window=3, overlap=3), "--window-overlap must be between 1 and 2"),
     ],
 )
 def test_inversion_settings_refuse_what_cannot_run(fields, message):
@@ -72,9 +73,16 @@ def test_inversion_settings_accept_their_limits_and_key_only_what_is_in_effect()
     plain = InvertSettings(steps=8, source_prompt="a", negative_prompt="b", guidance=1.0).key_fields()
     assert plain == {"steps": 8, "source_prompt": "a", "negative_prompt": "a", "guidance": 1.0}
     guided = InvertSettings(source_prompt="a", negative_prompt="b", guidance=3.0, method="fixed-point", iters=2, window=3, overlap=1).key_fields()
-    assert guided == {"steps": 50, "source_prompt": "a", "negative_prompt": "b", "guidance": 3.0, "method": "fixed-point", "iters": 2, "window": 3, "overlap": 1}
+    assert guided == {"steps": 50, "source_prompt": "a", "negative_prompt": "b", "guidance": 3.0, "method": "fixed-point", "iters": 2, "window": 3, "overlap": 1, "anchors": "single-frame"}
     assert InvertSettings().spans(5) == [(0, 5)] and InvertSettings(window=3, overlap=1).spans(5) == [(0, 3), (2, 5)]
-    assert inverted_spans({"window": 3, "overlap": 1}, 5) == [(0, 3), (2, 5)] and inverted_spans({}, 5) == [(0, 5)]
+    info = SimpleNamespace(vae_latent_frames=lambda frames: (frames - 1) // 4 + 1)  # 17 frames -> 5 latent frames
+
+    def entry(invert: dict, state_frames: int) -> SimpleNamespace:
+        return SimpleNamespace(id="0123456789abcdef", frames=17, manifest={"settings": {"invert": invert}, "summary": {"latent_shape": [1, state_frames, 16, 8, 8]}})
+
+    assert inverted_spans(entry({"window": 3, "overlap": 1}, 6), info) == [(0, 3), (2, 5)] and inverted_spans(entry({}, 5), info) == [(0, 5)]
+    with pytest.raises(SettingsError, match=r"^inversion 0123456789ab was made by an earlier cogedit, whose windows started without anchors"):
+        inverted_spans(entry({"window": 3, "overlap": 1}, 5), info)  # the latents hold no anchor
 
 
 def test_injection_is_active_in_its_window_at_a_positive_strength_on_some_layer():
@@ -152,7 +160,7 @@ def test_memory_stores_list_only_timesteps_that_hold_every_block():
     steps[749] = {0: {}}  # a capture stopped mid-step
     memory.steps("empty")
     assert memory.whole("k") == [999] and memory.whole("none") == [] and memory.whole("empty") == []
-    assert memory.described() == {"k": {"where": "cpu", "timesteps": [999], "layers": [0, 1]}}
+    assert memory.described() == {"k": {"where": "cpu", "timesteps": [999], "layers": [0, 1], "windows": 1}}
     memory.release()
     assert memory.described() == {} and memory.steps("k") == {}
     assert store_settings("cpu", "0:0.5", "1-2", "fp8", 4) == StoreSettings("cpu", (0.0, 0.5), (1, 2), "fp8")
@@ -172,27 +180,30 @@ def test_windows_of_a_clip_and_the_shape_one_window_sees():
     from engine.models.model_info import builtin_5b
     from engine.stages.windows import Windowing, default_overlap, window_count, window_shape
 
-    assert [default_overlap(n) for n in (1, 2, 3, 4, 5, 8, 13)] == [0, 1, 1, 1, 2, 2, 4]
+    assert [default_overlap(n) for n in (1, 2, 3, 4, 5, 8, 13)] == [0, 1, 2, 3, 3, 3, 4]
     info = builtin_5b()  # 13 latent frames a window, 4 shared
     assert [window_count(info, frames) for frames in (49, 53, 85, 97)] == [1, 2, 2, 3]
     assert window_shape(torch.Size((2, 25, 16, 60, 90)), [(0, 13), (6, 19)]) == torch.Size((2, 13, 16, 60, 90))
     assert window_shape(torch.Size((1, 5, 16, 60, 90)), [(0, 5)]) == torch.Size((1, 5, 16, 60, 90))
-    assert Windowing(1, 0).spans(3) == [(0, 1), (1, 2), (2, 3)]
-    with pytest.raises(SettingsError, match="a window needs at least one latent frame, got 0"):
-        Windowing(0, 0)
-    with pytest.raises(SettingsError, match="--window-overlap must be between 0 and 3 latent frames \\(the window is 4\\), got -1"):
-        Windowing(4, -1)
+    assert Windowing(2, 1).spans(3) == [(0, 2), (1, 3)]
+    with pytest.raises(SettingsError, match="a window needs at least two latent frames, got 1"):
+        Windowing(1, 0)
+    for overlap in (0, 4):  # a later window leaves its first frame to its anchor: at least 1 shared
+        with pytest.raises(SettingsError, match=f"--window-overlap must be between 1 and 3 latent frames \\(the window is 4\\), got {overlap}"):
+            Windowing(4, overlap)
 
 
-def test_window_weights_are_a_tent_normalised_over_the_windows_of_each_frame():
-    from engine.stages.windows import blend_weights
+def test_window_weights_share_each_frame_equally_and_give_an_anchor_to_its_window_alone():
+    from engine.stages.windows import blend_weights, window_calls
 
-    weights = blend_weights([(0, 4), (2, 6)], 6)
-    tent = torch.tensor([[1, 2, 2, 1, 0, 0], [0, 0, 1, 2, 2, 1]], dtype=torch.float64)
-    torch.testing.assert_close(weights, (tent / tent.sum(0)).float(), rtol=0, atol=0)
+    spans = [(0, 4), (2, 6)]  # the second window calls its anchor (state frame 6), then 3..5; frame 2 is the first's
+    assert window_calls(spans) == [[0, 1, 2, 3], [6, 3, 4, 5]]
+    weights = blend_weights(spans)
+    shares = torch.tensor([[1, 1, 1, 0.5, 0, 0, 0], [0, 0, 0, 0.5, 1, 1, 1]])
+    torch.testing.assert_close(weights, shares, rtol=0, atol=0)
     assert weights.dtype == torch.float32
-    with pytest.raises(ValueError, match=r"leave latent frames of 6 uncovered"):
-        blend_weights([(0, 2), (4, 6)], 6)
+    with pytest.raises(ValueError, match=r"leave latent frames uncovered"):
+        blend_weights([(0, 2), (4, 6)])
 
 
 def test_round_trip_psnr_verdict_and_advice(caplog):
@@ -249,7 +260,7 @@ def no_torchrun(monkeypatch):
 
 
 def test_a_worker_reads_its_place_from_torchruns_variables(no_torchrun):
-    from engine.stages.distributed import GuidanceSplit, backend_for, check_worker_device, rank, under_torchrun, worker_device, world_size
+    from engine.stages.distributed import GuidanceSplit, Mesh, backend_for, check_worker_device, rank, under_torchrun, worker_device, world_size
 
     assert not under_torchrun() and rank() == 0 and world_size() == 1
     with pytest.raises(SettingsError, match="--device cuda:1 with several workers"):
@@ -265,12 +276,11 @@ def test_a_worker_reads_its_place_from_torchruns_variables(no_torchrun):
     with pytest.raises(SettingsError, match="--device cuda:0 with several workers: leave --device out"):
         check_worker_device("cuda:0")
     assert worker_device("cpu") == "cpu"
-    assert GuidanceSplit.current() == GuidanceSplit(1)
     uncond, cond = torch.zeros(1), torch.ones(1)
     assert GuidanceSplit(0).own(uncond, cond) is uncond and GuidanceSplit(1).own(uncond, cond) is cond
     no_torchrun.setenv("WORLD_SIZE", "3")
-    with pytest.raises(SettingsError, match="--gpus 2 needs exactly 2 workers, this group has 3"):
-        GuidanceSplit.current()
+    with pytest.raises(SettingsError, match="--gpus 2 needs 2 workers, this group has 3; start it with --nproc-per-node 2"):
+        Mesh.make(2, True, 48)
     assert backend_for("cuda") == backend_for("cuda:1") == "nccl" and backend_for("cpu") == "gloo"
 
 
@@ -351,24 +361,25 @@ def test_the_v_loss_is_the_squared_error_of_the_velocity_at_each_rows_noise_leve
     torch.testing.assert_close(weighted, (weights * error).sum() / weights.expand_as(error).sum(), rtol=1e-5, atol=0)
 
 
-def test_blended_windows_weigh_each_windows_own_prediction_by_the_tent():
-    """A prediction that differs from window to window (each adds its first frame's index) blends
-    to the tent-weighted mean per frame; a clip of one window is one call over all its frames."""
+def test_blended_windows_average_each_windows_own_prediction_per_frame():
+    """A prediction that differs from window to window (each adds its window's index) blends to
+    the mean over the windows that call a frame; a clip of one window is one call over all its frames."""
     from engine.stages.windows import blend_weights, blended
 
-    x, calls = torch.randn(2, 6, 3), []
+    spans = [(0, 4), (2, 6)]
+    x, calls = torch.randn(2, 7, 3), []  # 6 latent frames and the second window's anchor
 
-    def predict(sl: slice) -> torch.Tensor:
-        calls.append(sl)
-        return x[:, sl] + sl.start
+    def predict(w: int, frames) -> torch.Tensor:
+        calls.append((w, frames))
+        return x[:, frames] + w
 
-    out = blended(predict, 6, [(0, 4), (2, 6)])
-    starts = (blend_weights([(0, 4), (2, 6)], 6) * torch.tensor([[0.0], [2.0]])).sum(0)
-    torch.testing.assert_close(out, x + starts.view(1, 6, 1), rtol=0, atol=1e-6)
-    assert calls == [slice(0, 4), slice(2, 6)]
+    out = blended(predict, spans)
+    offsets = (blend_weights(spans) * torch.tensor([[0.0], [1.0]])).sum(0)
+    torch.testing.assert_close(out, x + offsets.view(1, 7, 1), rtol=0, atol=1e-6)
+    assert calls == [(0, [0, 1, 2, 3]), (1, [6, 3, 4, 5])]
     calls.clear()
-    assert blended(predict, 6, [(0, 6)]).equal(x) and calls == [slice(0, 6)]
-    assert blended(lambda sl: x, 6, [(0, 6)]) is x, "the call's own result, no copy"
+    assert blended(predict, [(0, 6)]).equal(x[:, :6]) and calls == [(0, slice(0, 6))]
+    assert blended(lambda w, frames: x, [(0, 6)]) is x, "the call's own result, no copy"
 
 
 def test_a_worker_takes_the_gpu_of_its_local_rank_and_refuses_one_it_has_not(no_torchrun):
