@@ -310,18 +310,18 @@ def test_a_store_writer_names_each_file_and_reports_the_first_failed_write(tmp_p
 
     from engine.hooks.kv_capture import StoreWriter
 
-    writer = StoreWriter("disk", lambda t, block: tmp_path / f"{t}-{block}.safetensors", None, workers=2)
-    for t, block in ((999, 0), (999, 1), (749, 0)):
-        writer(t, block, {f"{block:02d}.k": torch.ones(2, 3)}, None)
+    writer = StoreWriter("disk", lambda t, window, block: tmp_path / f"{t}-{window}-{block}.safetensors", None, workers=2)
+    for t, window, block in ((999, 0, 0), (999, 0, 1), (749, 0, 0), (749, 1, 0)):
+        writer(t, window, block, {f"{block:02d}.k": torch.ones(2, 3)}, None)
     records = writer.close()
-    assert sorted(records) == [(749, 0), (999, 0), (999, 1)]
-    with safe_open(tmp_path / "749-0.safetensors", "pt") as f:
-        assert {k: f.metadata()[k] for k in ("timestep", "block")} == {"timestep": "749", "block": "0"}
+    assert sorted(records) == [(749, 0, 0), (749, 1, 0), (999, 0, 0), (999, 0, 1)]
+    with safe_open(tmp_path / "749-1-0.safetensors", "pt") as f:
+        assert {k: f.metadata()[k] for k in ("timestep", "window", "block")} == {"timestep": "749", "window": "1", "block": "0"}
     (tmp_path / "blocked").write_text("")  # a file where a folder should be: every write fails
-    writer = StoreWriter("disk", lambda t, block: tmp_path / "blocked" / f"{t}-{block}.safetensors", None, workers=1)
+    writer = StoreWriter("disk", lambda t, window, block: tmp_path / "blocked" / f"{t}-{window}-{block}.safetensors", None, workers=1)
     with pytest.raises(FileExistsError, match="blocked"):  # said by the next block, or by close
-        writer(999, 0, {"00.k": torch.ones(2)}, None)
-        writer(999, 1, {"01.k": torch.ones(2)}, None)
+        writer(999, 0, 0, {"00.k": torch.ones(2)}, None)
+        writer(999, 0, 1, {"01.k": torch.ones(2)}, None)
         writer.close()
 
 
@@ -352,17 +352,22 @@ def test_capture_takes_each_stored_timesteps_first_forward_only_and_switches_off
     from engine.hooks.injection import CaptureSlot
     from engine.hooks.kv_capture import CaptureGateHook, KVCaptureHook, _TimestepGate
 
-    sunk = []
-    gate = _TimestepGate({500}, lambda t, block, tensors, ready: sunk.append((t, block)), "model")
-    slot = CaptureSlot(row=0)
-    model_hook, block_hook = CaptureGateHook(gate), KVCaptureHook(gate, 3, slot)
-    for t in (500, 500, 400):
-        model_hook.pre_forward(None, timestep=torch.tensor([t]))
-        block_hook.pre_forward(None)
-        if slot.on:  # what the shared processor records while on
-            slot.k, slot.v = torch.ones(2, 3, 4), torch.zeros(2, 3, 4)
-        block_hook.post_forward(None, None)
-        assert not slot.on and slot.k is None and slot.v is None
-        model_hook.post_forward(None, None)
-        assert gate.t is None
-    assert sunk == [(500, 3)] and gate.seen == {500}
+    def forwards(windows: int, timesteps: tuple[int, ...]) -> tuple[list, dict]:
+        sunk: list = []
+        gate = _TimestepGate({500}, lambda t, window, block, tensors, ready: sunk.append((t, window, block)), "model", windows=windows)
+        slot = CaptureSlot(row=0)
+        model_hook, block_hook = CaptureGateHook(gate), KVCaptureHook(gate, 3, slot)
+        for t in timesteps:
+            model_hook.pre_forward(None, timestep=torch.tensor([t]))
+            block_hook.pre_forward(None)
+            if slot.on:  # what the shared processor records while on
+                slot.k, slot.v = torch.ones(2, 3, 4), torch.zeros(2, 3, 4)
+            block_hook.post_forward(None, None)
+            assert not slot.on and slot.k is None and slot.v is None
+            model_hook.post_forward(None, None)
+            assert gate.t is None
+        return sunk, gate.seen
+
+    assert forwards(1, (500, 500, 400)) == ([(500, 0, 3)], {500: 1})
+    # with windows, a step's first forward of each window (they run in order before any refinement)
+    assert forwards(2, (500, 500, 500, 400)) == ([(500, 0, 3), (500, 1, 3)], {500: 2})
