@@ -81,7 +81,8 @@ def test_inversion_settings_accept_their_limits_and_key_only_what_is_in_effect()
         return SimpleNamespace(id="0123456789abcdef", frames=17, manifest={"settings": {"invert": invert}, "summary": {"latent_shape": [1, state_frames, 16, 8, 8]}})
 
     assert inverted_spans(entry({"window": 3, "overlap": 1}, 6), info) == [(0, 3), (2, 5)] and inverted_spans(entry({}, 5), info) == [(0, 5)]
-    with pytest.raises(SettingsError, match=r"^inversion 0123456789ab was made by an earlier cogedit, whose windows started without anchors"):
+    refusal = "inversion 0123456789ab was made by an earlier cogedit, whose windows started without anchors: invert the clip again (`cogedit cache rm 0123456789ab` frees its space)"
+    with pytest.raises(SettingsError, match="^" + re.escape(refusal) + "$"):
         inverted_spans(entry({"window": 3, "overlap": 1}, 5), info)  # the latents hold no anchor
 
 
@@ -180,7 +181,7 @@ def test_windows_of_a_clip_and_the_shape_one_window_sees():
     from engine.models.model_info import builtin_5b
     from engine.stages.windows import Windowing, default_overlap, window_count, window_shape
 
-    assert [default_overlap(n) for n in (1, 2, 3, 4, 5, 8, 13)] == [0, 1, 2, 3, 3, 3, 4]
+    assert [default_overlap(n) for n in (1, 2, 3, 4, 5, 8, 13, 18, 20)] == [0, 1, 2, 3, 3, 3, 4, 5, 6]  # 30% rounded half up
     info = builtin_5b()  # 13 latent frames a window, 4 shared
     assert [window_count(info, frames) for frames in (49, 53, 85, 97)] == [1, 2, 2, 3]
     assert window_shape(torch.Size((2, 25, 16, 60, 90)), [(0, 13), (6, 19)]) == torch.Size((2, 13, 16, 60, 90))
@@ -191,6 +192,16 @@ def test_windows_of_a_clip_and_the_shape_one_window_sees():
     for overlap in (0, 4):  # a later window leaves its first frame to its anchor: at least 1 shared
         with pytest.raises(SettingsError, match=f"--window-overlap must be between 1 and 3 latent frames \\(the window is 4\\), got {overlap}"):
             Windowing(4, overlap)
+
+
+def test_a_windows_frames_are_the_tensor_itself_for_the_whole_clip_and_a_contiguous_copy_otherwise():
+    from engine.stages.windows import frames_of
+
+    x = torch.randn(2, 5, 3, 4)  # 5 frames, 3 rows
+    assert frames_of(x, slice(0, 5)) is x, "a whole-clip window is the state itself, no copy"
+    for frames in (slice(1, 5), slice(0, 3), [4, 1, 2]):
+        part = frames_of(x, frames)
+        assert part is not x and part.is_contiguous() and torch.equal(part, x[:, frames])
 
 
 def test_window_weights_share_each_frame_equally_and_give_an_anchor_to_its_window_alone():
