@@ -166,6 +166,11 @@ def _probe(video: str | Path, frames: FrameSettings, reporter: Reporter) -> Sour
     return Source(video, info, selected)
 
 
+def _clip_spans(settings: InvertSettings, info: ModelInfo, source: Source) -> list[tuple[int, int]]:
+    """The inversion's windows over the clip's latent frames (one span for a clip of one window)."""
+    return settings.spans(info.vae_latent_frames(len(source.selected)))
+
+
 def _windowed(settings: InvertSettings, info: ModelInfo, source: Source, overlap: int | None) -> InvertSettings:
     """The inversion's windows over a clip longer than the model's window, said in one line
     before any work; a clip of one window keeps its settings (and its cache id) as they were."""
@@ -275,7 +280,7 @@ def invert(video: str | Path, model: str | Path, *, cache_dir: str | Path | None
     workload = Workload(min(len(source.selected), info.window_frames), frames.height, frames.width, invert_rows=2 if settings.uses_cfg else 1)
     ctx = StageContext(info, _with_plan(runtime, opts, info, workload, reporter, "invert"), layout, reporter, callback=callback)
     if store.where != "none":
-        check_budget(ctx, store, settings.steps, workload, opts.attention_budget, len(settings.spans(info.vae_latent_frames(len(source.selected)))))
+        check_budget(ctx, store, settings.steps, workload, opts.attention_budget, len(_clip_spans(settings, info, source)))
     identity = inversion_identity(source.info.sha256, frames, source.selected, info, ctx.runtime, settings)
     paths = layout.entry(stable_hash(identity))
     memory = MemoryStores()
@@ -320,7 +325,7 @@ def _follow(ctx: StageContext, mesh: Mesh, paths: EntryPaths, memory: MemoryStor
 def _entry_bytes(ctx: StageContext, source: Source, frames: FrameSettings, settings: InvertSettings, entry: InversionEntry | None) -> int:
     """The bytes an inversion still writes: the frames and latents unless encoded, and a latent per step left."""
     scale, steps = ctx.info.vae_scale_spatial, settings.steps
-    latent_frames = state_frames(settings.spans(ctx.info.vae_latent_frames(len(source.selected))))  # the anchors too
+    latent_frames = state_frames(_clip_spans(settings, ctx.info, source))  # the anchors too
     latent = latent_frames * ctx.info.transformer_config["in_channels"] * (frames.height // scale) * (frames.width // scale)
     latent *= torch.empty(0, dtype=ctx.runtime.dtype).element_size()
     encoded = entry is not None and entry.encoded
@@ -347,8 +352,7 @@ def _make(
         paths.dir.mkdir(parents=True, exist_ok=True)
         entry.write()  # first: an interrupted entry reads as partial, never as broken
         ctx = dataclasses.replace(ctx, entry=entry)
-        spans = settings.spans(ctx.info.vae_latent_frames(len(source.selected)))
-        latents = encode_stage(ctx, frames, source.video, anchor_frames(spans, ctx.info.vae_scale_temporal))
+        latents = encode_stage(ctx, frames, source.video, anchor_frames(_clip_spans(settings, ctx.info, source), ctx.info.vae_scale_temporal))
         embeds = embed_stage(ctx, [settings.source_prompt, settings.negative_prompt] if settings.uses_cfg else [settings.source_prompt])
         invert_stage(ctx, settings, latents, embeds, store, memory, mesh)
         entry.mark_complete()
@@ -367,7 +371,7 @@ def _new_entry(paths: EntryPaths, identity: dict, source: Source, frames: FrameS
     }
     summary = {"video": Path(source.video).name, "model": ctx.info.stored_source, "steps": settings.steps, "fps": source.fps}
     if settings.window:  # a long clip: `cache show` lists its windows
-        summary["windows"] = [list(span) for span in settings.spans(ctx.info.vae_latent_frames(len(source.selected)))]
+        summary["windows"] = [list(span) for span in _clip_spans(settings, ctx.info, source)]
     if output_frames(source.selected) < len(source.selected):  # padded to 4k+1: the output drops the repeats
         summary["output_frames"] = output_frames(source.selected)
     return InversionEntry.new(paths, identity, settings_record, summary)

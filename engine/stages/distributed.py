@@ -121,6 +121,15 @@ class GuidanceSplit:
         return torch.cat(parts)
 
 
+def guidance_embeds(cond: torch.Tensor, uncond: torch.Tensor | None, half: GuidanceSplit | None) -> torch.Tensor:
+    """The rows' text embeddings: [uncond x K, cond x K] with CFG (this process's half of them
+    with `half`), else the K prompts' own; the inversion and the edit lay their rows out alike."""
+    if uncond is None:
+        return cond
+    uncond = uncond.expand(cond.shape[0], -1, -1)
+    return half.own(uncond, cond) if half is not None else torch.cat([uncond, cond])
+
+
 GPUS = (1, 2, 4, 8)
 
 

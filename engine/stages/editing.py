@@ -22,7 +22,7 @@ from engine.models.components import loaded
 from engine.models.denoiser import guided, predict, rotary_embeddings
 from engine.stages.attention_store import MemoryStores, open_stored
 from engine.stages.context import StageContext
-from engine.stages.distributed import GuidanceSplit, Mesh
+from engine.stages.distributed import GuidanceSplit, Mesh, guidance_embeds
 from engine.stages.schedulers import edit_scheduler
 from engine.stages.settings import EditSettings, InjectSettings, inverted_spans
 from engine.stages.windows import anchor_frames, blended, frames_of, window_shape
@@ -89,7 +89,7 @@ def ddim_edit(
     spans = spans or [(0, init.shape[1])]
     scheduler = edit_scheduler(scheduler_config, steps)
     cfg = uncond is not None
-    embeds = _edit_embeds(cond, uncond, split)
+    embeds = guidance_embeds(cond, uncond, split)
     n_edit = embeds.shape[0]
     rotary = rotary_embeddings(transformer, window_shape(init.shape, spans), vae_scale_spatial, init.device)
     state = InjectionState(n_edit=n_edit, strength=inject.strength)
@@ -108,15 +108,6 @@ def ddim_edit(
             if callback is not None:
                 callback({"i": i, "t": t, "x": x})
     return x
-
-
-def _edit_embeds(cond: torch.Tensor, uncond: torch.Tensor | None, split: GuidanceSplit | None) -> torch.Tensor:
-    """The edit rows' embeddings: [uncond x K, cond x K] with CFG (this process's half of them
-    with `split`), else the K prompts' own."""
-    if uncond is None:
-        return cond
-    uncond = uncond.expand(cond.shape[0], -1, -1)
-    return split.own(uncond, cond) if split is not None else torch.cat([uncond, cond])
 
 
 @contextlib.contextmanager

@@ -16,7 +16,7 @@ from engine.models.components import loaded
 from engine.models.denoiser import guided, predict, rotary_embeddings
 from engine.stages.attention_store import MemoryStores, capturing
 from engine.stages.context import StageContext
-from engine.stages.distributed import Mesh, tell_team
+from engine.stages.distributed import Mesh, guidance_embeds, tell_team
 from engine.stages.fixed_point import refine, step_coefficients
 from engine.stages.schedulers import edit_scheduler, inverse_scheduler
 from engine.stages.settings import InvertSettings, StoreSettings
@@ -57,7 +57,7 @@ def ddim_invert(
     rotary = rotary_embeddings(transformer, window_shape(latents.shape, spans), vae_scale_spatial, latents.device)
     cfg = uncond is not None
     half = mesh.guidance if mesh is not None else None
-    embeds = (half.own(uncond, cond) if half is not None else torch.cat([uncond, cond])) if cfg else cond
+    embeds = guidance_embeds(cond, uncond, half)
     x = latents
     for i, t in enumerate(scheduler.timesteps):
         if i < start:

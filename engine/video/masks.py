@@ -101,16 +101,20 @@ def _box_pixels(box: Box, height: int, width: int) -> torch.Tensor:
     return ((ys >= y0) & (ys <= y1))[:, None] & ((xs >= x0) & (xs <= x1))[None, :]
 
 
+def _numbers(box: Box) -> str:
+    return ",".join(f"{v:g}" for v in box)
+
+
 def box_mask(box: Box | Boxes, frames: int, height: int, width: int, shown: int | None = None) -> Mask:
     """The box as a pixel mask: a pixel may change when its center lies inside the box. `Boxes`
     move over the `shown` frames (the rest repeat the last frame, as the clip's padding does)."""
     if isinstance(box, tuple):
-        return Mask(_box_pixels(box, height, width).float().expand(frames, -1, -1).clone(), f"box {','.join(f'{v:g}' for v in box)}")
+        return Mask(_box_pixels(box, height, width).float().expand(frames, -1, -1).clone(), f"box {_numbers(box)}")
     last = max((shown or frames) - 1, 1)
     start, end = torch.tensor(box.start, dtype=torch.float64), torch.tensor(box.end, dtype=torch.float64)
     steps = [torch.lerp(start, end, min(f / last, 1.0)).tolist() for f in range(frames)]
     pixels = torch.stack([_box_pixels(tuple(b), height, width) for b in steps]).float()
-    return Mask(pixels, f"box {','.join(f'{v:g}' for v in box.start)} to {','.join(f'{v:g}' for v in box.end)}")
+    return Mask(pixels, f"box {_numbers(box.start)} to {_numbers(box.end)}")
 
 
 def _gray(frames: np.ndarray) -> torch.Tensor:
