@@ -40,7 +40,7 @@ from engine.results import EditResult, Inversion, open_inversion
 from engine.stages.attention_store import MemoryStores, capture_stage, check_budget, find_store, has_store, store_settings
 from engine.stages.context import Callback, StageContext
 from engine.stages.decode import decode_stage, output_paths
-from engine.stages.distributed import GPUS, Mesh, backend_for, check_worker_device, inversion_team, launch, process_group, rank, shares, team_size, tell_team, under_torchrun, worker_device
+from engine.stages.distributed import Mesh, backend_for, check_gpu_count, check_worker_device, inversion_team, launch, process_group, rank, shares, team_size, tell_team, under_torchrun, worker_device
 from engine.stages.editing import edit_stage
 from engine.stages.embed import embed_stage
 from engine.stages.encode import encode_stage
@@ -456,7 +456,7 @@ def edit(inversion: Inversion | str, prompts: Prompts, *, cache_dir: str | Path 
         raise SettingsError("an edit runs in its inversion's dtype: drop dtype, or invert again with it")
     if opts.skip_existing and opts.force:
         raise SettingsError("give skip_existing or force, not both (one keeps existing files, the other overwrites them)")
-    _check_gpus(opts.gpus, opts.guidance, callback, opts.device)
+    _check_gpus(opts.gpus, callback, opts.device)
     inv = open_inversion(inversion, cache_dir) if isinstance(inversion, str) else inversion
     prompts = (prompts,) if isinstance(prompts, str) else tuple(prompts)
     if opts.gpus > 1 and under_torchrun():
@@ -494,9 +494,8 @@ def edit(inversion: Inversion | str, prompts: Prompts, *, cache_dir: str | Path 
     return EditResult(inv.id, prompts, tuple(videos), tuple(pairs), latents, frames, skipped)
 
 
-def _check_gpus(gpus: int, guidance: float, callback: Callback | None, device: str | None) -> None:
-    if gpus not in GPUS:
-        raise SettingsError(f"--gpus takes {', '.join(map(str, GPUS))}, got {gpus}")
+def _check_gpus(gpus: int, callback: Callback | None, device: str | None) -> None:
+    check_gpu_count(gpus)
     if gpus == 1:
         return
     if callback is not None and not under_torchrun():
@@ -551,7 +550,7 @@ def run(
     reporter = reporter or Reporter(device=Runtime.default(inv_opts.device).device)
     if edit_opts.gpus == 1:
         return _run(video, model, prompts, cache_dir, reporter, callback, inv_opts, edit_opts)
-    _check_gpus(edit_opts.gpus, edit_opts.guidance, callback, edit_opts.device)
+    _check_gpus(edit_opts.gpus, callback, edit_opts.device)
     _check_mesh(edit_opts.gpus, settings, info)
     shares(edit_opts.gpus, _invert_settings(inv_opts)[1].uses_cfg, info.transformer_config["num_attention_heads"])  # the inversion's own split
     if inv_opts.attention_store != "none":

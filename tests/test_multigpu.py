@@ -314,7 +314,7 @@ def test_a_worker_hands_its_own_gpu_on_unrefused(monkeypatch):
     monkeypatch.setattr(torch.cuda, "set_device", lambda index: None)
     device = worker_device(None)
     assert device == "cuda:1"
-    _check_gpus(2, 6.0, None, device)  # what edit checks first
+    _check_gpus(2, None, device)  # what edit checks first
     assert worker_device(device) == device
     with pytest.raises(SettingsError, match=re.escape("--device cuda:0 with several workers")):
         worker_device("cuda:0")  # another worker's GPU is still refused

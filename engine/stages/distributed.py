@@ -133,12 +133,16 @@ def guidance_embeds(cond: torch.Tensor, uncond: torch.Tensor | None, half: Guida
 GPUS = (1, 2, 4, 8)
 
 
+def check_gpu_count(n: int) -> None:
+    if n not in GPUS:
+        raise SettingsError(f"--gpus takes {', '.join(map(str, GPUS))}, got {n}")
+
+
 def shares(n: int, cfg: bool, heads: int) -> tuple[int, int]:
     """How `--gpus n` workers share a transformer call: (guidance halves, token split ways). The
     halves take 2 groups when the call has guidance's two halves; each group splits the tokens,
     heads shared out evenly (Ulysses), so the ways must divide the model's attention heads."""
-    if n not in GPUS:
-        raise SettingsError(f"--gpus takes {', '.join(map(str, GPUS))}, got {n}")
+    check_gpu_count(n)
     halves = 2 if cfg and n > 1 else 1
     ways = n // halves
     if heads % ways:
