@@ -230,6 +230,10 @@ def edit_options(f):
                 "--mask-fit", type=click.Choice(["none", "object"]), default="none", show_default=True,
                 help="object: shrink the mask, frame by frame, to what stands apart from its edge (the object in the box), so the box is not painted.",
             ),
+            click.option(
+                "--mask-paste", is_flag=True,
+                help="Put the decoded edit into the source through the mask, frame by frame: outside the mask the output is the source exactly.",
+            ),
             click.option("--fps", default=None, type=float, help="Output frame rate (default: the source's, adjusted for frame selection)."),
             click.option("--out", "out_dir", default=".", type=click.Path(file_okay=False), show_default=True, help="Folder for the mp4 files."),
             click.option("--force", is_flag=True, help="Overwrite existing output files."),
@@ -270,6 +274,7 @@ def _edit_kwargs(p: dict) -> dict:
         inject_steps=p["inject_steps"], inject_layers=p["inject_layers"], inject_strength=p["inject_strength"],
         reference=p["reference"], batch=p["batch"], fps=p["fps"], out_dir=p["out_dir"], force=p["force"], gpus=p["gpus"],
         mask=p["mask"], mask_box=p["mask_box"], mask_box_end=p["mask_box_end"], mask_fit=p["mask_fit"],
+        mask_paste=p["mask_paste"],
     )
 
 

@@ -83,6 +83,7 @@ class EditOptions(RuntimeOptions):
     mask_box: str | tuple[float, float, float, float] | None = None  # "X0,Y0,X1,Y1" fractions of the frame
     mask_box_end: str | tuple[float, float, float, float] | None = None  # the box on the last frame: it moves from mask_box
     mask_fit: str = "none"  # none | object: shrink the mask to the object inside it (engine.video.masks.fit_to_object)
+    mask_paste: bool = False  # the decoded edit put into the source through the mask, frame by frame (engine.video.masks.pasted)
 
 
 def names(cls: type) -> set[str]:

@@ -385,12 +385,12 @@ def _edit_settings(opts: EditOptions, prompts: tuple[str, ...], info: ModelInfo,
     window = window_of(opts.inject_steps, "--inject-steps")
     inject = InjectSettings(window, layers_of(opts.inject_layers, num_layers, "--inject-layers"), opts.inject_strength, opts.reference)
     negative = source_prompt if opts.negative_from_source else opts.negative_prompt
-    return EditSettings(prompts, negative, opts.guidance, opts.init, opts.seed, inject, opts.batch)
+    return EditSettings(prompts, negative, opts.guidance, opts.init, opts.seed, inject, opts.batch, paste=opts.mask_paste)
 
 
 def _edit_mask(opts: EditOptions, inv: Inversion) -> Mask | None:
     """The local edit's mask at the inversion's frames and size, checked before any model loads."""
-    spec = mask_spec(opts.mask, opts.mask_box, opts.mask_box_end, opts.mask_fit)
+    spec = mask_spec(opts.mask, opts.mask_box, opts.mask_box_end, opts.mask_fit, opts.mask_paste)
     if spec is None:
         return None
     source_frames = int(inv.entry.manifest["settings"]["video"]["num_frames"])
@@ -489,7 +489,7 @@ def edit(inversion: Inversion | str, prompts: Prompts, *, cache_dir: str | Path 
     if latents is None or opts.output == "latents":  # None: the other half of a split edit
         return EditResult(inv.id, prompts, (), (), latents, skipped=skipped)
     mine = ([outputs[0][k] for k in todo], [outputs[1][k] for k in todo]) if outputs else None
-    frames = decode_stage(ctx, latents, mine, opts.fps or inv.entry.fps, settings.prompts)
+    frames = decode_stage(ctx, latents, mine, opts.fps or inv.entry.fps, settings.prompts, mask if opts.mask_paste else None)
     videos, pairs = outputs or ((), ())
     return EditResult(inv.id, prompts, tuple(videos), tuple(pairs), latents, frames, skipped)
 
@@ -546,7 +546,7 @@ def run(
     check_video_file(video)
     info = inspect_model(edit_opts.model or model)
     settings = _edit_settings(edit_opts, prompts, info)  # bad prompts or edit flags: refused before the inversion
-    mask_spec(edit_opts.mask, edit_opts.mask_box, edit_opts.mask_box_end, edit_opts.mask_fit)
+    mask_spec(edit_opts.mask, edit_opts.mask_box, edit_opts.mask_box_end, edit_opts.mask_fit, edit_opts.mask_paste)
     reporter = reporter or Reporter(device=Runtime.default(inv_opts.device).device)
     if edit_opts.gpus == 1:
         return _run(video, model, prompts, cache_dir, reporter, callback, inv_opts, edit_opts)

@@ -14,7 +14,7 @@ from cli import cli
 from engine.models.components import Runtime
 from engine.stages.settings import EditSettings
 from engine.video import shapes
-from engine.video.masks import FIT_MARGIN, Boxes, Mask, box_mask, fit_to_object, latent_mask, load_mask, mask_spec, parse_box
+from engine.video.masks import FIT_MARGIN, Boxes, Mask, box_mask, fit_to_object, latent_mask, load_mask, mask_spec, parse_box, pasted
 from engine.video.reader import FrameSettings
 from engine.workflow import edit_stem
 from tests.conftest import CLIPS, SMALL
@@ -78,11 +78,12 @@ def test_boxes_move_from_the_first_frames_box_to_the_last_frames():
         ("0,0,0.5,0.5", "0.6,0,0.5,0.5", "none", "--mask-box-end '0.6,0,0.5,0.5' is empty"),
         ("0,0,0.5,0.5", None, "tight", "--mask-fit 'tight': choose none or object"),
         (None, None, "object", "--mask-fit object shrinks a mask to the object inside it: give --mask-box (or --mask) too"),
+        (None, None, "paste", "--mask-paste puts the edit into the source through the mask: give --mask-box (or --mask) too"),
     ],
 )
 def test_bad_moving_boxes_and_fits_are_refused(box, end, fit, expected):
     with pytest.raises(engine.SettingsError) as err:
-        mask_spec(None, box, end, fit)
+        mask_spec(None, box, end, "none", paste=True) if fit == "paste" else mask_spec(None, box, end, fit)
     assert str(err.value).startswith(expected)
 
 
@@ -281,6 +282,37 @@ def test_a_moving_box_and_a_fit_box_reach_the_edit_as_their_masks(inversion):
     assert torch.equal(edit(mask_box="0.1,0.1,0.9,0.9", mask_fit="object"), edit(mask=fitted.numpy()))
 
 
+def test_pasted_takes_each_frame_through_its_own_mask_with_a_one_pixel_soft_edge():
+    """Frame f: the edit inside mask f, the source outside it, a 3x3 box blur across the join."""
+    source, edited = np.zeros((3, 8, 8, 3), np.uint8), np.full((3, 8, 8, 3), 90, np.uint8)
+    pixels = torch.zeros(4, 8, 8)  # one more mask frame than the edit: the padded frames' mask
+    for f in range(4):
+        pixels[f, 2:6, f : f + 3] = 1  # a box moving right
+    out = pasted(edited, source, Mask(pixels, "moving"))
+    assert out.shape == edited.shape and out.dtype == np.uint8
+    for f in range(3):
+        assert (out[f, 3:5, f + 1] == 90).all()  # well inside: the edit
+        assert (out[f, :, f + 4 :] == 0).all() and (out[f, 7] == 0).all()  # two pixels off: the source
+        assert out[f, 3, f + 3, 0] == 30  # just outside the box: three of the nine neighbours are inside
+
+
+def test_a_pasted_edit_is_the_source_outside_the_mask_and_the_edit_inside(inversion):
+    """--mask-paste: the decoded frames outside the box (and its one-pixel soft edge) are the
+    source's exactly; inside, the unpasted edit's; and the paste has a name of its own."""
+    prompt = ["a watercolor painting of a forest"]
+
+    def frames(**options):
+        return engine.edit(inversion, prompt, device="cpu", output="frames", mask_box="0,0,0.5,1", **options).frames[0]
+
+    plain, paste = frames(), frames(mask_paste=True)
+    source = inversion.frames().numpy()[: len(paste)]
+    assert (paste[:, :, 81:] == source[:, :, 81:]).all()  # the box ends at column 80
+    assert (paste[:, :, :79] == plain[:, :, :79]).all()
+    assert not (plain[:, :, 81:] == source[:, :, 81:]).all()  # without it the decoder's round trip shows there
+    runtime = Runtime.default("cpu")
+    assert edit_stem(inversion.id, EditSettings(prompt, mask="a" * 16), runtime) != edit_stem(inversion.id, EditSettings(prompt, mask="a" * 16, paste=True), runtime)
+
+
 def test_mask_names_the_outputs_and_bad_masks_are_one_line_errors(inversion, tmp_path):
     runner = CliRunner()
     base = ["edit", inversion.id[:8], "--prompt", "a forest", "--device", "cpu", "--cache-dir", str(inversion.layout.root), "--out", str(tmp_path)]
@@ -302,6 +334,7 @@ def test_mask_names_the_outputs_and_bad_masks_are_one_line_errors(inversion, tmp
         (["--mask-box-end", "0,0,0.5,1"], "--mask-box-end is the box on the last frame: give the first frame's box with --mask-box too"),
         (["--mask-box", "0,0,0.5,1", "--mask-box-end", "0,0,1.5,1"], "--mask-box-end '0,0,1.5,1' reaches outside the frame"),
         (["--mask-fit", "object"], "--mask-fit object shrinks a mask to the object inside it: give --mask-box (or --mask) too"),
+        (["--mask-paste"], "--mask-paste puts the edit into the source through the mask: give --mask-box (or --mask) too"),
     ]:
         result = runner.invoke(cli, [*base, *args])
         assert result.exit_code == 1, result.output

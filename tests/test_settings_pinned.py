@@ -179,6 +179,7 @@ EDIT_VALUES = {
     "out_dir": [".", "elsewhere"],
     "force": [False, True],
     "gpus": [1, 2],
+    "mask_paste": [False, True],
 }
 EDIT = {k: st.sampled_from(v) for k, v in EDIT_VALUES.items()}
 EDIT_CONTEXTS = [
@@ -205,7 +206,8 @@ def effective_edit(options: dict, mask: str | None, runtime: dict) -> tuple:
     window = parse_window(o.inject_steps) if isinstance(o.inject_steps, str) else tuple(o.inject_steps)
     inject = (window, _layers(o.inject_layers), o.inject_strength, o.reference) if o.inject_strength > 0 else None
     # The dtype is the inversion's (an edit refuses another), so its id, the names' first part, holds it.
-    return o.guidance, negative, o.init, o.seed if o.init == "random" else None, inject, mask, *_effective_runtime(runtime)[1:]
+    paste = o.mask_paste and mask is not None  # pastes through the mask: without one it is refused before any work
+    return o.guidance, negative, o.init, o.seed if o.init == "random" else None, inject, mask, paste, *_effective_runtime(runtime)[1:]
 
 
 def _stem(info, options: dict, mask: str | None, runtime: dict) -> tuple[str, tuple[str, ...]]:
@@ -340,6 +342,7 @@ WEB_INVERT = {
 WEB_EDIT = {
     "inject_steps": "inject_steps", "inject_layers": "inject_layers", "strength": "inject_strength", "guidance": "guidance", "negative": "negative_prompt",
     "negative_source": "negative_from_source", "init": "init", "seed": "seed", "reference": "reference", "attention": "attention", "mask_fit": "mask_fit",
+    "mask_paste": "mask_paste",
 }
 
 

@@ -280,7 +280,7 @@ def test_every_edit_setting_that_changes_the_pixels_changes_the_file_names(tiny_
 
 
 # Keyed once the inversion's frames are known: engine.edit puts the mask's digest in the settings.
-_EDIT_MASKS = {"mask", "mask_box", "mask_box_end", "mask_fit"}
+_EDIT_MASKS = {"mask", "mask_box", "mask_box_end", "mask_fit", "mask_paste"}
 
 
 def test_a_masks_digest_changes_the_file_names(tiny_model):
@@ -291,6 +291,9 @@ def test_a_masks_digest_changes_the_file_names(tiny_model):
     runtime = Runtime("cpu", torch.float32)
     stems = {edit_stem("f" * 32, dataclasses.replace(settings, mask=m), runtime) for m in (None, "a" * 16, "b" * 16)}
     assert len(stems) == 3  # that engine.edit passes the digest: tests/test_masks.py's output-name test
+    pasted = _edit_settings(EditOptions(mask_paste=True), ("a watercolor painting",), inspect_model(tiny_model))
+    assert edit_stem("f" * 32, dataclasses.replace(pasted, mask="a" * 16), runtime) not in stems  # the paste changes the pixels
+    assert edit_stem("f" * 32, pasted, runtime) in stems  # and without a mask it has nothing to paste through
 
 
 def test_every_edit_option_is_keyed_or_said_not_to_change_the_pixels():

@@ -98,13 +98,15 @@ def test_invert_render_two_edits_find_it_in_the_gallery_and_survive_a_bad_upload
 
             _edit_tab_guides_a_newcomer(page)
 
-            # Two prompts, one render, around the moving object (the page's default for a bundled shapes clip); both results must load and play.
+            # Two prompts, one render, around the moving object (the page's default for a bundled shapes clip), pasted into
+            # the source; both results must load and play.
             page.fill("#prompts textarea", "\n".join(PROMPTS))
+            page.check("#mask-paste input")
             page.click("#render-button")
             page.wait_for_function(PLAYABLE, arg=2, timeout=120_000)
             assert page.evaluate("() => Promise.all([...document.querySelectorAll('.edit-result video')].map(v => v.play().then(() => true)))") == [True, True]
             results = page.inner_text("#results")
-            assert all(f"source | {prompt}" in results or prompt in results for prompt in PROMPTS) and results.count("around the object") == 2
+            assert all(f"source | {prompt}" in results or prompt in results for prompt in PROMPTS) and results.count("around the object, pasted into the source") == 2
             assert page.evaluate(BADGES) == 0
             page.screenshot(path=str(tmp_path / "edit-tab.png"), full_page=True)  # to look at (the README's is benchmarks/ui_first_edit.py's)
 

@@ -103,6 +103,7 @@ def edit_label(r: EditRecord) -> str:
     local = f", box {o['mask_box']}" if o.get("mask_box") else ", around the object" if o.get("mask") else ""
     local += f" to {o['mask_box_end']}" if o.get("mask_box_end") else ""
     local += ", fit to the object" if o.get("mask_fit") == "object" else ""
+    local += ", pasted into the source" if o.get("mask_paste") else ""
     negative = ", negative: the source prompt" if o.get("negative_from_source") else f", negative '{o['negative_prompt']}'" if o.get("negative_prompt") else ""
     return f"{r.prompt} · window {o.get('inject_steps')}, strength {o.get('inject_strength')}, guidance {o.get('guidance')}{negative}{local} · {r.created[:16].replace('T', ' ')}"
 
@@ -181,7 +182,7 @@ class Actions:
         return card_md, str(shown.thumbnails) if shown.thumbnails else None, self.inversion_choices(inv.id), gr.update(visible=True)
 
     def do_render(self, inv_id, prompts_text, inject_steps, inject_layers, strength, guidance, negative, negative_source, init, seed, reference, mask_box,
-                  attention, object_mask=False, mask_box_end="", mask_fit="none", request: gr.Request = None, progress=gr.Progress()):  # noqa: B008
+                  attention, object_mask=False, mask_box_end="", mask_fit="none", mask_paste=False, request: gr.Request = None, progress=gr.Progress()):  # noqa: B008
         prompts = [p.strip() for p in (prompts_text or "").splitlines() if p.strip()]
 
         def job(reporter):
@@ -205,6 +206,8 @@ class Actions:
                 options["mask_box_end"] = mask_box_end.strip()
             if mask_fit != "none":
                 options["mask_fit"] = mask_fit
+            if mask_paste:
+                options["mask_paste"] = True
             if object_mask:  # only around the moving object, which a bundled shapes clip knows frame by frame
                 options["mask"] = str(self.folders.object_mask(inv.manifest["summary"].get("video", "")))
             if attention != "auto":

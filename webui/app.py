@@ -90,6 +90,8 @@ def _edit_tab(prompts: tuple[str, ...], examples: tuple[str, ...], world: str) -
             c.box_hint = gr.Markdown(elem_id="box-hint")
             c.mask_fit = gr.Radio([("the whole box", "none"), ("only the object in it", "object")], value=e.mask_fit, label="inside the box, change", elem_id="mask-fit",
                                   info="the object: the box shrinks, frame by frame, to what stands apart from its edge, so a color edit does not paint the box")
+            c.mask_paste = gr.Checkbox(e.mask_paste, label="keep everything outside the mask exactly as the source", elem_id="mask-paste",
+                                       info="the edit is pasted into the source frame by frame, so it follows a moving object closely")
             c.object_mask = gr.Checkbox(world == "shapes", label="or only around the moving object (bundled shapes clips know where it is, frame by frame)", elem_id="object-mask")
         with gr.Column(scale=2):
             c.box_preview = gr.Image(label="first | last frame: the box may change, the dimmed rest is kept; click two corners on a frame to draw its box",
@@ -172,7 +174,7 @@ def build(cfg: AppConfig) -> gr.Blocks:
         inv.run.click(act.do_invert, invert_inputs, [inv.card, inv.strip, ed.pick, inv.to_edit], **gpu)
         inv.to_edit.click(lambda: gr.Tabs(selected="edit"), None, tabs)
         render_inputs = [ed.pick, ed.prompts, ed.inject_steps, ed.inject_layers, ed.strength, ed.guidance, ed.negative, ed.negative_source, ed.init, ed.seed, ed.reference, ed.mask_box, ed.attention,
-                         ed.object_mask, ed.mask_box_end, ed.mask_fit]
+                         ed.object_mask, ed.mask_box_end, ed.mask_fit, ed.mask_paste]
         ed.run.click(act.do_render, render_inputs, [ed.shown, ed.earlier, ed.pick_info], **gpu)
         for cancel in (inv.cancel, ed.cancel):
             cancel.click(act.do_cancel, None, None, queue=False)

@@ -13,6 +13,7 @@ from engine.errors import OutputExistsError, SettingsError
 from engine.models.components import loaded
 from engine.stages.context import StageContext
 from engine.video.labels import labelled
+from engine.video.masks import Mask, pasted
 
 _MAX_NAME = 60
 
@@ -79,15 +80,20 @@ def output_paths(stem: str, prompts: tuple[str, ...], out_dir: Path, force: bool
     return videos, pairs
 
 
-def decode_stage(ctx: StageContext, latents: torch.Tensor, outputs: tuple[list[Path], list[Path]] | None, fps: float, prompts: tuple[str, ...]) -> np.ndarray | None:
-    """Decode each edit (of `prompts`); with `outputs` (videos, side-by-sides) write them as mp4
-    and return None, else return the uint8 frames [K, F, H, W, 3]."""
-    source = ctx.entry.load(ctx.entry.paths.frames, "frames").numpy() if outputs else None
+def decode_stage(
+    ctx: StageContext, latents: torch.Tensor, outputs: tuple[list[Path], list[Path]] | None, fps: float, prompts: tuple[str, ...], paste: Mask | None = None
+) -> np.ndarray | None:
+    """Decode each edit (of `prompts`), put into the source through `paste` when given; with
+    `outputs` (videos, side-by-sides) write them as mp4 and return None, else return the uint8
+    frames [K, F, H, W, 3]."""
+    source = ctx.entry.load(ctx.entry.paths.frames, "frames").numpy() if outputs or paste else None
     decoded = []
     with ctx.reporter.phase("decode", total=latents.shape[0]) as ph:
         with loaded("vae", ctx.info, ctx.runtime) as vae:
             for k in range(latents.shape[0]):
                 frames = decode_latents(vae, latents[k : k + 1])[0][: ctx.entry.output_frames]
+                if paste is not None:
+                    frames = pasted(frames, source, paste)
                 if outputs:
                     write_video(frames, outputs[0][k], fps)
                     write_video(side_by_side(source, frames, prompts[k]), outputs[1][k], fps)

@@ -159,6 +159,7 @@ class EditSettings:
     inject: InjectSettings = field(default_factory=InjectSettings)
     batch: int = 4  # prompts per transformer pass
     mask: str | None = None  # digest of the local-edit mask (engine.video.masks.Mask.digest); None = edit everywhere
+    paste: bool = False  # the decoded edit put into the source through the mask (engine.video.masks.pasted)
 
     def __post_init__(self) -> None:
         if not self.prompts:
@@ -195,6 +196,8 @@ class EditSettings:
         del fields["prompts"], fields["batch"]  # batching does not change a row's result
         if self.mask is None:  # unmasked edits keep the names they always had
             del fields["mask"]
+        if not self.paste or self.mask is None:  # nor do masked edits without --mask-paste
+            del fields["paste"]
         return fields
 
 

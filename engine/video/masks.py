@@ -5,7 +5,9 @@ A mask comes as an image (one mask for every frame), a video (one mask per frame
 fractions of the frame (X0, Y0, X1, Y1) or two (`Boxes`: the box on the first frame and on the
 last, moving linearly between them, for an object that moves), or, from Python, an array [H, W] or
 [F, H, W] of values in 0-1 at the edit's frame size. `fit_to_object` shrinks a mask to what stands
-apart inside it (the object a box was drawn around), so a local edit does not paint the whole box. Files meet the frame size the way the source video did (the
+apart inside it (the object a box was drawn around), so a local edit does not paint the whole box;
+`pasted` puts the decoded edit into the source through the pixel mask, frame by frame (outside it
+the output is the source exactly). Files meet the frame size the way the source video did (the
 inversion's --fit), and a mask video with as many frames as the source video goes through the
 same frame selection. `latent_mask` brings a pixel mask to the latent grid: each latent frame
 takes the union of the frames it encodes (nothing that should change is kept), each latent cell
@@ -150,10 +152,12 @@ def _video(path: Path, settings: FrameSettings, source_frames: int, frames: int,
     return _gray(pixels.numpy())
 
 
-def mask_spec(mask: Any, box: str | tuple | list | None, box_end: str | tuple | list | None = None, fit: str = "none") -> Any:
+def mask_spec(mask: Any, box: str | tuple | list | None, box_end: str | tuple | list | None = None, fit: str = "none", paste: bool = False) -> Any:
     """The mask `--mask`/`--mask-box`/`--mask-box-end` name (a checked box or `Boxes`, a file path or
     an array), or None: what can be checked before the edit's frames are known, so `run` refuses it
-    before inverting. `fit` (`--mask-fit`) is checked here too."""
+    before inverting. `fit` (`--mask-fit`) and `paste` (`--mask-paste`) are checked here too."""
+    if paste and mask is None and box is None:
+        raise SettingsError("--mask-paste puts the edit into the source through the mask: give --mask-box (or --mask) too")
     if fit not in FITS:
         raise SettingsError(f"--mask-fit {fit!r}: choose {' or '.join(FITS)}")
     if mask is not None and box is not None:
@@ -241,6 +245,17 @@ def fit_to_object(mask: Mask, frames: torch.Tensor) -> Mask:
         raise SettingsError(f"--mask-fit object found nothing inside the mask ({mask.label}) that stands apart from its edge: "
                             "draw the box around the object with some of its surroundings, or leave --mask-fit off")
     return Mask(mask.pixels * _grow(fitted, FIT_MARGIN).float(), f"{mask.label}, fit to the object")
+
+
+def pasted(edited: np.ndarray, source: np.ndarray, mask: Mask) -> np.ndarray:
+    """`--mask-paste`: uint8 frames [F, H, W, 3], the edit where the mask is white and the source
+    where it is black, frame by frame. The latent mask follows the pixel mask only per 4 frames and
+    per 8-px cell (a moving object's edit trails it); this follows it per frame and pixel. Its
+    edge is softened by one pixel (a 3x3 box blur) so the join does not show as a step."""
+    n = len(edited)
+    weight = torch.nn.functional.avg_pool2d(mask.pixels[:n, None].float(), 3, 1, 1, count_include_pad=False)[:, 0, ..., None].numpy()
+    mixed = weight * edited.astype(np.float32) + (1 - weight) * source[:n].astype(np.float32)
+    return mixed.round().clip(0, 255).astype(np.uint8)
 
 
 def latent_mask(mask: Mask, latent_frames: int, height: int, width: int) -> torch.Tensor:
