@@ -46,7 +46,7 @@ def test_store_added_later_is_captured_from_the_cached_trajectory(tiny_model, wi
     reporter = engine.Reporter()
     later = engine.invert(wide_clip, tiny_model, device="cpu", reporter=reporter, **SMALL, **_store("disk"))
     assert later.id == first.id
-    assert [r.name for r in reporter.records].count("capture") == 1
+    assert [(r.name, r.cache_hit) for r in reporter.records if r.name == "capture"] == [("capture", False)]
     assert "invert" not in [r.name for r in reporter.records], "the trajectory is not recomputed"
     during = engine.invert(wide_clip, tiny_model, device="cpu", cache_dir=tmp_path / "b", **SMALL, **_store("disk"))
     a, b = _shards(later), _shards(during)
@@ -73,6 +73,22 @@ def test_store_over_budget_is_refused_before_writing(tiny_model, wide_clip, _iso
         engine.invert(wide_clip, tiny_model, device="cpu", attention_budget=240_000, **SMALL, **_store("disk"))
     assert "try --attention-steps 0:0.25" in str(info.value)
     assert not list((_isolated_cache / "inversions").glob("*")), "nothing was written"
+
+
+def test_a_store_of_some_blocks_serves_edits_at_those_and_memory_is_read_before_disk(tiny_model, wide_clip, tmp_path):
+    """A store of block 1 serves an edit that injects at block 1 only (the same as recomputing the
+    reference) and refuses one at block 0; with a store in memory that serves it too, the edit reads
+    memory (the disk store, a block file gone, would be refused)."""
+    store = _store("disk", attention_layers="1")
+    inv = engine.invert(wide_clip, tiny_model, device="cpu", cache_dir=tmp_path, **SMALL, **store)
+    recompute = engine.edit(inv, PROMPT, inject_steps="0:0.5", inject_layers="1", device="cpu", output="latents").latents
+    with pytest.raises(SettingsError, match="no stored attention"):
+        engine.edit(inv, PROMPT, inject_steps="0:0.5", inject_layers="0", reference="stored", device="cpu", output="latents")
+    in_memory = engine.invert(wide_clip, tiny_model, device="cpu", cache_dir=tmp_path, **SMALL, **_store("cpu"))  # every block: another store
+    next(inv.paths.attention_dir.rglob("b_01.safetensors")).unlink()
+    stored = engine.edit(in_memory, PROMPT, inject_steps="0:0.5", inject_layers="1", reference="stored", device="cpu", output="latents").latents
+    torch.testing.assert_close(stored, recompute, rtol=0, atol=1e-5)
+    in_memory.release()
 
 
 def test_replay_outside_the_stored_window_is_refused(tiny_model, wide_clip):

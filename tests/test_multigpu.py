@@ -7,6 +7,8 @@ one jobs file and a tiny workload."""
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import json
 import re
 from pathlib import Path
@@ -18,10 +20,12 @@ from click.testing import CliRunner
 import engine
 from cli import cli
 from engine.errors import DeviceError, SettingsError, WorkerError
+from engine.hooks.token_exchange import TokenSplit
 from engine.jobs.batch import Job, Unit, assign
 from engine.stages.distributed import Mesh, shares, worker_device
 from engine.workflow import _check_gpus
 from tests.conftest import CLIPS
+from tests.groups import in_threads
 
 TINY = dict(frames=5, height=96, width=160, steps=3)
 
@@ -138,52 +142,170 @@ def test_four_workers_split_halves_and_tokens_and_equal_one_process(tiny_model, 
     _assert_split_run_is_one_process_run(tiny_model, small_clip, tmp_path, 4, **options)
 
 
-def _block_call(split_ways: int) -> torch.Tensor:
-    """One injected call (2 edit rows + their shared reference, strength 0.5) of a 4-head transformer
-    through row groups, one head per attention call: tokens split `split_ways` ways over the
-    workers of this process group (1: no group, all here)."""
-    import torch.distributed as dist
-
-    from engine.hooks import injection
-    from engine.hooks.injection import CogVideoXAttnProcessor, InjectionState, KVInjectionConfig, apply_kv_injection
-    from engine.hooks.row_groups import RowGroupConfig, apply_row_groups
-    from engine.hooks.token_exchange import TokenSplit
-    from engine.hooks.token_split import tokens_split
-    from engine.models.denoiser import rotary_embeddings
+def _block_model() -> torch.nn.Module:
+    """A 4-head transformer of one block with cogedit's processor (seeded: every process builds the same)."""
+    from engine.hooks.injection import CogVideoXAttnProcessor
     from engine.models.tiny import random_transformer
 
-    injection.INJECT_HEADS = 1  # each process's 2 heads in two calls: the projection's head shares
     torch.manual_seed(0)
     size = dict(num_attention_heads=4, attention_head_dim=16, time_embed_dim=16, text_embed_dim=32, num_layers=1, sample_width=20, sample_height=12, sample_frames=9)
     model = random_transformer("cpu", torch.float32, **size)
     model.set_attn_processor(CogVideoXAttnProcessor())
+    return model
+
+
+def _block_call(model: torch.nn.Module, split: TokenSplit | None) -> torch.Tensor:
+    """One injected call (2 edit rows + their shared reference, strength 0.5) of `_block_model()`
+    through row groups, one head per attention call (the caller sets injection.INJECT_HEADS = 1):
+    tokens split over `split`'s group (None: all here)."""
+    from engine.hooks.injection import InjectionState, KVInjectionConfig, apply_kv_injection
+    from engine.hooks.row_groups import RowGroupConfig, apply_row_groups
+    from engine.hooks.token_split import tokens_split
+    from engine.models.denoiser import rotary_embeddings
+
     g = torch.Generator().manual_seed(1)
-    # 3 latent frames of 9x13 patches: 351 image tokens, 577 with the text's, split 289 + 288
+    # 3 latent frames of 9x13 patches: 351 image tokens, 577 with the text's, split 289 + 288 (or 145 + 144 x 3)
     x, text = torch.randn(3, 3, 16, 18, 26, generator=g), torch.randn(3, 226, 32, generator=g)
     state = InjectionState(active=True, n_edit=2, ref_of=torch.zeros(2, dtype=torch.long), strength=0.5)
     apply_row_groups(model, RowGroupConfig(1, state))
     apply_kv_injection(model, KVInjectionConfig(None, state))
-    split = TokenSplit(dist.group.WORLD, dist.get_rank(), split_ways) if split_ways > 1 else None
     with tokens_split(model, split):
         return model(x, text, torch.tensor([500] * 3), image_rotary_emb=rotary_embeddings(model, x.shape, 8, "cpu"), return_dict=False)[0]
 
 
 def _split_block_call() -> torch.Tensor:
+    import torch.distributed as dist
+
+    from engine.hooks import injection
     from engine.stages.distributed import process_group
 
+    injection.INJECT_HEADS = 1  # each process's 2 heads in two calls: the projection's head shares
     with process_group("gloo"):
-        return _block_call(2)
+        return _block_call(_block_model(), TokenSplit(dist.group.WORLD, dist.get_rank(), 2))
 
 
-def test_token_split_head_shares_row_groups_and_bias_equal_one_process():
+def test_token_split_head_shares_row_groups_and_bias_equal_one_process(monkeypatch):
     """What the tiny model's 2 heads never reach: several heads per process projected a few at a
     time (on CogVideoX-5B 24 heads per process, 8 per call), the row groups' held reference K/V,
-    and slices of unequal sizes."""
+    and slices of unequal sizes; here in two worker processes (torchrun's launcher)."""
+    from engine.hooks import injection
     from engine.stages.distributed import launch
 
     split = launch(_split_block_call, 2)
-    torch.testing.assert_close(split[0], _block_call(1), rtol=1e-4, atol=1e-5)
+    monkeypatch.setattr(injection, "INJECT_HEADS", 1)
+    torch.testing.assert_close(split[0], _block_call(_block_model(), None), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(split[1], split[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("ways", [2, 4])
+def test_a_token_split_call_equals_one_process_in_threads(monkeypatch, ways):
+    """The same call split 2 and 4 ways over a group of threads (tests/groups.py): every rank ends
+    with the whole call's output (4 ways: slices of 145 and 144 tokens, one head each)."""
+    from engine.hooks import injection
+
+    monkeypatch.setattr(injection, "INJECT_HEADS", 1)
+    model = _block_model()
+    models = [copy.deepcopy(model) for _ in range(ways)]  # one per rank, made before the threads start
+    whole = _block_call(model, None)
+    for out in in_threads(ways, lambda group, rank: _block_call(models[rank], TokenSplit(group, rank, ways))):
+        torch.testing.assert_close(out, whole, rtol=1e-4, atol=1e-5)
+
+
+def test_tokens_are_shared_out_as_evenly_as_they_go_in_rank_order():
+    split = TokenSplit(None, 1, 3)
+    split.share(8, 2)
+    assert split.on and split.counts == (3, 3, 2) and split.text == 2 and split.total == 8
+    assert [TokenSplit(None, r, 3, split.counts).start for r in range(3)] == [0, 3, 6]
+    assert [TokenSplit(None, r, 3, split.counts).stop for r in range(3)] == [3, 6, 8]
+    assert not TokenSplit().on
+
+
+@pytest.mark.parametrize("ways", [2, 3])
+def test_the_exchange_trades_tokens_for_heads_and_back(ways):
+    """Over a group of threads (tests/groups.py), 8 tokens split unevenly: to_heads hands rank r
+    head block r of every token in order, to_tokens undoes it, gather joins the slices."""
+    heads, batch, dim = 2 * ways, 2, 3
+
+    def exchange(group, rank):
+        split = TokenSplit(group, rank, ways)
+        split.share(8, 2)
+        g = torch.Generator().manual_seed(rank)
+        y = torch.randn(batch, heads, split.counts[rank], dim, generator=g)  # this rank's tokens, every head
+        x = torch.randn(batch, split.counts[rank], 5, generator=g)
+        mine = split.to_heads(y)
+        return y, mine, split.to_tokens(mine.transpose(1, 2)), x, split.gather(x)
+
+    out = in_threads(ways, exchange)
+    every = torch.cat([o[0] for o in out], dim=2)  # [B, heads, 8, D]
+    for rank, (y, mine, back, _, joined) in enumerate(out):
+        assert torch.equal(mine, every[:, 2 * rank : 2 * rank + 2])
+        assert torch.equal(back, y.transpose(1, 2))
+        assert torch.equal(joined, torch.cat([o[3] for o in out], dim=1))
+
+
+def test_guidance_halves_are_joined_unconditional_first_on_both():
+    from engine.stages.distributed import GuidanceSplit
+
+    v = [torch.full((2, 3), float(r)) for r in range(2)]
+    for joined in in_threads(2, lambda group, rank: GuidanceSplit(rank, group).combine(v[rank].t())):
+        assert torch.equal(joined, torch.cat([v[0].t(), v[1].t()]))
+
+
+def test_the_launcher_returns_each_workers_result_and_its_first_error_in_one_line(monkeypatch, tmp_path):
+    """`launch` through torchrun's launcher: results by rank, the arguments and multicast's switch
+    handed to every worker, its own rendezvous port (torchrun's usual 29400 may be taken); a user's
+    error comes back as itself, an unforeseen one as one line naming the worker, no worker is
+    started again, and torchrun's own logs stay quiet (unless COGEDIT_DEBUG=1) and their levels as
+    they were after."""
+    import logging
+    import socket
+
+    from engine.stages.distributed import launch
+    from tests.workers import refuse_on, where
+
+    monkeypatch.delenv("COGEDIT_DEBUG", raising=False)
+    monkeypatch.delenv("NCCL_NVLS_ENABLE", raising=False)
+    with socket.socket() as busy:
+        with contextlib.suppress(OSError):  # taken already: as good
+            busy.bind(("localhost", 29400))
+            busy.listen()
+        assert launch(where, 2, "job", 7) == {0: (0, "job", 7, "0"), 1: (1, "job", 7, "0")}
+    loggers = [logging.getLogger(name) for name in ("torch.distributed.elastic", "torch.multiprocessing")]
+    seen: list[str] = []
+    keep = logging.Handler()
+    keep.emit = lambda record: seen.append(f"{record.name}: {record.getMessage()}")
+    for log, level in zip(loggers, (logging.INFO, logging.WARNING)):
+        log.setLevel(level)
+        log.addHandler(keep)
+    tally = tmp_path / "starts"
+    try:
+        with pytest.raises(SettingsError, match="^worker 1's settings are bad$"):
+            launch(refuse_on, 2, 1, True, str(tally))
+        with pytest.raises(WorkerError, match="^worker 0 failed: ZeroDivisionError: worker 0 divided by zero; finished work is cached"):
+            launch(refuse_on, 2, 0, False, str(tally))
+        assert not seen, seen[:3]  # torchrun's records of the failures (and of each worker's start) stayed below the loggers' level
+        monkeypatch.setenv("COGEDIT_DEBUG", "1")
+        with pytest.raises(SettingsError):
+            launch(refuse_on, 2, 1, True, str(tally))
+        assert seen  # now they are shown
+    finally:
+        for log in loggers:
+            log.removeHandler(keep)
+    assert [log.level for log in loggers] == [logging.INFO, logging.WARNING]
+    assert sorted(tally.read_text().split()) == ["0", "0", "0", "1", "1", "1"]  # each worker started once per launch
+
+
+def test_four_workers_make_the_mesh_docs_multi_gpu_describes():
+    """--gpus 4 with guidance: workers 0-1 the unconditional half, 2-3 the conditional one, each
+    half splitting its tokens 2 ways; worker r pairs with r +- 2 for guidance's halves. Without
+    guidance all four split the tokens. Worker 0's word reaches every worker."""
+    from engine.stages.distributed import launch
+    from tests.workers import mesh_of
+
+    got = launch(mesh_of, 4, 4, True, 4)
+    halves = ["unconditional", "unconditional", "conditional", "conditional"]
+    assert got == {r: (f"{halves[r]} rows here, tokens split 2 ways", [r % 2, r % 2 + 2], [r - r % 2, r - r % 2 + 1], r % 2, "from worker 0") for r in range(4)}
+    assert launch(mesh_of, 4, 4, False, 4)[3] == ("tokens split 4 ways", None, [0, 1, 2, 3], 3, "from worker 0")
 
 
 def test_a_worker_killed_mid_edit_ends_in_one_line_and_leaves_the_cache(tiny_model, wide_clip, tmp_path, monkeypatch):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -220,3 +221,18 @@ def test_edit_matches_the_reference(bench, name):
     if case.alternative is not None:
         wrong = bench.reference_edit(dataclasses.replace(case, **case.alternative))
         assert _farther_than(expected, wrong, MOVES), f"{name}: the reference cannot tell it from {case.alternative}"
+
+
+def test_the_round_trip_check_matches_the_reference(bench):
+    """--verify's latent error: the inverted noise denoised under the source prompt (no guidance,
+    no injection) against the clean latents, as the reference computes it; its PSNR is of the
+    decoded round trip against the source frames."""
+    from engine.stages.verify import psnr_db
+
+    levels = bench.levels("plain")
+    back = method.edit(bench.ref, levels, bench.embed(SOURCE), bench.embed(SOURCE), method.Edit(guidance=1.0, strength=0.0))
+    expected = ((back - bench.clean()).norm() / bench.clean().norm()).item()
+    verified = engine.invert(CLIPS / "bunny_wide.mp4", bench.model, device="cpu", cache_dir=bench.cache, source_prompt=SOURCE, verify=True, **SHAPE, **INVERSIONS["plain"])
+    assert verified.id == bench.inversion("plain").id and verified.verify["latent_rel_error"] == pytest.approx(expected, rel=1e-4)
+    a, b = torch.zeros(2, 4, 4, 3, dtype=torch.uint8), torch.full((2, 4, 4, 3), 10, dtype=torch.uint8)
+    assert psnr_db(a, b) == pytest.approx(10 * math.log10(255**2 / 100)) and psnr_db(b, b) == math.inf

@@ -270,6 +270,26 @@ def no_torchrun(monkeypatch):
     return monkeypatch
 
 
+def test_the_rows_embeddings_and_what_gpus_cannot_share_out():
+    from engine.hooks.token_exchange import TokenSplit
+    from engine.stages.distributed import GuidanceSplit, Mesh, check_gpu_count, guidance_embeds, shares
+
+    cond, uncond = torch.arange(12.0).view(2, 3, 2), torch.full((1, 3, 2), -1.0)
+    assert guidance_embeds(cond, None, None) is cond
+    assert torch.equal(guidance_embeds(cond, uncond, None), torch.cat([uncond, uncond, cond]))  # [uncond x K, cond x K]
+    assert torch.equal(guidance_embeds(cond, uncond, GuidanceSplit(0)), torch.cat([uncond, uncond]))
+    assert guidance_embeds(cond, uncond, GuidanceSplit(1)) is cond
+    with pytest.raises(SettingsError, match=r"^--gpus takes 1, 2, 4, 8, got 3$"):
+        check_gpu_count(3)
+    with pytest.raises(SettingsError, match=r"^--gpus 8 splits the tokens 8 ways, which the model's 12 attention heads do not divide into: use --gpus 1 or 2 or 4$"):
+        shares(8, False, 12)
+    with pytest.raises(SettingsError, match=r"^--gpus 4 splits the tokens 2 ways, which the model's 3 attention heads do not divide into: use --gpus 1 or 2$"):
+        shares(4, True, 3)
+    assert Mesh(GuidanceSplit(1), TokenSplit()).describe() == "conditional rows here"
+    assert Mesh(None, TokenSplit(None, 0, 2)).describe() == "tokens split 2 ways"
+    assert Mesh(GuidanceSplit(0), TokenSplit(None, 1, 4)).describe() == "unconditional rows here, tokens split 4 ways"
+
+
 def test_a_worker_reads_its_place_from_torchruns_variables(no_torchrun):
     from engine.stages.distributed import GuidanceSplit, Mesh, backend_for, check_worker_device, rank, under_torchrun, worker_device, world_size
 
