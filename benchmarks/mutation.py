@@ -45,6 +45,14 @@ MODULES: dict[str, tuple[list[str], list[str]]] = {
         ["tests/test_injection.py", "tests/test_attention.py", "tests/test_row_groups.py", "tests/test_attention_store.py", "tests/test_structure.py::test_features_come_off_cleanly"],
     ),
     "hooks-kv": (["engine/hooks/kv_capture.py", "engine/hooks/kv_replay.py"], ["tests/test_attention_store.py", "tests/test_structure.py"]),
+    # the token split's exchanges run over a group of threads here (tests/groups.py), where mutmut sees them
+    "hooks-split": (
+        ["engine/hooks/token_split.py", "engine/hooks/token_exchange.py"],
+        [
+            "tests/test_multigpu.py::test_tokens_are_shared_out_as_evenly_as_they_go_in_rank_order", "tests/test_multigpu.py::test_the_exchange_trades_tokens_for_heads_and_back",
+            "tests/test_multigpu.py::test_a_token_split_call_equals_one_process_in_threads",
+        ],
+    ),
     "hooks-rest": (
         ["engine/hooks/attention.py", "engine/hooks/ff_chunking.py", "engine/hooks/libraries.py", "engine/hooks/registry.py", "engine/hooks/row_groups.py"],
         [
@@ -65,19 +73,36 @@ MODULES: dict[str, tuple[list[str], list[str]]] = {
         ],
     ),
     "stages-model": (
-        [f"engine/stages/{name}.py" for name in ("attention_store", "decode", "distributed", "editing", "embed", "encode", "inversion", "verify", "vloss")],
+        [f"engine/stages/{name}.py" for name in ("attention_store", "decode", "editing", "embed", "encode", "inversion", "verify", "vloss")],
         [
             "tests/test_stage_units.py", "tests/test_reference.py", "tests/test_inversion.py", "tests/test_injection.py", "tests/test_attention_store.py",
             "tests/test_fixed_point.py::test_refinement_sharpens_the_round_trip", "tests/test_verify.py::test_verify_is_stored_with_the_entry",
-            "tests/test_verify.py::test_fixed_point_inverts_more_exactly_than_ddim", "tests/test_multigpu.py::test_a_worker_hands_its_own_gpu_on_unrefused",
+            "tests/test_verify.py::test_fixed_point_inverts_more_exactly_than_ddim", "tests/test_verify.py::test_verdict_limits_are_the_documented_ones",
+            "tests/test_multigpu.py::test_a_worker_hands_its_own_gpu_on_unrefused",
             "tests/test_engine.py::test_second_inversion_is_a_cache_hit_that_loads_nothing", "tests/test_engine.py::test_edit_from_cache_equals_one_shot_run_bit_for_bit",
             "tests/test_proxy.py::test_shapes_proxy_beats_random_weights_on_a_held_out_pair",
+            # the mp4 outputs, the paste and the windows' stores: added after the 2026-12-07 run, whose survivors there lay outside the tests above
+            "tests/test_cli.py::test_invert_then_edit_from_the_cache", "tests/test_masks.py::test_a_pasted_edit_is_the_source_outside_the_mask_and_the_edit_inside",
+            "tests/test_windows.py::test_stored_attention_of_a_long_clip_replays_each_windows_own_reference",
+            "tests/test_windows.py::test_a_long_clips_store_captured_later_from_the_cache_is_the_one_captured_while_inverting",
+        ],
+    ),
+    # the workers: their groups of threads (tests/groups.py) and the launcher's worker processes (they run
+    # the mutant too: mutmut's switch is an environment variable they inherit)
+    "stages-workers": (
+        ["engine/stages/distributed.py"],
+        [
+            "tests/test_stage_units.py", "tests/test_multigpu.py::test_guidance_halves_are_joined_unconditional_first_on_both",
+            "tests/test_multigpu.py::test_the_launcher_returns_each_workers_result_and_its_first_error_in_one_line",
+            "tests/test_multigpu.py::test_four_workers_make_the_mesh_docs_multi_gpu_describes",
+            "tests/test_multigpu.py::test_how_gpus_share_a_call_as_docs_multi_gpu_says", "tests/test_multigpu.py::test_a_worker_hands_its_own_gpu_on_unrefused",
         ],
     ),
 }
 
-# A test failed, or ran past mutmut's time limit (an endless loop is caught so too).
-KILLED = ("killed", "timeout")
+# A test failed, ran past mutmut's time limit (an endless loop is caught so too), or its process
+# died of a signal (segfault; suspicious: another, e.g. an abort inside gloo).
+KILLED = ("killed", "timeout", "segfault", "suspicious")
 
 # Survivors that cannot change behaviour: mutant name -> why. Checked against each run: an entry
 # whose mutant no longer survives is reported as stale.
@@ -111,6 +136,26 @@ EQUIVALENT: dict[str, str] = {
         "the zero input in float32: every term it enters is an exact 0, and the float64 one keeps the step in float64",
     ),
     "engine.stages.distributed.x__failure_line__mutmut_24": "next()'s default None for '': both are false, and the line is used only when true",
+    **dict.fromkeys(
+        ("engine.hooks.token_exchange.xǁTokenSplitǁto_heads__mutmut_29", "engine.hooks.token_exchange.xǁTokenSplitǁto_heads__mutmut_34",
+         "engine.hooks.token_exchange.xǁTokenSplitǁto_tokens__mutmut_18"),
+        "equal splits, all_to_all_single's default: every process sends each the same b*h*n*d (to_heads) or gets the same from each (to_tokens)",
+    ),
+    **dict.fromkeys(
+        (f"engine.hooks.token_split.xǁTokenSplitHookǁnew_forward__mutmut_{n}" for n in (47, 52)),
+        "attention_kwargs None or left out: cogedit never passes the transformer attention_kwargs, so every block gets None",
+    ),
+    "engine.stages.distributed.x_shares__mutmut_15": "g / d for g // d: d (1, or 2 for g >= 2) divides every g in GPUS, so both are the same whole number",
+    **dict.fromkeys(
+        (f"engine.stages.distributed.x_launch__mutmut_{n}" for n in (10, 18)),
+        "start_method None or left out: torch's LaunchConfig starts workers by spawn by default too",
+    ),
+    "engine.stages.distributed.x_launch__mutmut_6": "run_id None: the id names the rendezvous inside its own store (a fresh port per launch), so any id meets alike",
+    "engine.stages.distributed.x_launch__mutmut_24": "LOCALHOST for localhost: host names are case-insensitive",
+    **dict.fromkeys(
+        (f"engine.stages.distributed.x_launch__mutmut_{n}" for n in (56, 58)),
+        "the kept errors sorted by file name rather than by rank number: at most 8 workers (--gpus 1-8), whose one-digit ranks sort alike either way",
+    ),
     "engine.hooks.kv_replay.xǁStepKVǁ__getitem____mutmut_23": "wait=None is as false as wait=False",
     "engine.hooks.kv_replay.xǁStepKVǁ__init____mutmut_7": "wait=None is as false as wait=False",
     "engine.hooks.kv_capture.xǁ_TimestepGateǁ__init____mutmut_2": "'' for None before the first forward: CaptureGateHook.pre_forward sets t before any block reads it",
@@ -182,16 +227,18 @@ NOT_KILLED: dict[str, str] = {
         (f"engine.hooks.kv_capture.xǁStoreWriterǁ__init____mutmut_{n}" for n in (10, 12, 13, 14)),
         "the writer threads' names only (what a stack dump shows)",
     ),
-    **{
-        f"engine.stages.distributed.x_launch__mutmut_{n}": "starts worker processes: its tests (tests/test_multigpu.py) spawn workers, "
-        "which cannot import mutmut's trampolined copy of the code"
-        for n in range(1, 80)
-    },
-    **{
-        f"engine.stages.distributed.xǁGuidanceSplitǁcombine__mutmut_{n}": "gathers from two processes: tested by tests/test_multigpu.py's "
-        "two-worker edit, which mutmut cannot run"
-        for n in range(1, 12)
-    },
+    **dict.fromkeys(
+        (f"engine.stages.distributed.x_launch__mutmut_{n}" for n in (41, 42, 43)),
+        "the name of the launcher's temporary folder only (it is removed on the way out)",
+    ),
+    "engine.stages.distributed.x_launch__mutmut_63": "the order of the failed workers' errors: torchrun stops the others as soon as one fails, "
+    "so one error is kept; two at once is a race a test cannot hold",
+}
+# Functions that run only in worker processes, where mutmut records no test that reaches them: their
+# surviving mutants are run again here, each against the tests that start such workers (the workers
+# run the mutant: they inherit MUTANT_UNDER_TEST from the test's process).
+IN_WORKERS: dict[str, tuple[tuple[str, ...], list[str]]] = {
+    "stages-workers": (("xǁMeshǁmake", "x_tell_team"), ["tests/test_multigpu.py::test_four_workers_make_the_mesh_docs_multi_gpu_describes"]),
 }
 # The same by the line a mutant writes: (regular expression, why).
 EQUIVALENT_LINES = [
@@ -255,6 +302,30 @@ print(json.dumps({name: get_diff_for_mutant(name) for name in json.load(sys.stdi
 """
 
 
+def _in_workers(module: str, where: Path, statuses: dict[str, str]) -> dict[str, str]:
+    """`statuses` with the survivors of IN_WORKERS' functions run against their worker tests:
+    killed where a test fails (pytest's exit status 1)."""
+    functions, tests = IN_WORKERS.get(module, ((), []))
+    todo = [n for n, s in statuses.items() if s not in (*KILLED, "not checked") and any(f".{f}__mutmut_" in n for f in functions)]
+    if not todo:
+        return statuses
+
+    def fails(mutant: str) -> bool:
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MUTANT_UNDER_TEST": mutant}
+        try:
+            done = subprocess.run(["nice", "-n", "10", sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-n", "0", *tests],
+                                  cwd=where / "mutants", env=env, capture_output=True, text=True, timeout=900)
+        except subprocess.TimeoutExpired:  # a hang counts as mutmut counts it: killed by the time limit
+            return True
+        if done.returncode not in (0, 1):
+            raise SystemExit(f"{module}: the worker tests did not run under mutant {mutant or '(none)'}:\n{done.stdout[-2000:]}")
+        return done.returncode == 1
+
+    if fails(""):
+        raise SystemExit(f"{module}: the worker tests {tests} fail without a mutant")
+    return {**statuses, **{n: "killed" for n in todo if fails(n)}}
+
+
 def _diffs(where: Path, names: list[str]) -> dict[str, str]:
     done = subprocess.run([sys.executable, "-c", _SHOW], cwd=where, input=json.dumps(names), capture_output=True, text=True, check=True)
     return json.loads(done.stdout)
@@ -294,6 +365,7 @@ def run_module(module: str, children: int, minutes: float | None, again: bool = 
         statuses = {name: statuses[name] if name in rerun else status for name, status in last["statuses"].items()}
     if not statuses or all(s == "not checked" for s in statuses.values()):
         raise SystemExit(f"mutmut checked no mutant of {module} ({where / 'run.log'} says why; a selected test failing without a mutant stops it)")
+    statuses = _in_workers(module, where, statuses)
     survivors = _diffs(where, [name for name, status in statuses.items() if status not in (*KILLED, "not checked")])
     result = {
         "module": module, "date": f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC", "files": MODULES[module][0],
@@ -311,6 +383,13 @@ def _families() -> dict[str, list[str]]:
     for module in MODULES:
         families.setdefault(module.split("-")[0], []).append(module)
     return families
+
+
+def _mutates(module: str, mutant: str) -> bool:
+    """Whether `mutant` (engine.stages.editing.x_f__mutmut_3) is in one of `module`'s files now: a
+    file moved to another module since a run counts there only."""
+    path = mutant[: mutant.index(".x")].replace(".", "/") + ".py"
+    return any(fnmatch.fnmatch(path, g) for g in MODULES[module][0])
 
 
 def _versions() -> str:
@@ -345,8 +424,9 @@ def report() -> str:
         "# Mutation testing",
         "",
         f"`python benchmarks/mutation.py` (mutmut, [tool.mutmut] in pyproject.toml), {datetime.now(timezone.utc):%Y-%m-%d}; {_versions()};",
-        f"{platform.machine()} {platform.system()}, {os.cpu_count()} cores (shared), `nice -n 10`. Killed: a selected test failed, or timed out;",
-        "survived includes mutants no selected test reaches (mutmut's 'no tests').",
+        f"{platform.machine()} {platform.system()}, {os.cpu_count()} cores (shared), `nice -n 10`. Killed: a selected test failed, timed out, or its",
+        "process died of a signal; survived includes mutants no selected test reaches (mutmut's 'no tests'). Functions that run only in worker",
+        "processes (IN_WORKERS in the script) have their survivors run again against the tests that start those workers.",
         "",
         "| module | files | mutants | not checked (time) | killed | survived | equivalent | killed or equivalent, of those checked | minutes |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",
@@ -358,8 +438,8 @@ def report() -> str:
         if not runs:
             lines.append(f"| {family} | {files} | not run | | | | | | |")
             continue
-        statuses = {k: v for r in runs.values() for k, v in r["statuses"].items()}
-        survivors = {k: v for r in runs.values() for k, v in r["survivors"].items()}
+        statuses = {k: v for m, r in runs.items() for k, v in r["statuses"].items() if _mutates(m, k)}
+        survivors = {k: v for m, r in runs.items() for k, v in r["survivors"].items() if _mutates(m, k)}
         counts = _counts(statuses, survivors)
         totals = [a + b for a, b in zip(totals, counts)]
         missing = [m for m in modules if m not in runs]
