@@ -115,6 +115,8 @@ def test_a_long_clip_inverts_and_edits_in_windows_to_its_own_frame_count(tiny_mo
     masked = engine.edit(inv, ["a cat"], device="cpu", output="latents", mask_box="0,0,0.5,1")
     clean = inv.entry.load(inv.paths.latents, "latents")
     assert masked.latents.shape[1] == 5 and masked.latents[..., 12:].equal(clean[:, :5, ..., 12:].to(masked.latents.dtype))
+    pasted = engine.edit(inv, ["a cat"], device="cpu", output="frames", mask_box="0,0,0.5,1", mask_paste=True).frames[0]
+    assert pasted.shape[0] == 17 and (pasted[:, :, 81:] == inv.frames().numpy()[:, :, 81:]).all()  # every frame of the clip pasted
     # a windowed entry of an earlier cogedit (latents without the anchors) is refused with the fix
     inv.entry.manifest["summary"]["latent_shape"][1] = 5
     with pytest.raises(SettingsError, match=f"inversion {inv.id[:12]} was made by an earlier cogedit.*invert the clip again"):
