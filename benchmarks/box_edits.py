@@ -12,7 +12,8 @@ grown by --margin px, rounded outwards to hundredths of the frame. The boxes:
 - path box: one box around the object's whole path (every frame's box together);
 - start/end boxes: the box around the object on the first frame and on the last
   (`mask_box` and `mask_box_end`), moving linearly in between;
-- each again with `mask_fit="object"` (the box shrunk to what stands apart from its edge).
+- with `mask_fit="object"` (the box shrunk to what stands apart from its edge), and with
+  `mask_paste=True` too (the decoded edit put into the source through that mask, frame by frame).
 
 Measured exactly (benchmarks/shape_measures.py): the share of the object's pixels in the target
 color, the target-colored area against the object's (over the whole frame, every frame), and the
@@ -28,6 +29,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import shlex
 import sys
 import tempfile
 import time
@@ -55,8 +57,8 @@ RECIPE = dict(negative_from_source=True, inject_strength=0.0)  # the color recip
 SETTINGS = {
     "path box": dict(path=True),
     "path box, fit to the object": dict(path=True, mask_fit="object"),
-    "start/end boxes": dict(path=False),
-    "start/end boxes, fit to the object": dict(path=False, mask_fit="object"),
+    "path box, fit, pasted": dict(path=True, mask_fit="object", mask_paste=True),
+    "start/end boxes, fit, pasted": dict(path=False, mask_fit="object", mask_paste=True),
 }
 
 
@@ -89,9 +91,12 @@ def edit_clip(spec: shapes.ClipSpec, masks: np.ndarray, common: dict[str, Any], 
     keep.setdefault(f"{name} source", inv.frames().numpy())
     rows = []
     for setting, how in SETTINGS.items():
-        options = boxes(masks[0], how["path"], margin) | ({"mask_fit": how["mask_fit"]} if "mask_fit" in how else {})
+        if setting not in common["settings"]:
+            continue
+        options = boxes(masks[0], how["path"], margin) | {k: v for k, v in how.items() if k != "path"}
         began = time.monotonic()
-        frames = engine.edit(inv, [target.caption], output="frames", cache_dir=common["cache_dir"], device=common["device"], compile=False, **RECIPE, **options).frames[0]
+        frames = engine.edit(inv, [target.caption], output="frames", model=common["model"], cache_dir=common["cache_dir"], device=common["device"], compile=False,
+                             **RECIPE, **options).frames[0]
         m = edit_measures(frames, truth)
         row = {"clip": name, "caption": spec.caption, "prompt": target.caption, "setting": setting, **options, "color_share": m["color_share"],
                **painted_region(frames, truth), "seconds": round(time.monotonic() - began, 1)}
@@ -165,10 +170,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     specs = held_out_clips(args.clips, args.skip_clips)
-    common = dict(model=str(args.model), device=args.device, cache_dir=str(args.cache or tempfile.mkdtemp(prefix="cogedit-box-")))
+    common = dict(model=str(args.model), device=args.device, cache_dir=str(args.cache or tempfile.mkdtemp(prefix="cogedit-box-")), settings=args.settings)
     result: dict[str, Any] = {
         "device": device_name(args.device or ("cuda" if torch.cuda.is_available() else "cpu")), "torch": torch.__version__,
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "command": " ".join(["benchmarks/box_edits.py", *sys.argv[1:]]),
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "command": shlex.join(["benchmarks/box_edits.py", *sys.argv[1:]]),
         "setup": (f"{len(specs)} held-out clips ({clip_name(specs[0].seed)} to {clip_name(specs[-1].seed)}), 17x96x144, inverted under their captions "
                   f"with {args.steps} steps and guidance 1, edited with {args.steps} steps to the next color (the color recipe: the source caption as "
                   f"the negative prompt, no injection) inside boxes around the object grown by {args.margin} px."),
@@ -195,6 +200,7 @@ def main() -> None:
     ap.add_argument("--margin", type=int, default=4, help="px the box reaches beyond the object")
     ap.add_argument("--grid", type=int, default=2, help="clips shown in box_edits.png")
     ap.add_argument("--cache", type=Path, help="the cache folder (default: a new temporary one)")
+    ap.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS), metavar="SETTING", help=f"the box settings to run (default: all: {'; '.join(SETTINGS)})")
     args = ap.parse_args()
     print(markdown(run(args)))
 
