@@ -150,7 +150,15 @@ EQUIVALENT: dict[str, str] = {
         (f"engine.stages.distributed.x_launch__mutmut_{n}" for n in (10, 18)),
         "start_method None or left out: torch's LaunchConfig starts workers by spawn by default too",
     ),
-    "engine.stages.distributed.x_launch__mutmut_6": "run_id None: the id names the rendezvous inside its own store (a fresh port per launch), so any id meets alike",
+    **dict.fromkeys(
+        (f"engine.stages.distributed.x_launch__mutmut_{n}" for n in (6, 14)),
+        "run_id None or left out: the id names the rendezvous inside its own store (a fresh port per launch), so any id meets alike",
+    ),
+    "engine.stages.distributed.xǁMeshǁmake__mutmut_16": "token groups of one worker when nothing is split (ways 1): a TokenSplit of size 1 is idle, as the default one",
+    **dict.fromkeys(
+        (f"engine.stages.distributed.x_tell_team__mutmut_{n}" for n in (3, 5)),
+        "src None or left out: broadcast_object_list's source is rank 0 then too",
+    ),
     "engine.stages.distributed.x_launch__mutmut_24": "LOCALHOST for localhost: host names are case-insensitive",
     **dict.fromkeys(
         (f"engine.stages.distributed.x_launch__mutmut_{n}" for n in (56, 58)),
