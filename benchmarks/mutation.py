@@ -100,8 +100,9 @@ MODULES: dict[str, tuple[list[str], list[str]]] = {
     ),
 }
 
-# A test failed, ran past mutmut's time limit (an endless loop is caught so too), or its process
-# died of a signal (segfault; suspicious: another, e.g. an abort inside gloo).
+# A test failed, ran past mutmut's time limit (an endless loop is caught so too), or the tests'
+# process ended otherwise than passing (segfault: SIGSEGV or SIGKILL; suspicious: any other status,
+# e.g. an abort inside gloo).
 KILLED = ("killed", "timeout", "segfault", "suspicious")
 
 # Survivors that cannot change behaviour: mutant name -> why. Checked against each run: an entry
@@ -432,8 +433,8 @@ def report() -> str:
         "# Mutation testing",
         "",
         f"`python benchmarks/mutation.py` (mutmut, [tool.mutmut] in pyproject.toml), {datetime.now(timezone.utc):%Y-%m-%d}; {_versions()};",
-        f"{platform.machine()} {platform.system()}, {os.cpu_count()} cores (shared), `nice -n 10`. Killed: a selected test failed, timed out, or its",
-        "process died of a signal; survived includes mutants no selected test reaches (mutmut's 'no tests'). Functions that run only in worker",
+        f"{platform.machine()} {platform.system()}, {os.cpu_count()} cores (shared), `nice -n 10`. Killed: a selected test failed, timed out, or the tests'",
+        "process ended otherwise than passing (a signal); survived includes mutants no selected test reaches (mutmut's 'no tests'). Functions that run only in worker",
         "processes (IN_WORKERS in the script) have their survivors run again against the tests that start those workers.",
         "",
         "| module | files | mutants | not checked (time) | killed | survived | equivalent | killed or equivalent, of those checked | minutes |",
