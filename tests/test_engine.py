@@ -59,6 +59,22 @@ def test_second_inversion_is_a_cache_hit_that_loads_nothing(tiny_model, wide_cli
     assert [r.cache_hit for r in reporter.records if r.name == "invert"] == [True]
 
 
+def test_a_first_inversion_reports_each_phase_as_work_done_and_counts_its_steps(tiny_model, wide_clip, tmp_path):
+    """The run table's lines: what was computed (not a cache hit), what it made, and the invert
+    phase's bar over every step; the same inversion again is one cache hit."""
+    told = []
+    reporter = engine.Reporter(listener=lambda name, done, steps: told.append((name, done, steps)))
+    engine.invert(wide_clip, tiny_model, device="cpu", cache_dir=tmp_path, reporter=reporter, **SMALL)
+    lines = {r.name: (r.cache_hit, r.detail, len(r.advances)) for r in reporter.records}
+    steps = SMALL["steps"]
+    assert lines["encode"] == (False, "9 frames -> latents (3, 16, 12, 20)", 0)
+    assert lines["embed"] == (False, "0/1 prompts cached", 1)
+    assert lines["invert"] == (False, "1 row(s), attention sdpa", steps) and told[-1] == ("invert", steps, steps)
+    reporter = engine.Reporter()
+    again = engine.invert(wide_clip, tiny_model, device="cpu", cache_dir=tmp_path, reporter=reporter, **SMALL)
+    assert [(r.name, r.cache_hit, r.detail) for r in reporter.records if r.name != "video"] == [("invert", True, f"{again.id[:12]} cached")]
+
+
 def test_edit_from_cache_equals_one_shot_run_bit_for_bit(tiny_model, wide_clip, tmp_path):
     prompts = ["a watercolor painting", "a charcoal sketch"]
     inv, one_shot = engine.run(wide_clip, tiny_model, prompts, **SMALL, device="cpu", out_dir=tmp_path / "a", inject_steps="0:0.5")
