@@ -82,7 +82,8 @@ MODULES: dict[str, tuple[list[str], list[str]]] = {
             "tests/test_engine.py::test_second_inversion_is_a_cache_hit_that_loads_nothing", "tests/test_engine.py::test_edit_from_cache_equals_one_shot_run_bit_for_bit",
             "tests/test_proxy.py::test_shapes_proxy_beats_random_weights_on_a_held_out_pair",
             # the mp4 outputs, the paste and the windows' stores: added after the 2026-12-07 run, whose survivors there lay outside the tests above
-            "tests/test_cli.py::test_invert_then_edit_from_the_cache", "tests/test_masks.py::test_a_pasted_edit_is_the_source_outside_the_mask_and_the_edit_inside",
+            "tests/test_cli.py::test_invert_then_edit_from_the_cache", "tests/test_engine.py::test_a_first_inversion_reports_each_phase_as_work_done_and_counts_its_steps",
+            "tests/test_masks.py::test_a_pasted_edit_is_the_source_outside_the_mask_and_the_edit_inside",
             "tests/test_windows.py::test_stored_attention_of_a_long_clip_replays_each_windows_own_reference",
             "tests/test_windows.py::test_a_long_clips_store_captured_later_from_the_cache_is_the_one_captured_while_inverting",
         ],
