@@ -489,7 +489,7 @@ def edit(inversion: Inversion | str, prompts: Prompts, *, cache_dir: str | Path 
     if latents is None or opts.output == "latents":  # None: the other half of a split edit
         return EditResult(inv.id, prompts, (), (), latents, skipped=skipped)
     mine = ([outputs[0][k] for k in todo], [outputs[1][k] for k in todo]) if outputs else None
-    frames = decode_stage(ctx, latents, mine, opts.fps or inv.entry.fps, settings.prompts, mask if opts.mask_paste else None)
+    frames = decode_stage(ctx, latents, mine, opts.fps or inv.entry.fps, settings.prompts, mask if settings.paste else None)
     videos, pairs = outputs or ((), ())
     return EditResult(inv.id, prompts, tuple(videos), tuple(pairs), latents, frames, skipped)
 
