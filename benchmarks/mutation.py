@@ -359,8 +359,8 @@ def run_module(module: str, children: int, minutes: float | None, again: bool = 
         raise SystemExit(f"{module}: no full run on this code to rerun the survivors of; run it without --again")
     # Survivors already explained (equivalent, or GPU-only) keep their verdict: no test here can kill them.
     explained = {name for name, diff in last["survivors"].items() if equivalent(name, diff) or name in NOT_KILLED} if last else set()
-    # Mutants a stopped run did not check stay so: --resume checks them.
-    rerun = [name for name, status in last["statuses"].items() if status not in (*KILLED, "not checked") and name not in explained] if last else []
+    # Survivors and the mutants a stopped run did not reach: both have no verdict from these tests yet.
+    rerun = [name for name, status in last["statuses"].items() if status not in KILLED and name not in explained] if last else []
     where = SCRATCH / module
     if not (resume and (where / "mutants").is_dir()):
         where = _scratch(module)

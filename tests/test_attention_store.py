@@ -266,8 +266,13 @@ def test_a_missing_or_damaged_block_file_is_refused_and_reported(tiny_model, wid
     from cache.store import verify
 
     inv = engine.invert(wide_clip, tiny_model, device="cpu", **SMALL, **_store("disk"))
-    missing, damaged = inv.store_files(next(iter(inv.stores())))[1:3]
-    assert len(inv.store_files(next(iter(inv.stores())))) == 4  # 2 steps x 2 blocks
+    (key, record), = inv.stores().items()
+    missing, damaged = inv.store_files(key)[1:3]
+    assert len(inv.store_files(key)) == 4  # 2 steps x 2 blocks
+    # The manifest's account of the store (the format other cogedit versions read): whole timesteps, every byte listed.
+    size = sum(f.stat().st_size for f in inv.store_files(key))
+    assert record == {"where": "disk", "layout": "per-block", "settings": {"where": "disk", "window": [0.0, 0.5], "layers": None, "dtype": "model"},
+                      "timesteps": [749, 999], "layers": None, "windows": 1, "complete": True, "bytes": size}, record
     missing.unlink()
     data = bytearray(damaged.read_bytes())
     data[-1] ^= 0x01

@@ -435,3 +435,104 @@ def test_a_worker_takes_the_gpu_of_its_local_rank_and_refuses_one_it_has_not(no_
     assert worker_device(None) == "cpu"
     with pytest.raises(DeviceError, match=exactly("--device cuda: torch sees no GPU; check the driver (nvidia-smi) and CUDA_VISIBLE_DEVICES, or pass --device cpu")):
         worker_device("cuda")
+
+
+def test_prompt_keys_stay_those_of_existing_caches_and_name_quantized_t5_weights():
+    from engine.stages.embed import prompt_key
+
+    # Literal keys: a cache written by an earlier version must keep hitting (a renamed field is a silent miss for every user).
+    info = SimpleNamespace(text_length=226)
+    runtime = lambda weights, dtype=torch.bfloat16: SimpleNamespace(dtype=dtype, plan=SimpleNamespace(text_encoder_weights=weights))  # noqa: E731
+    assert prompt_key("a cat", info, runtime("bf16")) == "83d9ee25bf4f820a06b27ffd123671b1"
+    assert prompt_key("a cat", info, runtime("int8")) == "ce766435d9afe6b4e9aaddc4e2d9e0e5"
+    assert prompt_key("a cat", SimpleNamespace(text_length=224), runtime("bf16")) == "406d6522aaa6368cfde419ae90ff6c81"
+    assert len({prompt_key("a cat", info, runtime("bf16", torch.float16)), prompt_key("a dog", info, runtime("bf16")), prompt_key("a cat", info, runtime("nf4"))}) == 3
+
+
+def test_a_prompt_is_padded_or_cut_to_the_models_length_and_a_cut_is_told_once(tmp_path, caplog, capfd):
+    from transformers import AutoTokenizer
+
+    from engine.models.tiny import train_tokenizer
+    from engine.stages.embed import tokenize
+
+    train_tokenizer(tmp_path)
+    tok = AutoTokenizer.from_pretrained(tmp_path)
+    full = tok("a cat").input_ids  # ends with T5's end-of-text token
+    caplog.set_level(logging.WARNING, "cogedit")
+    assert tokenize(tok, "a cat", 8).tolist() == [full + [tok.pad_token_id] * (8 - len(full))]
+    assert tokenize(tok, "a cat", len(full)).tolist() == [full] and not caplog.records  # exactly the length: nothing dropped
+    prompt = " ".join(["a red square moving left on a gray background, a blue circle moving right on a sky"] * 4)
+    assert len(tok(prompt, verbose=False).input_ids) > tok.model_max_length  # where transformers would warn too
+    long = tok(prompt, verbose=False).input_ids
+    cut = tokenize(tok, prompt, 20)
+    assert cut.tolist() == [long[:19] + [tok.eos_token_id]]
+    assert [r.getMessage() for r in caplog.records] == [f"prompt is {len(long)} tokens; the model reads 20, so the last {len(long) - 20} are dropped: {prompt[:60]!r}…"]
+    assert "Token indices sequence length" not in capfd.readouterr().err  # transformers' own warning would blame indexing
+
+
+def test_side_by_side_is_the_source_cut_to_the_edits_frames_and_size_then_the_edit_labelled():
+    import numpy as np
+
+    from engine.stages.decode import side_by_side
+    from engine.video.labels import labelled
+
+    rng = np.random.default_rng(0)
+    source, edited = rng.integers(0, 256, (12, 24, 32, 3), dtype=np.uint8), rng.integers(0, 256, (9, 24, 32, 3), dtype=np.uint8)
+    source[:, 12:] = 0  # black stays black (the rounding's floor is 0, not 1)
+    assert np.array_equal(side_by_side(source, edited, "a cat"), labelled([source[:9], edited], ["source", "edit"], "a cat"))
+    # A source at twice the size comes down to the edit's, smoothed: stripes 2 px wide would stay pure black/white unsmoothed.
+    stripes = np.zeros((12, 48, 64, 3), np.uint8)
+    stripes[:, :, 2::4], stripes[:, :, 3::4] = 255, 255
+    out = side_by_side(stripes, edited, "a cat")
+    assert out.shape[:3] == labelled([edited, edited], ["source", "edit"], "a cat").shape[:3]
+    inner = out[:, 16:24, 2:30].astype(int)  # below the label, above the caption's band, inside the source panel
+    assert 30 < inner.min() and inner.max() < 225 and abs(inner.mean() - 127.5) < 8
+
+
+def test_a_stores_default_budget_is_most_of_the_free_disk_or_half_the_available_memory(monkeypatch, tmp_path):
+    import io
+    from collections import namedtuple
+
+    import engine.stages.attention_store as attention_store
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr("shutil.disk_usage", lambda path: usage(10**12, 0, 10**9) if path == tmp_path else usage(0, 0, 0))
+    assert attention_store.default_budget(StoreSettings("disk"), tmp_path) == 9 * 10**8  # 10 % of the free space stays free
+    meminfo = "MemTotal:       16000000 kB\nMemFree:          100000 kB\nMemAvailable:    8000000 kB\n"
+    opened = []
+    monkeypatch.setattr(attention_store, "open", lambda path: opened.append(path) or io.StringIO(meminfo), raising=False)
+    budget = attention_store.default_budget(StoreSettings("cpu"), tmp_path)
+    assert (budget, type(budget), opened) == (8000000 * 1024 // 2, int, ["/proc/meminfo"])  # bytes: a whole number
+    sysconf = {"SC_PAGE_SIZE": 4096, "SC_PHYS_PAGES": 1000}
+    monkeypatch.setattr(os, "sysconf", sysconf.__getitem__)
+    for failure in (OSError("no /proc here"), ValueError("not a number")):  # elsewhere: a quarter of the physical memory
+        monkeypatch.setattr(attention_store, "open", lambda path, failure=failure: (_ for _ in ()).throw(failure), raising=False)
+        budget = attention_store.default_budget(StoreSettings("cpu"), tmp_path)
+        assert (budget, type(budget)) == (4096 * 1000 // 4, int)
+
+
+def test_a_stores_plan_line_counts_every_window_and_a_store_over_budget_is_refused_before_work():
+    from engine.models.model_info import builtin_5b
+    from engine.models.plans import Workload
+    from engine.report import Reporter
+    from engine.stages.attention_store import check_budget
+    from engine.stages.context import StageContext
+
+    reporter = Reporter()
+    ctx = StageContext(builtin_5b(), SimpleNamespace(dtype=torch.bfloat16), None, reporter)
+    store, clip = StoreSettings("disk", window=(0.0, 0.5)), Workload(frames=49, height=480, width=720)
+    # 5 of 10 steps x 42 blocks x K and V x 17,776 tokens x 3,072 channels x 2 bytes
+    need = 5 * 42 * 2 * 17776 * 3072 * 2
+    check_budget(ctx, store, 10, clip, need)
+    check_budget(ctx, store, 10, clip, 2 * need, windows=2)
+    with pytest.raises(SettingsError, match=r"^stored attention needs 42\.7 GiB \(5 steps x 42 blocks x 208\.3 MiB\) but the budget is"):
+        check_budget(ctx, store, 10, clip, need - 1)
+    assert [(r.name, r.detail) for r in reporter.records] == [
+        ("plan", "stored attention (disk, model): 5 steps x 42 blocks = 42.7 GiB of 42.7 GiB budget"),
+        ("plan", "stored attention (disk, model): 5 steps x 42 blocks x 2 windows = 85.4 GiB of 85.4 GiB budget"),
+        ("plan", "stored attention (disk, model): 5 steps x 42 blocks = 42.7 GiB of 42.7 GiB budget"),
+    ]
+    check_budget(ctx, StoreSettings("disk", dtype="fp8", window=(0.0, 0.5)), 10, clip, need // 2)  # fp8: one byte a value
+    with pytest.raises(SettingsError, match="needs 85.4 GiB"):  # a float32 model stores four bytes a value
+        check_budget(StageContext(builtin_5b(), SimpleNamespace(dtype=torch.float32), None, reporter), store, 10, clip, 2 * need - 1)
+    assert reporter.records[-1].detail == "stored attention (disk, model): 5 steps x 42 blocks = 85.4 GiB of 85.4 GiB budget"
