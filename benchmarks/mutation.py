@@ -86,6 +86,7 @@ MODULES: dict[str, tuple[list[str], list[str]]] = {
             "tests/test_masks.py::test_a_pasted_edit_is_the_source_outside_the_mask_and_the_edit_inside",
             "tests/test_windows.py::test_stored_attention_of_a_long_clip_replays_each_windows_own_reference",
             "tests/test_windows.py::test_a_long_clips_store_captured_later_from_the_cache_is_the_one_captured_while_inverting",
+            "tests/test_engine.py::test_an_edit_reports_its_passes_and_steps_and_hands_the_callback_every_step",
         ],
     ),
     # the workers: their groups of threads (tests/groups.py) and the launcher's worker processes (they run

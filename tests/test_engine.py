@@ -237,3 +237,19 @@ def test_compiled_blocks_stay_within_tolerance(tiny_model, wide_clip, tmp_path):
     edit_compiled = engine.edit(plain, ["a watercolor painting"], device="cpu", output="latents", inject_steps="0:0.5", compile=True)
     torch.testing.assert_close(edit_compiled.latents, edit_plain.latents, rtol=0, atol=1e-4)
 
+
+
+def test_an_edit_reports_its_passes_and_steps_and_hands_the_callback_every_step(tiny_model, wide_clip, tmp_path):
+    """The edit's line in the run table (what ran, in how many passes, with which mask) and its bar
+    over every step of every pass; the callback sees each step of each pass as the edit's."""
+    inv = engine.invert(wide_clip, tiny_model, device="cpu", cache_dir=tmp_path, **SMALL)
+    told, states = [], []
+    reporter = engine.Reporter(listener=lambda name, done, steps: told.append((name, done, steps)))
+    engine.edit(inv, ["a cat", "a dog", "a bird"], device="cpu", cache_dir=tmp_path, reporter=reporter, callback=states.append, batch=2,
+                output="latents", mask_box="0,0,0.5,1")
+    steps = SMALL["steps"]
+    line = next(r for r in reporter.records if r.name == "edit")
+    assert line.detail == f"from inversion {inv.id[:12]}: 3 prompt(s) in 2 pass(es), reference shared, attention sdpa, local (box 0,0,0.5,1)"
+    assert told[-1] == ("edit", 2 * steps, 2 * steps) and len(line.advances) == 2 * steps
+    assert [(s["phase"], s["i"]) for s in states] == [("edit", i) for _ in range(2) for i in range(steps)]
+
