@@ -87,6 +87,7 @@ MODULES: dict[str, tuple[list[str], list[str]]] = {
             "tests/test_windows.py::test_stored_attention_of_a_long_clip_replays_each_windows_own_reference",
             "tests/test_windows.py::test_a_long_clips_store_captured_later_from_the_cache_is_the_one_captured_while_inverting",
             "tests/test_engine.py::test_an_edit_reports_its_passes_and_steps_and_hands_the_callback_every_step",
+            "tests/test_engine.py::test_resumed_inversion_equals_uninterrupted_bit_for_bit",
         ],
     ),
     # the workers: their groups of threads (tests/groups.py) and the launcher's worker processes (they run
