@@ -99,7 +99,8 @@ def test_resumed_inversion_equals_uninterrupted_bit_for_bit(tiny_model, wide_cli
                             **{**SMALL, "steps": steps})
     assert seen == [3, 4, 5]  # steps 0-2 were finished and cached
     # The run table says where it went on from, and the bar starts there
-    assert next(r.detail for r in reporter.records if r.name == "invert") == "resumed at step 3, attention sdpa"
+    lines = {r.name: (r.cache_hit, r.detail) for r in reporter.records}
+    assert lines["invert"] == (False, "resumed at step 3, attention sdpa") and lines["encode"] == (True, "latents cached")
     assert [t for t in told if t[0] == "invert"] == [("invert", 0, 6), ("invert", 3, 6), ("invert", 4, 6), ("invert", 5, 6), ("invert", 6, 6)]
     fresh = engine.invert(wide_clip, tiny_model, device="cpu", cache_dir=tmp_path / "b", **{**SMALL, "steps": steps})
     assert resumed.id == fresh.id
