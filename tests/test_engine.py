@@ -251,14 +251,14 @@ def test_an_edit_reports_its_passes_and_steps_and_hands_the_callback_every_step(
     inv = engine.invert(wide_clip, tiny_model, device="cpu", cache_dir=tmp_path, **SMALL)
     told, states = [], []
     reporter = engine.Reporter(listener=lambda name, done, steps: told.append((name, done, steps)))
-    result = engine.edit(inv, ["a cat", "a dog", "a bird"], device="cpu", cache_dir=tmp_path, reporter=reporter, callback=states.append, batch=2,
+    result = engine.edit(inv, ["a cat", "a dog", "a bird", "a fish"], device="cpu", cache_dir=tmp_path, reporter=reporter, callback=states.append, batch=3,
                          output="frames", mask_box="0,0,0.5,1")
     steps = SMALL["steps"]
     decode = next(r for r in reporter.records if r.name == "decode")
-    assert (decode.detail, len(decode.advances), result.frames.shape) == ("3 video(s) decoded", 3, (3, 9, 96, 160, 3))
-    assert told[-1] == ("decode", 3, 3)
+    assert (decode.detail, len(decode.advances), result.frames.shape) == ("4 video(s) decoded", 4, (4, 9, 96, 160, 3))  # 4 prompts, 3 latent frames
+    assert told[-1] == ("decode", 4, 4)
     line = next(r for r in reporter.records if r.name == "edit")
-    assert line.detail == f"from inversion {inv.id[:12]}: 3 prompt(s) in 2 pass(es), reference shared, attention sdpa, local (box 0,0,0.5,1)"
+    assert line.detail == f"from inversion {inv.id[:12]}: 4 prompt(s) in 2 pass(es), reference shared, attention sdpa, local (box 0,0,0.5,1)"
     assert ("edit", 2 * steps, 2 * steps) in told and len(line.advances) == 2 * steps
     assert [(s["phase"], s["i"]) for s in states] == [("edit", i) for _ in range(2) for i in range(steps)]
 
