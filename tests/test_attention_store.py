@@ -392,3 +392,12 @@ def test_capture_takes_each_stored_timesteps_first_forward_only_and_switches_off
     assert forwards(1, (500, 500, 400)) == ([(500, 0, 3)], {500: 1})
     # with windows, a step's first forward of each window (they run in order before any refinement)
     assert forwards(2, (500, 500, 500, 400)) == ([(500, 0, 3), (500, 1, 3)], {500: 2})
+
+
+
+def test_a_disk_store_already_written_is_not_captured_again(tiny_model, wide_clip, tmp_path):
+    engine.invert(wide_clip, tiny_model, device="cpu", cache_dir=tmp_path, **SMALL)  # no store: a later one is captured from the trajectory
+    runs = [engine.Reporter(), engine.Reporter()]
+    for reporter in runs:
+        engine.invert(wide_clip, tiny_model, device="cpu", cache_dir=tmp_path, reporter=reporter, **SMALL, **_store("disk"))
+    assert [["capture" in [r.name for r in reporter.records]] for reporter in runs] == [[True], [False]]
