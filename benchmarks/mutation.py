@@ -81,13 +81,14 @@ MODULES: dict[str, tuple[list[str], list[str]]] = {
             "tests/test_multigpu.py::test_a_worker_hands_its_own_gpu_on_unrefused",
             "tests/test_engine.py::test_second_inversion_is_a_cache_hit_that_loads_nothing", "tests/test_engine.py::test_edit_from_cache_equals_one_shot_run_bit_for_bit",
             "tests/test_proxy.py::test_shapes_proxy_beats_random_weights_on_a_held_out_pair",
-            # the mp4 outputs, the paste and the windows' stores: added after the 2026-12-07 run, whose survivors there lay outside the tests above
+            # the mp4 outputs, the paste, the windows' stores and masks, the run table: added after the runs of 2026-12-07 and -08, whose survivors lay outside the tests above
             "tests/test_cli.py::test_invert_then_edit_from_the_cache", "tests/test_engine.py::test_a_first_inversion_reports_each_phase_as_work_done_and_counts_its_steps",
             "tests/test_masks.py::test_a_pasted_edit_is_the_source_outside_the_mask_and_the_edit_inside",
             "tests/test_windows.py::test_stored_attention_of_a_long_clip_replays_each_windows_own_reference",
             "tests/test_windows.py::test_a_long_clips_store_captured_later_from_the_cache_is_the_one_captured_while_inverting",
             "tests/test_engine.py::test_an_edit_reports_its_passes_and_steps_and_hands_the_callback_every_step",
             "tests/test_engine.py::test_resumed_inversion_equals_uninterrupted_bit_for_bit",
+            "tests/test_windows.py::test_each_anchor_is_masked_by_its_own_frames_mask",
         ],
     ),
     # the workers: their groups of threads (tests/groups.py) and the launcher's worker processes (they run
