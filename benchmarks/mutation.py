@@ -375,7 +375,8 @@ def run_module(module: str, children: int, minutes: float | None, again: bool = 
     if last:
         if rerun and all(statuses.get(name, "not checked") == "not checked" for name in rerun):
             raise SystemExit(f"mutmut checked none of {module}'s survivors again ({where / 'run.log'} says why)")
-        statuses = {name: statuses[name] if name in rerun else status for name, status in last["statuses"].items()}
+        # a rerun stopped by --minutes leaves the mutants it did not reach with their last verdict
+        statuses = {name: statuses[name] if statuses.get(name, "not checked") != "not checked" else status for name, status in last["statuses"].items()}
     if not statuses or all(s == "not checked" for s in statuses.values()):
         raise SystemExit(f"mutmut checked no mutant of {module} ({where / 'run.log'} says why; a selected test failing without a mutant stops it)")
     statuses = _in_workers(module, where, statuses)
