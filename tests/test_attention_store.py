@@ -267,10 +267,11 @@ def test_a_missing_or_damaged_block_file_is_refused_and_reported(tiny_model, wid
 
     inv = engine.invert(wide_clip, tiny_model, device="cpu", **SMALL, **_store("disk"))
     (key, record), = inv.stores().items()
-    missing, damaged = inv.store_files(key)[1:3]
-    assert len(inv.store_files(key)) == 4  # 2 steps x 2 blocks
+    files = inv.store_files(key)
+    missing, damaged = files[1:3]
+    assert len(files) == 4  # 2 steps x 2 blocks
     # The manifest's account of the store (the format other cogedit versions read): whole timesteps, every byte listed.
-    size = sum(f.stat().st_size for f in inv.store_files(key))
+    size = sum(f.stat().st_size for f in files)
     assert record == {"where": "disk", "layout": "per-block", "settings": {"where": "disk", "window": [0.0, 0.5], "layers": None, "dtype": "model"},
                       "timesteps": [749, 999], "layers": None, "windows": 1, "complete": True, "bytes": size}, record
     missing.unlink()
@@ -392,7 +393,6 @@ def test_capture_takes_each_stored_timesteps_first_forward_only_and_switches_off
     assert forwards(1, (500, 500, 400)) == ([(500, 0, 3)], {500: 1})
     # with windows, a step's first forward of each window (they run in order before any refinement)
     assert forwards(2, (500, 500, 500, 400)) == ([(500, 0, 3), (500, 1, 3)], {500: 2})
-
 
 
 def test_a_disk_store_already_written_is_not_captured_again(tiny_model, wide_clip, tmp_path):

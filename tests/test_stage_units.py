@@ -462,8 +462,8 @@ def test_a_prompt_is_padded_or_cut_to_the_models_length_and_a_cut_is_told_once(t
     assert tokenize(tok, "a cat", 8).tolist() == [full + [tok.pad_token_id] * (8 - len(full))]
     assert tokenize(tok, "a cat", len(full)).tolist() == [full] and not caplog.records  # exactly the length: nothing dropped
     prompt = " ".join(["a red square moving left on a gray background, a blue circle moving right on a sky"] * 4)
-    assert len(tok(prompt, verbose=False).input_ids) > tok.model_max_length  # where transformers would warn too
     long = tok(prompt, verbose=False).input_ids
+    assert len(long) > tok.model_max_length  # where transformers would warn too
     cut = tokenize(tok, prompt, 20)
     assert cut.tolist() == [long[:19] + [tok.eos_token_id]]
     assert [r.getMessage() for r in caplog.records] == [f"prompt is {len(long)} tokens; the model reads 20, so the last {len(long) - 20} are dropped: {prompt[:60]!r}…"]
